@@ -1,0 +1,40 @@
+# make test / make demo / make bench each set themselves up: a .venv with the on-disk CPU torch
+# first (a looser request would pull a multi-GB CUDA build), then this package, editable, which
+# builds the C++ extension sparsekit._C. Nothing is reinstalled unless its inputs changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+INSTALLED := $(VENV)/.sparsekit-installed
+BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+
+.PHONY: test demo bench bench-ops setup clean
+
+setup: $(INSTALLED)
+
+$(VENV)/.torch-installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	touch $@
+
+$(INSTALLED): $(VENV)/.torch-installed $(BUILD_INPUTS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q --durations=15 tests
+
+demo: $(INSTALLED)
+	$(PY) -m sparsekit demo
+
+# One table measured in one run: GEMM floor, full TopK training steps, sparse decode vs dense.
+bench: $(INSTALLED)
+	$(PY) bench/step_table.py
+
+# pytest-benchmark: each op, reference vs C++.
+bench-ops: $(INSTALLED)
+	$(PY) -m pytest -q bench/test_ops_benchmark.py --benchmark-only --benchmark-group-by=group
+
+clean:
+	rm -rf $(VENV) build *.egg-info sparsekit/_C*.so

@@ -1,0 +1,50 @@
+// Shared helpers for sparsekit's CPU kernels: OpenMP shims and the stable bucket sort that
+// every sparse backward uses to stay deterministic.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace sparsekit {
+
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Stable counting sort of entry positions by key, keys in [0, n_keys).
+// After the call, the entries with key c are order[offsets[c] .. offsets[c+1]) in their
+// original order. Summing each bucket in that order makes every scatter-add deterministic,
+// whatever the thread count.
+struct Buckets {
+  std::vector<int64_t> offsets;  // [n_keys + 1]
+  std::vector<int64_t> order;    // [n_entries]
+};
+
+inline Buckets bucket_by_key(const int64_t* keys, int64_t n_entries, int64_t n_keys) {
+  Buckets b;
+  b.offsets.assign(n_keys + 1, 0);
+  b.order.resize(n_entries);
+  for (int64_t e = 0; e < n_entries; ++e) b.offsets[keys[e] + 1]++;
+  for (int64_t c = 0; c < n_keys; ++c) b.offsets[c + 1] += b.offsets[c];
+  std::vector<int64_t> cursor(b.offsets.begin(), b.offsets.end() - 1);
+  for (int64_t e = 0; e < n_entries; ++e) b.order[cursor[keys[e]]++] = e;
+  return b;
+}
+
+}  // namespace sparsekit

@@ -1,0 +1,200 @@
+// pybind11 bindings of sparsekit's CPU kernels: the module sparsekit._C.
+//
+// Every array argument is taken with .noconvert(): a wrong dtype or a non-contiguous array is a
+// TypeError here, never a silent copy. Outputs are preallocated by the caller (sparsekit.cpu_ops)
+// and written in place. Each kernel is bound for float and double.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "sparse_products.hpp"
+#include "topk_select.hpp"
+
+namespace py = pybind11;
+using namespace sparsekit;
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;
+using Index = py::array_t<int64_t, py::array::c_style>;
+
+namespace {
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+template <typename A>
+void require_shape(const A& a, const char* name, std::initializer_list<py::ssize_t> shape) {
+  require(a.ndim() == py::ssize_t(shape.size()), std::string(name) + " has the wrong rank");
+  py::ssize_t axis = 0;
+  for (py::ssize_t s : shape) {
+    require(a.shape(axis) == s, std::string(name) + " has the wrong size on axis " + std::to_string(axis));
+    ++axis;
+  }
+}
+
+void require_in_range(const Index& idx, int64_t upper, const char* name) {
+  const int64_t* p = idx.data();
+  for (py::ssize_t e = 0; e < idx.size(); ++e)
+    require(p[e] >= 0 && p[e] < upper, std::string(name) + " holds an index outside [0, " + std::to_string(upper) + ")");
+}
+
+template <typename T>
+void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<T>& values, Index& indices) {
+  require(pre.ndim() == 2, "pre must be 2-D");
+  const int64_t rows = pre.shape(0), n = pre.shape(1);
+  require(k >= 1 && k <= n, "k must be in [1, n]");
+  require_shape(bias, "bias", {n});
+  require_shape(values, "values", {rows, k});
+  require_shape(indices, "indices", {rows, k});
+  const T* p = pre.data();
+  const T* b = bias.data();
+  T* v = values.mutable_data();
+  int64_t* i = indices.mutable_data();
+  py::gil_scoped_release release;
+  topk_select(p, b, rows, n, k, v, i);
+}
+
+template <typename T>
+void batchtopk_select_py(Array<T>& pre, const Array<T>& bias, int64_t m, Array<T>& values, Index& rows_out,
+                         Index& cols_out) {
+  require(pre.ndim() == 2, "pre must be 2-D");
+  const int64_t rows = pre.shape(0), n = pre.shape(1);
+  require(m >= 1 && m <= rows * n, "m must be in [1, rows * n]");
+  require_shape(bias, "bias", {n});
+  require_shape(values, "values", {m});
+  require_shape(rows_out, "rows", {m});
+  require_shape(cols_out, "cols", {m});
+  T* p = pre.mutable_data();
+  const T* b = bias.data();
+  T* v = values.mutable_data();
+  int64_t* r = rows_out.mutable_data();
+  int64_t* c = cols_out.mutable_data();
+  py::gil_scoped_release release;
+  batchtopk_select(p, b, rows, n, m, v, r, c);
+}
+
+template <typename T>
+void coo_times_dense_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& dense,
+                        Array<T>& out) {
+  require(values.ndim() == 1 && dense.ndim() == 2 && out.ndim() == 2, "values 1-D, dense and out 2-D");
+  const int64_t e = values.shape(0), n_cols = dense.shape(0), d = dense.shape(1), n_rows = out.shape(0);
+  require_shape(rows, "rows", {e});
+  require_shape(cols, "cols", {e});
+  require_shape(out, "out", {n_rows, d});
+  require_in_range(rows, n_rows, "rows");
+  require_in_range(cols, n_cols, "cols");
+  const T* v = values.data();
+  const T* w = dense.data();
+  T* o = out.mutable_data();
+  const int64_t* r = rows.data();
+  const int64_t* c = cols.data();
+  py::gil_scoped_release release;
+  coo_times_dense(v, r, c, e, w, n_rows, d, o);
+}
+
+template <typename T>
+void coo_times_dense_t_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& dense,
+                          Array<T>& out) {
+  require(values.ndim() == 1 && dense.ndim() == 2 && out.ndim() == 2, "values 1-D, dense and out 2-D");
+  const int64_t e = values.shape(0), d = dense.shape(0), n_cols = dense.shape(1), n_rows = out.shape(0);
+  require_shape(rows, "rows", {e});
+  require_shape(cols, "cols", {e});
+  require_shape(out, "out", {n_rows, d});
+  require_in_range(rows, n_rows, "rows");
+  require_in_range(cols, n_cols, "cols");
+  const T* v = values.data();
+  const T* w = dense.data();
+  T* o = out.mutable_data();
+  const int64_t* r = rows.data();
+  const int64_t* c = cols.data();
+  py::gil_scoped_release release;
+  coo_times_dense_t(v, r, c, e, w, d, n_cols, n_rows, o);
+}
+
+template <typename T>
+void coo_t_times_dense_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& dense,
+                          bool transpose_out, Array<T>& out, Array<T>& col_sums) {
+  require(values.ndim() == 1 && dense.ndim() == 2 && out.ndim() == 2, "values 1-D, dense and out 2-D");
+  const int64_t e = values.shape(0), n_rows = dense.shape(0), d = dense.shape(1);
+  const int64_t n_cols = transpose_out ? out.shape(1) : out.shape(0);
+  require_shape(rows, "rows", {e});
+  require_shape(cols, "cols", {e});
+  if (transpose_out) require_shape(out, "out", {d, n_cols});
+  else require_shape(out, "out", {n_cols, d});
+  require_shape(col_sums, "col_sums", {n_cols});
+  require_in_range(rows, n_rows, "rows");
+  require_in_range(cols, n_cols, "cols");
+  const T* v = values.data();
+  const T* x = dense.data();
+  T* o = out.mutable_data();
+  T* s = col_sums.mutable_data();
+  const int64_t* r = rows.data();
+  const int64_t* c = cols.data();
+  py::gil_scoped_release release;
+  coo_t_times_dense(v, r, c, e, x, d, n_cols, transpose_out, o, s);
+}
+
+template <typename T>
+void sampled_dense_dot_py(const Index& rows, const Index& cols, const Array<T>& a, const Array<T>& dense,
+                          Array<T>& out) {
+  require(a.ndim() == 2 && dense.ndim() == 2, "a and dense must be 2-D");
+  const int64_t e = rows.shape(0), d = a.shape(1);
+  require(dense.shape(1) == d, "a and dense must have the same width");
+  require_shape(cols, "cols", {e});
+  require_shape(out, "out", {e});
+  require_in_range(rows, a.shape(0), "rows");
+  require_in_range(cols, dense.shape(0), "cols");
+  const int64_t* r = rows.data();
+  const int64_t* c = cols.data();
+  const T* pa = a.data();
+  const T* pd = dense.data();
+  T* o = out.mutable_data();
+  py::gil_scoped_release release;
+  sampled_dense_dot(r, c, e, pa, pd, d, o);
+}
+
+template <typename T>
+void bind_all(py::module_& m) {
+  m.def("topk_select", &topk_select_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(), py::arg("k"),
+        py::arg("values").noconvert(), py::arg("indices").noconvert(),
+        "Per row of pre + bias [rows, n]: the k largest (ties: lower index), ReLU'd, sorted descending.");
+  m.def("batchtopk_select", &batchtopk_select_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
+        py::arg("m"), py::arg("values").noconvert(), py::arg("rows").noconvert(), py::arg("cols").noconvert(),
+        "The m largest of relu(pre + bias) over the whole block, in flat order; pre is overwritten.");
+  m.def("coo_times_dense", &coo_times_dense_py<T>, py::arg("values").noconvert(), py::arg("rows").noconvert(),
+        py::arg("cols").noconvert(), py::arg("dense").noconvert(), py::arg("out").noconvert(),
+        "out = S @ dense, S the COO matrix [out rows, dense rows].");
+  m.def("coo_times_dense_t", &coo_times_dense_t_py<T>, py::arg("values").noconvert(), py::arg("rows").noconvert(),
+        py::arg("cols").noconvert(), py::arg("dense").noconvert(), py::arg("out").noconvert(),
+        "out = S @ dense.T, S the COO matrix [out rows, dense cols].");
+  m.def("coo_t_times_dense", &coo_t_times_dense_py<T>, py::arg("values").noconvert(), py::arg("rows").noconvert(),
+        py::arg("cols").noconvert(), py::arg("dense").noconvert(), py::arg("transpose_out"),
+        py::arg("out").noconvert(), py::arg("col_sums").noconvert(),
+        "out = S.T @ dense (or its transpose) and col_sums = S.T @ 1, summed in a fixed order.");
+  m.def("sampled_dense_dot", &sampled_dense_dot_py<T>, py::arg("rows").noconvert(), py::arg("cols").noconvert(),
+        py::arg("a").noconvert(), py::arg("dense").noconvert(), py::arg("out").noconvert(),
+        "out[e] = a[rows[e]] . dense[cols[e]].");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparsekit's CPU kernels (C++17, OpenMP). Called through sparsekit.ops, not directly.";
+  bind_all<float>(m);
+  bind_all<double>(m);
+  m.def("get_num_threads", &max_threads, "OpenMP threads the kernels use.");
+  m.def("set_num_threads", [](int n) {
+    require(n >= 1, "n must be >= 1");
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+  }, py::arg("n"), "Set the OpenMP threads the kernels use.");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

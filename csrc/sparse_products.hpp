@@ -1,0 +1,114 @@
+// The sparse products a sparse dictionary needs, for a sparse matrix S [n_rows, n_cols] given as
+// COO entries (values [E], rows [E], cols [E]); duplicates add up. Each output element is summed
+// in a fixed order (entries bucketed by a stable sort), so results do not depend on threads.
+//
+//   coo_times_dense        S @ D,    D [n_cols, d]  -> [n_rows, d]   (decode forward)
+//   coo_times_dense_t      S @ D^T,  D [d, n_cols]  -> [n_rows, d]   (encoder backward, grad x)
+//   coo_t_times_dense      S^T @ D,  D [n_rows, d]  -> [n_cols, d] or its transpose [d, n_cols],
+//                          plus the column sums of S               (grad W_dec; grad W_enc, b_enc)
+//   sampled_dense_dot      (A @ D^T)[rows[e], cols[e]], A [n_rows, d], D [n_cols, d] -> [E]
+//                                                                    (decode backward, grad values)
+#pragma once
+
+#include <algorithm>
+
+#include "common.hpp"
+
+namespace sparsekit {
+
+// Latent (or input-dimension) blocks handled together so that strided writes fill cache lines.
+constexpr int64_t kColumnBlock = 16;
+
+template <typename T>
+void coo_times_dense(const T* values, const int64_t* rows, const int64_t* cols, int64_t n_entries,
+                     const T* dense, int64_t n_rows, int64_t d, T* out) {
+  Buckets by_row = bucket_by_key(rows, n_entries, n_rows);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n_rows; ++r) {
+    T* y = out + r * d;
+    std::fill(y, y + d, T(0));
+    for (int64_t p = by_row.offsets[r]; p < by_row.offsets[r + 1]; ++p) {
+      const int64_t e = by_row.order[p];
+      const T v = values[e];
+      const T* w = dense + cols[e] * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) y[i] += v * w[i];
+    }
+  }
+}
+
+template <typename T>
+void coo_times_dense_t(const T* values, const int64_t* rows, const int64_t* cols, int64_t n_entries,
+                       const T* dense, int64_t d, int64_t n_cols, int64_t n_rows, T* out) {
+  Buckets by_row = bucket_by_key(rows, n_entries, n_rows);
+  const int64_t n_blocks = (d + kColumnBlock - 1) / kColumnBlock;
+  // Each thread owns a block of rows of D (a few contiguous rows of n_cols, kept in cache) and
+  // writes the matching block of columns of out.
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t i0 = blk * kColumnBlock, width = std::min(kColumnBlock, d - i0);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      T acc[kColumnBlock] = {};
+      for (int64_t p = by_row.offsets[r]; p < by_row.offsets[r + 1]; ++p) {
+        const int64_t e = by_row.order[p];
+        const T v = values[e];
+        const T* w = dense + i0 * n_cols + cols[e];
+        for (int64_t ii = 0; ii < width; ++ii) acc[ii] += v * w[ii * n_cols];
+      }
+      std::copy(acc, acc + width, out + r * d + i0);
+    }
+  }
+}
+
+template <typename T>
+void coo_t_times_dense(const T* values, const int64_t* rows, const int64_t* cols, int64_t n_entries,
+                       const T* dense, int64_t d, int64_t n_cols, bool transpose_out, T* out,
+                       T* col_sums) {
+  Buckets by_col = bucket_by_key(cols, n_entries, n_cols);
+  const int64_t n_blocks = (n_cols + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel
+  {
+    std::vector<T> acc(kColumnBlock * d);
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t c0 = blk * kColumnBlock, width = std::min(kColumnBlock, n_cols - c0);
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t cc = 0; cc < width; ++cc) {
+        const int64_t c = c0 + cc;
+        T* a = acc.data() + cc * d;
+        T sum = 0;
+        for (int64_t p = by_col.offsets[c]; p < by_col.offsets[c + 1]; ++p) {
+          const int64_t e = by_col.order[p];
+          const T v = values[e];
+          const T* x = dense + rows[e] * d;
+          sum += v;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) a[i] += v * x[i];
+        }
+        if (col_sums) col_sums[c] = sum;
+      }
+      if (transpose_out) {
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t cc = 0; cc < width; ++cc) out[i * n_cols + c0 + cc] = acc[cc * d + i];
+      } else {
+        std::copy(acc.begin(), acc.begin() + width * d, out + c0 * d);
+      }
+    }
+  }
+}
+
+template <typename T>
+void sampled_dense_dot(const int64_t* rows, const int64_t* cols, int64_t n_entries, const T* a,
+                       const T* dense, int64_t d, T* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < n_entries; ++e) {
+    const T* u = a + rows[e] * d;
+    const T* w = dense + cols[e] * d;
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < d; ++i) dot += u[i] * w[i];
+    out[e] = dot;
+  }
+}
+
+}  // namespace sparsekit

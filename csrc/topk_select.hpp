@@ -1,0 +1,205 @@
+// Top-k selection fused with the bias add and ReLU: the epilogue of the encoder GEMM.
+//
+// topk_select:      per row, the k largest of pre[r] + bias (ties: lower index), ReLU applied,
+//                   sorted by value descending (ties: lower index first).
+// batchtopk_select: over the whole [R, n] block, the M largest of relu(pre + bias)
+//                   (ties: lower flat index), returned in flat (row-major) order.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "common.hpp"
+
+namespace sparsekit {
+
+// A candidate is worse than another when its value is smaller, or equal with a larger index.
+template <typename T>
+struct Candidate {
+  T value;
+  int64_t index;
+};
+
+template <typename T>
+inline bool worse(const Candidate<T>& a, const Candidate<T>& b) {
+  return a.value < b.value || (a.value == b.value && a.index > b.index);
+}
+
+// Min-heap on "worse": heap[0] is the worst kept candidate.
+template <typename T>
+inline void sift_down(Candidate<T>* heap, int64_t size, int64_t pos) {
+  while (true) {
+    int64_t left = 2 * pos + 1, right = left + 1, worst = pos;
+    if (left < size && worse(heap[left], heap[worst])) worst = left;
+    if (right < size && worse(heap[right], heap[worst])) worst = right;
+    if (worst == pos) return;
+    std::swap(heap[pos], heap[worst]);
+    pos = worst;
+  }
+}
+
+template <typename T>
+void topk_select_row(const T* pre, const T* bias, int64_t n, int64_t k, Candidate<T>* heap,
+                     T* values_out, int64_t* indices_out) {
+  for (int64_t i = 0; i < k; ++i) heap[i] = {pre[i] + bias[i], i};
+  for (int64_t i = k / 2 - 1; i >= 0; --i) sift_down(heap, k, i);
+  T threshold = heap[0].value;
+
+  // Later indices only enter on a strictly larger value (equal values keep the lower index).
+  // Most blocks hold no such value: test a whole block with a vectorised max first.
+  constexpr int64_t kBlock = 16;
+  int64_t i = k;
+  for (; i + kBlock <= n; i += kBlock) {
+    T block_max = pre[i] + bias[i];
+#pragma omp simd reduction(max : block_max)
+    for (int64_t j = 1; j < kBlock; ++j) block_max = std::max(block_max, pre[i + j] + bias[i + j]);
+    if (!(block_max > threshold)) continue;
+    for (int64_t j = i; j < i + kBlock; ++j) {
+      T v = pre[j] + bias[j];
+      if (v > threshold) {
+        heap[0] = {v, j};
+        sift_down(heap, k, int64_t(0));
+        threshold = heap[0].value;
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    T v = pre[i] + bias[i];
+    if (v > threshold) {
+      heap[0] = {v, i};
+      sift_down(heap, k, int64_t(0));
+      threshold = heap[0].value;
+    }
+  }
+  std::sort(heap, heap + k, [](const Candidate<T>& a, const Candidate<T>& b) { return worse(b, a); });
+  for (int64_t j = 0; j < k; ++j) {
+    values_out[j] = heap[j].value > T(0) ? heap[j].value : T(0);
+    indices_out[j] = heap[j].index;
+  }
+}
+
+// pre [rows, n] (GEMM output without bias), bias [n] -> values [rows, k], indices [rows, k].
+template <typename T>
+void topk_select(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t k, T* values,
+                 int64_t* indices) {
+#pragma omp parallel
+  {
+    std::vector<Candidate<T>> heap(k);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      topk_select_row(pre + r * n, bias, n, k, heap.data(), values + r * k, indices + r * k);
+  }
+}
+
+// Non-negative IEEE floats order like their bit patterns read as unsigned integers.
+template <typename T>
+using bits_t = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+
+template <typename T>
+inline bits_t<T> to_bits(T v) {
+  bits_t<T> b;
+  std::memcpy(&b, &v, sizeof(T));
+  return b;
+}
+
+// acts [size] holds relu(pre + bias), all >= +0. Returns the bit pattern of the m-th largest
+// (1-based) by radix selection, 16 bits per pass, each pass restricted to the prefix found so far.
+template <typename T>
+bits_t<T> radix_select_bits(const T* acts, int64_t size, int64_t m) {
+  using U = bits_t<T>;
+  constexpr int kDigitBits = 16;
+  constexpr int64_t kBins = int64_t(1) << kDigitBits;
+  constexpr int kTotalBits = int(sizeof(U) * 8);
+  U prefix = 0;
+  int64_t remaining = m;  // rank still to find within the current prefix
+  const int threads = max_threads();
+  std::vector<int64_t> hist(kBins * threads);
+  for (int shift = kTotalBits - kDigitBits; shift >= 0; shift -= kDigitBits) {
+    std::fill(hist.begin(), hist.end(), 0);
+    const int high_shift = shift + kDigitBits;
+    const U high_prefix = high_shift >= kTotalBits ? U(0) : (prefix >> high_shift);
+#pragma omp parallel
+    {
+      int64_t* local = hist.data() + int64_t(thread_id()) * kBins;
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < size; ++i) {
+        U b = to_bits(acts[i]);
+        bool in_prefix = high_shift >= kTotalBits || (b >> high_shift) == high_prefix;
+        if (in_prefix) local[(b >> shift) & (kBins - 1)]++;
+      }
+    }
+    int64_t digit = kBins - 1;
+    for (; digit >= 0; --digit) {
+      int64_t count = 0;
+      for (int t = 0; t < threads; ++t) count += hist[int64_t(t) * kBins + digit];
+      if (count >= remaining) break;
+      remaining -= count;
+    }
+    prefix |= U(digit) << shift;
+  }
+  return prefix;
+}
+
+// pre [rows, n] (overwritten with relu(pre + bias)), bias [n], m in [1, rows * n]
+// -> values [m], out_rows [m], out_cols [m] in flat order.
+template <typename T>
+void batchtopk_select(T* pre, const T* bias, int64_t rows, int64_t n, int64_t m, T* values,
+                      int64_t* out_rows, int64_t* out_cols) {
+  const int64_t size = rows * n;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = pre + r * n;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      T v = row[c] + bias[c];
+      row[c] = v > T(0) ? v : T(0);
+    }
+  }
+  const bits_t<T> threshold = radix_select_bits(pre, size, m);
+
+  // Per row: how many entries beat the threshold and how many equal it. Ties are granted to
+  // rows in flat order, which keeps the lower flat index.
+  std::vector<int64_t> above(rows), equal(rows);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t a = 0, e = 0;
+    const T* row = pre + r * n;
+    for (int64_t c = 0; c < n; ++c) {
+      bits_t<T> b = to_bits(row[c]);
+      a += b > threshold;
+      e += b == threshold;
+    }
+    above[r] = a;
+    equal[r] = e;
+  }
+  int64_t total_above = 0;
+  for (int64_t r = 0; r < rows; ++r) total_above += above[r];
+  int64_t ties_left = m - total_above;
+  std::vector<int64_t> start(rows), ties(rows);
+  int64_t cursor = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    ties[r] = std::min(equal[r], ties_left);
+    ties_left -= ties[r];
+    start[r] = cursor;
+    cursor += above[r] + ties[r];
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = pre + r * n;
+    int64_t out = start[r], ties_here = ties[r];
+    if (above[r] + ties_here == 0) continue;
+    for (int64_t c = 0; c < n; ++c) {
+      bits_t<T> b = to_bits(row[c]);
+      bool keep = b > threshold || (b == threshold && ties_here > 0);
+      if (!keep) continue;
+      if (b == threshold) --ties_here;
+      values[out] = row[c];
+      out_rows[out] = r;
+      out_cols[out] = c;
+      ++out;
+    }
+  }
+}
+
+}  // namespace sparsekit

@@ -1,0 +1,27 @@
+"""sparsekit: train sparse dictionaries (sparse autoencoders, transcoders) on neural-network
+activations, fast, and read the features they find.
+
+The op layer lives in ``sparsekit.ops`` (checked, differentiable, backend chosen per device);
+``sparsekit.reference`` is its plain-PyTorch spec; ``sparsekit.backends()`` tells which
+implementation runs on each device.
+"""
+from . import ops, reference
+from .backend import backends
+from .ops import (
+    BatchTopKCodes,
+    TopKCodes,
+    batchtopk_encode,
+    ghost_grad_loss,
+    jumprelu_encode,
+    relu_encode,
+    sparse_decode,
+    sparse_decode_coo,
+    topk_encode,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchTopKCodes", "TopKCodes", "backends", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode",
+    "ops", "reference", "relu_encode", "sparse_decode", "sparse_decode_coo", "topk_encode",
+]

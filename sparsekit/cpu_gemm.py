@@ -1,0 +1,37 @@
+"""The dense CPU matmul behind the encoder: the one GEMM a fused step cannot avoid.
+
+On the CPUs measured here NumPy's bundled OpenBLAS runs the float32 encoder GEMM faster than
+torch's (DESIGN.md: ~1.7x on an AVX2 EPYC; ~1.2x on an AVX-512 one). Tensors cross as zero-copy
+``Tensor.numpy()`` views and the product is written into a preallocated output.
+SPARSEKIT_CPU_GEMM=torch|numpy picks one (default numpy).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def gemm_library() -> str:
+    """The library that runs CPU matmuls: "numpy" (OpenBLAS) or "torch"."""
+    name = os.environ.get("SPARSEKIT_CPU_GEMM", "numpy").strip().lower()
+    if name not in ("numpy", "torch"):
+        raise RuntimeError(f"SPARSEKIT_CPU_GEMM={name!r} is not 'numpy' or 'torch'")
+    return name
+
+
+def matmul_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out = a @ b for contiguous CPU float tensors: a [m, p], b [p, q], out [m, q]."""
+    if gemm_library() == "numpy":
+        np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
+    else:
+        torch.matmul(a.detach(), b.detach(), out=out)
+    return out
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for CPU float tensors (made contiguous): [m, p] @ [p, q] -> [m, q]."""
+    a, b = a.contiguous(), b.contiguous()
+    return matmul_into(a, b, torch.empty(a.shape[0], b.shape[1], dtype=a.dtype))

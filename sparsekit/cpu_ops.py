@@ -1,0 +1,366 @@
+"""The C++ CPU backend as torch.library custom ops (namespace ``sparsekit``).
+
+Each forward and backward kernel is its own custom op with a fake (meta) kernel, and each
+differentiable op's autograd formula composes them, so the ops work under autograd and
+``torch.compile`` alike. Inputs are assumed checked by ``sparsekit.ops``; every op here makes its
+tensor inputs contiguous (a no-op when they are) because the C++ side refuses to copy.
+
+Outputs are allocated here and handed to ``sparsekit._C`` as zero-copy NumPy views.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import _C
+from .cpu_gemm import matmul_into
+
+# Rows of pre-activations computed per encoder GEMM tile: keeps the [rows, n] scratch block near
+# 16 MiB instead of materialising the whole [B, n] matrix.
+TILE_BYTES = 16 * 2**20
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+def _tile_rows(n: int, itemsize: int) -> int:
+    return max(1, TILE_BYTES // (n * itemsize))
+
+
+def coo_row_ids(batch_size: int, k: int, device=None) -> Tensor:
+    """The row of each entry of [B, k] codes flattened to COO: [B*k] int64."""
+    return torch.arange(batch_size, device=device).repeat_interleave(k)
+
+
+# --- dense matmul -----------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::matmul_cpu", mutates_args=())
+def matmul_cpu(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b through the fastest CPU GEMM (cpu_gemm): [m, p] @ [p, q] -> [m, q]."""
+    a, b = a.contiguous(), b.contiguous()
+    return matmul_into(a, b, a.new_empty(a.shape[0], b.shape[1]))
+
+
+@matmul_cpu.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+# --- sparse products (the backward kernels) ---------------------------------------------------
+
+@torch.library.custom_op("sparsekit::coo_times_dense_t_cpu", mutates_args=())
+def coo_times_dense_t_cpu(values: Tensor, rows: Tensor, cols: Tensor, dense: Tensor, n_rows: int) -> Tensor:
+    """S @ dense.T for COO S [n_rows, n], dense [d, n] -> [n_rows, d] (grad x of a sparse encoder)."""
+    out = dense.new_empty(n_rows, dense.shape[0])
+    _C.coo_times_dense_t(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
+                         _np(dense.contiguous()), _np(out))
+    return out
+
+
+@coo_times_dense_t_cpu.register_fake
+def _(values, rows, cols, dense, n_rows):
+    return dense.new_empty(n_rows, dense.shape[0])
+
+
+@torch.library.custom_op("sparsekit::coo_t_times_dense_cpu", mutates_args=())
+def coo_t_times_dense_cpu(values: Tensor, rows: Tensor, cols: Tensor, dense: Tensor, n_cols: int,
+                          transpose_out: bool) -> tuple[Tensor, Tensor]:
+    """S.T @ dense for COO S [B, n_cols], dense [B, d] -> ([n_cols, d], or [d, n_cols] when
+    transpose_out) and the column sums of S [n_cols]; deterministic (fixed summation order)."""
+    d = dense.shape[1]
+    out = dense.new_empty((d, n_cols) if transpose_out else (n_cols, d))
+    col_sums = dense.new_empty(n_cols)
+    _C.coo_t_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
+                         _np(dense.contiguous()), transpose_out, _np(out), _np(col_sums))
+    return out, col_sums
+
+
+@coo_t_times_dense_cpu.register_fake
+def _(values, rows, cols, dense, n_cols, transpose_out):
+    d = dense.shape[1]
+    return dense.new_empty((d, n_cols) if transpose_out else (n_cols, d)), dense.new_empty(n_cols)
+
+
+@torch.library.custom_op("sparsekit::sampled_dense_dot_cpu", mutates_args=())
+def sampled_dense_dot_cpu(rows: Tensor, cols: Tensor, a: Tensor, dense: Tensor) -> Tensor:
+    """(a @ dense.T)[rows[e], cols[e]] for a [B, d], dense [n, d] -> [E] (grad of decoded values)."""
+    out = a.new_empty(rows.shape[0])
+    _C.sampled_dense_dot(_np(rows.contiguous()), _np(cols.contiguous()), _np(a.contiguous()),
+                         _np(dense.contiguous()), _np(out))
+    return out
+
+
+@sampled_dense_dot_cpu.register_fake
+def _(rows, cols, a, dense):
+    return a.new_empty(rows.shape[0])
+
+
+def _sparse_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tensor, W_enc: Tensor):
+    """Gradients of a sparse encoder from the gradient of its B*k kept pre-activations [E]:
+    (grad x [B, d], grad W_enc [d, n], grad b_enc [n]); None where no gradient is needed."""
+    grad_x = grad_W_enc = grad_b_enc = None
+    if ctx.needs_input_grad[0]:
+        grad_x = coo_times_dense_t_cpu(grad_kept, rows, cols, W_enc, x.shape[0])
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_W_enc, grad_b_enc = coo_t_times_dense_cpu(grad_kept, rows, cols, x, W_enc.shape[1], True)
+    return grad_x, grad_W_enc, grad_b_enc
+
+
+# --- topk_encode ------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::topk_encode_cpu", mutates_args=())
+def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Encoder GEMM in row tiles, each tile's top-k fused with bias + ReLU in C++.
+    x [B, d], W_enc [d, n], b_enc [n] -> values [B, k], indices [B, k]."""
+    x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
+    batch, n = x.shape[0], W_enc.shape[1]
+    values = x.new_empty(batch, k)
+    indices = torch.empty(batch, k, dtype=torch.int64)
+    tile = min(batch, _tile_rows(n, x.element_size()))
+    scratch = x.new_empty(tile, n)
+    bias = _np(b_enc)
+    for start in range(0, batch, tile):
+        stop = min(batch, start + tile)
+        pre = matmul_into(x[start:stop], W_enc, scratch[: stop - start])
+        _C.topk_select(_np(pre), bias, k, _np(values[start:stop]), _np(indices[start:stop]))
+    return values, indices
+
+
+@topk_encode_cpu.register_fake
+def _(x, W_enc, b_enc, k):
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+def _topk_setup(ctx, inputs, output):
+    x, W_enc, _, _ = inputs
+    values, indices = output
+    ctx.save_for_backward(x, W_enc, values, indices)
+
+
+def _topk_backward(ctx, grad_values, grad_indices):
+    x, W_enc, values, indices = ctx.saved_tensors
+    # ReLU after selection: only kept entries that are positive carry gradient.
+    grad_kept = (grad_values * (values > 0)).reshape(-1)
+    rows = coo_row_ids(x.shape[0], values.shape[1])
+    grads = _sparse_encoder_backward(ctx, grad_kept, rows, indices.reshape(-1), x, W_enc)
+    return (*grads, None)
+
+
+topk_encode_cpu.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+# --- batchtopk_encode -------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::batchtopk_encode_cpu", mutates_args=())
+def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Global selection of the B*k largest relu(pre) by radix select in C++.
+    -> values, rows, cols, each [B*k], in flat order."""
+    x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
+    batch, n = x.shape[0], W_enc.shape[1]
+    pre = matmul_into(x, W_enc, x.new_empty(batch, n))
+    values = x.new_empty(batch * k)
+    rows = torch.empty(batch * k, dtype=torch.int64)
+    cols = torch.empty(batch * k, dtype=torch.int64)
+    _C.batchtopk_select(_np(pre), _np(b_enc), batch * k, _np(values), _np(rows), _np(cols))
+    return values, rows, cols
+
+
+@batchtopk_encode_cpu.register_fake
+def _(x, W_enc, b_enc, k):
+    m = x.shape[0] * k
+    return x.new_empty(m), x.new_empty(m, dtype=torch.int64), x.new_empty(m, dtype=torch.int64)
+
+
+def _batchtopk_setup(ctx, inputs, output):
+    x, W_enc, _, _ = inputs
+    values, rows, cols = output
+    ctx.save_for_backward(x, W_enc, values, rows, cols)
+
+
+def _batchtopk_backward(ctx, grad_values, grad_rows, grad_cols):
+    x, W_enc, values, rows, cols = ctx.saved_tensors
+    grads = _sparse_encoder_backward(ctx, grad_values * (values > 0), rows, cols, x, W_enc)
+    return (*grads, None)
+
+
+batchtopk_encode_cpu.register_autograd(_batchtopk_backward, setup_context=_batchtopk_setup)
+
+
+# --- dense encoders: relu_encode, jumprelu_encode ---------------------------------------------
+
+def _dense_encoder_backward(ctx, grad_pre: Tensor, x: Tensor, W_enc: Tensor):
+    grad_x = grad_W_enc = grad_b_enc = None
+    if ctx.needs_input_grad[0]:
+        grad_x = matmul_cpu(grad_pre, W_enc.t())
+    if ctx.needs_input_grad[1]:
+        grad_W_enc = matmul_cpu(x.t(), grad_pre)
+    if ctx.needs_input_grad[2]:
+        grad_b_enc = grad_pre.sum(0)
+    return grad_x, grad_W_enc, grad_b_enc
+
+
+@torch.library.custom_op("sparsekit::relu_encode_cpu", mutates_args=())
+def relu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """relu(x @ W_enc + b_enc) with the bias and ReLU applied in place on the GEMM output."""
+    out = matmul_cpu(x, W_enc)
+    return out.add_(b_enc).clamp_(min=0)
+
+
+@relu_encode_cpu.register_fake
+def _(x, W_enc, b_enc):
+    return x.new_empty(x.shape[0], W_enc.shape[1])
+
+
+def _relu_setup(ctx, inputs, output):
+    x, W_enc, _ = inputs
+    ctx.save_for_backward(x, W_enc, output)
+
+
+def _relu_backward(ctx, grad_out):
+    x, W_enc, out = ctx.saved_tensors
+    return _dense_encoder_backward(ctx, grad_out * (out > 0), x, W_enc)
+
+
+relu_encode_cpu.register_autograd(_relu_backward, setup_context=_relu_setup)
+
+
+@torch.library.custom_op("sparsekit::jumprelu_encode_cpu", mutates_args=())
+def jumprelu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor,
+                        bandwidth: float) -> tuple[Tensor, Tensor]:
+    """(pre * (pre > exp(log_threshold)), pre): the output and the pre-activations its
+    threshold gradient needs (the public op returns only the first)."""
+    pre = matmul_cpu(x, W_enc).add_(b_enc)
+    return pre * (pre > torch.exp(log_threshold)), pre
+
+
+@jumprelu_encode_cpu.register_fake
+def _(x, W_enc, b_enc, log_threshold, bandwidth):
+    shape = (x.shape[0], W_enc.shape[1])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _jumprelu_setup(ctx, inputs, output):
+    x, W_enc, _, log_threshold, bandwidth = inputs
+    ctx.bandwidth = bandwidth
+    ctx.save_for_backward(x, W_enc, log_threshold, output[1])
+
+
+def _jumprelu_backward(ctx, grad_out, grad_pre_out):
+    x, W_enc, log_threshold, pre = ctx.saved_tensors
+    theta = torch.exp(log_threshold)
+    grad_pre = grad_out * (pre > theta) + grad_pre_out
+    grad_x, grad_W_enc, grad_b_enc = _dense_encoder_backward(ctx, grad_pre, x, W_enc)
+    grad_log_threshold = None
+    if ctx.needs_input_grad[3]:
+        # Rectangle-kernel pseudo-derivative, as reference._JumpReLU defines it.
+        in_window = ((pre - theta).abs() < ctx.bandwidth / 2).to(pre.dtype)
+        grad_log_threshold = -(grad_out * in_window).sum(0) * theta * theta / ctx.bandwidth
+    return grad_x, grad_W_enc, grad_b_enc, grad_log_threshold, None
+
+
+jumprelu_encode_cpu.register_autograd(_jumprelu_backward, setup_context=_jumprelu_setup)
+
+
+# --- sparse_decode ----------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::sparse_decode_cpu", mutates_args=())
+def sparse_decode_cpu(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
+                      batch_size: int) -> Tensor:
+    """y = S @ W_dec + b_dec for COO codes S [batch_size, n]: gathers the kept rows of W_dec."""
+    out = W_dec.new_empty(batch_size, W_dec.shape[1])
+    _C.coo_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
+                       _np(W_dec.contiguous()), _np(out))
+    return out.add_(b_dec)
+
+
+@sparse_decode_cpu.register_fake
+def _(values, rows, cols, W_dec, b_dec, batch_size):
+    return W_dec.new_empty(batch_size, W_dec.shape[1])
+
+
+def _decode_setup(ctx, inputs, output):
+    values, rows, cols, W_dec, _, _ = inputs
+    ctx.save_for_backward(values, rows, cols, W_dec)
+
+
+def _decode_backward(ctx, grad_y):
+    values, rows, cols, W_dec = ctx.saved_tensors
+    grad_values = grad_W_dec = grad_b_dec = None
+    if ctx.needs_input_grad[0]:
+        grad_values = sampled_dense_dot_cpu(rows, cols, grad_y, W_dec)
+    if ctx.needs_input_grad[3]:
+        grad_W_dec, _ = coo_t_times_dense_cpu(values, rows, cols, grad_y, W_dec.shape[0], False)
+    if ctx.needs_input_grad[4]:
+        grad_b_dec = grad_y.sum(0)
+    return grad_values, None, None, grad_W_dec, grad_b_dec, None
+
+
+sparse_decode_cpu.register_autograd(_decode_backward, setup_context=_decode_setup)
+
+
+# --- ghost_grad_loss --------------------------------------------------------------------------
+
+def _ghost_terms(x, W_enc, b_enc, W_dec, dead_idx, residual, eps):
+    """The forward quantities over dead latents D: exp(pre_D) [B, |D|], their decoder rows
+    [|D|, d], the rescaled ghost reconstruction g [B, d] and the per-row scale [B, 1]."""
+    exp_pre = matmul_cpu(x, W_enc.index_select(1, dead_idx)).add_(b_enc.index_select(0, dead_idx)).exp_()
+    dead_rows = W_dec.index_select(0, dead_idx)
+    ghost = matmul_cpu(exp_pre, dead_rows)
+    scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)
+    return exp_pre, dead_rows, ghost.mul_(scale), scale
+
+
+@torch.library.custom_op("sparsekit::ghost_grad_loss_cpu", mutates_args=())
+def ghost_grad_loss_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
+                        residual: Tensor, mse_main: Tensor, eps: float) -> Tensor:
+    """The ghost-grads term over dead latents only (see reference.ghost_grad_loss); every
+    intermediate is [B, |D|] or [B, d], never [B, n]. dead_idx must be non-empty."""
+    _, _, ghost, _ = _ghost_terms(x, W_enc, b_enc, W_dec, dead_idx, residual, eps)
+    loss = (ghost - residual).pow_(2).sum(-1).mean()
+    return loss * (mse_main / (loss + eps))
+
+
+@ghost_grad_loss_cpu.register_fake
+def _(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
+    return x.new_empty(())
+
+
+@torch.library.custom_op("sparsekit::ghost_grad_loss_backward_cpu", mutates_args=())
+def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
+                                 dead_idx: Tensor, residual: Tensor, mse_main: Tensor,
+                                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Recomputes the forward over D and returns (grad x [B, d], grad W_enc[:, D] [d, |D|],
+    grad b_enc[D] [|D|]); the scale and the loss factor are constants, as in the reference."""
+    exp_pre, dead_rows, ghost, scale = _ghost_terms(x, W_enc, b_enc, W_dec, dead_idx, residual, eps)
+    diff = ghost - residual
+    loss = diff.pow(2).sum(-1).mean()
+    factor = grad * mse_main / (loss + eps)
+    grad_ghost = diff.mul_(scale).mul_(2 * factor / x.shape[0])
+    grad_pre = matmul_cpu(grad_ghost, dead_rows.t()).mul_(exp_pre)
+    grad_x = matmul_cpu(grad_pre, W_enc.index_select(1, dead_idx).t())
+    return grad_x, matmul_cpu(x.t(), grad_pre), grad_pre.sum(0)
+
+
+@ghost_grad_loss_backward_cpu.register_fake
+def _(grad, x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
+    n_dead = dead_idx.shape[0]
+    return x.new_empty(x.shape), x.new_empty(x.shape[1], n_dead), x.new_empty(n_dead)
+
+
+def _ghost_setup(ctx, inputs, output):
+    ctx.eps = inputs[-1]
+    ctx.save_for_backward(*inputs[:-1])
+
+
+def _ghost_backward(ctx, grad):
+    x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main = ctx.saved_tensors
+    grad_x, grad_dead_cols, grad_dead_bias = ghost_grad_loss_backward_cpu(
+        grad, x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, ctx.eps)
+    grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead_idx, grad_dead_cols)
+    grad_b_enc = torch.zeros_like(b_enc).index_copy_(0, dead_idx, grad_dead_bias)
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_W_enc, grad_b_enc,
+            None, None, None, None, None)
+
+
+ghost_grad_loss_cpu.register_autograd(_ghost_backward, setup_context=_ghost_setup)

@@ -1,0 +1,199 @@
+"""sparsekit's ops: the one door to every kernel.
+
+Each op checks its arguments (a ValueError naming the argument), makes inputs contiguous (on
+purpose: the kernels never copy silently), then runs on the backend chosen for the input's device
+(``sparsekit.backend``): C++ custom ops on CPU, Triton on CUDA once it lands, or the PyTorch
+reference (``sparsekit.reference``) that defines them all. Every op is differentiable.
+
+Shapes: x [B, d_in], W_enc [d_in, n], b_enc [n], W_dec [n, d_out], b_dec [d_out];
+TopK codes (values [B, k], indices [B, k] int64); BatchTopK codes (values, rows, cols), each [B*k].
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import checks, reference
+from .backend import backend_for
+
+
+class TopKCodes(NamedTuple):
+    """values [B, k] (sorted descending per row), indices [B, k] int64."""
+    values: Tensor
+    indices: Tensor
+
+
+class BatchTopKCodes(NamedTuple):
+    """Flat COO codes in row-major order: values, rows, cols, each [B*k] (rows, cols int64)."""
+    values: Tensor
+    rows: Tensor
+    cols: Tensor
+
+
+def _cpp():
+    from . import cpu_ops  # registers the custom ops on first use
+    return cpu_ops
+
+
+def _check_encoder(x, W_enc, b_enc) -> tuple[Tensor, Tensor, Tensor]:
+    checks.tensor("x", x, 2)
+    checks.tensor("W_enc", W_enc, 2)
+    checks.tensor("b_enc", b_enc, 1)
+    checks.same_dtype_and_device("x", x, W_enc=W_enc, b_enc=b_enc)
+    checks.non_empty_batch("x", x)
+    checks.positive_width("x", x, 1)
+    checks.size("W_enc", W_enc, 0, x.shape[1], "d_in, the width of x")
+    checks.positive_width("W_enc", W_enc, 1)
+    checks.size("b_enc", b_enc, 0, W_enc.shape[1], "n_latents, the columns of W_enc")
+    checks.finite(x=x, W_enc=W_enc, b_enc=b_enc)
+    return x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
+
+
+def _check_decoder(W_dec, b_dec, codes_dtype, codes_device) -> tuple[Tensor, Tensor]:
+    checks.tensor("W_dec", W_dec, 2)
+    checks.tensor("b_dec", b_dec, 1)
+    checks.positive_width("W_dec", W_dec, 1)
+    if W_dec.dtype != codes_dtype or W_dec.device != codes_device:
+        raise ValueError(f"W_dec is {W_dec.dtype} on {W_dec.device}, expected {codes_dtype} on "
+                         f"{codes_device} like values")
+    checks.same_dtype_and_device("W_dec", W_dec, b_dec=b_dec)
+    checks.size("b_dec", b_dec, 0, W_dec.shape[1], "d_out, the columns of W_dec")
+    checks.finite(W_dec=W_dec, b_dec=b_dec)
+    return W_dec.contiguous(), b_dec.contiguous()
+
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> TopKCodes:
+    """Per row of pre = x @ W_enc + b_enc keep the k largest (ties: lower index), ReLU them.
+
+    x [B, d_in], W_enc [d_in, n], b_enc [n] -> TopKCodes(values [B, k], indices [B, k] int64),
+    values sorted descending. Backward reaches x, W_enc and b_enc through the B*k kept entries.
+    """
+    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
+    k = checks.k_in_range(k, W_enc.shape[1])
+    if backend_for(x) == "cpp":
+        return TopKCodes(*_cpp().topk_encode_cpu(x, W_enc, b_enc, k))
+    return TopKCodes(*reference.topk_encode(x, W_enc, b_enc, k))
+
+
+def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> BatchTopKCodes:
+    """Keep the B*k largest of relu(x @ W_enc + b_enc) over the whole batch (Bussmann et al. 2024).
+
+    -> BatchTopKCodes(values, rows, cols), each [B*k], row-major; ties: lower flat index.
+    """
+    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
+    k = checks.k_in_range(k, W_enc.shape[1])
+    if backend_for(x) == "cpp":
+        return BatchTopKCodes(*_cpp().batchtopk_encode_cpu(x, W_enc, b_enc, k))
+    return BatchTopKCodes(*reference.batchtopk_encode(x, W_enc, b_enc, k))
+
+
+def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """relu(x @ W_enc + b_enc): [B, d_in] -> [B, n] dense."""
+    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
+    if backend_for(x) == "cpp":
+        return _cpp().relu_encode_cpu(x, W_enc, b_enc)
+    return reference.relu_encode(x, W_enc, b_enc)
+
+
+def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor,
+                    bandwidth: float = 1e-3) -> Tensor:
+    """pre * (pre > exp(log_threshold)) with pre = x @ W_enc + b_enc: [B, n] dense.
+
+    log_threshold [n]. Its gradient is the rectangle-kernel pseudo-derivative of width
+    ``bandwidth`` (Rajamanoharan et al. 2024); x, W_enc, b_enc get the ordinary gradient.
+    """
+    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
+    checks.tensor("log_threshold", log_threshold, 1)
+    checks.same_dtype_and_device("x", x, log_threshold=log_threshold)
+    checks.size("log_threshold", log_threshold, 0, W_enc.shape[1], "n_latents, the columns of W_enc")
+    checks.finite(log_threshold=log_threshold)
+    bandwidth = checks.positive_number("bandwidth", bandwidth)
+    log_threshold = log_threshold.contiguous()
+    if backend_for(x) == "cpp":
+        return _cpp().jumprelu_encode_cpu(x, W_enc, b_enc, log_threshold, bandwidth)[0]
+    return reference.jumprelu_encode(x, W_enc, b_enc, log_threshold, bandwidth)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """y[b] = sum_j values[b, j] * W_dec[indices[b, j]] + b_dec.
+
+    values [B, k], indices [B, k] int64, W_dec [n, d_out], b_dec [d_out] -> [B, d_out].
+    Backward: grad values by gathered dot products, grad W_dec by a deterministic scatter-add.
+    """
+    checks.tensor("values", values, 2)
+    checks.tensor("indices", indices, 2, floating=False)
+    checks.non_empty_batch("values", values)
+    checks.positive_width("values", values, 1)
+    if indices.shape != values.shape:
+        raise ValueError(f"indices has shape {tuple(indices.shape)}, expected {tuple(values.shape)} like values")
+    checks.same_device("values", values, indices=indices)
+    W_dec, b_dec = _check_decoder(W_dec, b_dec, values.dtype, values.device)
+    checks.indices_in_range("indices", indices, W_dec.shape[0], "rows of W_dec")
+    checks.finite(values=values)
+    batch, k = values.shape
+    if backend_for(values) == "cpp":
+        cpu_ops = _cpp()
+        rows = cpu_ops.coo_row_ids(batch, k)
+        return cpu_ops.sparse_decode_cpu(values.reshape(-1), rows, indices.reshape(-1).contiguous(),
+                                         W_dec, b_dec, batch)
+    return reference.sparse_decode(values.contiguous(), indices.contiguous(), W_dec, b_dec)
+
+
+def sparse_decode_coo(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
+                      batch_size: int) -> Tensor:
+    """y[rows[e]] += values[e] * W_dec[cols[e]], plus b_dec; duplicates add up.
+
+    values [E], rows [E], cols [E] int64, W_dec [n, d_out], b_dec [d_out] -> [batch_size, d_out].
+    """
+    checks.tensor("values", values, 1)
+    checks.tensor("rows", rows, 1, floating=False)
+    checks.tensor("cols", cols, 1, floating=False)
+    for name, t in (("rows", rows), ("cols", cols)):
+        if t.shape != values.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(values.shape)} like values")
+    checks.same_device("values", values, rows=rows, cols=cols)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    W_dec, b_dec = _check_decoder(W_dec, b_dec, values.dtype, values.device)
+    checks.indices_in_range("rows", rows, batch_size, "batch_size")
+    checks.indices_in_range("cols", cols, W_dec.shape[0], "rows of W_dec")
+    checks.finite(values=values)
+    values, rows, cols = values.contiguous(), rows.contiguous(), cols.contiguous()
+    if backend_for(values) == "cpp":
+        return _cpp().sparse_decode_cpu(values, rows, cols, W_dec, b_dec, batch_size)
+    return reference.sparse_decode_coo(values, rows, cols, W_dec, b_dec, batch_size)
+
+
+def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
+                    residual: Tensor, mse_main: Tensor, eps: float = 1e-8) -> Tensor:
+    """The ghost-grads loss over dead latents D = dead_idx (see reference.ghost_grad_loss).
+
+    x [B, d_in], W_enc [d_in, n], b_enc [n], W_dec [n, d_out], dead_idx [|D|] int64 (distinct),
+    residual [B, d_out] (x - x_hat, treated as a constant), mse_main scalar -> scalar.
+    Cost grows with |D|, not n; zero when D is empty.
+    """
+    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
+    checks.tensor("W_dec", W_dec, 2)
+    checks.tensor("dead_idx", dead_idx, 1, floating=False)
+    checks.tensor("residual", residual, 2)
+    if not isinstance(mse_main, Tensor) or mse_main.dim() != 0:
+        raise ValueError(f"mse_main must be a 0-d tensor, got {mse_main!r:.80}")
+    checks.same_dtype_and_device("x", x, W_dec=W_dec, residual=residual, mse_main=mse_main)
+    checks.same_device("x", x, dead_idx=dead_idx)
+    checks.size("W_dec", W_dec, 0, W_enc.shape[1], "n_latents, the columns of W_enc")
+    checks.size("residual", residual, 0, x.shape[0], "the batch of x")
+    checks.size("residual", residual, 1, W_dec.shape[1], "d_out, the columns of W_dec")
+    checks.indices_in_range("dead_idx", dead_idx, W_enc.shape[1], "n_latents")
+    if not torch.compiler.is_compiling() and dead_idx.unique().numel() != dead_idx.numel():
+        raise ValueError("dead_idx must not repeat a latent")
+    checks.finite(W_dec=W_dec, residual=residual, mse_main=mse_main)
+    eps = checks.positive_number("eps", eps)
+    residual, mse_main = residual.detach().contiguous(), mse_main.detach()
+    if dead_idx.numel() == 0:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    if backend_for(x) == "cpp":
+        return _cpp().ghost_grad_loss_cpu(x, W_enc, b_enc, W_dec.detach().contiguous(), dead_idx.contiguous(),
+                                          residual, mse_main, eps)
+    return reference.ghost_grad_loss(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps)
