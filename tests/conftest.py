@@ -1,0 +1,23 @@
+import os
+
+# Triton reads TRITON_INTERPRET when a kernel is first jitted, so it must be set before any
+# kernel module is imported; only without CUDA, so a GPU machine runs the kernels natively.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
+
+import pytest
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Returns a function that forces SPARSEKIT_BACKEND for the rest of the test."""
+
+    def force(name: str) -> None:
+        monkeypatch.setenv("SPARSEKIT_BACKEND", name)
+
+    return force
