@@ -1,0 +1,4 @@
+"""`python -m sparsekit <command>`: see `python -m sparsekit --help`."""
+from .cli import main
+
+main()

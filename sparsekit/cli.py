@@ -1,0 +1,28 @@
+"""The `sparsekit` command line: `python -m sparsekit demo|backends`."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "demo": "train a small TopK dictionary on synthetic sparse data and report what it recovers",
+    "backends": "print which implementation runs the ops on each device",
+}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m sparsekit <command> [options]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:10s} {text}")
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from .demo import main as demo_main
+        demo_main(rest)
+    elif command == "backends":
+        from .backend import backends
+        print(backends())
+    else:
+        print(f"sparsekit: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
