@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "checks.hpp"
 #include "sparse_products.hpp"
 #include "topk_select.hpp"
 
@@ -42,7 +43,8 @@ void require_in_range(const Index& idx, int64_t upper, const char* name) {
 }
 
 template <typename T>
-void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<T>& values, Index& indices) {
+void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<T>& values, Index& indices,
+                    int threads) {
   require(pre.ndim() == 2, "pre must be 2-D");
   const int64_t rows = pre.shape(0), n = pre.shape(1);
   require(k >= 1 && k <= n, "k must be in [1, n]");
@@ -54,7 +56,7 @@ void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<
   T* v = values.mutable_data();
   int64_t* i = indices.mutable_data();
   py::gil_scoped_release release;
-  topk_select(p, b, rows, n, k, v, i);
+  topk_select(p, b, rows, n, k, v, i, threads);
 }
 
 template <typename T>
@@ -157,9 +159,18 @@ void sampled_dense_dot_py(const Index& rows, const Index& cols, const Array<T>& 
 }
 
 template <typename T>
+bool all_finite_py(const Array<T>& a) {
+  const T* p = a.data();
+  const int64_t size = a.size();
+  py::gil_scoped_release release;
+  return all_finite(p, size);
+}
+
+template <typename T>
 void bind_all(py::module_& m) {
+  m.def("all_finite", &all_finite_py<T>, py::arg("a").noconvert(), "True when a holds no NaN or Inf.");
   m.def("topk_select", &topk_select_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(), py::arg("k"),
-        py::arg("values").noconvert(), py::arg("indices").noconvert(),
+        py::arg("values").noconvert(), py::arg("indices").noconvert(), py::arg("threads") = 0,
         "Per row of pre + bias [rows, n]: the k largest (ties: lower index), ReLU'd, sorted descending.");
   m.def("batchtopk_select", &batchtopk_select_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
         py::arg("m"), py::arg("values").noconvert(), py::arg("rows").noconvert(), py::arg("cols").noconvert(),

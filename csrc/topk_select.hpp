@@ -80,10 +80,11 @@ void topk_select_row(const T* pre, const T* bias, int64_t n, int64_t k, Candidat
 }
 
 // pre [rows, n] (GEMM output without bias), bias [n] -> values [rows, k], indices [rows, k].
+// threads = 0: the OpenMP default (torch's thread count: the runtime is shared with torch).
 template <typename T>
 void topk_select(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t k, T* values,
-                 int64_t* indices) {
-#pragma omp parallel
+                 int64_t* indices, int threads) {
+#pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
   {
     std::vector<Candidate<T>> heap(k);
 #pragma omp for schedule(static)
