@@ -10,6 +10,7 @@
 #include <string>
 
 #include "checks.hpp"
+#include "ghost.hpp"
 #include "sparse_products.hpp"
 #include "topk_select.hpp"
 
@@ -159,6 +160,60 @@ void sampled_dense_dot_py(const Index& rows, const Index& cols, const Array<T>& 
 }
 
 template <typename T>
+void decode_backward_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& grad_y,
+                        const Array<T>& W_dec, Array<T>& grad_values, Array<T>& grad_W_dec) {
+  require(values.ndim() == 1 && grad_y.ndim() == 2 && W_dec.ndim() == 2, "values 1-D, grad_y and W_dec 2-D");
+  const int64_t e = values.shape(0), n_cols = W_dec.shape(0), d = W_dec.shape(1);
+  require(grad_y.shape(1) == d, "grad_y and W_dec must have the same width");
+  require_shape(rows, "rows", {e});
+  require_shape(cols, "cols", {e});
+  require_shape(grad_values, "grad_values", {e});
+  require_shape(grad_W_dec, "grad_W_dec", {n_cols, d});
+  require_in_range(rows, grad_y.shape(0), "rows");
+  require_in_range(cols, n_cols, "cols");
+  const T* v = values.data();
+  const T* gy = grad_y.data();
+  const T* w = W_dec.data();
+  T* gv = grad_values.mutable_data();
+  T* gw = grad_W_dec.mutable_data();
+  const int64_t* r = rows.data();
+  const int64_t* c = cols.data();
+  py::gil_scoped_release release;
+  sampled_dot_and_coo_t_times_dense(v, r, c, e, gy, w, d, n_cols, gv, gw);
+}
+
+template <typename T>
+void ghost_rescale_py(Array<T>& ghost, const Array<T>& residual, double eps, Array<T>& scale, Array<T>& row_error) {
+  require(ghost.ndim() == 2, "ghost must be 2-D");
+  const int64_t rows = ghost.shape(0), d = ghost.shape(1);
+  require_shape(residual, "residual", {rows, d});
+  require_shape(scale, "scale", {rows});
+  require_shape(row_error, "row_error", {rows});
+  T* g = ghost.mutable_data();
+  const T* r = residual.data();
+  T* s = scale.mutable_data();
+  T* e = row_error.mutable_data();
+  py::gil_scoped_release release;
+  ghost_rescale(g, r, rows, d, T(eps), s, e);
+}
+
+template <typename T>
+void ghost_rescale_backward_py(const Array<T>& ghost, const Array<T>& residual, const Array<T>& scale,
+                               double coefficient, Array<T>& grad_ghost) {
+  require(ghost.ndim() == 2, "ghost must be 2-D");
+  const int64_t rows = ghost.shape(0), d = ghost.shape(1);
+  require_shape(residual, "residual", {rows, d});
+  require_shape(scale, "scale", {rows});
+  require_shape(grad_ghost, "grad_ghost", {rows, d});
+  const T* g = ghost.data();
+  const T* r = residual.data();
+  const T* s = scale.data();
+  T* out = grad_ghost.mutable_data();
+  py::gil_scoped_release release;
+  ghost_rescale_backward(g, r, s, rows, d, T(coefficient), out);
+}
+
+template <typename T>
 bool all_finite_py(const Array<T>& a) {
   const T* p = a.data();
   const int64_t size = a.size();
@@ -168,6 +223,16 @@ bool all_finite_py(const Array<T>& a) {
 
 template <typename T>
 void bind_all(py::module_& m) {
+  m.def("decode_backward", &decode_backward_py<T>, py::arg("values").noconvert(), py::arg("rows").noconvert(),
+        py::arg("cols").noconvert(), py::arg("grad_y").noconvert(), py::arg("W_dec").noconvert(),
+        py::arg("grad_values").noconvert(), py::arg("grad_W_dec").noconvert(),
+        "Sparse decode backward in one pass over the latents: grad values and grad W_dec.");
+  m.def("ghost_rescale", &ghost_rescale_py<T>, py::arg("ghost").noconvert(), py::arg("residual").noconvert(),
+        py::arg("eps"), py::arg("scale").noconvert(), py::arg("row_error").noconvert(),
+        "Ghost grads: rescale each ghost row to half the residual's norm; per-row squared error.");
+  m.def("ghost_rescale_backward", &ghost_rescale_backward_py<T>, py::arg("ghost").noconvert(),
+        py::arg("residual").noconvert(), py::arg("scale").noconvert(), py::arg("coefficient"),
+        py::arg("grad_ghost").noconvert(), "Ghost grads: gradient through the rescale, scale held constant.");
   m.def("all_finite", &all_finite_py<T>, py::arg("a").noconvert(), "True when a holds no NaN or Inf.");
   m.def("topk_select", &topk_select_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(), py::arg("k"),
         py::arg("values").noconvert(), py::arg("indices").noconvert(), py::arg("threads") = 0,

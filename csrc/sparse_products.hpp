@@ -8,6 +8,8 @@
 //                          plus the column sums of S               (grad W_dec; grad W_enc, b_enc)
 //   sampled_dense_dot      (A @ D^T)[rows[e], cols[e]], A [n_rows, d], D [n_cols, d] -> [E]
 //                                                                    (decode backward, grad values)
+//   sampled_dot_and_coo_t_times_dense   both of the last two in one pass over D's rows
+//                                                                    (decode backward, fused)
 #pragma once
 
 #include <algorithm>
@@ -108,6 +110,35 @@ void sampled_dense_dot(const int64_t* rows, const int64_t* cols, int64_t n_entri
 #pragma omp simd reduction(+ : dot)
     for (int64_t i = 0; i < d; ++i) dot += u[i] * w[i];
     out[e] = dot;
+  }
+}
+
+// Decode backward in one pass over the latents: for each latent c, its decoder row D[c] stays in
+// cache while every entry that uses it reads its gradient row A[r]:
+//   dots[e] = A[rows[e]] . D[cols[e]]            (grad values)
+//   out[c]  = sum over entries e of c: values[e] * A[rows[e]]   (grad W_dec, fixed order)
+template <typename T>
+void sampled_dot_and_coo_t_times_dense(const T* values, const int64_t* rows, const int64_t* cols,
+                                       int64_t n_entries, const T* a, const T* dense, int64_t d,
+                                       int64_t n_cols, T* dots, T* out) {
+  Buckets by_col = bucket_by_key(cols, n_entries, n_cols);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n_cols; ++c) {
+    const T* w = dense + c * d;
+    T* acc = out + c * d;
+    std::fill(acc, acc + d, T(0));
+    for (int64_t p = by_col.offsets[c]; p < by_col.offsets[c + 1]; ++p) {
+      const int64_t e = by_col.order[p];
+      const T* u = a + rows[e] * d;
+      const T v = values[e];
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < d; ++i) {
+        dot += u[i] * w[i];
+        acc[i] += v * u[i];
+      }
+      dots[e] = dot;
+    }
   }
 }
 

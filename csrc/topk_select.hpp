@@ -47,14 +47,14 @@ void topk_select_row(const T* pre, const T* bias, int64_t n, int64_t k, Candidat
   T threshold = heap[0].value;
 
   // Later indices only enter on a strictly larger value (equal values keep the lower index).
-  // Most blocks hold no such value: test a whole block with a vectorised max first.
-  constexpr int64_t kBlock = 16;
+  // Most blocks hold no such value: test a whole block with one vectorised compare first.
+  constexpr int64_t kBlock = 64;
   int64_t i = k;
   for (; i + kBlock <= n; i += kBlock) {
-    T block_max = pre[i] + bias[i];
-#pragma omp simd reduction(max : block_max)
-    for (int64_t j = 1; j < kBlock; ++j) block_max = std::max(block_max, pre[i + j] + bias[i + j]);
-    if (!(block_max > threshold)) continue;
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = 0; j < kBlock; ++j) hit |= (pre[i + j] + bias[i + j] > threshold);
+    if (!hit) continue;
     for (int64_t j = i; j < i + kBlock; ++j) {
       T v = pre[j] + bias[j];
       if (v > threshold) {

@@ -1,9 +1,13 @@
-"""The dense CPU matmul behind the encoder: the one GEMM a fused step cannot avoid.
+"""The CPU GEMM behind the TopK encoder: the one GEMM a fused step cannot avoid.
 
 On the CPUs measured here NumPy's bundled OpenBLAS runs the float32 encoder GEMM faster than
 torch's (DESIGN.md: ~1.7x on an AVX2 EPYC; ~1.2x on an AVX-512 one). Tensors cross as zero-copy
 ``Tensor.numpy()`` views and the product is written into a preallocated output.
 SPARSEKIT_CPU_GEMM=torch|numpy picks one (default numpy).
+
+Only the TopK encoder uses it: its selection runs on one thread beside each GEMM tile. Elsewhere
+OpenBLAS's worker, which spins for a while after each call, would fight torch's OpenMP threads
+for the cores (measured: dense encoders ran 2x slower through it), so other GEMMs use torch.
 """
 from __future__ import annotations
 
@@ -29,9 +33,3 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     else:
         torch.matmul(a.detach(), b.detach(), out=out)
     return out
-
-
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for CPU float tensors (made contiguous): [m, p] @ [p, q] -> [m, q]."""
-    a, b = a.contiguous(), b.contiguous()
-    return matmul_into(a, b, torch.empty(a.shape[0], b.shape[1], dtype=a.dtype))

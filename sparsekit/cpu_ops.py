@@ -33,20 +33,6 @@ def coo_row_ids(batch_size: int, k: int, device=None) -> Tensor:
     return torch.arange(batch_size, device=device).repeat_interleave(k)
 
 
-# --- dense matmul -----------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsekit::matmul_cpu", mutates_args=())
-def matmul_cpu(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b through the fastest CPU GEMM (cpu_gemm): [m, p] @ [p, q] -> [m, q]."""
-    a, b = a.contiguous(), b.contiguous()
-    return matmul_into(a, b, a.new_empty(a.shape[0], b.shape[1]))
-
-
-@matmul_cpu.register_fake
-def _(a, b):
-    return a.new_empty(a.shape[0], b.shape[1])
-
-
 # --- sparse products (the backward kernels) ---------------------------------------------------
 
 @torch.library.custom_op("sparsekit::coo_times_dense_t_cpu", mutates_args=())
@@ -94,6 +80,23 @@ def sampled_dense_dot_cpu(rows: Tensor, cols: Tensor, a: Tensor, dense: Tensor) 
 @sampled_dense_dot_cpu.register_fake
 def _(rows, cols, a, dense):
     return a.new_empty(rows.shape[0])
+
+
+@torch.library.custom_op("sparsekit::sparse_decode_backward_cpu", mutates_args=())
+def sparse_decode_backward_cpu(values: Tensor, rows: Tensor, cols: Tensor, grad_y: Tensor,
+                               W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """Both decode gradients in one pass over the latents: grad values [E] (the dot products of
+    sampled_dense_dot_cpu) and grad W_dec [n, d] (coo_t_times_dense_cpu's sum, same order)."""
+    grad_values = values.new_empty(values.shape[0])
+    grad_W_dec = W_dec.new_empty(W_dec.shape)
+    _C.decode_backward(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
+                       _np(grad_y.contiguous()), _np(W_dec.contiguous()), _np(grad_values), _np(grad_W_dec))
+    return grad_values, grad_W_dec
+
+
+@sparse_decode_backward_cpu.register_fake
+def _(values, rows, cols, grad_y, W_dec):
+    return values.new_empty(values.shape[0]), W_dec.new_empty(W_dec.shape)
 
 
 def _sparse_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tensor, W_enc: Tensor):
@@ -161,7 +164,7 @@ def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     -> values, rows, cols, each [B*k], in flat order."""
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
     batch, n = x.shape[0], W_enc.shape[1]
-    pre = matmul_into(x, W_enc, x.new_empty(batch, n))
+    pre = torch.mm(x, W_enc)
     values = x.new_empty(batch * k)
     rows = torch.empty(batch * k, dtype=torch.int64)
     cols = torch.empty(batch * k, dtype=torch.int64)
@@ -195,9 +198,9 @@ batchtopk_encode_cpu.register_autograd(_batchtopk_backward, setup_context=_batch
 def _dense_encoder_backward(ctx, grad_pre: Tensor, x: Tensor, W_enc: Tensor):
     grad_x = grad_W_enc = grad_b_enc = None
     if ctx.needs_input_grad[0]:
-        grad_x = matmul_cpu(grad_pre, W_enc.t())
+        grad_x = torch.mm(grad_pre, W_enc.t())
     if ctx.needs_input_grad[1]:
-        grad_W_enc = matmul_cpu(x.t(), grad_pre)
+        grad_W_enc = torch.mm(x.t(), grad_pre)
     if ctx.needs_input_grad[2]:
         grad_b_enc = grad_pre.sum(0)
     return grad_x, grad_W_enc, grad_b_enc
@@ -205,9 +208,9 @@ def _dense_encoder_backward(ctx, grad_pre: Tensor, x: Tensor, W_enc: Tensor):
 
 @torch.library.custom_op("sparsekit::relu_encode_cpu", mutates_args=())
 def relu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """relu(x @ W_enc + b_enc) with the bias and ReLU applied in place on the GEMM output."""
-    out = matmul_cpu(x, W_enc)
-    return out.add_(b_enc).clamp_(min=0)
+    """relu(x @ W_enc + b_enc): the bias enters the GEMM (addmm), the ReLU is applied in place.
+    A dense encoder's cost is its GEMM; torch's runs it on the same thread pool as the rest."""
+    return torch.addmm(b_enc, x, W_enc).clamp_(min=0)
 
 
 @relu_encode_cpu.register_fake
@@ -222,7 +225,7 @@ def _relu_setup(ctx, inputs, output):
 
 def _relu_backward(ctx, grad_out):
     x, W_enc, out = ctx.saved_tensors
-    return _dense_encoder_backward(ctx, grad_out * (out > 0), x, W_enc)
+    return _dense_encoder_backward(ctx, torch.ops.aten.threshold_backward(grad_out, out, 0), x, W_enc)
 
 
 relu_encode_cpu.register_autograd(_relu_backward, setup_context=_relu_setup)
@@ -233,7 +236,7 @@ def jumprelu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: 
                         bandwidth: float) -> tuple[Tensor, Tensor]:
     """(pre * (pre > exp(log_threshold)), pre): the output and the pre-activations its
     threshold gradient needs (the public op returns only the first)."""
-    pre = matmul_cpu(x, W_enc).add_(b_enc)
+    pre = torch.addmm(b_enc, x, W_enc)
     return pre * (pre > torch.exp(log_threshold)), pre
 
 
@@ -246,13 +249,18 @@ def _(x, W_enc, b_enc, log_threshold, bandwidth):
 def _jumprelu_setup(ctx, inputs, output):
     x, W_enc, _, log_threshold, bandwidth = inputs
     ctx.bandwidth = bandwidth
+    ctx.set_materialize_grads(False)  # the second output (pre) is private: usually no gradient
     ctx.save_for_backward(x, W_enc, log_threshold, output[1])
 
 
 def _jumprelu_backward(ctx, grad_out, grad_pre_out):
     x, W_enc, log_threshold, pre = ctx.saved_tensors
     theta = torch.exp(log_threshold)
-    grad_pre = grad_out * (pre > theta) + grad_pre_out
+    if grad_out is None:
+        grad_out = torch.zeros_like(pre)
+    grad_pre = grad_out * (pre > theta)
+    if grad_pre_out is not None:
+        grad_pre = grad_pre + grad_pre_out
     grad_x, grad_W_enc, grad_b_enc = _dense_encoder_backward(ctx, grad_pre, x, W_enc)
     grad_log_threshold = None
     if ctx.needs_input_grad[3]:
@@ -290,9 +298,11 @@ def _decode_setup(ctx, inputs, output):
 def _decode_backward(ctx, grad_y):
     values, rows, cols, W_dec = ctx.saved_tensors
     grad_values = grad_W_dec = grad_b_dec = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[3]:
+        grad_values, grad_W_dec = sparse_decode_backward_cpu(values, rows, cols, grad_y, W_dec)
+    elif ctx.needs_input_grad[0]:
         grad_values = sampled_dense_dot_cpu(rows, cols, grad_y, W_dec)
-    if ctx.needs_input_grad[3]:
+    elif ctx.needs_input_grad[3]:
         grad_W_dec, _ = coo_t_times_dense_cpu(values, rows, cols, grad_y, W_dec.shape[0], False)
     if ctx.needs_input_grad[4]:
         grad_b_dec = grad_y.sum(0)
@@ -304,64 +314,65 @@ sparse_decode_cpu.register_autograd(_decode_backward, setup_context=_decode_setu
 
 # --- ghost_grad_loss --------------------------------------------------------------------------
 
-def _ghost_terms(x, W_enc, b_enc, W_dec, dead_idx, residual, eps):
-    """The forward quantities over dead latents D: exp(pre_D) [B, |D|], their decoder rows
-    [|D|, d], the rescaled ghost reconstruction g [B, d] and the per-row scale [B, 1]."""
-    exp_pre = matmul_cpu(x, W_enc.index_select(1, dead_idx)).add_(b_enc.index_select(0, dead_idx)).exp_()
-    dead_rows = W_dec.index_select(0, dead_idx)
-    ghost = matmul_cpu(exp_pre, dead_rows)
-    scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)
-    return exp_pre, dead_rows, ghost.mul_(scale), scale
-
-
 @torch.library.custom_op("sparsekit::ghost_grad_loss_cpu", mutates_args=())
 def ghost_grad_loss_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
-                        residual: Tensor, mse_main: Tensor, eps: float) -> Tensor:
-    """The ghost-grads term over dead latents only (see reference.ghost_grad_loss); every
-    intermediate is [B, |D|] or [B, d], never [B, n]. dead_idx must be non-empty."""
-    _, _, ghost, _ = _ghost_terms(x, W_enc, b_enc, W_dec, dead_idx, residual, eps)
-    loss = (ghost - residual).pow_(2).sum(-1).mean()
-    return loss * (mse_main / (loss + eps))
+                        residual: Tensor, mse_main: Tensor,
+                        eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The ghost-grads term over dead latents D only (see reference.ghost_grad_loss): GEMMs on the
+    gathered columns, the per-row rescale and squared error fused in C++. Every intermediate is
+    [B, |D|] or [B, d], never [B, n]; dead_idx must be non-empty.
+
+    Returns (loss, the unscaled loss L, exp(pre_D) [B, |D|], the rescaled ghost g [B, d], the
+    per-row scale [B]): the public op keeps the first, the backward reuses the rest.
+    """
+    exp_pre = torch.addmm(b_enc.index_select(0, dead_idx), x, W_enc.index_select(1, dead_idx)).exp_()
+    ghost = torch.mm(exp_pre, W_dec.index_select(0, dead_idx))
+    scale, row_error = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+    _C.ghost_rescale(_np(ghost), _np(residual.contiguous()), eps, _np(scale), _np(row_error))
+    raw_loss = row_error.mean()
+    return raw_loss * (mse_main / (raw_loss + eps)), raw_loss, exp_pre, ghost, scale
 
 
 @ghost_grad_loss_cpu.register_fake
 def _(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
-    return x.new_empty(())
+    batch = x.shape[0]
+    return (x.new_empty(()), x.new_empty(()), x.new_empty(batch, dead_idx.shape[0]), x.new_empty(residual.shape),
+            x.new_empty(batch))
 
 
 @torch.library.custom_op("sparsekit::ghost_grad_loss_backward_cpu", mutates_args=())
-def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
-                                 dead_idx: Tensor, residual: Tensor, mse_main: Tensor,
-                                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Recomputes the forward over D and returns (grad x [B, d], grad W_enc[:, D] [d, |D|],
-    grad b_enc[D] [|D|]); the scale and the loss factor are constants, as in the reference."""
-    exp_pre, dead_rows, ghost, scale = _ghost_terms(x, W_enc, b_enc, W_dec, dead_idx, residual, eps)
-    diff = ghost - residual
-    loss = diff.pow(2).sum(-1).mean()
-    factor = grad * mse_main / (loss + eps)
-    grad_ghost = diff.mul_(scale).mul_(2 * factor / x.shape[0])
-    grad_pre = matmul_cpu(grad_ghost, dead_rows.t()).mul_(exp_pre)
-    grad_x = matmul_cpu(grad_pre, W_enc.index_select(1, dead_idx).t())
-    return grad_x, matmul_cpu(x.t(), grad_pre), grad_pre.sum(0)
+def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
+                                 residual: Tensor, mse_main: Tensor, raw_loss: Tensor, exp_pre: Tensor,
+                                 ghost: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x [B, d], grad W_enc[:, D] [d, |D|], grad b_enc[D] [|D|]) from the forward's saved
+    terms; the scale and the loss factor are constants, as in the reference."""
+    coefficient = float(grad * mse_main / (raw_loss + eps)) * 2 / x.shape[0]
+    grad_ghost = torch.empty_like(ghost)
+    _C.ghost_rescale_backward(_np(ghost), _np(residual.contiguous()), _np(scale), coefficient, _np(grad_ghost))
+    grad_pre = torch.mm(grad_ghost, W_dec.index_select(0, dead_idx).t()).mul_(exp_pre)
+    grad_x = torch.mm(grad_pre, W_enc.index_select(1, dead_idx).t())
+    return grad_x, torch.mm(x.t(), grad_pre), grad_pre.sum(0)
 
 
 @ghost_grad_loss_backward_cpu.register_fake
-def _(grad, x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
+def _(grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, eps):
     n_dead = dead_idx.shape[0]
     return x.new_empty(x.shape), x.new_empty(x.shape[1], n_dead), x.new_empty(n_dead)
 
 
 def _ghost_setup(ctx, inputs, output):
-    ctx.eps = inputs[-1]
-    ctx.save_for_backward(*inputs[:-1])
+    x, W_enc, _, W_dec, dead_idx, residual, mse_main, eps = inputs
+    _, raw_loss, exp_pre, ghost, scale = output
+    ctx.eps = eps
+    ctx.save_for_backward(x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale)
 
 
-def _ghost_backward(ctx, grad):
-    x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main = ctx.saved_tensors
+def _ghost_backward(ctx, grad, *unused_grads):
+    x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale = ctx.saved_tensors
     grad_x, grad_dead_cols, grad_dead_bias = ghost_grad_loss_backward_cpu(
-        grad, x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, ctx.eps)
+        grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, ctx.eps)
     grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead_idx, grad_dead_cols)
-    grad_b_enc = torch.zeros_like(b_enc).index_copy_(0, dead_idx, grad_dead_bias)
+    grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, dead_idx, grad_dead_bias)
     return (grad_x if ctx.needs_input_grad[0] else None, grad_W_enc, grad_b_enc,
             None, None, None, None, None)
 

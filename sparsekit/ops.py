@@ -195,5 +195,5 @@ def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead
         return torch.zeros((), dtype=x.dtype, device=x.device)
     if backend_for(x) == "cpp":
         return _cpp().ghost_grad_loss_cpu(x, W_enc, b_enc, W_dec.detach().contiguous(), dead_idx.contiguous(),
-                                          residual, mse_main, eps)
+                                          residual, mse_main, eps)[0]
     return reference.ghost_grad_loss(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps)

@@ -42,3 +42,14 @@ def test_cpp_matches_reference_at_a_wide_dictionary(monkeypatch):
     from sparsekit import cpu_ops
     monkeypatch.setattr(cpu_ops, "TILE_BYTES", 64 * 1024)
     compare_backends(make_case("topk_encode", seed=5, batch=300, d_in=16, n=2048, k=32), monkeypatch)
+
+
+@pytest.mark.parametrize("op, frozen", [("sparse_decode", "W_dec"), ("sparse_decode", "values"),
+                                        ("sparse_decode_coo", "W_dec"), ("topk_encode", "x"),
+                                        ("batchtopk_encode", "x"), ("relu_encode", "W_enc"),
+                                        ("jumprelu_encode", "log_threshold"), ("ghost_grad_loss", "x")])
+def test_cpp_matches_reference_when_only_some_inputs_need_gradients(op, frozen, monkeypatch):
+    # Backward formulas skip (or fuse) kernels by ctx.needs_input_grad: each path must agree.
+    case = make_case(op, seed=6)
+    case.fixed[frozen] = case.leaves.pop(frozen)
+    compare_backends(case, monkeypatch)
