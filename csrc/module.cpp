@@ -43,6 +43,17 @@ void require_in_range(const Index& idx, int64_t upper, const char* name) {
     require(p[e] >= 0 && p[e] < upper, std::string(name) + " holds an index outside [0, " + std::to_string(upper) + ")");
 }
 
+// COO entries (rows[e], cols[e]) of an [n_rows, n_cols] matrix: same lengths, indices in range.
+// Returns the number of entries.
+int64_t require_coo(const Index& rows, const Index& cols, int64_t n_rows, int64_t n_cols) {
+  require(rows.ndim() == 1, "rows must be 1-D");
+  const int64_t e = rows.shape(0);
+  require_shape(cols, "cols", {e});
+  require_in_range(rows, n_rows, "rows");
+  require_in_range(cols, n_cols, "cols");
+  return e;
+}
+
 template <typename T>
 void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<T>& values, Index& indices,
                     int threads) {
@@ -83,12 +94,10 @@ template <typename T>
 void coo_times_dense_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& dense,
                         Array<T>& out) {
   require(values.ndim() == 1 && dense.ndim() == 2 && out.ndim() == 2, "values 1-D, dense and out 2-D");
-  const int64_t e = values.shape(0), n_cols = dense.shape(0), d = dense.shape(1), n_rows = out.shape(0);
-  require_shape(rows, "rows", {e});
-  require_shape(cols, "cols", {e});
+  const int64_t n_cols = dense.shape(0), d = dense.shape(1), n_rows = out.shape(0);
+  const int64_t e = require_coo(rows, cols, n_rows, n_cols);
+  require_shape(values, "values", {e});
   require_shape(out, "out", {n_rows, d});
-  require_in_range(rows, n_rows, "rows");
-  require_in_range(cols, n_cols, "cols");
   const T* v = values.data();
   const T* w = dense.data();
   T* o = out.mutable_data();
@@ -102,12 +111,10 @@ template <typename T>
 void coo_times_dense_t_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& dense,
                           Array<T>& out) {
   require(values.ndim() == 1 && dense.ndim() == 2 && out.ndim() == 2, "values 1-D, dense and out 2-D");
-  const int64_t e = values.shape(0), d = dense.shape(0), n_cols = dense.shape(1), n_rows = out.shape(0);
-  require_shape(rows, "rows", {e});
-  require_shape(cols, "cols", {e});
+  const int64_t d = dense.shape(0), n_cols = dense.shape(1), n_rows = out.shape(0);
+  const int64_t e = require_coo(rows, cols, n_rows, n_cols);
+  require_shape(values, "values", {e});
   require_shape(out, "out", {n_rows, d});
-  require_in_range(rows, n_rows, "rows");
-  require_in_range(cols, n_cols, "cols");
   const T* v = values.data();
   const T* w = dense.data();
   T* o = out.mutable_data();
@@ -121,15 +128,13 @@ template <typename T>
 void coo_t_times_dense_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& dense,
                           bool transpose_out, Array<T>& out, Array<T>& col_sums) {
   require(values.ndim() == 1 && dense.ndim() == 2 && out.ndim() == 2, "values 1-D, dense and out 2-D");
-  const int64_t e = values.shape(0), n_rows = dense.shape(0), d = dense.shape(1);
+  const int64_t n_rows = dense.shape(0), d = dense.shape(1);
   const int64_t n_cols = transpose_out ? out.shape(1) : out.shape(0);
-  require_shape(rows, "rows", {e});
-  require_shape(cols, "cols", {e});
+  const int64_t e = require_coo(rows, cols, n_rows, n_cols);
+  require_shape(values, "values", {e});
   if (transpose_out) require_shape(out, "out", {d, n_cols});
   else require_shape(out, "out", {n_cols, d});
   require_shape(col_sums, "col_sums", {n_cols});
-  require_in_range(rows, n_rows, "rows");
-  require_in_range(cols, n_cols, "cols");
   const T* v = values.data();
   const T* x = dense.data();
   T* o = out.mutable_data();
@@ -144,12 +149,10 @@ template <typename T>
 void sampled_dense_dot_py(const Index& rows, const Index& cols, const Array<T>& a, const Array<T>& dense,
                           Array<T>& out) {
   require(a.ndim() == 2 && dense.ndim() == 2, "a and dense must be 2-D");
-  const int64_t e = rows.shape(0), d = a.shape(1);
+  const int64_t d = a.shape(1);
   require(dense.shape(1) == d, "a and dense must have the same width");
-  require_shape(cols, "cols", {e});
+  const int64_t e = require_coo(rows, cols, a.shape(0), dense.shape(0));
   require_shape(out, "out", {e});
-  require_in_range(rows, a.shape(0), "rows");
-  require_in_range(cols, dense.shape(0), "cols");
   const int64_t* r = rows.data();
   const int64_t* c = cols.data();
   const T* pa = a.data();
@@ -163,14 +166,12 @@ template <typename T>
 void decode_backward_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& grad_y,
                         const Array<T>& W_dec, Array<T>& grad_values, Array<T>& grad_W_dec) {
   require(values.ndim() == 1 && grad_y.ndim() == 2 && W_dec.ndim() == 2, "values 1-D, grad_y and W_dec 2-D");
-  const int64_t e = values.shape(0), n_cols = W_dec.shape(0), d = W_dec.shape(1);
+  const int64_t n_cols = W_dec.shape(0), d = W_dec.shape(1);
   require(grad_y.shape(1) == d, "grad_y and W_dec must have the same width");
-  require_shape(rows, "rows", {e});
-  require_shape(cols, "cols", {e});
+  const int64_t e = require_coo(rows, cols, grad_y.shape(0), n_cols);
+  require_shape(values, "values", {e});
   require_shape(grad_values, "grad_values", {e});
   require_shape(grad_W_dec, "grad_W_dec", {n_cols, d});
-  require_in_range(rows, grad_y.shape(0), "rows");
-  require_in_range(cols, n_cols, "cols");
   const T* v = values.data();
   const T* gy = grad_y.data();
   const T* w = W_dec.data();
