@@ -3,7 +3,7 @@
 Each case draws its own shapes (1 up), k (1 up to n), dtype, integer-valued (exact, with ties) or
 real-valued (with enforced gaps) data and non-contiguous layouts from one seed; a failure names
 the seed, and SPARSEKIT_FUZZ_SEED=<seed> SPARSEKIT_FUZZ_CASES=1 replays it.
-SPARSEKIT_FUZZ_CASES sets the number of cases per op (default 60).
+SPARSEKIT_FUZZ_CASES sets the number of cases per op (default 400, a few seconds in all).
 """
 import os
 import random
@@ -13,7 +13,7 @@ import torch
 
 from op_cases import OPS, compare_backends, make_case
 
-CASES = int(os.environ.get("SPARSEKIT_FUZZ_CASES", "60"))
+CASES = int(os.environ.get("SPARSEKIT_FUZZ_CASES", "400"))
 FIRST_SEED = int(os.environ.get("SPARSEKIT_FUZZ_SEED", random.SystemRandom().randrange(2**31)))
 
 
