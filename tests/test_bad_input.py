@@ -40,6 +40,8 @@ CASES = {
     "b_enc size": (lambda: sparsekit.topk_encode(x, W, b[:5], 2), "b_enc has size 5"),
     "x dtype": (lambda: sparsekit.topk_encode(x.double(), W, b, 2), "W_enc has dtype torch.float32, expected torch.float64"),
     "x integer": (lambda: sparsekit.topk_encode(x.long(), W, b, 2), "x must be a floating-point tensor"),
+    "W_enc device": (lambda: sparsekit.topk_encode(x, W.to("meta"), b, 2), "W_enc is on meta, expected cpu"),
+    "indices device": (lambda: sparsekit.sparse_decode(v, i.to("meta"), Wd, bd), "indices is on meta, expected cpu"),
     "x not tensor": (lambda: sparsekit.topk_encode(x.numpy(), W, b, 2), "x must be a torch.Tensor"),
     "k zero": (lambda: sparsekit.topk_encode(x, W, b, 0), "k=0 must be at least 1"),
     "k too big": (lambda: sparsekit.topk_encode(x, W, b, 7), "k=7 exceeds n_latents=6"),
