@@ -7,6 +7,7 @@ implementation runs on each device.
 """
 from . import ops, reference
 from .backend import backends
+from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder, load
 from .ops import (
     BatchTopKCodes,
     TopKCodes,
@@ -22,6 +23,7 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchTopKCodes", "TopKCodes", "backends", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode",
+    "BatchTopKCodes", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "TopKCodes", "TopKSAE", "Transcoder", "backends",
+    "load", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode",
     "ops", "reference", "relu_encode", "sparse_decode", "sparse_decode_coo", "topk_encode",
 ]

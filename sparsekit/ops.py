@@ -116,6 +116,32 @@ def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tens
     return reference.jumprelu_encode(x, W_enc, b_enc, log_threshold, bandwidth)
 
 
+def _check_threshold_args(pre, log_threshold, bandwidth) -> float:
+    checks.tensor("pre", pre, 2)
+    checks.tensor("log_threshold", log_threshold, 1)
+    checks.same_dtype_and_device("pre", pre, log_threshold=log_threshold)
+    checks.size("log_threshold", log_threshold, 0, pre.shape[1], "n_latents, the columns of pre")
+    checks.finite(pre=pre, log_threshold=log_threshold)
+    return checks.positive_number("bandwidth", bandwidth)
+
+
+def jumprelu(pre: Tensor, log_threshold: Tensor, bandwidth: float = 1e-3) -> Tensor:
+    """pre * (pre > exp(log_threshold)) on given pre-activations [B, n]; log_threshold [n].
+
+    Elementwise (every backend runs the reference): for a JumpReLU SAE that needs its
+    pre-activations twice (codes and the L0 penalty) without a second GEMM.
+    """
+    bandwidth = _check_threshold_args(pre, log_threshold, bandwidth)
+    return reference.jumprelu(pre, log_threshold, bandwidth)
+
+
+def heaviside_step(pre: Tensor, log_threshold: Tensor, bandwidth: float = 1e-3) -> Tensor:
+    """(pre > exp(log_threshold)) as 0/1 [B, n]; gradient only to log_threshold, through the
+    rectangle-kernel pseudo-derivative (the JumpReLU L0 penalty). Elementwise, reference path."""
+    bandwidth = _check_threshold_args(pre, log_threshold, bandwidth)
+    return reference.heaviside_step(pre, log_threshold, bandwidth)
+
+
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     """y[b] = sum_j values[b, j] * W_dec[indices[b, j]] + b_dec.
 

@@ -75,9 +75,42 @@ class _JumpReLU(torch.autograd.Function):
         return grad_pre, grad_log_threshold, None
 
 
+class _HeavisideStep(torch.autograd.Function):
+    """out = (pre > theta) as 0/1, theta = exp(log_threshold).
+
+    Backward (Rajamanoharan et al. 2024): no gradient to pre; d out / d theta =
+    -(1 / bandwidth) * K((pre - theta) / bandwidth), chained through theta = exp(log_threshold).
+    Summed over latents it is the L0 penalty of a JumpReLU SAE.
+    """
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float) -> Tensor:
+        theta = torch.exp(log_threshold)
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, theta = ctx.saved_tensors
+        in_window = ((pre - theta).abs() < ctx.bandwidth / 2).to(pre.dtype)
+        grad_log_threshold = (grad_out * in_window).sum(0) * (-theta / ctx.bandwidth)
+        return None, grad_log_threshold, None
+
+
+def jumprelu(pre: Tensor, log_threshold: Tensor, bandwidth: float) -> Tensor:
+    """pre * (pre > exp(log_threshold)) elementwise: [B, n], log_threshold [n]."""
+    return _JumpReLU.apply(pre, log_threshold, bandwidth)
+
+
+def heaviside_step(pre: Tensor, log_threshold: Tensor, bandwidth: float) -> Tensor:
+    """(pre > exp(log_threshold)) as 0/1 with the threshold's pseudo-derivative: [B, n]."""
+    return _HeavisideStep.apply(pre, log_threshold, bandwidth)
+
+
 def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor, bandwidth: float) -> Tensor:
     """pre * (pre > exp(log_threshold)): [B, n], dense; log_threshold [n]."""
-    return _JumpReLU.apply(pre_activations(x, W_enc, b_enc), log_threshold, bandwidth)
+    return jumprelu(pre_activations(x, W_enc, b_enc), log_threshold, bandwidth)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:

@@ -1,0 +1,236 @@
+"""What every sparse dictionary shares: parameters, normalisation, the forward contract, save/load.
+
+Parameters: W_enc [d_in, n], b_enc [n], W_dec [n, d_out], b_dec [d_out]; a transcoder adds b_in [d_in].
+An SAE (d_out == d_in, not a transcoder) subtracts b_dec from its input before encoding (Towards
+Monosemanticity); a transcoder subtracts its own b_in instead.
+
+Dictionaries work on normalised activations: ``input_scale`` and ``output_scale`` (stored in
+cfg.json) multiply raw activations on the way in; ``reconstruct`` undoes them on the way out.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+ARCHITECTURES: dict[str, type["SparseDictionary"]] = {}
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+
+
+def register(name: str):
+    """Class decorator: the architecture string in cfg.json -> class."""
+    def wrap(cls):
+        cls.architecture = name
+        ARCHITECTURES[name] = cls
+        return cls
+    return wrap
+
+
+class SAEOutput(NamedTuple):
+    """x_hat [B, d_out] (normalised space), codes (TopKCodes, BatchTopKCodes or dense [B, n]),
+    losses: named scalar terms; the training objective is their sum."""
+    x_hat: Tensor
+    codes: Any
+    losses: dict
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class SparseDictionary(nn.Module):
+    """Base class; subclasses implement ``encode`` and the sparsity loss in ``sparsity_losses``."""
+
+    architecture = "base"
+    unit_norm_decoder = False  # subclasses that keep decoder rows at unit norm set this
+
+    def __init__(self, d_in: int, n_latents: int, d_out: int | None = None, transcoder: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None, seed: int | None = 0):
+        super().__init__()
+        self.d_in = _positive_int("d_in", d_in)
+        self.n_latents = _positive_int("n_latents", n_latents)
+        self.d_out = self.d_in if d_out is None else _positive_int("d_out", d_out)
+        if not transcoder and self.d_out != self.d_in:
+            raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}: use sparsekit.Transcoder")
+        self.transcoder = bool(transcoder)
+        factory = dict(dtype=dtype, device=device)
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        # Decoder rows random on the unit sphere; encoder = decoder transpose when shapes allow
+        # (Conerly et al. 2024; Gao et al. 2024), else a matching-scale random matrix.
+        W_dec = nn.functional.normalize(torch.randn(self.n_latents, self.d_out, generator=gen, dtype=torch.float64), dim=-1)
+        if self.d_in == self.d_out:
+            W_enc = W_dec.t().clone()
+        else:
+            W_enc = nn.functional.normalize(torch.randn(self.d_in, self.n_latents, generator=gen, dtype=torch.float64), dim=0)
+        self.W_enc = nn.Parameter(W_enc.to(**factory))
+        self.b_enc = nn.Parameter(torch.zeros(self.n_latents, **factory))
+        self.W_dec = nn.Parameter(W_dec.to(**factory))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **factory))
+        if self.transcoder:
+            self.b_in = nn.Parameter(torch.zeros(self.d_in, **factory))
+        self.input_scale = 1.0
+        self.output_scale = 1.0
+
+    # --- configuration ----------------------------------------------------------------------
+
+    def hyperparameters(self) -> dict:
+        """Architecture-specific constructor arguments (k, l1_coeff, ...)."""
+        return {}
+
+    def config(self) -> dict:
+        """Everything needed to rebuild this dictionary (cfg.json)."""
+        return {"architecture": self.architecture, "d_in": self.d_in, "n_latents": self.n_latents,
+                "d_out": self.d_out, "transcoder": self.transcoder, "dtype": str(self.W_enc.dtype).split(".")[-1],
+                "input_scale": self.input_scale, "output_scale": self.output_scale,
+                **self.hyperparameters()}
+
+    # --- the forward contract ---------------------------------------------------------------
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """x [B, d_in] minus the pre-encoder bias (b_dec for an SAE, b_in for a transcoder)."""
+        return x - (self.b_in if self.transcoder else self.b_dec)
+
+    def encode(self, x: Tensor):
+        raise NotImplementedError
+
+    def decode(self, codes) -> Tensor:
+        """Codes -> x_hat [B, d_out]: TopK and BatchTopK codes decode sparsely, dense codes by GEMM."""
+        if isinstance(codes, ops.TopKCodes):
+            return ops.sparse_decode(codes.values, codes.indices, self.W_dec, self.b_dec)
+        if isinstance(codes, ops.BatchTopKCodes):
+            batch = codes.values.shape[0] // self._batchtopk_k()
+            return ops.sparse_decode_coo(codes.values, codes.rows, codes.cols, self.W_dec, self.b_dec, batch)
+        return torch.addmm(self.b_dec, codes, self.W_dec)
+
+    def _batchtopk_k(self) -> int:
+        raise TypeError(f"{type(self).__name__} does not produce BatchTopK codes")
+
+    def sparsity_losses(self, codes, x: Tensor) -> dict:
+        """Named sparsity penalty terms for a batch (none by default)."""
+        return {}
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> SAEOutput:
+        """x [B, d_in] (normalised) -> SAEOutput. The target is y for a transcoder, x otherwise.
+
+        losses["mse"] = mean over the batch of ||target - x_hat||^2 summed over features.
+        """
+        if self.transcoder and y is None:
+            raise ValueError("a transcoder needs its target y [B, d_out]")
+        target = y if self.transcoder else x
+        codes = self.encode(x)
+        x_hat = self.decode(codes)
+        losses = {"mse": (x_hat - target).pow(2).sum(-1).mean(), **self.sparsity_losses(codes, x)}
+        return SAEOutput(x_hat, codes, losses)
+
+    def dense_codes(self, codes) -> Tensor:
+        """Any codes as a dense [B, n] tensor (for analysis)."""
+        if isinstance(codes, ops.TopKCodes):
+            dense = codes.values.new_zeros(codes.values.shape[0], self.n_latents)
+            return dense.scatter(1, codes.indices, codes.values)
+        if isinstance(codes, ops.BatchTopKCodes):
+            batch = codes.values.shape[0] // self._batchtopk_k()
+            dense = codes.values.new_zeros(batch, self.n_latents)
+            return dense.index_put((codes.rows, codes.cols), codes.values, accumulate=True)
+        return codes
+
+    def fire_counts(self, codes) -> Tensor:
+        """How many rows of the batch activated each latent: [n] int64."""
+        if isinstance(codes, ops.TopKCodes):
+            active = codes.indices[codes.values > 0]
+        elif isinstance(codes, ops.BatchTopKCodes):
+            active = codes.cols[codes.values > 0]
+        else:
+            return (codes > 0).sum(0)
+        return torch.bincount(active, minlength=self.n_latents)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Raw activations in, raw reconstruction out: scale, encode, decode, unscale."""
+        x_hat = self.decode(self.encode(x * self.input_scale))
+        return x_hat / self.output_scale
+
+    # --- training-time constraints ----------------------------------------------------------
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out of each decoder row's gradient its component along the row (unit-norm
+        decoders only; call between backward and the optimizer step)."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        rows = nn.functional.normalize(self.W_dec, dim=-1)
+        self.W_dec.grad -= (self.W_dec.grad * rows).sum(-1, keepdim=True) * rows
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (unit-norm decoders only; call after each step)."""
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    # --- initialisation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_decoder_bias(self, sample: Tensor, method: str = "geometric_median", y: Tensor | None = None) -> None:
+        """Set b_dec (and b_in for a transcoder) from a sample of normalised activations.
+
+        method: "mean", "geometric_median" (Weiszfeld iterations; Towards Monosemanticity) or "zeros".
+        A transcoder's b_dec comes from its targets y, b_in from its inputs.
+        """
+        center = {"mean": lambda t: t.mean(0), "geometric_median": geometric_median,
+                  "zeros": lambda t: torch.zeros_like(t[0])}
+        if method not in center:
+            raise ValueError(f"method must be one of {', '.join(center)}, got {method!r}")
+        if self.transcoder:
+            if y is None:
+                raise ValueError("a transcoder's b_dec is initialised from targets: pass y")
+            self.b_in.copy_(center[method](sample.to(self.b_in)))
+            self.b_dec.copy_(center[method](y.to(self.b_dec)))
+        else:
+            self.b_dec.copy_(center[method](sample.to(self.b_dec)))
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def save(self, directory) -> Path:
+        """Write sae.safetensors + cfg.json into directory (created if missing)."""
+        from .persistence import save_dictionary
+        return save_dictionary(self, directory)
+
+    def export_saelens(self, directory) -> Path:
+        """Write SAELens 6.x's layout: sae_weights.safetensors + cfg.json (see sparsekit.sae.saelens)."""
+        from .saelens import export_saelens
+        return export_saelens(self, directory)
+
+
+def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances. [N, d] -> [d]."""
+    points = points.double()
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=-1).clamp_min(1e-12)
+        update = (weights[:, None] * points).sum(0) / weights.sum()
+        if (update - median).norm() <= tol * (1 + median.norm()):
+            median = update
+            break
+        median = update
+    return median
+
+
+def config_from_file(directory) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    return json.loads(path.read_text())

@@ -1,0 +1,60 @@
+"""BatchTopK sparse autoencoder (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+Training keeps the B*k largest activations over the whole batch (L0 = k on average, varying per
+row). Inference uses a global threshold instead, the running mean of the smallest activation kept
+in training batches: f = relu(pre) * (pre > threshold), dense [B, n].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from .base import SparseDictionary, _positive_int, register
+
+
+@register("batchtopk")
+class BatchTopKSAE(SparseDictionary):
+    unit_norm_decoder = True
+
+    def __init__(self, d_in: int, n_latents: int, k: int, threshold_momentum: float = 0.99, **kwargs):
+        super().__init__(d_in, n_latents, **kwargs)
+        self.k = _positive_int("k", k)
+        if self.k > self.n_latents:
+            raise ValueError(f"k={k} exceeds n_latents={n_latents}")
+        if not 0 <= threshold_momentum < 1:
+            raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum!r}")
+        self.threshold_momentum = float(threshold_momentum)
+        # Not yet estimated: -1. A buffer, so it is saved and restored with the parameters.
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=self.W_enc.dtype, device=self.W_enc.device))
+
+    def hyperparameters(self) -> dict:
+        return {"k": self.k, "threshold_momentum": self.threshold_momentum}
+
+    def _batchtopk_k(self) -> int:
+        return self.k
+
+    def encode(self, x):
+        """Training: BatchTopKCodes over the batch (and the threshold estimate is updated).
+        Evaluation: dense codes [B, n] through the global threshold."""
+        if self.training:
+            codes = ops.batchtopk_encode(self.encoder_input(x), self.W_enc, self.b_enc, self.k)
+            self._update_threshold(codes.values.detach())
+            return codes
+        if self.threshold < 0:
+            raise RuntimeError("BatchTopKSAE has no inference threshold yet: train it (or call .train()) first")
+        theta = max(float(self.threshold), 1e-30)  # exp(log) of a positive number; 0 would be -inf
+        log_threshold = torch.full_like(self.b_enc, math.log(theta))
+        return torch.relu(ops.jumprelu_encode(self.encoder_input(x), self.W_enc, self.b_enc, log_threshold))
+
+    @torch.no_grad()
+    def _update_threshold(self, kept) -> None:
+        positive = kept[kept > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min()
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.mul_(self.threshold_momentum).add_((1 - self.threshold_momentum) * smallest)

@@ -1,0 +1,48 @@
+"""JumpReLU sparse autoencoder (Rajamanoharan et al. 2024, "Jumping Ahead").
+
+f = pre * (pre > theta) with per-latent thresholds theta = exp(log_threshold);
+loss = mse + l0_coeff * mean over the batch of the number of active latents. Both the JumpReLU and
+the L0 step pass gradients to the thresholds through straight-through estimators with a
+rectangle kernel of width ``bandwidth``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from .base import SparseDictionary, SAEOutput, _positive_float, register
+
+
+@register("jumprelu")
+class JumpReLUSAE(SparseDictionary):
+    unit_norm_decoder = True
+
+    def __init__(self, d_in: int, n_latents: int, l0_coeff: float, bandwidth: float = 1e-3,
+                 init_threshold: float = 1e-3, **kwargs):
+        super().__init__(d_in, n_latents, **kwargs)
+        self.l0_coeff = _positive_float("l0_coeff", l0_coeff)
+        self.bandwidth = _positive_float("bandwidth", bandwidth)
+        self.init_threshold = _positive_float("init_threshold", init_threshold)
+        self.log_threshold = nn.Parameter(torch.full_like(self.b_enc, math.log(self.init_threshold)))
+        self.sparsity_weight = 1.0
+
+    def hyperparameters(self) -> dict:
+        return {"l0_coeff": self.l0_coeff, "bandwidth": self.bandwidth, "init_threshold": self.init_threshold}
+
+    def encode(self, x):
+        """x [B, d_in] -> dense codes [B, n]."""
+        return ops.jumprelu_encode(self.encoder_input(x), self.W_enc, self.b_enc, self.log_threshold, self.bandwidth)
+
+    def forward(self, x, y=None) -> SAEOutput:
+        if self.transcoder and y is None:
+            raise ValueError("a transcoder needs its target y [B, d_out]")
+        target = y if self.transcoder else x
+        pre = torch.addmm(self.b_enc, self.encoder_input(x), self.W_enc)
+        codes = ops.jumprelu(pre, self.log_threshold, self.bandwidth)
+        x_hat = self.decode(codes)
+        l0 = ops.heaviside_step(pre, self.log_threshold, self.bandwidth).sum(-1).mean()
+        losses = {"mse": (x_hat - target).pow(2).sum(-1).mean(), "l0": self.sparsity_weight * self.l0_coeff * l0}
+        return SAEOutput(x_hat, codes, losses)

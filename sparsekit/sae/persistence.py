@@ -1,0 +1,101 @@
+"""Save and load dictionaries: safetensors weights + cfg.json, never pickle.
+
+Files are written to a temporary name, fsynced and renamed, so a crash never leaves a half-written
+dictionary under the real name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .base import ARCHITECTURES, CONFIG_FILE, WEIGHTS_FILE, SparseDictionary
+
+CONSTRUCTOR_KEYS = ("d_in", "n_latents", "d_out", "transcoder", "dtype")
+RUNTIME_KEYS = ("architecture", "input_scale", "output_scale")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path atomically: temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors.save_file, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_dictionary(sae: SparseDictionary, directory) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(dict(sae.state_dict()), directory / WEIGHTS_FILE)
+    atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(sae.config(), indent=2) + "\n").encode())
+    return directory
+
+
+def load(directory, device=None) -> SparseDictionary:
+    """Rebuild a dictionary saved by ``sae.save(directory)``. Errors name the file and field."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: is {directory} a directory written by sae.save()?")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    architecture = config.get("architecture")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{config_path}: architecture must be one of {', '.join(sorted(ARCHITECTURES))}, "
+                         f"got {architecture!r}")
+    cls = ARCHITECTURES[architecture]
+    kwargs = {key: value for key, value in config.items() if key not in RUNTIME_KEYS}
+    dtype_name = kwargs.pop("dtype", "float32")
+    dtype = getattr(torch, str(dtype_name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{config_path}: dtype {dtype_name!r} is not a torch dtype")
+    try:
+        sae = cls(dtype=dtype, device=device, seed=None, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"{config_path}: fields do not match architecture {architecture!r}: {error}") from None
+    for key in ("input_scale", "output_scale"):
+        value = config.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{config_path}: {key} must be a positive number, got {value!r}")
+        setattr(sae, key, float(value))
+    try:
+        state = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    expected = dict(sae.state_dict())
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: tensors do not match {architecture!r}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, cfg.json implies "
+                             f"{tuple(expected[name].shape)}")
+    sae.load_state_dict(state)
+    return sae

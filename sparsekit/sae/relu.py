@@ -1,0 +1,32 @@
+"""ReLU + L1 sparse autoencoder (Bricken et al. 2023, "Towards Monosemanticity").
+
+f = relu((x - b_dec) @ W_enc + b_enc); x_hat = f @ W_dec + b_dec;
+loss = mse + l1_coeff * sum_i f_i, with decoder rows held at unit norm. With
+``decoder_norm_penalty=True`` (Anthropic's April 2024 update) the rows are free and the penalty is
+l1_coeff * sum_i f_i * ||W_dec[i]||.
+"""
+from __future__ import annotations
+
+from .. import ops
+from .base import SparseDictionary, _positive_float, register
+
+
+@register("relu")
+class ReLUSAE(SparseDictionary):
+    def __init__(self, d_in: int, n_latents: int, l1_coeff: float, decoder_norm_penalty: bool = False, **kwargs):
+        super().__init__(d_in, n_latents, **kwargs)
+        self.l1_coeff = _positive_float("l1_coeff", l1_coeff)
+        self.decoder_norm_penalty = bool(decoder_norm_penalty)
+        self.unit_norm_decoder = not self.decoder_norm_penalty
+        self.sparsity_weight = 1.0  # the trainer's L1 warm-up scales the penalty through this
+
+    def hyperparameters(self) -> dict:
+        return {"l1_coeff": self.l1_coeff, "decoder_norm_penalty": self.decoder_norm_penalty}
+
+    def encode(self, x):
+        """x [B, d_in] -> dense codes [B, n]."""
+        return ops.relu_encode(self.encoder_input(x), self.W_enc, self.b_enc)
+
+    def sparsity_losses(self, codes, x) -> dict:
+        weighted = codes * self.W_dec.norm(dim=-1) if self.decoder_norm_penalty else codes
+        return {"l1": self.sparsity_weight * self.l1_coeff * weighted.sum(-1).mean()}

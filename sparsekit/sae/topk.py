@@ -1,0 +1,27 @@
+"""TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+f = TopK_k((x - b_dec) @ W_enc + b_enc), ReLU'd; x_hat = f @ W_dec + b_dec. No sparsity penalty:
+k fixes L0. Decoder rows are kept at unit norm. Dead latents: AuxK in the trainer.
+"""
+from __future__ import annotations
+
+from .. import ops
+from .base import SparseDictionary, _positive_int, register
+
+
+@register("topk")
+class TopKSAE(SparseDictionary):
+    unit_norm_decoder = True
+
+    def __init__(self, d_in: int, n_latents: int, k: int, **kwargs):
+        super().__init__(d_in, n_latents, **kwargs)
+        self.k = _positive_int("k", k)
+        if self.k > self.n_latents:
+            raise ValueError(f"k={k} exceeds n_latents={n_latents}")
+
+    def hyperparameters(self) -> dict:
+        return {"k": self.k}
+
+    def encode(self, x) -> ops.TopKCodes:
+        """x [B, d_in] -> TopKCodes(values [B, k], indices [B, k])."""
+        return ops.topk_encode(self.encoder_input(x), self.W_enc, self.b_enc, self.k)
