@@ -162,8 +162,14 @@ class SparseDictionary(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """Raw activations in, raw reconstruction out: scale, encode, decode, unscale."""
-        x_hat = self.decode(self.encode(x * self.input_scale))
+        """Raw activations in, raw reconstruction out: scale, encode, decode, unscale. Always the
+        inference path (eval mode for the call: a BatchTopK dictionary uses its threshold)."""
+        was_training = self.training
+        self.eval()
+        try:
+            x_hat = self.decode(self.encode(x * self.input_scale))
+        finally:
+            self.train(was_training)
         return x_hat / self.output_scale
 
     # --- training-time constraints ----------------------------------------------------------

@@ -6,6 +6,7 @@ dictionary under the real name.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from .base import ARCHITECTURES, CONFIG_FILE, WEIGHTS_FILE, SparseDictionary
 
-CONSTRUCTOR_KEYS = ("d_in", "n_latents", "d_out", "transcoder", "dtype")
 RUNTIME_KEYS = ("architecture", "input_scale", "output_scale")
 
 
@@ -53,49 +53,79 @@ def save_dictionary(sae: SparseDictionary, directory) -> Path:
 
 
 def load(directory, device=None) -> SparseDictionary:
-    """Rebuild a dictionary saved by ``sae.save(directory)``. Errors name the file and field."""
+    """Rebuild a dictionary saved by ``sae.save(directory)``, in eval mode. Errors name the file
+    and field."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory: expected one written by sae.save()")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: is {directory} a directory written by sae.save()?")
+    config = _read_config(config_path)
+    sae = _build(config, config_path, device)
+    state = _read_weights(weights_path, device)
+    expected = dict(sae.state_dict())
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: tensors do not match {sae.architecture!r}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    for name in expected:  # in parameter order: W_enc first
+        tensor = state[name]
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, cfg.json implies "
+                             f"{tuple(expected[name].shape)}")
+        if tensor.dtype != expected[name].dtype:
+            raise ValueError(f"{weights_path}: {name} is {tensor.dtype}, cfg.json's dtype implies {expected[name].dtype}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_path}: {name} holds non-finite values (NaN or inf)")
+    sae.load_state_dict(state)
+    return sae.eval()
+
+
+def _read_config(config_path: Path) -> dict:
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_path} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _build(config: dict, config_path: Path, device) -> SparseDictionary:
+    """An untrained dictionary of cfg.json's architecture and fields; every field is checked."""
     architecture = config.get("architecture")
-    if architecture not in ARCHITECTURES:
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise ValueError(f"{config_path}: architecture must be one of {', '.join(sorted(ARCHITECTURES))}, "
                          f"got {architecture!r}")
     cls = ARCHITECTURES[architecture]
     kwargs = {key: value for key, value in config.items() if key not in RUNTIME_KEYS}
     dtype_name = kwargs.pop("dtype", "float32")
-    dtype = getattr(torch, str(dtype_name), None)
+    dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{config_path}: dtype {dtype_name!r} is not a torch dtype")
     try:
         sae = cls(dtype=dtype, device=device, seed=None, **kwargs)
-    except TypeError as error:
-        raise ValueError(f"{config_path}: fields do not match architecture {architecture!r}: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: fields do not fit architecture {architecture!r}: {error}") from None
     for key in ("input_scale", "output_scale"):
         value = config.get(key, 1.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{config_path}: {key} must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{config_path}: {key} must be a positive finite number, got {value!r}")
         setattr(sae, key, float(value))
+    # Constructors coerce some fields (bool("no") is True): a field that does not read back as
+    # written had the wrong type.
+    rebuilt = sae.config()
+    for key, value in config.items():
+        if key in rebuilt and value is not None and (rebuilt[key] != value or isinstance(rebuilt[key], bool) != isinstance(value, bool)):
+            raise ValueError(f"{config_path}: field {key}={value!r} is not valid for {architecture!r} "
+                             f"(expected a value like {rebuilt[key]!r})")
+    return sae
+
+
+def _read_weights(weights_path: Path, device) -> dict:
     try:
-        state = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
+        return load_file(str(weights_path), device=str(device) if device is not None else "cpu")
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    expected = dict(sae.state_dict())
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: tensors do not match {architecture!r}: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, cfg.json implies "
-                             f"{tuple(expected[name].shape)}")
-    sae.load_state_dict(state)
-    return sae

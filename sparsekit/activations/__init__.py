@@ -1,0 +1,10 @@
+"""Where activations come from: in-memory tensors, other frameworks' iterables, on-disk shards.
+
+Every source is an ``ActivationSource``: iterating yields x [b, d_in] or (x, y) batches, and
+``state_dict()`` / ``load_state_dict()`` resume the stream exactly (see ``source``).
+"""
+from .shards import ShardSource, load_activation_file, read_manifest, write_shards
+from .source import ActivationSource, IterableSource, TensorSource, as_source
+
+__all__ = ["ActivationSource", "IterableSource", "ShardSource", "TensorSource", "as_source", "load_activation_file",
+           "read_manifest", "write_shards"]

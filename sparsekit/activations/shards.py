@@ -1,0 +1,412 @@
+"""Activations on disk: a folder of ``.npy`` shards plus ``manifest.json``, memory-mapped on read.
+
+Layout (format_version 1)::
+
+    manifest.json     {"format": "sparsekit-shards", "format_version": 1, "model": str, "hook": str,
+                       "dtype": "float32"|"float16"|"float64", "d": int, "d_out": int (only with targets),
+                       "tokens": int, "scale": float|null,
+                       "shards": [{"x": "x-00000.npy", "y": "y-00000.npy" (only with targets), "rows": int}, ...]}
+    x-00000.npy       inputs  [rows, d]      (C order, the manifest's dtype)
+    y-00000.npy       targets [rows, d_out]  (transcoders only)
+
+Shards hold raw activations; ``scale`` (the factor that makes E||x||^2 = d) is recorded, not applied.
+Every file is written atomically (temporary name, fsync, rename) and the manifest last, so a folder
+with a manifest is complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..sae.base import _positive_int
+from .source import Batch, _epochs, _seed, _state_int, check_state, permutation
+
+FORMAT = "sparsekit-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float16", "float32", "float64")
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def atomic_write(path, write: Callable) -> None:
+    """write(file) into a temporary file beside path, fsync it, then rename it over path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _batch_array(name: str, value, index: int, dtype: np.dtype) -> np.ndarray:
+    if isinstance(value, Tensor):
+        value = value.detach().cpu()
+        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"batch {index}: {name} must be a Tensor or numpy array, got {type(value).__name__}")
+    if value.ndim != 2:
+        raise ValueError(f"batch {index}: {name} must be 2-D [rows, features], got shape {value.shape}")
+    if not np.issubdtype(value.dtype, np.floating):
+        raise ValueError(f"batch {index}: {name} must be floating-point, got {value.dtype}")
+    return value.astype(dtype, copy=False)
+
+
+def _shard_names(index: int) -> tuple[str, str]:
+    return f"x-{index:05d}.npy", f"y-{index:05d}.npy"
+
+
+def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: str = "", dtype: str = "float32",
+                 shard_rows: int = 65536, scale: float | None = None, overwrite: bool = False) -> dict:
+    """Write a finite iterable of x [b, d] or (x [b, d], y [b, d_out]) batches as shards of
+    shard_rows rows (the last one shorter) and return the manifest.
+
+    overwrite=False refuses a folder that already holds a manifest or shards; overwrite=True removes
+    the old manifest first (so a crash never leaves one describing a mix) and stale shards last.
+    """
+    directory = Path(directory)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    np_dtype = np.dtype(dtype)
+    shard_rows = _positive_int("shard_rows", shard_rows)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_path = directory / MANIFEST
+    old_files = {p.name for pattern in ("x-*.npy", "y-*.npy") for p in directory.glob(pattern)}
+    if not overwrite and (manifest_path.exists() or old_files):
+        raise FileExistsError(f"{directory} already holds activation shards; pass overwrite=True to replace them")
+    manifest_path.unlink(missing_ok=True)
+
+    shards: list[dict] = []
+    pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+    pending_rows, d, d_out = 0, None, None
+
+    def write(xs: np.ndarray, ys: np.ndarray | None) -> None:
+        x_name, y_name = _shard_names(len(shards))
+        atomic_write(directory / x_name, lambda f: np.save(f, np.ascontiguousarray(xs)))
+        entry = {"x": x_name, "rows": int(xs.shape[0])}
+        if ys is not None:
+            atomic_write(directory / y_name, lambda f: np.save(f, np.ascontiguousarray(ys)))
+            entry["y"] = y_name
+        shards.append(entry)
+
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_rows
+        if not pending or (pending_rows < shard_rows and not final):
+            return
+        xs = np.concatenate([x for x, _ in pending])
+        ys = None if d_out is None else np.concatenate([y for _, y in pending])
+        start = 0
+        while xs.shape[0] - start >= shard_rows or (final and start < xs.shape[0]):
+            stop = min(start + shard_rows, xs.shape[0])
+            write(xs[start:stop], None if ys is None else ys[start:stop])
+            start = stop
+        rest_x = xs[start:].copy()
+        pending = [(rest_x, None if ys is None else ys[start:].copy())] if rest_x.shape[0] else []
+        pending_rows = rest_x.shape[0]
+
+    try:
+        for index, batch in enumerate(batches):
+            if isinstance(batch, (tuple, list)):
+                if len(batch) != 2:
+                    raise ValueError(f"batch {index}: expected x or (x, y), got a sequence of {len(batch)} items")
+                x, y = _batch_array("x", batch[0], index, np_dtype), _batch_array("y", batch[1], index, np_dtype)
+                if y.shape[0] != x.shape[0]:
+                    raise ValueError(f"batch {index}: y has {y.shape[0]} rows but x has {x.shape[0]}")
+            else:
+                x, y = _batch_array("x", batch, index, np_dtype), None
+            if d is None:
+                d, d_out = x.shape[1], None if y is None else y.shape[1]
+            if x.shape[1] != d:
+                raise ValueError(f"batch {index}: x has {x.shape[1]} features but earlier batches had {d}")
+            if (y is None) != (d_out is None):
+                raise ValueError(f"batch {index}: targets y are {'missing' if y is None else 'present'} but earlier "
+                                 f"batches {'had' if y is None else 'had none'}; pass x or (x, y) throughout")
+            if y is not None and y.shape[1] != d_out:
+                raise ValueError(f"batch {index}: y has {y.shape[1]} features but earlier batches had {d_out}")
+            if x.shape[0]:
+                pending.append((x, y))
+                pending_rows += x.shape[0]
+                flush(final=False)
+        flush(final=True)
+        if not shards:
+            raise ValueError("batches yielded no rows: nothing to write")
+    except BaseException:
+        for entry in shards:
+            for key in ("x", "y"):
+                if key in entry:
+                    (directory / entry[key]).unlink(missing_ok=True)
+        raise
+
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": str(model), "hook": str(hook),
+                "dtype": dtype, "d": int(d)}
+    if d_out is not None:
+        manifest["d_out"] = int(d_out)
+    manifest.update(tokens=sum(s["rows"] for s in shards), scale=None if scale is None else float(scale),
+                    shards=shards)
+    atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    for name in old_files - {s[k] for s in shards for k in ("x", "y") if k in s}:
+        (directory / name).unlink(missing_ok=True)
+    _fsync_directory(directory)
+    return manifest
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_manifest(directory) -> dict:
+    """Load and validate directory/manifest.json (fields only; ShardSource checks the files)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {directory}: not an activation shard folder (see write_shards)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+
+    def field(name: str, check: Callable[[object], bool], expected: str, required: bool = True):
+        if name not in manifest:
+            if required:
+                raise ValueError(f"{path}: field {name!r} is missing")
+            return None
+        value = manifest[name]
+        if isinstance(value, bool) or not check(value):
+            raise ValueError(f"{path}: field {name!r} must be {expected}, got {value!r}")
+        return value
+
+    field("format", lambda v: v == FORMAT, repr(FORMAT), required=False)
+    version = field("format_version", lambda v: isinstance(v, int), "an int")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: unknown format_version {version}; this sparsekit reads version {FORMAT_VERSION}")
+    field("dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
+    field("d", lambda v: isinstance(v, int) and v > 0, "a positive int")
+    d_out = field("d_out", lambda v: isinstance(v, int) and v > 0, "a positive int", required=False)
+    tokens = field("tokens", lambda v: isinstance(v, int) and v > 0, "a positive int")
+    field("scale", lambda v: v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v > 0),
+          "a positive number or null")
+    shards = field("shards", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
+    keys = ("x", "y") if d_out is not None else ("x",)
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise ValueError(f"{path}: shards[{i}] must be an object, got {shard!r}")
+        rows = shard.get("rows")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"{path}: shards[{i}].rows must be a positive int, got {rows!r}")
+        for key in keys:
+            name = shard.get(key)
+            if not isinstance(name, str) or not name or Path(name).name != name:
+                raise ValueError(f"{path}: shards[{i}].{key} must be a file name in the folder, got {name!r}")
+    if sum(s["rows"] for s in shards) != tokens:
+        raise ValueError(f"{path}: field 'tokens' is {tokens} but the shards' rows sum to {sum(s['rows'] for s in shards)}")
+    return manifest
+
+
+def _check_shard_file(path: Path, rows: int, width: int, dtype: str, width_field: str) -> None:
+    """Read the .npy header only: shape, dtype and file length must match the manifest."""
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path} listed in {MANIFEST} is missing")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f".npy format version {version} is not supported; write_shards writes 1.0")
+            shape, _, found = read_header(f)
+            header_end = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"shard {path} is not a readable .npy file ({e})") from None
+    if len(shape) != 2:
+        raise ValueError(f"shard {path} has shape {shape}; expected 2-D [rows, {width_field}]")
+    if shape[1] != width:
+        raise ValueError(f"shard {path} has {shape[1]} columns but the manifest's {width_field!r} is {width}")
+    if found != np.dtype(dtype):
+        raise ValueError(f"shard {path} holds {found} but the manifest's 'dtype' is {dtype}")
+    if shape[0] != rows:
+        raise ValueError(f"shard {path} has {shape[0]} rows but the manifest's 'rows' says {rows}")
+    if path.stat().st_size < header_end + rows * width * found.itemsize:
+        raise ValueError(f"shard {path} is truncated: {path.stat().st_size} bytes for {rows} x {width} {dtype}")
+
+
+class ShardSource:
+    """An ActivationSource over a shard folder: x [b, d] or (x [b, d], y [b, d_out]) batches in the
+    stored dtype, read from memory-mapped shards (only the rows a batch needs are read).
+
+    Each epoch visits every row once. With shuffle, the shard order is permuted by (seed, epoch),
+    consecutive groups of buffer_shards shards form windows, and the rows of each window are
+    permuted by (seed, epoch, window): mixing across shards with only an index array in memory.
+    Without shuffle, rows come in manifest order. Batches span windows and shards; the last batch
+    of an epoch is smaller. epochs=None repeats forever. State: {"epoch", "position"} plus settings.
+    Attributes: manifest, d, d_out, dtype, tokens, scale.
+    """
+
+    def __init__(self, directory, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
+                 epochs: int | None = None, buffer_shards: int = 8):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = _seed(seed)
+        self.epochs = _epochs(epochs)
+        self.buffer_shards = _positive_int("buffer_shards", buffer_shards)
+        m = self.manifest
+        self.d, self.d_out, self.dtype = m["d"], m.get("d_out"), m["dtype"]
+        self.tokens, self.scale = m["tokens"], m["scale"]
+        self.shards = m["shards"]
+        for shard in self.shards:
+            _check_shard_file(self.directory / shard["x"], shard["rows"], self.d, self.dtype, "d")
+            if self.d_out is not None:
+                _check_shard_file(self.directory / shard["y"], shard["rows"], self.d_out, self.dtype, "d_out")
+        self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])  # [n_shards + 1] global row starts
+        self.epoch = 0
+        self.position = 0
+        self._windows: tuple[int, np.ndarray, list[np.ndarray]] | None = None  # (epoch, starts, shard groups)
+        self._window_order: tuple[int, int, np.ndarray] | None = None  # (epoch, window, global rows)
+        self._maps: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+
+    # --- the epoch's order of global row ids ---------------------------------------------------
+
+    def _epoch_windows(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Window start positions [n_windows + 1] and each window's shards, for the current epoch."""
+        if self._windows is None or self._windows[0] != self.epoch:
+            order = permutation(len(self.shards), self.seed, self.epoch)
+            groups = [order[i:i + self.buffer_shards] for i in range(0, len(order), self.buffer_shards)]
+            sizes = [int(sum(self.shards[s]["rows"] for s in g)) for g in groups]
+            self._windows = (self.epoch, np.cumsum([0] + sizes), groups)
+        return self._windows[1], self._windows[2]
+
+    def _window_rows(self, window: int, group: np.ndarray) -> np.ndarray:
+        if self._window_order is None or self._window_order[:2] != (self.epoch, window):
+            rows = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in group])
+            rows = rows[permutation(rows.shape[0], self.seed, self.epoch, window)]
+            self._window_order = (self.epoch, window, rows)
+        return self._window_order[2]
+
+    def _global_rows(self, start: int, stop: int) -> np.ndarray:
+        """Global row ids at epoch positions [start, stop)."""
+        if not self.shuffle:
+            return np.arange(start, stop)
+        starts, groups = self._epoch_windows()
+        pieces = []
+        while start < stop:
+            window = int(np.searchsorted(starts, start, side="right")) - 1
+            end = min(stop, int(starts[window + 1]))
+            rows = self._window_rows(window, groups[window])
+            pieces.append(rows[start - starts[window]:end - starts[window]])
+            start = end
+        return np.concatenate(pieces)
+
+    # --- reading rows ----------------------------------------------------------------------------
+
+    def _open(self, shard: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Memory maps of a shard's x (and y), a few kept open (each holds a file descriptor)."""
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+            return self._maps[shard]
+        entry = self.shards[shard]
+        x = np.load(self.directory / entry["x"], mmap_mode="r")
+        y = None if self.d_out is None else np.load(self.directory / entry["y"], mmap_mode="r")
+        self._maps[shard] = (x, y)
+        if len(self._maps) > self.buffer_shards + 1:
+            self._maps.popitem(last=False)
+        return x, y
+
+    def _read(self, rows: np.ndarray) -> Batch:
+        x = np.empty((rows.shape[0], self.d), dtype=self.dtype)
+        y = None if self.d_out is None else np.empty((rows.shape[0], self.d_out), dtype=self.dtype)
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for shard in np.unique(shard_of):
+            where = np.nonzero(shard_of == shard)[0]
+            local = rows[where] - self.offsets[shard]
+            x_map, y_map = self._open(int(shard))
+            x[where] = x_map[local]
+            if y is not None:
+                y[where] = y_map[local]
+        return torch.from_numpy(x) if y is None else (torch.from_numpy(x), torch.from_numpy(y))
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self.epochs is None or self.epoch < self.epochs:
+            if self.position >= self.tokens:
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            start, stop = self.position, min(self.position + self.batch_size, self.tokens)
+            batch = self._read(self._global_rows(start, stop))
+            self.position = stop  # before yielding: a state taken now counts this batch as consumed
+            yield batch
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def _settings(self) -> dict:
+        return {"tokens": self.tokens, "shards": len(self.shards), "batch_size": self.batch_size,
+                "shuffle": self.shuffle, "seed": self.seed, "buffer_shards": self.buffer_shards}
+
+    def state_dict(self) -> dict:
+        return {"kind": "ShardSource", "epoch": self.epoch, "position": self.position, **self._settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state("ShardSource", state, self._settings())
+        epoch, position = _state_int(state, "epoch"), _state_int(state, "position")
+        if position > self.tokens:
+            raise ValueError(f"state field 'position' is {position}, beyond the {self.tokens} rows in {self.directory}")
+        self.epoch, self.position = epoch, position
+
+
+# --- single files --------------------------------------------------------------------------------
+
+def load_activation_file(path) -> Tensor | tuple[Tensor, Tensor]:
+    """A whole activation file in memory: ``.npy`` -> x [N, d]; ``.safetensors`` -> its tensor "x"
+    [N, d], or (x, y [N, d_out]) when it also holds "y". (A shard folder: use ShardSource.)"""
+    path = Path(path)
+    if path.is_dir():
+        hint = " (a shard folder: use ShardSource)" if (path / MANIFEST).exists() else ""
+        raise ValueError(f"{path} is a directory{hint}; load_activation_file reads one .npy or .safetensors file")
+    if not path.is_file():
+        raise FileNotFoundError(f"activation file {path} does not exist")
+    if path.suffix == ".npy":
+        try:
+            tensors = {"x": torch.from_numpy(np.load(path))}
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable .npy file ({e})") from None
+    elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable .safetensors file ({e})") from None
+        if "x" not in tensors:
+            raise ValueError(f"{path} has no tensor named 'x' (found: {', '.join(sorted(tensors)) or 'none'})")
+    else:
+        raise ValueError(f"{path}: unknown activation file type {path.suffix!r}; expected .npy or .safetensors")
+    for name in ("x", "y"):
+        t = tensors.get(name)
+        if t is not None and (t.dim() != 2 or not t.is_floating_point() or t.shape[0] == 0):
+            raise ValueError(f"{path}: {name!r} must be a non-empty 2-D floating-point array, got shape "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if "y" in tensors and tensors["y"].shape[0] != tensors["x"].shape[0]:
+        raise ValueError(f"{path}: 'y' has {tensors['y'].shape[0]} rows but 'x' has {tensors['x'].shape[0]}")
+    return tensors["x"] if "y" not in tensors else (tensors["x"], tensors["y"])

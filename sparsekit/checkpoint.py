@@ -1,0 +1,108 @@
+"""Training checkpoints: crash-safe, verifiable, exact.
+
+A checkpoint is a folder ``step_<step:09d>`` holding ``state.safetensors`` (every tensor: the
+dictionary's parameters and buffers, the optimizer's moments, the dead-latent counters, the
+held-out split, rows carried between batches) and ``state.json`` (everything else, with the
+SHA-256 of the tensor file). It is written under a temporary name, each file fsynced, then the
+folder is renamed: a run killed at any moment leaves either the old checkpoints or the new one,
+never half of one. ``latest`` returns the newest checkpoint whose checksum matches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+PREFIX = "step_"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    flags = os.O_RDONLY
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(directory, step: int, tensors: dict, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` into directory atomically; keep the newest ``keep`` checkpoints."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{PREFIX}{step:09d}"
+    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp / STATE_TENSORS))
+    state = {**state, "step": step, "tensors_sha256": _sha256(tmp / STATE_TENSORS)}
+    (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
+    for name in (STATE_TENSORS, STATE_JSON):
+        _fsync(tmp / name)
+    _fsync(tmp)
+    if final.exists():  # the same step written again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(directory)
+    for old in sorted(complete_checkpoints(directory))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(directory) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_JSON).is_file())
+
+
+def read(path) -> tuple[dict, dict]:
+    """(tensors, state) of one checkpoint folder; ValueError if it is corrupt."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path / STATE_JSON} is unreadable: {error}") from None
+    tensor_file = path / STATE_TENSORS
+    if not tensor_file.is_file() or _sha256(tensor_file) != state.get("tensors_sha256"):
+        raise ValueError(f"{tensor_file} is missing or does not match its checksum")
+    return load_file(str(tensor_file)), state
+
+
+def latest(directory) -> tuple[Path, dict, dict] | None:
+    """The newest readable checkpoint in directory as (path, tensors, state), or None.
+
+    A corrupt newest checkpoint is reported and skipped in favour of the one before it.
+    """
+    for path in reversed(complete_checkpoints(directory)):
+        try:
+            tensors, state = read(path)
+        except ValueError as error:
+            print(f"sparsekit: skipping corrupt checkpoint: {error}")
+            continue
+        return path, tensors, state
+    return None
+
+
+def generator_state(generator: torch.Generator) -> list[int]:
+    return generator.get_state().tolist()
+
+
+def set_generator_state(generator: torch.Generator, state: list[int]) -> None:
+    generator.set_state(torch.tensor(state, dtype=torch.uint8))
