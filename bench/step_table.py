@@ -338,7 +338,8 @@ def header_lines(args: argparse.Namespace, shapes: Shapes, now: datetime.datetim
         f"{'/'.join(THREAD_ENV_VARS)} = {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})",
         f"- torch {torch.__version__}, numpy {np.__version__} ({numpy_blas()}), python {platform.python_version()}, "
         f"sparsekit {sparsekit.__version__}",
-        f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit CPU GEMM: {cpu_gemm.gemm_library()}; "
+        f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
+        f"{cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)}; "
         f"finite checks {checks}",
         f"- {args.rounds} rounds, round-robin, one warm-up call each; times are medians (min-max alongside)",
         f"- other processes used {others_share:.0%} of the CPU while the rows were timed"

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import fsync_path
+
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 PREFIX = "step_"
@@ -29,15 +31,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    flags = os.O_RDONLY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write(directory, step: int, tensors: dict, state: dict, keep: int = 2) -> Path:
@@ -53,12 +46,12 @@ def write(directory, step: int, tensors: dict, state: dict, keep: int = 2) -> Pa
     state = {**state, "step": step, "tensors_sha256": _sha256(tmp / STATE_TENSORS)}
     (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
     for name in (STATE_TENSORS, STATE_JSON):
-        _fsync(tmp / name)
-    _fsync(tmp)
+        fsync_path(tmp / name)
+    fsync_path(tmp)
     if final.exists():  # the same step written again (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(directory)
+    fsync_path(directory)
     for old in sorted(complete_checkpoints(directory))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -125,10 +125,11 @@ def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Te
     bias = _np(b_enc)
     # OpenBLAS's worker thread keeps spinning for a while after each GEMM: a second selection
     # thread would fight it for the other core (measured: 1 thread is ~25% faster end to end).
-    threads = 1 if gemm_library() == "numpy" else 0
+    library = gemm_library(2.0 * batch * x.shape[1] * n)
+    threads = 1 if library == "numpy" else 0
     for start in range(0, batch, tile):
         stop = min(batch, start + tile)
-        pre = matmul_into(x[start:stop], W_enc, scratch[: stop - start])
+        pre = matmul_into(x[start:stop], W_enc, scratch[: stop - start], library)
         _C.topk_select(_np(pre), bias, k, _np(values[start:stop]), _np(indices[start:stop]), threads)
     return values, indices
 
@@ -163,7 +164,7 @@ def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     """Global selection of the B*k largest relu(pre) by radix select in C++.
     -> values, rows, cols, each [B*k], in flat order."""
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
-    batch, n = x.shape[0], W_enc.shape[1]
+    batch = x.shape[0]
     pre = torch.mm(x, W_enc)
     values = x.new_empty(batch * k)
     rows = torch.empty(batch * k, dtype=torch.int64)

@@ -43,7 +43,7 @@ def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
     assert 10 <= killed_at < 60
 
     out = _run(interrupted, "resume")
-    assert f"resumed from" in out and "done 60" in out
+    assert "resumed from" in out and "done 60" in out
     a = load_file(str(uninterrupted / "final" / "sae.safetensors"))
     b = load_file(str(interrupted / "final" / "sae.safetensors"))
     assert a.keys() == b.keys()

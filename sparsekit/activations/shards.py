@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_write, fsync_path
 from ..sae.base import _positive_int
 from .source import Batch, _epochs, _seed, _state_int, check_state, permutation
 
@@ -36,29 +36,6 @@ DTYPES = ("float16", "float32", "float64")
 
 
 # --- writing -------------------------------------------------------------------------------------
-
-def atomic_write(path, write: Callable) -> None:
-    """write(file) into a temporary file beside path, fsync it, then rename it over path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _batch_array(name: str, value, index: int, dtype: np.dtype) -> np.ndarray:
     if isinstance(value, Tensor):
@@ -170,7 +147,7 @@ def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: 
     atomic_write(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     for name in old_files - {s[k] for s in shards for k in ("x", "y") if k in s}:
         (directory / name).unlink(missing_ok=True)
-    _fsync_directory(directory)
+    fsync_path(directory)
     return manifest
 
 

@@ -7,41 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..atomic import atomic_save_tensors, atomic_write_bytes
 from .base import ARCHITECTURES, CONFIG_FILE, WEIGHTS_FILE, SparseDictionary
 
 RUNTIME_KEYS = ("architecture", "input_scale", "output_scale")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path atomically: temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """safetensors.save_file, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_dictionary(sae: SparseDictionary, directory) -> Path:

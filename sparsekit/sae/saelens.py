@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .base import SparseDictionary
-from .persistence import atomic_save_tensors, atomic_write_bytes
+from ..atomic import atomic_save_tensors, atomic_write_bytes
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"
