@@ -1,4 +1,4 @@
-"""The `sparsekit` command line: `python -m sparsekit demo|backends`."""
+"""The `sparsekit` command line: `python -m sparsekit train|demo|backends`."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +6,7 @@ import sys
 COMMANDS = {
     "demo": "train a small TopK dictionary on synthetic sparse data and report what it recovers",
     "backends": "print which implementation runs the ops on each device",
+    "train": "train a dictionary on activations on disk (.npy/.safetensors/shards): --config cfg.yaml or flags",
 }
 
 
@@ -20,6 +21,9 @@ def main(argv=None) -> None:
     if command == "demo":
         from .demo import main as demo_main
         demo_main(rest)
+    elif command == "train":
+        from .train_cli import main as train_main
+        train_main(rest)
     elif command == "backends":
         from .backend import backends
         print(backends())
