@@ -75,7 +75,10 @@ def read(path) -> tuple[dict, dict]:
     tensor_file = path / STATE_TENSORS
     if not tensor_file.is_file() or _sha256(tensor_file) != state.get("tensors_sha256"):
         raise ValueError(f"{tensor_file} is missing or does not match its checksum")
-    return load_file(str(tensor_file)), state
+    # Fresh, aligned copies: tensors read from the file can sit at any offset, and vectorised
+    # kernels (the fused Adam step) round differently on misaligned memory, which would break
+    # bit-identical resume.
+    return {name: t.clone() for name, t in load_file(str(tensor_file)).items()}, state
 
 
 def latest(directory) -> tuple[Path, dict, dict] | None:

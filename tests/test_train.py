@@ -154,3 +154,24 @@ def test_bad_sources_are_refused_clearly():
         train(sae, [torch.randn(32, 8)] * 2, cfg)
     with pytest.raises(ValueError, match="auxk' needs a topk or batchtopk"):
         train(sparsekit.ReLUSAE(8, 16, 1e-3), torch.randn(256, 8), TrainConfig(dead_strategy="auxk", progress=False))
+
+
+def test_training_steps_match_a_plain_foreach_adam_reference():
+    # Guards against torch's fused CPU Adam mis-reading non-contiguous gradients (torch 2.13):
+    # the trainer's update must equal a hand-written loop with the for-each Adam.
+    _, x = planted(seed=17, rows=4096)
+    cfg = quick_config(total_tokens=256 * 3, eval_tokens=0, lr_decay_fraction=0.0, grad_clip_norm=None,
+                       normalize_inputs=False, b_dec_init="zeros")
+    trained = sparsekit.ReLUSAE(24, 64, l1_coeff=0.1)
+    manual = sparsekit.ReLUSAE(24, 64, l1_coeff=0.1)
+    train(trained, [x[i * 256:(i + 1) * 256] for i in range(3)], cfg)  # a list: no shuffling
+    optimizer = torch.optim.Adam(manual.parameters(), lr=cfg.lr, foreach=True)
+    for step in range(3):
+        out = manual(x[step * 256:(step + 1) * 256])
+        optimizer.zero_grad()
+        sum(out.losses.values()).backward()
+        manual.remove_parallel_decoder_grad()
+        optimizer.step()
+        manual.normalize_decoder()
+    for a, b in zip(trained.parameters(), manual.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -103,9 +103,22 @@ class SparseDictionary(nn.Module):
 
     # --- the forward contract ---------------------------------------------------------------
 
+    def pre_encoder_bias(self) -> Tensor:
+        """The bias subtracted from inputs before encoding: b_dec for an SAE, b_in for a transcoder."""
+        return self.b_in if self.transcoder else self.b_dec
+
     def encoder_input(self, x: Tensor) -> Tensor:
-        """x [B, d_in] minus the pre-encoder bias (b_dec for an SAE, b_in for a transcoder)."""
-        return x - (self.b_in if self.transcoder else self.b_dec)
+        """x [B, d_in] minus the pre-encoder bias."""
+        return x - self.pre_encoder_bias()
+
+    def encoder_bias(self, latents: Tensor | None = None) -> Tensor:
+        """b_enc - pre_encoder_bias @ W_enc [n] (or only the given latents [m] -> [m]): encoding x
+        with it equals encoding x - pre_bias with b_enc. Folding the pre-encoder bias in keeps the
+        input out of autograd: its gradient becomes a GEMV instead of a [B, d] gradient through the
+        encoder (a whole GEMM for dense encoders)."""
+        if latents is None:
+            return self.b_enc - self.pre_encoder_bias() @ self.W_enc
+        return self.b_enc[latents] - self.pre_encoder_bias() @ self.W_enc[:, latents]
 
     def encode(self, x: Tensor):
         raise NotImplementedError

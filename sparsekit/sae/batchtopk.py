@@ -39,14 +39,14 @@ class BatchTopKSAE(SparseDictionary):
         """Training: BatchTopKCodes over the batch (and the threshold estimate is updated).
         Evaluation: dense codes [B, n] through the global threshold."""
         if self.training:
-            codes = ops.batchtopk_encode(self.encoder_input(x), self.W_enc, self.b_enc, self.k)
+            codes = ops.batchtopk_encode(x, self.W_enc, self.encoder_bias(), self.k)
             self._update_threshold(codes.values.detach())
             return codes
         if self.threshold < 0:
             raise RuntimeError("BatchTopKSAE has no inference threshold yet: train it (or call .train()) first")
         theta = max(float(self.threshold), 1e-30)  # exp(log) of a positive number; 0 would be -inf
         log_threshold = torch.full_like(self.b_enc, math.log(theta))
-        return torch.relu(ops.jumprelu_encode(self.encoder_input(x), self.W_enc, self.b_enc, log_threshold))
+        return torch.relu(ops.jumprelu_encode(x, self.W_enc, self.encoder_bias(), log_threshold))
 
     @torch.no_grad()
     def _update_threshold(self, kept) -> None:

@@ -34,13 +34,13 @@ class JumpReLUSAE(SparseDictionary):
 
     def encode(self, x):
         """x [B, d_in] -> dense codes [B, n]."""
-        return ops.jumprelu_encode(self.encoder_input(x), self.W_enc, self.b_enc, self.log_threshold, self.bandwidth)
+        return ops.jumprelu_encode(x, self.W_enc, self.encoder_bias(), self.log_threshold, self.bandwidth)
 
     def forward(self, x, y=None) -> SAEOutput:
         if self.transcoder and y is None:
             raise ValueError("a transcoder needs its target y [B, d_out]")
         target = y if self.transcoder else x
-        pre = torch.addmm(self.b_enc, self.encoder_input(x), self.W_enc)
+        pre = torch.addmm(self.encoder_bias(), x, self.W_enc)
         codes = ops.jumprelu(pre, self.log_threshold, self.bandwidth)
         x_hat = self.decode(codes)
         l0 = ops.heaviside_step(pre, self.log_threshold, self.bandwidth).sum(-1).mean()

@@ -25,7 +25,7 @@ class ReLUSAE(SparseDictionary):
 
     def encode(self, x):
         """x [B, d_in] -> dense codes [B, n]."""
-        return ops.relu_encode(self.encoder_input(x), self.W_enc, self.b_enc)
+        return ops.relu_encode(x, self.W_enc, self.encoder_bias())
 
     def sparsity_losses(self, codes, x) -> dict:
         weighted = codes * self.W_dec.norm(dim=-1) if self.decoder_norm_penalty else codes
