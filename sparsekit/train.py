@@ -47,7 +47,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip_norm: float | None = 1.0
     normalize_inputs: bool = True
-    b_dec_init: str = "geometric_median"      # "geometric_median" | "mean" | "zeros" | "keep"
+    b_dec_init: str | None = None             # "geometric_median" | "mean" | "zeros" | "keep";
+                                              # None: geometric median (SAE), target mean (transcoder)
     eval_tokens: int = 8192                   # held out from the start of the stream
     dead_window_tokens: int = 10_000_000
     dead_strategy: str = "none"               # "none" | "resample" | "ghost" | "auxk", or "a+b"
@@ -91,7 +92,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction!r}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"TrainConfig.grad_clip_norm must be positive or None, got {self.grad_clip_norm!r}")
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros", "keep"):
+        if self.b_dec_init not in (None, "geometric_median", "mean", "zeros", "keep"):
             raise ValueError(f"TrainConfig.b_dec_init must be geometric_median, mean, zeros or keep, "
                              f"got {self.b_dec_init!r}")
         if self.total_tokens < self.batch_size:
@@ -272,10 +273,11 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
         if cfg.normalize_inputs:
             sae.input_scale = _scale_for(first_x)
             sae.output_scale = _scale_for(first_y) if sae.transcoder else sae.input_scale
-        if cfg.b_dec_init != "keep":
+        b_dec_init = cfg.b_dec_init or ("mean" if sae.transcoder else "geometric_median")
+        if b_dec_init != "keep":
             sample_x = first_x[:4096].to(device) * sae.input_scale
             sample_y = first_y[:4096].to(device) * sae.output_scale if first_y is not None else None
-            sae.init_decoder_bias(sample_x, cfg.b_dec_init, y=sample_y)
+            sae.init_decoder_bias(sample_x, b_dec_init, y=sample_y)
         if output_dir is not None:
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / METRICS_FILE).write_text("")
