@@ -5,13 +5,15 @@ import sys
 from sparsekit import demo
 
 
-def test_demo_training_reduces_unexplained_variance_and_recovers_directions(capsys):
-    metrics = demo.run(d=32, n_true=64, n_latents=128, k=6, batch=512, lr=5e-3, max_steps=300, log_every=100, seed=3)
-    first = capsys.readouterr().out.splitlines()[1]
-    first_fvu = float(first.split("fvu")[1].split()[0])
+def test_demo_training_reduces_unexplained_variance_and_recovers_directions(capsys, tmp_path):
+    metrics = demo.run(d=32, n_true=64, n_latents=128, k=6, batch=512, lr=5e-3, total_tokens=512 * 300,
+                       log_every=100, seed=3, output_dir=str(tmp_path), progress=False)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step")]
+    first_fvu = float(lines[0].split("fvu")[1].split()[0])
     assert metrics["step"] == 300 and metrics["l0"] <= 6
     assert metrics["fvu"] < 0.5 * first_fvu, (first_fvu, metrics)
     assert metrics["recovered"] >= 48, metrics  # of 64
+    assert (tmp_path / "feature_density.png").is_file()
 
 
 def _cli(*args):
@@ -21,8 +23,8 @@ def _cli(*args):
 def test_cli_rejects_unknown_commands_and_bad_demo_flags():
     unknown = _cli("nonsense")
     assert unknown.returncode == 2 and "unknown command 'nonsense'" in unknown.stderr
-    bad_steps = _cli("demo", "--steps", "0")
-    assert bad_steps.returncode == 2 and "--steps must be at least 1" in bad_steps.stderr
+    bad_tokens = _cli("demo", "--tokens", "0")
+    assert bad_tokens.returncode == 2 and "--tokens must be at least one batch" in bad_tokens.stderr
     assert _cli().returncode == 2
 
 
