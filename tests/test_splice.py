@@ -204,3 +204,28 @@ def test_ce_recovered_is_one_for_an_exact_dictionary():
         with zero_ablate(model, "1"):
             zero = ce(model(x), labels)
     assert loss_recovered(clean, spliced, zero) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_splice_works_on_a_transformer_lens_hook_point():
+    hook_points = pytest.importorskip("transformer_lens.hook_points")
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(D_IN, HIDDEN)
+            self.hook_hidden = hook_points.HookPoint()
+            self.fc2 = nn.Linear(HIDDEN, CLASSES)
+
+        def forward(self, x):
+            return self.fc2(self.hook_hidden(torch.relu(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(4, 3, D_IN)  # [batch, pos, d]: leading dims are flattened
+    sae = sparsekit.TopKSAE(HIDDEN, 16, k=2)
+    hidden = torch.relu(model.fc1(x))
+    expected = model.fc2(sae.reconstruct(hidden.reshape(-1, HIDDEN)).reshape(hidden.shape))
+    with splice(model, "hook_hidden", sae):
+        spliced = model(x)
+    torch.testing.assert_close(spliced, expected)
+    assert not model.hook_hidden._forward_hooks
+    torch.testing.assert_close(model(x), model.fc2(hidden))
