@@ -82,11 +82,12 @@ def finite(**tensors: Tensor) -> None:
     if not finite_checks_enabled():
         return
     for name, t in tensors.items():
-        if t.numel() and not _all_finite(t):
+        if t.numel() and not all_finite(t):
             raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
+    """No NaN or Inf in t (a fused C++ pass for contiguous float CPU tensors)."""
     # torch.isfinite(t).all() allocates and makes several passes: ~25 ms on a 512 x 16384 matrix
     # against ~0.5 ms for one fused C++ pass.
     if _C is not None and t.device.type == "cpu" and t.dtype in CPP_DTYPES and t.is_contiguous():

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
+from . import checks
 from .dead_latents import STRATEGIES, DeadLatentTracker, auxk_loss, ghost_loss, resample
 from .sae.base import SparseDictionary
 
@@ -145,7 +146,7 @@ class _Batches:
                 shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
                 raise ValueError(f"source batch {self.chunks_read}: y must be [rows={x.shape[0]}, d_out={self.d_out}], "
                                  f"got {shape}")
-        if not bool(torch.isfinite(x).all()) or (y is not None and not bool(torch.isfinite(y).all())):
+        if not checks.all_finite(x.contiguous()) or (y is not None and not checks.all_finite(y.contiguous())):
             raise ValueError(f"source batch {self.chunks_read} contains NaN or Inf")
         return x, (y if self.needs_target else None)
 
