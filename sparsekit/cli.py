@@ -1,4 +1,4 @@
-"""The `sparsekit` command line: `python -m sparsekit train|demo|backends`."""
+"""The `sparsekit` command line: `python -m sparsekit train|demo|backends|toys`."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +7,7 @@ COMMANDS = {
     "demo": "train a small TopK dictionary on synthetic sparse data and report what it recovers",
     "backends": "print which implementation runs the ops on each device",
     "train": "train a dictionary on activations on disk (.npy/.safetensors/shards): --config cfg.yaml or flags",
+    "toys": "toy studies with known answers: `toys attention` (attention-head superposition)",
 }
 
 
@@ -24,6 +25,9 @@ def main(argv=None) -> None:
     elif command == "train":
         from .train_cli import main as train_main
         train_main(rest)
+    elif command == "toys":
+        from .toys_cli import main as toys_main
+        toys_main(rest)
     elif command == "backends":
         from .backend import backends
         print(backends())
