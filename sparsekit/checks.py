@@ -71,6 +71,13 @@ def k_in_range(k, n_latents: int) -> int:
     return k
 
 
+def positive_int(name: str, value) -> int:
+    """value must be an int >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def positive_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 
 from . import TopKSAE, TrainConfig, train
 from .backend import backends

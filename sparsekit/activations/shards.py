@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_write, fsync_path
-from ..sae.base import _positive_int
+from ..checks import positive_int
 from .source import Batch, _epochs, _seed, _state_int, check_state, permutation
 
 FORMAT = "sparsekit-shards"
@@ -66,7 +66,7 @@ def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     np_dtype = np.dtype(dtype)
-    shard_rows = _positive_int("shard_rows", shard_rows)
+    shard_rows = positive_int("shard_rows", shard_rows)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
@@ -245,11 +245,11 @@ class ShardSource:
                  epochs: int | None = None, buffer_shards: int = 8):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.shuffle = bool(shuffle)
         self.seed = _seed(seed)
         self.epochs = _epochs(epochs)
-        self.buffer_shards = _positive_int("buffer_shards", buffer_shards)
+        self.buffer_shards = positive_int("buffer_shards", buffer_shards)
         m = self.manifest
         self.d, self.d_out, self.dtype = m["d"], m.get("d_out"), m["dtype"]
         self.tokens, self.scale = m["tokens"], m["scale"]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..sae.base import _positive_int
+from ..checks import positive_int
 
 Batch = Union[Tensor, Tuple[Tensor, Tensor]]
 
@@ -52,7 +52,7 @@ def _seed(value) -> int:
 
 
 def _epochs(value) -> int | None:
-    return None if value is None else _positive_int("epochs", value)
+    return None if value is None else positive_int("epochs", value)
 
 
 def check_state(kind: str, state, expected: dict) -> None:
@@ -92,7 +92,7 @@ class TensorSource:
                 raise ValueError(f"y has {y.shape[0]} rows but x has {x.shape[0]}; targets pair with inputs row by row")
         self.x, self.y = x, y
         self.rows = x.shape[0]
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.shuffle = bool(shuffle)
         self.seed = _seed(seed)
         self.epochs = _epochs(epochs)

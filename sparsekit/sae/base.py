@@ -10,7 +10,6 @@ cfg.json) multiply raw activations on the way in; ``reconstruct`` undoes them on
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..checks import positive_int
 
 ARCHITECTURES: dict[str, type["SparseDictionary"]] = {}
 CONFIG_FILE = "cfg.json"
@@ -41,18 +41,6 @@ class SAEOutput(NamedTuple):
     losses: dict
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 class SparseDictionary(nn.Module):
     """Base class; subclasses implement ``encode`` and the sparsity loss in ``sparsity_losses``."""
 
@@ -62,9 +50,9 @@ class SparseDictionary(nn.Module):
     def __init__(self, d_in: int, n_latents: int, d_out: int | None = None, transcoder: bool = False,
                  dtype: torch.dtype = torch.float32, device=None, seed: int | None = 0):
         super().__init__()
-        self.d_in = _positive_int("d_in", d_in)
-        self.n_latents = _positive_int("n_latents", n_latents)
-        self.d_out = self.d_in if d_out is None else _positive_int("d_out", d_out)
+        self.d_in = positive_int("d_in", d_in)
+        self.n_latents = positive_int("n_latents", n_latents)
+        self.d_out = self.d_in if d_out is None else positive_int("d_out", d_out)
         if not transcoder and self.d_out != self.d_in:
             raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}: use sparsekit.Transcoder")
         self.transcoder = bool(transcoder)

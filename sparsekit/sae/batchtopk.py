@@ -11,7 +11,8 @@ import math
 import torch
 
 from .. import ops
-from .base import SparseDictionary, _positive_int, register
+from ..checks import positive_int
+from .base import SparseDictionary, register
 
 
 @register("batchtopk")
@@ -20,7 +21,7 @@ class BatchTopKSAE(SparseDictionary):
 
     def __init__(self, d_in: int, n_latents: int, k: int, threshold_momentum: float = 0.99, **kwargs):
         super().__init__(d_in, n_latents, **kwargs)
-        self.k = _positive_int("k", k)
+        self.k = positive_int("k", k)
         if self.k > self.n_latents:
             raise ValueError(f"k={k} exceeds n_latents={n_latents}")
         if not 0 <= threshold_momentum < 1:

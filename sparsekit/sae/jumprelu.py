@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import SparseDictionary, SAEOutput, _positive_float, register
+from ..checks import positive_number
+from .base import SparseDictionary, SAEOutput, register
 
 
 @register("jumprelu")
@@ -23,9 +24,9 @@ class JumpReLUSAE(SparseDictionary):
     def __init__(self, d_in: int, n_latents: int, l0_coeff: float, bandwidth: float = 1e-3,
                  init_threshold: float = 1e-3, **kwargs):
         super().__init__(d_in, n_latents, **kwargs)
-        self.l0_coeff = _positive_float("l0_coeff", l0_coeff)
-        self.bandwidth = _positive_float("bandwidth", bandwidth)
-        self.init_threshold = _positive_float("init_threshold", init_threshold)
+        self.l0_coeff = positive_number("l0_coeff", l0_coeff)
+        self.bandwidth = positive_number("bandwidth", bandwidth)
+        self.init_threshold = positive_number("init_threshold", init_threshold)
         self.log_threshold = nn.Parameter(torch.full_like(self.b_enc, math.log(self.init_threshold)))
         self.sparsity_weight = 1.0
 

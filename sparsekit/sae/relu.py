@@ -8,14 +8,15 @@ l1_coeff * sum_i f_i * ||W_dec[i]||.
 from __future__ import annotations
 
 from .. import ops
-from .base import SparseDictionary, _positive_float, register
+from ..checks import positive_number
+from .base import SparseDictionary, register
 
 
 @register("relu")
 class ReLUSAE(SparseDictionary):
     def __init__(self, d_in: int, n_latents: int, l1_coeff: float, decoder_norm_penalty: bool = False, **kwargs):
         super().__init__(d_in, n_latents, **kwargs)
-        self.l1_coeff = _positive_float("l1_coeff", l1_coeff)
+        self.l1_coeff = positive_number("l1_coeff", l1_coeff)
         self.decoder_norm_penalty = bool(decoder_norm_penalty)
         self.unit_norm_decoder = not self.decoder_norm_penalty
         self.sparsity_weight = 1.0  # the trainer's L1 warm-up scales the penalty through this

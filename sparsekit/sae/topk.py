@@ -6,7 +6,8 @@ k fixes L0. Decoder rows are kept at unit norm. Dead latents: AuxK in the traine
 from __future__ import annotations
 
 from .. import ops
-from .base import SparseDictionary, _positive_int, register
+from ..checks import positive_int
+from .base import SparseDictionary, register
 
 
 @register("topk")
@@ -15,7 +16,7 @@ class TopKSAE(SparseDictionary):
 
     def __init__(self, d_in: int, n_latents: int, k: int, **kwargs):
         super().__init__(d_in, n_latents, **kwargs)
-        self.k = _positive_int("k", k)
+        self.k = positive_int("k", k)
         if self.k > self.n_latents:
             raise ValueError(f"k={k} exceeds n_latents={n_latents}")
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..activations.source import _seed, derive_seed
-from ..sae.base import _positive_float, _positive_int
+from ..checks import positive_int, positive_number
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,15 @@ class AttentionToyConfig:
 
     def __post_init__(self):
         for name in ("n_true", "n_heads", "n_tokens", "d_model", "pattern_keys", "steps", "batch"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.pattern_keys > self.n_tokens:
             raise ValueError(f"pattern_keys={self.pattern_keys} exceeds n_tokens={self.n_tokens}")
         for name in ("ov_density", "p_active"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
-        _positive_float("lr", self.lr)
-        _positive_float("threshold", self.threshold)
+        positive_number("lr", self.lr)
+        positive_number("threshold", self.threshold)
         _seed(self.seed)
 
 
@@ -175,7 +175,7 @@ SWEEP_FIELDS = ("ov_density", "seed", "n_represented", "loss", "loss_M_zero", "n
 
 def sweep(cfg: AttentionToyConfig, densities=SWEEP_DENSITIES, seeds: int = 3, progress: bool = True) -> list[dict]:
     """One train_mixing per (density, seed in cfg.seed .. cfg.seed + seeds - 1); rows of SWEEP_FIELDS."""
-    runs = [(d, cfg.seed + s) for d in densities for s in range(_positive_int("seeds", seeds))]
+    runs = [(d, cfg.seed + s) for d in densities for s in range(positive_int("seeds", seeds))]
     rows = []
     for density, seed in tqdm(runs, desc="attention sweep", disable=not progress):
         result = train_mixing(replace(cfg, ov_density=density, seed=seed), progress=False)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..activations.mnist import PIXELS, default_cache_dir, load_mnist
 from ..activations.source import _seed, permutation
 from ..atomic import atomic_save_tensors, atomic_write_bytes
-from ..sae.base import _positive_float, _positive_int
+from ..checks import positive_int, positive_number
 
 CLASSES = 10
 # Part of the cache key: bump it when training changes, so stale weights are never loaded.
@@ -42,8 +42,8 @@ class MLPConfig:
 
     def __post_init__(self):
         for name in ("hidden", "depth", "epochs", "batch_size"):
-            _positive_int(name, getattr(self, name))
-        _positive_float("lr", self.lr)
+            positive_int(name, getattr(self, name))
+        positive_number("lr", self.lr)
         _seed(self.seed)
 
     def key(self) -> str:
@@ -69,7 +69,7 @@ class MNISTMLP(nn.Module):
 
     def __init__(self, hidden: int = 64, depth: int = 1):
         super().__init__()
-        self.hidden, self.depth = _positive_int("hidden", hidden), _positive_int("depth", depth)
+        self.hidden, self.depth = positive_int("hidden", hidden), positive_int("depth", depth)
         self.layers = nn.ModuleList(HiddenLayer(PIXELS if i == 0 else hidden, hidden) for i in range(depth))
         self.readout = nn.Linear(hidden, CLASSES)
 

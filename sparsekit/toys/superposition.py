@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..activations.source import _seed, _state_int, check_state, derive_seed
-from ..sae.base import _positive_int
+from ..checks import positive_int
 
 MAGNITUDES = ("uniform", "constant")
 
@@ -27,15 +27,15 @@ class SuperpositionData:
 
     def __init__(self, n_true: int, d: int, p_active: float = 0.02, magnitude: str = "uniform",
                  correlated_groups: int = 0, noise: float = 0.0, seed: int = 0, group_size: int = 2):
-        self.n_true = _positive_int("n_true", n_true)
-        self.d = _positive_int("d", d)
+        self.n_true = positive_int("n_true", n_true)
+        self.d = positive_int("d", d)
         if isinstance(p_active, bool) or not isinstance(p_active, (int, float)) or not 0 < p_active <= 1:
             raise ValueError(f"p_active must be a probability in (0, 1], got {p_active!r}")
         if magnitude not in MAGNITUDES:
             raise ValueError(f"magnitude must be one of {', '.join(MAGNITUDES)}, got {magnitude!r}")
         if isinstance(correlated_groups, bool) or not isinstance(correlated_groups, int) or correlated_groups < 0:
             raise ValueError(f"correlated_groups must be a non-negative int, got {correlated_groups!r}")
-        group_size = _positive_int("group_size", group_size)
+        group_size = positive_int("group_size", group_size)
         if correlated_groups * group_size > n_true:
             raise ValueError(f"correlated_groups={correlated_groups} of group_size={group_size} need "
                              f"{correlated_groups * group_size} features but n_true={n_true}")
@@ -60,7 +60,7 @@ class SuperpositionData:
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """x [batch, d] = coefficients @ features + noise * N(0, I); coefficients [batch, n_true] >= 0."""
-        batch = _positive_int("batch", batch)
+        batch = positive_int("batch", batch)
         fires = torch.rand(batch, self._n_units, generator=generator) < self.p_active
         on = fires[:, self._unit]
         if self.magnitude == "uniform":
@@ -83,7 +83,7 @@ class SuperpositionSource:
 
     def __init__(self, data: SuperpositionData, batch_size: int = 4096, seed: int = 0):
         self.data = data
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.seed = _seed(seed)
         self.batches = 0
 
