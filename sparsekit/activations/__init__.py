@@ -3,8 +3,9 @@
 Every source is an ``ActivationSource``: iterating yields x [b, d_in] or (x, y) batches, and
 ``state_dict()`` / ``load_state_dict()`` resume the stream exactly (see ``source``).
 """
+from .mnist import load_mnist
 from .shards import ShardSource, load_activation_file, read_manifest, write_shards
 from .source import ActivationSource, IterableSource, TensorSource, as_source
 
 __all__ = ["ActivationSource", "IterableSource", "ShardSource", "TensorSource", "as_source", "load_activation_file",
-           "read_manifest", "write_shards"]
+           "load_mnist", "read_manifest", "write_shards"]
