@@ -51,11 +51,9 @@ class BatchTopKSAE(SparseDictionary):
 
     @torch.no_grad()
     def _update_threshold(self, kept) -> None:
-        positive = kept[kept > 0]
-        if positive.numel() == 0:
-            return
-        smallest = positive.min()
-        if self.threshold < 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.mul_(self.threshold_momentum).add_((1 - self.threshold_momentum) * smallest)
+        """Running mean of the smallest positive kept activation; tensor ops only, so the update
+        traces under torch.compile without graph breaks."""
+        smallest = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).min()
+        blended = self.threshold * self.threshold_momentum + (1 - self.threshold_momentum) * smallest
+        updated = torch.where(self.threshold < 0, smallest, blended)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
