@@ -11,13 +11,18 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def list_commands_if_asked(argv: list, usage: str, heading: str, commands: dict) -> None:
+    """With no arguments or -h/--help: print usage and the commands, then exit (2 or 0)."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m sparsekit <command> [options]\n\ncommands:")
-        for name, text in COMMANDS.items():
+        print(f"usage: {usage}\n\n{heading}:")
+        for name, text in commands.items():
             print(f"  {name:10s} {text}")
         raise SystemExit(0 if argv else 2)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    list_commands_if_asked(argv, "python -m sparsekit <command> [options]", "commands", COMMANDS)
     command, rest = argv[0], argv[1:]
     if command == "demo":
         from .demo import main as demo_main

@@ -93,12 +93,9 @@ def attention_main(argv) -> None:
 
 
 def main(argv=None) -> None:
+    from .cli import list_commands_if_asked
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m sparsekit toys <toy> [options]\n\ntoys:")
-        for name, text in TOYS.items():
-            print(f"  {name:10s} {text}")
-        raise SystemExit(0 if argv else 2)
+    list_commands_if_asked(argv, "python -m sparsekit toys <toy> [options]", "toys", TOYS)
     if argv[0] == "attention":
         attention_main(argv[1:])
     else:
