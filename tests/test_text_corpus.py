@@ -35,3 +35,11 @@ def test_token_contexts_start_with_bos_and_drop_the_ragged_tail():
         text.token_contexts(torch.arange(10), 1, bos_id=0)
     with pytest.raises(ValueError, match="shorter than one context"):
         text.token_contexts(torch.arange(3), 8, bos_id=0)
+
+
+def test_python_docs_are_read_once_despite_debian_symlinks():
+    documents = text.load_documents("python-docs")
+    titles = [title for title, _ in documents]
+    assert len(titles) == len(set(titles)) > 100
+    assert "library/functions" in titles
+    assert 5_000_000 < sum(len(body) for _, body in documents) < 40_000_000

