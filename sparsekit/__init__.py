@@ -7,7 +7,7 @@ implementation runs on each device.
 """
 from . import ops, reference
 from .backend import backends
-from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder, load
+from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder, load, load_saelens
 from .splice import loss_recovered, splice, zero_ablate
 from .train import TrainConfig, TrainResult, train
 from .ops import (
@@ -26,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchTopKCodes", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "TopKCodes", "TopKSAE", "Transcoder", "backends",
-    "load", "loss_recovered", "splice", "TrainConfig", "TrainResult", "train", "zero_ablate", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode",
+    "load", "load_saelens", "loss_recovered", "splice", "TrainConfig", "TrainResult", "train", "zero_ablate", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode",
     "ops", "reference", "relu_encode", "sparse_decode", "sparse_decode_coo", "topk_encode",
 ]

@@ -4,8 +4,9 @@ from .batchtopk import BatchTopKSAE
 from .jumprelu import JumpReLUSAE
 from .persistence import load
 from .relu import ReLUSAE
+from .saelens import export_saelens, load_saelens
 from .topk import TopKSAE
 from .transcoder import Transcoder
 
 __all__ = ["ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "SAEOutput", "SparseDictionary", "TopKSAE",
-           "Transcoder", "geometric_median", "load"]
+           "Transcoder", "export_saelens", "geometric_median", "load", "load_saelens"]

@@ -1,4 +1,5 @@
-"""Export a dictionary in SAELens 6.x's on-disk layout, loadable with ``sae_lens.SAE.load_from_disk``.
+"""SAELens 6.x both ways: ``export_saelens`` writes a dictionary in SAELens's on-disk layout, loadable
+with ``sae_lens.SAE.load_from_disk``; ``load_saelens`` reads one SAELens saved (see its docstring).
 
 Files: ``sae_weights.safetensors`` (W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out],
 b_dec [d_out], plus threshold [d_sae] for JumpReLU forms) and ``cfg.json`` with SAELens 6.x's
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -120,3 +122,188 @@ def export_saelens(sae: SparseDictionary, directory, metadata: dict | None = Non
     atomic_save_tensors(tensors, directory / SAELENS_WEIGHTS_FILE)
     atomic_write_bytes(directory / SAELENS_CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     return directory
+
+
+# --- import: SAELens 6.x folders -> sparsekit dictionaries ---------------------------------------
+
+# SAELens architecture -> (sparsekit architecture, transcoder?). "batchtopk" is what SAELens's
+# BatchTopKTrainingSAE.save_model writes (its inference save is "jumprelu").
+SAELENS_IMPORTS = {
+    "standard": ("relu", False),
+    "topk": ("topk", False),
+    "jumprelu": ("jumprelu", False),
+    "batchtopk": ("batchtopk", False),
+    "transcoder": ("relu", True),
+    "jumprelu_transcoder": ("jumprelu", True),
+}
+# The SAELens training defaults the loaded dictionary keeps when cfg.json has no value (they matter
+# only if it is trained further).
+SAELENS_DEFAULT_COEFFICIENT = 1.0
+
+
+def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyperparameters) -> SparseDictionary:
+    """Load a dictionary saved by SAELens 6.x (``sae.save_model(dir)`` or
+    ``save_inference_model(dir)``: cfg.json + sae_weights.safetensors) as the matching sparsekit
+    dictionary, in eval mode, whose ``reconstruct(x)`` equals SAELens's ``sae(x)`` on raw activations.
+
+    Architectures: "standard" -> ReLUSAE (decoder_norm_penalty=True: SAELens leaves decoder norms
+    free and weights its L1 by them), "topk" -> TopKSAE, "jumprelu" -> JumpReLUSAE,
+    "batchtopk" (a BatchTopKTrainingSAE's save_model) -> BatchTopKSAE with its learned threshold,
+    "transcoder" / "jumprelu_transcoder" -> Transcoder. Weights are folded exactly (in float64):
+    ``rescale_acts_by_decoder_norm`` moves the decoder norms into the encoder; without
+    ``apply_b_dec_to_input`` the b_dec that sparsekit subtracts from inputs is added back into
+    b_enc; JumpReLU thresholds t become log_threshold = log(t) (t <= 0 acts like the smallest
+    positive float: SAELens's ReLU already zeroes what such a threshold would pass).
+
+    dtype/device override cfg.json's; hyperparameters (l1_coeff, l0_coeff, bandwidth, ...) override
+    the training coefficients read from cfg.json (l1_coefficient, l0_coefficient, jumprelu_bandwidth),
+    which only matter for further training. The folder's "metadata" block (hook_name, model_name,
+    ...) is kept as ``sae.saelens_metadata``. Unsupported folders raise ValueError saying why.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory: expected a folder written by SAELens's save_model")
+    config_path, weights_path = directory / SAELENS_CONFIG_FILE, directory / SAELENS_WEIGHTS_FILE
+    if not weights_path.is_file():
+        from .base import WEIGHTS_FILE
+        if (directory / WEIGHTS_FILE).is_file():
+            raise ValueError(f"{directory} holds a sparsekit dictionary ({WEIGHTS_FILE}), not a SAELens one: "
+                             f"load it with sparsekit.load")
+        raise FileNotFoundError(f"{weights_path} does not exist: is {directory} a folder written by SAELens's save_model?")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: is {directory} a folder written by SAELens's save_model?")
+    config = _read_saelens_config(config_path)
+    sparsekit_architecture, transcoder = SAELENS_IMPORTS[config["architecture"]]
+    weights = _read_saelens_weights(weights_path, config, transcoder)
+    folded = _fold_saelens_weights(config, weights, transcoder, config_path)
+
+    dtype = dtype or _saelens_dtype(config.get("dtype", "float32"), config_path)
+    kwargs = dict(_saelens_hyperparameters(sparsekit_architecture, config), **hyperparameters)
+    d_out = weights["W_dec"].shape[1]
+    try:
+        if transcoder:
+            from .transcoder import Transcoder
+            sae = Transcoder(config["d_in"], config["d_sae"], d_out, architecture=sparsekit_architecture,
+                             dtype=dtype, device=device, seed=None, **kwargs)
+        else:
+            from .base import ARCHITECTURES
+            sae = ARCHITECTURES[sparsekit_architecture](config["d_in"], config["d_sae"], dtype=dtype, device=device,
+                                                        seed=None, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"hyperparameters do not fit {sparsekit_architecture!r}: {error}") from None
+    with torch.no_grad():
+        state = sae.state_dict()
+        for name, value in folded.items():
+            state[name].copy_(value.to(state[name].dtype))
+    sae.saelens_metadata = dict(config.get("metadata") or {})
+    return sae.eval()
+
+
+def _read_saelens_config(config_path: Path) -> dict:
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    if "n_latents" in config and "d_sae" not in config:
+        raise ValueError(f"{config_path} is a sparsekit cfg.json, not a SAELens one: load it with sparsekit.load")
+    architecture = config.get("architecture")
+    if architecture not in SAELENS_IMPORTS:
+        raise ValueError(f"{config_path}: SAELens architecture {architecture!r} has no sparsekit equivalent; "
+                         f"supported: {', '.join(SAELENS_IMPORTS)}")
+    for key in ("d_in", "d_sae"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{config_path}: {key} must be a positive int, got {value!r}")
+    normalize = config.get("normalize_activations", "none")
+    if normalize == "expected_average_only_in":
+        # SAELens's load_from_disk applies no scaling for it either (only from_pretrained folds a
+        # factor, from its registry): the weights are used as they are, as SAELens would.
+        warnings.warn(f"{config_path}: normalize_activations='expected_average_only_in' carries no scale on disk; "
+                      f"the weights are used as they are (as SAELens's load_from_disk does)")
+    elif normalize not in ("none", None):
+        raise ValueError(f"{config_path}: normalize_activations={normalize!r} normalises each input at run time, "
+                         f"which a sparsekit dictionary does not do; only 'none' (or a folded scale) can be loaded")
+    return config
+
+
+def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) -> dict:
+    from safetensors.torch import load_file
+    try:
+        weights = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    architecture = config["architecture"]
+    d_in, d_sae = config["d_in"], config["d_sae"]
+    d_out = config.get("d_out", d_in) if transcoder else d_in
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if architecture in ("jumprelu", "jumprelu_transcoder"):
+        expected["threshold"] = (d_sae,)
+    if architecture == "batchtopk":
+        expected["topk_threshold"] = ()
+    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: tensors do not match SAELens architecture {architecture!r}: "
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    for name, shape in expected.items():
+        tensor = weights[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, cfg.json implies {shape}")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_path}: {name} must hold finite floating-point values")
+    return {name: t.double() for name, t in weights.items()}
+
+
+def _fold_saelens_weights(config: dict, weights: dict, transcoder: bool, config_path: Path) -> dict:
+    """SAELens's parameters -> sparsekit's state dict entries (float64), computing the same function."""
+    W_enc, b_enc, W_dec, b_dec = (weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if config.get("rescale_acts_by_decoder_norm", False):
+        # SAELens: pre = (...) * ||W_dec[i]||, decode (f / ||W_dec[i]||) @ W_dec.
+        norms = W_dec.norm(dim=-1)
+        if not bool((norms > 0).all()):
+            raise ValueError(f"{config_path}: rescale_acts_by_decoder_norm with an all-zero decoder row")
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+    apply_b_dec = bool(config.get("apply_b_dec_to_input", not transcoder))
+    if transcoder and apply_b_dec:
+        raise ValueError(f"{config_path}: apply_b_dec_to_input=True is invalid for a transcoder (SAELens refuses it too)")
+    if not transcoder and not apply_b_dec:
+        b_enc = b_enc + b_dec @ W_enc  # sparsekit always subtracts b_dec from an SAE's input
+    state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if transcoder:
+        state["b_in"] = torch.zeros_like(W_enc[:, 0])
+    if "threshold" in weights:
+        tiny = torch.finfo(_saelens_dtype(config.get("dtype", "float32"), config_path)).tiny
+        state["log_threshold"] = weights["threshold"].clamp_min(tiny).log()
+    if "topk_threshold" in weights:
+        state["threshold"] = weights["topk_threshold"]
+    return state
+
+
+def _saelens_dtype(name, config_path: Path) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{config_path}: dtype {name!r} is not a floating-point torch dtype")
+    return dtype
+
+
+def _saelens_hyperparameters(architecture: str, config: dict) -> dict:
+    """Constructor arguments for the sparsekit class from SAELens's cfg.json (training fields)."""
+    details = {**(config.get("metadata") or {}).get("training_architecture_details", {}), **config}
+
+    def coefficient(key):
+        value = details.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
+            else SAELENS_DEFAULT_COEFFICIENT
+
+    if architecture == "relu":
+        return {"l1_coeff": coefficient("l1_coefficient"), "decoder_norm_penalty": True}
+    if architecture == "jumprelu":
+        kwargs = {"l0_coeff": coefficient("l0_coefficient")}
+        if isinstance(details.get("jumprelu_bandwidth"), (int, float)) and details["jumprelu_bandwidth"] > 0:
+            kwargs["bandwidth"] = float(details["jumprelu_bandwidth"])
+        return kwargs
+    k = config.get("k")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config["d_sae"]:
+        raise ValueError(f"SAELens {config['architecture']!r} cfg.json needs k in [1, d_sae={config['d_sae']}], got {k!r}")
+    return {"k": k}
