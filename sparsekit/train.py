@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import checks
+from . import distributed
 from .dead_latents import STRATEGIES, DeadLatentTracker, auxk_loss, ghost_loss, resample
 from .sae.base import SparseDictionary
 
@@ -231,6 +232,8 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir")
 
     device = sae.W_enc.device
+    # Data parallel under torchrun (one rank per process, rank 0 writes); nothing extra otherwise.
+    dp = distributed.data_parallel(cfg.batch_size, repr((dataclasses.asdict(cfg), sae.config(), resume)))
     src = as_source(source, batch_size=cfg.batch_size)
     batches = _Batches(src, cfg.batch_size, sae.d_in, sae.d_out, sae.transcoder)
     optimizer = _adam(sae, cfg)
@@ -238,6 +241,8 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
     generator = torch.Generator().manual_seed(cfg.seed)
     window_counts = torch.zeros(sae.n_latents, dtype=torch.int64)
     output_dir = Path(cfg.output_dir or cfg.checkpoint_dir) if (cfg.output_dir or cfg.checkpoint_dir) else None
+    if not dp.is_writer:
+        output_dir = None
     history: list[dict] = []
     step = tokens = 0
     eval_x = eval_y = None
@@ -290,7 +295,8 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
     window = _Window()
     if restored is not None:
         vars(window).update(restored_window)
-    progress = _progress_bar(cfg, total_steps, step)
+    progress = _progress_bar(dataclasses.replace(cfg, progress=cfg.progress and dp.is_writer), total_steps, step)
+    dp.broadcast_module(sae)
     sae.train()
 
     while step < total_steps:
@@ -299,6 +305,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
         except StopIteration:
             raise ValueError(f"the source ran out after {tokens:,} training tokens; TrainConfig.total_tokens="
                              f"{cfg.total_tokens:,}: lower total_tokens or let the source repeat") from None
+        x, y = dp.local_rows(x), dp.local_rows(y)
         x = x.to(device) * sae.input_scale
         y = y.to(device) * sae.output_scale if y is not None else None
         target = y if sae.transcoder else x
@@ -307,7 +314,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
         if hasattr(sae, "sparsity_weight"):
             sae.sparsity_weight = min(1.0, (tokens + cfg.batch_size) / cfg.l1_warmup_tokens) if cfg.l1_warmup_tokens else 1.0
 
-        out = sae(x, y)
+        out = dp.forward(sae, x, y)
         losses = dict(out.losses)
         residual = target - out.x_hat
         dead = tracker.dead_indices(device)
@@ -322,6 +329,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
                                      f"is intact: resume with a lower TrainConfig.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dp.average_gradients(params)
         sae.remove_parallel_decoder_grad()
         if cfg.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
@@ -329,17 +337,18 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
         sae.normalize_decoder()
 
         with torch.no_grad():
-            counts = sae.fire_counts(out.codes).cpu()
+            counts = dp.sum(sae.fire_counts(out.codes)).cpu()
         tracker.update(counts, cfg.batch_size)
         window_counts += counts
         step += 1
         tokens += cfg.batch_size
-        window.add(losses, target, out.x_hat, counts, cfg.batch_size)
+        dp.add_to_window(window, losses, target, out.x_hat, counts, cfg.batch_size)
 
         if "resample" in strategies and any(tokens - cfg.batch_size < t <= tokens for t in resample_schedule):
             dead_now = tracker.dead_indices(device)
             per_input = residual.detach().pow(2).sum(-1)
             resample(sae, optimizer, dead_now, x, per_input, generator)
+            dp.broadcast_module(sae)  # rank 0's draw (each rank drew from its own rows)
             tracker.revive(dead_now)
             window.resampled += dead_now.numel()
 
@@ -354,7 +363,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
             progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_frac']:.3f}")
         progress.update(1)
 
-        if cfg.checkpoint_every_tokens and (tokens // cfg.checkpoint_every_tokens
+        if cfg.checkpoint_every_tokens and dp.is_writer and (tokens // cfg.checkpoint_every_tokens
                                             > (tokens - cfg.batch_size) // cfg.checkpoint_every_tokens
                                             or step == total_steps):
             _write_checkpoint(cfg, sae, optimizer, src, batches, tracker, window_counts, window, generator,

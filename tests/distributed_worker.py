@@ -1,0 +1,108 @@
+"""One rank of a distributed test run: `python distributed_worker.py SCENARIO OUT` with torchrun's
+environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set by tests/test_distributed.py.
+
+Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
+  parity   data-parallel TopK and BatchTopK runs (float64) for comparison with one process
+  resume   an uninterrupted run, and one stopped mid-way (every rank's source fails at the same
+           batch) then resumed from rank 0's checkpoint in the same processes
+  raise    rank 1's source yields NaN at its third batch: rank 1 raises, the others must not hang
+The cases are built by ``make_case``, which the test also calls to train the one-process reference.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import sparsekit
+from sparsekit.activations import TensorSource
+
+BATCH, STEPS, D_IN, N_LATENTS, K = 64, 5, 12, 48, 3
+
+
+def planted_rows(rows: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Sparse combinations of 30 unit directions in float64 [rows, D_IN]."""
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.normalize(torch.randn(30, D_IN, generator=gen, dtype=torch.float64), dim=-1)
+    active = (torch.rand(rows, 30, generator=gen) < 0.1).double() * torch.rand(rows, 30, generator=gen, dtype=torch.float64)
+    return active @ features + 0.01 * torch.randn(rows, D_IN, generator=gen, dtype=torch.float64)
+
+
+def make_case(name: str, directory: str | None = None, resume_every: int | None = None):
+    """(sae, source, TrainConfig) of a named case; float64 so the comparison can be tight."""
+    architecture = {"topk": sparsekit.TopKSAE, "batchtopk": sparsekit.BatchTopKSAE}[name]
+    sae = architecture(D_IN, N_LATENTS, k=K, dtype=torch.float64, seed=1)
+    with torch.no_grad():  # latents that cannot fire: the dead counters have something to count
+        sae.b_enc[:6] = -5.0
+    cfg = sparsekit.TrainConfig(batch_size=BATCH, lr=3e-3, total_tokens=BATCH * STEPS, eval_tokens=128,
+                                log_every=1, dead_window_tokens=2 * BATCH, progress=False, lr_decay_fraction=0.4,
+                                checkpoint_dir=directory, checkpoint_every_tokens=resume_every)
+    source = TensorSource(planted_rows(), batch_size=50, shuffle=True, seed=3)
+    return sae, source, cfg
+
+
+class FailingSource:
+    """Wraps a source; raises `error` when asked for batch number `at` (1-based)."""
+
+    def __init__(self, source, at: int, error: Exception):
+        self.source, self.at, self.error = source, at, error
+
+    def __iter__(self):
+        for number, batch in enumerate(self.source, start=1):
+            if number == self.at:
+                raise self.error
+            yield batch
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def save(out: Path, name: str, rank: int, sae, result) -> None:
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, str(out / f"{name}_rank{rank}.safetensors"))
+    (out / f"{name}_rank{rank}.json").write_text(json.dumps({"metrics": result.metrics, "history": result.history}))
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    from sparsekit.distributed import init_distributed
+    info = init_distributed(timeout_s=float(os.environ.get("SPARSEKIT_DIST_TIMEOUT_S", "60")))
+    rank = info.rank
+    if scenario == "parity":
+        for name in ("topk", "batchtopk"):
+            sae, source, cfg = make_case(name)
+            save(out, name, rank, sae, sparsekit.train(sae, source, cfg))
+    elif scenario == "resume":
+        sae, source, cfg = make_case("topk", str(out / "whole"), resume_every=BATCH)
+        save(out, "whole", rank, sae, sparsekit.train(sae, source, cfg))
+        sae, source, cfg = make_case("topk", str(out / "stopped"), resume_every=BATCH)
+        try:  # 50-row chunks, 128 held out: chunk 7 is first read for step 3, after step 2's checkpoint
+            sparsekit.train(sae, FailingSource(source, 7, Interrupted()), cfg)
+            raise AssertionError("the run was meant to stop")
+        except Interrupted:
+            pass
+        sae, source, cfg = make_case("topk", str(out / "stopped"), resume_every=BATCH)
+        save(out, "resumed", rank, sae, sparsekit.train(sae, source, cfg, resume=True))
+    elif scenario == "raise":
+        sae, source, cfg = make_case("topk")
+        if rank == 1:
+            source = FailingSource(source, 6, ValueError("rank 1 failed on purpose"))
+        sparsekit.train(sae, source, cfg)
+        raise AssertionError("rank 1 was meant to fail")
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    torch.distributed.destroy_process_group()
+    print(f"rank {rank} done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Data-parallel training on two gloo ranks (CPU, one thread each) equals training in one process."""
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sparsekit
+from sparsekit import distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out: Path, world: int = WORLD, timeout: float = 120, timeout_s: float = 60):
+    """Start `world` worker processes as torchrun would; return [(returncode, stdout+stderr)] and seconds."""
+    port = free_port()
+    processes = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "SPARSEKIT_DIST_TIMEOUT_S": str(timeout_s)}
+        processes.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    start = time.monotonic()
+    results = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+            results.append((process.returncode, output))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results, time.monotonic() - start
+
+
+@functools.lru_cache(maxsize=None)
+def single_process(name: str):
+    """The reference: the same case trained by one process (no process group)."""
+    sae, source, cfg = worker.make_case(name)
+    return sae, sparsekit.train(sae, source, cfg)
+
+
+def assert_parameters_match(reference: dict, other: dict):
+    assert reference.keys() == other.keys()
+    for name, expected in reference.items():
+        scale = float(expected.abs().max()) or 1.0
+        torch.testing.assert_close(other[name], expected, rtol=1e-6, atol=1e-6 * scale, msg=name)
+
+
+@pytest.fixture(scope="module")
+def parity_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parity")
+    results, _ = launch("parity", out)
+    for code, output in results:
+        assert code == 0, output
+    return out
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_two_ranks_match_one_process(parity_run, name):
+    sae, result = single_process(name)
+    reference = {k: v.detach() for k, v in sae.state_dict().items()}
+    for rank in range(WORLD):
+        assert_parameters_match(reference, load_file(str(parity_run / f"{name}_rank{rank}.safetensors")))
+    moved = (reference["W_enc"] - worker.make_case(name)[0].W_enc.detach()).abs().max()
+    assert moved > 1e-4, "training must have changed the parameters for the comparison to mean anything"
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_dead_counters_and_metrics_are_reduced_across_ranks(parity_run, name):
+    _, result = single_process(name)
+    logged = json.loads((parity_run / f"{name}_rank0.json").read_text())
+    assert len(logged["history"]) == len(result.history) == worker.STEPS
+    assert result.history[-1]["dead_frac"] >= 6 / worker.N_LATENTS  # the planted dead latents count
+    for mine, expected in zip(logged["history"], result.history):
+        for key in ("mse", "fvu", "l0", "dead_frac", "dense_frac"):
+            assert mine[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-12), (key, mine, expected)
+    for key in ("mse", "fvu", "l0", "dead_frac"):
+        assert logged["metrics"][key] == pytest.approx(result.metrics[key], rel=1e-6, abs=1e-12), key
+
+
+def test_two_rank_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path):
+    results, _ = launch("resume", tmp_path)
+    for code, output in results:
+        assert code == 0, output
+    assert "resumed from" in results[1][1], "every rank resumes from rank 0's checkpoint"
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("step_*")) == ["step_000000004", "step_000000005"]
+    whole = load_file(str(tmp_path / "whole_rank0.safetensors"))
+    for rank in range(WORLD):
+        resumed = load_file(str(tmp_path / f"resumed_rank{rank}.safetensors"))
+        for name in whole:
+            assert torch.equal(resumed[name], whole[name]), name
+    assert not list(tmp_path.glob("*/.step_*")), "no half-written checkpoint may remain"
+
+
+def test_a_rank_that_raises_stops_every_rank(tmp_path):
+    results, seconds = launch("raise", tmp_path, timeout=90, timeout_s=30)
+    assert all(code != 0 for code, _ in results), results
+    assert "rank 1 failed on purpose" in results[1][1]
+    assert seconds < 60, f"the surviving rank took {seconds:.0f} s to notice"
+
+
+def test_single_process_context_without_a_process_group():
+    context = distributed.data_parallel(256)
+    assert isinstance(context, distributed.SingleProcess) and context.is_writer and context.world_size == 1
+    x = torch.randn(8, 3)
+    assert context.local_rows(x) is x
+
+
+def test_init_distributed_names_the_missing_environment(monkeypatch):
+    for name in distributed.REQUIRED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="missing RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
+        distributed.init_distributed()
+
+
+def test_communication_volume_formula():
+    topk = distributed.step_communication_bytes(d_in=1024, n_latents=2 ** 20, world_size=8)
+    params = 2 * 1024 * 2 ** 20 + 2 ** 20 + 1024
+    assert topk["gradient_allreduce"] == pytest.approx(2 * 7 / 8 * params * 4)
+    batch = distributed.step_communication_bytes(d_in=1024, n_latents=2 ** 20, world_size=8, architecture="batchtopk")
+    assert batch["batchtopk_allgather"] == 7 * 4096 * 32 * 4
+    assert batch["total"] > topk["total"]
