@@ -1,14 +1,18 @@
 """Which implementation runs an op: chosen per tensor device, forced with SPARSEKIT_BACKEND.
 
 - "cpp":    sparsekit._C (C++17, OpenMP) for float32/float64 CPU tensors.
-- "triton": Triton kernels for CUDA tensors (sparsekit.kernels; not built yet).
+- "triton": Triton kernels (sparsekit.kernels) for float32/bfloat16/float16 CUDA tensors, chosen
+            for CUDA whenever Triton is installed; on CPU tensors only when forced, under Triton's
+            interpreter (TRITON_INTERPRET=1, for tests).
 - "torch":  sparsekit.reference, plain PyTorch, on any device and dtype.
 
 SPARSEKIT_BACKEND=torch|cpp|triton forces one; forcing one that cannot run raises RuntimeError
-rather than quietly falling back. CPU bfloat16/float16 always use the reference path.
+rather than quietly falling back. CPU bfloat16/float16 always use the reference path, and so do
+float64 CUDA tensors (the Triton kernels take 32- and 16-bit floats).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -23,6 +27,12 @@ except ImportError as error:  # no compiler at install time, or SPARSEKIT_NO_EXT
     CPP_IMPORT_ERROR = str(error)
 
 CPP_DTYPES = (torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_installed() -> bool:
+    """Whether Triton can be imported (checked without importing it: that is slow)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def forced_backend() -> str | None:
@@ -35,9 +45,18 @@ def forced_backend() -> str | None:
     return name
 
 
-def _triton_unavailable_reason() -> str:
-    return ("sparsekit's Triton kernels are not built yet (the GPU-path issue); "
-            "CUDA tensors run on the torch backend")
+def _triton_unavailable_reason(device_type: str) -> str | None:
+    """Why the Triton kernels cannot run on this device type, or None when they can."""
+    if not triton_installed():
+        return "Triton is not installed (pip install 'sparsekit[gpu]')"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return ("CPU tensors run the Triton kernels only under Triton's interpreter: set "
+                    "TRITON_INTERPRET=1 before sparsekit.kernels is first imported")
+        return None
+    return f"the Triton kernels run CUDA tensors, got a {device_type} tensor"
 
 
 def _default_cpu() -> str:
@@ -56,8 +75,13 @@ def backend_for_device(device_type: str) -> str:
             raise RuntimeError(f"SPARSEKIT_BACKEND=cpp runs CPU tensors only, got a {device_type} tensor")
         return "cpp"
     if forced == "triton":
-        raise RuntimeError(f"SPARSEKIT_BACKEND=triton is unavailable: {_triton_unavailable_reason()}")
-    return _default_cpu() if device_type == "cpu" else "torch"
+        reason = _triton_unavailable_reason(device_type)
+        if reason is not None:
+            raise RuntimeError(f"SPARSEKIT_BACKEND=triton is unavailable: {reason}")
+        return "triton"
+    if device_type == "cpu":
+        return _default_cpu()
+    return "triton" if device_type == "cuda" and triton_installed() else "torch"
 
 
 def backend_for(tensor: torch.Tensor) -> str:
@@ -67,16 +91,25 @@ def backend_for(tensor: torch.Tensor) -> str:
         if forced_backend() == "cpp":
             raise RuntimeError(f"SPARSEKIT_BACKEND=cpp supports float32/float64, got {tensor.dtype}")
         return "torch"
+    if name == "triton" and tensor.dtype not in TRITON_DTYPES:
+        if forced_backend() == "triton":
+            raise RuntimeError(f"SPARSEKIT_BACKEND=triton supports float32/bfloat16/float16, got {tensor.dtype}")
+        return "torch"
     return name
 
 
 def backends() -> dict:
-    """The backend each device uses: {"cpu": "cpp"|"torch", "cuda": "triton"|"torch"|None}.
+    """The backend each device uses: {"cpu": "cpp"|"torch"|"triton", "cuda": "triton"|"torch"|None}.
 
-    "cuda" is None when CUDA is unavailable (or SPARSEKIT_BACKEND=cpp). Raises RuntimeError if SPARSEKIT_BACKEND forces a
-    backend that cannot run here.
+    "cuda" is None when CUDA is unavailable (or SPARSEKIT_BACKEND=cpp), "triton" when Triton is
+    installed. "cpu" is "triton" only when forced under the interpreter (TRITON_INTERPRET=1), and
+    None when Triton is forced on a GPU machine without the interpreter. Raises RuntimeError if
+    SPARSEKIT_BACKEND forces a backend that cannot run here.
     """
-    cpu = backend_for_device("cpu")
-    if not torch.cuda.is_available() or forced_backend() == "cpp":
-        return {"cpu": cpu, "cuda": None}
-    return {"cpu": cpu, "cuda": backend_for_device("cuda")}
+    forced = forced_backend()
+    cuda = None
+    if torch.cuda.is_available() and forced != "cpp":
+        cuda = backend_for_device("cuda")
+    if forced == "triton" and cuda is not None:  # forced onto the GPU: CPU tensors run only interpreted
+        return {"cpu": "triton" if _triton_unavailable_reason("cpu") is None else None, "cuda": cuda}
+    return {"cpu": backend_for_device("cpu"), "cuda": cuda}

@@ -2,8 +2,9 @@
 
 Each op checks its arguments (a ValueError naming the argument), makes inputs contiguous (on
 purpose: the kernels never copy silently), then runs on the backend chosen for the input's device
-(``sparsekit.backend``): C++ custom ops on CPU, Triton on CUDA once it lands, or the PyTorch
-reference (``sparsekit.reference``) that defines them all. Every op is differentiable.
+(``sparsekit.backend``): C++ custom ops on CPU, Triton custom ops on CUDA (``sparsekit.kernels``,
+imported on first use), or the PyTorch reference (``sparsekit.reference``) that defines them all.
+Every op is differentiable.
 
 Shapes: x [B, d_in], W_enc [d_in, n], b_enc [n], W_dec [n, d_out], b_dec [d_out];
 TopK codes (values [B, k], indices [B, k] int64); BatchTopK codes (values, rows, cols), each [B*k].
@@ -35,6 +36,13 @@ class BatchTopKCodes(NamedTuple):
 def _cpp():
     from . import cpu_ops  # registers the custom ops on first use
     return cpu_ops
+
+
+def _triton(module: str):
+    """A module of sparsekit.kernels ("encode", "decode", "ghost"), imported (and its custom ops
+    registered) on first use: Triton is slow to import and absent on some machines."""
+    import importlib
+    return importlib.import_module(f"sparsekit.kernels.{module}")
 
 
 def _check_encoder(x, W_enc, b_enc) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,8 +80,11 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> TopKCodes:
     """
     x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
     k = checks.k_in_range(k, W_enc.shape[1])
-    if backend_for(x) == "cpp":
+    backend = backend_for(x)
+    if backend == "cpp":
         return TopKCodes(*_cpp().topk_encode_cpu(x, W_enc, b_enc, k))
+    if backend == "triton":
+        return TopKCodes(*_triton("encode").topk_encode_triton(x, W_enc, b_enc, k))
     return TopKCodes(*reference.topk_encode(x, W_enc, b_enc, k))
 
 
@@ -84,16 +95,22 @@ def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> BatchTo
     """
     x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
     k = checks.k_in_range(k, W_enc.shape[1])
-    if backend_for(x) == "cpp":
+    backend = backend_for(x)
+    if backend == "cpp":
         return BatchTopKCodes(*_cpp().batchtopk_encode_cpu(x, W_enc, b_enc, k))
+    if backend == "triton":
+        return BatchTopKCodes(*_triton("encode").batchtopk_encode_triton(x, W_enc, b_enc, k))
     return BatchTopKCodes(*reference.batchtopk_encode(x, W_enc, b_enc, k))
 
 
 def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     """relu(x @ W_enc + b_enc): [B, d_in] -> [B, n] dense."""
     x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
-    if backend_for(x) == "cpp":
+    backend = backend_for(x)
+    if backend == "cpp":
         return _cpp().relu_encode_cpu(x, W_enc, b_enc)
+    if backend == "triton":
+        return _triton("encode").relu_encode_triton(x, W_enc, b_enc)
     return reference.relu_encode(x, W_enc, b_enc)
 
 
@@ -111,8 +128,11 @@ def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tens
     checks.finite(log_threshold=log_threshold)
     bandwidth = checks.positive_number("bandwidth", bandwidth)
     log_threshold = log_threshold.contiguous()
-    if backend_for(x) == "cpp":
+    backend = backend_for(x)
+    if backend == "cpp":
         return _cpp().jumprelu_encode_cpu(x, W_enc, b_enc, log_threshold, bandwidth)[0]
+    if backend == "triton":
+        return _triton("encode").jumprelu_encode_triton(x, W_enc, b_enc, log_threshold, bandwidth)[0]
     return reference.jumprelu_encode(x, W_enc, b_enc, log_threshold, bandwidth)
 
 
@@ -159,11 +179,16 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     checks.indices_in_range("indices", indices, W_dec.shape[0], "rows of W_dec")
     checks.finite(values=values)
     batch, k = values.shape
-    if backend_for(values) == "cpp":
+    backend = backend_for(values)
+    if backend == "cpp":
         cpu_ops = _cpp()
         rows = cpu_ops.coo_row_ids(batch, k)
         return cpu_ops.sparse_decode_cpu(values.reshape(-1), rows, indices.reshape(-1).contiguous(),
                                          W_dec, b_dec, batch)
+    if backend == "triton":
+        rows = torch.arange(batch, device=values.device).repeat_interleave(k)
+        return _triton("decode").sparse_decode_triton(values.contiguous().reshape(-1), rows,
+                                                      indices.contiguous().reshape(-1), W_dec, b_dec, batch, True)
     return reference.sparse_decode(values.contiguous(), indices.contiguous(), W_dec, b_dec)
 
 
@@ -187,8 +212,11 @@ def sparse_decode_coo(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor,
     checks.indices_in_range("cols", cols, W_dec.shape[0], "rows of W_dec")
     checks.finite(values=values)
     values, rows, cols = values.contiguous(), rows.contiguous(), cols.contiguous()
-    if backend_for(values) == "cpp":
+    backend = backend_for(values)
+    if backend == "cpp":
         return _cpp().sparse_decode_cpu(values, rows, cols, W_dec, b_dec, batch_size)
+    if backend == "triton":
+        return _triton("decode").sparse_decode_triton(values, rows, cols, W_dec, b_dec, batch_size, False)
     return reference.sparse_decode_coo(values, rows, cols, W_dec, b_dec, batch_size)
 
 
@@ -219,7 +247,11 @@ def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead
     residual, mse_main = residual.detach().contiguous(), mse_main.detach()
     if dead_idx.numel() == 0:
         return torch.zeros((), dtype=x.dtype, device=x.device)
-    if backend_for(x) == "cpp":
+    backend = backend_for(x)
+    if backend == "cpp":
         return _cpp().ghost_grad_loss_cpu(x, W_enc, b_enc, W_dec.detach().contiguous(), dead_idx.contiguous(),
                                           residual, mse_main, eps)[0]
+    if backend == "triton":
+        return _triton("ghost").ghost_grad_loss_triton(x, W_enc, b_enc, W_dec.detach().contiguous(),
+                                                       dead_idx.contiguous(), residual, mse_main, eps)[0]
     return reference.ghost_grad_loss(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps)

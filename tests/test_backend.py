@@ -14,7 +14,8 @@ def test_backends_reports_cpp_on_cpu_when_the_extension_is_built(monkeypatch):
     monkeypatch.delenv("SPARSEKIT_BACKEND", raising=False)
     from sparsekit.backend import _C
     assert _C is not None, "sparsekit._C did not build; make test expects it"
-    expected_cuda = None if not torch.cuda.is_available() else "torch"
+    from sparsekit.backend import triton_installed
+    expected_cuda = None if not torch.cuda.is_available() else ("triton" if triton_installed() else "torch")
     assert sparsekit.backends() == {"cpu": "cpp", "cuda": expected_cuda}
 
 
@@ -42,16 +43,42 @@ def test_default_cpu_path_goes_through_the_custom_op(monkeypatch):
     assert calls == [2]
 
 
-@pytest.mark.parametrize("value, message", [
-    ("triton", "SPARSEKIT_BACKEND=triton is unavailable"),
-    ("cuda", "is not one of torch, cpp, triton"),
-])
-def test_forcing_an_unavailable_backend_fails_loudly(value, message, monkeypatch):
-    monkeypatch.setenv("SPARSEKIT_BACKEND", value)
-    with pytest.raises(RuntimeError, match=message):
+def test_forcing_an_unknown_backend_fails_loudly(monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="is not one of torch, cpp, triton"):
         sparsekit.backends()
+    with pytest.raises(RuntimeError, match="is not one of torch, cpp, triton"):
+        sparsekit.topk_encode(torch.randn(2, 3), torch.randn(3, 4), torch.randn(4), 1)
+
+
+def test_forcing_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    message = "SPARSEKIT_BACKEND=triton is unavailable: CPU tensors run the Triton kernels only under"
     with pytest.raises(RuntimeError, match=message):
         sparsekit.topk_encode(torch.randn(2, 3), torch.randn(3, 4), torch.randn(4), 1)
+    if not torch.cuda.is_available():  # nothing here could run the forced backend
+        with pytest.raises(RuntimeError, match=message):
+            sparsekit.backends()
+
+
+def test_forcing_triton_under_the_interpreter_runs_cpu_tensors_in_32_and_16_bit(monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available():
+        assert sparsekit.backends() == {"cpu": "triton", "cuda": None}
+    x, W, b = torch.randn(3, 4, requires_grad=True), torch.randn(4, 5), torch.randn(5)
+    values, _ = sparsekit.topk_encode(x, W, b, 2)
+    assert "topk_encode_triton" in type(values.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="SPARSEKIT_BACKEND=triton supports float32/bfloat16/float16"):
+        sparsekit.relu_encode(x.double(), W.double(), b.double())
+
+
+def test_default_backends_ignore_the_interpreter_switch(monkeypatch):
+    # TRITON_INTERPRET (set by conftest without CUDA) never moves CPU tensors off the C++ path.
+    monkeypatch.delenv("SPARSEKIT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert sparsekit.backends()["cpu"] == "cpp"
 
 
 def test_cpu_half_precision_uses_the_reference_unless_cpp_is_forced(monkeypatch):

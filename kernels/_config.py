@@ -1,0 +1,63 @@
+"""Shared launch settings for the Triton kernels: interpreter detection, autotune configs, precision.
+
+Under ``TRITON_INTERPRET=1`` (tests on CPU tensors) every kernel runs one small config: the
+interpreter executes each program as NumPy, so big blocks only cost time there. On a GPU the
+autotuned kernels choose among Hopper (H100/H200) configs.
+
+Determinism: kernels whose summation order depends on a block size either keep that block size
+fixed across their configs (the GEMM's BLOCK_K) or sum in a sequential loop whose order no config
+changes (the segment reductions). Kernels whose reduction order would depend on the thread layout
+(``sampled_dot``, the column reductions) are not autotuned at all.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Triton's dtype for each torch dtype a kernel accepts (tl.dot takes the 16-bit ones as they are
+# on a GPU; the kernels cast them to float32 right after loading under the interpreter, whose
+# bfloat16 arithmetic is wrong).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def configs(hopper: list[dict], small: dict, warps: tuple[int, ...] = (4, 8), stages: int = 3) -> list:
+    """triton.Config list: ``small`` alone under the interpreter, else every Hopper config
+    (each dict may carry ``num_warps``/``num_stages``; the rest are kernel meta-parameters)."""
+    if INTERPRETING:
+        return [triton.Config(dict(small), num_warps=1, num_stages=1)]
+    out = []
+    for entry in hopper:
+        meta = dict(entry)
+        num_warps = meta.pop("num_warps", warps[0])
+        num_stages = meta.pop("num_stages", stages)
+        out.append(triton.Config(meta, num_warps=num_warps, num_stages=num_stages))
+    return out
+
+
+def fixed(gpu: dict, small: dict) -> dict:
+    """Meta-parameters of a kernel that is not autotuned (its summation order must not change)."""
+    return dict(small if INTERPRETING else gpu)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: float32 follows torch's own TF32 switch (off by default, so the GEMM
+    agrees with torch's to float32 rounding); 16-bit inputs multiply exactly into float32."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def upcast_inputs(dtype: torch.dtype) -> bool:
+    """Cast loaded tiles to float32 before tl.dot: always for float32 (no-op), and for 16-bit
+    inputs only under the interpreter (on a GPU tensor cores take them as they are)."""
+    return dtype == torch.float32 or INTERPRETING
+
+
+def check_dtype(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise RuntimeError(f"sparsekit's Triton kernels take float32/bfloat16/float16, got {t.dtype}")

@@ -1,0 +1,65 @@
+"""sparse_decode on the Triton path (TopK codes and COO codes alike), as custom ops with autograd.
+
+Forward: y[r] = sum over the entries of row r of values[e] * W_dec[cols[e]] + b_dec, gathering the
+kept rows of W_dec (``sparse.coo_times_dense``; COO rows in any order are sorted first, stably).
+Backward: grad values[e] = grad_y[rows[e]] . W_dec[cols[e]] (``sparse.sampled_dot``: dense x dense
+sampled at the active positions only); grad W_dec = S.T @ grad_y by latent segments (deterministic,
+the default) or float32 atomics (SPARSEKIT_DETERMINISTIC=0); grad b_dec = column sums of grad_y.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .encode import deterministic
+from .sparse import coo_t_times_dense, coo_times_dense, sampled_dot
+
+
+@torch.library.custom_op("sparsekit::sparse_decode_triton", mutates_args=())
+def sparse_decode_triton(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
+                         batch_size: int, rows_sorted: bool) -> Tensor:
+    """values, rows, cols [E]; W_dec [n, d_out]; b_dec [d_out] -> [batch_size, d_out]."""
+    return coo_times_dense(values, rows, cols, W_dec, batch_size, rows_sorted, bias=b_dec)
+
+
+@sparse_decode_triton.register_fake
+def _(values, rows, cols, W_dec, b_dec, batch_size, rows_sorted):
+    return W_dec.new_empty(batch_size, W_dec.shape[1])
+
+
+@torch.library.custom_op("sparsekit::sparse_decode_backward_triton", mutates_args=())
+def sparse_decode_backward_triton(values: Tensor, rows: Tensor, cols: Tensor, grad_y: Tensor, W_dec: Tensor,
+                                  need_values: bool, need_W: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
+    """(grad values [E], grad W_dec [n, d_out]); an output not asked for is empty."""
+    grad_y = grad_y.contiguous()
+    grad_values = sampled_dot(rows, cols, grad_y, W_dec) if need_values else values.new_empty(0)
+    grad_W = values.new_empty(0)
+    if need_W:
+        grad_W, _ = coo_t_times_dense(values, rows, cols, grad_y, W_dec.shape[0], False, deterministic)
+    return grad_values, grad_W
+
+
+@sparse_decode_backward_triton.register_fake
+def _(values, rows, cols, grad_y, W_dec, need_values, need_W, deterministic):
+    return (values.new_empty(values.shape) if need_values else values.new_empty(0),
+            W_dec.new_empty(W_dec.shape) if need_W else values.new_empty(0))
+
+
+def _decode_setup(ctx, inputs, output):
+    values, rows, cols, W_dec, _, _, _ = inputs
+    ctx.save_for_backward(values, rows, cols, W_dec)
+
+
+def _decode_backward(ctx, grad_y):
+    values, rows, cols, W_dec = ctx.saved_tensors
+    need_values, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    grad_values = grad_W = grad_b = None
+    if need_values or need_W:
+        grad_values, grad_W = sparse_decode_backward_triton(values, rows, cols, grad_y, W_dec, need_values, need_W,
+                                                            deterministic())
+    if ctx.needs_input_grad[4]:
+        grad_b = grad_y.sum(0)
+    return (grad_values if need_values else None, None, None, grad_W if need_W else None, grad_b, None, None)
+
+
+sparse_decode_triton.register_autograd(_decode_backward, setup_context=_decode_setup)

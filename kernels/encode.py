@@ -1,0 +1,278 @@
+"""The encoders on the Triton path, as torch.library custom ops with autograd (namespace ``sparsekit``).
+
+- ``topk_encode_triton``:      GEMM + bias (gemm.py), per-row radix top-k (select.py), ReLU.
+- ``batchtopk_encode_triton``: GEMM + bias, global radix selection of the B*k largest relu(pre).
+- ``relu_encode_triton`` / ``jumprelu_encode_triton``: GEMM with the activation fused in its epilogue.
+
+Backward: the sparse encoders go through the B*k kept entries only (``sparse_encoder_backward_triton``:
+grad x = S @ W_enc.T by row segments, grad W_enc = x.T @ S and grad b_enc by column segments, or
+atomics when SPARSEKIT_DETERMINISTIC=0); the dense encoders mask the incoming gradient in one
+column-strip kernel (which also sums grad b_enc and the JumpReLU threshold gradient) and run two GEMMs.
+Each forward and backward kernel is its own custom op (a backward registered with
+``register_autograd`` may not touch data pointers), as in ``sparsekit.cpu_ops``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import fixed
+from .gemm import gemm
+from .select import batch_topk, topk_rows
+from .sparse import coo_t_times_dense, coo_times_dense
+
+
+def deterministic() -> bool:
+    """Deterministic sparse gradients (sorted segment sums) unless SPARSEKIT_DETERMINISTIC=0 (atomics)."""
+    return os.environ.get("SPARSEKIT_DETERMINISTIC", "1").strip() != "0"
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# --- the sparse encoders' backward --------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::sparse_encoder_backward_triton", mutates_args=())
+def sparse_encoder_backward_triton(grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tensor, W_enc: Tensor,
+                                   need_x: bool, need_weights: bool,
+                                   deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """From the gradient of the kept pre-activations [E] at (rows, cols), rows sorted:
+    (grad x [B, d] = S @ W_enc.T, grad W_enc [d, n] = x.T @ S, grad b_enc [n] = column sums of S);
+    an output not asked for is empty."""
+    grad_x = grad_W = grad_b = _empty(x)
+    if need_x:
+        grad_x = coo_times_dense(grad_kept, rows, cols, W_enc.t(), x.shape[0], rows_sorted=True)
+    if need_weights:
+        grad_W, grad_b = coo_t_times_dense(grad_kept, rows, cols, x, W_enc.shape[1], True, deterministic)
+    return grad_x, grad_W, grad_b
+
+
+@sparse_encoder_backward_triton.register_fake
+def _(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic):
+    empty = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_x else empty, W_enc.new_empty(W_enc.shape) if need_weights else empty,
+            W_enc.new_empty(W_enc.shape[1]) if need_weights else empty)
+
+
+def _sparse_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tensor, W_enc: Tensor):
+    need_x = ctx.needs_input_grad[0]
+    need_weights = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    grad_x, grad_W, grad_b = sparse_encoder_backward_triton(grad_kept, rows, cols, x, W_enc, need_x, need_weights,
+                                                            deterministic())
+    return (grad_x if need_x else None, grad_W if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None)
+
+
+# --- topk_encode ------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::topk_encode_triton", mutates_args=())
+def topk_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """x [B, d], W_enc [d, n], b_enc [n] -> values [B, k] (descending), indices [B, k] int64."""
+    return topk_rows(gemm(x, W_enc, b_enc), k)
+
+
+@topk_encode_triton.register_fake
+def _(x, W_enc, b_enc, k):
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+def _topk_setup(ctx, inputs, output):
+    x, W_enc, _, _ = inputs
+    values, indices = output
+    ctx.save_for_backward(x, W_enc, values, indices)
+
+
+def _topk_backward(ctx, grad_values, grad_indices):
+    x, W_enc, values, indices = ctx.saved_tensors
+    batch, k = values.shape
+    grad_kept = (grad_values * (values > 0)).reshape(-1)  # ReLU after selection
+    rows = torch.arange(batch, device=x.device).repeat_interleave(k)
+    return (*_sparse_backward(ctx, grad_kept, rows, indices.reshape(-1), x, W_enc), None)
+
+
+topk_encode_triton.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+# --- batchtopk_encode -------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::batchtopk_encode_triton", mutates_args=())
+def batchtopk_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> values, rows, cols, each [B*k], flat (row-major) order; ties: lower flat index."""
+    return batch_topk(gemm(x, W_enc, b_enc), x.shape[0] * k)
+
+
+@batchtopk_encode_triton.register_fake
+def _(x, W_enc, b_enc, k):
+    m = x.shape[0] * k
+    return x.new_empty(m), x.new_empty(m, dtype=torch.int64), x.new_empty(m, dtype=torch.int64)
+
+
+def _batchtopk_setup(ctx, inputs, output):
+    x, W_enc, _, _ = inputs
+    values, rows, cols = output
+    ctx.save_for_backward(x, W_enc, values, rows, cols)
+
+
+def _batchtopk_backward(ctx, grad_values, grad_rows, grad_cols):
+    x, W_enc, values, rows, cols = ctx.saved_tensors
+    return (*_sparse_backward(ctx, grad_values * (values > 0), rows, cols, x, W_enc), None)
+
+
+batchtopk_encode_triton.register_autograd(_batchtopk_backward, setup_context=_batchtopk_setup)
+
+
+# --- dense encoders ---------------------------------------------------------------------------
+
+@triton.jit
+def _dense_grad_kernel(grad_out_ptr, saved_ptr, threshold_ptr, grad_pre_ptr, grad_bias_ptr, grad_threshold_ptr,
+                       B, N, bandwidth, JUMP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per strip of BLOCK_N columns, walking down the rows in a fixed order:
+    grad_pre = grad_out where the unit is on (ReLU: out > 0; JumpReLU: pre > threshold), its
+    column sums (grad b_enc) and, for JumpReLU, the rectangle-kernel threshold gradient
+    -sum(grad_out * [|pre - theta| < bandwidth / 2]) * theta^2 / bandwidth (theta = exp(log_threshold))."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if JUMP:
+        theta = tl.load(threshold_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    bias_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    window_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        mask = (rows < B)[:, None] & col_ok[None, :]
+        offsets = rows[:, None] * N + cols[None, :]
+        grad = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if JUMP:
+            on = saved > theta[None, :]
+            in_window = tl.abs(saved - theta[None, :]) < bandwidth / 2
+            window_sum += tl.sum(tl.where(in_window & mask, grad, 0.0), axis=0)
+        else:
+            on = saved > 0
+        grad_pre = tl.where(on, grad, 0.0)
+        tl.store(grad_pre_ptr + offsets, grad_pre.to(grad_pre_ptr.dtype.element_ty), mask=mask)
+        bias_sum += tl.sum(grad_pre, axis=0)
+    tl.store(grad_bias_ptr + cols, bias_sum.to(grad_bias_ptr.dtype.element_ty), mask=col_ok)
+    if JUMP:
+        grad_theta = -window_sum * theta * theta / bandwidth
+        tl.store(grad_threshold_ptr + cols, grad_theta.to(grad_threshold_ptr.dtype.element_ty), mask=col_ok)
+
+
+@torch.library.custom_op("sparsekit::dense_encoder_backward_triton", mutates_args=())
+def dense_encoder_backward_triton(grad_out: Tensor, x: Tensor, W_enc: Tensor, saved: Tensor, threshold: Tensor,
+                                  bandwidth: float, jump: bool, need_x: bool,
+                                  need_W: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad x, grad W_enc, grad b_enc, grad log_threshold, grad pre) of relu_encode (saved = out)
+    or jumprelu_encode (saved = pre, threshold = exp(log_threshold)); unrequested GEMMs are skipped
+    (their outputs empty)."""
+    grad_out = grad_out.contiguous()
+    batch, n = saved.shape
+    grad_pre = torch.empty_like(saved)
+    grad_b = saved.new_empty(n)
+    grad_threshold = saved.new_empty(n if jump else 0)
+    meta = fixed(dict(BLOCK_B=32, BLOCK_N=128, num_warps=4), dict(BLOCK_B=8, BLOCK_N=16, num_warps=1))
+    _dense_grad_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
+        grad_out, saved, threshold if jump else saved, grad_pre, grad_b, grad_threshold if jump else grad_b,
+        batch, n, bandwidth, JUMP=jump, **meta)
+    grad_x = gemm(grad_pre, W_enc.t()) if need_x else _empty(x)
+    grad_W = gemm(x.t(), grad_pre) if need_W else _empty(x)
+    return grad_x, grad_W, grad_b, grad_threshold, grad_pre
+
+
+@dense_encoder_backward_triton.register_fake
+def _(grad_out, x, W_enc, saved, threshold, bandwidth, jump, need_x, need_W):
+    n = saved.shape[1]
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0), W_enc.new_empty(W_enc.shape) if need_W
+            else x.new_empty(0), saved.new_empty(n), saved.new_empty(n if jump else 0), torch.empty_like(saved))
+
+
+@torch.library.custom_op("sparsekit::relu_encode_triton", mutates_args=())
+def relu_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """relu(x @ W_enc + b_enc) [B, n], the ReLU fused in the GEMM epilogue."""
+    return gemm(x, W_enc, b_enc, "relu")
+
+
+@relu_encode_triton.register_fake
+def _(x, W_enc, b_enc):
+    return x.new_empty(x.shape[0], W_enc.shape[1])
+
+
+def _relu_setup(ctx, inputs, output):
+    x, W_enc, _ = inputs
+    ctx.save_for_backward(x, W_enc, output)
+
+
+def _relu_backward(ctx, grad_out):
+    x, W_enc, out = ctx.saved_tensors
+    grad_x, grad_W, grad_b, _, _ = dense_encoder_backward_triton(
+        grad_out, x, W_enc, out, out, 1.0, False, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_W if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None)
+
+
+relu_encode_triton.register_autograd(_relu_backward, setup_context=_relu_setup)
+
+
+@torch.library.custom_op("sparsekit::jumprelu_encode_triton", mutates_args=())
+def jumprelu_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor,
+                           bandwidth: float) -> tuple[Tensor, Tensor]:
+    """(pre * (pre > exp(log_threshold)), pre), both [B, n] from one GEMM (the public op keeps the
+    first; the threshold's gradient needs pre)."""
+    return gemm(x, W_enc, b_enc, "jumprelu", threshold=torch.exp(log_threshold))
+
+
+@jumprelu_encode_triton.register_fake
+def _(x, W_enc, b_enc, log_threshold, bandwidth):
+    shape = (x.shape[0], W_enc.shape[1])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _jumprelu_setup(ctx, inputs, output):
+    x, W_enc, _, log_threshold, bandwidth = inputs
+    ctx.bandwidth = bandwidth
+    ctx.set_materialize_grads(False)  # the second output (pre) is private: usually no gradient
+    ctx.save_for_backward(x, W_enc, log_threshold, output[1])
+
+
+def _jumprelu_backward(ctx, grad_out, grad_pre_out):
+    x, W_enc, log_threshold, pre = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(pre)
+    need_x, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    extra = grad_pre_out is not None
+    grad_x, grad_W, grad_b, grad_threshold, grad_pre = dense_encoder_backward_triton(
+        grad_out, x, W_enc, pre, torch.exp(log_threshold), ctx.bandwidth, True,
+        need_x and not extra, need_W and not extra)
+    if extra:  # the private pre output received a gradient too: it passes straight to pre
+        grad_pre = grad_pre + grad_pre_out
+        grad_b = grad_b + grad_pre_out.sum(0)
+        grad_x = gemm_backward_x(grad_pre, W_enc) if need_x else None
+        grad_W = gemm_backward_W(x, grad_pre) if need_W else None
+    return (grad_x if need_x else None, grad_W if need_W else None, grad_b if ctx.needs_input_grad[2] else None,
+            grad_threshold if ctx.needs_input_grad[3] else None, None)
+
+
+jumprelu_encode_triton.register_autograd(_jumprelu_backward, setup_context=_jumprelu_setup)
+
+
+@torch.library.custom_op("sparsekit::matmul_triton", mutates_args=())
+def matmul_triton(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b on the Triton GEMM (any strided views) -> contiguous [M, N]."""
+    return gemm(a, b)
+
+
+@matmul_triton.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def gemm_backward_x(grad_pre: Tensor, W_enc: Tensor) -> Tensor:
+    return matmul_triton(grad_pre, W_enc.t())
+
+
+def gemm_backward_W(x: Tensor, grad_pre: Tensor) -> Tensor:
+    return matmul_triton(x.t(), grad_pre)

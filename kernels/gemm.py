@@ -1,0 +1,131 @@
+"""Tiled GEMM with a fused epilogue: out = epilogue(a @ b + bias), the encoders' workhorse.
+
+a [M, K] and b [K, N] may be any strided views (W_enc.t(), x.t(): no copies); out [M, N] is
+contiguous in a's dtype. Tiles accumulate in float32. Epilogues (applied to pre = a @ b + bias):
+
+- ``none``      pre
+- ``relu``      relu(pre)
+- ``jumprelu``  pre * (pre > threshold[col]), also storing pre itself (the threshold's gradient needs it)
+- ``exp``       exp(pre) (the ghost-grads pre-activations)
+- ``mul``       pre * aux[row, col] (the ghost-grads backward: grad_pre = (grad_g @ V.T) * exp(pre))
+
+Used by topk_encode/batchtopk_encode (pre-activations, then selection), relu_encode,
+jumprelu_encode, the dense encoders' backward GEMMs and the ghost-grads term.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import check_dtype, configs, dot_precision, upcast_inputs, INTERPRETING
+
+EPILOGUES = {"none": 0, "relu": 1, "jumprelu": 2, "exp": 3, "mul": 4}
+
+# Configs differ only in output tiling, warps and stages; BLOCK_K (the order in which each output
+# element sums over K) is chosen by dtype in the launcher, so autotuning never changes results.
+_HOPPER = [
+    dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3),
+    dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=256, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=5),
+]
+_SMALL = dict(BLOCK_M=16, BLOCK_N=32)
+
+
+def _block_k(dtype: torch.dtype) -> int:
+    if INTERPRETING:
+        return 16
+    return 32 if dtype == torch.float32 else 64
+
+
+@triton.autotune(configs=configs(_HOPPER, _SMALL), key=["M", "N", "K", "EPILOGUE", "HAS_BIAS"])
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_ptr,
+                 M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
+    # Grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + (k0 + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_offsets = rows[:, None] * N + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if EPILOGUE == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif EPILOGUE == 2:
+        # Round pre to the output dtype first, so the comparison sees the stored pre-activations.
+        pre = acc.to(out_ptr.dtype.element_ty)
+        tl.store(pre_ptr + out_offsets, pre, mask=out_mask)
+        threshold = tl.load(threshold_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc = tl.where(pre.to(tl.float32) > threshold[None, :], pre.to(tl.float32), 0.0)
+    elif EPILOGUE == 3:
+        acc = tl.exp(acc)
+    elif EPILOGUE == 4:
+        acc = acc * tl.load(aux_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epilogue: str = "none",
+         threshold: torch.Tensor | None = None, aux: torch.Tensor | None = None):
+    """epilogue(a @ b + bias): a [M, K], b [K, N], bias [N] -> [M, N] contiguous, a's dtype.
+
+    ``threshold`` [N] (already exp(log_threshold)) for ``jumprelu``, which returns (out, pre);
+    ``aux`` [M, N] for ``mul``.
+    """
+    check_dtype(a, b)
+    M, K = a.shape
+    N = b.shape[1]
+    code = EPILOGUES[epilogue]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    pre = torch.empty_like(out) if code == 2 else out
+    if code == 2:
+        threshold = threshold.contiguous()
+    if code == 4:
+        aux = aux.contiguous()
+    if M == 0 or N == 0:
+        return (out, pre) if code == 2 else out
+    if K == 0:  # tl.dot needs at least one K tile; an empty sum is zero
+        a = a.new_zeros(M, 1)
+        b = b.new_zeros(1, N)
+        K = 1
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _gemm_kernel[grid](a, b, bias if bias is not None else out, threshold if threshold is not None else out,
+                       aux if aux is not None else out, out, pre,
+                       M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                       HAS_BIAS=bias is not None, EPILOGUE=code, UPCAST=upcast_inputs(a.dtype),
+                       PRECISION=dot_precision(a.dtype), BLOCK_K=_block_k(a.dtype))
+    return (out, pre) if code == 2 else out

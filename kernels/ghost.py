@@ -1,0 +1,127 @@
+"""ghost_grad_loss on the Triton path: the ghost-grads term over dead latents D only.
+
+Forward: exp(pre_D) = exp(x @ W_enc[:, D] + b_enc[D]) by the GEMM with ``exp`` fused, then
+g = exp(pre_D) @ W_dec[D]; one program per row computes ||r||, ||g||, the (detached) rescale
+||r|| / (2 ||g|| + eps) and the row's squared error. Nothing is [B, n]: every intermediate is
+[B, |D|] or [B, d], so the cost grows with |D|.
+Backward: grad g = c * (g * scale - r) * scale per row (c = 2 * grad * mse_main / (L + eps) / B, kept
+on the device: no host sync), grad pre_D = (grad g @ W_dec[D].T) * exp(pre_D) (the ``mul`` epilogue),
+then grad x, grad W_enc[:, D] and grad b_enc[D].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import fixed
+from .gemm import gemm
+
+
+@triton.jit
+def _ghost_rows_kernel(ghost_ptr, residual_ptr, scale_ptr, error_ptr, D, eps, BLOCK_D: tl.constexpr):
+    """Per row: scale = ||r|| / (2 ||g|| + eps), error = ||g * scale - r||^2."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    g2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    r2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ok = d0 + offs < D
+        g = tl.load(ghost_ptr + row * D + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+        r = tl.load(residual_ptr + row * D + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+        g2 += g * g
+        r2 += r * r
+    scale = tl.sqrt(tl.sum(r2)) / (2 * tl.sqrt(tl.sum(g2)) + eps)
+    err = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ok = d0 + offs < D
+        g = tl.load(ghost_ptr + row * D + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+        r = tl.load(residual_ptr + row * D + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+        diff = g * scale - r
+        err += diff * diff
+    tl.store(scale_ptr + row, scale)
+    tl.store(error_ptr + row, tl.sum(err))
+
+
+@triton.jit
+def _ghost_rows_backward_kernel(ghost_ptr, residual_ptr, scale_ptr, coefficient_ptr, out_ptr, D,
+                                BLOCK_D: tl.constexpr):
+    """grad g = coefficient * (g * scale - r) * scale, per row."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    scale = tl.load(scale_ptr + row)
+    coefficient = tl.load(coefficient_ptr).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ok = d0 + offs < D
+        g = tl.load(ghost_ptr + row * D + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+        r = tl.load(residual_ptr + row * D + d0 + offs, mask=ok, other=0.0).to(tl.float32)
+        grad = coefficient * (g * scale - r) * scale
+        tl.store(out_ptr + row * D + d0 + offs, grad.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_ROWS = dict(BLOCK_D=1024, num_warps=4), dict(BLOCK_D=16, num_warps=1)
+
+
+@torch.library.custom_op("sparsekit::ghost_grad_loss_triton", mutates_args=())
+def ghost_grad_loss_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
+                           residual: Tensor, mse_main: Tensor,
+                           eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, the unscaled loss L, exp(pre_D) [B, |D|], g [B, d], scale [B] float32); dead_idx non-empty."""
+    exp_pre = gemm(x, W_enc.index_select(1, dead_idx), b_enc.index_select(0, dead_idx), "exp")
+    ghost = gemm(exp_pre, W_dec.index_select(0, dead_idx))
+    residual = residual.contiguous()
+    batch, width = ghost.shape
+    scale = torch.empty(batch, dtype=torch.float32, device=x.device)
+    row_error = torch.empty(batch, dtype=torch.float32, device=x.device)
+    _ghost_rows_kernel[(batch,)](ghost, residual, scale, row_error, width, eps, **fixed(*_ROWS))
+    raw_loss = row_error.mean().to(x.dtype)
+    return raw_loss * (mse_main / (raw_loss + eps)), raw_loss, exp_pre, ghost, scale
+
+
+@ghost_grad_loss_triton.register_fake
+def _(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
+    batch = x.shape[0]
+    return (x.new_empty(()), x.new_empty(()), x.new_empty(batch, dead_idx.shape[0]), x.new_empty(residual.shape),
+            x.new_empty(batch, dtype=torch.float32))
+
+
+@torch.library.custom_op("sparsekit::ghost_grad_loss_backward_triton", mutates_args=())
+def ghost_grad_loss_backward_triton(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
+                                    residual: Tensor, mse_main: Tensor, raw_loss: Tensor, exp_pre: Tensor,
+                                    ghost: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x [B, d], grad W_enc[:, D] [d, |D|], grad b_enc[D] [|D|]); scale and loss factor constant."""
+    coefficient = (grad * mse_main / (raw_loss + eps) * (2.0 / x.shape[0])).float().reshape(1)
+    grad_ghost = torch.empty_like(ghost)
+    batch, width = ghost.shape
+    _ghost_rows_backward_kernel[(batch,)](ghost, residual.contiguous(), scale, coefficient, grad_ghost, width,
+                                          **fixed(*_ROWS))
+    grad_pre = gemm(grad_ghost, W_dec.index_select(0, dead_idx).t(), epilogue="mul", aux=exp_pre)
+    grad_x = gemm(grad_pre, W_enc.index_select(1, dead_idx).t())
+    return grad_x, gemm(x.t(), grad_pre), grad_pre.sum(0)
+
+
+@ghost_grad_loss_backward_triton.register_fake
+def _(grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, eps):
+    n_dead = dead_idx.shape[0]
+    return x.new_empty(x.shape), x.new_empty(x.shape[1], n_dead), x.new_empty(n_dead)
+
+
+def _ghost_setup(ctx, inputs, output):
+    x, W_enc, _, W_dec, dead_idx, residual, mse_main, eps = inputs
+    _, raw_loss, exp_pre, ghost, scale = output
+    ctx.eps = eps
+    ctx.save_for_backward(x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale)
+
+
+def _ghost_backward(ctx, grad, *unused_grads):
+    x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale = ctx.saved_tensors
+    grad_x, grad_dead_cols, grad_dead_bias = ghost_grad_loss_backward_triton(
+        grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, ctx.eps)
+    grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead_idx, grad_dead_cols)
+    grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, dead_idx, grad_dead_bias)
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_W_enc, grad_b_enc,
+            None, None, None, None, None)
+
+
+ghost_grad_loss_triton.register_autograd(_ghost_backward, setup_context=_ghost_setup)
