@@ -2,7 +2,8 @@
 environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set by tests/test_distributed.py.
 
 Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
-  parity   data-parallel TopK and BatchTopK runs (float64) for comparison with one process
+  parity   data-parallel TopK and BatchTopK runs (float64) for comparison with one process, and
+           five steps of a latent-sharded TopK SAE (LatentShardedTopK)
   resume   an uninterrupted run, and one stopped mid-way (every rank's source fails at the same
            batch) then resumed from rank 0's checkpoint in the same processes
   raise    rank 1's source yields NaN at its third batch: rank 1 raises, the others must not hang
@@ -43,6 +44,35 @@ def make_case(name: str, directory: str | None = None, resume_every: int | None 
     return sae, source, cfg
 
 
+def adam_steps(model, steps: int = STEPS, clip: float = 0.05) -> list:
+    """The trainer's update written out (mse, decoder projection, clipping, Adam, renormalisation)
+    on the first steps * BATCH planted rows; for a full dictionary or a LatentShardedTopK shard.
+    Returns the first step's x_hat. clip is small so that clipping acts."""
+    x = planted_rows()[:steps * BATCH]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, foreach=True)
+    first = None
+    for step in range(steps):
+        out = model(x[step * BATCH:(step + 1) * BATCH])
+        first = out.x_hat.detach() if first is None else first
+        optimizer.zero_grad()
+        out.losses["mse"].backward()
+        model.remove_parallel_decoder_grad()
+        if hasattr(model, "clip_grad_norm_"):
+            model.clip_grad_norm_(clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+        optimizer.step()
+        model.normalize_decoder()
+    return first
+
+
+def sharded_case() -> "sparsekit.TopKSAE":
+    sae = sparsekit.TopKSAE(D_IN, N_LATENTS, k=K, dtype=torch.float64, seed=2)
+    with torch.no_grad():
+        sae.b_dec.copy_(planted_rows(256, seed=5).mean(0))
+    return sae
+
+
 class FailingSource:
     """Wraps a source; raises `error` when asked for batch number `at` (1-based)."""
 
@@ -81,6 +111,12 @@ def main() -> None:
         for name in ("topk", "batchtopk"):
             sae, source, cfg = make_case(name)
             save(out, name, rank, sae, sparsekit.train(sae, source, cfg))
+        from sparsekit.distributed_sharded import LatentShardedTopK
+        shard = LatentShardedTopK.from_dictionary(sharded_case())
+        first_x_hat = adam_steps(shard)
+        tensors = {k: v.contiguous() for k, v in shard.gather().state_dict().items()}
+        save_file({**tensors, "first_x_hat": first_x_hat, "shard_W_enc": shard.W_enc.detach().contiguous()},
+                  str(out / f"sharded_rank{rank}.safetensors"))
     elif scenario == "resume":
         sae, source, cfg = make_case("topk", str(out / "whole"), resume_every=BATCH)
         save(out, "whole", rank, sae, sparsekit.train(sae, source, cfg))

@@ -1,0 +1,196 @@
+"""Latent sharding (model parallel) of a TopK dictionary too wide for one device.
+
+Rank r of W holds latents [r*n/W, (r+1)*n/W): W_enc [d_in, n/W], b_enc [n/W], W_dec [n/W, d_out]
+and their Adam moments, so parameter and optimizer memory per rank falls as 1/W; b_dec (and a
+transcoder's b_in) are replicated. Every rank sees the same batch x [B, d_in].
+
+Forward, for a batch:
+1. each rank encodes against its shard and keeps its local top-k per row (``ops.topk_encode``);
+2. the k candidate values per row are all-gathered ([W, B, k], W*B*k numbers) and every rank picks
+   the same global top-k per row (a stable descending sort over the candidates in rank order is
+   the ties-to-lower-global-index rule of ``ops.topk_encode``);
+3. each rank decodes its kept entries into a partial reconstruction [B, d_out]; an all-reduce sums
+   the partials (``_SumShards``: all-reduce forward, identity backward, since the loss after it is
+   computed identically on every rank).
+The pre-encoder bias enters the encoder through ``_CopyToShards`` (identity forward, all-reduce
+backward), so its gradient sums every shard's contribution; sharded parameters need no gradient
+communication at all. Gradient clipping takes the norm over all shards (``clip_grad_norm_``).
+
+Per step and rank this communicates B*k values (all-gather) and B*d_out values (all-reduce), and
+nothing proportional to n. Tested against one process in float64 (tests/test_distributed.py).
+
+Not yet: BatchTopK, AuxK and ghost grads across shards, sharded dead-latent counters inside
+``sparsekit.train`` (the trainer does not take a sharded dictionary yet), and the 2-D mesh
+(data x latent) that combines this with ``sparsekit.distributed.DataParallel``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import ops
+from .checks import positive_int
+from .sae.base import SAEOutput
+from .sae.topk import TopKSAE
+
+
+class _CopyToShards(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ranks (a replicated input used by shards)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumShards(torch.autograd.Function):
+    """All-reduce sum forward; identity backward (what follows is replicated on every rank)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        total = t.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class LatentShardedTopK(nn.Module):
+    """This rank's shard of a TopK SAE or transcoder with n_latents latents (n divisible by W).
+
+    Build it from a full dictionary that every rank constructed identically (``from_dictionary``),
+    or directly (``__init__``), which allocates only the shard. ``forward(x, y)`` returns
+    SAEOutput(x_hat [B, d_out], codes, losses) like a dictionary; codes are this rank's
+    TopKCodes(values [B, k] with non-kept entries zeroed, local indices [B, k]).
+    """
+
+    architecture = "topk"
+    unit_norm_decoder = True
+
+    def __init__(self, d_in: int, n_latents: int, k: int, d_out: int | None = None, transcoder: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None, seed: int = 0, group=None):
+        super().__init__()
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.d_in, self.n_latents, self.k = positive_int("d_in", d_in), positive_int("n_latents", n_latents), \
+            positive_int("k", k)
+        self.d_out = self.d_in if d_out is None else positive_int("d_out", d_out)
+        self.transcoder = bool(transcoder)
+        if self.n_latents % self.world_size:
+            raise ValueError(f"n_latents={n_latents} must be a multiple of the world size {self.world_size}")
+        if self.k > self.n_latents:
+            raise ValueError(f"k={k} exceeds n_latents={n_latents}")
+        self.n_local = self.n_latents // self.world_size
+        self.offset = self.rank * self.n_local
+        factory = dict(dtype=dtype, device=device)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)  # each rank draws its own rows
+        W_dec = nn.functional.normalize(torch.randn(self.n_local, self.d_out, generator=gen, dtype=torch.float64), dim=-1)
+        W_enc = W_dec.t().clone() if self.d_in == self.d_out else \
+            nn.functional.normalize(torch.randn(self.d_in, self.n_local, generator=gen, dtype=torch.float64), dim=0)
+        self.W_enc = nn.Parameter(W_enc.to(**factory))
+        self.b_enc = nn.Parameter(torch.zeros(self.n_local, **factory))
+        self.W_dec = nn.Parameter(W_dec.to(**factory))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **factory))
+        if self.transcoder:
+            self.b_in = nn.Parameter(torch.zeros(self.d_in, **factory))
+
+    @classmethod
+    @torch.no_grad()
+    def from_dictionary(cls, sae: TopKSAE, group=None) -> "LatentShardedTopK":
+        """This rank's shard of a full TopK dictionary (identical on every rank)."""
+        if not isinstance(sae, TopKSAE):
+            raise ValueError(f"sae must be a TopKSAE (or a topk Transcoder), got {type(sae).__name__}")
+        shard = cls(sae.d_in, sae.n_latents, sae.k, sae.d_out, sae.transcoder, sae.W_enc.dtype, sae.W_enc.device,
+                    group=group)
+        latents = slice(shard.offset, shard.offset + shard.n_local)
+        shard.W_enc.copy_(sae.W_enc[:, latents])
+        shard.b_enc.copy_(sae.b_enc[latents])
+        shard.W_dec.copy_(sae.W_dec[latents])
+        shard.b_dec.copy_(sae.b_dec)
+        if sae.transcoder:
+            shard.b_in.copy_(sae.b_in)
+        return shard
+
+    @torch.no_grad()
+    def gather(self) -> TopKSAE:
+        """The full dictionary, assembled on every rank (for saving; needs n * (d_in + d_out) memory)."""
+        sae = TopKSAE(self.d_in, self.n_latents, self.k, d_out=self.d_out, transcoder=self.transcoder,
+                      dtype=self.W_enc.dtype, device=self.W_enc.device)
+        sae.W_enc.copy_(torch.cat(self._all_gather(self.W_enc.t().contiguous())).t())
+        sae.b_enc.copy_(torch.cat(self._all_gather(self.b_enc.detach())))
+        sae.W_dec.copy_(torch.cat(self._all_gather(self.W_dec.detach())))
+        sae.b_dec.copy_(self.b_dec)
+        if self.transcoder:
+            sae.b_in.copy_(self.b_in)
+        return sae
+
+    def _all_gather(self, t: Tensor) -> list[Tensor]:
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return parts
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> SAEOutput:
+        """x [B, d_in] (normalised, the same on every rank) -> SAEOutput; losses["mse"] as a dictionary's."""
+        if self.transcoder and y is None:
+            raise ValueError("a transcoder needs its target y [B, d_out]")
+        target = y if self.transcoder else x
+        pre_bias = _CopyToShards.apply(self.b_in if self.transcoder else self.b_dec, self.group)
+        local_k = min(self.k, self.n_local)
+        codes = ops.topk_encode(x, self.W_enc, self.b_enc - pre_bias @ self.W_enc, local_k)
+        candidates = torch.cat(self._all_gather(codes.values.detach()), dim=1)    # [B, W * local_k]
+        winners = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :self.k]
+        kept = torch.zeros_like(candidates, dtype=torch.bool).scatter_(1, winners, True)
+        mine = kept[:, self.rank * local_k:(self.rank + 1) * local_k]
+        values = codes.values * mine
+        partial = ops.sparse_decode(values, codes.indices, self.W_dec, torch.zeros_like(self.b_dec))
+        x_hat = _SumShards.apply(partial, self.group) + self.b_dec
+        losses = {"mse": (x_hat - target).pow(2).sum(-1).mean()}
+        return SAEOutput(x_hat, ops.TopKCodes(values, codes.indices), losses)
+
+    def fire_counts(self, codes: ops.TopKCodes) -> Tensor:
+        """How many rows activated each of this rank's latents: [n_local] int64."""
+        return torch.bincount(codes.indices[codes.values > 0], minlength=self.n_local)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """As SparseDictionary's: each decoder row is local, so nothing is communicated."""
+        if self.W_dec.grad is None:
+            return
+        rows = nn.functional.normalize(self.W_dec, dim=-1)
+        self.W_dec.grad -= (self.W_dec.grad * rows).sum(-1, keepdim=True) * rows
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def sharded_parameters(self) -> list[nn.Parameter]:
+        return [self.W_enc, self.b_enc, self.W_dec]
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return [self.b_dec] + ([self.b_in] if self.transcoder else [])
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale every gradient so the global norm (all shards, replicated parameters once) is at
+        most max_norm, as torch.nn.utils.clip_grad_norm_ on the full dictionary; returns that norm."""
+        def sq(params):
+            grads = [p.grad for p in params if p.grad is not None]
+            return sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64,
+                                                                                device=self.W_enc.device))
+        sharded = sq(self.sharded_parameters()).reshape(1)
+        dist.all_reduce(sharded, group=self.group)
+        total = (sharded[0] + sq(self.replicated_parameters())).sqrt()
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        return total
