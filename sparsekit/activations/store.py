@@ -1,0 +1,268 @@
+"""Activations of a TransformerLens model, streamed from hook points or cached as shards.
+
+    contexts = corpus_contexts(model, "shakespeare", context_len=128)          # [N, 128], BOS first
+    source = LMActivationSource(model, contexts, "blocks.3.hook_resid_post")   # x [b, 576] batches
+    source = LMActivationSource(model, contexts, ("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out"))
+    shards = cache_activations(model, contexts, hooks, "acts/l3")              # ShardSource; reused next time
+
+Rows are tokens: position 0 (BOS) of every context is excluded (its activations are outliers that
+carry no information about the text). Activations shaped [batch, pos, heads, d_head]
+(``attn.hook_z``) are flattened to [batch, pos, heads * d_head]. The forward pass stops after the
+last block a hook needs (``stop_at_layer``), so an early layer costs a fraction of the model.
+
+Shuffle buffer: consecutive groups of ``buffer_contexts`` contexts (in an order permuted per epoch
+by (seed, epoch)) form windows; a window's activations are computed in one go and its rows
+permuted by (seed, epoch, window). The state is just (epoch, position): a resumed source recomputes
+the current window (forward passes are deterministic) and continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..atomic import atomic_write_bytes
+from ..checks import positive_int
+from .shards import MANIFEST, ShardSource, write_shards
+from .source import Batch, _epochs, _seed, _state_int, check_state, permutation
+from .text import load_documents, token_contexts
+
+STORE_RECORD = "lm_store.json"
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def corpus_contexts(model, corpus: str = "shakespeare", context_len: int = 128, max_contexts: int | None = None,
+                    bos_id: int | None = None) -> Tensor:
+    """A text corpus (see ``text.py``) tokenised by model.tokenizer -> contexts [N, context_len] int64,
+    each BOS (``bos_id``, default the tokenizer's BOS) followed by the next context_len - 1 tokens.
+    Documents are tokenised in order and joined; only as many as ``max_contexts`` needs are read."""
+    tokenizer = getattr(model, "tokenizer", model)
+    if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+        raise ValueError("model must be a HookedTransformer with a tokenizer (or a tokenizer itself)")
+    bos = tokenizer.bos_token_id if bos_id is None else bos_id
+    if bos is None:
+        raise ValueError("the tokenizer has no BOS token: pass bos_id")
+    needed = None if max_contexts is None else positive_int("max_contexts", max_contexts) * (context_len - 1)
+    ids: list[int] = []
+    for _, document in load_documents(corpus):
+        ids.extend(tokenizer.encode(document + "\n\n", add_special_tokens=False))
+        if needed is not None and len(ids) >= needed:
+            break
+    return token_contexts(ids, context_len, bos, max_contexts)
+
+
+def _check_contexts(tokens) -> Tensor:
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        what = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be an integer tensor [contexts, context_len] (see corpus_contexts), got {what}")
+    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must hold at least one context of >= 2 positions (BOS is excluded), "
+                         f"got shape {tuple(tokens.shape)}")
+    return tokens.long()
+
+
+def check_hooks(model, hooks) -> tuple[str, ...]:
+    """hooks: one hook name (an SAE's input) or a pair (transcoder input, target) -> tuple of names."""
+    names = (hooks,) if isinstance(hooks, str) else tuple(hooks) if isinstance(hooks, (tuple, list)) else None
+    if names is None or not 1 <= len(names) <= 2 or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"hooks must be a hook name or a (input, target) pair of names, got {hooks!r}")
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None:
+        raise ValueError(f"model must be a TransformerLens HookedTransformer, got {type(model).__name__}")
+    for name in names:
+        if name not in hook_dict:
+            close = [h for h in hook_dict if h.split(".")[-1] == name.split(".")[-1]][:3]
+            raise ValueError(f"hooks: {name!r} is not a hook point of this model" +
+                             (f" (e.g. {', '.join(close)})" if close else ""))
+    return names
+
+
+def stop_layer(model, hooks: Sequence[str]) -> int | None:
+    """The stop_at_layer that still runs every block the hooks read (None: the whole model)."""
+    layers = []
+    for name in hooks:
+        match = _LAYER.match(name)
+        if match is None:  # embed / ln_final / unembed hooks: embed needs no block, the rest all of them
+            if name.startswith(("hook_embed", "hook_pos_embed")):
+                layers.append(-1)
+                continue
+            return None
+        layers.append(int(match.group(1)))
+    last = max(layers) + 1
+    return None if last >= model.cfg.n_layers else last
+
+
+def flatten_positions(activation: Tensor) -> Tensor:
+    """[batch, pos, ...] -> [batch, pos, d] (e.g. hook_z's heads x d_head flattened)."""
+    return activation.reshape(activation.shape[0], activation.shape[1], -1)
+
+
+@torch.no_grad()
+def hook_activations(model, tokens: Tensor, hooks: Sequence[str], stop_at_layer: int | None = None,
+                     drop_first: bool = True) -> list[Tensor]:
+    """One forward pass over tokens [b, T]: per hook the activations [b * (T - 1), d] (position 0
+    dropped when drop_first) as float32 CPU tensors, in context-major order."""
+    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=list(hooks), stop_at_layer=stop_at_layer,
+                                    return_type=None)
+    out = []
+    for name in hooks:
+        act = flatten_positions(cache[name])
+        if drop_first:
+            act = act[:, 1:]
+        out.append(act.reshape(-1, act.shape[-1]).float().cpu())
+    return out
+
+
+class LMActivationSource:
+    """An ActivationSource over a HookedTransformer's activations at ``hooks`` on token contexts.
+
+    hooks: one name -> x [b, d] batches; (input, target) -> (x [b, d_in], y [b, d_out]) for a
+    transcoder. tokens: [N, T] contexts starting with BOS (position 0 is excluded: each context
+    gives T - 1 rows). Forward passes run ``batch_contexts`` contexts at a time and stop after the
+    last block the hooks need. See the module docstring for the shuffle buffer and the state.
+    epochs=None repeats forever (each epoch in a new order).
+    """
+
+    def __init__(self, model, tokens: Tensor, hooks, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
+                 epochs: int | None = 1, buffer_contexts: int = 256, batch_contexts: int = 16,
+                 stop_at_layer: int | None | str = "auto", progress: bool = False):
+        self.model = model
+        self.tokens = _check_contexts(tokens)
+        self.hooks = check_hooks(model, hooks)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = _seed(seed)
+        self.epochs = _epochs(epochs)
+        self.buffer_contexts = positive_int("buffer_contexts", buffer_contexts)
+        self.batch_contexts = positive_int("batch_contexts", batch_contexts)
+        self.stop_at_layer = stop_layer(model, self.hooks) if stop_at_layer == "auto" else stop_at_layer
+        self.rows_per_context = self.tokens.shape[1] - 1
+        self.rows = self.tokens.shape[0] * self.rows_per_context  # rows per epoch
+        self.progress = progress
+        self.epoch = 0
+        self.position = 0
+        self._window: tuple[int, int, list[Tensor]] | None = None  # (epoch, window, activations in window order)
+        self._bar = None
+
+    @property
+    def d(self) -> int:
+        return self._widths()[0]
+
+    @property
+    def d_out(self) -> int | None:
+        widths = self._widths()
+        return widths[1] if len(widths) > 1 else None
+
+    def _widths(self) -> list[int]:
+        return [a.shape[1] for a in hook_activations(self.model, self.tokens[:1, :2], self.hooks, self.stop_at_layer)]
+
+    def _context_order(self) -> np.ndarray:
+        n = self.tokens.shape[0]
+        return permutation(n, self.seed, self.epoch) if self.shuffle else np.arange(n)
+
+    def _window_activations(self, window: int) -> list[Tensor]:
+        """The window's activations [rows, d] per hook, rows already in the window's shuffled order."""
+        if self._window is not None and self._window[:2] == (self.epoch, window):
+            return self._window[2]
+        contexts = self._context_order()[window * self.buffer_contexts:(window + 1) * self.buffer_contexts]
+        pieces: list[list[Tensor]] = [[] for _ in self.hooks]
+        for start in range(0, len(contexts), self.batch_contexts):
+            batch = self.tokens[torch.from_numpy(contexts[start:start + self.batch_contexts])]
+            for store, act in zip(pieces, hook_activations(self.model, batch, self.hooks, self.stop_at_layer)):
+                store.append(act)
+            self._count(batch.numel())
+        acts = [torch.cat(p) for p in pieces]
+        if self.shuffle:
+            order = torch.from_numpy(permutation(acts[0].shape[0], self.seed, self.epoch, window))
+            acts = [a[order] for a in acts]
+        self._window = (self.epoch, window, acts)
+        return acts
+
+    def _count(self, tokens: int) -> None:
+        if not self.progress:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(unit="tok", unit_scale=True, dynamic_ncols=True, desc=f"activations {self.hooks[-1]}")
+        self._bar.update(tokens)
+
+    def __iter__(self) -> Iterator[Batch]:
+        window_rows = self.buffer_contexts * self.rows_per_context
+        while self.epochs is None or self.epoch < self.epochs:
+            if self.position >= self.rows:
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            window, offset = divmod(self.position, window_rows)
+            acts = self._window_activations(window)
+            stop = min(offset + self.batch_size, acts[0].shape[0])
+            self.position += stop - offset  # before yielding: a state taken now counts this batch as consumed
+            batch = [a[offset:stop] for a in acts]
+            yield batch[0] if len(batch) == 1 else (batch[0], batch[1])
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _settings(self) -> dict:
+        return {"contexts": int(self.tokens.shape[0]), "context_len": int(self.tokens.shape[1]),
+                "tokens_sha256": tokens_digest(self.tokens), "hooks": list(self.hooks), "batch_size": self.batch_size,
+                "shuffle": self.shuffle, "seed": self.seed, "buffer_contexts": self.buffer_contexts}
+
+    def state_dict(self) -> dict:
+        return {"kind": "LMActivationSource", "epoch": self.epoch, "position": self.position, **self._settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state("LMActivationSource", state, self._settings())
+        epoch, position = _state_int(state, "epoch"), _state_int(state, "position")
+        if position > self.rows:
+            raise ValueError(f"state field 'position' is {position}, beyond the {self.rows} rows of an epoch")
+        self.epoch, self.position = epoch, position
+
+
+def tokens_digest(tokens: Tensor) -> str:
+    """SHA-256 of the contexts' int64 bytes: which text a cache was computed on."""
+    return hashlib.sha256(np.ascontiguousarray(tokens.cpu().numpy().astype(np.int64)).tobytes()).hexdigest()
+
+
+def model_name(model) -> str:
+    return str(getattr(model.cfg, "model_name", "") or type(model).__name__)
+
+
+def cache_activations(model, tokens: Tensor, hooks, directory, batch_size: int = 4096, shard_rows: int = 65536,
+                      dtype: str = "float32", progress: bool = True, overwrite: bool = False,
+                      **source_kwargs) -> ShardSource:
+    """Activations at hooks on tokens, written once as shards to ``directory`` -> a ShardSource over them.
+
+    Rows are written in context order (row r is context r // (T - 1), position r % (T - 1) + 1);
+    ShardSource shuffles on reading. ``lm_store.json`` records the model, hooks and a digest of the
+    tokens: a second call with the same inputs reuses the folder without running the model; one with
+    different inputs raises unless overwrite=True. source_kwargs go to ShardSource (seed, shuffle,
+    epochs, buffer_shards).
+    """
+    directory = Path(directory)
+    names = check_hooks(model, hooks)
+    tokens = _check_contexts(tokens)
+    record = {"model": model_name(model), "hooks": list(names), "contexts": int(tokens.shape[0]),
+              "context_len": int(tokens.shape[1]), "tokens_sha256": tokens_digest(tokens), "bos_excluded": True,
+              "dtype": dtype}
+    record_path = directory / STORE_RECORD
+    if (directory / MANIFEST).is_file() and record_path.is_file():
+        found = json.loads(record_path.read_text())
+        if found == record:
+            return ShardSource(directory, batch_size=batch_size, **source_kwargs)
+        if not overwrite:
+            differs = sorted(k for k in record if found.get(k) != record[k])
+            raise ValueError(f"directory {directory} caches other activations (differs in {', '.join(differs)}); "
+                             f"pass overwrite=True or another directory")
+    record_path.unlink(missing_ok=True)
+    stream = LMActivationSource(model, tokens, names, batch_size=batch_size, shuffle=False, epochs=1,
+                                progress=progress)
+    write_shards(directory, stream, model=record["model"], hook=" -> ".join(names), dtype=dtype,
+                 shard_rows=shard_rows, overwrite=overwrite)
+    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
+    return ShardSource(directory, batch_size=batch_size, **source_kwargs)
