@@ -1,8 +1,12 @@
-"""`python -m sparsekit toys attention [...]`: the attention-head superposition toy, one run or a sweep.
+"""`python -m sparsekit toys attention|sparse-base [...]`: the toy studies.
 
-One run writes m_columns.png (the columns of the learned mixing matrix M) and summary.json (M, losses,
+attention: the attention-head superposition toy, one run or a sweep. One run writes m_columns.png (the columns of the learned mixing matrix M) and summary.json (M, losses,
 column norms, the features represented and the angles between them). --sweep trains --seeds seeds at
 each OV density and adds sweep.csv and sweep.png (features represented vs OV density).
+
+sparse-base: trains (or loads from the cache) a 1-layer character-level transformer with an L1 penalty
+on its MLP activations, standard or cut residual, analyses every neuron that fires on held-out text and
+writes overview.png, facets.png, magnitude.png, report.md and summary.json.
 """
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-TOYS = {"attention": "mix n_true attention heads into n_heads with one matrix M (sparsekit.toys.attention_superposition)"}
+TOYS = {"attention": "mix n_true attention heads into n_heads with one matrix M (sparsekit.toys.attention_superposition)",
+        "sparse-base": "1-layer char transformer with L1 on its MLP: facets and magnitude codes (sparsekit.toys.sparse_base_*)"}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -92,12 +97,78 @@ def attention_main(argv) -> None:
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.name in ('m_columns.png', 'summary.json', 'sweep.csv', 'sweep.png')))} to {out}/")
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def sparse_base_main(argv) -> None:
+    import torch
+
+    from .toys.sparse_base_model import VARIANTS, SparseBaseConfig, train_sparse_base
+    from .toys.sparse_base_neurons import analyse_model, collect
+    from .toys.sparse_base_report import FILES, write_report
+
+    defaults = SparseBaseConfig()
+    parser = _OneLineParser(prog="sparsekit toys sparse-base", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=VARIANTS, default=defaults.variant,
+                        help="standard: resid_post = resid_mid + mlp_out; cut: resid_post = mlp_out")
+    parser.add_argument("--l1", type=_non_negative, default=defaults.l1,
+                        help=f"L1 coefficient on blocks.0.mlp.hook_post (default {defaults.l1:g})")
+    parser.add_argument("--tokens", type=_positive, default=defaults.tokens,
+                        help=f"training tokens (default {defaults.tokens})")
+    parser.add_argument("--d-mlp", type=_positive, default=defaults.d_mlp)
+    parser.add_argument("--d-model", type=_positive, default=defaults.d_model)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--contexts", type=_positive, default=600,
+                        help="held-out contexts to analyse (default 600, 63 positions each)")
+    parser.add_argument("--min-fires", type=_positive, default=50,
+                        help="analyse neurons firing at >= this many positions (default 50)")
+    parser.add_argument("--max-density", type=_fraction, default=0.05,
+                        help="neurons firing at most this often count as sparse (default 0.05)")
+    parser.add_argument("--top", type=_positive, default=8, help="neurons per ranking in the report (default 8)")
+    parser.add_argument("--cache-dir", default=None, help="trained-model cache (default: sparsekit's cache dir)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/toys/sparse_base/<variant>)")
+    args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"argument --seed: expected a non-negative int, got {args.seed}")
+    try:
+        cfg = SparseBaseConfig(variant=args.variant, l1=args.l1, tokens=args.tokens, d_mlp=args.d_mlp,
+                               d_model=args.d_model, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out or f"runs/toys/sparse_base/{cfg.variant}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: a second thread only adds contention on a shared machine
+    try:
+        trained = train_sparse_base(cfg, cache_dir=args.cache_dir)
+        held = trained.record["held_out"]
+        print(f"{cfg.variant}, l1={cfg.l1:g}: held-out CE {held['ce']:.3f} nats/char, L0 {held['l0']:.1f}, "
+              f"L1 {held['l1']:.2f} per token (trained in {trained.record['train_seconds']:.0f} s)")
+        data = collect(trained, args.contexts)
+        neurons = analyse_model(trained, data, min_fires=args.min_fires)
+        summary = write_report(trained, neurons, out, positions=data["post"].shape[0], min_fires=args.min_fires,
+                               max_density=args.max_density, top=args.top)
+    finally:
+        torch.set_num_threads(threads)
+    agg = summary["aggregates"]
+    print(f"{agg['analysed']} neurons fire >= {args.min_fires} times on {summary['positions']} positions; "
+          f"{agg['sparse']} sparse (density <= {args.max_density:g}), {agg['sparse_with_facets']} with >= 2 facets")
+    print(f"most polysemantic sparse neurons: {summary['polysemantic']}; most magnitude-coded: {summary['magnitude_coded']}")
+    print(f"wrote {', '.join(FILES)} to {out}/")
+
+
 def main(argv=None) -> None:
     from .cli import list_commands_if_asked
     argv = sys.argv[1:] if argv is None else list(argv)
     list_commands_if_asked(argv, "python -m sparsekit toys <toy> [options]", "toys", TOYS)
     if argv[0] == "attention":
         attention_main(argv[1:])
+    elif argv[0] == "sparse-base":
+        sparse_base_main(argv[1:])
     else:
         print(f"sparsekit toys: unknown toy {argv[0]!r}; choose one of {', '.join(TOYS)}", file=sys.stderr)
         raise SystemExit(2)
