@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 INSTALLED := $(VENV)/.sparsekit-installed
 BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: test demo bench bench-ops setup clean
+.PHONY: test demo bench bench-ops bench-gpu setup clean
 
 setup: $(INSTALLED)
 
@@ -40,6 +40,11 @@ bench: $(INSTALLED)
 # pytest-benchmark: each op, reference vs C++.
 bench-ops: $(INSTALLED)
 	$(PY) -m pytest -q bench/test_ops_benchmark.py --benchmark-only --benchmark-group-by=group
+
+# GPU (Triton path): every op and a full TopK step at GPU shapes against cuBLAS, copy bandwidth,
+# plain torch and F.embedding_bag; table last, JSON in bench/results/. Exits 2 without a CUDA device.
+bench-gpu: $(INSTALLED)
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info sparsekit/_C*.so

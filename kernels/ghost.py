@@ -118,8 +118,11 @@ def _ghost_backward(ctx, grad, *unused_grads):
     x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale = ctx.saved_tensors
     grad_x, grad_dead_cols, grad_dead_bias = ghost_grad_loss_backward_triton(
         grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, ctx.eps)
-    grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead_idx, grad_dead_cols)
-    grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, dead_idx, grad_dead_bias)
+    grad_W_enc = grad_b_enc = None  # full-size zeros only when asked for: the rest of W_enc gets none
+    if ctx.needs_input_grad[1]:
+        grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead_idx, grad_dead_cols)
+    if ctx.needs_input_grad[2]:
+        grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, dead_idx, grad_dead_bias)
     return (grad_x if ctx.needs_input_grad[0] else None, grad_W_enc, grad_b_enc,
             None, None, None, None, None)
 
