@@ -29,6 +29,9 @@ def main(argv=None) -> None:
         demo_main(rest)
     elif command == "train":
         from .train_cli import main as train_main
+        from .distributed import init_distributed, launched_by_torchrun
+        if launched_by_torchrun():  # join the group first: each rank then builds on its own GPU
+            init_distributed()
         train_main(rest)
     elif command == "toys":
         from .toys_cli import main as toys_main

@@ -59,11 +59,11 @@ def single_process(name: str):
     return sae, sparsekit.train(sae, source, cfg)
 
 
-def assert_parameters_match(reference: dict, other: dict):
+def assert_parameters_match(reference: dict, other: dict, rtol: float = 1e-6):
     assert reference.keys() == other.keys()
     for name, expected in reference.items():
         scale = float(expected.abs().max()) or 1.0
-        torch.testing.assert_close(other[name], expected, rtol=1e-6, atol=1e-6 * scale, msg=name)
+        torch.testing.assert_close(other[name], expected, rtol=rtol, atol=rtol * scale, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,27 @@ def test_communication_volume_formula():
     batch = distributed.step_communication_bytes(d_in=1024, n_latents=2 ** 20, world_size=8, architecture="batchtopk")
     assert batch["batchtopk_allgather"] == 7 * 4096 * 32 * 4
     assert batch["total"] > topk["total"]
+
+
+def test_torchrun_launches_the_train_command_on_two_ranks(tmp_path):
+    import numpy as np
+
+    from sparsekit.cli import main as sparsekit_main
+
+    np.save(tmp_path / "x.npy", worker.planted_rows(3000).float().numpy())
+    flags = ["--data", str(tmp_path / "x.npy"), "--n-latents", "48", "--k", "3", "--batch-size", "64",
+             "--total-tokens", "640", "--eval-tokens", "256", "--device", "cpu", "--no-progress", "--log-every", "2"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEKIT_DIST_TIMEOUT_S": "60"}
+    launched = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "sparsekit", "train",
+                               *flags, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                              timeout=180)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    sparsekit_main(["train", *flags, "--out", str(tmp_path / "one")])
+    one, two = load_file(str(tmp_path / "one" / "sae.safetensors")), load_file(str(tmp_path / "two" / "sae.safetensors"))
+    assert_parameters_match(one, two, rtol=1e-5)  # float32: the same rows, the same steps
+    lines = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("one", "two")]
+    assert [r["step"] for r in lines[1]] == [2, 4, 6, 8, 10]
+    for a, b in zip(*lines):
+        assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-5) and b["l0"] == a["l0"]
