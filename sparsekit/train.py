@@ -63,6 +63,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every_tokens: int | None = None
     progress: bool = True
+    wandb_project: str | None = None          # also log to Weights & Biases (sparsekit.tracking; the wandb extra)
+    wandb_run_name: str | None = None
 
     def strategies(self) -> tuple[str, ...]:
         names = tuple(s.strip() for s in str(self.dead_strategy).split("+"))
@@ -218,6 +220,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
     uninterrupted run ends.
     """
     from .activations import as_source
+    from .tracking import start_tracking
 
     cfg = config or TrainConfig()
     if not isinstance(cfg, TrainConfig):
@@ -296,6 +299,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
     if restored is not None:
         vars(window).update(restored_window)
     progress = _progress_bar(dataclasses.replace(cfg, progress=cfg.progress and dp.is_writer), total_steps, step)
+    tracking = start_tracking(cfg, sae, output_dir, resume=restored is not None)
     dp.broadcast_module(sae)
     sae.train()
 
@@ -357,6 +361,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
             window_counts.zero_()
             window = _Window()
             history.append(record)
+            tracking.log(record)
             if output_dir is not None:
                 with open(output_dir / METRICS_FILE, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
@@ -378,6 +383,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
         metrics.update(ev, dense_frac=float((density > DENSE_THRESHOLD).float().mean()))
         if output_dir is not None:
             _density_plot(density, output_dir / DENSITY_PLOT, sae)
+    tracking.finish(metrics, [output_dir / DENSITY_PLOT] if output_dir is not None else [])
     return TrainResult(sae, metrics, history, output_dir)
 
 
