@@ -61,7 +61,7 @@ def _row_topk_kernel(pre_ptr, out_pre_ptr, out_idx_ptr, n, k, BLOCK_N: tl.conste
     base = pre_ptr + row * n
     offs = tl.arange(0, BLOCK_N)
     prefix = tl.zeros((), dtype=tl.uint32)
-    remaining = k
+    remaining = tl.zeros((), dtype=tl.int32) + k
     for p in tl.static_range(4):
         hist = tl.zeros((256,), dtype=tl.int32)
         for start in range(0, n, BLOCK_N):
@@ -72,8 +72,8 @@ def _row_topk_kernel(pre_ptr, out_pre_ptr, out_idx_ptr, n, k, BLOCK_N: tl.conste
         remaining -= above
         prefix = (prefix << 8) | digit.to(tl.uint32)
     # Compaction: keys above the threshold, plus the first `remaining` keys equal to it.
-    taken = 0
-    equal_seen = 0
+    taken = tl.zeros((), dtype=tl.int32)
+    equal_seen = tl.zeros((), dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
         valid = (start + offs) < n
         value = tl.load(base + start + offs, mask=valid, other=0.0)

@@ -179,3 +179,36 @@ def test_triton_ops_run_through_their_custom_ops(monkeypatch):
     y = sparsekit.sparse_decode(values, torch.zeros(4, 2, dtype=torch.int64) + torch.tensor([0, 1]),
                                 torch.randn(6, 3), torch.zeros(3))
     assert "sparse_decode_triton" in type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_takes_16_bit_inputs_and_accumulates_in_float32(dtype, monkeypatch):
+    # Small integers are exact in 16 bits and so are their products' sums here (|pre| <= 66): the
+    # encoders must select and return exactly what float32 does. Decoding sums random 16-bit
+    # values in float32 and rounds once: within a 16-bit rounding of the float32 result.
+    gen = torch.Generator().manual_seed(21)
+    B, d, n, k = 9, 7, 20, 4
+    x, W, b = (torch.randint(-3, 4, s, generator=gen).to(dtype) for s in ((B, d), (d, n), (n,)))
+    W_dec, b_dec = torch.randn(n, d, generator=gen).to(dtype), torch.randn(d, generator=gen).to(dtype)
+    grad_y = torch.randn(B, d, generator=gen).to(dtype)
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+    values, indices = sparsekit.topk_encode(x, W, b, k)
+    batch_codes = sparsekit.batchtopk_encode(x, W, b, k)
+    dense = sparsekit.relu_encode(x, W, b)
+    leaves = [values.detach().requires_grad_(), W_dec.detach().requires_grad_()]
+    y = sparsekit.sparse_decode(leaves[0], indices, leaves[1], b_dec)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    assert values.dtype == y.dtype == dtype
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "torch")
+    f32 = [t.float() for t in (x, W, b)]
+    ref_values, ref_indices = sparsekit.topk_encode(*f32, k)
+    assert torch.equal(indices, ref_indices) and torch.equal(values.float(), ref_values)
+    for got, expected in zip(batch_codes, sparsekit.batchtopk_encode(*f32, k)):
+        assert torch.equal(got.float() if got.is_floating_point() else got, expected)
+    assert torch.equal(dense.float(), sparsekit.relu_encode(*f32))
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref_y = sparsekit.sparse_decode(ref_leaves[0], indices, ref_leaves[1], b_dec.float())
+    ref_grads = torch.autograd.grad(ref_y, ref_leaves, grad_y.float())
+    eps = torch.finfo(dtype).eps
+    for got, expected in zip((y.detach(), *grads), (ref_y.detach(), *ref_grads)):
+        torch.testing.assert_close(got.float(), expected, rtol=eps, atol=eps * float(expected.abs().max()))
