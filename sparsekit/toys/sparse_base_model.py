@@ -130,7 +130,7 @@ def _encoded_corpus(corpus: str, min_char_count: int) -> tuple[list[str], Tensor
     return vocabulary, encode(text, vocabulary)
 
 
-def corpus_contexts(config: SparseBaseConfig) -> tuple[list[str], Tensor, Tensor]:
+def character_contexts(config: SparseBaseConfig) -> tuple[list[str], Tensor, Tensor]:
     """(vocabulary, training contexts [N_train, n_ctx], held-out contexts [N_held, n_ctx]) int64;
     context j is held out when j % HELD_OUT_EVERY == HELD_OUT_EVERY - 1."""
     vocabulary, ids = _encoded_corpus(config.corpus, config.min_char_count)
@@ -260,7 +260,7 @@ def train_sparse_base(config: SparseBaseConfig = SparseBaseConfig(), progress: b
                       cache_dir=None) -> SparseBaseModel:
     """Train (or load the cached) model for config. Deterministic: one thread, fixed seeds."""
     weights, sidecar = _cache_paths(config, cache_dir)
-    vocabulary, train_contexts, held_out = corpus_contexts(config)
+    vocabulary, train_contexts, held_out = character_contexts(config)
     if weights.exists() and sidecar.exists():
         from safetensors.torch import load_file
         record = json.loads(sidecar.read_text())
