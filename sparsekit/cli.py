@@ -7,7 +7,7 @@ COMMANDS = {
     "demo": "train a small TopK dictionary on synthetic sparse data and report what it recovers",
     "backends": "print which implementation runs the ops on each device",
     "train": "train a dictionary on activations on disk (.npy/.safetensors/shards): --config cfg.yaml or flags",
-    "toys": "toy studies with known answers: `toys attention` (attention-head superposition)",
+    "toys": "toy studies: `toys attention` (attention-head superposition), `toys sparse-base` (L1-sparse 1-layer LMs)",
 }
 
 
