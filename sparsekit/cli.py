@@ -1,10 +1,11 @@
-"""The `sparsekit` command line: `python -m sparsekit train|demo|backends|toys`."""
+"""The `sparsekit` command line: `python -m sparsekit train|demo|mnist|backends|toys`."""
 from __future__ import annotations
 
 import sys
 
 COMMANDS = {
-    "demo": "train a small TopK dictionary on synthetic sparse data and report what it recovers",
+    "demo": "the compact MNIST study (runs/mnist-demo/report.html); --synthetic: a TopK dictionary on planted data",
+    "mnist": "dictionaries on an MNIST MLP's hidden layer: scan, elbows, features, report (--scan compact|full)",
     "backends": "print which implementation runs the ops on each device",
     "train": "train a dictionary on activations on disk (.npy/.safetensors/shards): --config cfg.yaml or flags",
     "toys": "toy studies: `toys attention` (attention-head superposition), `toys sparse-base` (L1-sparse 1-layer LMs)",
@@ -27,6 +28,9 @@ def main(argv=None) -> None:
     if command == "demo":
         from .demo import main as demo_main
         demo_main(rest)
+    elif command == "mnist":
+        from .mnist_study import main as mnist_main
+        mnist_main(rest)
     elif command == "train":
         from .train_cli import main as train_main
         from .distributed import init_distributed, launched_by_torchrun
