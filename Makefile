@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 INSTALLED := $(VENV)/.sparsekit-installed
 BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: test demo bench bench-ops bench-gpu setup clean
+.PHONY: test demo bench bench-ops bench-gpu bench-distributed setup clean
 
 setup: $(INSTALLED)
 
@@ -45,6 +45,10 @@ bench-ops: $(INSTALLED)
 # plain torch and F.embedding_bag; table last, JSON in bench/results/. Exits 2 without a CUDA device.
 bench-gpu: $(INSTALLED)
 	$(PY) bench/gpu.py
+
+# Data-parallel and latent-sharded training, 1 vs 2 gloo ranks on the CPU; bytes per step by formula.
+bench-distributed: $(INSTALLED)
+	$(PY) bench/distributed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info sparsekit/_C*.so
