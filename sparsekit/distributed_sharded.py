@@ -19,9 +19,12 @@ communication at all. Gradient clipping takes the norm over all shards (``clip_g
 Per step and rank this communicates B*k values (all-gather) and B*d_out values (all-reduce), and
 nothing proportional to n. Tested against one process in float64 (tests/test_distributed.py).
 
-Not yet: BatchTopK, AuxK and ghost grads across shards, sharded dead-latent counters inside
-``sparsekit.train`` (the trainer does not take a sharded dictionary yet), and the 2-D mesh
-(data x latent) that combines this with ``sparsekit.distributed.DataParallel``.
+AuxK works across shards (``auxk_loss``: the same global top-k over every shard's dead latents);
+dead-latent counters are naturally sharded (each rank counts its own latents over the whole batch).
+
+Not yet: BatchTopK and ghost grads across shards, ``sparsekit.train`` taking a sharded dictionary
+(drive it with your own loop; ``gather`` assembles the full dictionary for saving), and the 2-D
+mesh (data x latent) that combines this with ``sparsekit.distributed.DataParallel``.
 """
 from __future__ import annotations
 
@@ -143,18 +146,62 @@ class LatentShardedTopK(nn.Module):
         if self.transcoder and y is None:
             raise ValueError("a transcoder needs its target y [B, d_out]")
         target = y if self.transcoder else x
-        pre_bias = _CopyToShards.apply(self.b_in if self.transcoder else self.b_dec, self.group)
-        local_k = min(self.k, self.n_local)
-        codes = ops.topk_encode(x, self.W_enc, self.b_enc - pre_bias @ self.W_enc, local_k)
-        candidates = torch.cat(self._all_gather(codes.values.detach()), dim=1)    # [B, W * local_k]
-        winners = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :self.k]
-        kept = torch.zeros_like(candidates, dtype=torch.bool).scatter_(1, winners, True)
-        mine = kept[:, self.rank * local_k:(self.rank + 1) * local_k]
-        values = codes.values * mine
-        partial = ops.sparse_decode(values, codes.indices, self.W_dec, torch.zeros_like(self.b_dec))
+        codes, partial = self._global_topk(x, self.W_enc, self._encoder_bias(), self.W_dec, self.k)
         x_hat = _SumShards.apply(partial, self.group) + self.b_dec
         losses = {"mse": (x_hat - target).pow(2).sum(-1).mean()}
-        return SAEOutput(x_hat, ops.TopKCodes(values, codes.indices), losses)
+        return SAEOutput(x_hat, codes, losses)
+
+    def _encoder_bias(self, latents: Tensor | None = None) -> Tensor:
+        """b_enc - pre_bias @ W_enc over this shard's latents (or some of them); the pre-encoder
+        bias passes through _CopyToShards so its gradient sums every shard's part."""
+        pre_bias = _CopyToShards.apply(self.b_in if self.transcoder else self.b_dec, self.group)
+        if latents is None:
+            return self.b_enc - pre_bias @ self.W_enc
+        return self.b_enc[latents] - pre_bias @ self.W_enc[:, latents]
+
+    def _global_topk(self, x: Tensor, W_cols: Tensor, bias: Tensor, W_rows: Tensor, k: int):
+        """The global top-k per row over every shard's columns, and this shard's partial decode.
+
+        x [B, d_in], W_cols [d_in, m] (this shard's candidate latents, m may be 0), bias [m],
+        W_rows [m, d_out]; k <= the total m over shards. Returns (TopKCodes(values [B, k'] with
+        entries kept by another shard zeroed, local indices [B, k']), partial [B, d_out] without
+        b_dec). Shards send [B, k] candidates each, padded with -inf when m < k.
+        """
+        batch, m = x.shape[0], W_cols.shape[1]
+        local_k = min(k, m)
+        if local_k:
+            codes = ops.topk_encode(x, W_cols, bias, local_k)
+            values, indices = codes.values, codes.indices
+        else:
+            values = x.new_zeros(batch, 0)
+            indices = torch.zeros(batch, 0, dtype=torch.int64, device=x.device)
+        padded = torch.cat([values.detach(), values.new_full((batch, k - local_k), float("-inf"))], dim=1)
+        candidates = torch.cat(self._all_gather(padded), dim=1)                 # [B, W * k]
+        winners = torch.sort(candidates, dim=1, descending=True, stable=True).indices[:, :k]
+        kept = torch.zeros_like(candidates, dtype=torch.bool).scatter_(1, winners, True)
+        values = values * kept[:, self.rank * k:self.rank * k + local_k]
+        if not local_k:  # still through bias: every rank's backward must run _CopyToShards' all-reduce
+            return ops.TopKCodes(values, indices), x.new_zeros(batch, W_rows.shape[1]) + 0 * bias.sum()
+        partial = ops.sparse_decode(values, indices, W_rows, torch.zeros_like(self.b_dec))
+        return ops.TopKCodes(values, indices), partial
+
+    def auxk_loss(self, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """AuxK over the dead latents of every shard, equal to ``dead_latents.auxk_loss`` on the
+        full dictionary: normalised MSE of the top-k_aux dead latents' reconstruction (no b_dec)
+        of the detached residual [B, d_out]. dead [m] int64: this shard's dead latents (local
+        indices; e.g. from its own fire counts, which need no reduction: every rank sees the whole
+        batch). Returns a 0-d tensor, the same on every rank (zero when no shard has dead latents)."""
+        residual = residual.detach()
+        total = torch.tensor([dead.numel()], dtype=torch.int64, device=x.device)
+        dist.all_reduce(total, group=self.group)
+        if int(total) == 0:
+            return x.new_zeros(())
+        k = min(k_aux, int(total))
+        _, partial = self._global_topk(x, self.W_enc[:, dead], self._encoder_bias(dead), self.W_dec[dead], k)
+        reconstruction = _SumShards.apply(partial, self.group)
+        mse = (reconstruction - residual).pow(2).sum(-1).mean()
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        return mse / variance.clamp_min(1e-12)
 
     def fire_counts(self, codes: ops.TopKCodes) -> Tensor:
         """How many rows activated each of this rank's latents: [n_local] int64."""

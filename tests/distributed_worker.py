@@ -3,7 +3,7 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set by tests/test_distr
 
 Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
   parity   data-parallel TopK and BatchTopK runs (float64) for comparison with one process, and
-           five steps of a latent-sharded TopK SAE (LatentShardedTopK)
+           five steps of a latent-sharded TopK SAE (LatentShardedTopK) and its AuxK gradients
   resume   an uninterrupted run, and one stopped mid-way (every rank's source fails at the same
            batch) then resumed from rank 0's checkpoint in the same processes
   raise    rank 1's source yields NaN at its third batch: rank 1 raises, the others must not hang
@@ -73,6 +73,30 @@ def sharded_case() -> "sparsekit.TopKSAE":
     return sae
 
 
+AUX_DEAD = {"both shards": [0, 3, 5, 30, 31, 40], "one shard": [2, 7]}  # shard 0: 0..23, shard 1: 24..47
+
+
+def auxk_gradients(model, dead: list, k_aux: int = 4) -> dict:
+    """loss = mse + AuxK over `dead` (global latent indices) for one batch, backward; returns the
+    loss and every gradient in the full dictionary's layout (a shard gathers them)."""
+    from sparsekit.dead_latents import auxk_loss
+
+    x = planted_rows(BATCH, seed=9)
+    out = model(x)
+    residual = x - out.x_hat
+    if hasattr(model, "auxk_loss"):
+        mine = [i - model.offset for i in dead if model.offset <= i < model.offset + model.n_local]
+        aux = model.auxk_loss(x, residual, torch.tensor(mine, dtype=torch.int64), k_aux)
+    else:
+        aux = auxk_loss(model, x, residual, torch.tensor(dead), k_aux)
+    (out.losses["mse"] + aux).backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    if hasattr(model, "auxk_loss"):
+        for name, dim in (("W_enc", 1), ("b_enc", 0), ("W_dec", 0)):
+            grads[name] = torch.cat(model._all_gather(grads[name]), dim=dim)
+    return {"aux": aux.detach().reshape(1), **grads}
+
+
 class FailingSource:
     """Wraps a source; raises `error` when asked for batch number `at` (1-based)."""
 
@@ -117,6 +141,9 @@ def main() -> None:
         tensors = {k: v.contiguous() for k, v in shard.gather().state_dict().items()}
         save_file({**tensors, "first_x_hat": first_x_hat, "shard_W_enc": shard.W_enc.detach().contiguous()},
                   str(out / f"sharded_rank{rank}.safetensors"))
+        for case, dead in AUX_DEAD.items():
+            shard = LatentShardedTopK.from_dictionary(sharded_case())
+            save_file(auxk_gradients(shard, dead), str(out / f"auxk_{case.replace(' ', '_')}_rank{rank}.safetensors"))
     elif scenario == "resume":
         sae, source, cfg = make_case("topk", str(out / "whole"), resume_every=BATCH)
         save(out, "whole", rank, sae, sparsekit.train(sae, source, cfg))

@@ -115,6 +115,15 @@ def test_latent_sharded_topk_matches_one_process(parity_run):
     assert (expected["b_dec"] - worker.sharded_case().b_dec).abs().max() > 1e-4, "b_dec must have trained"
 
 
+@pytest.mark.parametrize("case", sorted(worker.AUX_DEAD))
+def test_latent_sharded_auxk_matches_one_process(parity_run, case):
+    expected = worker.auxk_gradients(worker.sharded_case(), worker.AUX_DEAD[case])
+    assert float(expected["aux"]) > 0
+    for rank in range(WORLD):
+        got = load_file(str(parity_run / f"auxk_{case.replace(' ', '_')}_rank{rank}.safetensors"))
+        assert_parameters_match(expected, got)
+
+
 def test_two_rank_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path):
     results, _ = launch("resume", tmp_path)
     for code, output in results:
