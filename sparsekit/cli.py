@@ -9,6 +9,8 @@ COMMANDS = {
     "backends": "print which implementation runs the ops on each device",
     "train": "train a dictionary on activations on disk (.npy/.safetensors/shards): --config cfg.yaml or flags",
     "toys": "toy studies: `toys attention` (attention-head superposition), `toys sparse-base` (L1-sparse 1-layer LMs)",
+    "lm-demo": "SmolLM2-135M: cache early-layer activations, train an SAE and a transcoder, CE/KL, dashboard",
+    "dashboard": "write RUN_DIR/dashboard.html (static feature dashboard) from RUN_DIR/*_features.json",
 }
 
 
@@ -40,6 +42,12 @@ def main(argv=None) -> None:
     elif command == "toys":
         from .toys_cli import main as toys_main
         toys_main(rest)
+    elif command == "dashboard":
+        from .analysis.dashboard import main as dashboard_main
+        dashboard_main(rest)
+    elif command == "lm-demo":
+        from .lm_demo import main as lm_demo_main
+        lm_demo_main(rest)
     elif command == "backends":
         from .backend import backends
         print(backends())

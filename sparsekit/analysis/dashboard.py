@@ -1,0 +1,183 @@
+"""A static, self-contained HTML feature dashboard: feature list, search box, one page per feature.
+
+    write_dashboard({"sae": report}, "runs/lm/dashboard.html")     # reports from feature_report
+    sparsekit dashboard RUN_DIR                                     # every RUN_DIR/*features.json
+
+Everything is rendered here, in Python, with every piece of text (token strings above all: a
+token may be ``<script>``) passed through ``html.escape``; the page's small script only shows and
+hides sections and filters the list, and never inserts markup. One file, no network.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from ..atomic import atomic_write_bytes
+
+REPORT_SUFFIX = "features.json"
+DASHBOARD_FILE = "dashboard.html"
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh;color:#222}
+nav{width:250px;border-right:1px solid #ccc;display:flex;flex-direction:column}
+nav input{margin:8px;padding:6px;font-size:14px}
+#feature-list{overflow-y:auto;flex:1;margin:0;padding:0;list-style:none}
+#feature-list li a{display:block;padding:4px 10px;color:#124;text-decoration:none;font-size:13px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+#feature-list li a:hover,#feature-list li a.current{background:#e4ecf7}
+main{flex:1;overflow-y:auto;padding:16px 24px}
+.stats td{padding:2px 12px 2px 0}
+.example{font-family:ui-monospace,monospace;font-size:13px;margin:4px 0;line-height:1.9;white-space:pre-wrap}
+.tok{border-radius:2px;padding:1px 0}
+.tok.max{outline:2px solid #c33}
+.logits{display:flex;gap:40px}
+.logits td{font-family:ui-monospace,monospace;font-size:13px;padding:0 8px}
+h2{margin-top:0}
+.census{font-size:13px;color:#555}
+"""
+
+_SCRIPT = """
+(function(){
+  var links = document.querySelectorAll('#feature-list a');
+  function show(){
+    var id = decodeURIComponent(location.hash.slice(1));
+    var target = id ? document.getElementById(id) : null;
+    if(!target || !target.classList.contains('feature')) target = document.getElementById('overview');
+    document.querySelectorAll('main > section').forEach(function(s){ s.hidden = (s !== target); });
+    links.forEach(function(a){ a.classList.toggle('current', a.getAttribute('href') === '#' + target.id); });
+  }
+  document.getElementById('search').addEventListener('input', function(e){
+    var q = e.target.value.toLowerCase();
+    links.forEach(function(a){ a.parentNode.hidden = q && a.dataset.search.indexOf(q) < 0; });
+  });
+  window.addEventListener('hashchange', show);
+  show();
+})();
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _visible(token: str) -> str:
+    return token.replace("\n", "\u21b5\n").replace("\t", "\u21e5")
+
+
+def _example_html(example: dict) -> str:
+    peak = max(max(example["acts"]), 1e-12)
+    spans = []
+    for i, (token, act) in enumerate(zip(example["tokens"], example["acts"])):
+        alpha = max(0.0, min(1.0, act / peak))
+        cls = "tok max" if i == example["max_position"] else "tok"
+        spans.append(f'<span class="{cls}" style="background:rgba(230,120,20,{alpha:.2f})" '
+                     f'title="{act:.3f}">{_e(_visible(token))}</span>')
+    return f'<div class="example" data-max="{example["max_act"]:.3f}">{"".join(spans)}</div>'
+
+
+def _histogram_svg(histogram: dict) -> str:
+    counts = histogram.get("counts") or []
+    if not counts:
+        return ""
+    width, height, top = 300, 80, max(counts) or 1
+    bar = width / len(counts)
+    bars = "".join(f'<rect x="{i * bar:.1f}" y="{height - c / top * height:.1f}" width="{bar - 1:.1f}" '
+                   f'height="{c / top * height:.1f}" fill="#3b6ea5"/>' for i, c in enumerate(counts))
+    return (f'<svg class="histogram" width="{width}" height="{height + 16}" role="img">{bars}'
+            f'<text x="0" y="{height + 14}" font-size="11">0</text>'
+            f'<text x="{width}" y="{height + 14}" font-size="11" text-anchor="end">{_e(histogram["edges"][-1])}</text></svg>')
+
+
+def _logits_html(logits) -> str:
+    if not logits:
+        return "<p>No logit effects (the dictionary does not write to the residual stream directly).</p>"
+    tables = []
+    for title, key in (("promoted", "promoted"), ("suppressed", "suppressed")):
+        rows = "".join(f"<tr><td>{_e(repr(token))}</td><td>{value:+.3f}</td></tr>" for token, value in logits[key])
+        tables.append(f"<table><caption>{title}</caption>{rows}</table>")
+    return f'<div class="logits">{"".join(tables)}</div>'
+
+
+def _feature_html(name: str, report: dict, feature: dict) -> str:
+    fid = f"{name}-{feature['id']}"
+    stats = [("density", f"{feature['density']:.5f}"), ("max activation", f"{feature['max_act']:.3f}"),
+             ("mean activation (when active)", f"{feature['mean_act']:.3f}"),
+             ("single-token ratio", f"{feature.get('single_token_ratio', float('nan')):.3f} ({feature.get('kind', '?')})")]
+    stats_html = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in stats)
+    examples = "".join(_example_html(x) for x in feature["examples"])
+    return (f'<section class="feature" id="f-{_e(fid)}" hidden><h2>{_e(name)} feature {feature["id"]}</h2>'
+            f'<p class="census">{_e(report.get("model", ""))} · {_e(report.get("hook", ""))}</p>'
+            f'<table class="stats">{stats_html}</table><h3>Activation histogram (non-zero)</h3>'
+            f'{_histogram_svg(feature["histogram"])}<h3>Logit effects</h3>{_logits_html(feature.get("logits"))}'
+            f'<h3>Top activating contexts</h3><div class="examples">{examples}</div></section>')
+
+
+def _link_html(name: str, feature: dict) -> str:
+    top = feature["examples"][0] if feature["examples"] else None
+    token = top["tokens"][top["max_position"]] if top else ""
+    search = f"{name} {feature['id']} {token} {feature.get('kind', '')}".lower()
+    return (f'<li><a href="#f-{_e(name)}-{feature["id"]}" data-search="{_e(search)}">{_e(name)} #{feature["id"]} '
+            f'<small>{_e(repr(token))}</small></a></li>')
+
+
+def dashboard_html(reports: dict, title: str = "sparsekit feature dashboard") -> str:
+    """The page for {name: feature_report(...)} as one HTML string."""
+    if not isinstance(reports, dict) or not reports:
+        raise ValueError("reports must be a non-empty dict {name: feature report}")
+    links, sections, overview = [], [], []
+    for name, report in reports.items():
+        census = report.get("census", {})
+        overview.append(f"<li><strong>{_e(name)}</strong>: {_e(report.get('architecture', ''))} on {_e(report.get('model', ''))} "
+                        f"{_e(report.get('hook', ''))} → {_e(report.get('output_hook', ''))}; {_e(report.get('n_latents', ''))} "
+                        f"latents, {_e(census.get('dead', '?'))} dead on {_e(report.get('tokens', '?'))} tokens; of "
+                        f"{_e(census.get('reported', '?'))} shown, {_e(census.get('single_token', '?'))} single-token and "
+                        f"{_e(census.get('context', '?'))} context-dependent</li>")
+        for feature in report.get("features", []):
+            links.append(_link_html(name, feature))
+            sections.append(_feature_html(name, report, feature))
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f'<style>{_STYLE}</style></head><body><nav><input id="search" type="search" '
+            f'placeholder="search: id, token, kind" aria-label="search features"><ul id="feature-list">'
+            f'{"".join(links)}</ul></nav><main><section id="overview"><h2>{_e(title)}</h2><ul>{"".join(overview)}</ul>'
+            f'<p>Pick a feature on the left.</p></section>{"".join(sections)}</main>'
+            f'<script>{_SCRIPT}</script></body></html>')
+
+
+def write_dashboard(reports: dict, path, title: str = "sparsekit feature dashboard") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, dashboard_html(reports, title).encode("utf-8"))
+    return path
+
+
+def save_report(report: dict, run_dir, name: str) -> Path:
+    """RUN_DIR/<name>_features.json, which ``sparsekit dashboard RUN_DIR`` reads."""
+    path = Path(run_dir) / f"{name}_{REPORT_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(report).encode("utf-8"))
+    return path
+
+
+def dashboard_from_run(run_dir, out=None) -> Path:
+    """Every RUN_DIR/<name>_features.json -> RUN_DIR/dashboard.html (or out)."""
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob(f"*_{REPORT_SUFFIX}"))
+    if not files:
+        raise ValueError(f"RUN_DIR {run_dir} holds no *_{REPORT_SUFFIX} (feature reports: see "
+                         f"sparsekit.analysis.lm_features.feature_report and dashboard.save_report)")
+    reports = {f.name[:-len(REPORT_SUFFIX) - 1]: json.loads(f.read_text()) for f in files}
+    return write_dashboard(reports, out or run_dir / DASHBOARD_FILE, title=f"sparsekit features: {run_dir.name}")
+
+
+def main(argv) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(prog="sparsekit dashboard",
+                                     description="write RUN_DIR/dashboard.html from RUN_DIR/*_features.json")
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/dashboard.html)")
+    args = parser.parse_args(argv)
+    try:
+        path = dashboard_from_run(args.run_dir, args.out)
+    except ValueError as e:
+        raise SystemExit(f"sparsekit dashboard: {e}")
+    print(path)

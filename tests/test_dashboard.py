@@ -1,0 +1,96 @@
+"""The static feature dashboard in a real headless Chromium (Debian chromium + chromium-driver via
+selenium): loads without console errors, the list renders, clicking a feature shows its examples,
+search filters, and token text such as <script> is shown, never executed."""
+import json
+import shutil
+
+import pytest
+
+from sparsekit import cli
+from sparsekit.analysis.dashboard import dashboard_from_run, dashboard_html, save_report
+
+EVIL = ["<script>window.__pwned = 1</script>", "<img src=x onerror=\"window.__pwned=2\">", "\"'&amp;"]
+
+
+def feature(fid, tokens, acts, kind="context"):
+    peak = max(range(len(acts)), key=acts.__getitem__)
+    return {"id": fid, "density": 0.01 * (fid + 1), "max_act": max(acts), "mean_act": 1.0,
+            "histogram": {"edges": [0, 1, 2], "counts": [3, 1]},
+            "examples": [{"context": 0, "max_position": peak, "max_act": max(acts), "tokens": tokens, "acts": acts}],
+            "logits": {"promoted": [(" Paris", 1.5), (EVIL[0], 1.0)], "suppressed": [(" the", -0.5)]},
+            "single_token_ratio": 0.2, "kind": kind}
+
+
+def report():
+    return {"model": "tiny<b>", "hook": "blocks.0.hook_resid_post", "output_hook": "blocks.0.hook_resid_post",
+            "architecture": "topk", "n_latents": 8, "tokens": 100,
+            "census": {"features": 8, "dead": 2, "reported": 3, "single_token": 1, "context": 2},
+            "features": [feature(0, [" To", " be", " or"], [0.1, 2.0, 0.3]),
+                         feature(3, [" x", EVIL[0], EVIL[1], EVIL[2]], [0.0, 3.0, 1.0, 0.5]),
+                         feature(5, [" Rome", "\n"], [1.0, 0.2], kind="single-token")]}
+
+
+def test_every_token_string_is_escaped_in_the_markup():
+    page = dashboard_html({"sae": report()})
+    assert "<script>window.__pwned" not in page and "<img src=x" not in page and "<b>" not in page
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in page
+    assert page.count("<script>") == 1  # the page's own
+
+
+def test_dashboard_command_reads_run_dir(tmp_path, capsys):
+    save_report(report(), tmp_path, "sae")
+    cli.main(["dashboard", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "dashboard.html")
+    assert (tmp_path / "dashboard.html").read_text().count('class="feature"') == 3
+    with pytest.raises(SystemExit, match="holds no \\*_features.json"):
+        cli.main(["dashboard", str(tmp_path / "none")])
+    with pytest.raises(ValueError, match="reports must be a non-empty dict"):
+        dashboard_html({})
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.fail("headless Chromium tests need Debian's chromium and chromium-driver "
+                    "(apt-get install -y chromium chromium-driver; .ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_dashboard_in_headless_chromium(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    save_report(report(), tmp_path, "sae")
+    page = dashboard_from_run(tmp_path)
+    browser.get(page.as_uri())
+    links = browser.find_elements(By.CSS_SELECTOR, "#feature-list a")
+    assert [a.text.split()[1] for a in links] == ["#0", "#3", "#5"]
+    assert browser.find_element(By.ID, "overview").is_displayed()
+
+    links[1].click()
+    section = browser.find_element(By.ID, "f-sae-3")
+    assert section.is_displayed() and not browser.find_element(By.ID, "overview").is_displayed()
+    example = section.find_element(By.CSS_SELECTOR, ".example")
+    spans = example.find_elements(By.CSS_SELECTOR, ".tok")
+    assert [s.text for s in spans][1:] == [EVIL[0], EVIL[1], EVIL[2]]   # shown as text
+    assert "max" in spans[1].get_attribute("class")
+    assert browser.execute_script("return window.__pwned === undefined")  # nothing ran
+    assert not browser.find_elements(By.CSS_SELECTOR, "main img")
+
+    search = browser.find_element(By.ID, "search")
+    search.send_keys("rome")
+    visible = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "#feature-list a") if a.is_displayed()]
+    assert len(visible) == 1 and "#5" in visible[0]
+
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, json.dumps(errors)
