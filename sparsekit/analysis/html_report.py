@@ -17,7 +17,7 @@ body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; 
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f0f0f0; }
-td:first-child, th:first-child { text-align: left; }
+td:first-child, th:first-child, td.text { text-align: left; }
 img { max-width: 100%; image-rendering: pixelated; }
 .held { color: #17663a; font-weight: bold; } .not-held { color: #a11; font-weight: bold; }
 .undecided { color: #8a6d00; font-weight: bold; }
@@ -46,8 +46,8 @@ def table(headers: list, rows: list[list], css_class: dict | None = None) -> str
 
     def cell(tag: str, value) -> str:
         escaped = text(value)
-        cls = css_class.get(escaped)
-        return f"<{tag} class=\"{cls}\">{escaped}</{tag}>" if cls else f"<{tag}>{escaped}</{tag}>"
+        classes = " ".join(c for c in (css_class.get(escaped), "text" if isinstance(value, str) else None) if c)
+        return f"<{tag} class=\"{classes}\">{escaped}</{tag}>" if classes else f"<{tag}>{escaped}</{tag}>"
 
     head = "".join(cell("th", h) for h in headers)
     body = "".join("<tr>" + "".join(cell("td", v) for v in row) + "</tr>" for row in rows)

@@ -21,18 +21,27 @@ def _axes(ncols: int = 1, width: float = 5.0):
     return fig, axes[0]
 
 
+def _log_x(ax, ticks=None) -> None:
+    """Log x axis without crowded minor labels; ticks (e.g. the dictionary sizes) labelled plainly."""
+    from matplotlib.ticker import NullFormatter
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if ticks:
+        ax.set_xticks(sorted(set(ticks)), [f"{t:g}" for t in sorted(set(ticks))])
+
+
 def _curve(ax, points: list[tuple[float, float]], method: str, label: str | None = None) -> None:
     points = sorted(points)
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=COLORS.get(method), label=label or method)
 
 
-def error_curves_png(curves: dict, x_label: str, title: str) -> bytes:
-    """curves: method -> [(x, fvu), ...] -> log-log plot of FVU against x."""
+def error_curves_png(curves: dict, x_label: str, title: str, integer_x: bool = False) -> bytes:
+    """curves: method -> [(x, fvu), ...] -> log-log plot of FVU against x (integer_x: label each x)."""
     fig, (ax,) = _axes()
     for method, points in curves.items():
         if points:
             _curve(ax, points, method)
-    ax.set_xscale("log")
+    _log_x(ax, sorted({p[0] for points in curves.values() for p in points}) if integer_x else None)
     ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("FVU (test)")
@@ -55,10 +64,10 @@ def dead_study_png(study: dict) -> bytes:
     for method, rows in study.items():
         _curve(left, [(r["n_latents"], r["dead_frac"]) for r in rows], method)
         _curve(right, [(max(r["alive"], 1), r["fvu"]) for r in rows], method)
-    left.set_xscale("log")
+    _log_x(left, [r["n_latents"] for rows in study.values() for r in rows])
     left.set_xlabel("dictionary size")
     left.set_ylabel("dead fraction (no firing on test images)")
-    right.set_xscale("log")
+    _log_x(right)
     right.set_yscale("log")
     right.set_xlabel("alive latents")
     right.set_ylabel("FVU (test)")

@@ -56,7 +56,7 @@ def _elbows(summary: dict, curves: dict, figures: dict) -> list[str]:
                 vs_l0, "L0 (mean active latents per test image)", f"FVU vs L0 at n = {largest}")),
                 "FVU against L0 (sparsity sweep)"),
             h.image(figures.setdefault("fvu_vs_size", error_curves_png(
-                vs_size, "dictionary size", "FVU vs dictionary size at the middle sparsity")),
+                vs_size, "dictionary size", "FVU vs dictionary size at the middle sparsity", integer_x=True)),
                 "FVU against dictionary size (size sweep)"),
             h.table(["method", "curve", "points", "max slope change", "elbow", "at"], rows)]
 
