@@ -22,9 +22,13 @@ nothing proportional to n. Tested against one process in float64 (tests/test_dis
 AuxK works across shards (``auxk_loss``: the same global top-k over every shard's dead latents);
 dead-latent counters are naturally sharded (each rank counts its own latents over the whole batch).
 
-Not yet: BatchTopK and ghost grads across shards, ``sparsekit.train`` taking a sharded dictionary
-(drive it with your own loop; ``gather`` assembles the full dictionary for saving), and the 2-D
-mesh (data x latent) that combines this with ``sparsekit.distributed.DataParallel``.
+BatchTopK works across shards in training (``LatentShardedBatchTopK``: the top B*k of the whole
+batch over every shard, from each shard's local top B*k).
+
+Not yet: ghost grads across shards, sharded BatchTopK inference (gather it first),
+``sparsekit.train`` taking a sharded dictionary (drive it with your own loop; ``gather`` assembles
+the full dictionary for saving), and the 2-D mesh (data x latent) that combines this with
+``sparsekit.distributed.DataParallel``.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 from . import ops
 from .checks import positive_int
 from .sae.base import SAEOutput
+from .sae.batchtopk import BatchTopKSAE
 from .sae.topk import TopKSAE
 
 
@@ -78,6 +83,7 @@ class LatentShardedTopK(nn.Module):
 
     architecture = "topk"
     unit_norm_decoder = True
+    dictionary_class = TopKSAE
 
     def __init__(self, d_in: int, n_latents: int, k: int, d_out: int | None = None, transcoder: bool = False,
                  dtype: torch.dtype = torch.float32, device=None, seed: int = 0, group=None):
@@ -110,8 +116,9 @@ class LatentShardedTopK(nn.Module):
     @torch.no_grad()
     def from_dictionary(cls, sae: TopKSAE, group=None) -> "LatentShardedTopK":
         """This rank's shard of a full TopK dictionary (identical on every rank)."""
-        if not isinstance(sae, TopKSAE):
-            raise ValueError(f"sae must be a TopKSAE (or a topk Transcoder), got {type(sae).__name__}")
+        if type(sae) is not cls.dictionary_class:
+            raise ValueError(f"sae must be a {cls.dictionary_class.__name__} (or a {cls.architecture} Transcoder), "
+                             f"got {type(sae).__name__}")
         shard = cls(sae.d_in, sae.n_latents, sae.k, sae.d_out, sae.transcoder, sae.W_enc.dtype, sae.W_enc.device,
                     group=group)
         latents = slice(shard.offset, shard.offset + shard.n_local)
@@ -126,8 +133,8 @@ class LatentShardedTopK(nn.Module):
     @torch.no_grad()
     def gather(self) -> TopKSAE:
         """The full dictionary, assembled on every rank (for saving; needs n * (d_in + d_out) memory)."""
-        sae = TopKSAE(self.d_in, self.n_latents, self.k, d_out=self.d_out, transcoder=self.transcoder,
-                      dtype=self.W_enc.dtype, device=self.W_enc.device)
+        sae = self.dictionary_class(self.d_in, self.n_latents, self.k, d_out=self.d_out, transcoder=self.transcoder,
+                                    dtype=self.W_enc.dtype, device=self.W_enc.device)
         sae.W_enc.copy_(torch.cat(self._all_gather(self.W_enc.t().contiguous())).t())
         sae.b_enc.copy_(torch.cat(self._all_gather(self.b_enc.detach())))
         sae.W_dec.copy_(torch.cat(self._all_gather(self.W_dec.detach())))
@@ -241,3 +248,67 @@ class LatentShardedTopK(nn.Module):
             if p.grad is not None:
                 p.grad.mul_(scale.to(p.grad.dtype))
         return total
+
+
+class LatentShardedBatchTopK(LatentShardedTopK):
+    """This rank's shard of a BatchTopK SAE: in training, the top B*k activations of the whole batch
+    over every shard's latents (ties: lower global flat index row * n + latent, as
+    ``ops.batchtopk_encode``). Each shard's share is at most B*k entries, so it sends its local top
+    B*k (values and global flat indices: 12 bytes each in fp32); codes are this shard's
+    BatchTopKCodes (values, rows, local cols), of varying length. The inference threshold (running
+    mean of the smallest kept activation) is updated from the global selection, the same on every
+    rank. Evaluation mode is not sharded yet: ``gather()`` the dictionary for inference."""
+
+    architecture = "batchtopk"
+    dictionary_class = BatchTopKSAE
+
+    def __init__(self, *args, threshold_momentum: float = 0.99, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threshold_momentum = float(threshold_momentum)
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=self.W_enc.dtype, device=self.W_enc.device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_dictionary(cls, sae: BatchTopKSAE, group=None) -> "LatentShardedBatchTopK":
+        shard = super().from_dictionary(sae, group)
+        shard.threshold_momentum = sae.threshold_momentum
+        shard.threshold.copy_(sae.threshold)
+        return shard
+
+    @torch.no_grad()
+    def gather(self) -> BatchTopKSAE:
+        sae = super().gather()
+        sae.threshold_momentum = self.threshold_momentum
+        sae.threshold.copy_(self.threshold)
+        return sae
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> SAEOutput:
+        if not self.training:
+            raise RuntimeError("LatentShardedBatchTopK evaluates only in training mode; gather() it for inference")
+        if self.transcoder and y is None:
+            raise ValueError("a transcoder needs its target y [B, d_out]")
+        target = y if self.transcoder else x
+        batch = x.shape[0]
+        keep = batch * self.k
+        codes = ops.batchtopk_encode(x, self.W_enc, self._encoder_bias(), min(self.k, self.n_local))
+        flat = codes.rows * self.n_latents + codes.cols + self.offset            # global flat indices
+        padding = keep - codes.values.shape[0]                                  # when n_local < k
+        values = torch.cat([codes.values.detach(), codes.values.new_full((padding,), float("-inf"))])
+        flat = torch.cat([flat, flat.new_full((padding,), -1)])
+        all_values, all_flat = torch.cat(self._all_gather(values)), torch.cat(self._all_gather(flat))
+        by_index = torch.sort(all_flat, stable=True).indices                    # ties: lower flat index first
+        by_value = torch.sort(all_values[by_index], descending=True, stable=True).indices[:keep]
+        chosen = torch.zeros_like(all_values, dtype=torch.bool)
+        chosen[by_index[by_value]] = True
+        mine = chosen[self.rank * keep:self.rank * keep + codes.values.shape[0]]
+        kept = ops.BatchTopKCodes(codes.values[mine], codes.rows[mine], codes.cols[mine])
+        self._update_threshold(all_values[by_index[by_value]])
+        partial = ops.sparse_decode_coo(kept.values, kept.rows, kept.cols, self.W_dec, torch.zeros_like(self.b_dec),
+                                        batch)
+        x_hat = _SumShards.apply(partial, self.group) + self.b_dec
+        return SAEOutput(x_hat, kept, {"mse": (x_hat - target).pow(2).sum(-1).mean()})
+
+    _update_threshold = BatchTopKSAE._update_threshold
+
+    def fire_counts(self, codes: ops.BatchTopKCodes) -> Tensor:
+        return torch.bincount(codes.cols[codes.values > 0], minlength=self.n_local)

@@ -66,8 +66,9 @@ def adam_steps(model, steps: int = STEPS, clip: float = 0.05) -> list:
     return first
 
 
-def sharded_case() -> "sparsekit.TopKSAE":
-    sae = sparsekit.TopKSAE(D_IN, N_LATENTS, k=K, dtype=torch.float64, seed=2)
+def sharded_case(architecture: str = "topk"):
+    cls = {"topk": sparsekit.TopKSAE, "batchtopk": sparsekit.BatchTopKSAE}[architecture]
+    sae = cls(D_IN, N_LATENTS, k=K, dtype=torch.float64, seed=2)
     with torch.no_grad():
         sae.b_dec.copy_(planted_rows(256, seed=5).mean(0))
     return sae
@@ -135,12 +136,13 @@ def main() -> None:
         for name in ("topk", "batchtopk"):
             sae, source, cfg = make_case(name)
             save(out, name, rank, sae, sparsekit.train(sae, source, cfg))
-        from sparsekit.distributed_sharded import LatentShardedTopK
-        shard = LatentShardedTopK.from_dictionary(sharded_case())
-        first_x_hat = adam_steps(shard)
-        tensors = {k: v.contiguous() for k, v in shard.gather().state_dict().items()}
-        save_file({**tensors, "first_x_hat": first_x_hat, "shard_W_enc": shard.W_enc.detach().contiguous()},
-                  str(out / f"sharded_rank{rank}.safetensors"))
+        from sparsekit.distributed_sharded import LatentShardedBatchTopK, LatentShardedTopK
+        for name, cls in (("topk", LatentShardedTopK), ("batchtopk", LatentShardedBatchTopK)):
+            shard = cls.from_dictionary(sharded_case(name))
+            first_x_hat = adam_steps(shard)
+            tensors = {k: v.contiguous() for k, v in shard.gather().state_dict().items()}
+            save_file({**tensors, "first_x_hat": first_x_hat, "shard_W_enc": shard.W_enc.detach().contiguous()},
+                      str(out / f"sharded_{name}_rank{rank}.safetensors"))
         for case, dead in AUX_DEAD.items():
             shard = LatentShardedTopK.from_dictionary(sharded_case())
             save_file(auxk_gradients(shard, dead), str(out / f"auxk_{case.replace(' ', '_')}_rank{rank}.safetensors"))

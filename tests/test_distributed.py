@@ -101,18 +101,19 @@ def test_dead_counters_and_metrics_are_reduced_across_ranks(parity_run, name):
         assert logged["metrics"][key] == pytest.approx(result.metrics[key], rel=1e-6, abs=1e-12), key
 
 
-def test_latent_sharded_topk_matches_one_process(parity_run):
-    reference = worker.sharded_case()
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_latent_sharded_dictionary_matches_one_process(parity_run, name):
+    reference = worker.sharded_case(name)
     first_x_hat = worker.adam_steps(reference)
     expected = {k: v.detach() for k, v in reference.state_dict().items()}
     for rank in range(WORLD):
-        got = load_file(str(parity_run / f"sharded_rank{rank}.safetensors"))
+        got = load_file(str(parity_run / f"sharded_{name}_rank{rank}.safetensors"))
         torch.testing.assert_close(got.pop("first_x_hat"), first_x_hat, rtol=1e-6, atol=1e-9)
         shard = got.pop("shard_W_enc")
         assert shard.shape == (worker.D_IN, worker.N_LATENTS // WORLD), "each rank holds 1/W of the latents"
         assert torch.equal(shard, got["W_enc"][:, rank * shard.shape[1]:(rank + 1) * shard.shape[1]])
         assert_parameters_match(expected, got)
-    assert (expected["b_dec"] - worker.sharded_case().b_dec).abs().max() > 1e-4, "b_dec must have trained"
+    assert (expected["b_dec"] - worker.sharded_case(name).b_dec).abs().max() > 1e-4, "b_dec must have trained"
 
 
 @pytest.mark.parametrize("case", sorted(worker.AUX_DEAD))
