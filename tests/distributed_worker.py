@@ -98,6 +98,30 @@ def auxk_gradients(model, dead: list, k_aux: int = 4) -> dict:
     return {"aux": aux.detach().reshape(1), **grads}
 
 
+def remedy_case(name: str):
+    """(sae, source, config) of runs with the parts that are not exact across world sizes (AuxK,
+    ghost grads, resampling, L1/L0 penalties, a transcoder): every rank must still end identical."""
+    x = planted_rows()
+    cfg = dict(batch_size=BATCH, lr=3e-3, total_tokens=BATCH * 8, eval_tokens=0, log_every=4,
+               dead_window_tokens=2 * BATCH, progress=False, resample_at_tokens=(BATCH * 4,))
+    if name == "relu-resample-ghost":
+        sae = sparsekit.ReLUSAE(D_IN, N_LATENTS, l1_coeff=1e-2, dtype=torch.float64)
+        cfg["dead_strategy"] = "resample+ghost"
+    elif name == "jumprelu":
+        sae = sparsekit.JumpReLUSAE(D_IN, N_LATENTS, l0_coeff=1e-3, bandwidth=0.05, init_threshold=0.05,
+                                    dtype=torch.float64)
+    else:
+        sae = sparsekit.Transcoder(D_IN, N_LATENTS, 6, k=K, dtype=torch.float64)
+        x = (x, x[:, :6] * 2 + 0.1)
+        cfg["dead_strategy"] = "auxk"
+    with torch.no_grad():
+        sae.b_enc[:6] = -5.0
+    return sae, x, sparsekit.TrainConfig(**cfg)
+
+
+REMEDY_CASES = ("relu-resample-ghost", "jumprelu", "transcoder-auxk")
+
+
 class FailingSource:
     """Wraps a source; raises `error` when asked for batch number `at` (1-based)."""
 
@@ -135,6 +159,9 @@ def main() -> None:
     if scenario == "parity":
         for name in ("topk", "batchtopk"):
             sae, source, cfg = make_case(name)
+            save(out, name, rank, sae, sparsekit.train(sae, source, cfg))
+        for name in REMEDY_CASES:
+            sae, source, cfg = remedy_case(name)
             save(out, name, rank, sae, sparsekit.train(sae, source, cfg))
         from sparsekit.distributed_sharded import LatentShardedBatchTopK, LatentShardedTopK
         for name, cls in (("topk", LatentShardedTopK), ("batchtopk", LatentShardedBatchTopK)):

@@ -116,6 +116,21 @@ def test_latent_sharded_dictionary_matches_one_process(parity_run, name):
     assert (expected["b_dec"] - worker.sharded_case(name).b_dec).abs().max() > 1e-4, "b_dec must have trained"
 
 
+@pytest.mark.parametrize("name", worker.REMEDY_CASES)
+def test_every_rank_ends_identical_with_remedies_penalties_and_transcoders(parity_run, name):
+    # AuxK, ghost grads and resampling use per-rank statistics (not exact across world sizes), but
+    # the averaged gradients and rank 0's broadcast resample keep every rank's parameters identical.
+    ranks = [load_file(str(parity_run / f"{name}_rank{rank}.safetensors")) for rank in range(WORLD)]
+    initial = worker.remedy_case(name)[0].state_dict()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert any(not torch.equal(ranks[0][key], initial[key]) for key in ranks[0])
+    logged = json.loads((parity_run / f"{name}_rank0.json").read_text())["history"]
+    assert [r["step"] for r in logged] == [4, 8] and logged[-1]["fvu"] < logged[0]["fvu"] * 1.5
+    if name == "relu-resample-ghost":
+        assert logged[0].get("resampled", 0) > 0, "the planted dead latents were resampled"
+
+
 @pytest.mark.parametrize("case", sorted(worker.AUX_DEAD))
 def test_latent_sharded_auxk_matches_one_process(parity_run, case):
     expected = worker.auxk_gradients(worker.sharded_case(), worker.AUX_DEAD[case])
