@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 INSTALLED := $(VENV)/.sparsekit-installed
 BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: test demo bench bench-ops bench-gpu bench-distributed setup clean
+.PHONY: test fuzz demo bench bench-ops bench-gpu bench-distributed setup clean
 
 setup: $(INSTALLED)
 
@@ -29,6 +29,13 @@ $(INSTALLED): $(VENV)/.torch-installed $(BUILD_INPUTS)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=15 tests
+
+# 1,000 fresh random cases per op per backend against the reference (failures print their seed),
+# and a training run SIGKILLed 10 times that must resume bit-identical. Passive OpenMP waiting:
+# spinning threads make tiny kernels 100x slower on a busy machine.
+fuzz: $(INSTALLED)
+	OMP_WAIT_POLICY=passive SPARSEKIT_FUZZ_CASES=1000 SPARSEKIT_RESUME_KILLS=10 $(PY) -m pytest -q -s \
+		tests/test_fuzz.py tests/test_resume.py -k "fuzz_backend or killed_several"
 
 demo: $(INSTALLED)
 	$(PY) -m sparsekit demo

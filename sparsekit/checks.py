@@ -5,6 +5,7 @@ they are skipped while torch.compile traces (a data-dependent branch is a graph 
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -109,3 +110,55 @@ def indices_in_range(name: str, t: Tensor, upper: int, what: str) -> None:
     low, high = int(t.min()), int(t.max())
     if low < 0 or high >= upper:
         raise ValueError(f"{name} holds indices in [{low}, {high}], expected [0, {upper}) ({what})")
+
+
+def _annotation_kinds(annotation) -> set[str]:
+    """A dataclass field's annotation ('float | None', or the type) -> {'float', 'None'}."""
+    if not isinstance(annotation, str):
+        annotation = getattr(annotation, "__name__", str(annotation))
+    return {part.strip() for part in annotation.split("|")}
+
+
+def _has_kind(value, kind: str) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "str":
+        return isinstance(value, (str, os.PathLike))
+    if kind == "tuple":
+        return isinstance(value, (tuple, list))
+    return True
+
+
+_KIND_WORDS = {"None": "None", "bool": "True or False", "int": "an int", "float": "a finite number",
+               "str": "a string", "tuple": "a tuple"}
+
+
+def train_config_types(config) -> None:
+    """Every TrainConfig field has its annotated type (bools are not numbers, numbers are finite),
+    and its tuples hold what they must: ValueError naming the field and the expected value."""
+    import dataclasses
+
+    owner = type(config).__name__
+    for field in dataclasses.fields(config):
+        value, kinds = getattr(config, field.name), _annotation_kinds(field.type)
+        if not any(_has_kind(value, kind) for kind in kinds):
+            expected = " or ".join(_KIND_WORDS.get(kind, kind) for kind in sorted(kinds, key=lambda k: k == "None"))
+            raise ValueError(f"{owner}.{field.name} must be {expected}, got {value!r}")
+    betas = tuple(config.adam_betas)
+    if len(betas) != 2 or not all(_has_kind(b, "float") and 0 <= b < 1 for b in betas):
+        raise ValueError(f"{owner}.adam_betas must be two numbers in [0, 1), got {config.adam_betas!r}")
+    for name in ("adam_eps", "aux_coeff"):
+        value = getattr(config, name)
+        if not (value > 0 if name == "adam_eps" else value >= 0):
+            raise ValueError(f"{owner}.{name} must be a {'positive' if name == 'adam_eps' else 'non-negative'} "
+                             f"number, got {value!r}")
+    if config.resample_at_tokens is not None and not all(
+            _has_kind(t, "int") and t >= 0 for t in config.resample_at_tokens):
+        raise ValueError(f"{owner}.resample_at_tokens must be token counts (non-negative ints), "
+                         f"got {config.resample_at_tokens!r}")

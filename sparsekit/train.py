@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import checks
+from . import checks, reliability
 from . import distributed
+from .errors import SourceExhausted
 from .dead_latents import STRATEGIES, DeadLatentTracker, auxk_loss, ghost_loss, resample
 from .sae.base import SparseDictionary
 
@@ -76,6 +77,7 @@ class TrainConfig:
         return names
 
     def validate(self) -> None:
+        checks.train_config_types(self)
         def positive_int(name, allow_zero=False, allow_none=False):
             value = getattr(self, name)
             if value is None and allow_none:
@@ -135,7 +137,10 @@ class _Batches:
     def _next_chunk(self):
         if self.iterator is None:
             self.iterator = iter(self.source)
-        chunk = next(self.iterator)
+        try:
+            chunk = next(self.iterator)
+        except StopIteration:
+            raise SourceExhausted(reliability.exhausted_message(self.chunks_read)) from None
         self.chunks_read += 1
         x, y = (chunk if isinstance(chunk, (tuple, list)) else (chunk, None))
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.d_in or not x.is_floating_point():
@@ -210,6 +215,7 @@ def evaluate(sae: SparseDictionary, x: Tensor, y: Tensor | None = None, batch_si
     return {"mse": sq_err / rows, "fvu": sq_err / max(variance, 1e-30), "l0": l0 / rows, "fire_counts": counts}
 
 
+@reliability.guard_run  # memory check before allocating; one run per checkpoint_dir (a lock)
 def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resume: bool = False) -> TrainResult:
     """Train ``sae`` in place on ``source`` and return a TrainResult.
 
@@ -306,9 +312,9 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
     while step < total_steps:
         try:
             x, y = batches.take(cfg.batch_size)
-        except StopIteration:
-            raise ValueError(f"the source ran out after {tokens:,} training tokens; TrainConfig.total_tokens="
-                             f"{cfg.total_tokens:,}: lower total_tokens or let the source repeat") from None
+        except SourceExhausted:
+            raise SourceExhausted(f"the source ran out after {tokens:,} training tokens; TrainConfig.total_tokens="
+                                  f"{cfg.total_tokens:,}: lower total_tokens or let the source repeat") from None
         x, y = dp.local_rows(x), dp.local_rows(y)
         x = x.to(device) * sae.input_scale
         y = y.to(device) * sae.output_scale if y is not None else None
@@ -328,9 +334,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
             if "ghost" in strategies:
                 losses["aux_loss"] = losses.get("aux_loss", 0) + ghost_loss(sae, x, residual, dead, losses["mse"])
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: the loss is {float(loss)} ({_fmt(losses)}); the last checkpoint "
-                                     f"is intact: resume with a lower TrainConfig.lr")
+        reliability.check_loss(step, loss, losses, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dp.average_gradients(params)
@@ -339,6 +343,7 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
         optimizer.step()
         sae.normalize_decoder()
+        reliability.check_parameters(step, sae, cfg)
 
         with torch.no_grad():
             counts = dp.sum(sae.fire_counts(out.codes)).cpu()
@@ -430,10 +435,6 @@ def _adam(sae: SparseDictionary, cfg: TrainConfig) -> torch.optim.Adam:
     resume; not root-caused yet. A test pins the trainer's update to a plain for-each loop."""
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                             foreach=True)
-
-
-def _fmt(losses: dict) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
 
 
 def _progress_bar(cfg: TrainConfig, total: int, initial: int):

@@ -449,6 +449,19 @@ def _build(settings: dict, d_in: int, d_out: int | None, device, seed: int):
     return ARCHITECTURES[architecture](d_in, settings["n_latents"], **kwargs, **common)
 
 
+def _check_memory(settings: dict, cfg, d_in: int, d_out: int | None, device) -> None:
+    """Refuse, before the dictionary is allocated, a run whose estimated memory exceeds what the device has."""
+    from .errors import InsufficientMemory
+    from .memory import check_fits, estimate_training_memory
+
+    estimate = estimate_training_memory(d_in, settings["n_latents"], cfg.batch_size, settings.get("k"),
+                                        settings["architecture"], d_out, eval_tokens=cfg.eval_tokens)
+    try:
+        check_fits(estimate, device, what=f"--n-latents {settings['n_latents']} with --batch-size {cfg.batch_size}")
+    except InsufficientMemory as error:
+        raise UsageError(str(error)) from None
+
+
 def run(argv: list[str]):
     """Parse, check, train, save. Returns (TrainResult, out folder); UsageError on bad input."""
     from .train import TrainConfig
@@ -500,6 +513,7 @@ def run(argv: list[str]):
         raise UsageError(f"--eval-tokens {cfg.eval_tokens} would hold out all {rows} rows of --data; lower it "
                          f"(e.g. --eval-tokens {rows // 10}) or pass --eval-tokens 0")
 
+    _check_memory(settings, cfg, d_in, d_out, device)
     try:
         sae = _build(settings, d_in, d_out, device, cfg.seed)
     except ValueError as error:
@@ -521,13 +535,15 @@ def run(argv: list[str]):
 def _train(sae, source, cfg, resume: bool, out: Path):
     from .train import METRICS_FILE, train
 
+    from .errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
+
     try:
         result = train(sae, source, cfg, resume=resume)
         sae.save(out)
-    except (ValueError, OSError) as error:
+    except (CheckpointWriteFailed, TrainingDiverged) as error:
+        raise TrainingError(_one_line(error)) from None
+    except (ValueError, OSError, CheckpointDirBusy, InsufficientMemory) as error:
         raise UsageError(_one_line(error)) from None
-    except FloatingPointError as error:
-        raise TrainingError(f"training diverged: {_one_line(error)}") from None
     except RuntimeError as error:  # e.g. out of memory: one line, not a traceback
         raise TrainingError(f"training failed: {type(error).__name__}: {_one_line(error)}") from None
     metrics, history = dict(result.metrics), result.history

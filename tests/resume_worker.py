@@ -1,8 +1,9 @@
 """A training run for test_resume.py, run as a subprocess: `python resume_worker.py DIR [slow] [resume]`.
 
 Trains a TopK SAE with AuxK on a shuffled TensorSource, checkpointing every 2 batches into DIR,
-and saves the final dictionary to DIR/final. With "slow", each step sleeps so the parent can
-kill it mid-run.
+and saves the final dictionary to DIR/final. With "slow", each step sleeps, and each checkpoint
+write sleeps between writing its tensor file and renaming its folder into place, so the parent
+can kill it mid-run and mid-write.
 """
 import sys
 import time
@@ -26,6 +27,15 @@ if "slow" in flags:
         return original(self, *args, **kwargs)
 
     sparsekit.TopKSAE.forward = slow_forward
+
+    from sparsekit import checkpoint
+    original_save = checkpoint.save_file
+
+    def slow_save(*args, **kwargs):
+        original_save(*args, **kwargs)
+        time.sleep(0.15)  # the temporary folder holds a tensor file, not yet a checksum or a name
+
+    checkpoint.save_file = slow_save
 
 sae = sparsekit.TopKSAE(16, 64, k=3)
 cfg = sparsekit.TrainConfig(batch_size=128, lr=3e-3, total_tokens=128 * 60, eval_tokens=256, log_every=4,

@@ -31,7 +31,12 @@ def sparse_rows(rows=ROWS, d=D, seed=0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("activations")
+    return make_files(tmp_path_factory.mktemp("activations"))
+
+
+def make_files(root):
+    """The activation files the CLI tests read, written into root."""
+    root.mkdir(parents=True, exist_ok=True)
     x = sparse_rows()
     np.save(root / "x.npy", x)
     np.save(root / "y.npy", x[:, :8] * 2)
@@ -191,6 +196,10 @@ BAD_INPUTS = [
     ("used checkpoint dir", BASE + ["--checkpoint-dir", "{root}/used_ckpt"], None,
      "already holds checkpoints (newest step_000000001) from an earlier run: pass --resume"),
     ("bad device", BASE + ["--device", "toaster"], None, "--device 'toaster' is not a device"),
+    ("cannot fit in memory", BASE[:2] + ["--n-latents", "100000000000", "--k", "2", "--eval-tokens", "0", "--out",
+                                         "{tmp}/o"], None,
+     "--n-latents 100000000000 with --batch-size 4096 needs about 1.58e+06 GiB (parameters 1.23e+04 GiB, "
+     "adam_moments 2.46e+04 GiB"),
     ("folder without manifest", ["--data", "{root}/empty_dir", *BASE[2:]], None, "no manifest.json in"),
     ("unknown file type", ["--data", "{root}/notes.txt", *BASE[2:]], None, "unknown activation file type '.txt'"),
     ("transcoder without targets", BASE + ["--transcoder"], None, "--transcoder needs targets"),

@@ -1,5 +1,6 @@
 """A run killed with SIGKILL and resumed ends bit-identical to one that never stopped."""
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -27,20 +28,47 @@ def _checkpoints(directory: Path):
     return sorted(p for p in directory.glob("step_*") if p.is_dir()) if directory.exists() else []
 
 
-def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
+KILLS = int(os.environ.get("SPARSEKIT_RESUME_KILLS", "3"))  # `make fuzz` raises it
+
+
+def _newest_step(directory: Path) -> int:
+    found = _checkpoints(directory)
+    return int(found[-1].name[5:]) if found else 0
+
+
+def _writing(directory: Path) -> bool:
+    return directory.exists() and any(".tmp-" in p.name for p in directory.iterdir())
+
+
+def _kill(process, directory: Path, during_write: bool, delay: float) -> None:
+    """SIGKILL the worker once it has passed its starting checkpoint: inside a checkpoint write
+    (a temporary folder exists), or `delay` seconds later."""
+    start_step, deadline = _newest_step(directory), time.time() + 120
+    while time.time() < deadline and _newest_step(directory) <= start_step and process.poll() is None:
+        time.sleep(0.01)
+    moment = time.time() + delay
+    while time.time() < deadline and process.poll() is None and (not _writing(directory) if during_write
+                                                                 else time.time() < moment):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def test_run_killed_several_times_resumes_to_bit_identical_parameters(tmp_path):
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     _run(uninterrupted)
 
-    process = _run(interrupted, "slow", wait=False)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(int(p.name[5:]) >= 10 for p in _checkpoints(interrupted)):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert not (interrupted / "final").exists(), "the run finished before it could be killed"
-    killed_at = max(int(p.name[5:]) for p in _checkpoints(interrupted))
-    assert 10 <= killed_at < 60
+    seed = random.SystemRandom().randrange(2**31)
+    rng = random.Random(seed)
+    kill_steps = []
+    for kill in range(KILLS):  # every other kill lands inside a checkpoint write
+        flags = ("slow",) if kill == 0 else ("slow", "resume")
+        _kill(_run(interrupted, *flags, wait=False), interrupted, during_write=kill % 2 == 1,
+              delay=rng.uniform(0.0, 0.6))
+        kill_steps.append(_newest_step(interrupted))
+        assert not (interrupted / "final").exists()
+    assert kill_steps == sorted(kill_steps) and kill_steps[-1] < 60, f"seed {seed}: {kill_steps}"
 
     out = _run(interrupted, "resume")
     assert "resumed from" in out and "done 60" in out
@@ -48,8 +76,10 @@ def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
     b = load_file(str(interrupted / "final" / "sae.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.equal(a[name], b[name]), name
+        assert torch.equal(a[name], b[name]), f"{name} (kill seed {seed}, newest steps at the kills {kill_steps})"
     assert (uninterrupted / "metrics.jsonl").read_text() == (interrupted / "metrics.jsonl").read_text()
+    assert not [p.name for p in interrupted.iterdir() if p.name.startswith(".step_")]  # no leftovers
+    print(f"\nresume: {KILLS} SIGKILLs survived (newest checkpoint at each: {kill_steps}), bit-identical")
 
 
 def test_resume_without_checkpoints_starts_fresh_and_matches(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ def save_dictionary(sae: SparseDictionary, directory) -> Path:
 def load(directory, device=None) -> SparseDictionary:
     """Rebuild a dictionary saved by ``sae.save(directory)``, in eval mode. Errors name the file
     and field."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(f"directory must be a path (str or os.PathLike), got {directory!r}")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory: expected one written by sae.save()")

@@ -1,0 +1,128 @@
+"""What keeps a long training run safe: one run per checkpoint folder (a lock), a memory check
+before anything large is allocated, and a stop at the first NaN or Inf that names the step, the
+cause and the checkpoint to resume from.
+
+``train`` is wrapped with :func:`guard_run`; its loop calls :func:`check_loss` and
+:func:`check_parameters`.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import inspect
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import checks, memory
+from .errors import CheckpointDirBusy, TrainingDiverged
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def checkpoint_dir_lock(directory):
+    """Hold an exclusive flock on directory/.lock for the duration; CheckpointDirBusy if a live
+    process holds it. The kernel drops a flock when its holder dies, so a lock left by a killed
+    run never blocks the next one; the file itself stays (unlinking it would race)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise CheckpointDirBusy(f"checkpoint_dir {directory} is in use by another run ({holder}); wait for it "
+                                    f"to finish or stop it, or choose another checkpoint_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        ckpt.remove_stale_temporaries(directory)  # only a dead run can have left them: we hold the lock
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _is_secondary_rank() -> bool:
+    """True on ranks other than 0 (RANK from torchrun, or an initialised process group): rank 0 owns the folder."""
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):  # torchrun, before the group is set up
+        return True
+    distributed = getattr(torch, "distributed", None)
+    return bool(distributed is not None and distributed.is_available() and distributed.is_initialized()
+                and distributed.get_rank() != 0)
+
+
+def guard_run(train):
+    """Decorator for sparsekit.train: checks the memory a run needs before it allocates the
+    optimizer and buffers, and holds the checkpoint folder's lock while it runs."""
+    signature = inspect.signature(train)
+
+    @functools.wraps(train)
+    def guarded(*args, **kwargs):
+        from .sae.base import SparseDictionary
+        from .train import TrainConfig
+
+        bound = signature.bind_partial(*args, **kwargs)
+        sae, config = bound.arguments.get("sae"), bound.arguments.get("config")
+        config = TrainConfig() if config is None else config
+        if not (isinstance(sae, SparseDictionary) and isinstance(config, TrainConfig)):
+            return train(*args, **kwargs)  # train reports the wrong types itself
+        config.validate()
+        params = sum(p.numel() * p.element_size() for p in sae.parameters())
+        memory.check_fits(memory.estimate_for(sae, config), sae.W_enc.device, already_allocated=params,
+                          what=f"training this {sae.architecture} dictionary (n_latents={sae.n_latents}, "
+                               f"batch_size={config.batch_size})")
+        if config.checkpoint_dir is None or _is_secondary_rank():
+            return train(*args, **kwargs)
+        with checkpoint_dir_lock(config.checkpoint_dir):
+            return train(*args, **kwargs)
+
+    return guarded
+
+
+def _how_to_resume(config) -> str:
+    lr = config.lr
+    advice = f"a lower TrainConfig.lr (now {lr:g}; try {lr / 10:g})"
+    found = ckpt.complete_checkpoints(config.checkpoint_dir) if config.checkpoint_dir else []
+    if found:
+        return (f"nothing was written after the last good checkpoint, {found[-1]}: resume from it with "
+                f"train(..., resume=True) (sparsekit train --resume) and {advice}")
+    where = "no checkpoint was written yet" if config.checkpoint_dir else "no checkpoint_dir was set"
+    return f"{where}: start again with {advice}, and a checkpoint_dir to keep progress"
+
+
+def check_loss(step: int, loss: torch.Tensor, losses: dict, config) -> None:
+    """TrainingDiverged when the loss is NaN or Inf. ``step``: updates done before this one; the
+    message counts like the checkpoints (step N is the N-th update)."""
+    if torch.isfinite(loss):
+        return
+    terms = ", ".join(f"{name}={float(value):.4g}" for name, value in losses.items())
+    raise TrainingDiverged(f"training diverged at step {step + 1}: the loss is {float(loss)} ({terms}); "
+                           f"{_how_to_resume(config)}", step + 1)
+
+
+def check_parameters(step: int, sae, config) -> None:
+    """TrainingDiverged when the update after ``step`` earlier ones left a NaN or Inf in a parameter."""
+    named = list(sae.named_parameters())
+    if all(checks.all_finite(p.detach()) for _, p in named):
+        return
+    bad = [name for name, p in named if not checks.all_finite(p.detach())]
+    raise TrainingDiverged(f"training diverged at step {step + 1}: the update left NaN or Inf in {', '.join(bad)}; "
+                           f"{_how_to_resume(config)}", step + 1)
+
+
+def exhausted_message(batches_read: int) -> str:
+    """Why a source that stopped yielding cannot feed the run."""
+    if batches_read == 0:
+        return ("the source yielded no batches: it is empty, or an iterator or generator that was already consumed "
+                "(pass a tensor, a list, or a zero-argument function returning a fresh iterable)")
+    return (f"the source ran out after {batches_read} batches, before the held-out split (TrainConfig.eval_tokens) "
+            f"and the first training batch were read: lower eval_tokens or let the source repeat")
