@@ -289,23 +289,9 @@ def run_study(config: StudyConfig) -> dict:
         return summary
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
-    return value
-
-
 def parser(prog: str = "sparsekit mnist", default_out: str | None = None) -> argparse.ArgumentParser:
+    from .toys_cli import _OneLineParser, _positive  # the CLIs' shared one-line errors and int check
+
     p = _OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scan", choices=sorted(GRIDS), default="compact",
                    help="compact: sizes 16..512, 4 sparsity settings, 400 steps per cell (the demo); "
