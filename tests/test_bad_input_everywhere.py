@@ -362,5 +362,17 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+def test_the_readme_table_lists_every_case():
+    import test_bad_input
+    import test_cli_train
+    import test_sae_persistence
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    total = (len(CASES) + len(test_bad_input.CASES) + len(test_sae_persistence.BAD_FILES) + len(FLAG_CASES)
+             + len(test_cli_train.BAD_INPUTS))
+    assert f"{total} bad inputs tried: " in readme, "regenerate: python tests/test_bad_input_everywhere.py"
+    assert readme.count("\n| ") - readme.count("\n| ---") >= total
+
+
 if __name__ == "__main__":
     print(markdown_table())
