@@ -54,3 +54,13 @@ def test_cache_that_this_version_does_not_read_raises(models):
 def test_unknown_model_name_is_a_value_error():
     with pytest.raises(ValueError, match="name must be one of smollm2-135m"):
         lm.load_lm("gpt-5")
+
+
+def test_corpus_contexts_are_bos_then_the_token_stream_of_the_plays(models):
+    from sparsekit.activations.store import corpus_contexts
+    from sparsekit.activations.text import load_documents
+    model = models[0]
+    contexts = corpus_contexts(model, "shakespeare", context_len=32, max_contexts=5)
+    assert contexts.shape == (5, 32) and (contexts[:, 0] == model.tokenizer.bos_token_id).all()
+    text = model.tokenizer.decode(contexts[:, 1:].reshape(-1).tolist())
+    assert len(text) > 300 and load_documents("shakespeare")[0][1].startswith(text)
