@@ -10,6 +10,10 @@ on the MLP output and a TopK transcoder MLP input -> MLP output, evaluates both 
     RUN_DIR/{sae,transcoder}/   the dictionaries (sparsekit.load)
     RUN_DIR/metrics.json        evaluation figures
     RUN_DIR/*_features.json, RUN_DIR/dashboard.html
+
+The defaults are sized for a loaded 2-core machine (40k cached tokens, 3 epochs, 1,024 evaluation
+tokens, ~20 min there under a load average of ~13); the evaluation's three full-model passes per
+dictionary dominate, so raise --eval-tokens (and --train-tokens) where there is time.
 """
 from __future__ import annotations
 
@@ -26,14 +30,14 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--out", default="runs/lm-demo", help="run folder")
     p.add_argument("--layer", type=int, default=3)
     p.add_argument("--context-len", type=int, default=128)
-    p.add_argument("--train-tokens", type=int, default=200_000, help="activations cached for training")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the cached activations")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for CE/KL and the features")
-    p.add_argument("--n-latents", type=int, default=4096)
+    p.add_argument("--train-tokens", type=int, default=40_000, help="activations cached for training")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the cached activations")
+    p.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for CE/KL and the features")
+    p.add_argument("--n-latents", type=int, default=2048)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--features", type=int, default=150, help="features shown per dictionary")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--features", type=int, default=100, help="features shown per dictionary")
     p.add_argument("--corpus", default="shakespeare")
     return p.parse_args(argv)
 
