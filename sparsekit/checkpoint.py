@@ -45,7 +45,8 @@ def write(directory, step: int, tensors: dict, state: dict, keep: int = 2) -> Pa
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not checks.all_finite(t.detach().contiguous())]
     if bad:
         raise TrainingDiverged(f"step {step}: refusing to write a checkpoint holding NaN or Inf (in {', '.join(bad)}); "
-                               f"the earlier checkpoints in {directory} are kept", step)
+                               f"the earlier checkpoints in {directory} are kept: resume from the newest with a lower "
+                               f"TrainConfig.lr", step)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:09d}"

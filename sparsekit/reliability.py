@@ -104,8 +104,8 @@ def check_loss(step: int, loss: torch.Tensor, losses: dict, config) -> None:
     message counts like the checkpoints (step N is the N-th update)."""
     if torch.isfinite(loss):
         return
-    terms = ", ".join(f"{name}={float(value):.4g}" for name, value in losses.items())
-    raise TrainingDiverged(f"training diverged at step {step + 1}: the loss is {float(loss)} ({terms}); "
+    terms = ", ".join(f"{name}={float(torch.as_tensor(value).detach()):.4g}" for name, value in losses.items())
+    raise TrainingDiverged(f"training diverged at step {step + 1}: the loss is {float(loss.detach())} ({terms}); "
                            f"{_how_to_resume(config)}", step + 1)
 
 
