@@ -39,7 +39,7 @@ def load(directory, device=None) -> SparseDictionary:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: is {directory} a directory written by sae.save()?")
-    config = _read_config(config_path)
+    config = read_json_object(config_path)
     sae = _build(config, config_path, device)
     state = _read_weights(weights_path, device)
     expected = dict(sae.state_dict())
@@ -60,7 +60,8 @@ def load(directory, device=None) -> SparseDictionary:
     return sae.eval()
 
 
-def _read_config(config_path: Path) -> dict:
+def read_json_object(config_path: Path) -> dict:
+    """A JSON file that must hold an object (cfg.json); anything else is a ValueError naming the file."""
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .base import SparseDictionary
+from .persistence import read_json_object
 from ..atomic import atomic_save_tensors, atomic_write_bytes
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -200,12 +201,7 @@ def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyp
 
 
 def _read_saelens_config(config_path: Path) -> dict:
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    config = read_json_object(config_path)
     if "n_latents" in config and "d_sae" not in config:
         raise ValueError(f"{config_path} is a sparsekit cfg.json, not a SAELens one: load it with sparsekit.load")
     architecture = config.get("architecture")
