@@ -35,10 +35,11 @@ def main(argv=None) -> None:
         mnist_main(rest)
     elif command == "train":
         from .train_cli import main as train_main
-        from .distributed import init_distributed, launched_by_torchrun
+        from .distributed import init_distributed, launched_by_torchrun, shutdown_distributed
         if launched_by_torchrun():  # join the group first: each rank then builds on its own GPU
             init_distributed()
         train_main(rest)
+        shutdown_distributed()
     elif command == "toys":
         from .toys_cli import main as toys_main
         toys_main(rest)
