@@ -33,6 +33,21 @@ def register(name: str):
     return wrap
 
 
+def _floating_dtype(dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.float64, ...), got {dtype!r}")
+    return dtype
+
+
+def _device(device):
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r}") from None
+
+
 class SAEOutput(NamedTuple):
     """x_hat [B, d_out] (normalised space), codes (TopKCodes, BatchTopKCodes or dense [B, n]),
     losses: named scalar terms; the training objective is their sum."""
@@ -56,7 +71,9 @@ class SparseDictionary(nn.Module):
         if not transcoder and self.d_out != self.d_in:
             raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}: use sparsekit.Transcoder")
         self.transcoder = bool(transcoder)
-        factory = dict(dtype=dtype, device=device)
+        factory = dict(dtype=_floating_dtype(dtype), device=_device(device))
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         gen = torch.Generator(device="cpu")
         if seed is not None:
             gen.manual_seed(seed)
