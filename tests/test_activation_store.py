@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from lm_cases import tiny_transformer
 from sparsekit.activations import ShardSource
 from sparsekit.activations.store import (LMActivationSource, cache_activations, check_hooks, stop_layer,
                                          tokens_digest)
@@ -12,10 +13,7 @@ from sparsekit.activations.store import (LMActivationSource, cache_activations, 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    cfg = HookedTransformerConfig(n_layers=3, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=40, n_ctx=16,
-                                  act_fn="gelu", normalization_type="LN", model_name="tiny-random", seed=1)
-    return HookedTransformer(cfg).eval()
+    return tiny_transformer(n_layers=3, seed=1)
 
 
 def contexts(n=12, t=9, seed=0):

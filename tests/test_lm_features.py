@@ -3,35 +3,22 @@ features are known: feature i fires on residual direction i."""
 import pytest
 import torch
 
-import sparsekit
+from lm_cases import axis_dictionary, random_contexts, tiny_transformer
 from sparsekit.analysis.lm_features import (feature_activations, feature_report, find_features, logit_effects,
                                             residual_directions)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=40, n_ctx=16,
-                                  act_fn="gelu", normalization_type="LN", model_name="tiny-random", seed=3)
-    return HookedTransformer(cfg).eval()
+    return tiny_transformer(n_layers=1, seed=3)
 
 
 def axis_sae(d=16):
-    """ReLU SAE with W_enc = [I, -I]: latent i is relu(x_i), latent d + i is relu(-x_i)."""
-    sae = sparsekit.ReLUSAE(d, 2 * d, l1_coeff=1.0)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
+    return axis_dictionary(d)
 
 
 def contexts(n=10, t=10):
-    tokens = torch.randint(1, 40, (n, t), generator=torch.Generator().manual_seed(0))
-    tokens[:, 0] = 0
-    return tokens
+    return random_contexts(n, t)
 
 
 HOOK = "blocks.0.hook_resid_post"

@@ -5,35 +5,24 @@ import pytest
 import torch
 
 import sparsekit
+from lm_cases import axis_dictionary, random_contexts, tiny_transformer
 from sparsekit.activations.lm_metrics import lm_splice_metrics
 from sparsekit.activations.store import cache_activations
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=40, n_ctx=16,
-                                  act_fn="gelu", normalization_type="LN", model_name="tiny-random", seed=2)
-    return HookedTransformer(cfg).eval()
+    return tiny_transformer(n_layers=2, seed=2)
 
 
 def contexts(n, t=12, seed=0):
-    tokens = torch.randint(1, 40, (n, t), generator=torch.Generator().manual_seed(seed))
-    tokens[:, 0] = 0
-    return tokens
+    return random_contexts(n, t, seed)
 
 
 def identity_dictionary(d, transcoder=False):
-    """ReLU dictionary with W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x) = x exactly."""
-    sae = (sparsekit.Transcoder(d, 2 * d, d, architecture="relu", l1_coeff=1.0) if transcoder
-           else sparsekit.ReLUSAE(d, 2 * d, l1_coeff=1.0))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    sae.input_scale = sae.output_scale = 0.37  # scales must cancel out
+    """The axis dictionary (an exact identity), with scales that must cancel out."""
+    sae = axis_dictionary(d, transcoder)
+    sae.input_scale = sae.output_scale = 0.37
     return sae
 
 
