@@ -7,8 +7,8 @@ import torch
 
 from lm_cases import tiny_transformer
 from sparsekit.activations import ShardSource
-from sparsekit.activations.store import (LMActivationSource, cache_activations, check_hooks, stop_layer,
-                                         tokens_digest)
+from sparsekit.activations.store import (LMActivationSource, cache_activations, cache_layer_activations, check_hooks,
+                                         stop_layer, tokens_digest)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,46 @@ def test_cache_is_written_once_and_reused(tiny, tmp_path, monkeypatch):
     assert again.tokens == 96
     with pytest.raises(ValueError, match="differs in contexts, tokens_sha256"):
         cache_activations(tiny, contexts(n=5), hooks, tmp_path / "acts", progress=False)
+
+
+def test_per_layer_cache_is_one_pass_and_reuses_single_hook_folders(tiny, tmp_path, monkeypatch):
+    tokens = contexts()
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z"]
+    # one hook cached beforehand the single-hook way: the per-layer cache must reuse its folder
+    cache_activations(tiny, tokens, hooks[0], tmp_path / "layers" / hooks[0], progress=False)
+    passes = []
+    real = tiny.run_with_cache
+    monkeypatch.setattr(tiny, "run_with_cache", lambda *a, **k: passes.append(k) or real(*a, **k))
+    sources = cache_layer_activations(tiny, tokens, hooks, tmp_path / "layers", batch_contexts=5, shard_rows=30,
+                                      progress=False, shuffle=False, epochs=1)
+    assert len(passes) == 3  # 12 contexts in batches of 5, each ONE pass for both missing hooks
+    assert all(sorted(k["names_filter"]) == sorted(hooks[1:]) and k["stop_at_layer"] == 2 for k in passes)
+    for hook in hooks:
+        got = torch.cat(list(sources[hook]))
+        assert sources[hook].tokens == 96
+        torch.testing.assert_close(got, reference(tiny, tokens, hook), atol=1e-5, rtol=1e-5)
+    assert sources[hooks[2]].d == 16  # 2 heads x 8 flattened
+    monkeypatch.setattr(tiny, "run_with_cache", lambda *a, **k: pytest.fail("the cache should have been reused"))
+    again = cache_layer_activations(tiny, tokens, hooks, tmp_path / "layers", progress=False)
+    assert sorted(again) == sorted(hooks)
+    with pytest.raises(ValueError, match="distinct hook names"):
+        cache_layer_activations(tiny, tokens, [hooks[0], hooks[0]], tmp_path / "layers")
+    with pytest.raises(ValueError, match="hooks: 'blocks.7.hook_mlp_out' is not a hook point"):
+        cache_layer_activations(tiny, tokens, ["blocks.7.hook_mlp_out"], tmp_path / "other")
+
+
+def test_per_layer_cache_surfaces_a_writer_error(tiny, tmp_path, monkeypatch):
+    import sparsekit.activations.store as store
+
+    def failing_writer(directory, batches, **kwargs):
+        next(iter(batches))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "write_shards", failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        cache_layer_activations(tiny, contexts(), ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+                                tmp_path / "layers", batch_contexts=2, progress=False)
+    assert not (tmp_path / "layers" / "blocks.0.hook_resid_post" / "lm_store.json").exists()
 
 
 def test_bad_hooks_and_tokens_name_the_argument(tiny):

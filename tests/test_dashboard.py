@@ -94,3 +94,16 @@ def test_dashboard_in_headless_chromium(browser, tmp_path):
 
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, json.dumps(errors)
+
+
+def test_overview_summarises_every_dictionary_with_metrics():
+    with_metrics = dict(report(), metrics={"fvu": 0.25, "l0": 32.0, "ce_recovered": 0.875, "kl": 0.0123,
+                                           "dead_frac": 0.5})
+    page = dashboard_html({"layer0": with_metrics, "layer<2>": dict(with_metrics, metrics={"fvu": 0.5}),
+                           "plain": report()})
+    table = page[page.index('<table class="summary">'):page.index("</table>", page.index('<table class="summary">'))]
+    rows = table.split("<tr>")[2:]
+    assert len(rows) == 2  # "plain" has no metrics: no row
+    assert "<td>0.250</td><td>32.0</td><td>0.875</td><td>0.0123</td><td>0.500</td><td>1 / 3</td>" in rows[0]
+    assert "layer&lt;2&gt;" in rows[1] and rows[1].count("<td>?</td>") == 4
+    assert '<table class="summary">' not in dashboard_html({"plain": report()})

@@ -76,3 +76,44 @@ def test_dictionary_trained_from_the_store_keeps_most_of_the_loss(tiny, tmp_path
     sparsekit.train(transcoder, pairs, cfg)
     t = lm_splice_metrics(tiny, held_out, "blocks.0.hook_mlp_out", transcoder, input_hook="blocks.0.ln2.hook_normalized")
     assert t["fvu"] < 0.3 and t["kl"] < 0.2 * t["kl_zero"]
+
+
+def naive_spliced_ce(model, tokens, hook, replace):
+    """Reference: a full forward from the tokens with the activation at hook replaced (BOS kept)."""
+    def swap(act, hook):
+        new = replace(act).reshape(act.shape)
+        new[:, 0] = act[:, 0]
+        return new
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, swap)])
+    log_probs = logits[:, 1:-1].log_softmax(-1)
+    return float(-log_probs.gather(-1, tokens[:, 2:, None]).mean())
+
+
+def test_shared_evaluation_matches_one_full_forward_per_dictionary(tiny):
+    from sparsekit.activations.lm_metrics import Splice, _reconstruct, evaluate_splices
+    torch.manual_seed(3)
+    tokens = contexts(7, seed=5)
+    mlp_in, mlp_out, z, attn_out = ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z",
+                                    "blocks.1.hook_attn_out")
+    splices = {"sae": Splice(sparsekit.TopKSAE(16, 48, k=4), mlp_out),
+               "mlp_tc": Splice(sparsekit.Transcoder(16, 48, 16, k=4), mlp_out, mlp_in),
+               "attn_tc": Splice(sparsekit.Transcoder(16, 48, 16, k=4), attn_out, z),
+               "embed": Splice(sparsekit.TopKSAE(16, 48, k=4), "hook_embed")}  # no block: runs from the tokens
+    shared = evaluate_splices(tiny, tokens, splices, batch_contexts=3)
+    with torch.no_grad():
+        clean = float(-tiny(tokens)[:, 1:-1].log_softmax(-1).gather(-1, tokens[:, 2:, None]).mean())
+        seen = {}
+        tiny.run_with_hooks(tokens, fwd_hooks=[(n, lambda a, hook: seen.__setitem__(hook.name, a)) for n in (mlp_in, z)])
+    for name, s in splices.items():
+        m = shared[name]
+        source = None if s.input_hook is None else seen[s.input_hook]
+        expected = naive_spliced_ce(tiny, tokens, s.hook,
+                                    lambda act: _reconstruct(s.sae, act if source is None else source))
+        assert m["ce_splice"] == pytest.approx(expected, abs=1e-5)
+        assert m["ce_zero"] == pytest.approx(naive_spliced_ce(tiny, tokens, s.hook, torch.zeros_like), abs=1e-5)
+        assert m["ce_clean"] == pytest.approx(clean, abs=1e-5)
+        assert m["ce_splice"] != pytest.approx(clean, abs=1e-4)  # the splice changed something
+        alone = lm_splice_metrics(tiny, tokens, s.hook, s.sae, input_hook=s.input_hook, batch_contexts=2)
+        assert alone == pytest.approx(m, rel=1e-4, abs=1e-6)  # other batches: float32 sums in another order
+    assert shared["sae"]["ce_zero"] == shared["mlp_tc"]["ce_zero"] != shared["attn_tc"]["ce_zero"]

@@ -233,6 +233,28 @@ def model_name(model) -> str:
     return str(getattr(model.cfg, "model_name", "") or type(model).__name__)
 
 
+def _store_record(model, names, tokens: Tensor, dtype: str) -> dict:
+    return {"model": model_name(model), "hooks": list(names), "contexts": int(tokens.shape[0]),
+            "context_len": int(tokens.shape[1]), "tokens_sha256": tokens_digest(tokens), "bos_excluded": True,
+            "dtype": dtype}
+
+
+def _cached(directory: Path, record: dict, overwrite: bool) -> bool:
+    """True when directory already holds the activations record describes; raises when it holds
+    others (unless overwrite: then the old record is removed and False returned)."""
+    record_path = directory / STORE_RECORD
+    if (directory / MANIFEST).is_file() and record_path.is_file():
+        found = json.loads(record_path.read_text())
+        if found == record:
+            return True
+        if not overwrite:
+            differs = sorted(k for k in record if found.get(k) != record[k])
+            raise ValueError(f"directory {directory} caches other activations (differs in {', '.join(differs)}); "
+                             f"pass overwrite=True or another directory")
+    record_path.unlink(missing_ok=True)
+    return False
+
+
 def cache_activations(model, tokens: Tensor, hooks, directory, batch_size: int = 4096, shard_rows: int = 65536,
                       dtype: str = "float32", progress: bool = True, overwrite: bool = False,
                       **source_kwargs) -> ShardSource:
@@ -247,22 +269,78 @@ def cache_activations(model, tokens: Tensor, hooks, directory, batch_size: int =
     directory = Path(directory)
     names = check_hooks(model, hooks)
     tokens = _check_contexts(tokens)
-    record = {"model": model_name(model), "hooks": list(names), "contexts": int(tokens.shape[0]),
-              "context_len": int(tokens.shape[1]), "tokens_sha256": tokens_digest(tokens), "bos_excluded": True,
-              "dtype": dtype}
-    record_path = directory / STORE_RECORD
-    if (directory / MANIFEST).is_file() and record_path.is_file():
-        found = json.loads(record_path.read_text())
-        if found == record:
-            return ShardSource(directory, batch_size=batch_size, **source_kwargs)
-        if not overwrite:
-            differs = sorted(k for k in record if found.get(k) != record[k])
-            raise ValueError(f"directory {directory} caches other activations (differs in {', '.join(differs)}); "
-                             f"pass overwrite=True or another directory")
-    record_path.unlink(missing_ok=True)
-    stream = LMActivationSource(model, tokens, names, batch_size=batch_size, shuffle=False, epochs=1,
-                                progress=progress)
-    write_shards(directory, stream, model=record["model"], hook=" -> ".join(names), dtype=dtype,
-                 shard_rows=shard_rows, overwrite=overwrite)
-    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
+    record = _store_record(model, names, tokens, dtype)
+    if not _cached(directory, record, overwrite):
+        stream = LMActivationSource(model, tokens, names, batch_size=batch_size, shuffle=False, epochs=1,
+                                    progress=progress)
+        write_shards(directory, stream, model=record["model"], hook=" -> ".join(names), dtype=dtype,
+                     shard_rows=shard_rows, overwrite=overwrite)
+        atomic_write_bytes(directory / STORE_RECORD, json.dumps(record, indent=1).encode())
     return ShardSource(directory, batch_size=batch_size, **source_kwargs)
+
+
+def cache_layer_activations(model, tokens: Tensor, hooks: Sequence[str], directory, batch_size: int = 4096,
+                            batch_contexts: int = 16, shard_rows: int = 65536, dtype: str = "float32",
+                            progress: bool = True, overwrite: bool = False, **source_kwargs) -> dict[str, ShardSource]:
+    """Several hook points (e.g. one per layer) cached from ONE forward pass per batch of contexts
+    (``names_filter`` = every hook, ``stop_at_layer`` after the last block they need) ->
+    {hook: ShardSource}. Each hook gets its own folder ``directory/<hook>`` in ``cache_activations``'s
+    format and record (rows in context order, BOS excluded), so a folder cached either way is reused;
+    only the hooks not cached yet are computed. Each folder is written by its own thread while the
+    model runs the next batch.
+    """
+    import queue
+    import threading
+
+    directory = Path(directory)
+    if isinstance(hooks, str) or not isinstance(hooks, (list, tuple)) or not hooks or len(set(hooks)) != len(hooks):
+        raise ValueError(f"hooks must be a non-empty list of distinct hook names, got {hooks!r}")
+    names = [check_hooks(model, name)[0] for name in hooks]
+    tokens = _check_contexts(tokens)
+    batch_contexts = positive_int("batch_contexts", batch_contexts)
+    records = {name: _store_record(model, (name,), tokens, dtype) for name in names}
+    missing = [name for name in names if not _cached(directory / name, records[name], overwrite)]
+    if missing:
+        stop = stop_layer(model, missing)
+        queues = {name: queue.Queue(maxsize=2) for name in missing}
+        errors: list[BaseException] = []
+
+        def writer(name: str) -> None:
+            q = queues[name]
+            try:
+                write_shards(directory / name, iter(q.get, None), model=records[name]["model"], hook=name, dtype=dtype,
+                             shard_rows=shard_rows, overwrite=overwrite)
+            except BaseException as error:  # reported by the caller's thread; keep draining so it never blocks
+                errors.append(error)
+                while q.get() is not None:
+                    pass
+
+        threads = [threading.Thread(target=writer, args=(name,), daemon=True) for name in missing]
+        for thread in threads:
+            thread.start()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=tokens.numel(), unit="tok", unit_scale=True, dynamic_ncols=True,
+                       desc=f"activations at {len(missing)} hooks")
+        try:
+            for start in range(0, tokens.shape[0], batch_contexts):
+                batch = tokens[start:start + batch_contexts]
+                for name, act in zip(missing, hook_activations(model, batch, missing, stop)):
+                    queues[name].put(act)
+                if bar is not None:
+                    bar.update(batch.numel())
+                if errors:
+                    break
+        finally:
+            for name in missing:
+                queues[name].put(None)
+            for thread in threads:
+                thread.join()
+            if bar is not None:
+                bar.close()
+        if errors:
+            raise errors[0]
+        for name in missing:
+            atomic_write_bytes(directory / name / STORE_RECORD, json.dumps(records[name], indent=1).encode())
+    return {name: ShardSource(directory / name, batch_size=batch_size, **source_kwargs) for name in names}

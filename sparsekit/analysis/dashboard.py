@@ -34,6 +34,9 @@ main{flex:1;overflow-y:auto;padding:16px 24px}
 .logits td{font-family:ui-monospace,monospace;font-size:13px;padding:0 8px}
 h2{margin-top:0}
 .census{font-size:13px;color:#555}
+.summary{border-collapse:collapse;font-size:13px;margin:12px 0}
+.summary td,.summary th{border-bottom:1px solid #ddd;padding:3px 10px;text-align:right}
+.summary td:nth-child(-n+2),.summary th:nth-child(-n+2){text-align:left}
 """
 
 _SCRIPT = """
@@ -120,6 +123,30 @@ def _link_html(name: str, feature: dict) -> str:
             f'<small>{_e(repr(token))}</small></a></li>')
 
 
+SUMMARY_COLUMNS = (("FVU", "fvu", "{:.3f}"), ("L0", "l0", "{:.1f}"), ("CE recovered", "ce_recovered", "{:.3f}"),
+                   ("KL", "kl", "{:.4f}"), ("dead", "dead_frac", "{:.3f}"))
+
+
+def _summary_html(reports: dict) -> str:
+    """One row per dictionary whose report carries "metrics" (lm_splice_metrics' keys): the per-layer summary."""
+    rows = []
+    for name, report in reports.items():
+        metrics, census = report.get("metrics"), report.get("census", {})
+        if not isinstance(metrics, dict):
+            continue
+        cells = [_e(name), _e(f"{report.get('hook', '')} → {report.get('output_hook', '')}")]
+        for _, key, form in SUMMARY_COLUMNS:
+            value = metrics.get(key)
+            cells.append(_e(form.format(value)) if isinstance(value, (int, float)) else "?")
+        cells.append(_e(f"{census.get('single_token', '?')} / {census.get('reported', '?')}"))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    if not rows:
+        return ""
+    head = ["dictionary", "hook"] + [c[0] for c in SUMMARY_COLUMNS] + ["single-token / shown"]
+    return ('<table class="summary"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) +
+            f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def dashboard_html(reports: dict, title: str = "sparsekit feature dashboard") -> str:
     """The page for {name: feature_report(...)} as one HTML string."""
     if not isinstance(reports, dict) or not reports:
@@ -139,7 +166,7 @@ def dashboard_html(reports: dict, title: str = "sparsekit feature dashboard") ->
             f'<style>{_STYLE}</style></head><body><nav><input id="search" type="search" '
             f'placeholder="search: id, token, kind" aria-label="search features"><ul id="feature-list">'
             f'{"".join(links)}</ul></nav><main><section id="overview"><h2>{_e(title)}</h2><ul>{"".join(overview)}</ul>'
-            f'<p>Pick a feature on the left.</p></section>{"".join(sections)}</main>'
+            f'{_summary_html(reports)}<p>Pick a feature on the left.</p></section>{"".join(sections)}</main>'
             f'<script>{_SCRIPT}</script></body></html>')
 
 
