@@ -30,11 +30,13 @@ $(INSTALLED): $(VENV)/.torch-installed $(BUILD_INPUTS)
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=15 tests
 
-# 1,000 fresh random cases per op per backend against the reference (failures print their seed),
-# and a training run SIGKILLed 10 times that must resume bit-identical. Passive OpenMP waiting:
-# spinning threads make tiny kernels 100x slower on a busy machine.
+# 1,000 fresh random cases per op per backend (cpp, and Triton: interpreted without a GPU) against
+# the reference in 2 worker processes (failures print their seed), and a training run SIGKILLed 10
+# times that must resume bit-identical. Passive OpenMP waiting: spinning threads make tiny kernels
+# 100x slower on a busy machine.
 fuzz: $(INSTALLED)
-	OMP_WAIT_POLICY=passive SPARSEKIT_FUZZ_CASES=1000 SPARSEKIT_RESUME_KILLS=10 $(PY) -m pytest -q -s \
+	OMP_WAIT_POLICY=passive SPARSEKIT_FUZZ_CASES=1000 SPARSEKIT_TRITON_FUZZ_CASES=1000 SPARSEKIT_FUZZ_WORKERS=2 \
+		SPARSEKIT_RESUME_KILLS=10 $(PY) -m pytest -q -s \
 		tests/test_fuzz.py tests/test_resume.py -k "fuzz_backend or killed_several"
 
 demo: $(INSTALLED)

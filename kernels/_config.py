@@ -17,6 +17,10 @@ import torch
 import triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRETING:  # nested @triton.jit helpers re-patch triton.language on every call: skip that
+    from ._interpreter import skip_redundant_patching
+
+    skip_redundant_patching()
 
 # Triton's dtype for each torch dtype a kernel accepts (tl.dot takes the 16-bit ones as they are
 # on a GPU; the kernels cast them to float32 right after loading under the interpreter, whose

@@ -209,19 +209,24 @@ def with_layouts(case: Case, layouts: dict) -> Case:
 def run(case: Case, backend: str, monkeypatch, out_weights_seed: int = 1234):
     """Forward and backward of case.op on a forced backend.
 
-    Returns (outputs: tuple of tensors, grads: dict name -> gradient of the leaf). The loss is a
-    fixed random weighting of every float output, the same for every backend.
+    Returns (outputs: tuple of tensors, grads: dict name -> gradient of the leaf), on the CPU. The
+    loss is a fixed random weighting of every float output, the same for every backend. Triton runs
+    on the GPU where there is one (inputs moved there: views become contiguous copies), else under
+    its interpreter on the CPU tensors themselves.
     """
     monkeypatch.setenv("SPARSEKIT_BACKEND", backend)
-    leaves = {name: t.detach().clone().requires_grad_() for name, t in case.leaves.items()}
-    outputs = getattr(sparsekit.ops, case.op)(**case.arguments(leaves))
-    outputs = tuple(outputs) if isinstance(outputs, tuple) else (outputs,)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    leaves = {name: t.detach().to(device).clone().requires_grad_() for name, t in case.leaves.items()}
+    arguments = {name: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for name, v in case.arguments(leaves).items()}
+    outputs = getattr(sparsekit.ops, case.op)(**arguments)
+    outputs = tuple(o.cpu() for o in (outputs if isinstance(outputs, tuple) else (outputs,)))
     gen = torch.Generator().manual_seed(out_weights_seed)
     loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
                for o in outputs if o.is_floating_point())
     names = [n for n, t in leaves.items()]
     grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-    return tuple(o.detach() for o in outputs), dict(zip(names, grads))
+    return tuple(o.detach() for o in outputs), {n: g if g is None else g.cpu() for n, g in zip(names, grads)}
 
 
 def tolerance(dtype) -> float:

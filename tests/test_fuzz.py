@@ -1,13 +1,15 @@
 """Fresh random cases on every run: each backend against the reference, every op, forward and backward.
 
-Each case draws from one seed: shapes from 1 up, k from 1 to n (k=1 and k=n often), float32 or
-float64, integer-valued data (exact, full of ties: the lower index must win) or real-valued data
-with enforced gaps, magnitudes scaled by powers of two (huge and tiny: 2**±40 in float32,
-2**±400 in float64), and every tensor passed contiguous, transposed, strided or at a storage
-offset. A failure names its seed: SPARSEKIT_FUZZ_SEED=<seed> SPARSEKIT_FUZZ_CASES=1 replays it.
+The cases (tests/fuzz_cases.py) draw from one seed each: shapes from 1 up, k=1 and k=n often,
+float32 or float64 (float32 only on Triton), integer data full of exact ties or real data with
+enforced gaps, magnitudes scaled by powers of two, every tensor contiguous, transposed, strided or
+at a storage offset. A failure names its seed and the command that replays it.
 
-`make test` runs SPARSEKIT_FUZZ_CASES per op and backend (default 150: about 40 s on 2 busy
-cores); `make fuzz` runs 1,000 and prints how many cases ran and how long they took.
+Cases per op: SPARSEKIT_FUZZ_CASES on cpp (default 150: about 40 s on 2 busy cores) and
+SPARSEKIT_TRITON_FUZZ_CASES on Triton (default 8: without a GPU the kernels run under Triton's
+interpreter, a few seconds in all); SPARSEKIT_FUZZ_WORKERS processes share them (default 1: here).
+`make fuzz` runs 1,000 per op on each backend with 2 workers and prints how many cases ran and how
+long they took.
 """
 import os
 import random
@@ -16,67 +18,71 @@ import time
 import pytest
 import torch
 
-from op_cases import LAYOUTS, OPS, compare_backends, make_case, scale_magnitudes, with_layouts
-from sparsekit.backend import _C
+from fuzz_cases import check_seeds_in_pool, random_case, replay_command, worker_pool
+from op_cases import LAYOUTS, OPS
+from sparsekit.backend import _C, backend_for_device, triton_installed
 
-CASES = int(os.environ.get("SPARSEKIT_FUZZ_CASES", "150"))
+CASES = {"cpp": int(os.environ.get("SPARSEKIT_FUZZ_CASES", "150")),
+         "triton": int(os.environ.get("SPARSEKIT_TRITON_FUZZ_CASES", "8"))}
+WORKERS = int(os.environ.get("SPARSEKIT_FUZZ_WORKERS", "1"))
 FIRST_SEED = int(os.environ.get("SPARSEKIT_FUZZ_SEED", random.SystemRandom().randrange(2**31)))
-# Fast paths compared with the reference on CPU tensors: the C++ kernels. (Triton runs on CUDA
-# tensors only, and is not built yet: see sparsekit.backend.)
-BACKENDS = ["cpp"] if _C is not None else []
-TENSOR_ARGUMENTS = {
-    "topk_encode": ("x", "W_enc", "b_enc"), "batchtopk_encode": ("x", "W_enc", "b_enc"),
-    "relu_encode": ("x", "W_enc", "b_enc"), "jumprelu_encode": ("x", "W_enc", "b_enc", "log_threshold"),
-    "sparse_decode": ("values", "indices", "W_dec", "b_dec"),
-    "sparse_decode_coo": ("values", "rows", "cols", "W_dec", "b_dec"),
-    "ghost_grad_loss": ("x", "W_enc", "b_enc", "W_dec", "dead_idx", "residual"),
-}
 
 
-def random_case(op: str, seed: int):
-    rng = random.Random(seed)
-    n = rng.choice([1, 2, 3, rng.randint(4, 40), rng.randint(40, 300)])
-    shape = dict(batch=rng.choice([1, 2, rng.randint(3, 64)]), d_in=rng.choice([1, rng.randint(2, 48)]),
-                 n=n, k=rng.choice([1, n, rng.randint(1, n)]))
-    if rng.random() < 0.3:
-        shape["d_out"] = rng.randint(1, 40)
-    integer = rng.random() < 0.5
-    dtype = rng.choice([torch.float32, torch.float64])
-    case = make_case(op, seed, dtype=dtype, integer=integer, n_dead=rng.randint(1, n), **shape)
-    if rng.random() < 0.4:
-        limit = 20 if dtype == torch.float32 else 200
-        case = scale_magnitudes(case, rng.randint(-limit, limit), rng.randint(-limit, limit))
-    if rng.random() < 0.5:
-        case = with_layouts(case, {name: rng.choice(LAYOUTS) for name in TENSOR_ARGUMENTS[op]})
-    return case
+def _triton_runs_here() -> bool:
+    """Triton runs the cases: on CUDA (op_cases.run moves them there) or interpreted on CPU."""
+    if not triton_installed():
+        return False
+    if torch.cuda.is_available():
+        return True
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+            return backend_for_device("cpu") == "triton"
+    except RuntimeError:
+        return False
+
+
+# Fast paths compared with the reference: the C++ kernels, and the Triton kernels (under the
+# interpreter on CPU tensors without a GPU: tests/conftest.py sets TRITON_INTERPRET=1).
+BACKENDS = (["cpp"] if _C is not None else []) + (["triton"] if _triton_runs_here() else [])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """SPARSEKIT_FUZZ_WORKERS worker processes shared by every op's fuzz test (None: run here)."""
+    if WORKERS <= 1:
+        yield None
+        return
+    with worker_pool(WORKERS) as workers:
+        yield workers
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
-def test_fuzz_backend_against_reference(op, backend, monkeypatch):
+def test_fuzz_backend_against_reference(op, backend, pool):
+    cases = CASES[backend]
+    seeds = list(range(FIRST_SEED, FIRST_SEED + cases))
     start = time.perf_counter()
-    for i in range(CASES):
-        seed = FIRST_SEED + i
-        try:
-            case = random_case(op, seed)
-            compare_backends(case, monkeypatch, backend)
-        except Exception as error:
-            raise AssertionError(f"fuzz case failed: SPARSEKIT_FUZZ_SEED={seed} SPARSEKIT_FUZZ_CASES=1 "
-                                 f"({op} on {backend}): {error}") from error
-    print(f"\nfuzz: {CASES} cases of {op} on {backend} matched the reference in {time.perf_counter() - start:.1f} s "
-          f"(seeds {FIRST_SEED}..{FIRST_SEED + CASES - 1})")
+    failures = check_seeds_in_pool(pool, op, backend, seeds)
+    seconds = time.perf_counter() - start
+    assert not failures, f"{len(failures)} of {cases} fuzz cases of {op} on {backend} failed:\n" + "\n".join(
+        f"  {replay_command(op, backend, seed)}\n    {error[:2000]}" for seed, error in failures[:10])
+    print(f"\nfuzz: {cases} cases of {op} on {backend} matched the reference in {seconds:.1f} s "
+          f"({1000 * seconds / max(cases, 1):.0f} ms a case, {WORKERS} worker(s); seeds {FIRST_SEED}..{seeds[-1]})")
 
 
-def test_fuzz_draws_every_kind_of_case():
-    # The generator must actually produce the cases it promises (k=1, k=n, one row, both dtypes,
-    # both data kinds, scaled magnitudes, every layout), not just be able to.
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fuzz_draws_every_kind_of_case(backend):
+    # The generator must actually produce the cases it promises (k=1, k=n, one row, its dtypes,
+    # both data kinds, scaled magnitudes, every layout; on Triton, one and several interpreter
+    # tiles on every axis), not just be able to.
     seen = set()
     for seed in range(300):
-        case = random_case("topk_encode", seed)
-        x = case.arguments(case.leaves)["x"]
-        k, n = case.fixed["k"], case.leaves["b_enc"].shape[0] if "b_enc" not in case.views else None
+        case = random_case("topk_encode", seed, backend)
+        args = case.arguments(case.leaves)
+        x, k, (d_in, n) = args["x"], args["k"], args["W_enc"].shape
         seen.add(("dtype", x.dtype))
-        seen.add(("k=1",) if k == 1 else ("k=n",) if n is not None and k == n else ("k other",))
+        seen.add(("k=1",) if k == 1 else ("k=n",) if k == n else ("k other",))
         seen.add(("rows=1",) if x.shape[0] == 1 else ("rows>1",))
         seen.add(("scaled",) if "scale=" in case.description else ("unscaled",))
         seen.add(("integer", "integer=True" in case.description))
@@ -85,7 +91,14 @@ def test_fuzz_draws_every_kind_of_case():
                 seen.add(("layout", layout))
         if not x.is_contiguous() or x.storage_offset():
             seen.add(("non-contiguous or offset x",))
-    for item in [("dtype", torch.float32), ("dtype", torch.float64), ("k=1",), ("k=n",), ("rows=1",),
-                 ("scaled",), ("integer", True), ("integer", False), ("layout", "transposed"),
-                 ("layout", "strided"), ("layout", "offset"), ("non-contiguous or offset x",)]:
+        # Interpreter tiles (kernels/_config.py's small configs): GEMM 16 rows x 32 columns, K by
+        # 16; row selection by 64 columns.
+        seen.update({("rows", x.shape[0] > 16), ("d_in", d_in > 16), ("n", n > 32), ("n>64", n > 64)})
+    dtypes = [torch.float32] if backend == "triton" else [torch.float32, torch.float64]
+    expected = [("dtype", dtype) for dtype in dtypes] + [
+        ("k=1",), ("k=n",), ("rows=1",), ("scaled",), ("integer", True), ("integer", False),
+        ("layout", "transposed"), ("layout", "strided"), ("layout", "offset"), ("non-contiguous or offset x",),
+        ("rows", True), ("rows", False), ("d_in", True), ("d_in", False), ("n", True), ("n", False), ("n>64", True)]
+    for item in expected:
         assert item in seen, item
+    assert ("dtype", torch.float64) not in seen or backend == "cpp"

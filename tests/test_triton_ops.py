@@ -5,9 +5,10 @@ TRITON_INTERPRET=1 before anything imports a kernel), so shapes stay small: the 
 each program as NumPy. On a GPU machine the same tests run the compiled kernels on CUDA tensors.
 float64 is not a Triton dtype (ops route it to the reference), so the float32 cases are checked
 against a float64 evaluation of the reference, as the C++ parity tests do for float32.
+Fresh random cases on the Triton path are tests/test_fuzz.py's (a few per op in `make test`,
+1,000 per op in `make fuzz`).
 """
 import os
-import random
 
 import pytest
 import torch
@@ -213,26 +214,3 @@ def test_triton_takes_16_bit_inputs_and_accumulates_in_float32(dtype, monkeypatc
     eps = torch.finfo(dtype).eps
     for got, expected in zip((y.detach(), *grads), (ref_y.detach(), *ref_grads)):
         torch.testing.assert_close(got.float(), expected, rtol=eps, atol=eps * float(expected.abs().max()))
-
-
-FUZZ_CASES = int(os.environ.get("SPARSEKIT_TRITON_FUZZ_CASES", "1"))
-FUZZ_SEED = int(os.environ.get("SPARSEKIT_FUZZ_SEED", random.SystemRandom().randrange(2**31)))
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_triton_fuzz_against_reference(op, monkeypatch):
-    # Fresh random shapes, k, data kind and layout on every run (kept small: the interpreter is slow);
-    # a failure names the seed: SPARSEKIT_FUZZ_SEED=<seed> SPARSEKIT_TRITON_FUZZ_CASES=1 replays it.
-    for seed in range(FUZZ_SEED, FUZZ_SEED + FUZZ_CASES):
-        rng = random.Random(seed)
-        n = rng.choice([1, 2, rng.randint(3, 80)])
-        shape = dict(batch=rng.randint(1, 24), d_in=rng.randint(1, 24), n=n, k=rng.choice([1, n, rng.randint(1, n)]))
-        if rng.random() < 0.3:
-            shape["d_out"] = rng.randint(1, 24)
-        noncontiguous = op not in ("sparse_decode_coo", "ghost_grad_loss") and rng.random() < 0.3
-        try:
-            compare(make_case(op, seed, integer=rng.random() < 0.5, noncontiguous=noncontiguous,
-                              n_dead=rng.randint(1, n), **shape), monkeypatch)
-        except Exception as error:
-            raise AssertionError(f"triton fuzz case failed: SPARSEKIT_FUZZ_SEED={seed} "
-                                 f"SPARSEKIT_TRITON_FUZZ_CASES=1 ({op}): {error}") from error
