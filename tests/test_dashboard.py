@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from sparsekit import cli
-from sparsekit.analysis.dashboard import dashboard_from_run, dashboard_html, save_report
+from sparsekit.analysis.dashboard import dashboard_from_run, dashboard_html, headless_chromium, save_report
 
 EVIL = ["<script>window.__pwned = 1</script>", "<img src=x onerror=\"window.__pwned=2\">", "\"'&amp;"]
 
@@ -50,20 +50,10 @@ def test_dashboard_command_reads_run_dir(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
         pytest.fail("headless Chromium tests need Debian's chromium and chromium-driver "
                     "(apt-get install -y chromium chromium-driver; .ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 
@@ -107,3 +97,14 @@ def test_overview_summarises_every_dictionary_with_metrics():
     assert "<td>0.250</td><td>32.0</td><td>0.875</td><td>0.0123</td><td>0.500</td><td>1 / 3</td>" in rows[0]
     assert "layer&lt;2&gt;" in rows[1] and rows[1].count("<td>?</td>") == 4
     assert '<table class="summary">' not in dashboard_html({"plain": report()})
+
+
+def test_screenshot_shows_the_chosen_feature(tmp_path, capsys):
+    save_report(report(), tmp_path, "sae")
+    png = tmp_path / "shot.png"
+    cli.main(["dashboard", str(tmp_path), "--screenshot", str(png), "--show", "f-sae-3"])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "dashboard.html"), str(png)]
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1280, 800)

@@ -196,15 +196,59 @@ def dashboard_from_run(run_dir, out=None) -> Path:
     return write_dashboard(reports, out or run_dir / DASHBOARD_FILE, title=f"sparsekit features: {run_dir.name}")
 
 
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage")
+
+
+def headless_chromium(profile_dir, window: tuple[int, int] = (1280, 800)):
+    """A selenium driver for Debian's headless ``chromium`` + ``chromedriver`` (no network use), with
+    the browser console log kept; the caller quits it. profile_dir: a fresh folder for its profile."""
+    import shutil
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        raise RuntimeError("headless Chromium needs Debian's chromium and chromium-driver "
+                           "(apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile_dir}", f"--window-size={window[0]},{window[1]}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def save_screenshot(page, png, fragment: str = "", window: tuple[int, int] = (1280, 800)) -> Path:
+    """PNG of the dashboard page (fragment: e.g. "f-sae-12" to show that feature) in headless Chromium."""
+    import tempfile
+    page, png = Path(page).resolve(), Path(png)
+    with tempfile.TemporaryDirectory() as profile:
+        driver = headless_chromium(profile, window)
+        try:
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {  # the PNG is exactly window
+                "width": window[0], "height": window[1], "deviceScaleFactor": 1, "mobile": False})
+            driver.get(page.as_uri() + (f"#{fragment}" if fragment else ""))
+            png.parent.mkdir(parents=True, exist_ok=True)
+            if not driver.save_screenshot(str(png)):
+                raise RuntimeError(f"chromium could not write {png}")
+        finally:
+            driver.quit()
+    return png
+
+
 def main(argv) -> None:
     import argparse
     parser = argparse.ArgumentParser(prog="sparsekit dashboard",
                                      description="write RUN_DIR/dashboard.html from RUN_DIR/*_features.json")
     parser.add_argument("run_dir")
     parser.add_argument("--out", default=None, help="output HTML file (default RUN_DIR/dashboard.html)")
+    parser.add_argument("--screenshot", default=None, help="also save a PNG of the page (headless Chromium)")
+    parser.add_argument("--show", default="", help="with --screenshot: the section to show, e.g. f-sae-12")
     args = parser.parse_args(argv)
     try:
         path = dashboard_from_run(args.run_dir, args.out)
     except ValueError as e:
         raise SystemExit(f"sparsekit dashboard: {e}")
     print(path)
+    if args.screenshot:
+        print(save_screenshot(path, args.screenshot, args.show))
