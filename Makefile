@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 INSTALLED := $(VENV)/.sparsekit-installed
 BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: test fuzz demo demo-lm bench bench-ops bench-gpu bench-distributed setup clean
+.PHONY: test fuzz demo demo-lm bench bench-ops bench-gpu bench-distributed bench-peers setup clean
 
 setup: $(INSTALLED)
 
@@ -63,6 +63,11 @@ bench-gpu: $(INSTALLED)
 # Data-parallel and latent-sharded training, 1 vs 2 gloo ranks on the CPU; bytes per step by formula.
 bench-distributed: $(INSTALLED)
 	$(PY) bench/distributed.py
+
+# sparsekit's training steps beside SAELens (the bench extra, in dev too), a sparsify-style step and
+# plain torch, as ratios to the encoder GEMM; the issue-10 targets; the n / B / k scaling table.
+bench-peers: $(INSTALLED)
+	$(PY) bench/peers.py --scaling --output auto
 
 clean:
 	rm -rf $(VENV) build *.egg-info sparsekit/_C*.so

@@ -30,20 +30,18 @@ import datetime
 import json
 import os
 import platform
-import re
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import (BUSY_SHARE, RESULTS_DIR, SETTLE_SECONDS, THREAD_ENV_VARS, busy_cpu_seconds,  # noqa: E402,F401
+                     cpu_model, output_path, peak_rss_gib, peak_rss_in_subprocesses, pin_thread_env,
+                     time_round_robin, time_with_cpu_share)
+
 STEP_VARIANTS = ("dense", "sparsify", "sparsekit")
 RSS_VARIANTS = ("baseline",) + STEP_VARIANTS  # baseline: imports and tensors, no step
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-BUSY_SHARE = 0.05  # more of the CPU than this used by other processes during timing: warn
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # The issue's targets for the fused CPU step.
 TARGET_STEP_OVER_TORCH_GEMM = 1.5
@@ -72,8 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 if __name__ == "__main__":
     # BLAS and OpenMP runtimes read their thread counts when they load: pin them before the
     # imports below (torch, numpy's OpenBLAS and sparsekit._C all compete for the same cores).
-    for _var in THREAD_ENV_VARS:
-        os.environ[_var] = str(parse_args().threads)
+    pin_thread_env(parse_args().threads)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -233,50 +230,6 @@ ROW_LABELS = {
 
 # --- measuring ---------------------------------------------------------------------------------
 
-# Pause before each timed call: OpenBLAS's worker keeps spinning for up to ~0.1 s after a GEMM,
-# which would slow whatever variant is timed next; a variant's own spinning stays in its time.
-SETTLE_SECONDS = 0.25
-
-
-def time_round_robin(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn: one warm-up call each, then ``rounds`` rounds in which every
-    fn runs once; each round starts one fn later than the previous so no fn always follows the same one."""
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            time.sleep(SETTLE_SECONDS)
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def busy_cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes have spent busy since boot, CPU seconds this process has spent),
-    from /proc/stat and os.times(): their growth over a run shows how much of the machine others used."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return float("nan"), float("nan")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    own = os.times()
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def time_with_cpu_share(fns: dict, rounds: int) -> tuple[dict[str, list[float]], float]:
-    """time_round_robin, plus the share of the machine's CPU that other processes used meanwhile."""
-    busy_before, own_before = busy_cpu_seconds()
-    wall_before = time.perf_counter()
-    times = time_round_robin(fns, rounds)
-    busy_after, own_after = busy_cpu_seconds()
-    others = (busy_after - busy_before) - (own_after - own_before)
-    return times, max(0.0, others / ((time.perf_counter() - wall_before) * (os.cpu_count() or 1)))
-
-
 def peak_rss_child(variant: str, shapes: Shapes) -> None:
     """Runs in its own process: build the inputs, run two steps, print the peak RSS as JSON."""
     if variant == "baseline":
@@ -285,34 +238,16 @@ def peak_rss_child(variant: str, shapes: Shapes) -> None:
         step = make_step(variant, shapes)
         step()
         step()
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-    print(json.dumps({"variant": variant, "peak_rss_gib": peak_gib}))
+    print(json.dumps({"variant": variant, "peak_rss_gib": peak_rss_gib()}))
 
 
 def measure_peak_rss(args: argparse.Namespace) -> dict[str, float]:
     """Peak RSS in GiB of each of RSS_VARIANTS, each measured in a fresh subprocess."""
-    peaks = {}
-    for variant in RSS_VARIANTS:
-        command = [sys.executable, str(Path(__file__).resolve()), "--peak-rss-of", variant,
-                   "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(f"peak RSS subprocess for {variant!r} failed ({result.returncode}):\n{result.stderr}")
-        peaks[variant] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_gib"]
-    return peaks
+    return peak_rss_in_subprocesses(Path(__file__).resolve(), RSS_VARIANTS,
+                                    ["--threads", str(args.threads)] + (["--quick"] if args.quick else []))
 
 
 # --- reporting ---------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def numpy_blas() -> str:
     try:
@@ -384,13 +319,6 @@ def target_lines(times: dict[str, list[float]], peaks: dict[str, float], shapes:
     if shapes != FULL:
         lines.append("- (--quick shapes: the targets are stated for the full shapes)")
     return lines
-
-
-def output_path(option: str, now: datetime.datetime) -> Path:
-    if option != "auto":
-        return Path(option)
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "cpu"
-    return RESULTS_DIR / f"{now:%Y-%m-%d}-{slug}.md"
 
 
 def main() -> None:

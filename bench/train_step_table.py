@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import output_path  # noqa: E402
 from step_table import cpu_model, pin_threads, time_round_robin  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit.activations import TensorSource  # noqa: E402
 from sparsekit.dead_latents import auxk_loss, ghost_loss  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def make_sae(architecture: str, d: int, n: int, k: int):
@@ -117,8 +116,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
-        path = (RESULTS_DIR / f"{now:%Y-%m-%d}-{cpu_model().lower().replace(' ', '-')}-train.md"
-                if args.output == "auto" else Path(args.output))
+        path = output_path(args.output, now, suffix="-train")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path}", file=sys.stderr)

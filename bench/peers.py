@@ -1,0 +1,596 @@
+"""sparsekit's training steps side by side with SAELens, a sparsify-style baseline and plain torch,
+as ratios to the encoder GEMM of the same run, and the issue-10 targets checked (CPU).
+
+    .venv/bin/python bench/peers.py                   # B=4096, d=512, n=16384, k=32, float32
+    .venv/bin/python bench/peers.py --quick           # small shapes, for iteration
+    .venv/bin/python bench/peers.py --scaling         # also the n / B / k scaling table
+    .venv/bin/python bench/peers.py --output auto     # also bench/results/<date>-<cpu>-peers.md
+    make bench-peers                                  # --scaling --output auto
+
+Every step row is one full training step on the same x [B, d] (torch.randn, seed 0), each variant
+with its own parameters and optimizer state:
+
+- encoder GEMM alone (x @ W_enc into a preallocated output) through torch and through numpy's
+  OpenBLAS (bench/step_table.py's rows): the floor; the faster one is the "fastest GEMM".
+- sparsekit rows: the body of ``sparsekit.train``'s loop (forward, dead-latent remedy, loss check,
+  backward, parallel-gradient projection, gradient clipping, Adam as the trainer builds it, decoder
+  renormalisation, parameter check, fire counting, logging window). train.py exposes no per-step
+  function, so ``TrainerStep`` replicates the loop body statement by statement, leaving out only the
+  batching from a source; the "sparsekit.train() per step" row times the trainer itself
+  ((6-step run - 2-step run) / 4) as a cross-check. TopK (default backend and the reference path,
+  SPARSEKIT_BACKEND=torch), BatchTopK, ReLU+L1 at L0 ~ k, and TopK with AuxK / ghost grads with a
+  fixed 10% of latents dead (the dead-latent tracker is set to report them dead before each step).
+- plain dense torch and a sparsify-style step (torch.topk encoder + ``F.embedding_bag`` decode,
+  written here from the algorithm sparsify's documentation describes, no sparsify code):
+  bench/step_table.py's steps (fused Adam, no decoder constraint).
+- SAELens: its ``TopKTrainingSAE`` with its defaults (only d_in, d_sae and k set) stepped by its own
+  ``SAETrainer.step`` (training_forward_pass, backward, clip to 1.0, Adam, LR scheduler); once with
+  no dead latents and once with AuxK active: 10% of latents marked dead through the trainer's
+  ``n_forward_passes_since_fired`` (> dead_feature_window), which is how SAELens decides deadness.
+  Skipped, with a line saying so, when sae_lens is not importable (the ``bench`` extra).
+
+Rows are timed round-robin (bench/_timing.py), medians reported; peak RSS comes from one subprocess
+per variant (build + 2 steps). ``--scaling`` adds a table of the sparsekit TopK step around the base
+point, one axis at a time (n x4 and /4, B x4 and /4, k /2 and x4; not the cross product), with the
+exponent of a log-log fit for each axis.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import (BUSY_SHARE, THREAD_ENV_VARS, cpu_model, output_path, peak_rss_gib,  # noqa: E402
+                     peak_rss_in_subprocesses, pin_thread_env, time_round_robin, time_with_cpu_share)
+
+# The issue's targets (issue 10, "Targets").
+TARGET_STEP_OVER_TORCH_GEMM = 1.0
+TARGET_STEP_OVER_FASTEST_GEMM = 1.3
+TARGET_REMEDY_OVER_PLAIN = 1.15
+TARGET_RELU_OVER_TORCH_GEMM = 1.5
+TARGET_PEAK_RSS_GIB = 1.1
+LINEAR_TOLERANCE = 0.15  # a fitted exponent within 1 +- this counts as linear
+
+SAELENS_VARIANTS = ("saelens_topk", "saelens_topk_auxk")
+ROW_LABELS = {
+    "gemm_torch": "encoder GEMM: torch.matmul(x, W_enc, out=)",
+    "gemm_numpy": "encoder GEMM: numpy.matmul (OpenBLAS), out=",
+    "sparsekit_topk": "sparsekit TopK step (default backend), trainer's loop body",
+    "sparsekit_train": "sparsekit.train() per step, whole loop (cross-check of the row above)",
+    "sparsekit_topk_reference": "sparsekit TopK step, reference path (SPARSEKIT_BACKEND=torch)",
+    "sparsekit_batchtopk": "sparsekit BatchTopK step",
+    "sparsekit_relu_l1": "sparsekit ReLU+L1 step at L0 ~ k",
+    "sparsekit_topk_auxk": "sparsekit TopK + AuxK, {dead} dead",
+    "sparsekit_topk_ghost": "sparsekit TopK + ghost grads, {dead} dead",
+    "torch_dense": "plain torch TopK step (dense codes @ W_dec)",
+    "sparsify_style": "sparsify-style TopK step (torch.topk + F.embedding_bag; written here, not sparsify code)",
+    "saelens_topk": "SAELens {version} TopKTrainingSAE + SAETrainer.step (defaults)",
+    "saelens_topk_auxk": "SAELens {version} TopK, AuxK active ({dead} dead)",
+}
+STEP_VARIANTS = tuple(name for name in ROW_LABELS if not name.startswith("gemm") and name != "sparsekit_train")
+RSS_VARIANTS = ("baseline",) + STEP_VARIANTS  # baseline: imports and x, no step
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (B=512, d=128, n=4096, k=16)")
+    parser.add_argument("--batch", type=int, help="rows per step B (default 4096, 512 with --quick)")
+    parser.add_argument("--d-in", type=int, help="input width d (default 512, 128 with --quick)")
+    parser.add_argument("--n-latents", type=int, help="latents n (default 16384, 4096 with --quick)")
+    parser.add_argument("--k", type=int, help="active latents per row k (default 32, 16 with --quick)")
+    parser.add_argument("--dead-fraction", type=float, default=0.10,
+                        help="share of latents dead in the AuxK / ghost rows (default 0.10)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5, or 3 with --quick)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads for torch, OpenBLAS and sparsekit._C (default 2)")
+    parser.add_argument("--scaling", action="store_true", help="also the n / B / k scaling table")
+    parser.add_argument("--scaling-rounds", type=int, default=None,
+                        help="timed rounds per scaling point (default 3, or 1 with --quick)")
+    parser.add_argument("--rss", choices=("all", "topk", "none"), default="all",
+                        help="peak RSS subprocesses: every variant (default), only the sparsekit TopK step and "
+                             "the baseline (fast), or none")
+    parser.add_argument("--no-trainer-check", action="store_true",
+                        help="leave out the sparsekit.train() cross-check row (it runs 8 steps per round)")
+    parser.add_argument("--output", metavar="FILE",
+                        help="also write the tables as Markdown; 'auto' = bench/results/<date>-<cpu>-peers.md")
+    parser.add_argument("--peak-rss-of", choices=RSS_VARIANTS + ("baseline_saelens",), metavar="VARIANT",
+                        help="internal: build one variant, run two steps, print its peak RSS")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
+    if args.scaling_rounds is None:
+        args.scaling_rounds = 1 if args.quick else 3
+    for name in ("rounds", "scaling_rounds", "threads", "batch", "d_in", "n_latents", "k"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 < args.dead_fraction < 1:
+        parser.error(f"--dead-fraction must be in (0, 1), got {args.dead_fraction}")
+    return args
+
+
+if __name__ == "__main__":
+    # BLAS and OpenMP runtimes read their thread counts when they load: pin them before torch,
+    # numpy's OpenBLAS and sparsekit._C are imported (they all compete for the same cores).
+    pin_thread_env(parse_args().threads)
+
+import torch  # noqa: E402
+
+import sparsekit  # noqa: E402
+from sparsekit import cpu_gemm, reliability  # noqa: E402
+from sparsekit.backend import _C  # noqa: E402
+from sparsekit.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss  # noqa: E402
+from step_table import FULL, QUICK, Shapes, make_gemms, make_inputs, make_step, numpy_blas, pin_threads  # noqa: E402
+
+trainer = importlib.import_module("sparsekit.train")  # the module (sparsekit.train is the function)
+
+
+def shapes_from(args: argparse.Namespace) -> Shapes:
+    base = QUICK if args.quick else FULL
+    shapes = Shapes(batch=args.batch or base.batch, d=args.d_in or base.d, n=args.n_latents or base.n,
+                    k=args.k or base.k)
+    if shapes.k > shapes.n:
+        sys.exit(f"--k={shapes.k} exceeds --n-latents={shapes.n}")
+    return shapes
+
+
+# --- sparsekit: the trainer's step -------------------------------------------------------------
+
+@contextlib.contextmanager
+def backend_forced_to(name: str | None):
+    """SPARSEKIT_BACKEND=name for the duration (nothing when name is None); sparsekit reads it per op."""
+    if name is None:
+        yield
+        return
+    before = os.environ.get("SPARSEKIT_BACKEND")
+    os.environ["SPARSEKIT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPARSEKIT_BACKEND"]
+        else:
+            os.environ["SPARSEKIT_BACKEND"] = before
+
+
+def dead_latents(n: int, fraction: float) -> torch.Tensor:
+    """A fixed random set of round(fraction * n) latent indices [m] int64 (seed 1)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1))[: round(fraction * n)]
+
+
+def calibrate_relu_bias(sae, x: torch.Tensor, k: int, sample_rows: int = 1024) -> None:
+    """Shift b_enc by one constant so that on the first sample_rows rows of x exactly k of n
+    pre-activations per row are positive on average: a trained ReLU SAE's sparsity (L0 ~ k) on
+    a fresh dictionary, spread over all latents (each fires on ~k/n of rows)."""
+    with torch.no_grad():
+        pre = x[:sample_rows] @ sae.W_enc + sae.encoder_bias()  # [rows, n]
+        kept = pre.flatten().topk(pre.shape[0] * k + 1).values
+        sae.b_enc -= (kept[-2] + kept[-1]) / 2  # between the (rows*k)-th and (rows*k+1)-th largest
+
+
+class TrainerStep:
+    """One step of ``sparsekit.train``'s loop on a fixed batch, statement by statement as train.py
+    runs it (single process, no LR warm-up or L1 warm-up, far from the LR decay): train.py has no
+    per-step function to call. Left out: drawing the batch from a source. A fixed set of
+    ``dead_fraction`` latents is reported dead by the tracker before every step."""
+
+    def __init__(self, architecture: str, shapes: Shapes, remedy: str = "none", dead_fraction: float = 0.0,
+                 backend: str | None = None):
+        self.x = make_inputs(shapes)[0]  # the same x as every other row
+        d, n, k = shapes.d, shapes.n, shapes.k
+        self.sae = {"topk": lambda: sparsekit.TopKSAE(d, n, k), "batchtopk": lambda: sparsekit.BatchTopKSAE(d, n, k),
+                    "relu": lambda: sparsekit.ReLUSAE(d, n, l1_coeff=1e-3)}[architecture]()
+        if architecture == "relu":
+            calibrate_relu_bias(self.sae, self.x, k)
+        self.cfg = sparsekit.TrainConfig(batch_size=shapes.batch, total_tokens=shapes.batch * 10**6, eval_tokens=0,
+                                         dead_strategy=remedy, progress=False, log_every=10**9)
+        self.cfg.validate()
+        self.backend = backend
+        self.optimizer = trainer._adam(self.sae, self.cfg)
+        self.tracker = DeadLatentTracker(n, self.cfg.dead_window_tokens)
+        self.dead = dead_latents(n, dead_fraction) if dead_fraction else torch.zeros(0, dtype=torch.int64)
+        self.strategies = self.cfg.strategies()
+        self.k_aux = self.cfg.aux_k or max(1, d // 2)
+        self.params = list(self.sae.parameters())
+        self.window = trainer._Window()
+        self.window_counts = torch.zeros(n, dtype=torch.int64)
+        self.step = self.tokens = 0
+        self.l0: list[float] = []  # active latents per row, each step
+        self.sae.train()
+
+    def __call__(self) -> None:
+        with backend_forced_to(self.backend):
+            self._step()
+
+    def _step(self) -> None:
+        cfg, sae, optimizer, tracker = self.cfg, self.sae, self.optimizer, self.tracker
+        tracker.tokens_since_fired[self.dead] = cfg.dead_window_tokens
+        x = self.x * sae.input_scale
+        target = x
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * trainer._lr_factor(cfg, self.tokens)
+        if hasattr(sae, "sparsity_weight"):
+            sae.sparsity_weight = 1.0  # no L1 warm-up
+        out = sae(x, None)
+        losses = dict(out.losses)
+        residual = target - out.x_hat
+        dead = tracker.dead_indices(x.device)
+        if dead.numel():
+            if "auxk" in self.strategies:
+                losses["aux_loss"] = cfg.aux_coeff * auxk_loss(sae, x, residual, dead, self.k_aux)
+            if "ghost" in self.strategies:
+                losses["aux_loss"] = losses.get("aux_loss", 0) + ghost_loss(sae, x, residual, dead, losses["mse"])
+        loss = sum(losses.values())
+        reliability.check_loss(self.step, loss, losses, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_decoder_grad()
+        if cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip_norm)
+        optimizer.step()
+        sae.normalize_decoder()
+        reliability.check_parameters(self.step, sae, cfg)
+        with torch.no_grad():
+            counts = sae.fire_counts(out.codes).cpu()
+        tracker.update(counts, cfg.batch_size)
+        self.window_counts += counts
+        self.step += 1
+        self.tokens += cfg.batch_size
+        self.window.add(losses, target, out.x_hat, counts, cfg.batch_size)
+        self.l0.append(float(counts.sum()) / x.shape[0])
+
+
+def make_train_run(shapes: Shapes, steps: int):
+    """A closure running ``sparsekit.train`` for ``steps`` TopK steps on x repeated (a fresh
+    dictionary each call, b_dec from the mean, no held-out split)."""
+    from sparsekit.activations import TensorSource
+    x = make_inputs(shapes)[0].repeat(steps, 1)
+    cfg = sparsekit.TrainConfig(batch_size=shapes.batch, total_tokens=shapes.batch * steps, eval_tokens=0,
+                                log_every=10**9, progress=False, b_dec_init="mean")
+
+    def run() -> None:
+        sae = sparsekit.TopKSAE(shapes.d, shapes.n, shapes.k)
+        sparsekit.train(sae, TensorSource(x, batch_size=shapes.batch, shuffle=False), cfg)
+
+    return run
+
+
+# --- SAELens -----------------------------------------------------------------------------------
+
+def saelens_version() -> str | None:
+    """sae_lens's version, or None when it cannot be imported (the SAELens rows are then skipped)."""
+    try:
+        import sae_lens
+        from sae_lens.saes.topk_sae import TopKTrainingSAE  # noqa: F401
+        from sae_lens.training.sae_trainer import SAETrainer  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install of one of its dependencies
+        global SAELENS_IMPORT_ERROR
+        SAELENS_IMPORT_ERROR = f"{type(error).__name__}: {error}"
+        return None
+    return str(getattr(sae_lens, "__version__", "?"))
+
+
+SAELENS_IMPORT_ERROR = ""
+
+
+class SAELensStep:
+    """One ``SAETrainer.step`` of SAELens's TopK training SAE (its defaults; trainer lr 3e-4, constant
+    schedule). ``dead_fraction`` > 0 marks that share of latents dead before each step through
+    ``n_forward_passes_since_fired`` so its AuxK loss is active."""
+
+    def __init__(self, shapes: Shapes, dead_fraction: float = 0.0):
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        self.x = make_inputs(shapes)[0]
+        torch.manual_seed(0)  # SAELens initialises from torch's global generator
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=shapes.d, d_sae=shapes.n, k=shapes.k))
+        lr = 3e-4  # SAETrainerConfig's and its runner config's default
+        # lr_end: the runner config's default (lr / 10); SAETrainer asserts it is set.
+        cfg = SAETrainerConfig(total_training_samples=shapes.batch * 10**6, train_batch_size_samples=shapes.batch,
+                               lr=lr, lr_end=lr / 10)
+        self.trainer = SAETrainer(cfg, sae, data_provider=iter(()))
+        self.dead = dead_latents(shapes.n, dead_fraction) if dead_fraction else None
+
+    def __call__(self) -> None:
+        if self.dead is not None:
+            self.trainer.n_forward_passes_since_fired[self.dead] = self.trainer.cfg.dead_feature_window + 1
+        self.trainer.step(self.x)
+
+
+# --- the variants ------------------------------------------------------------------------------
+
+def build_step(variant: str, shapes: Shapes, dead_fraction: float):
+    """The closure that runs one training step of ``variant``."""
+    builders = {
+        "sparsekit_topk": lambda: TrainerStep("topk", shapes),
+        "sparsekit_topk_reference": lambda: TrainerStep("topk", shapes, backend="torch"),
+        "sparsekit_batchtopk": lambda: TrainerStep("batchtopk", shapes),
+        "sparsekit_relu_l1": lambda: TrainerStep("relu", shapes),
+        "sparsekit_topk_auxk": lambda: TrainerStep("topk", shapes, remedy="auxk", dead_fraction=dead_fraction),
+        "sparsekit_topk_ghost": lambda: TrainerStep("topk", shapes, remedy="ghost", dead_fraction=dead_fraction),
+        "torch_dense": lambda: make_step("dense", shapes),
+        "sparsify_style": lambda: make_step("sparsify", shapes),
+        "saelens_topk": lambda: SAELensStep(shapes),
+        "saelens_topk_auxk": lambda: SAELensStep(shapes, dead_fraction),
+    }
+    return builders[variant]()
+
+
+def peak_rss_child(variant: str, shapes: Shapes, dead_fraction: float) -> None:
+    """Runs in its own process: build the variant, run two steps, print the peak RSS as JSON."""
+    if variant == "baseline":
+        make_inputs(shapes)
+    elif variant == "baseline_saelens":
+        saelens_version()
+        make_inputs(shapes)
+    else:
+        step = build_step(variant, shapes, dead_fraction)
+        step()
+        step()
+    print(json.dumps({"variant": variant, "peak_rss_gib": peak_rss_gib()}))
+
+
+def child_args(args: argparse.Namespace, shapes: Shapes) -> list[str]:
+    return ["--threads", str(args.threads), "--batch", str(shapes.batch), "--d-in", str(shapes.d),
+            "--n-latents", str(shapes.n), "--k", str(shapes.k), "--dead-fraction", str(args.dead_fraction)]
+
+
+# --- reporting ---------------------------------------------------------------------------------
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def header_lines(args, shapes: Shapes, now, load_before: float, others_share: float, version: str | None) -> list[str]:
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    c_threads = _C.get_num_threads() if _C is not None else "n/a (extension not built)"
+    checks_on = "off" if os.environ.get("SPARSEKIT_CHECKS", "1").strip() == "0" else "on"
+    gflop = 2 * shapes.batch * shapes.d * shapes.n / 1e9
+    import numpy as np
+    return [
+        f"# sparsekit vs peers: training steps on the CPU ({now:%Y-%m-%d %H:%M %Z})",
+        "",
+        f"- shapes: {shapes}; encoder GEMM = 2*B*d*n = {gflop:.1f} GFLOP; dead latents in the AuxK/ghost rows: "
+        f"{args.dead_fraction:.0%}",
+        f"- CPU: {cpu_model()}, {cores} cores ({usable} usable); threads pinned to {args.threads} "
+        f"(torch.get_num_threads() = {torch.get_num_threads()}, sparsekit._C.get_num_threads() = {c_threads}, "
+        f"{'/'.join(THREAD_ENV_VARS)} = {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})",
+        f"- torch {torch.__version__}, numpy {np.__version__} ({numpy_blas()}), python {platform.python_version()}, "
+        f"sparsekit {sparsekit.__version__}, sae_lens {version or 'not installed'}",
+        f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
+        f"{cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)}; finite checks {checks_on}",
+        f"- {args.rounds} rounds, round-robin, one warm-up call each; times are medians (min-max alongside)",
+        f"- other processes used {others_share:.0%} of the CPU while the rows were timed"
+        f" (load average before the run: {load_before:.2f})"
+        + (" -- WARNING: the machine was not quiet; the numbers are suspect" if others_share > BUSY_SHARE else ""),
+    ]
+
+
+def row_label(name: str, args, version: str | None, relu_l0: tuple[float, float] | None) -> str:
+    label = ROW_LABELS[name].format(dead=f"{args.dead_fraction:.0%}", version=version)
+    if name == "sparsekit_relu_l1" and relu_l0 is not None:
+        label += f" (measured L0 {relu_l0[0]:.1f} at the first step, {relu_l0[1]:.1f} at the last)"
+    return label
+
+
+def table_lines(medians: dict[str, float], times: dict[str, list[float]], peaks: dict[str, float], args,
+                version: str | None, relu_l0, gflop: float) -> list[str]:
+    torch_gemm = medians["gemm_torch"]
+    fastest_name = min(("gemm_torch", "gemm_numpy"), key=medians.__getitem__)
+    fastest = medians[fastest_name]
+    plain = medians["sparsekit_topk"]
+    lines = ["| row | median s | min-max s | x torch GEMM | x fastest GEMM | x sparsekit TopK step | GFLOP/s "
+             "| peak RSS GiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in ROW_LABELS:
+        if name not in medians:
+            continue
+        med = medians[name]
+        spread = (f"{min(times[name]):.3f}-{max(times[name]):.3f}" if name in times else "(6-step - 2-step) / 4")
+        rate = f"{gflop / med:.0f}" if name.startswith("gemm") else ""
+        peak = peaks.get(name)
+        lines.append(f"| {row_label(name, args, version, relu_l0)}{' (fastest GEMM)' if name == fastest_name else ''} "
+                     f"| {med:.3f} | {spread} | {med / torch_gemm:.2f} | {med / fastest:.2f} | {med / plain:.2f} "
+                     f"| {rate} | {'' if peak is None else f'{peak:.2f}'} |")
+    if "baseline" in peaks:
+        lines += ["", f"Peak RSS of a process with the imports and x but no step: {peaks['baseline']:.2f} GiB"
+                  + (f"; with sae_lens imported as well: {peaks['baseline_saelens']:.2f} GiB (the SAELens rows "
+                     f"include it)" if "baseline_saelens" in peaks else "") + "."]
+    if args.rss != "all":
+        lines += ["", f"Peak RSS measured for {', '.join(peaks) or 'no variant'} only (--rss {args.rss})."]
+    return lines
+
+
+def target_lines(medians: dict[str, float], peaks: dict[str, float], shapes: Shapes, args) -> list[str]:
+    torch_gemm = medians["gemm_torch"]
+    fastest_name = min(("gemm_torch", "gemm_numpy"), key=medians.__getitem__)
+    fastest = medians[fastest_name]
+    step = medians["sparsekit_topk"]
+    lines = ["", "## Targets (issue 10)", ""]
+    if shapes != FULL:
+        lines += [f"(shapes {shapes} are not the issue's {FULL}: indicative only)", ""]
+    r = step / torch_gemm
+    lines.append(f"- TopK step <= {TARGET_STEP_OVER_TORCH_GEMM}x torch encoder GEMM: {r:.2f}x "
+                 f"({step:.3f} s vs {torch_gemm:.3f} s) -> {verdict(r <= TARGET_STEP_OVER_TORCH_GEMM)}")
+    r = step / fastest
+    lines.append(f"- TopK step <= {TARGET_STEP_OVER_FASTEST_GEMM}x fastest GEMM: {r:.2f}x ({step:.3f} s vs "
+                 f"{fastest:.3f} s through {fastest_name.removeprefix('gemm_')}) -> "
+                 f"{verdict(r <= TARGET_STEP_OVER_FASTEST_GEMM)}")
+    for name, remedy in (("sparsekit_topk_auxk", "AuxK"), ("sparsekit_topk_ghost", "ghost grads")):
+        r = medians[name] / step
+        lines.append(f"- {remedy} with {args.dead_fraction:.0%} dead <= {TARGET_REMEDY_OVER_PLAIN}x plain TopK step: "
+                     f"{r:.2f}x ({medians[name]:.3f} s vs {step:.3f} s) -> {verdict(r <= TARGET_REMEDY_OVER_PLAIN)}")
+    relu = medians["sparsekit_relu_l1"]
+    r = relu / torch_gemm
+    lines.append(f"- ReLU+L1 step at L0 ~ {shapes.k} <= {TARGET_RELU_OVER_TORCH_GEMM}x torch encoder GEMM: {r:.2f}x "
+                 f"({relu:.3f} s vs {torch_gemm:.3f} s) -> {verdict(r <= TARGET_RELU_OVER_TORCH_GEMM)}")
+    peak = peaks.get("sparsekit_topk")
+    lines.append(f"- peak RSS of the TopK step <= {TARGET_PEAK_RSS_GIB} GiB: " +
+                 ("not measured (--rss none)" if peak is None else
+                  f"{peak:.2f} GiB -> {verdict(peak <= TARGET_PEAK_RSS_GIB)}"))
+    return lines
+
+
+NOTES = [
+    "",
+    "How each row was built:",
+    "- sparsekit rows: sparsekit.train's loop body replicated statement by statement (train.py has no per-step "
+    "function): sae(x), dead-latent remedy, loss check, zero_grad, backward, parallel-gradient projection, "
+    "clip_grad_norm_(1.0), the trainer's Adam (torch for-each), decoder renormalisation, parameter check, fire "
+    "counts, tracker and logging window; only drawing the batch from a source is left out. The cross-check row "
+    "times sparsekit.train() itself (TensorSource, b_dec from the mean, no held-out split).",
+    "- ReLU+L1: b_enc shifted by one constant so that on the first 1024 rows of x exactly k of n pre-activations per "
+    "row are positive on average (a trained SAE's L0 on a fresh dictionary); l1_coeff = 1e-3.",
+    "- AuxK / ghost: a fixed random set of latents is reported dead by the trainer's DeadLatentTracker before "
+    "each step (AuxK: k_aux = d/2, coefficient 1/32, the trainer's defaults).",
+    "- plain torch and sparsify-style: bench/step_table.py's steps: encode, decode, MSE, backward, "
+    "torch.optim.Adam(fused=True), no decoder constraint. The sparsify-style step is written here from the "
+    "algorithm sparsify's documentation describes (fused encoder + F.embedding_bag decode), not sparsify's code.",
+    "- SAELens: TopKTrainingSAE(TopKTrainingSAEConfig(d_in, d_sae, k)) with every other setting at its default "
+    "(rescale_acts_by_decoder_norm, dense TopK activations, aux_loss_coefficient 1), stepped by "
+    "SAETrainer.step (lr 3e-4, constant schedule; its Adam, clip to 1.0, dead-neuron bookkeeping); AuxK is active "
+    "when latents are marked dead through n_forward_passes_since_fired.",
+]
+
+
+# --- scaling -----------------------------------------------------------------------------------
+
+def scaling_points(base: Shapes) -> list[tuple[str, Shapes]]:
+    """The base point, then one axis varied at a time: n /4 and x4, B /4 and x4, k /2 and x4."""
+    points = [("base", base)]
+    for n in (base.n // 4, base.n * 4):
+        points.append(("n", dataclasses.replace(base, n=max(n, base.k))))
+    for batch in (base.batch // 4, base.batch * 4):
+        points.append(("B", dataclasses.replace(base, batch=max(batch, 1))))
+    for k in (base.k // 2, base.k * 4):
+        points.append(("k", dataclasses.replace(base, k=min(max(k, 1), base.n))))
+    return points
+
+
+def measure_scaling(base: Shapes, rounds: int) -> list[dict]:
+    """For each point: medians of the sparsekit TopK step and torch's encoder GEMM, timed in
+    interleaved rounds point by point (one point's tensors live at a time)."""
+    results = []
+    for axis, shapes in scaling_points(base):
+        print(f"scaling: {shapes} ...", file=sys.stderr)
+        fns = {"gemm": make_gemms(shapes)["gemm_torch"], "step": TrainerStep("topk", shapes)}
+        times = time_round_robin(fns, rounds)
+        results.append({"axis": axis, "shapes": shapes, "step": statistics.median(times["step"]),
+                        "gemm": statistics.median(times["gemm"]),
+                        "library": cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)})
+        del fns
+    return results
+
+
+def fitted_exponent(values: list[float], seconds: list[float]) -> float:
+    """Least-squares slope of log(seconds) against log(values)."""
+    xs, ys = [math.log(v) for v in values], [math.log(s) for s in seconds]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+
+
+def scaling_lines(results: list[dict], base: Shapes, rounds: int) -> list[str]:
+    lines = ["", "## Scaling (sparsekit TopK step, one axis varied at a time around the base point)", "",
+             f"Base point {base}; n x1/4 and x4, B x1/4 and x4, k x1/2 and x4 (not the full cross product); "
+             f"medians of {rounds} interleaved rounds of the step and torch's encoder GEMM at each point.", "",
+             "| varied | B | n | k | step s | torch GEMM s | step x torch GEMM | sparsekit encoder GEMM |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in results:
+        s = r["shapes"]
+        lines.append(f"| {r['axis']} | {s.batch} | {s.n} | {s.k} | {r['step']:.3f} | {r['gemm']:.3f} | "
+                     f"{r['step'] / r['gemm']:.2f} | {r['library']} |")
+    lines += ["", "Exponents of a log-log least-squares fit, time ~ value^e over the base point and the axis' two "
+              f"points (the cost model: linear in n and B; 'linear' = within 1 +- {LINEAR_TOLERANCE}):", ""]
+    base_row = results[0]
+    for axis, attr in (("n", "n"), ("B", "batch"), ("k", "k")):
+        rows = [base_row] + [r for r in results if r["axis"] == axis]
+        values = [getattr(r["shapes"], attr) for r in rows]
+        if len(set(values)) < 2:
+            continue
+        e_step = fitted_exponent(values, [r["step"] for r in rows])
+        e_gemm = fitted_exponent(values, [r["gemm"] for r in rows])
+        if axis == "k":
+            lines.append(f"- k: step ~ k^{e_step:.2f} (torch GEMM ~ k^{e_gemm:.2f}, independent of k); the k-dependent "
+                         f"work is O(B*k*d), small beside the GEMM's B*d*n")
+        else:
+            shape = ("linear" if abs(e_step - 1) <= LINEAR_TOLERANCE else
+                     "sub-linear" if e_step < 1 else "super-linear")
+            lines.append(f"- {axis}: step ~ {axis}^{e_step:.2f} -> {shape} (torch GEMM ~ {axis}^{e_gemm:.2f})")
+    return lines
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def main() -> None:
+    args = parse_args()
+    shapes = shapes_from(args)
+    pin_threads(args.threads)
+    if args.peak_rss_of:
+        peak_rss_child(args.peak_rss_of, shapes, args.dead_fraction)
+        return
+
+    now = datetime.datetime.now().astimezone()
+    load_before = os.getloadavg()[0]
+    version = saelens_version()
+    variants = [v for v in STEP_VARIANTS if version is not None or v not in SAELENS_VARIANTS]
+    skip_line = None
+    if version is None:
+        skip_line = (f"SKIPPED: the SAELens rows ({', '.join(SAELENS_VARIANTS)}): sae_lens is not importable "
+                     f"({SAELENS_IMPORT_ERROR}); install the bench extra: pip install -e '.[bench]'")
+        print(skip_line, file=sys.stderr)
+
+    rss_variants = {"all": ["baseline"] + (["baseline_saelens"] if version else []) + variants,
+                    "topk": ["baseline", "sparsekit_topk"], "none": []}[args.rss]
+    print(f"measuring peak RSS ({len(rss_variants)} variants), one subprocess each ...", file=sys.stderr)
+    peaks = peak_rss_in_subprocesses(Path(__file__).resolve(), rss_variants, child_args(args, shapes))
+
+    print("building the variants ...", file=sys.stderr)
+    fns = make_gemms(shapes)
+    steps = {variant: build_step(variant, shapes, args.dead_fraction) for variant in variants}
+    fns.update(steps)
+    if not args.no_trainer_check:
+        fns["train2"] = make_train_run(shapes, 2)
+        fns["train6"] = make_train_run(shapes, 6)
+    print(f"timing {len(fns)} rows x {args.rounds} rounds ...", file=sys.stderr)
+    times, others_share = time_with_cpu_share(fns, args.rounds)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    if not args.no_trainer_check:
+        medians["sparsekit_train"] = (medians.pop("train6") - medians.pop("train2")) / 4
+        del times["train2"], times["train6"]
+    relu_steps = steps["sparsekit_relu_l1"].l0
+    relu_l0 = (relu_steps[0], relu_steps[-1]) if relu_steps else None
+
+    gflop = 2 * shapes.batch * shapes.d * shapes.n / 1e9
+    lines = header_lines(args, shapes, now, load_before, others_share, version) + [""]
+    if skip_line:
+        lines += [f"**{skip_line}**", ""]
+    lines += table_lines(medians, times, peaks, args, version, relu_l0, gflop)
+    lines += target_lines(medians, peaks, shapes, args) + NOTES
+    del fns, steps
+    if args.scaling:
+        lines += scaling_lines(measure_scaling(shapes, args.scaling_rounds), shapes, args.scaling_rounds)
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.output:
+        path = output_path(args.output, now, suffix="-peers")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"\nwrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
