@@ -9,7 +9,8 @@ COMMANDS = {
     "backends": "print which implementation runs the ops on each device",
     "train": "train a dictionary on activations on disk (.npy/.safetensors/shards): --config cfg.yaml or flags",
     "toys": "toy studies: `toys attention` (attention-head superposition), `toys sparse-base` (L1-sparse 1-layer LMs)",
-    "lm-demo": "SmolLM2-135M: cache early-layer activations, train an SAE and a transcoder, CE/KL, dashboard",
+    "lm-demo": "SmolLM2-135M: cache early-layer activations, train an SAE and a transcoder (--transcoder "
+               "mlp|resid|attn; --layers 0,2,4: per-layer SAEs), CE/KL, dashboard",
     "dashboard": "write RUN_DIR/dashboard.html (static feature dashboard) from RUN_DIR/*_features.json",
 }
 
