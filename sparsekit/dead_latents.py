@@ -43,10 +43,13 @@ class DeadLatentTracker:
         self.tokens_since_fired[latents.cpu()] = 0
 
 
-def auxk_loss(sae: SparseDictionary, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+def auxk_loss(sae: SparseDictionary, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int,
+              variance: Tensor | None = None) -> Tensor:
     """Normalised MSE of the dead latents' top-k_aux reconstruction of the detached residual.
 
     x [B, d_in] (normalised input), residual [B, d_out] = target - x_hat, dead [|D|] int64.
+    variance: the normaliser, 0-d; None: this batch's residual variance (data parallel passes the
+    global batch's).
     """
     residual = residual.detach()
     k = min(k_aux, dead.numel())
@@ -65,7 +68,8 @@ def auxk_loss(sae: SparseDictionary, x: Tensor, residual: Tensor, dead: Tensor, 
         codes = ops.topk_encode(x, W_dead, bias_dead, k)
         reconstruction = ops.sparse_decode(codes.values, codes.indices, rows_dead, torch.zeros_like(sae.b_dec))
     mse = (reconstruction - residual).pow(2).sum(-1).mean()
-    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    if variance is None:
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
     return mse / variance.clamp_min(1e-12)
 
 

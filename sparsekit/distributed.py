@@ -23,23 +23,36 @@ gloo on CPUs, timeouts set) and every rank gets a ``DataParallel`` context:
 - Fire counts (dead-latent counters) and the logged metrics are all-reduced before use.
 - Only rank 0 writes checkpoints, metrics and plots; every rank resumes from them.
 
-Not exact across world sizes (documented, not hidden): AuxK normalises by each rank's own residual
-variance, ghost grads scale by each rank's own MSE, and resampling draws its inputs from rank 0's
+- AuxK and ghost grads use the global batch's statistics: AuxK divides by the variance of the
+  whole batch's residual (its sums all-reduced), ghost grads scale by the whole batch's mse_main
+  over its ghost loss; with the reduced dead set both equal one process's terms (tested).
+- A failure on one rank stops every rank promptly with its message: a non-finite loss is checked
+  collectively (every rank raises TrainingDiverged naming the rank), and any other exception is
+  published in the process group's store before the failing rank exits, so a peer whose
+  collective breaks raises ``PeerRankFailed`` with that rank's error instead of waiting for
+  the timeout (``failures_propagated``, around every ``train`` call).
+
+Not exact across world sizes (documented, not hidden): resampling draws its inputs from rank 0's
 rows (the result is broadcast, so ranks never diverge).
 
 Latent sharding (model parallel) lives in ``sparsekit.distributed_sharded``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import math
 import os
+import time
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops
+from . import ops, reliability
+from .dead_latents import auxk_loss, ghost_loss
+from .errors import TrainingDiverged
 
 TIMEOUT_ENV = "SPARSEKIT_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0           # a collective that waits longer than this raises
@@ -104,6 +117,78 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+class PeerRankFailed(RuntimeError):
+    """Another rank of the run raised; this rank stopped too, with that rank's error in the message."""
+
+
+FAILURE_KEY = "sparsekit/failure"
+PEER_FAILURE_WAIT_S = 2.0           # how long a broken collective waits for the failed peer's message
+_runs_started = 0                   # train calls in this process; the same count on every rank
+
+
+def _in_multi_rank_group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def failures_propagated():
+    """Run a multi-rank step sequence (a ``train`` call) so that an error on one rank stops every rank.
+
+    The rank that raises writes "rank r failed: Type: message" to the process group's store under
+    this run's key and re-raises. When its process ends (as a torchrun worker does on an uncaught
+    error) its connections close and every peer's pending or next collective breaks at once (gloo)
+    instead of after the timeout; the peer finds the message and raises ``PeerRankFailed`` with it.
+    The group is kept, so a caller that catches the error may train again in the same processes
+    (as the resume test does); while such a caller keeps the failed process alive its peers wait
+    for their timeout. On NCCL a peer blocked in a collective may only stop at the timeout
+    (SPARSEKIT_DIST_TIMEOUT_S): not run here. Without a multi-rank process group this does nothing.
+    """
+    global _runs_started
+    _runs_started += 1
+    run = _runs_started
+    try:
+        yield
+    except BaseException as error:
+        if not _in_multi_rank_group():
+            raise
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # A broken collective is a DistError or (gloo) a plain RuntimeError; any other error is this rank's own.
+        broken = isinstance(error, dist.DistError) or type(error) is RuntimeError
+        peer = _peer_failure(run, rank, world) if broken else None
+        if peer is not None:
+            raise PeerRankFailed(f"stopped because {peer}") from error
+        _publish_failure(run, rank, error)
+        raise
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def _publish_failure(run: int, rank: int, error: BaseException) -> None:
+    try:
+        _store().set(f"{FAILURE_KEY}/{run}/{rank}", f"rank {rank} failed: {type(error).__name__}: {error}")
+    except Exception:  # the store is gone too (its server was rank 0): the peers see the broken collective
+        pass
+
+
+def _peer_failure(run: int, rank: int, world: int) -> str | None:
+    """Another rank's published failure for this run, or None after PEER_FAILURE_WAIT_S."""
+    keys = [f"{FAILURE_KEY}/{run}/{r}" for r in range(world) if r != rank]
+    deadline = time.monotonic() + PEER_FAILURE_WAIT_S
+    try:
+        store = _store()
+        while True:
+            for key in keys:
+                if store.check([key]):
+                    return store.get(key).decode(errors="replace")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+    except Exception:
+        return None
+
+
 def current_info() -> DistributedInfo:
     """The process group's rank, size and device (rank 0 of 1 on the CPU when there is none)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -145,6 +230,15 @@ class SingleProcess:
 
     def add_to_window(self, window, losses: dict, target: Tensor, x_hat: Tensor, counts: Tensor, rows: int) -> None:
         window.add(losses, target, x_hat, counts, rows)
+
+    def check_loss(self, step: int, loss: Tensor, losses: dict, config) -> None:
+        reliability.check_loss(step, loss, losses, config)
+
+    def auxk_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        return auxk_loss(sae, x, residual, dead, k_aux)
+
+    def ghost_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor) -> Tensor:
+        return ghost_loss(sae, x, residual, dead, mse_main)
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
         pass
@@ -271,6 +365,54 @@ class DataParallel(SingleProcess):
         window.variance += float(sum_sq - column_sums.pow(2).sum() / rows)
         window.active += float(counts.sum())
         window.rows += rows
+
+    def check_loss(self, step: int, loss: Tensor, losses: dict, config) -> None:
+        """TrainingDiverged on every rank when the loss is NaN or Inf on any rank (one all-reduce of
+        W numbers): the diverging rank's message names its loss terms, the others name that rank."""
+        everyone = torch.zeros(self.world_size, dtype=torch.float64, device=loss.device)
+        everyone[self.rank] = loss.detach().double()
+        dist.all_reduce(everyone, group=self.group)
+        values = everyone.tolist()
+        bad = [r for r, value in enumerate(values) if not math.isfinite(value)]
+        if not bad:
+            return
+        if self.rank in bad:
+            try:
+                reliability.check_loss(step, loss, losses, config)
+            except TrainingDiverged as error:
+                raise TrainingDiverged(f"rank {self.rank} of {self.world_size}: {error}", step + 1) from None
+        raise TrainingDiverged(
+            f"rank {self.rank} of {self.world_size}: training diverged at step {step + 1}: the loss is "
+            f"{values[bad[0]]} on rank {bad[0]} (ranks {bad} non-finite; this rank's loss {values[self.rank]:.4g}); "
+            f"{reliability._how_to_resume(config)}", step + 1)
+
+    def auxk_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """AuxK normalised by the global batch's residual variance: the mean over ranks of this
+        value is one process's AuxK on the whole batch, and so are the averaged gradients."""
+        residual = residual.detach()
+        sums = torch.cat([residual.double().pow(2).sum().reshape(1), residual.double().sum(0)])
+        dist.all_reduce(sums, group=self.group)
+        rows = residual.shape[0] * self.world_size
+        variance = (sums[0] - sums[1:].pow(2).sum() / rows) / rows
+        return auxk_loss(sae, x, residual, dead, k_aux, variance=variance.to(residual.dtype))
+
+    def ghost_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor,
+                   eps: float = 1e-8) -> Tensor:
+        """Ghost grads scaled by the global batch's statistics. The term (``reference.ghost_grad_loss``)
+        is L * mse_main / (L + eps) with the factor detached; here L is this rank's ghost loss and
+        the factor uses L and mse_main averaged over ranks (one all-reduce of 2 numbers), so the
+        averaged gradient and the mean value equal one process's on the whole batch."""
+        if dead.numel() == 0:
+            return x.new_zeros(())
+        pre_dead = x @ sae.W_enc[:, dead] + sae.encoder_bias(dead)
+        ghost = torch.exp(pre_dead) @ sae.W_dec[dead].detach()
+        r = residual.detach()
+        scale = (r.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)).detach()
+        loss = (ghost * scale - r).pow(2).sum(-1).mean()
+        means = torch.stack([loss.detach(), mse_main.detach()]).double()
+        dist.all_reduce(means, group=self.group)
+        means /= self.world_size
+        return loss * (means[1] / (means[0] + eps)).to(loss.dtype)
 
     @torch.no_grad()
     def broadcast_module(self, module: torch.nn.Module) -> None:

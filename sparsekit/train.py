@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from . import checks, reliability
 from . import distributed
 from .errors import SourceExhausted
-from .dead_latents import STRATEGIES, DeadLatentTracker, auxk_loss, ghost_loss, resample
+from .dead_latents import STRATEGIES, DeadLatentTracker, resample
 from .sae.base import SparseDictionary
 
 METRICS_FILE = "metrics.jsonl"
@@ -223,8 +223,13 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
     transcoder), or any re-iterable / zero-argument callable yielding x or (x, y) batches.
     With ``resume=True`` and ``config.checkpoint_dir`` set, training continues from the newest
     complete checkpoint there (a fresh start if there is none) and ends exactly where an
-    uninterrupted run ends.
+    uninterrupted run ends. Under torchrun, an error on one rank stops every rank with it.
     """
+    with distributed.failures_propagated():
+        return _train(sae, source, config, resume)
+
+
+def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult:
     from .activations import as_source
     from .tracking import start_tracking
 
@@ -330,11 +335,11 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
         dead = tracker.dead_indices(device)
         if dead.numel():
             if "auxk" in strategies:
-                losses["aux_loss"] = cfg.aux_coeff * auxk_loss(sae, x, residual, dead, k_aux)
+                losses["aux_loss"] = cfg.aux_coeff * dp.auxk_loss(sae, x, residual, dead, k_aux)
             if "ghost" in strategies:
-                losses["aux_loss"] = losses.get("aux_loss", 0) + ghost_loss(sae, x, residual, dead, losses["mse"])
+                losses["aux_loss"] = losses.get("aux_loss", 0) + dp.ghost_loss(sae, x, residual, dead, losses["mse"])
         loss = sum(losses.values())
-        reliability.check_loss(step, loss, losses, cfg)
+        dp.check_loss(step, loss, losses, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dp.average_gradients(params)

@@ -6,7 +6,10 @@ Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
            five steps of a latent-sharded TopK SAE (LatentShardedTopK) and its AuxK gradients
   resume   an uninterrupted run, and one stopped mid-way (every rank's source fails at the same
            batch) then resumed from rank 0's checkpoint in the same processes
-  raise    rank 1's source yields NaN at its third batch: rank 1 raises, the others must not hang
+  raise    rank 1's source raises at its sixth batch: every rank must stop promptly with rank 1's error
+  nan      rank 1's source yields a NaN batch (the trainer refuses it): the same
+  diverge  rank 1's source yields a batch of 1e200 (finite, so it passes the source check; its
+           squared error overflows): every rank must raise TrainingDiverged at the same step
 The cases are built by ``make_case``, which the test also calls to train the one-process reference.
 """
 import json
@@ -31,15 +34,25 @@ def planted_rows(rows: int = 2048, seed: int = 0) -> torch.Tensor:
     return active @ features + 0.01 * torch.randn(rows, D_IN, generator=gen, dtype=torch.float64)
 
 
+PARITY_CASES = ("topk", "batchtopk", "topk-auxk", "batchtopk-auxk", "relu-ghost")
+
+
 def make_case(name: str, directory: str | None = None, resume_every: int | None = None):
-    """(sae, source, TrainConfig) of a named case; float64 so the comparison can be tight."""
-    architecture = {"topk": sparsekit.TopKSAE, "batchtopk": sparsekit.BatchTopKSAE}[name]
-    sae = architecture(D_IN, N_LATENTS, k=K, dtype=torch.float64, seed=1)
+    """(sae, source, TrainConfig) of a named case (PARITY_CASES); float64 so the comparison can be
+    tight. Six latents cannot fire and count as dead after two steps, so AuxK and ghost grads act
+    in steps 3 to 5."""
+    architecture, _, remedy = name.partition("-")
+    if architecture == "relu":
+        sae = sparsekit.ReLUSAE(D_IN, N_LATENTS, l1_coeff=1e-2, dtype=torch.float64, seed=1)
+    else:
+        sae = {"topk": sparsekit.TopKSAE, "batchtopk": sparsekit.BatchTopKSAE}[architecture](
+            D_IN, N_LATENTS, k=K, dtype=torch.float64, seed=1)
     with torch.no_grad():  # latents that cannot fire: the dead counters have something to count
         sae.b_enc[:6] = -5.0
     cfg = sparsekit.TrainConfig(batch_size=BATCH, lr=3e-3, total_tokens=BATCH * STEPS, eval_tokens=128,
                                 log_every=1, dead_window_tokens=2 * BATCH, progress=False, lr_decay_fraction=0.4,
-                                checkpoint_dir=directory, checkpoint_every_tokens=resume_every)
+                                checkpoint_dir=directory, checkpoint_every_tokens=resume_every,
+                                dead_strategy=remedy or "none", aux_k=4, aux_coeff=0.5)
     source = TensorSource(planted_rows(), batch_size=50, shuffle=True, seed=3)
     return sae, source, cfg
 
@@ -141,6 +154,18 @@ class FailingSource:
         self.source.load_state_dict(state)
 
 
+class PoisonedSource(FailingSource):
+    """Wraps a source; batch number `at` (1-based) has every value replaced by `value`."""
+
+    def __init__(self, source, at: int, value: float):
+        super().__init__(source, at, None)
+        self.value = value
+
+    def __iter__(self):
+        for number, batch in enumerate(self.source, start=1):
+            yield torch.full_like(batch, self.value) if number == self.at else batch
+
+
 class Interrupted(Exception):
     pass
 
@@ -157,7 +182,7 @@ def main() -> None:
     info = init_distributed(timeout_s=float(os.environ.get("SPARSEKIT_DIST_TIMEOUT_S", "60")))
     rank = info.rank
     if scenario == "parity":
-        for name in ("topk", "batchtopk"):
+        for name in PARITY_CASES:
             sae, source, cfg = make_case(name)
             save(out, name, rank, sae, sparsekit.train(sae, source, cfg))
         for name in REMEDY_CASES:
@@ -184,11 +209,17 @@ def main() -> None:
             pass
         sae, source, cfg = make_case("topk", str(out / "stopped"), resume_every=BATCH)
         save(out, "resumed", rank, sae, sparsekit.train(sae, source, cfg, resume=True))
-    elif scenario == "raise":
+    elif scenario in ("raise", "nan", "diverge"):
         sae, source, cfg = make_case("topk")
-        if rank == 1:
-            source = FailingSource(source, 6, ValueError("rank 1 failed on purpose"))
-        sparsekit.train(sae, source, cfg)
+        if rank == 1:  # 50-row chunks, 128 held out: chunk 6 (rows 250-299) feeds step 2, rank 1's half too
+            source = {"raise": lambda: FailingSource(source, 6, ValueError("rank 1 failed on purpose")),
+                      "nan": lambda: PoisonedSource(source, 6, float("nan")),
+                      "diverge": lambda: PoisonedSource(source, 6, 1e200)}[scenario]()
+        try:
+            sparsekit.train(sae, source, cfg)
+        except Exception as error:
+            print(f"rank {rank} stopped: {type(error).__name__}: {error}", flush=True)
+            os._exit(3)
         raise AssertionError("rank 1 was meant to fail")
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
