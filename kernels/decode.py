@@ -5,12 +5,14 @@ kept rows of W_dec (``sparse.coo_times_dense``; COO rows in any order are sorted
 Backward: grad values[e] = grad_y[rows[e]] . W_dec[cols[e]] (``sparse.sampled_dot``: dense x dense
 sampled at the active positions only); grad W_dec = S.T @ grad_y by latent segments (deterministic,
 the default) or float32 atomics (SPARSEKIT_DETERMINISTIC=0); grad b_dec = column sums of grad_y.
+Fake kernel and saved tensors: ``sparsekit.autograd_formulas`` (shared with the C++ backend).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..autograd_formulas import register_sparse_decode
 from .encode import deterministic
 from .sparse import coo_t_times_dense, coo_times_dense, sampled_dot
 
@@ -20,11 +22,6 @@ def sparse_decode_triton(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tens
                          batch_size: int, rows_sorted: bool) -> Tensor:
     """values, rows, cols [E]; W_dec [n, d_out]; b_dec [d_out] -> [batch_size, d_out]."""
     return coo_times_dense(values, rows, cols, W_dec, batch_size, rows_sorted, bias=b_dec)
-
-
-@sparse_decode_triton.register_fake
-def _(values, rows, cols, W_dec, b_dec, batch_size, rows_sorted):
-    return W_dec.new_empty(batch_size, W_dec.shape[1])
 
 
 @torch.library.custom_op("sparsekit::sparse_decode_backward_triton", mutates_args=())
@@ -45,11 +42,6 @@ def _(values, rows, cols, grad_y, W_dec, need_values, need_W, deterministic):
             W_dec.new_empty(W_dec.shape) if need_W else values.new_empty(0))
 
 
-def _decode_setup(ctx, inputs, output):
-    values, rows, cols, W_dec, _, _, _ = inputs
-    ctx.save_for_backward(values, rows, cols, W_dec)
-
-
 def _decode_backward(ctx, grad_y):
     values, rows, cols, W_dec = ctx.saved_tensors
     need_values, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
@@ -62,4 +54,4 @@ def _decode_backward(ctx, grad_y):
     return (grad_values if need_values else None, None, None, grad_W if need_W else None, grad_b, None, None)
 
 
-sparse_decode_triton.register_autograd(_decode_backward, setup_context=_decode_setup)
+register_sparse_decode(sparse_decode_triton, _decode_backward)

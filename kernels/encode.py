@@ -9,7 +9,9 @@ grad x = S @ W_enc.T by row segments, grad W_enc = x.T @ S and grad b_enc by col
 atomics when SPARSEKIT_DETERMINISTIC=0); the dense encoders mask the incoming gradient in one
 column-strip kernel (which also sums grad b_enc and the JumpReLU threshold gradient) and run two GEMMs.
 Each forward and backward kernel is its own custom op (a backward registered with
-``register_autograd`` may not touch data pointers), as in ``sparsekit.cpu_ops``.
+``register_autograd`` may not touch data pointers), as in ``sparsekit.cpu_ops``; the fake kernels,
+saved tensors and the sparse encoders' backward formula are ``sparsekit.autograd_formulas``'s,
+shared with the C++ backend.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..autograd_formulas import register_batchtopk, register_jumprelu, register_relu, register_topk
 from ._config import fixed
 from .gemm import gemm
 from .select import batch_topk, topk_rows
@@ -76,26 +79,7 @@ def topk_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple
     return topk_rows(gemm(x, W_enc, b_enc), k)
 
 
-@topk_encode_triton.register_fake
-def _(x, W_enc, b_enc, k):
-    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
-
-
-def _topk_setup(ctx, inputs, output):
-    x, W_enc, _, _ = inputs
-    values, indices = output
-    ctx.save_for_backward(x, W_enc, values, indices)
-
-
-def _topk_backward(ctx, grad_values, grad_indices):
-    x, W_enc, values, indices = ctx.saved_tensors
-    batch, k = values.shape
-    grad_kept = (grad_values * (values > 0)).reshape(-1)  # ReLU after selection
-    rows = torch.arange(batch, device=x.device).repeat_interleave(k)
-    return (*_sparse_backward(ctx, grad_kept, rows, indices.reshape(-1), x, W_enc), None)
-
-
-topk_encode_triton.register_autograd(_topk_backward, setup_context=_topk_setup)
+register_topk(topk_encode_triton, _sparse_backward)
 
 
 # --- batchtopk_encode -------------------------------------------------------------------------
@@ -106,24 +90,7 @@ def batchtopk_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> 
     return batch_topk(gemm(x, W_enc, b_enc), x.shape[0] * k)
 
 
-@batchtopk_encode_triton.register_fake
-def _(x, W_enc, b_enc, k):
-    m = x.shape[0] * k
-    return x.new_empty(m), x.new_empty(m, dtype=torch.int64), x.new_empty(m, dtype=torch.int64)
-
-
-def _batchtopk_setup(ctx, inputs, output):
-    x, W_enc, _, _ = inputs
-    values, rows, cols = output
-    ctx.save_for_backward(x, W_enc, values, rows, cols)
-
-
-def _batchtopk_backward(ctx, grad_values, grad_rows, grad_cols):
-    x, W_enc, values, rows, cols = ctx.saved_tensors
-    return (*_sparse_backward(ctx, grad_values * (values > 0), rows, cols, x, W_enc), None)
-
-
-batchtopk_encode_triton.register_autograd(_batchtopk_backward, setup_context=_batchtopk_setup)
+register_batchtopk(batchtopk_encode_triton, _sparse_backward)
 
 
 # --- dense encoders ---------------------------------------------------------------------------
@@ -196,16 +163,6 @@ def relu_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     return gemm(x, W_enc, b_enc, "relu")
 
 
-@relu_encode_triton.register_fake
-def _(x, W_enc, b_enc):
-    return x.new_empty(x.shape[0], W_enc.shape[1])
-
-
-def _relu_setup(ctx, inputs, output):
-    x, W_enc, _ = inputs
-    ctx.save_for_backward(x, W_enc, output)
-
-
 def _relu_backward(ctx, grad_out):
     x, W_enc, out = ctx.saved_tensors
     grad_x, grad_W, grad_b, _, _ = dense_encoder_backward_triton(
@@ -214,7 +171,7 @@ def _relu_backward(ctx, grad_out):
             grad_b if ctx.needs_input_grad[2] else None)
 
 
-relu_encode_triton.register_autograd(_relu_backward, setup_context=_relu_setup)
+register_relu(relu_encode_triton, _relu_backward)
 
 
 @torch.library.custom_op("sparsekit::jumprelu_encode_triton", mutates_args=())
@@ -223,19 +180,6 @@ def jumprelu_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshol
     """(pre * (pre > exp(log_threshold)), pre), both [B, n] from one GEMM (the public op keeps the
     first; the threshold's gradient needs pre)."""
     return gemm(x, W_enc, b_enc, "jumprelu", threshold=torch.exp(log_threshold))
-
-
-@jumprelu_encode_triton.register_fake
-def _(x, W_enc, b_enc, log_threshold, bandwidth):
-    shape = (x.shape[0], W_enc.shape[1])
-    return x.new_empty(shape), x.new_empty(shape)
-
-
-def _jumprelu_setup(ctx, inputs, output):
-    x, W_enc, _, log_threshold, bandwidth = inputs
-    ctx.bandwidth = bandwidth
-    ctx.set_materialize_grads(False)  # the second output (pre) is private: usually no gradient
-    ctx.save_for_backward(x, W_enc, log_threshold, output[1])
 
 
 def _jumprelu_backward(ctx, grad_out, grad_pre_out):
@@ -256,7 +200,7 @@ def _jumprelu_backward(ctx, grad_out, grad_pre_out):
             grad_threshold if ctx.needs_input_grad[3] else None, None)
 
 
-jumprelu_encode_triton.register_autograd(_jumprelu_backward, setup_context=_jumprelu_setup)
+register_jumprelu(jumprelu_encode_triton, _jumprelu_backward)
 
 
 @torch.library.custom_op("sparsekit::matmul_triton", mutates_args=())

@@ -6,7 +6,8 @@ g = exp(pre_D) @ W_dec[D]; one program per row computes ||r||, ||g||, the (detac
 [B, |D|] or [B, d], so the cost grows with |D|.
 Backward: grad g = c * (g * scale - r) * scale per row (c = 2 * grad * mse_main / (L + eps) / B, kept
 on the device: no host sync), grad pre_D = (grad g @ W_dec[D].T) * exp(pre_D) (the ``mul`` epilogue),
-then grad x, grad W_enc[:, D] and grad b_enc[D].
+then grad x, grad W_enc[:, D] and grad b_enc[D], scattered into full-size gradients by
+``sparsekit.autograd_formulas.register_ghost`` (shared with the C++ backend).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..autograd_formulas import register_ghost
 from ._config import fixed
 from .gemm import gemm
 
@@ -79,13 +81,6 @@ def ghost_grad_loss_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tenso
     return raw_loss * (mse_main / (raw_loss + eps)), raw_loss, exp_pre, ghost, scale
 
 
-@ghost_grad_loss_triton.register_fake
-def _(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
-    batch = x.shape[0]
-    return (x.new_empty(()), x.new_empty(()), x.new_empty(batch, dead_idx.shape[0]), x.new_empty(residual.shape),
-            x.new_empty(batch, dtype=torch.float32))
-
-
 @torch.library.custom_op("sparsekit::ghost_grad_loss_backward_triton", mutates_args=())
 def ghost_grad_loss_backward_triton(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
                                     residual: Tensor, mse_main: Tensor, raw_loss: Tensor, exp_pre: Tensor,
@@ -101,30 +96,4 @@ def ghost_grad_loss_backward_triton(grad: Tensor, x: Tensor, W_enc: Tensor, W_de
     return grad_x, gemm(x.t(), grad_pre), grad_pre.sum(0)
 
 
-@ghost_grad_loss_backward_triton.register_fake
-def _(grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, eps):
-    n_dead = dead_idx.shape[0]
-    return x.new_empty(x.shape), x.new_empty(x.shape[1], n_dead), x.new_empty(n_dead)
-
-
-def _ghost_setup(ctx, inputs, output):
-    x, W_enc, _, W_dec, dead_idx, residual, mse_main, eps = inputs
-    _, raw_loss, exp_pre, ghost, scale = output
-    ctx.eps = eps
-    ctx.save_for_backward(x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale)
-
-
-def _ghost_backward(ctx, grad, *unused_grads):
-    x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale = ctx.saved_tensors
-    grad_x, grad_dead_cols, grad_dead_bias = ghost_grad_loss_backward_triton(
-        grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, ctx.eps)
-    grad_W_enc = grad_b_enc = None  # full-size zeros only when asked for: the rest of W_enc gets none
-    if ctx.needs_input_grad[1]:
-        grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead_idx, grad_dead_cols)
-    if ctx.needs_input_grad[2]:
-        grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, dead_idx, grad_dead_bias)
-    return (grad_x if ctx.needs_input_grad[0] else None, grad_W_enc, grad_b_enc,
-            None, None, None, None, None)
-
-
-ghost_grad_loss_triton.register_autograd(_ghost_backward, setup_context=_ghost_setup)
+register_ghost(ghost_grad_loss_triton, ghost_grad_loss_backward_triton, scale_dtype=torch.float32)

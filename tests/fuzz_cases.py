@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import random
+import time
 
 import pytest
 import torch
@@ -80,16 +81,18 @@ def replay_command(op: str, backend: str, seed: int) -> str:
             f"pytest tests/test_fuzz.py -k 'fuzz_backend and {op}-{backend}'")
 
 
-def check_seeds(op: str, backend: str, seeds) -> list[tuple[int, str]]:
-    """(seed, error) for every seed whose case does not match the reference on `backend`."""
+def check_seeds(op: str, backend: str, seeds) -> tuple[list[tuple[int, str]], float]:
+    """((seed, error) for every seed whose case does not match the reference on `backend`, the
+    CPU seconds this process spent on them: on a shared machine, a figure load does not inflate)."""
     failures = []
+    start = time.process_time()
     with pytest.MonkeyPatch.context() as monkeypatch:
         for seed in seeds:
             try:
                 compare_backends(random_case(op, seed, backend), monkeypatch, backend)
             except Exception as error:  # every failure is reported with its seed, none stops the run
                 failures.append((seed, f"{type(error).__name__}: {error}"))
-    return failures
+    return failures, time.process_time() - start
 
 
 def _start_worker() -> None:
@@ -103,11 +106,12 @@ def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
                                                   initializer=_start_worker)
 
 
-def check_seeds_in_pool(pool, op: str, backend: str, seeds: list[int], chunk: int = 25) -> list[tuple[int, str]]:
-    """check_seeds on `pool`'s workers, `chunk` seeds at a time (or here when pool is None);
-    failures in seed order."""
+def check_seeds_in_pool(pool, op: str, backend: str, seeds: list[int],
+                        chunk: int = 25) -> tuple[list[tuple[int, str]], float]:
+    """check_seeds on `pool`'s workers, `chunk` seeds at a time (or here when pool is None):
+    (failures in seed order, CPU seconds of all workers)."""
     if pool is None:
         return check_seeds(op, backend, seeds)
     chunks = [seeds[i:i + chunk] for i in range(0, len(seeds), chunk)]
-    results = pool.map(check_seeds, [op] * len(chunks), [backend] * len(chunks), chunks)
-    return sorted(failure for part in results for failure in part)
+    results = list(pool.map(check_seeds, [op] * len(chunks), [backend] * len(chunks), chunks))
+    return sorted(failure for part, _ in results for failure in part), sum(cpu for _, cpu in results)

@@ -63,12 +63,13 @@ def test_fuzz_backend_against_reference(op, backend, pool):
     cases = CASES[backend]
     seeds = list(range(FIRST_SEED, FIRST_SEED + cases))
     start = time.perf_counter()
-    failures = check_seeds_in_pool(pool, op, backend, seeds)
+    failures, cpu_seconds = check_seeds_in_pool(pool, op, backend, seeds)
     seconds = time.perf_counter() - start
     assert not failures, f"{len(failures)} of {cases} fuzz cases of {op} on {backend} failed:\n" + "\n".join(
         f"  {replay_command(op, backend, seed)}\n    {error[:2000]}" for seed, error in failures[:10])
-    print(f"\nfuzz: {cases} cases of {op} on {backend} matched the reference in {seconds:.1f} s "
-          f"({1000 * seconds / max(cases, 1):.0f} ms a case, {WORKERS} worker(s); seeds {FIRST_SEED}..{seeds[-1]})")
+    print(f"\nfuzz: {cases} cases of {op} on {backend} matched the reference in {seconds:.1f} s wall "
+          f"({WORKERS} worker(s)), {cpu_seconds:.1f} s CPU ({1000 * cpu_seconds / max(cases, 1):.0f} ms CPU a case); "
+          f"seeds {FIRST_SEED}..{seeds[-1]}")
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
