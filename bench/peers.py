@@ -173,6 +173,8 @@ def calibrate_relu_bias(sae, x: torch.Tensor, k: int, sample_rows: int = 1024) -
     """Shift b_enc by one constant so that on the first sample_rows rows of x exactly k of n
     pre-activations per row are positive on average: a trained ReLU SAE's sparsity (L0 ~ k) on
     a fresh dictionary, spread over all latents (each fires on ~k/n of rows)."""
+    if k >= sae.n_latents:
+        return
     with torch.no_grad():
         pre = x[:sample_rows] @ sae.W_enc + sae.encoder_bias()  # [rows, n]
         kept = pre.flatten().topk(pre.shape[0] * k + 1).values
@@ -207,6 +209,7 @@ class TrainerStep:
         self.window_counts = torch.zeros(n, dtype=torch.int64)
         self.step = self.tokens = 0
         self.l0: list[float] = []  # active latents per row, each step
+        self.aux_loss = 0.0  # the last step's AuxK / ghost term (0 when none ran)
         self.sae.train()
 
     def __call__(self) -> None:
@@ -249,6 +252,7 @@ class TrainerStep:
         self.tokens += cfg.batch_size
         self.window.add(losses, target, out.x_hat, counts, cfg.batch_size)
         self.l0.append(float(counts.sum()) / x.shape[0])
+        self.aux_loss = float(losses.get("aux_loss", 0.0))
 
 
 def make_train_run(shapes: Shapes, steps: int):
@@ -303,11 +307,13 @@ class SAELensStep:
                                lr=lr, lr_end=lr / 10)
         self.trainer = SAETrainer(cfg, sae, data_provider=iter(()))
         self.dead = dead_latents(shapes.n, dead_fraction) if dead_fraction else None
+        self.aux_loss = 0.0  # the last step's auxiliary_reconstruction_loss
 
     def __call__(self) -> None:
         if self.dead is not None:
             self.trainer.n_forward_passes_since_fired[self.dead] = self.trainer.cfg.dead_feature_window + 1
-        self.trainer.step(self.x)
+        out = self.trainer.step(self.x)
+        self.aux_loss = float(out.losses.get("auxiliary_reconstruction_loss", 0.0))
 
 
 # --- the variants ------------------------------------------------------------------------------
@@ -368,7 +374,8 @@ def header_lines(args, shapes: Shapes, now, load_before: float, others_share: fl
         f"{args.dead_fraction:.0%}",
         f"- CPU: {cpu_model()}, {cores} cores ({usable} usable); threads pinned to {args.threads} "
         f"(torch.get_num_threads() = {torch.get_num_threads()}, sparsekit._C.get_num_threads() = {c_threads}, "
-        f"{'/'.join(THREAD_ENV_VARS)} = {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})",
+        f"{'/'.join(THREAD_ENV_VARS)} = {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+        f"OMP_WAIT_POLICY = {os.environ.get('OMP_WAIT_POLICY', 'unset')})",
         f"- torch {torch.__version__}, numpy {np.__version__} ({numpy_blas()}), python {platform.python_version()}, "
         f"sparsekit {sparsekit.__version__}, sae_lens {version or 'not installed'}",
         f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
@@ -380,15 +387,18 @@ def header_lines(args, shapes: Shapes, now, load_before: float, others_share: fl
     ]
 
 
-def row_label(name: str, args, version: str | None, relu_l0: tuple[float, float] | None) -> str:
+def row_label(name: str, args, version: str | None, steps: dict) -> str:
     label = ROW_LABELS[name].format(dead=f"{args.dead_fraction:.0%}", version=version)
-    if name == "sparsekit_relu_l1" and relu_l0 is not None:
-        label += f" (measured L0 {relu_l0[0]:.1f} at the first step, {relu_l0[1]:.1f} at the last)"
+    l0 = getattr(steps.get(name), "l0", None)
+    if name == "sparsekit_relu_l1" and l0:
+        label += f" (measured L0 {l0[0]:.1f} at the first step, {l0[-1]:.1f} at the last)"
+    if name.endswith(("_auxk", "_ghost")):
+        label += f" (aux loss at the last step: {steps[name].aux_loss:.4g})"
     return label
 
 
 def table_lines(medians: dict[str, float], times: dict[str, list[float]], peaks: dict[str, float], args,
-                version: str | None, relu_l0, gflop: float) -> list[str]:
+                version: str | None, steps: dict, gflop: float) -> list[str]:
     torch_gemm = medians["gemm_torch"]
     fastest_name = min(("gemm_torch", "gemm_numpy"), key=medians.__getitem__)
     fastest = medians[fastest_name]
@@ -403,7 +413,7 @@ def table_lines(medians: dict[str, float], times: dict[str, list[float]], peaks:
         spread = (f"{min(times[name]):.3f}-{max(times[name]):.3f}" if name in times else "(6-step - 2-step) / 4")
         rate = f"{gflop / med:.0f}" if name.startswith("gemm") else ""
         peak = peaks.get(name)
-        lines.append(f"| {row_label(name, args, version, relu_l0)}{' (fastest GEMM)' if name == fastest_name else ''} "
+        lines.append(f"| {row_label(name, args, version, steps)}{' (fastest GEMM)' if name == fastest_name else ''} "
                      f"| {med:.3f} | {spread} | {med / torch_gemm:.2f} | {med / fastest:.2f} | {med / plain:.2f} "
                      f"| {rate} | {'' if peak is None else f'{peak:.2f}'} |")
     if "baseline" in peaks:
@@ -571,14 +581,12 @@ def main() -> None:
     if not args.no_trainer_check:
         medians["sparsekit_train"] = (medians.pop("train6") - medians.pop("train2")) / 4
         del times["train2"], times["train6"]
-    relu_steps = steps["sparsekit_relu_l1"].l0
-    relu_l0 = (relu_steps[0], relu_steps[-1]) if relu_steps else None
 
     gflop = 2 * shapes.batch * shapes.d * shapes.n / 1e9
     lines = header_lines(args, shapes, now, load_before, others_share, version) + [""]
     if skip_line:
         lines += [f"**{skip_line}**", ""]
-    lines += table_lines(medians, times, peaks, args, version, relu_l0, gflop)
+    lines += table_lines(medians, times, peaks, args, version, steps, gflop)
     lines += target_lines(medians, peaks, shapes, args) + NOTES
     del fns, steps
     if args.scaling:

@@ -60,6 +60,9 @@ def test_peers_table_has_every_row_the_targets_and_the_scaling_table(tmp_path):
     # The ReLU row's bias calibration gives L0 ~ k = 8 on this batch.
     first_l0 = float(re.search(r"measured L0 ([\d.]+) at the first step", text).group(1))
     assert 6 <= first_l0 <= 10, first_l0
+    # The dead latents really switched the remedies on: sparsekit AuxK and ghost, SAELens's AuxK.
+    aux = [float(v) for v in re.findall(r"aux loss at the last step: ([-\d.e+]+)", text)]
+    assert len(aux) == 3 and all(a != 0 for a in aux), aux
 
     targets = text.split("## Targets (issue 10)")[1].split("How each row was built")[0]
     target_lines = [line for line in targets.splitlines() if line.startswith("- ")]
