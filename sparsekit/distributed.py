@@ -199,6 +199,26 @@ def current_info() -> DistributedInfo:
     return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
 
 
+def check_same_everywhere(fingerprint, group=None) -> None:
+    """ValueError unless every rank passed an equal fingerprint (e.g. batch size and configuration).
+    Also a barrier: no rank starts (or reads a checkpoint) before every rank got here."""
+    fingerprints = [None] * dist.get_world_size(group)
+    dist.all_gather_object(fingerprints, fingerprint, group=group)
+    if any(f != fingerprints[0] for f in fingerprints):
+        differing = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
+        raise ValueError(f"ranks {differing} were started with a different batch size or configuration "
+                         f"than rank 0: every rank must run the same command")
+
+
+def training_context(sae, config, fingerprint: str = ""):
+    """The trainer's context for `sae`: ``ShardedTraining`` for a latent-sharded dictionary (its
+    process group must exist), else ``data_parallel(config.batch_size, fingerprint)``."""
+    if getattr(sae, "latent_sharded", False):
+        from .distributed_sharded import ShardedTraining
+        return ShardedTraining(sae, config, fingerprint)
+    return data_parallel(config.batch_size, fingerprint)
+
+
 def data_parallel(batch_size: int, fingerprint: str = ""):
     """The trainer's context: SingleProcess, or DataParallel over the process group (set up from
     torchrun's environment when needed). batch_size is the global batch; it must split evenly.
@@ -234,6 +254,33 @@ class SingleProcess:
     def check_loss(self, step: int, loss: Tensor, losses: dict, config) -> None:
         reliability.check_loss(step, loss, losses, config)
 
+    def tracked_latents(self, sae) -> int:
+        """How many latents this rank counts (dead-latent counters, fire counts)."""
+        return sae.n_latents
+
+    def any_dead(self, dead: Tensor) -> bool:
+        return dead.numel() > 0
+
+    def clip_grad_norm(self, sae, params, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def whole(self, t: Tensor) -> Tensor:
+        """A per-latent tensor over every latent of the dictionary (it already is, here)."""
+        return t
+
+    def whole_tracker(self, tracker):
+        return tracker
+
+    def checkpoint_tensors(self, sae, tensors: dict) -> dict:
+        return tensors
+
+    def local_checkpoint(self, sae, tensors: dict) -> dict:
+        return tensors
+
+    def evaluate(self, sae, x: Tensor, y: Tensor | None = None, batch_size: int = 4096) -> dict:
+        from .train import evaluate
+        return evaluate(sae, x, y, batch_size)
+
     def auxk_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
         return auxk_loss(sae, x, residual, dead, k_aux)
 
@@ -259,13 +306,7 @@ class DataParallel(SingleProcess):
             raise ValueError(f"TrainConfig.batch_size={batch_size} must be a multiple of the world size "
                              f"{self.world_size}: it is the global batch, split evenly across ranks")
         self.batch_size = batch_size
-        # Also a barrier: no rank starts (or reads a checkpoint) before every rank got here.
-        fingerprints = [None] * self.world_size
-        dist.all_gather_object(fingerprints, (batch_size, fingerprint), group=group)
-        if any(f != fingerprints[0] for f in fingerprints):
-            differing = [r for r, f in enumerate(fingerprints) if f != fingerprints[0]]
-            raise ValueError(f"ranks {differing} were started with a different batch size or configuration "
-                             f"than rank 0: every rank must run the same command")
+        check_same_everywhere((batch_size, fingerprint), group)
 
     # --- data ------------------------------------------------------------------------------
 

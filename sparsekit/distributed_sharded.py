@@ -25,12 +25,24 @@ dead-latent counters are naturally sharded (each rank counts its own latents ove
 BatchTopK works across shards in training (``LatentShardedBatchTopK``: the top B*k of the whole
 batch over every shard, from each shard's local top B*k).
 
-Not yet: ghost grads across shards, sharded BatchTopK inference (gather it first),
-``sparsekit.train`` taking a sharded dictionary (drive it with your own loop; ``gather`` assembles
-the full dictionary for saving), and the 2-D mesh (data x latent) that combines this with
+``sparsekit.train`` drives a shard like a dictionary: every rank calls
+``train(shard, source, config)`` on the same stream (``ShardedTraining`` is the trainer's context).
+Adam moments, the decoder projection and renormalisation stay per shard; clipping uses the global
+norm; dead-latent counters are per shard and gathered only for the logged fractions; AuxK runs
+over every shard's dead latents. Checkpoints: rank 0 gathers the shards (``dist.gather``, one
+tensor at a time) and writes the *full* dictionary's checkpoint, the same file a one-process run
+writes, so a run resumes with any number of shards or none (each rank slices its latents out);
+the price is one full tensor (and its Adam moment) in rank 0's memory while it is written.
+Held-out evaluation runs sharded (BatchTopK through its threshold) and gathers the fire counts.
+Not supported for a shard: resampling (ValueError), and the checkpoint folder's lock and memory
+check that ``train`` applies to a whole dictionary.
+
+Not yet: ghost grads across shards, and the 2-D mesh (data x latent) that combines this with
 ``sparsekit.distributed.DataParallel``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -38,7 +50,9 @@ from torch import Tensor, nn
 
 from . import ops
 from .checks import positive_int
-from .sae.base import SAEOutput
+from .dead_latents import DeadLatentTracker
+from .distributed import SingleProcess, check_same_everywhere
+from .sae.base import SAEOutput, SparseDictionary
 from .sae.batchtopk import BatchTopKSAE
 from .sae.topk import TopKSAE
 
@@ -84,6 +98,13 @@ class LatentShardedTopK(nn.Module):
     architecture = "topk"
     unit_norm_decoder = True
     dictionary_class = TopKSAE
+    latent_sharded = True           # sparsekit.train uses ShardedTraining for it
+
+    config = SparseDictionary.config                       # the full dictionary's configuration
+    init_decoder_bias = SparseDictionary.init_decoder_bias  # b_dec / b_in are replicated
+
+    def hyperparameters(self) -> dict:
+        return {"k": self.k}
 
     def __init__(self, d_in: int, n_latents: int, k: int, d_out: int | None = None, transcoder: bool = False,
                  dtype: torch.dtype = torch.float32, device=None, seed: int = 0, group=None):
@@ -111,6 +132,8 @@ class LatentShardedTopK(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(self.d_out, **factory))
         if self.transcoder:
             self.b_in = nn.Parameter(torch.zeros(self.d_in, **factory))
+        self.input_scale = 1.0
+        self.output_scale = 1.0
 
     @classmethod
     @torch.no_grad()
@@ -128,6 +151,7 @@ class LatentShardedTopK(nn.Module):
         shard.b_dec.copy_(sae.b_dec)
         if sae.transcoder:
             shard.b_in.copy_(sae.b_in)
+        shard.input_scale, shard.output_scale = sae.input_scale, sae.output_scale
         return shard
 
     @torch.no_grad()
@@ -141,7 +165,12 @@ class LatentShardedTopK(nn.Module):
         sae.b_dec.copy_(self.b_dec)
         if self.transcoder:
             sae.b_in.copy_(self.b_in)
+        sae.input_scale, sae.output_scale = self.input_scale, self.output_scale
         return sae
+
+    def sharded_dims(self) -> dict:
+        """The latent dimension of each sharded entry of state_dict(): {name: dim}."""
+        return {"W_enc": 1, "b_enc": 0, "W_dec": 0}
 
     def _all_gather(self, t: Tensor) -> list[Tensor]:
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
@@ -210,9 +239,14 @@ class LatentShardedTopK(nn.Module):
         variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         return mse / variance.clamp_min(1e-12)
 
-    def fire_counts(self, codes: ops.TopKCodes) -> Tensor:
-        """How many rows activated each of this rank's latents: [n_local] int64."""
-        return torch.bincount(codes.indices[codes.values > 0], minlength=self.n_local)
+    def fire_counts(self, codes) -> Tensor:
+        """How many rows activated each of this rank's latents: [n_local] int64 (TopKCodes,
+        BatchTopKCodes or dense codes [B, n_local])."""
+        if isinstance(codes, ops.TopKCodes):
+            return torch.bincount(codes.indices[codes.values > 0], minlength=self.n_local)
+        if isinstance(codes, ops.BatchTopKCodes):
+            return torch.bincount(codes.cols[codes.values > 0], minlength=self.n_local)
+        return (codes > 0).sum(0)
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -257,10 +291,14 @@ class LatentShardedBatchTopK(LatentShardedTopK):
     B*k (values and global flat indices: 12 bytes each in fp32); codes are this shard's
     BatchTopKCodes (values, rows, local cols), of varying length. The inference threshold (running
     mean of the smallest kept activation) is updated from the global selection, the same on every
-    rank. Evaluation mode is not sharded yet: ``gather()`` the dictionary for inference."""
+    rank. In evaluation mode each shard encodes through that threshold (dense codes [B, n_local],
+    as ``BatchTopKSAE.encode``) and the partial reconstructions are summed."""
 
     architecture = "batchtopk"
     dictionary_class = BatchTopKSAE
+
+    def hyperparameters(self) -> dict:
+        return {"k": self.k, "threshold_momentum": self.threshold_momentum}
 
     def __init__(self, *args, threshold_momentum: float = 0.99, **kwargs):
         super().__init__(*args, **kwargs)
@@ -283,11 +321,16 @@ class LatentShardedBatchTopK(LatentShardedTopK):
         return sae
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> SAEOutput:
-        if not self.training:
-            raise RuntimeError("LatentShardedBatchTopK evaluates only in training mode; gather() it for inference")
         if self.transcoder and y is None:
             raise ValueError("a transcoder needs its target y [B, d_out]")
         target = y if self.transcoder else x
+        if not self.training:
+            if self.threshold < 0:
+                raise RuntimeError("LatentShardedBatchTopK has no inference threshold yet: train it first")
+            log_threshold = torch.full_like(self.b_enc, math.log(max(float(self.threshold), 1e-30)))
+            codes = torch.relu(ops.jumprelu_encode(x, self.W_enc, self._encoder_bias(), log_threshold))
+            x_hat = _SumShards.apply(codes @ self.W_dec, self.group) + self.b_dec
+            return SAEOutput(x_hat, codes, {"mse": (x_hat - target).pow(2).sum(-1).mean()})
         batch = x.shape[0]
         keep = batch * self.k
         codes = ops.batchtopk_encode(x, self.W_enc, self._encoder_bias(), min(self.k, self.n_local))
@@ -310,5 +353,106 @@ class LatentShardedBatchTopK(LatentShardedTopK):
 
     _update_threshold = BatchTopKSAE._update_threshold
 
-    def fire_counts(self, codes: ops.BatchTopKCodes) -> Tensor:
-        return torch.bincount(codes.cols[codes.values > 0], minlength=self.n_local)
+
+class ShardedTraining(SingleProcess):
+    """The trainer's context for a latent-sharded dictionary (see the module docstring): every rank
+    computes on the whole batch; the loss, x_hat and replicated parameters are the same on every
+    rank, the sharded parameters, their Adam moments and dead counters are each rank's own."""
+
+    def __init__(self, sae: LatentShardedTopK, config, fingerprint: str = ""):
+        if "resample" in config.strategies():
+            raise ValueError("dead_strategy 'resample' is not supported for a latent-sharded dictionary; "
+                             "use 'auxk' (or train the whole dictionary)")
+        self.group = sae.group
+        self.rank, self.world_size = sae.rank, sae.world_size
+        self.is_writer = self.rank == 0
+        check_same_everywhere((config.batch_size, fingerprint), self.group)
+
+    def tracked_latents(self, sae) -> int:
+        return sae.n_local
+
+    def any_dead(self, dead: Tensor) -> bool:
+        total = torch.tensor([dead.numel()], dtype=torch.int64, device=dead.device)
+        dist.all_reduce(total, group=self.group)
+        return bool(total.item())
+
+    def clip_grad_norm(self, sae, params, max_norm: float) -> None:
+        sae.clip_grad_norm_(max_norm)
+
+    def auxk_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        return sae.auxk_loss(x, residual, dead, k_aux)
+
+    def ghost_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor) -> Tensor:
+        raise ValueError("ghost grads are not implemented for a latent-sharded dictionary yet; use 'auxk'")
+
+    @torch.no_grad()
+    def add_to_window(self, window, losses: dict, target: Tensor, x_hat: Tensor, counts: Tensor, rows: int) -> None:
+        """losses, target and x_hat are the same on every rank; counts [n_local] are summed over shards."""
+        active = counts.sum().reshape(1).to(target.device)
+        dist.all_reduce(active, group=self.group)
+        window.add(losses, target, x_hat, active.cpu(), rows)
+
+    def whole(self, t: Tensor) -> Tensor:
+        """Every shard's [n_local, ...] entries concatenated: [n, ...] (all-gathered)."""
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def whole_tracker(self, tracker: DeadLatentTracker) -> DeadLatentTracker:
+        whole = DeadLatentTracker(0, tracker.window_tokens)
+        whole.tokens_since_fired = self.whole(tracker.tokens_since_fired)
+        return whole
+
+    def _sharded_entries(self, sae, tensors: dict) -> dict:
+        """{checkpoint entry: latent dim} for the entries of trainer checkpoint `tensors` that are sharded."""
+        dims = {f"sae.{name}": dim for name, dim in sae.sharded_dims().items()}
+        index = {name: i for i, (name, _) in enumerate(sae.named_parameters())}
+        for name, dim in sae.sharded_dims().items():
+            if name in index:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    dims[f"opt.{index[name]}.{key}"] = dim
+        dims.update({"tokens_since_fired": 0, "window_counts": 0})
+        return {name: dim for name, dim in dims.items() if name in tensors}
+
+    @torch.no_grad()
+    def checkpoint_tensors(self, sae, tensors: dict) -> dict:
+        """The full dictionary's checkpoint entries on rank 0 (gathered there one tensor at a time,
+        kept on the CPU); other ranks get theirs back unchanged (they write nothing)."""
+        whole = dict(tensors)
+        writer = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        for name, dim in self._sharded_entries(sae, tensors).items():
+            mine = tensors[name].contiguous()
+            parts = [torch.empty_like(mine) for _ in range(self.world_size)] if self.is_writer else None
+            dist.gather(mine, parts, dst=writer, group=self.group)
+            if self.is_writer:
+                whole[name] = torch.cat(parts, dim).cpu()
+                del parts
+        return whole
+
+    def local_checkpoint(self, sae, tensors: dict) -> dict:
+        """This shard's slice of a full dictionary's checkpoint entries."""
+        local = dict(tensors)
+        for name, dim in self._sharded_entries(sae, tensors).items():
+            local[name] = tensors[name].narrow(dim, sae.offset, sae.n_local).clone()
+        return local
+
+    @torch.no_grad()
+    def evaluate(self, sae, x: Tensor, y: Tensor | None = None, batch_size: int = 4096) -> dict:
+        """As ``sparsekit.train.evaluate`` on the whole dictionary: mse, fvu, l0, fire_counts [n]."""
+        was_training = sae.training
+        sae.eval()
+        target_all = y if sae.transcoder else x
+        mean = target_all.mean(0)
+        sq_err = variance = 0.0
+        counts = torch.zeros(sae.n_local, dtype=torch.int64)
+        for start in range(0, x.shape[0], batch_size):
+            out = sae(x[start:start + batch_size], None if y is None else y[start:start + batch_size])
+            tb = target_all[start:start + batch_size]
+            sq_err += float((out.x_hat - tb).pow(2).sum())
+            variance += float((tb - mean).pow(2).sum())
+            counts += sae.fire_counts(out.codes).cpu()
+        sae.train(was_training)
+        counts = self.whole(counts)
+        rows = x.shape[0]
+        return {"mse": sq_err / rows, "fvu": sq_err / max(variance, 1e-30), "l0": float(counts.sum()) / rows,
+                "fire_counts": counts}

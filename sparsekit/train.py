@@ -237,7 +237,7 @@ def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
-    if not isinstance(sae, SparseDictionary):
+    if not isinstance(sae, SparseDictionary) and not getattr(sae, "latent_sharded", False):
         raise ValueError(f"sae must be a sparsekit dictionary, got {type(sae).__name__}")
     strategies = cfg.strategies()
     if "auxk" in strategies and sae.architecture not in ("topk", "batchtopk"):
@@ -246,14 +246,14 @@ def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir")
 
     device = sae.W_enc.device
-    # Data parallel under torchrun (one rank per process, rank 0 writes); nothing extra otherwise.
-    dp = distributed.data_parallel(cfg.batch_size, repr((dataclasses.asdict(cfg), sae.config(), resume)))
+    # Data parallel under torchrun, or a latent-sharded dictionary (rank 0 writes); nothing extra otherwise.
+    dp = distributed.training_context(sae, cfg, repr((dataclasses.asdict(cfg), sae.config(), resume)))
     src = as_source(source, batch_size=cfg.batch_size)
     batches = _Batches(src, cfg.batch_size, sae.d_in, sae.d_out, sae.transcoder)
     optimizer = _adam(sae, cfg)
-    tracker = DeadLatentTracker(sae.n_latents, cfg.dead_window_tokens)
+    tracker = DeadLatentTracker(dp.tracked_latents(sae), cfg.dead_window_tokens)
     generator = torch.Generator().manual_seed(cfg.seed)
-    window_counts = torch.zeros(sae.n_latents, dtype=torch.int64)
+    window_counts = torch.zeros(dp.tracked_latents(sae), dtype=torch.int64)
     output_dir = Path(cfg.output_dir or cfg.checkpoint_dir) if (cfg.output_dir or cfg.checkpoint_dir) else None
     if not dp.is_writer:
         output_dir = None
@@ -264,6 +264,7 @@ def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult
     restored = ckpt.latest(cfg.checkpoint_dir) if resume else None
     if restored is not None:
         path, tensors, state = restored
+        tensors = dp.local_checkpoint(sae, tensors)  # a latent shard's slice of the full dictionary's
         step, tokens = state["step"], state["tokens"]
         saved_cfg = {k: v for k, v in state["sae_config"].items() if k not in ("input_scale", "output_scale")}
         now_cfg = {k: v for k, v in sae.config().items() if k not in ("input_scale", "output_scale")}
@@ -333,7 +334,7 @@ def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult
         losses = dict(out.losses)
         residual = target - out.x_hat
         dead = tracker.dead_indices(device)
-        if dead.numel():
+        if dp.any_dead(dead):
             if "auxk" in strategies:
                 losses["aux_loss"] = cfg.aux_coeff * dp.auxk_loss(sae, x, residual, dead, k_aux)
             if "ghost" in strategies:
@@ -345,7 +346,7 @@ def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult
         dp.average_gradients(params)
         sae.remove_parallel_decoder_grad()
         if cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            dp.clip_grad_norm(sae, params, cfg.grad_clip_norm)
         optimizer.step()
         sae.normalize_decoder()
         reliability.check_parameters(step, sae, cfg)
@@ -367,7 +368,8 @@ def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult
             window.resampled += dead_now.numel()
 
         if step % cfg.log_every == 0 or step == total_steps:
-            record = window.summary(step, tokens, tracker, window_counts, optimizer.param_groups[0]["lr"])
+            record = window.summary(step, tokens, dp.whole_tracker(tracker), dp.whole(window_counts),
+                                    optimizer.param_groups[0]["lr"])
             window_counts.zero_()
             window = _Window()
             history.append(record)
@@ -378,16 +380,16 @@ def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult
             progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_frac']:.3f}")
         progress.update(1)
 
-        if cfg.checkpoint_every_tokens and dp.is_writer and (tokens // cfg.checkpoint_every_tokens
+        if cfg.checkpoint_every_tokens and (tokens // cfg.checkpoint_every_tokens
                                             > (tokens - cfg.batch_size) // cfg.checkpoint_every_tokens
                                             or step == total_steps):
             _write_checkpoint(cfg, sae, optimizer, src, batches, tracker, window_counts, window, generator,
-                              step, tokens, eval_x, eval_y)
+                              step, tokens, eval_x, eval_y, dp)
     progress.close()
 
-    metrics = {"step": step, "tokens": tokens, "dead_frac": float(tracker.dead_mask().float().mean())}
+    metrics = {"step": step, "tokens": tokens, "dead_frac": float(dp.whole_tracker(tracker).dead_mask().float().mean())}
     if eval_x is not None:
-        ev = evaluate(sae, eval_x.to(device) * sae.input_scale,
+        ev = dp.evaluate(sae, eval_x.to(device) * sae.input_scale,
                       eval_y.to(device) * sae.output_scale if eval_y is not None else None, cfg.batch_size)
         density = ev.pop("fire_counts").double() / eval_x.shape[0]
         metrics.update(ev, dense_frac=float((density > DENSE_THRESHOLD).float().mean()))
@@ -449,7 +451,10 @@ def _progress_bar(cfg: TrainConfig, total: int, initial: int):
 
 
 def _write_checkpoint(cfg, sae, optimizer, src, batches, tracker, window_counts, window, generator, step, tokens,
-                      eval_x, eval_y) -> None:
+                      eval_x, eval_y, dp=distributed.SingleProcess()) -> None:
+    """Rank 0 writes (a latent-sharded dictionary's shards are gathered to it first: every rank calls this)."""
+    if not (dp.is_writer or getattr(sae, "latent_sharded", False)):
+        return
     tensors = {f"sae.{name}": t for name, t in sae.state_dict().items()}
     index = {id(p): i for i, p in enumerate(sae.parameters())}
     for parameter, state in optimizer.state.items():
@@ -460,6 +465,9 @@ def _write_checkpoint(cfg, sae, optimizer, src, batches, tracker, window_counts,
     for name, t in (("eval.x", eval_x), ("eval.y", eval_y), ("carry.x", batches.carry_x), ("carry.y", batches.carry_y)):
         if t is not None:
             tensors[name] = t
+    tensors = dp.checkpoint_tensors(sae, tensors)
+    if not dp.is_writer:
+        return
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
               for g in optimizer.param_groups]
     state = {"tokens": tokens, "config": dataclasses.asdict(cfg), "sae_config": sae.config(),

@@ -3,9 +3,11 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set by tests/test_distr
 
 Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
   parity   data-parallel TopK and BatchTopK runs (float64) for comparison with one process, and
-           five steps of a latent-sharded TopK SAE (LatentShardedTopK) and its AuxK gradients
+           five steps of a latent-sharded TopK SAE (LatentShardedTopK) and its AuxK gradients, and
+           sparsekit.train on latent shards of the SHARDED_TRAIN_CASES (checkpoints every 2 steps)
   resume   an uninterrupted run, and one stopped mid-way (every rank's source fails at the same
-           batch) then resumed from rank 0's checkpoint in the same processes
+           batch) then resumed from rank 0's checkpoint in the same processes; the same stop and
+           resume with a latent-sharded dictionary
   raise    rank 1's source raises at its sixth batch: every rank must stop promptly with rank 1's error
   nan      rank 1's source yields a NaN batch (the trainer refuses it): the same
   diverge  rank 1's source yields a batch of 1e200 (finite, so it passes the source check; its
@@ -35,6 +37,13 @@ def planted_rows(rows: int = 2048, seed: int = 0) -> torch.Tensor:
 
 
 PARITY_CASES = ("topk", "batchtopk", "topk-auxk", "batchtopk-auxk", "relu-ghost")
+SHARDED_TRAIN_CASES = ("topk-auxk", "batchtopk")
+
+
+def shard_of(sae):
+    """This rank's latent shard of a full dictionary (every rank built the same one)."""
+    from sparsekit.distributed_sharded import LatentShardedBatchTopK, LatentShardedTopK
+    return {"topk": LatentShardedTopK, "batchtopk": LatentShardedBatchTopK}[sae.architecture].from_dictionary(sae)
 
 
 def make_case(name: str, directory: str | None = None, resume_every: int | None = None):
@@ -198,6 +207,11 @@ def main() -> None:
         for case, dead in AUX_DEAD.items():
             shard = LatentShardedTopK.from_dictionary(sharded_case())
             save_file(auxk_gradients(shard, dead), str(out / f"auxk_{case.replace(' ', '_')}_rank{rank}.safetensors"))
+        for name in SHARDED_TRAIN_CASES:
+            sae, source, cfg = make_case(name, str(out / f"sharded_train_{name}"), resume_every=2 * BATCH)
+            shard = shard_of(sae)
+            result = sparsekit.train(shard, source, cfg)
+            save(out, f"sharded_train_{name}", rank, shard.gather(), result)
     elif scenario == "resume":
         sae, source, cfg = make_case("topk", str(out / "whole"), resume_every=BATCH)
         save(out, "whole", rank, sae, sparsekit.train(sae, source, cfg))
@@ -209,6 +223,16 @@ def main() -> None:
             pass
         sae, source, cfg = make_case("topk", str(out / "stopped"), resume_every=BATCH)
         save(out, "resumed", rank, sae, sparsekit.train(sae, source, cfg, resume=True))
+        sae, source, cfg = make_case("topk", str(out / "sharded"), resume_every=BATCH)
+        try:
+            sparsekit.train(shard_of(sae), FailingSource(source, 7, Interrupted()), cfg)
+            raise AssertionError("the run was meant to stop")
+        except Interrupted:
+            pass
+        sae, source, cfg = make_case("topk", str(out / "sharded"), resume_every=BATCH)
+        shard = shard_of(sae)
+        result = sparsekit.train(shard, source, cfg, resume=True)
+        save(out, "sharded_resumed", rank, shard.gather(), result)
     elif scenario in ("raise", "nan", "diverge"):
         sae, source, cfg = make_case("topk")
         if rank == 1:  # 50-row chunks, 128 held out: chunk 6 (rows 250-299) feeds step 2, rank 1's half too

@@ -146,6 +146,30 @@ def test_latent_sharded_auxk_matches_one_process(parity_run, case):
         assert_parameters_match(expected, got)
 
 
+@pytest.mark.parametrize("name", worker.SHARDED_TRAIN_CASES)
+def test_train_on_latent_shards_matches_one_process_and_writes_its_checkpoints(parity_run, name, tmp_path):
+    sae, source, cfg = worker.make_case(name, str(tmp_path), resume_every=2 * worker.BATCH)
+    result = sparsekit.train(sae, source, cfg)
+    reference = {k: v.detach() for k, v in sae.state_dict().items()}
+    for rank in range(WORLD):
+        assert_parameters_match(reference, load_file(str(parity_run / f"sharded_train_{name}_rank{rank}.safetensors")))
+    logged = json.loads((parity_run / f"sharded_train_{name}_rank0.json").read_text())
+    assert len(logged["history"]) == worker.STEPS
+    for mine, expected in zip(logged["history"], result.history):
+        for key in ("mse", "fvu", "l0", "dead_frac", "dense_frac", "aux_loss"):
+            assert mine[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-12), (key, mine, expected)
+    for key in ("mse", "fvu", "l0", "dead_frac", "dense_frac"):
+        assert logged["metrics"][key] == pytest.approx(result.metrics[key], rel=1e-6, abs=1e-12), key
+    if name.endswith("auxk"):
+        assert result.history[-1]["aux_loss"] > 0
+    # rank 0 gathered the shards: the checkpoints are the one-process run's, entry for entry
+    from sparsekit import checkpoint as ckpt
+    mine, expected = ckpt.latest(str(parity_run / f"sharded_train_{name}")), ckpt.latest(str(tmp_path))
+    assert mine[0].name == expected[0].name == "step_000000005"
+    assert_parameters_match(expected[1], mine[1])
+    assert mine[2]["sae_config"] == expected[2]["sae_config"]
+
+
 def test_two_rank_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path):
     results, _ = launch("resume", tmp_path)
     for code, output in results:
@@ -158,6 +182,8 @@ def test_two_rank_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path)
         for name in whole:
             assert torch.equal(resumed[name], whole[name]), name
     assert not list(tmp_path.glob("*/.step_*")), "no half-written checkpoint may remain"
+    for rank in range(WORLD):  # the latent-sharded run, stopped and resumed from its gathered checkpoint
+        assert_parameters_match(whole, load_file(str(tmp_path / f"sharded_resumed_rank{rank}.safetensors")))
 
 
 def test_an_error_on_one_rank_stops_every_rank_with_it(tmp_path):
