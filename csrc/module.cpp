@@ -10,6 +10,7 @@
 #include <string>
 
 #include "checks.hpp"
+#include "decoder_rows.hpp"
 #include "ghost.hpp"
 #include "sparse_products.hpp"
 #include "topk_select.hpp"
@@ -69,6 +70,34 @@ void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<
   int64_t* i = indices.mutable_data();
   py::gil_scoped_release release;
   topk_select(p, b, rows, n, k, v, i, threads);
+}
+
+// pre [rows, n] + bias [n] -> (values [E], cols [E], counts [rows]): the positive entries in
+// row-major order, E = counts.sum(); None when E > max_entries (nothing is written then).
+template <typename T>
+py::object relu_compact_py(const Array<T>& pre, const Array<T>& bias, int64_t max_entries, int threads) {
+  require(pre.ndim() == 2, "pre must be 2-D");
+  const int64_t rows = pre.shape(0), n = pre.shape(1);
+  require_shape(bias, "bias", {n});
+  const T* p = pre.data();
+  const T* b = bias.data();
+  Index counts(rows);
+  int64_t* c = counts.mutable_data();
+  int64_t total;
+  {
+    py::gil_scoped_release release;
+    total = relu_count(p, b, rows, n, c, threads);
+  }
+  if (total > max_entries) return py::none();
+  Array<T> values(total);
+  Index cols(total);
+  T* v = values.mutable_data();
+  int64_t* j = cols.mutable_data();
+  {
+    py::gil_scoped_release release;
+    relu_compact_write(p, b, rows, n, c, v, j, threads);
+  }
+  return py::make_tuple(values, cols, counts);
 }
 
 template <typename T>
@@ -215,6 +244,26 @@ void ghost_rescale_backward_py(const Array<T>& ghost, const Array<T>& residual, 
 }
 
 template <typename T>
+void remove_parallel_rows_py(const Array<T>& W, Array<T>& grad) {
+  require(W.ndim() == 2, "W must be 2-D");
+  const int64_t n = W.shape(0), d = W.shape(1);
+  require_shape(grad, "grad", {n, d});
+  const T* w = W.data();
+  T* g = grad.mutable_data();
+  py::gil_scoped_release release;
+  remove_parallel_rows(w, g, n, d);
+}
+
+template <typename T>
+void normalize_rows_py(Array<T>& W) {
+  require(W.ndim() == 2, "W must be 2-D");
+  const int64_t n = W.shape(0), d = W.shape(1);
+  T* w = W.mutable_data();
+  py::gil_scoped_release release;
+  normalize_rows(w, n, d);
+}
+
+template <typename T>
 bool all_finite_py(const Array<T>& a) {
   const T* p = a.data();
   const int64_t size = a.size();
@@ -234,10 +283,18 @@ void bind_all(py::module_& m) {
   m.def("ghost_rescale_backward", &ghost_rescale_backward_py<T>, py::arg("ghost").noconvert(),
         py::arg("residual").noconvert(), py::arg("scale").noconvert(), py::arg("coefficient"),
         py::arg("grad_ghost").noconvert(), "Ghost grads: gradient through the rescale, scale held constant.");
+  m.def("remove_parallel_rows", &remove_parallel_rows_py<T>, py::arg("W").noconvert(), py::arg("grad").noconvert(),
+        "In place: each row of grad [n, d] loses its component along the same row of W [n, d].");
+  m.def("normalize_rows", &normalize_rows_py<T>, py::arg("W").noconvert(),
+        "In place: each row of W [n, d] divided by max(its norm, 1e-12).");
   m.def("all_finite", &all_finite_py<T>, py::arg("a").noconvert(), "True when a holds no NaN or Inf.");
   m.def("topk_select", &topk_select_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(), py::arg("k"),
         py::arg("values").noconvert(), py::arg("indices").noconvert(), py::arg("threads") = 0,
         "Per row of pre + bias [rows, n]: the k largest (ties: lower index), ReLU'd, sorted descending.");
+  m.def("relu_compact", &relu_compact_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
+        py::arg("max_entries"), py::arg("threads") = 0,
+        "The positive entries of pre + bias [rows, n] in row-major order: (values, cols, counts per row), "
+        "or None when there are more than max_entries.");
   m.def("batchtopk_select", &batchtopk_select_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
         py::arg("m"), py::arg("values").noconvert(), py::arg("rows").noconvert(), py::arg("cols").noconvert(),
         "The m largest of relu(pre + bias) over the whole block, in flat order; pre is overwritten.");

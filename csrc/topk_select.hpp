@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common.hpp"
 
@@ -90,6 +91,45 @@ void topk_select(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t k
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
       topk_select_row(pre + r * n, bias, n, k, heap.data(), values + r * k, indices + r * k);
+  }
+}
+
+// ReLU as a selection: the positive entries of pre[r] + bias, in column order (a ReLU encoder's
+// codes as COO when they are sparse). Two passes over the block: count per row, then write.
+// counts [rows]; relu_compact_write fills values/cols from offsets[r] = sum of earlier counts.
+template <typename T>
+int64_t relu_count(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t* counts, int threads) {
+  int64_t total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads > 0 ? threads : max_threads())
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = pre + r * n;
+    int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+    for (int64_t j = 0; j < n; ++j) c += (row[j] + bias[j] > T(0));
+    counts[r] = c;
+    total += c;
+  }
+  return total;
+}
+
+template <typename T>
+void relu_compact_write(const T* pre, const T* bias, int64_t rows, int64_t n, const int64_t* counts,
+                        T* values, int64_t* cols, int threads) {
+  std::vector<int64_t> offsets(rows + 1, 0);
+  for (int64_t r = 0; r < rows; ++r) offsets[r + 1] = offsets[r] + counts[r];
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : max_threads())
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = pre + r * n;
+    int64_t out = offsets[r];
+    if (counts[r] == 0) continue;
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = row[j] + bias[j];
+      if (v > T(0)) {
+        values[out] = v;
+        cols[out] = j;
+        ++out;
+      }
+    }
   }
 }
 

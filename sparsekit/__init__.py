@@ -12,11 +12,13 @@ from .splice import loss_recovered, splice, zero_ablate
 from .train import TrainConfig, TrainResult, train
 from .ops import (
     BatchTopKCodes,
+    SparseCodes,
     TopKCodes,
     batchtopk_encode,
     ghost_grad_loss,
     jumprelu_encode,
     relu_encode,
+    relu_encode_adaptive,
     sparse_decode,
     sparse_decode_coo,
     topk_encode,
@@ -25,7 +27,7 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchTopKCodes", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "TopKCodes", "TopKSAE", "Transcoder", "backends",
+    "BatchTopKCodes", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "SparseCodes", "TopKCodes", "TopKSAE", "Transcoder", "backends",
     "load", "load_saelens", "loss_recovered", "splice", "TrainConfig", "TrainResult", "train", "zero_ablate", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode",
-    "ops", "reference", "relu_encode", "sparse_decode", "sparse_decode_coo", "topk_encode",
+    "ops", "reference", "relu_encode", "relu_encode_adaptive", "sparse_decode", "sparse_decode_coo", "topk_encode",
 ]

@@ -1,37 +1,94 @@
 """The CPU GEMM behind the TopK encoder: the one GEMM a fused step cannot avoid.
 
 On the CPUs measured here NumPy's bundled OpenBLAS runs the float32 encoder GEMM faster than
-torch's (DESIGN.md: ~1.7x on an AVX2 EPYC; ~1.2x on an AVX-512 one). Tensors cross as zero-copy
-``Tensor.numpy()`` views and the product is written into a preallocated output.
+torch's MKL (DESIGN.md: ~1.7x on an AVX2 EPYC; ~1.2x on an AVX-512 one). Tensors cross as
+zero-copy ``Tensor.numpy()`` views and each product is written into a preallocated output.
 
-But OpenBLAS's worker thread spins for ~0.1 s after each call and fights torch's OpenMP threads
-(which sparsekit._C shares) for the cores. Measured on a 2-core AVX-512 EPYC, a TopK step through
-OpenBLAS was 7x slower at B=256, d=24, n=96, 1.7x slower at 2 GFLOP, 1.3x slower at 17 GFLOP and
-~5% faster at 69 GFLOP (B=4096, d=512, n=16384). So SPARSEKIT_CPU_GEMM=auto (the default) uses
-OpenBLAS only for encoder GEMMs of at least OPENBLAS_MIN_FLOP, and torch otherwise;
-SPARSEKIT_CPU_GEMM=numpy|torch forces one. Only the TopK encoder uses this module; every other
-GEMM is torch's.
+OpenBLAS's own worker threads spin for ~0.1 s after each call and fight torch's OpenMP threads
+(which sparsekit._C shares) for the cores; on a busy machine its 2-thread GEMM ran 2x slower than
+two single-threaded ones. So the encoder runs as **row tiles on a pool of Python threads** (one
+per torch thread), each calling a single-threaded OpenBLAS GEMM on its tile and then the C++
+epilogue (top-k selection) on the same tile while it is cache-hot; both release the GIL. Nothing
+spins, the [B, n] matrix is never materialised, and the selection runs on every core.
+
+OpenBLAS's thread count is process-wide (its ``openblas_set_num_threads_local`` changes the
+global count in the pthreads builds NumPy ships), so ``row_tiles`` sets it to 1 for the duration
+of a call and restores it after, under a lock. Where no OpenBLAS can be found (NumPy built on
+another BLAS), or for float dtypes OpenBLAS does not run, the tiles run on torch's GEMM in the
+calling thread.
+
+SPARSEKIT_CPU_GEMM=auto (default) | numpy | torch picks the library (auto: OpenBLAS when it can
+be controlled and the GEMM is not tiny, torch otherwise).
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
-OPENBLAS_MIN_FLOP = 2**35  # ~34 GFLOP
+def _find_openblas():
+    """(get_num_threads, set_num_threads) of the OpenBLAS loaded into this process by NumPy,
+    or None. Linux: the library is found among the mapped files of the process."""
+    np.ones((2, 2)) @ np.ones((2, 2))  # make sure NumPy's BLAS is loaded
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_", "64_"), ("scipy_", ""), ("", "64_"), ("", "")):
+            try:
+                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}")
+                set_ = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}")
+            except AttributeError:
+                continue
+            get.restype, get.argtypes = ctypes.c_int, []
+            set_.restype, set_.argtypes = None, [ctypes.c_int]
+            return get, set_
+    return None
+
+
+PARALLEL_MIN_FLOP = 2**24  # ~17 MFLOP: ~0.1 ms of GEMM, the order of a thread hand-off
+
+_openblas = None
+_openblas_searched = False
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_lock = threading.Lock()
+_local = threading.local()
+
+
+def openblas_available() -> bool:
+    """Whether NumPy's OpenBLAS was found and its thread count can be set."""
+    global _openblas, _openblas_searched
+    if not _openblas_searched:
+        _openblas = _find_openblas()
+        _openblas_searched = True
+    return _openblas is not None
 
 
 def gemm_library(flop: float = float("inf")) -> str:
-    """The library that runs an encoder GEMM of `flop` floating-point operations: "numpy"
-    (OpenBLAS) or "torch"."""
+    """The library that runs the encoder's row-tile GEMMs: "numpy" (OpenBLAS, one thread per
+    tile) under SPARSEKIT_CPU_GEMM=auto for a GEMM of at least PARALLEL_MIN_FLOP ``flop``
+    when NumPy's OpenBLAS can be controlled, or "torch"."""
     name = os.environ.get("SPARSEKIT_CPU_GEMM", "auto").strip().lower()
     if name not in ("auto", "numpy", "torch"):
         raise RuntimeError(f"SPARSEKIT_CPU_GEMM={name!r} is not 'auto', 'numpy' or 'torch'")
-    if name == "auto":
-        return "numpy" if flop >= OPENBLAS_MIN_FLOP else "torch"
+    if name == "auto":  # tiny GEMMs stay on torch: a thread pool's hand-off would dominate them
+        return "numpy" if flop >= PARALLEL_MIN_FLOP and openblas_available() else "torch"
+    if name == "numpy" and not openblas_available():
+        raise RuntimeError("SPARSEKIT_CPU_GEMM=numpy but NumPy's OpenBLAS was not found in this process")
     return name
 
 
@@ -42,3 +99,73 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor, library: str = "torch") -> Te
     else:
         torch.matmul(a.detach(), b.detach(), out=out)
     return out
+
+
+def _scratch(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """A per-thread [rows, cols] buffer, reused across calls (grown when too small)."""
+    key = (cols, dtype)
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = buffers[key] = torch.empty(rows, cols, dtype=dtype)
+    return buf[:rows]
+
+
+def _get_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size != workers:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="sparsekit-gemm")
+        _pool_size = workers
+    return _pool
+
+
+def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, Tensor, int], None] | None = None,
+              library: str | None = None, out: Tensor | None = None) -> None:
+    """For each block of at most ``tile`` rows of x [B, p]: pre = x[start:stop] @ W ([rows, q],
+    in a per-thread scratch buffer, or rows [start, stop) of ``out`` [B, q] when given), then
+    ``epilogue(start, stop, pre, threads)`` if there is one.
+
+    With OpenBLAS the tiles run on one Python thread per torch thread, each GEMM single-threaded,
+    and ``threads`` is 1: the epilogue must then release the GIL to run in parallel, use one
+    thread, and write only rows [start, stop) of its outputs. Otherwise the tiles run in order
+    in the calling thread on torch's GEMM and ``threads`` is 0 (the epilogue's default pool).
+    x, W: contiguous CPU float tensors."""
+    batch, cols = x.shape[0], W.shape[1]
+    library = library or gemm_library(2.0 * batch * x.shape[1] * cols)
+    workers = min(torch.get_num_threads(), batch)
+    parallel = library == "numpy" and workers > 1 and x.dtype in (torch.float32, torch.float64)
+    if parallel:
+        tile = max(1, min(tile, -(-batch // workers)))  # at least one tile per worker
+    starts = range(0, batch, tile)
+    if not parallel:
+        for start in starts:
+            stop = min(batch, start + tile)
+            pre = out[start:stop] if out is not None else _scratch(stop - start, cols, x.dtype)
+            matmul_into(x[start:stop], W, pre, library)
+            if epilogue is not None:
+                epilogue(start, stop, pre, 0)
+        return
+    x_np, W_np = x.detach().numpy(), W.detach().numpy()
+
+    def run(start: int) -> None:
+        stop = min(batch, start + tile)
+        pre = out[start:stop] if out is not None else _scratch(stop - start, cols, x.dtype)
+        np.matmul(x_np[start:stop], W_np, out=pre.numpy())
+        if epilogue is not None:
+            epilogue(start, stop, pre, 1)
+
+    get_threads, set_threads = _openblas
+    with _lock:
+        previous = get_threads()
+        set_threads(1)
+        try:
+            futures = [_get_pool(workers).submit(run, s) for s in starts]
+            wait(futures)  # every tile done before OpenBLAS's thread count is restored
+            for future in futures:
+                future.result()
+        finally:
+            set_threads(previous)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backend import _C
-from .cpu_gemm import gemm_library, matmul_into
+from .cpu_gemm import row_tiles
 
 # Rows of pre-activations computed per encoder GEMM tile: keeps the [rows, n] scratch block near
 # 16 MiB instead of materialising the whole [B, n] matrix.
@@ -120,17 +120,12 @@ def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Te
     batch, n = x.shape[0], W_enc.shape[1]
     values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64)
-    tile = min(batch, _tile_rows(n, x.element_size()))
-    scratch = x.new_empty(tile, n)
     bias = _np(b_enc)
-    # OpenBLAS's worker thread keeps spinning for a while after each GEMM: a second selection
-    # thread would fight it for the other core (measured: 1 thread is ~25% faster end to end).
-    library = gemm_library(2.0 * batch * x.shape[1] * n)
-    threads = 1 if library == "numpy" else 0
-    for start in range(0, batch, tile):
-        stop = min(batch, start + tile)
-        pre = matmul_into(x[start:stop], W_enc, scratch[: stop - start], library)
+
+    def select(start: int, stop: int, pre: Tensor, threads: int) -> None:
         _C.topk_select(_np(pre), bias, k, _np(values[start:stop]), _np(indices[start:stop]), threads)
+
+    row_tiles(x, W_enc, min(batch, _tile_rows(n, x.element_size())), select)
     return values, indices
 
 
@@ -157,6 +152,59 @@ def _topk_backward(ctx, grad_values, grad_indices):
 topk_encode_cpu.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
+# --- topk_encode with a pre-encoder bias ---------------------------------------------------
+
+@torch.library.custom_op("sparsekit::topk_encode_centered_cpu", mutates_args=())
+def topk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
+                             k: int) -> tuple[Tensor, Tensor]:
+    """topk_encode of x - pre_bias: the GEMM runs on x with the bias b_enc - pre_bias @ W_enc.
+    x [B, d], W_enc [d, n], b_enc [n], pre_bias [d] -> values [B, k], indices [B, k].
+
+    Folding pre_bias into the bias by autograd (SparseDictionary.encoder_bias) would cost a dense
+    [d, n] outer product in backward; here W_enc's gradient is (x - pre_bias)^T S in one sparse
+    pass and pre_bias's is -W_enc @ grad b_enc."""
+    with torch.no_grad():
+        bias = b_enc - pre_bias @ W_enc
+    return topk_encode_cpu(x, W_enc, bias, k)
+
+
+@topk_encode_centered_cpu.register_fake
+def _(x, W_enc, b_enc, pre_bias, k):
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+def _topk_centered_setup(ctx, inputs, output):
+    x, W_enc, _, pre_bias, _ = inputs
+    values, indices = output
+    ctx.save_for_backward(x, W_enc, pre_bias, values, indices)
+
+
+def _centered_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tensor, W_enc: Tensor,
+                               pre_bias: Tensor):
+    """Gradients of a sparse encoder of x - pre_bias from those of its kept entries [E]:
+    (grad x, grad W_enc = (x - pre_bias)^T S, grad b_enc = S^T 1, grad pre_bias = -W_enc grad b_enc,
+    None for k); None where no gradient is needed."""
+    grad_kept = grad_kept.reshape(-1)
+    grad_x = grad_W_enc = grad_b_enc = grad_pre_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = coo_times_dense_t_cpu(grad_kept, rows, cols, W_enc, x.shape[0])
+    if any(ctx.needs_input_grad[1:4]):
+        grad_W_enc, grad_b_enc = coo_t_times_dense_cpu(grad_kept, rows, cols, x - pre_bias, W_enc.shape[1], True)
+        if ctx.needs_input_grad[3]:
+            grad_pre_bias = -(W_enc @ grad_b_enc)
+    return (grad_x, grad_W_enc if ctx.needs_input_grad[1] else None,
+            grad_b_enc if ctx.needs_input_grad[2] else None, grad_pre_bias, None)
+
+
+def _topk_centered_backward(ctx, grad_values, grad_indices):
+    x, W_enc, pre_bias, values, indices = ctx.saved_tensors
+    rows = coo_row_ids(x.shape[0], values.shape[1])
+    return _centered_encoder_backward(ctx, grad_values * (values > 0), rows, indices.reshape(-1), x, W_enc, pre_bias)
+
+
+topk_encode_centered_cpu.register_autograd(_topk_centered_backward, setup_context=_topk_centered_setup)
+
+
 # --- batchtopk_encode -------------------------------------------------------------------------
 
 @torch.library.custom_op("sparsekit::batchtopk_encode_cpu", mutates_args=())
@@ -165,7 +213,8 @@ def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     -> values, rows, cols, each [B*k], in flat order."""
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
     batch = x.shape[0]
-    pre = torch.mm(x, W_enc)
+    pre = x.new_empty(batch, W_enc.shape[1])
+    row_tiles(x, W_enc, _tile_rows(W_enc.shape[1], x.element_size()), out=pre)
     values = x.new_empty(batch * k)
     rows = torch.empty(batch * k, dtype=torch.int64)
     cols = torch.empty(batch * k, dtype=torch.int64)
@@ -192,6 +241,90 @@ def _batchtopk_backward(ctx, grad_values, grad_rows, grad_cols):
 
 
 batchtopk_encode_cpu.register_autograd(_batchtopk_backward, setup_context=_batchtopk_setup)
+
+
+@torch.library.custom_op("sparsekit::batchtopk_encode_centered_cpu", mutates_args=())
+def batchtopk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
+                                  k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """batchtopk_encode of x - pre_bias, the bias folded as in topk_encode_centered_cpu."""
+    with torch.no_grad():
+        bias = b_enc - pre_bias @ W_enc
+    return batchtopk_encode_cpu(x, W_enc, bias, k)
+
+
+@batchtopk_encode_centered_cpu.register_fake
+def _(x, W_enc, b_enc, pre_bias, k):
+    m = x.shape[0] * k
+    return x.new_empty(m), x.new_empty(m, dtype=torch.int64), x.new_empty(m, dtype=torch.int64)
+
+
+def _batchtopk_centered_setup(ctx, inputs, output):
+    x, W_enc, _, pre_bias, _ = inputs
+    values, rows, cols = output
+    ctx.save_for_backward(x, W_enc, pre_bias, values, rows, cols)
+
+
+def _batchtopk_centered_backward(ctx, grad_values, grad_rows, grad_cols):
+    x, W_enc, pre_bias, values, rows, cols = ctx.saved_tensors
+    return _centered_encoder_backward(ctx, grad_values * (values > 0), rows, cols, x, W_enc, pre_bias)
+
+
+batchtopk_encode_centered_cpu.register_autograd(_batchtopk_centered_backward, setup_context=_batchtopk_centered_setup)
+
+
+# --- relu_encode_adaptive: a ReLU encoder's codes as COO when they are sparse ------------------
+
+@torch.library.custom_op("sparsekit::relu_encode_adaptive_cpu", mutates_args=())
+def relu_encode_adaptive_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
+                             max_density: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """relu((x - pre_bias) @ W_enc + b_enc) as COO (values, rows, cols, each [E], row-major) when
+    at most max_density of the B*n entries are positive, else dense [B, n]. Returns
+    (dense, values, rows, cols); the unused form is empty (dense [0, n] or E = 0).
+
+    The choice is a function of this batch alone (a resumed run takes the same path as an
+    uninterrupted one). Sparse codes make the decode and every backward GEMM sparse."""
+    x, W_enc = x.contiguous(), W_enc.contiguous()
+    batch, n = x.shape[0], W_enc.shape[1]
+    with torch.no_grad():
+        bias = (b_enc - pre_bias @ W_enc).contiguous()
+    pre = x.new_empty(batch, n)
+    row_tiles(x, W_enc, _tile_rows(n, x.element_size()), out=pre)
+    coo = _C.relu_compact(_np(pre), _np(bias), int(max_density * batch * n))
+    if coo is None:
+        empty_index = torch.empty(0, dtype=torch.int64)
+        return pre.add_(bias).clamp_(min=0), x.new_empty(0), empty_index, empty_index.clone()
+    values, cols, counts = (torch.from_numpy(a) for a in coo)
+    rows = torch.repeat_interleave(torch.arange(batch), counts)
+    return x.new_empty(0, n), values, rows, cols
+
+
+@relu_encode_adaptive_cpu.register_fake
+def _(x, W_enc, b_enc, pre_bias, max_density):
+    ctx = torch.library.get_ctx()
+    entries = ctx.new_dynamic_size()
+    return (x.new_empty(ctx.new_dynamic_size(), W_enc.shape[1]), x.new_empty(entries),
+            x.new_empty(entries, dtype=torch.int64), x.new_empty(entries, dtype=torch.int64))
+
+
+def _relu_adaptive_setup(ctx, inputs, output):
+    x, W_enc, _, pre_bias, _ = inputs
+    dense, _, rows, cols = output
+    ctx.save_for_backward(x, W_enc, pre_bias, dense, rows, cols)
+
+
+def _relu_adaptive_backward(ctx, grad_dense, grad_values, grad_rows, grad_cols):
+    x, W_enc, pre_bias, dense, rows, cols = ctx.saved_tensors
+    if dense.shape[0] == 0:
+        return _centered_encoder_backward(ctx, grad_values, rows, cols, x, W_enc, pre_bias)
+    grad_pre = torch.ops.aten.threshold_backward(grad_dense, dense, 0)
+    grad_x, grad_W_enc, grad_b_enc = _dense_encoder_backward(ctx, grad_pre, x - pre_bias, W_enc)
+    grad_pre_bias = None
+    if ctx.needs_input_grad[3]:
+        grad_pre_bias = -(W_enc @ (grad_b_enc if grad_b_enc is not None else grad_pre.sum(0)))
+    return grad_x, grad_W_enc, grad_b_enc, grad_pre_bias, None
+
+
+relu_encode_adaptive_cpu.register_autograd(_relu_adaptive_backward, setup_context=_relu_adaptive_setup)
 
 
 # --- dense encoders: relu_encode, jumprelu_encode ---------------------------------------------

@@ -7,7 +7,8 @@ imported on first use), or the PyTorch reference (``sparsekit.reference``) that 
 Every op is differentiable.
 
 Shapes: x [B, d_in], W_enc [d_in, n], b_enc [n], W_dec [n, d_out], b_dec [d_out];
-TopK codes (values [B, k], indices [B, k] int64); BatchTopK codes (values, rows, cols), each [B*k].
+TopK codes (values [B, k], indices [B, k] int64); BatchTopK codes (values, rows, cols), each [B*k];
+SparseCodes (values, rows, cols, each [E], and B) for codes of varying count per row.
 """
 from __future__ import annotations
 
@@ -31,6 +32,20 @@ class BatchTopKCodes(NamedTuple):
     values: Tensor
     rows: Tensor
     cols: Tensor
+
+
+class SparseCodes(NamedTuple):
+    """Codes of varying count per row as flat COO in row-major order: values, rows, cols, each
+    [E] (rows, cols int64), and the batch size B (rows may be empty)."""
+    values: Tensor
+    rows: Tensor
+    cols: Tensor
+    batch_size: int
+
+
+# A ReLU encoder's codes go sparse at or below this fraction of positive entries: the sparse
+# decode and backward cost ~10-20x a dense GEMM per multiply-add, so 1/64 keeps them cheaper.
+SPARSE_RELU_MAX_DENSITY = 1 / 64
 
 
 def _cpp():
@@ -72,15 +87,31 @@ def _check_decoder(W_dec, b_dec, codes_dtype, codes_device) -> tuple[Tensor, Ten
     return W_dec.contiguous(), b_dec.contiguous()
 
 
-def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> TopKCodes:
+def _check_pre_bias(pre_bias, x) -> Tensor:
+    checks.tensor("pre_bias", pre_bias, 1)
+    checks.same_dtype_and_device("x", x, pre_bias=pre_bias)
+    checks.size("pre_bias", pre_bias, 0, x.shape[1], "d_in, the width of x")
+    checks.finite(pre_bias=pre_bias)
+    return pre_bias.contiguous()
+
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, pre_bias: Tensor | None = None) -> TopKCodes:
     """Per row of pre = x @ W_enc + b_enc keep the k largest (ties: lower index), ReLU them.
 
     x [B, d_in], W_enc [d_in, n], b_enc [n] -> TopKCodes(values [B, k], indices [B, k] int64),
     values sorted descending. Backward reaches x, W_enc and b_enc through the B*k kept entries.
+    pre_bias [d_in] (optional): encode x - pre_bias instead, i.e. with the bias
+    b_enc - pre_bias @ W_enc (that fold is the definition); gradients reach pre_bias too. An
+    SAE's b_dec goes here: the C++ backend then never forms a dense [d_in, n] gradient for it.
     """
     x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
     k = checks.k_in_range(k, W_enc.shape[1])
     backend = backend_for(x)
+    if pre_bias is not None:
+        pre_bias = _check_pre_bias(pre_bias, x)
+        if backend == "cpp":
+            return TopKCodes(*_cpp().topk_encode_centered_cpu(x, W_enc, b_enc, pre_bias, k))
+        b_enc = b_enc - pre_bias @ W_enc
     if backend == "cpp":
         return TopKCodes(*_cpp().topk_encode_cpu(x, W_enc, b_enc, k))
     if backend == "triton":
@@ -88,14 +119,21 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> TopKCodes:
     return TopKCodes(*reference.topk_encode(x, W_enc, b_enc, k))
 
 
-def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> BatchTopKCodes:
+def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
+                     pre_bias: Tensor | None = None) -> BatchTopKCodes:
     """Keep the B*k largest of relu(x @ W_enc + b_enc) over the whole batch (Bussmann et al. 2024).
 
     -> BatchTopKCodes(values, rows, cols), each [B*k], row-major; ties: lower flat index.
+    pre_bias [d_in] (optional): encode x - pre_bias, as in topk_encode.
     """
     x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
     k = checks.k_in_range(k, W_enc.shape[1])
     backend = backend_for(x)
+    if pre_bias is not None:
+        pre_bias = _check_pre_bias(pre_bias, x)
+        if backend == "cpp":
+            return BatchTopKCodes(*_cpp().batchtopk_encode_centered_cpu(x, W_enc, b_enc, pre_bias, k))
+        b_enc = b_enc - pre_bias @ W_enc
     if backend == "cpp":
         return BatchTopKCodes(*_cpp().batchtopk_encode_cpu(x, W_enc, b_enc, k))
     if backend == "triton":
@@ -112,6 +150,31 @@ def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     if backend == "triton":
         return _triton("encode").relu_encode_triton(x, W_enc, b_enc)
     return reference.relu_encode(x, W_enc, b_enc)
+
+
+def relu_encode_adaptive(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor | None = None,
+                         max_density: float = SPARSE_RELU_MAX_DENSITY) -> Tensor | SparseCodes:
+    """relu((x - pre_bias) @ W_enc + b_enc), as SparseCodes when at most ``max_density`` of its
+    B*n entries are positive and the backend gains from it (C++), else dense [B, n].
+
+    Both forms hold the same codes; with SparseCodes the decode (sparse_decode_coo) and the
+    encoder's backward run over the E positive entries instead of dense [B, n] GEMMs. The choice
+    depends on this batch only (under torch.compile: always dense). Differentiable in x, W_enc,
+    b_enc and pre_bias.
+    """
+    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
+    if not (isinstance(max_density, (int, float)) and not isinstance(max_density, bool) and 0 <= max_density <= 1):
+        raise ValueError(f"max_density must be a number in [0, 1], got {max_density!r}")
+    if pre_bias is not None:
+        pre_bias = _check_pre_bias(pre_bias, x)
+    if backend_for(x) == "cpp" and not torch.compiler.is_compiling():  # compiled graphs keep static shapes
+        if pre_bias is None:
+            pre_bias = x.new_zeros(x.shape[1])
+        dense, values, rows, cols = _cpp().relu_encode_adaptive_cpu(x, W_enc, b_enc, pre_bias, float(max_density))
+        return dense if dense.shape[0] else SparseCodes(values, rows, cols, x.shape[0])
+    if pre_bias is not None:
+        b_enc = b_enc - pre_bias @ W_enc
+    return relu_encode(x, W_enc, b_enc)
 
 
 def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor,
@@ -255,3 +318,33 @@ def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead
         return _triton("ghost").ghost_grad_loss_triton(x, W_enc, b_enc, W_dec.detach().contiguous(),
                                                        dead_idx.contiguous(), residual, mse_main, eps)[0]
     return reference.ghost_grad_loss(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps)
+
+
+def _rows_on_cpp(*tensors: Tensor) -> bool:
+    return backend_for(tensors[0]) == "cpp" and all(t.is_contiguous() for t in tensors)
+
+
+@torch.no_grad()
+def remove_parallel_rows_(grad: Tensor, W: Tensor) -> Tensor:
+    """In place: each row of grad [n, d] loses its component along the same row of W [n, d]
+    (see reference.remove_parallel_rows). Returns grad. Not differentiable (an optimiser step)."""
+    checks.tensor("W", W, 2)
+    checks.tensor("grad", grad, 2)
+    checks.same_dtype_and_device("W", W, grad=grad)
+    checks.size("grad", grad, 0, W.shape[0], "the rows of W")
+    checks.size("grad", grad, 1, W.shape[1], "the columns of W")
+    if _rows_on_cpp(grad, W):
+        _cpp()._C.remove_parallel_rows(W.detach().numpy(), grad.detach().numpy())
+        return grad
+    return grad.copy_(reference.remove_parallel_rows(grad, W))
+
+
+@torch.no_grad()
+def normalize_rows_(W: Tensor) -> Tensor:
+    """In place: each row of W [n, d] divided by max(its norm, 1e-12). Returns W. Not
+    differentiable (a projection after the optimiser step)."""
+    checks.tensor("W", W, 2)
+    if _rows_on_cpp(W):
+        _cpp()._C.normalize_rows(W.detach().numpy())
+        return W
+    return W.copy_(reference.normalize_rows(W))

@@ -148,3 +148,15 @@ def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead
     scale = (r.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)).detach()
     loss = squared_error(ghost * scale, r)
     return loss * (mse_main.detach() / (loss.detach() + eps))
+
+
+def remove_parallel_rows(grad: Tensor, W: Tensor) -> Tensor:
+    """Each row of grad [n, d] minus its component along the same row of W [n, d] (the
+    unit-norm decoder's gradient projection): grad - (grad . w_hat) w_hat, w_hat = w / max(||w||, 1e-12)."""
+    rows = torch.nn.functional.normalize(W, dim=-1)
+    return grad - (grad * rows).sum(-1, keepdim=True) * rows
+
+
+def normalize_rows(W: Tensor) -> Tensor:
+    """Each row of W [n, d] divided by max(its norm, 1e-12)."""
+    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)

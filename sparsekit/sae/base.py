@@ -49,7 +49,7 @@ def _device(device):
 
 
 class SAEOutput(NamedTuple):
-    """x_hat [B, d_out] (normalised space), codes (TopKCodes, BatchTopKCodes or dense [B, n]),
+    """x_hat [B, d_out] (normalised space), codes (TopKCodes, BatchTopKCodes, SparseCodes or dense [B, n]),
     losses: named scalar terms; the training objective is their sum."""
     x_hat: Tensor
     codes: Any
@@ -81,7 +81,9 @@ class SparseDictionary(nn.Module):
         # (Conerly et al. 2024; Gao et al. 2024), else a matching-scale random matrix.
         W_dec = nn.functional.normalize(torch.randn(self.n_latents, self.d_out, generator=gen, dtype=torch.float64), dim=-1)
         if self.d_in == self.d_out:
-            W_enc = W_dec.t().clone()
+            # contiguous: a clone of the transpose would keep its column-major strides, and every
+            # encoder call would then copy W_enc ([d_in, n]) and check it on the slow path.
+            W_enc = W_dec.t().contiguous()
         else:
             W_enc = nn.functional.normalize(torch.randn(self.d_in, self.n_latents, generator=gen, dtype=torch.float64), dim=0)
         self.W_enc = nn.Parameter(W_enc.to(**factory))
@@ -135,6 +137,8 @@ class SparseDictionary(nn.Module):
         if isinstance(codes, ops.BatchTopKCodes):
             batch = codes.values.shape[0] // self._batchtopk_k()
             return ops.sparse_decode_coo(codes.values, codes.rows, codes.cols, self.W_dec, self.b_dec, batch)
+        if isinstance(codes, ops.SparseCodes):
+            return ops.sparse_decode_coo(codes.values, codes.rows, codes.cols, self.W_dec, self.b_dec, codes.batch_size)
         return torch.addmm(self.b_dec, codes, self.W_dec)
 
     def _batchtopk_k(self) -> int:
@@ -166,13 +170,16 @@ class SparseDictionary(nn.Module):
             batch = codes.values.shape[0] // self._batchtopk_k()
             dense = codes.values.new_zeros(batch, self.n_latents)
             return dense.index_put((codes.rows, codes.cols), codes.values, accumulate=True)
+        if isinstance(codes, ops.SparseCodes):
+            dense = codes.values.new_zeros(codes.batch_size, self.n_latents)
+            return dense.index_put((codes.rows, codes.cols), codes.values, accumulate=True)
         return codes
 
     def fire_counts(self, codes) -> Tensor:
         """How many rows of the batch activated each latent: [n] int64."""
         if isinstance(codes, ops.TopKCodes):
             active = codes.indices[codes.values > 0]
-        elif isinstance(codes, ops.BatchTopKCodes):
+        elif isinstance(codes, (ops.BatchTopKCodes, ops.SparseCodes)):
             active = codes.cols[codes.values > 0]
         else:
             return (codes > 0).sum(0)
@@ -198,14 +205,13 @@ class SparseDictionary(nn.Module):
         decoders only; call between backward and the optimizer step)."""
         if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
-        rows = nn.functional.normalize(self.W_dec, dim=-1)
-        self.W_dec.grad -= (self.W_dec.grad * rows).sum(-1, keepdim=True) * rows
+        ops.remove_parallel_rows_(self.W_dec.grad, self.W_dec)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm (unit-norm decoders only; call after each step)."""
         if self.unit_norm_decoder:
-            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            ops.normalize_rows_(self.W_dec)
 
     # --- initialisation ---------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ class BatchTopKSAE(SparseDictionary):
         """Training: BatchTopKCodes over the batch (and the threshold estimate is updated).
         Evaluation: dense codes [B, n] through the global threshold."""
         if self.training:
-            codes = ops.batchtopk_encode(x, self.W_enc, self.encoder_bias(), self.k)
+            codes = ops.batchtopk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self.pre_encoder_bias())
             self._update_threshold(codes.values.detach())
             return codes
         if self.threshold < 0:

@@ -25,9 +25,16 @@ class ReLUSAE(SparseDictionary):
         return {"l1_coeff": self.l1_coeff, "decoder_norm_penalty": self.decoder_norm_penalty}
 
     def encode(self, x):
-        """x [B, d_in] -> dense codes [B, n]."""
+        """x [B, d_in] -> dense codes [B, n]; in training mode SparseCodes instead when at most
+        ops.SPARSE_RELU_MAX_DENSITY of them are positive (then decode and backward are sparse)."""
+        if self.training:
+            return ops.relu_encode_adaptive(x, self.W_enc, self.b_enc, pre_bias=self.pre_encoder_bias(),
+                                            max_density=ops.SPARSE_RELU_MAX_DENSITY)
         return ops.relu_encode(x, self.W_enc, self.encoder_bias())
 
     def sparsity_losses(self, codes, x) -> dict:
+        if isinstance(codes, ops.SparseCodes):
+            weighted = codes.values * self.W_dec.norm(dim=-1)[codes.cols] if self.decoder_norm_penalty else codes.values
+            return {"l1": self.sparsity_weight * self.l1_coeff * weighted.sum() / codes.batch_size}
         weighted = codes * self.W_dec.norm(dim=-1) if self.decoder_norm_penalty else codes
         return {"l1": self.sparsity_weight * self.l1_coeff * weighted.sum(-1).mean()}

@@ -25,4 +25,4 @@ class TopKSAE(SparseDictionary):
 
     def encode(self, x) -> ops.TopKCodes:
         """x [B, d_in] -> TopKCodes(values [B, k], indices [B, k])."""
-        return ops.topk_encode(x, self.W_enc, self.encoder_bias(), self.k)
+        return ops.topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self.pre_encoder_bias())

@@ -1,0 +1,122 @@
+"""The CPU step's fast paths against their references: the encoder's row tiles on a pool of
+single-threaded OpenBLAS GEMMs (sparsekit.cpu_gemm), and the decoder's fused row constraints."""
+import numpy as np
+import pytest
+import torch
+
+from sparsekit import cpu_gemm, ops, reference
+
+needs_openblas = pytest.mark.skipif(not cpu_gemm.openblas_available(),
+                                    reason="NumPy in this environment is not built on OpenBLAS")
+
+
+@pytest.fixture
+def two_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_openblas
+@pytest.mark.parametrize("batch", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_encode_on_openblas_row_tiles_matches_the_reference(batch, dtype, monkeypatch, two_torch_threads):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
+    monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "numpy")  # the pool even at these tiny sizes
+    monkeypatch.setattr("sparsekit.cpu_ops.TILE_BYTES", 4 * 8 * 50)  # a few rows per tile: many tiles
+    gen = torch.Generator().manual_seed(batch)
+    x, W, b = (torch.randn(*s, generator=gen, dtype=dtype) for s in ((batch, 6), (6, 50), (50,)))
+    got = ops.topk_encode(x, W, b, 5)
+    want = reference.topk_encode(x, W, b, 5)
+    assert torch.equal(got.indices, want[1])
+    torch.testing.assert_close(got.values, want[0])
+
+
+@needs_openblas
+def test_batchtopk_encode_on_openblas_row_tiles_matches_the_reference(monkeypatch, two_torch_threads):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
+    monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "numpy")
+    monkeypatch.setattr("sparsekit.cpu_ops.TILE_BYTES", 4 * 40 * 3)
+    gen = torch.Generator().manual_seed(0)
+    x, W, b = (torch.randn(*s, generator=gen) for s in ((23, 6), (6, 40), (40,)))
+    got = ops.batchtopk_encode(x, W, b, 3)
+    want = reference.batchtopk_encode(x, W, b, 3)
+    assert torch.equal(got.rows, want[1]) and torch.equal(got.cols, want[2])
+    torch.testing.assert_close(got.values, want[0])
+
+
+@needs_openblas
+def test_row_tiles_restore_openblas_threads_and_raise_a_failing_epilogue(two_torch_threads):
+    get_threads, _ = cpu_gemm._openblas
+    before = get_threads()
+    x, W = torch.randn(40, 8), torch.randn(8, 12)
+    seen = []
+
+    def fail_on_third_tile(start, stop, pre, threads):
+        seen.append((start, threads))
+        if start == 10:
+            raise RuntimeError("tile failed")
+
+    with pytest.raises(RuntimeError, match="tile failed"):
+        cpu_gemm.row_tiles(x, W, 5, fail_on_third_tile, library="numpy")
+    assert get_threads() == before
+    assert sorted(s for s, _ in seen) == list(range(0, 40, 5))  # every tile ran before the raise
+    assert {t for _, t in seen} == {1}  # each tile's epilogue told to use one thread
+
+
+@needs_openblas
+def test_row_tiles_write_every_row_of_out_with_the_product(two_torch_threads):
+    x, W = torch.randn(37, 8, dtype=torch.float64), torch.randn(8, 12, dtype=torch.float64)
+    out = torch.full((37, 12), float("nan"), dtype=torch.float64)
+    cpu_gemm.row_tiles(x, W, 4, library="numpy", out=out)
+    torch.testing.assert_close(out, x @ W)
+
+
+def test_numpy_and_torch_gemm_choice_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "torch")
+    assert cpu_gemm.gemm_library(1e12) == "torch"
+    monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "auto")
+    assert cpu_gemm.gemm_library(1.0) == "torch"  # tiny: no thread hand-off
+    assert cpu_gemm.gemm_library(1e12) == ("numpy" if cpu_gemm.openblas_available() else "torch")
+    monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "blis")
+    with pytest.raises(RuntimeError, match="SPARSEKIT_CPU_GEMM='blis'"):
+        cpu_gemm.gemm_library()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decoder_row_constraints_match_the_reference(backend_name, dtype, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", backend_name)
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(33, 7, generator=gen, dtype=dtype) * torch.rand(33, 1, generator=gen, dtype=dtype) * 3
+    W[4] = 0.0  # a zero row: the 1e-12 floor, no division by zero
+    grad = torch.randn(33, 7, generator=gen, dtype=dtype)
+    expected_grad = reference.remove_parallel_rows(grad, W)
+    projected = grad.clone()
+    assert ops.remove_parallel_rows_(projected, W) is projected
+    torch.testing.assert_close(projected, expected_grad)
+    assert torch.all((projected * W).sum(-1).abs() <= 1e-5 * W.norm(dim=-1) * grad.norm(dim=-1) + 1e-12)
+    normalized = W.clone()
+    assert ops.normalize_rows_(normalized) is normalized
+    torch.testing.assert_close(normalized, reference.normalize_rows(W))
+    norms = normalized.norm(dim=-1)
+    torch.testing.assert_close(norms[norms > 0], torch.ones_like(norms[norms > 0]))
+    assert torch.equal(normalized[4], torch.zeros(7, dtype=dtype))
+
+
+def test_decoder_row_constraints_refuse_mismatched_shapes_by_name():
+    with pytest.raises(ValueError, match="grad has size 6 on axis 1"):
+        ops.remove_parallel_rows_(torch.zeros(3, 6), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="W must be 2-D"):
+        ops.normalize_rows_(torch.zeros(3))
+    with pytest.raises(ValueError, match="grad has dtype torch.float64"):
+        ops.remove_parallel_rows_(torch.zeros(3, 5, dtype=torch.float64), torch.zeros(3, 5))
+
+
+def test_openblas_is_found_where_numpy_links_it():
+    # Where NumPy reports OpenBLAS, the fast path must not silently fall back to torch.
+    config = np.show_config(mode="dicts") if hasattr(np, "show_config") else {}
+    blas = str(config.get("Build Dependencies", {}).get("blas", {}).get("name", ""))
+    if "openblas" in blas.lower():
+        assert cpu_gemm.openblas_available()
