@@ -51,7 +51,7 @@ def test_report_top_examples_histogram_density_and_logits(tiny):
         assert best["acts"][best["max_position"]] == pytest.approx(best["max_act"], abs=1e-3)
         assert len(best["tokens"]) == len(best["acts"]) <= 5
         assert sum(feature["histogram"]["counts"]) == int((acts[..., f] > 0).sum())
-        assert feature["kind"] in ("single-token", "context")
+        assert feature["kind"] == ("single-token" if feature["token_share"] >= 0.5 else "context")
         # latent f writes direction ±e_f: its logit effect is ±W_U[f]
         sign = 1.0 if f < 16 else -1.0
         expected = torch.topk(sign * tiny.W_U[f % 16], 8).values
@@ -83,3 +83,14 @@ def test_find_features_needs_every_prompt(tiny):
     assert [h["min_act"] for h in hits] == sorted((h["min_act"] for h in hits), reverse=True)
     with pytest.raises(ValueError, match="texts must be a non-empty list"):
         find_features(tiny, sae, HOOK, "just one string")
+
+
+def test_token_share_is_the_activation_mass_on_the_top_token():
+    from sparsekit.analysis.lm_features import token_shares
+    tokens = torch.tensor([[5, 6, 7, 5], [6, 5, 9, 9]])
+    acts = torch.zeros(2, 4, 4)
+    acts[0, 0, 0] = acts[1, 1, 0] = 2.0         # feature 0: only ever on token 5
+    acts[0, 1, 1] = acts[0, 3, 1] = 1.0         # feature 1: tokens 6 and 5, equally
+    acts[:, :, 2] = torch.tensor([[1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 1.0, 1.0]])  # 7: 3, 9: 2, 5: 1 of 6
+    shares = token_shares(acts, tokens)
+    torch.testing.assert_close(shares, torch.tensor([1.0, 0.5, 0.5, 0.0], dtype=torch.float64))

@@ -105,7 +105,8 @@ def _feature_html(name: str, report: dict, feature: dict) -> str:
     fid = f"{name}-{feature['id']}"
     stats = [("density", f"{feature['density']:.5f}"), ("max activation", f"{feature['max_act']:.3f}"),
              ("mean activation (when active)", f"{feature['mean_act']:.3f}"),
-             ("single-token ratio", f"{feature.get('single_token_ratio', float('nan')):.3f} ({feature.get('kind', '?')})")]
+             ("token share", f"{feature.get('token_share', float('nan')):.3f} ({feature.get('kind', '?')})"),
+             ("[BOS, top token] / top activation", f"{feature.get('single_token_ratio', float('nan')):.3f}")]
     stats_html = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in stats)
     examples = "".join(_example_html(x) for x in feature["examples"])
     return (f'<section class="feature" id="f-{_e(fid)}" hidden><h2>{_e(name)} feature {feature["id"]}</h2>'
