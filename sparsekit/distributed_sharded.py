@@ -37,8 +37,10 @@ Held-out evaluation runs sharded (BatchTopK through its threshold) and gathers t
 Not supported for a shard: resampling (ValueError), and the checkpoint folder's lock and memory
 check that ``train`` applies to a whole dictionary.
 
-Not yet: ghost grads across shards, and the 2-D mesh (data x latent) that combines this with
-``sparsekit.distributed.DataParallel``.
+Ghost grads work across shards (``ghost_loss``: the ghost reconstruction summed over shards,
+scaled as one process scales it), with ``LatentShardedReLU`` (ReLU + L1) as well as TopK shards.
+
+Not yet: the 2-D mesh (data x latent) that combines this with ``sparsekit.distributed.DataParallel``.
 """
 from __future__ import annotations
 
@@ -49,11 +51,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
-from .checks import positive_int
+from .checks import positive_int, positive_number
 from .dead_latents import DeadLatentTracker
 from .distributed import SingleProcess, check_same_everywhere
 from .sae.base import SAEOutput, SparseDictionary
 from .sae.batchtopk import BatchTopKSAE
+from .sae.relu import ReLUSAE
 from .sae.topk import TopKSAE
 
 
@@ -106,18 +109,18 @@ class LatentShardedTopK(nn.Module):
     def hyperparameters(self) -> dict:
         return {"k": self.k}
 
-    def __init__(self, d_in: int, n_latents: int, k: int, d_out: int | None = None, transcoder: bool = False,
+    def __init__(self, d_in: int, n_latents: int, k: int | None, d_out: int | None = None, transcoder: bool = False,
                  dtype: torch.dtype = torch.float32, device=None, seed: int = 0, group=None):
-        super().__init__()
+        super().__init__()  # k: None for a shard without TopK (LatentShardedReLU)
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        self.d_in, self.n_latents, self.k = positive_int("d_in", d_in), positive_int("n_latents", n_latents), \
-            positive_int("k", k)
+        self.d_in, self.n_latents = positive_int("d_in", d_in), positive_int("n_latents", n_latents)
+        self.k = None if k is None else positive_int("k", k)
         self.d_out = self.d_in if d_out is None else positive_int("d_out", d_out)
         self.transcoder = bool(transcoder)
         if self.n_latents % self.world_size:
             raise ValueError(f"n_latents={n_latents} must be a multiple of the world size {self.world_size}")
-        if self.k > self.n_latents:
+        if self.k is not None and self.k > self.n_latents:
             raise ValueError(f"k={k} exceeds n_latents={n_latents}")
         self.n_local = self.n_latents // self.world_size
         self.offset = self.rank * self.n_local
@@ -142,8 +145,8 @@ class LatentShardedTopK(nn.Module):
         if type(sae) is not cls.dictionary_class:
             raise ValueError(f"sae must be a {cls.dictionary_class.__name__} (or a {cls.architecture} Transcoder), "
                              f"got {type(sae).__name__}")
-        shard = cls(sae.d_in, sae.n_latents, sae.k, sae.d_out, sae.transcoder, sae.W_enc.dtype, sae.W_enc.device,
-                    group=group)
+        shard = cls(sae.d_in, sae.n_latents, d_out=sae.d_out, transcoder=sae.transcoder, dtype=sae.W_enc.dtype,
+                    device=sae.W_enc.device, group=group, **sae.hyperparameters())
         latents = slice(shard.offset, shard.offset + shard.n_local)
         shard.W_enc.copy_(sae.W_enc[:, latents])
         shard.b_enc.copy_(sae.b_enc[latents])
@@ -157,8 +160,8 @@ class LatentShardedTopK(nn.Module):
     @torch.no_grad()
     def gather(self) -> TopKSAE:
         """The full dictionary, assembled on every rank (for saving; needs n * (d_in + d_out) memory)."""
-        sae = self.dictionary_class(self.d_in, self.n_latents, self.k, d_out=self.d_out, transcoder=self.transcoder,
-                                    dtype=self.W_enc.dtype, device=self.W_enc.device)
+        sae = self.dictionary_class(self.d_in, self.n_latents, d_out=self.d_out, transcoder=self.transcoder,
+                                    dtype=self.W_enc.dtype, device=self.W_enc.device, **self.hyperparameters())
         sae.W_enc.copy_(torch.cat(self._all_gather(self.W_enc.t().contiguous())).t())
         sae.b_enc.copy_(torch.cat(self._all_gather(self.b_enc.detach())))
         sae.W_dec.copy_(torch.cat(self._all_gather(self.W_dec.detach())))
@@ -239,6 +242,24 @@ class LatentShardedTopK(nn.Module):
         variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         return mse / variance.clamp_min(1e-12)
 
+    def ghost_loss(self, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor, eps: float = 1e-8) -> Tensor:
+        """Ghost grads over the dead latents of every shard, equal to ``dead_latents.ghost_loss`` on
+        the full dictionary (``reference.ghost_grad_loss``): the ghost reconstruction exp(pre_D) @ W_dec[D]
+        is a sum over shards (partials all-reduced), then scaled per row to half the residual's norm;
+        L * mse_main / (L + eps) with the factor detached. dead [m] int64: this shard's dead latents
+        (local indices, m may be 0). Returns a 0-d tensor, the same on every rank."""
+        total = torch.tensor([dead.numel()], dtype=torch.int64, device=x.device)
+        dist.all_reduce(total, group=self.group)
+        if int(total) == 0:
+            return x.new_zeros(())
+        pre_dead = x @ self.W_enc[:, dead] + self._encoder_bias(dead)
+        partial = torch.exp(pre_dead) @ self.W_dec[dead].detach()
+        ghost = _SumShards.apply(partial + 0 * pre_dead.sum(), self.group)  # + 0: every rank's backward runs
+        r = residual.detach()
+        scale = (r.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)).detach()
+        loss = (ghost * scale - r).pow(2).sum(-1).mean()
+        return loss * (mse_main.detach() / (loss.detach() + eps))
+
     def fire_counts(self, codes) -> Tensor:
         """How many rows activated each of this rank's latents: [n_local] int64 (TopKCodes,
         BatchTopKCodes or dense codes [B, n_local])."""
@@ -251,14 +272,15 @@ class LatentShardedTopK(nn.Module):
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
         """As SparseDictionary's: each decoder row is local, so nothing is communicated."""
-        if self.W_dec.grad is None:
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
         rows = nn.functional.normalize(self.W_dec, dim=-1)
         self.W_dec.grad -= (self.W_dec.grad * rows).sum(-1, keepdim=True) * rows
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def sharded_parameters(self) -> list[nn.Parameter]:
         return [self.W_enc, self.b_enc, self.W_dec]
@@ -354,6 +376,41 @@ class LatentShardedBatchTopK(LatentShardedTopK):
     _update_threshold = BatchTopKSAE._update_threshold
 
 
+class LatentShardedReLU(LatentShardedTopK):
+    """This rank's shard of a ReLU + L1 SAE (``ReLUSAE``): dense codes [B, n_local] from this shard's
+    latents, partial reconstructions summed over shards, and the L1 penalty summed over shards
+    (``_SumShards``), so loss and gradients equal the whole dictionary's. With ghost grads
+    (``ghost_loss``) for its dead latents. Unit-norm decoder rows unless decoder_norm_penalty."""
+
+    architecture = "relu"
+    dictionary_class = ReLUSAE
+
+    def __init__(self, d_in: int, n_latents: int, l1_coeff: float, decoder_norm_penalty: bool = False, **kwargs):
+        super().__init__(d_in, n_latents, None, **kwargs)
+        self.l1_coeff = positive_number("l1_coeff", l1_coeff)
+        self.decoder_norm_penalty = bool(decoder_norm_penalty)
+        self.unit_norm_decoder = not self.decoder_norm_penalty
+        self.sparsity_weight = 1.0  # the trainer's L1 warm-up scales the penalty through this
+
+    def hyperparameters(self) -> dict:
+        return {"l1_coeff": self.l1_coeff, "decoder_norm_penalty": self.decoder_norm_penalty}
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> SAEOutput:
+        """x [B, d_in] -> SAEOutput(x_hat [B, d_out], codes [B, n_local], {"mse", "l1"})."""
+        if self.transcoder and y is None:
+            raise ValueError("a transcoder needs its target y [B, d_out]")
+        target = y if self.transcoder else x
+        codes = ops.relu_encode(x, self.W_enc, self._encoder_bias())
+        x_hat = _SumShards.apply(codes @ self.W_dec, self.group) + self.b_dec
+        weighted = codes * self.W_dec.norm(dim=-1) if self.decoder_norm_penalty else codes
+        l1 = _SumShards.apply(weighted.sum(-1).mean(), self.group)
+        return SAEOutput(x_hat, codes, {"mse": (x_hat - target).pow(2).sum(-1).mean(),
+                                        "l1": self.sparsity_weight * self.l1_coeff * l1})
+
+    def auxk_loss(self, *args, **kwargs):
+        raise ValueError("AuxK needs a TopK or BatchTopK dictionary; a ReLU SAE uses ghost grads")
+
+
 class ShardedTraining(SingleProcess):
     """The trainer's context for a latent-sharded dictionary (see the module docstring): every rank
     computes on the whole batch; the loss, x_hat and replicated parameters are the same on every
@@ -383,7 +440,7 @@ class ShardedTraining(SingleProcess):
         return sae.auxk_loss(x, residual, dead, k_aux)
 
     def ghost_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor) -> Tensor:
-        raise ValueError("ghost grads are not implemented for a latent-sharded dictionary yet; use 'auxk'")
+        return sae.ghost_loss(x, residual, dead, mse_main)
 
     @torch.no_grad()
     def add_to_window(self, window, losses: dict, target: Tensor, x_hat: Tensor, counts: Tensor, rows: int) -> None:

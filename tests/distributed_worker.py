@@ -36,14 +36,16 @@ def planted_rows(rows: int = 2048, seed: int = 0) -> torch.Tensor:
     return active @ features + 0.01 * torch.randn(rows, D_IN, generator=gen, dtype=torch.float64)
 
 
+PLANTED_DEAD = [0, 1, 2, 45, 46, 47]  # latents that cannot fire, on both halves (shards) of the dictionary
 PARITY_CASES = ("topk", "batchtopk", "topk-auxk", "batchtopk-auxk", "relu-ghost")
-SHARDED_TRAIN_CASES = ("topk-auxk", "batchtopk")
+SHARDED_TRAIN_CASES = ("topk-auxk", "batchtopk", "relu-ghost")
 
 
 def shard_of(sae):
     """This rank's latent shard of a full dictionary (every rank built the same one)."""
-    from sparsekit.distributed_sharded import LatentShardedBatchTopK, LatentShardedTopK
-    return {"topk": LatentShardedTopK, "batchtopk": LatentShardedBatchTopK}[sae.architecture].from_dictionary(sae)
+    from sparsekit.distributed_sharded import LatentShardedBatchTopK, LatentShardedReLU, LatentShardedTopK
+    return {"topk": LatentShardedTopK, "batchtopk": LatentShardedBatchTopK,
+            "relu": LatentShardedReLU}[sae.architecture].from_dictionary(sae)
 
 
 def make_case(name: str, directory: str | None = None, resume_every: int | None = None):
@@ -57,7 +59,7 @@ def make_case(name: str, directory: str | None = None, resume_every: int | None 
         sae = {"topk": sparsekit.TopKSAE, "batchtopk": sparsekit.BatchTopKSAE}[architecture](
             D_IN, N_LATENTS, k=K, dtype=torch.float64, seed=1)
     with torch.no_grad():  # latents that cannot fire: the dead counters have something to count
-        sae.b_enc[:6] = -5.0
+        sae.b_enc[PLANTED_DEAD] = -5.0
     cfg = sparsekit.TrainConfig(batch_size=BATCH, lr=3e-3, total_tokens=BATCH * STEPS, eval_tokens=128,
                                 log_every=1, dead_window_tokens=2 * BATCH, progress=False, lr_decay_fraction=0.4,
                                 checkpoint_dir=directory, checkpoint_every_tokens=resume_every,

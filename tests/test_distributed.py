@@ -160,7 +160,7 @@ def test_train_on_latent_shards_matches_one_process_and_writes_its_checkpoints(p
             assert mine[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-12), (key, mine, expected)
     for key in ("mse", "fvu", "l0", "dead_frac", "dense_frac"):
         assert logged["metrics"][key] == pytest.approx(result.metrics[key], rel=1e-6, abs=1e-12), key
-    if name.endswith("auxk"):
+    if "-" in name:  # AuxK / ghost grads acted (planted dead latents on both shards)
         assert result.history[-1]["aux_loss"] > 0
     # rank 0 gathered the shards: the checkpoints are the one-process run's, entry for entry
     from sparsekit import checkpoint as ckpt
