@@ -78,7 +78,7 @@ def random_case(op: str, seed: int, backend: str = "cpp"):
 
 def replay_command(op: str, backend: str, seed: int) -> str:
     return (f"SPARSEKIT_FUZZ_SEED={seed} SPARSEKIT_FUZZ_CASES=1 SPARSEKIT_TRITON_FUZZ_CASES=1 "
-            f"pytest tests/test_fuzz.py -k 'fuzz_backend and {op}-{backend}'")
+            f"pytest tests/test_fuzz.py -k 'fuzz_backend and [{op}-{backend}]'")
 
 
 def check_seeds(op: str, backend: str, seeds) -> tuple[list[tuple[int, str]], float]:
