@@ -214,8 +214,8 @@ def training_context(sae, config, fingerprint: str = ""):
     """The trainer's context for `sae`: ``ShardedTraining`` for a latent-sharded dictionary (its
     process group must exist), else ``data_parallel(config.batch_size, fingerprint)``."""
     if getattr(sae, "latent_sharded", False):
-        from .distributed_sharded import ShardedTraining
-        return ShardedTraining(sae, config, fingerprint)
+        from .distributed_sharded import MeshTraining, ShardedTraining
+        return (ShardedTraining if sae.data_group is None else MeshTraining)(sae, config, fingerprint)
     return data_parallel(config.batch_size, fingerprint)
 
 
@@ -430,12 +430,24 @@ class DataParallel(SingleProcess):
     def auxk_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
         """AuxK normalised by the global batch's residual variance: the mean over ranks of this
         value is one process's AuxK on the whole batch, and so are the averaged gradients."""
-        residual = residual.detach()
+        return auxk_loss(sae, x, residual, dead, k_aux, variance=self.residual_variance(residual))
+
+    @torch.no_grad()
+    def residual_variance(self, residual: Tensor) -> Tensor:
+        """The global batch's residual variance (as ``auxk_loss`` computes it on one batch) from
+        this rank's block residual [b, d_out]: sums of squares and column sums all-reduced. 0-d."""
         sums = torch.cat([residual.double().pow(2).sum().reshape(1), residual.double().sum(0)])
         dist.all_reduce(sums, group=self.group)
         rows = residual.shape[0] * self.world_size
-        variance = (sums[0] - sums[1:].pow(2).sum() / rows) / rows
-        return auxk_loss(sae, x, residual, dead, k_aux, variance=variance.to(residual.dtype))
+        return ((sums[0] - sums[1:].pow(2).sum() / rows) / rows).to(residual.dtype)
+
+    @torch.no_grad()
+    def ghost_factor(self, loss: Tensor, mse_main: Tensor, eps: float = 1e-8) -> Tensor:
+        """mse_main / (L + eps) of the global batch from this rank's ghost loss L and mse_main (0-d each)."""
+        means = torch.stack([loss.detach(), mse_main.detach()]).double()
+        dist.all_reduce(means, group=self.group)
+        means /= self.world_size
+        return (means[1] / (means[0] + eps)).to(loss.dtype)
 
     def ghost_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor,
                    eps: float = 1e-8) -> Tensor:
@@ -450,10 +462,7 @@ class DataParallel(SingleProcess):
         r = residual.detach()
         scale = (r.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)).detach()
         loss = (ghost * scale - r).pow(2).sum(-1).mean()
-        means = torch.stack([loss.detach(), mse_main.detach()]).double()
-        dist.all_reduce(means, group=self.group)
-        means /= self.world_size
-        return loss * (means[1] / (means[0] + eps)).to(loss.dtype)
+        return loss * self.ghost_factor(loss, mse_main, eps)
 
     @torch.no_grad()
     def broadcast_module(self, module: torch.nn.Module) -> None:

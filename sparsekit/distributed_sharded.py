@@ -45,6 +45,7 @@ Not yet: the 2-D mesh (data x latent) that combines this with ``sparsekit.distri
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,7 @@ from torch import Tensor, nn
 from . import ops
 from .checks import positive_int, positive_number
 from .dead_latents import DeadLatentTracker
-from .distributed import SingleProcess, check_same_everywhere
+from .distributed import DataParallel, SingleProcess, check_same_everywhere
 from .sae.base import SAEOutput, SparseDictionary
 from .sae.batchtopk import BatchTopKSAE
 from .sae.relu import ReLUSAE
@@ -110,9 +111,10 @@ class LatentShardedTopK(nn.Module):
         return {"k": self.k}
 
     def __init__(self, d_in: int, n_latents: int, k: int | None, d_out: int | None = None, transcoder: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None, seed: int = 0, group=None):
+                 dtype: torch.dtype = torch.float32, device=None, seed: int = 0, group=None, data_group=None):
         super().__init__()  # k: None for a shard without TopK (LatentShardedReLU)
-        self.group = group
+        self.group = group            # the ranks holding the other shards (latent group)
+        self.data_group = data_group  # on a 2-D mesh: the ranks holding this same shard (see ``mesh``)
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.d_in, self.n_latents = positive_int("d_in", d_in), positive_int("n_latents", n_latents)
         self.k = None if k is None else positive_int("k", k)
@@ -140,13 +142,14 @@ class LatentShardedTopK(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_dictionary(cls, sae: TopKSAE, group=None) -> "LatentShardedTopK":
-        """This rank's shard of a full TopK dictionary (identical on every rank)."""
+    def from_dictionary(cls, sae: TopKSAE, group=None, data_group=None) -> "LatentShardedTopK":
+        """This rank's shard of a full TopK dictionary (identical on every rank). group: the latent
+        group (None: every rank); data_group: on a 2-D mesh, this shard's data group."""
         if type(sae) is not cls.dictionary_class:
             raise ValueError(f"sae must be a {cls.dictionary_class.__name__} (or a {cls.architecture} Transcoder), "
                              f"got {type(sae).__name__}")
         shard = cls(sae.d_in, sae.n_latents, d_out=sae.d_out, transcoder=sae.transcoder, dtype=sae.W_enc.dtype,
-                    device=sae.W_enc.device, group=group, **sae.hyperparameters())
+                    device=sae.W_enc.device, group=group, data_group=data_group, **sae.hyperparameters())
         latents = slice(shard.offset, shard.offset + shard.n_local)
         shard.W_enc.copy_(sae.W_enc[:, latents])
         shard.b_enc.copy_(sae.b_enc[latents])
@@ -224,12 +227,14 @@ class LatentShardedTopK(nn.Module):
         partial = ops.sparse_decode(values, indices, W_rows, torch.zeros_like(self.b_dec))
         return ops.TopKCodes(values, indices), partial
 
-    def auxk_loss(self, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    def auxk_loss(self, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int, data=None) -> Tensor:
         """AuxK over the dead latents of every shard, equal to ``dead_latents.auxk_loss`` on the
         full dictionary: normalised MSE of the top-k_aux dead latents' reconstruction (no b_dec)
         of the detached residual [B, d_out]. dead [m] int64: this shard's dead latents (local
         indices; e.g. from its own fire counts, which need no reduction: every rank sees the whole
-        batch). Returns a 0-d tensor, the same on every rank (zero when no shard has dead latents)."""
+        batch). Returns a 0-d tensor, the same on every rank (zero when no shard has dead latents).
+        data: on a 2-D mesh, the DataParallel context over this shard's data group; the variance
+        is then the global batch's."""
         residual = residual.detach()
         total = torch.tensor([dead.numel()], dtype=torch.int64, device=x.device)
         dist.all_reduce(total, group=self.group)
@@ -239,15 +244,20 @@ class LatentShardedTopK(nn.Module):
         _, partial = self._global_topk(x, self.W_enc[:, dead], self._encoder_bias(dead), self.W_dec[dead], k)
         reconstruction = _SumShards.apply(partial, self.group)
         mse = (reconstruction - residual).pow(2).sum(-1).mean()
-        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        if data is not None:
+            variance = data.residual_variance(residual)
+        else:
+            variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         return mse / variance.clamp_min(1e-12)
 
-    def ghost_loss(self, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor, eps: float = 1e-8) -> Tensor:
+    def ghost_loss(self, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor, eps: float = 1e-8,
+                   data=None) -> Tensor:
         """Ghost grads over the dead latents of every shard, equal to ``dead_latents.ghost_loss`` on
         the full dictionary (``reference.ghost_grad_loss``): the ghost reconstruction exp(pre_D) @ W_dec[D]
         is a sum over shards (partials all-reduced), then scaled per row to half the residual's norm;
         L * mse_main / (L + eps) with the factor detached. dead [m] int64: this shard's dead latents
-        (local indices, m may be 0). Returns a 0-d tensor, the same on every rank."""
+        (local indices, m may be 0). Returns a 0-d tensor, the same on every rank. data: on a 2-D
+        mesh, the DataParallel context over this shard's data group (the factor is then the global batch's)."""
         total = torch.tensor([dead.numel()], dtype=torch.int64, device=x.device)
         dist.all_reduce(total, group=self.group)
         if int(total) == 0:
@@ -258,6 +268,8 @@ class LatentShardedTopK(nn.Module):
         r = residual.detach()
         scale = (r.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)).detach()
         loss = (ghost * scale - r).pow(2).sum(-1).mean()
+        if data is not None:
+            return loss * data.ghost_factor(loss, mse_main, eps)
         return loss * (mse_main.detach() / (loss.detach() + eps))
 
     def fire_counts(self, codes) -> Tensor:
@@ -329,8 +341,8 @@ class LatentShardedBatchTopK(LatentShardedTopK):
 
     @classmethod
     @torch.no_grad()
-    def from_dictionary(cls, sae: BatchTopKSAE, group=None) -> "LatentShardedBatchTopK":
-        shard = super().from_dictionary(sae, group)
+    def from_dictionary(cls, sae: BatchTopKSAE, group=None, data_group=None) -> "LatentShardedBatchTopK":
+        shard = super().from_dictionary(sae, group, data_group)
         shard.threshold_momentum = sae.threshold_momentum
         shard.threshold.copy_(sae.threshold)
         return shard
@@ -513,3 +525,79 @@ class ShardedTraining(SingleProcess):
         rows = x.shape[0]
         return {"mse": sq_err / rows, "fvu": sq_err / max(variance, 1e-30), "l0": float(counts.sum()) / rows,
                 "fire_counts": counts}
+
+
+class Mesh(NamedTuple):
+    """A 2-D mesh of data_size x latent_shards ranks: rank = data_rank * latent_shards + shard_rank.
+    latent_group: the latent_shards ranks that hold the shards of one dictionary and see the same
+    rows; data_group: the data_size ranks that hold the same shard and see different rows."""
+    data_group: object
+    latent_group: object
+    data_rank: int
+    shard_rank: int
+    data_size: int
+    latent_shards: int
+
+
+def mesh(latent_shards: int) -> Mesh:
+    """Split the process group (set up from torchrun's environment if needed) into a data x latent
+    mesh with `latent_shards` shards per dictionary; the world size must be a multiple of it.
+    Every rank must call this (it creates every group). Use it as
+    ``LatentShardedTopK.from_dictionary(sae, group=m.latent_group, data_group=m.data_group)``."""
+    from .distributed import init_distributed
+    latent_shards = positive_int("latent_shards", latent_shards)
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % latent_shards:
+        raise ValueError(f"latent_shards={latent_shards} must divide the world size {world}")
+    data_size = world // latent_shards
+    latent_groups = [dist.new_group([d * latent_shards + s for s in range(latent_shards)]) for d in range(data_size)]
+    data_groups = [dist.new_group([d * latent_shards + s for d in range(data_size)]) for s in range(latent_shards)]
+    return Mesh(data_groups[rank % latent_shards], latent_groups[rank // latent_shards], rank // latent_shards,
+                rank % latent_shards, data_size, latent_shards)
+
+
+class MeshTraining(ShardedTraining):
+    """The trainer's context on a 2-D mesh: data parallel over the shard's data group (each data
+    rank its own block of the global batch; gradients, fire counts, metrics, AuxK's variance and
+    the ghost-grads factor reduced over it) around latent sharding over its latent group. Rank 0
+    of the world writes; the latent group of data rank 0 gathers the checkpoints. BatchTopK is not
+    supported on a mesh yet (its selection would span both dimensions)."""
+
+    def __init__(self, sae: LatentShardedTopK, config, fingerprint: str = ""):
+        if sae.architecture == "batchtopk":
+            raise ValueError("a BatchTopK dictionary cannot train on a 2-D mesh yet: use latent sharding "
+                             "alone (data_group=None) or data parallel alone")
+        super().__init__(sae, config, fingerprint)
+        self.data = DataParallel(config.batch_size, fingerprint, group=sae.data_group)
+        self.is_writer = dist.get_rank() == 0
+
+    def local_rows(self, t: Tensor | None) -> Tensor | None:
+        return self.data.local_rows(t)
+
+    def average_gradients(self, params) -> None:
+        self.data.average_gradients(params)
+
+    def sum(self, t: Tensor) -> Tensor:
+        return self.data.sum(t)
+
+    def check_loss(self, step: int, loss: Tensor, losses: dict, config) -> None:
+        self.data.check_loss(step, loss, losses, config)
+
+    def auxk_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        return sae.auxk_loss(x, residual, dead, k_aux, data=self.data)
+
+    def ghost_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor) -> Tensor:
+        return sae.ghost_loss(x, residual, dead, mse_main, data=self.data)
+
+    @torch.no_grad()
+    def add_to_window(self, window, losses: dict, target: Tensor, x_hat: Tensor, counts: Tensor, rows: int) -> None:
+        """counts [n_local] are already summed over the data group; their total over shards is added."""
+        active = counts.sum().reshape(1).to(target.device)
+        dist.all_reduce(active, group=self.group)
+        self.data.add_to_window(window, losses, target, x_hat, active.cpu(), rows)
+
+    def checkpoint_tensors(self, sae, tensors: dict) -> dict:
+        if self.data.rank != 0:  # the other data ranks hold the same shards: they write nothing
+            return tensors
+        return super().checkpoint_tensors(sae, tensors)

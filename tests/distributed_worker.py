@@ -9,6 +9,7 @@ Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
            batch) then resumed from rank 0's checkpoint in the same processes; the same stop and
            resume with a latent-sharded dictionary
   raise    rank 1's source raises at its sixth batch: every rank must stop promptly with rank 1's error
+  mesh     (4 ranks) sparsekit.train on a 2 x 2 mesh (data x latent) of the MESH_CASES
   nan      rank 1's source yields a NaN batch (the trainer refuses it): the same
   diverge  rank 1's source yields a batch of 1e200 (finite, so it passes the source check; its
            squared error overflows): every rank must raise TrainingDiverged at the same step
@@ -41,11 +42,17 @@ PARITY_CASES = ("topk", "batchtopk", "topk-auxk", "batchtopk-auxk", "relu-ghost"
 SHARDED_TRAIN_CASES = ("topk-auxk", "batchtopk", "relu-ghost")
 
 
-def shard_of(sae):
-    """This rank's latent shard of a full dictionary (every rank built the same one)."""
+MESH_CASES = ("topk-auxk", "relu-ghost")
+
+
+def shard_of(sae, mesh=None):
+    """This rank's latent shard of a full dictionary (every rank built the same one); on a 2-D mesh
+    (sparsekit.distributed_sharded.mesh) the shard of its latent group, trained data parallel."""
     from sparsekit.distributed_sharded import LatentShardedBatchTopK, LatentShardedReLU, LatentShardedTopK
-    return {"topk": LatentShardedTopK, "batchtopk": LatentShardedBatchTopK,
-            "relu": LatentShardedReLU}[sae.architecture].from_dictionary(sae)
+    cls = {"topk": LatentShardedTopK, "batchtopk": LatentShardedBatchTopK, "relu": LatentShardedReLU}[sae.architecture]
+    if mesh is None:
+        return cls.from_dictionary(sae)
+    return cls.from_dictionary(sae, group=mesh.latent_group, data_group=mesh.data_group)
 
 
 def make_case(name: str, directory: str | None = None, resume_every: int | None = None):
@@ -235,6 +242,14 @@ def main() -> None:
         shard = shard_of(sae)
         result = sparsekit.train(shard, source, cfg, resume=True)
         save(out, "sharded_resumed", rank, shard.gather(), result)
+    elif scenario == "mesh":
+        from sparsekit.distributed_sharded import mesh
+        grid = mesh(latent_shards=2)
+        for name in MESH_CASES:
+            sae, source, cfg = make_case(name, str(out / f"mesh_{name}"), resume_every=2 * BATCH)
+            shard = shard_of(sae, grid)
+            result = sparsekit.train(shard, source, cfg)
+            save(out, f"mesh_{name}", rank, shard.gather(), result)
     elif scenario in ("raise", "nan", "diverge"):
         sae, source, cfg = make_case("topk")
         if rank == 1:  # 50-row chunks, 128 held out: chunk 6 (rows 250-299) feeds step 2, rank 1's half too

@@ -146,14 +146,17 @@ def test_latent_sharded_auxk_matches_one_process(parity_run, case):
         assert_parameters_match(expected, got)
 
 
-@pytest.mark.parametrize("name", worker.SHARDED_TRAIN_CASES)
-def test_train_on_latent_shards_matches_one_process_and_writes_its_checkpoints(parity_run, name, tmp_path):
+def assert_run_matches_one_process(run: Path, prefix: str, name: str, world: int, tmp_path: Path) -> None:
+    """Every rank's run `prefix`_`name` (gathered parameters, rank 0's metric lines and final metrics,
+    rank 0's checkpoints) equals the same case trained by one process with checkpoints in tmp_path."""
+    from sparsekit import checkpoint as ckpt
+
     sae, source, cfg = worker.make_case(name, str(tmp_path), resume_every=2 * worker.BATCH)
     result = sparsekit.train(sae, source, cfg)
     reference = {k: v.detach() for k, v in sae.state_dict().items()}
-    for rank in range(WORLD):
-        assert_parameters_match(reference, load_file(str(parity_run / f"sharded_train_{name}_rank{rank}.safetensors")))
-    logged = json.loads((parity_run / f"sharded_train_{name}_rank0.json").read_text())
+    for rank in range(world):
+        assert_parameters_match(reference, load_file(str(run / f"{prefix}_{name}_rank{rank}.safetensors")))
+    logged = json.loads((run / f"{prefix}_{name}_rank0.json").read_text())
     assert len(logged["history"]) == worker.STEPS
     for mine, expected in zip(logged["history"], result.history):
         for key in ("mse", "fvu", "l0", "dead_frac", "dense_frac", "aux_loss"):
@@ -163,11 +166,30 @@ def test_train_on_latent_shards_matches_one_process_and_writes_its_checkpoints(p
     if "-" in name:  # AuxK / ghost grads acted (planted dead latents on both shards)
         assert result.history[-1]["aux_loss"] > 0
     # rank 0 gathered the shards: the checkpoints are the one-process run's, entry for entry
-    from sparsekit import checkpoint as ckpt
-    mine, expected = ckpt.latest(str(parity_run / f"sharded_train_{name}")), ckpt.latest(str(tmp_path))
+    mine, expected = ckpt.latest(str(run / f"{prefix}_{name}")), ckpt.latest(str(tmp_path))
     assert mine[0].name == expected[0].name == "step_000000005"
     assert_parameters_match(expected[1], mine[1])
     assert mine[2]["sae_config"] == expected[2]["sae_config"]
+
+
+@pytest.mark.parametrize("name", worker.SHARDED_TRAIN_CASES)
+def test_train_on_latent_shards_matches_one_process_and_writes_its_checkpoints(parity_run, name, tmp_path):
+    assert_run_matches_one_process(parity_run, "sharded_train", name, WORLD, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def mesh_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh")
+    results, _ = launch("mesh", out, world=4)
+    for code, output in results:
+        assert code == 0, output
+    return out
+
+
+@pytest.mark.parametrize("name", worker.MESH_CASES)
+def test_train_on_a_two_by_two_mesh_matches_one_process(mesh_run, name, tmp_path):
+    # 4 ranks: 2 data-parallel replicas of a dictionary split into 2 latent shards
+    assert_run_matches_one_process(mesh_run, "mesh", name, 4, tmp_path)
 
 
 def test_two_rank_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path):
