@@ -13,11 +13,13 @@ Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
   nan      rank 1's source yields a NaN batch (the trainer refuses it): the same
   diverge  rank 1's source yields a batch of 1e200 (finite, so it passes the source check; its
            squared error overflows): every rank must raise TrainingDiverged at the same step
+  failures diverge, then nan, in the same processes (each rank prints when and how it stopped)
 The cases are built by ``make_case``, which the test also calls to train the one-process reference.
 """
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -250,18 +252,22 @@ def main() -> None:
             shard = shard_of(sae, grid)
             result = sparsekit.train(shard, source, cfg)
             save(out, f"mesh_{name}", rank, shard.gather(), result)
-    elif scenario in ("raise", "nan", "diverge"):
-        sae, source, cfg = make_case("topk")
-        if rank == 1:  # 50-row chunks, 128 held out: chunk 6 (rows 250-299) feeds step 2, rank 1's half too
-            source = {"raise": lambda: FailingSource(source, 6, ValueError("rank 1 failed on purpose")),
-                      "nan": lambda: PoisonedSource(source, 6, float("nan")),
-                      "diverge": lambda: PoisonedSource(source, 6, 1e200)}[scenario]()
-        try:
-            sparsekit.train(sae, source, cfg)
-        except Exception as error:
-            print(f"rank {rank} stopped: {type(error).__name__}: {error}", flush=True)
-            os._exit(3)
-        raise AssertionError("rank 1 was meant to fail")
+    elif scenario in ("raise", "nan", "diverge", "failures"):
+        # failures: diverge (every rank raises by itself, so the processes go on), then nan
+        for part in (("diverge", "nan") if scenario == "failures" else (scenario,)):
+            sae, source, cfg = make_case("topk")
+            if rank == 1:  # 50-row chunks, 128 held out: chunk 6 (rows 250-299) feeds step 2, rank 1's half too
+                source = {"raise": lambda: FailingSource(source, 6, ValueError("rank 1 failed on purpose")),
+                          "nan": lambda: PoisonedSource(source, 6, float("nan")),
+                          "diverge": lambda: PoisonedSource(source, 6, 1e200)}[part]()
+            try:
+                sparsekit.train(sae, source, cfg)
+                raise AssertionError("rank 1 was meant to fail")
+            except Exception as error:
+                print(f"rank {rank} stopped ({part}) at {time.monotonic():.3f}: {type(error).__name__}: {error}",
+                      flush=True)
+                if part != "diverge":
+                    os._exit(3)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     from sparsekit.distributed import shutdown_distributed

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -208,27 +209,31 @@ def test_two_rank_run_stopped_and_resumed_matches_an_uninterrupted_one(tmp_path)
         assert_parameters_match(whole, load_file(str(tmp_path / f"sharded_resumed_rank{rank}.safetensors")))
 
 
-def test_an_error_on_one_rank_stops_every_rank_with_it(tmp_path):
-    # rank 1 alone reads a NaN batch; the trainer refuses it there (the "raise" scenario, an
-    # exception from the source, takes the same path and is left to the worker for manual runs)
+def stops(output: str) -> dict:
+    """{part: (monotonic time, message)} from a worker's "rank r stopped (part) at t: message" lines."""
+    found = {}
+    for line in output.splitlines():
+        match = re.match(r"rank \d+ stopped \((\w+)\) at ([\d.]+): (.*)", line)
+        if match:
+            found[match[1]] = (float(match[2]), match[3])
+    return found
+
+
+def test_an_error_or_a_divergence_on_one_rank_stops_every_rank_with_it(tmp_path):
+    results, ended = launch("failures", tmp_path, timeout=90, timeout_s=60)
+    assert None not in ended, f"a rank hung: {results}"
+    assert [code for code, _ in results] == [3, 3], results
+    rank0, rank1 = stops(results[0][1]), stops(results[1][1])
+    # rank 1 alone sees a batch of 1e200: its loss overflows; the collective check stops both ranks
+    assert rank1["diverge"][1].startswith("TrainingDiverged: rank 1 of 2: training diverged at step 2: the loss is inf")
+    assert rank0["diverge"][1].startswith(
+        "TrainingDiverged: rank 0 of 2: training diverged at step 2: the loss is inf on rank 1"), rank0
+    assert abs(rank0["diverge"][0] - rank1["diverge"][0]) < 5
+    # rank 1 alone reads a NaN batch and raises; rank 0 stops with its message, not at the 60 s timeout
     message = "ValueError: source batch 6 contains NaN or Inf"
-    results, ended = launch("nan", tmp_path, timeout=90, timeout_s=60)
-    assert None not in ended, f"a rank hung: {results}"
-    assert [code for code, _ in results] == [3, 3], results
-    assert f"rank 1 stopped: {message}" in results[1][1]
-    assert f"rank 0 stopped: PeerRankFailed: stopped because rank 1 failed: {message}" in results[0][1], results[0][1]
-    assert abs(ended[0] - ended[1]) < 8, f"rank 0 ended {ended[0] - ended[1]:.0f} s after rank 1: it waited"
-
-
-def test_a_loss_that_diverges_on_one_rank_stops_every_rank_at_that_step(tmp_path):
-    results, ended = launch("diverge", tmp_path, timeout=90, timeout_s=60)
-    assert None not in ended, f"a rank hung: {results}"
-    assert [code for code, _ in results] == [3, 3], results
-    assert "rank 1 stopped: TrainingDiverged: rank 1 of 2: training diverged at step 2: the loss is inf" \
-        in results[1][1], results[1][1]
-    assert "rank 0 stopped: TrainingDiverged: rank 0 of 2: training diverged at step 2: the loss is inf on rank 1" \
-        in results[0][1], results[0][1]
-    assert abs(ended[0] - ended[1]) < 8
+    assert rank1["nan"][1] == message
+    assert rank0["nan"][1] == f"PeerRankFailed: stopped because rank 1 failed: {message}", rank0
+    assert abs(rank0["nan"][0] - rank1["nan"][0]) < 8, "rank 0 waited"
 
 
 def test_single_process_context_without_a_process_group():
