@@ -1,4 +1,4 @@
-"""Latent sharding (model parallel) of a TopK dictionary too wide for one device.
+"""Latent sharding (model parallel) of a dictionary too wide for one device (TopK, BatchTopK, ReLU).
 
 Rank r of W holds latents [r*n/W, (r+1)*n/W): W_enc [d_in, n/W], b_enc [n/W], W_dec [n/W, d_out]
 and their Adam moments, so parameter and optimizer memory per rank falls as 1/W; b_dec (and a
@@ -40,7 +40,10 @@ check that ``train`` applies to a whole dictionary.
 Ghost grads work across shards (``ghost_loss``: the ghost reconstruction summed over shards,
 scaled as one process scales it), with ``LatentShardedReLU`` (ReLU + L1) as well as TopK shards.
 
-Not yet: the 2-D mesh (data x latent) that combines this with ``sparsekit.distributed.DataParallel``.
+The 2-D mesh (data x latent): ``mesh(latent_shards)`` splits the world into latent groups (the
+ranks holding one dictionary's shards) and data groups (the ranks holding the same shard); a shard
+built with ``data_group`` trains through ``MeshTraining``: data parallel over its data group
+around latent sharding over its latent group. Not on a mesh yet: BatchTopK.
 """
 from __future__ import annotations
 
