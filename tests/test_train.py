@@ -175,3 +175,13 @@ def test_training_steps_match_a_plain_foreach_adam_reference():
         manual.normalize_decoder()
     for a, b in zip(trained.parameters(), manual.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_takes_fused_adam_only_when_every_parameter_is_contiguous():
+    from sparsekit.train import _adam
+    sae = sparsekit.TopKSAE(8, 32, 4)
+    assert all(p.is_contiguous() for p in sae.parameters())  # the constructor's layout
+    assert _adam(sae, TrainConfig()).defaults["fused"] is True
+    sae.W_enc = torch.nn.Parameter(sae.W_enc.detach().t().contiguous().t())  # same values, column-major
+    optimizer = _adam(sae, TrainConfig())
+    assert not optimizer.defaults["fused"] and optimizer.defaults["foreach"] is True
