@@ -604,3 +604,17 @@ class MeshTraining(ShardedTraining):
         if self.data.rank != 0:  # the other data ranks hold the same shards: they write nothing
             return tensors
         return super().checkpoint_tensors(sae, tensors)
+
+
+def shard_for_cli(sae, latent_shards: int):
+    """`sparsekit train --latent-parallel S` under torchrun: this rank's shard of `sae` (built the same
+    on every rank) on a mesh of S latent shards x world/S data-parallel replicas."""
+    classes = {"topk": LatentShardedTopK, "batchtopk": LatentShardedBatchTopK, "relu": LatentShardedReLU}
+    if sae.architecture not in classes:
+        raise ValueError(f"--latent-parallel: only topk, batchtopk and relu dictionaries can be sharded, "
+                         f"not {sae.architecture}")
+    if sae.n_latents % latent_shards:
+        raise ValueError(f"--latent-parallel {latent_shards} must divide --n-latents {sae.n_latents}")
+    grid = mesh(latent_shards)
+    return classes[sae.architecture].from_dictionary(
+        sae, group=grid.latent_group, data_group=grid.data_group if grid.data_size > 1 else None)

@@ -91,6 +91,9 @@ def _options() -> list[Option]:
         Option("device", "str", "where to train: auto (cuda when available), cpu, cuda, cuda:1, ... (default auto)"),
         Option("out", "path", "folder for the trained dictionary (default: <checkpoint_dir or output_dir>/final)"),
         Option("resume", "switch", "continue from the newest checkpoint in --checkpoint-dir (fresh start if none)"),
+        Option("latent_parallel", "int", "under torchrun: split the latents over this many ranks (topk, batchtopk, "
+                                       "relu); the world size must be a multiple, the rest is data parallel "
+                                       "(a 2-D mesh; default 1: data parallel only)"),
     ]
     for field in dataclasses.fields(TrainConfig):
         names = _type_names(field.type)
@@ -516,6 +519,9 @@ def run(argv: list[str]):
     _check_memory(settings, cfg, d_in, d_out, device)
     try:
         sae = _build(settings, d_in, d_out, device, cfg.seed)
+        if settings.get("latent_parallel", 1) != 1:
+            from .distributed_sharded import shard_for_cli
+            sae = shard_for_cli(sae, settings["latent_parallel"])
     except ValueError as error:
         raise UsageError(str(error)) from None
     if newest is not None:
@@ -533,13 +539,16 @@ def run(argv: list[str]):
 
 
 def _train(sae, source, cfg, resume: bool, out: Path):
+    from . import distributed
     from .train import METRICS_FILE, train
 
     from .errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
 
     try:
         result = train(sae, source, cfg, resume=resume)
-        sae.save(out)
+        whole = sae.gather() if getattr(sae, "latent_sharded", False) else sae
+        if distributed.current_info().rank == 0:  # under torchrun rank 0 alone writes
+            whole.save(out)
     except (CheckpointWriteFailed, TrainingDiverged) as error:
         raise TrainingError(_one_line(error)) from None
     except (ValueError, OSError, CheckpointDirBusy, InsufficientMemory) as error:

@@ -29,16 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, world: int = WORLD, timeout: float = 120, timeout_s: float = 60):
-    """Start `world` worker processes as torchrun would; return [(returncode, stdout+stderr)] per rank and
-    the seconds after which each rank ended (None: killed at `timeout`)."""
+def launch(scenario: str, out: Path, world: int = WORLD, timeout: float = 120, timeout_s: float = 60,
+           command: list[str] | None = None):
+    """Start `world` worker processes (or `python *command`) as torchrun would; return
+    [(returncode, stdout+stderr)] per rank and the seconds after which each rank ended (None: killed
+    at `timeout`)."""
     port = free_port()
     processes = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "SPARSEKIT_DIST_TIMEOUT_S": str(timeout_s)}
-        processes.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)], env=env,
+        processes.append(subprocess.Popen([sys.executable, *(command or [str(WORKER), scenario, str(out)])], env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     start = time.monotonic()
     ended = [None] * world
@@ -259,7 +261,7 @@ def test_communication_volume_formula():
     assert batch["total"] > topk["total"]
 
 
-def test_torchrun_launches_the_train_command_on_two_ranks(tmp_path):
+def test_torchrun_launches_the_train_command_on_two_ranks_data_parallel_or_latent_sharded(tmp_path):
     import numpy as np
 
     from sparsekit.cli import main as sparsekit_main
@@ -273,11 +275,34 @@ def test_torchrun_launches_the_train_command_on_two_ranks(tmp_path):
                                *flags, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
                               timeout=180)
     assert launched.returncode == 0, launched.stdout + launched.stderr
+    # the same command latent-sharded, started as torchrun starts its workers (without the agent)
+    results, _ = launch("", tmp_path, command=["-m", "sparsekit", "train", *flags, "--latent-parallel", "2",
+                                                "--out", str(tmp_path / "sharded")])
+    for code, output in results:
+        assert code == 0, output
     sparsekit_main(["train", *flags, "--out", str(tmp_path / "one")])
-    one, two = load_file(str(tmp_path / "one" / "sae.safetensors")), load_file(str(tmp_path / "two" / "sae.safetensors"))
-    assert_parameters_match(one, two, rtol=1e-5)  # float32: the same rows, the same steps
-    lines = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-             for run in ("one", "two")]
-    assert [r["step"] for r in lines[1]] == [2, 4, 6, 8, 10]
-    for a, b in zip(*lines):
-        assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-5) and b["l0"] == a["l0"]
+    one = load_file(str(tmp_path / "one" / "sae.safetensors"))
+    for run in ("two", "sharded"):  # data parallel, latent sharded
+        assert_parameters_match(one, load_file(str(tmp_path / run / "sae.safetensors")), rtol=1e-5)  # float32
+    lines = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("one", "two", "sharded")}
+    for run in ("two", "sharded"):
+        assert [r["step"] for r in lines[run]] == [2, 4, 6, 8, 10]
+        for a, b in zip(lines["one"], lines[run]):
+            assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-5) and b["l0"] == a["l0"]
+
+
+def test_latent_parallel_without_torchrun_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from sparsekit.cli import main as sparsekit_main
+
+    for name in distributed.REQUIRED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    np.save(tmp_path / "x.npy", worker.planted_rows(600).float().numpy())
+    with pytest.raises(SystemExit) as stopped:
+        sparsekit_main(["train", "--data", str(tmp_path / "x.npy"), "--n-latents", "48", "--k", "3",
+                        "--batch-size", "64", "--total-tokens", "128", "--eval-tokens", "0", "--no-progress",
+                        "--latent-parallel", "2", "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert "missing RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT" in capsys.readouterr().err
