@@ -120,6 +120,14 @@ def formula_table() -> None:
         sharded = (W - 1) * batch * k * 4 + ring * batch * d * 4
         print(f"{'latent sharded (all W), whole batch':38s} {W:5d} {sharded / 1e9:17.2f} GB   all-gather B*k "
               f"values + all-reduce of B x d partial reconstructions")
+        if W > 8:  # 2-D mesh: 8 latent shards per node (NVLink), W/8 data-parallel replicas (across nodes)
+            S, D = 8, W // 8
+            rows = B * W // D                                  # each latent group's share of the global batch
+            inside = (S - 1) * rows * k * 4 + 2 * (S - 1) / S * rows * d * 4
+            across = 2 * (D - 1) / D * (2 * d * n // S + n // S + d) * 4
+            print(f"{'2-D mesh, 8 shards x ' + str(D) + ' replicas':38s} {W:5d} {(inside + across) / 1e9:17.2f} GB   "
+                  f"{inside / 1e9:.2f} GB in the node (B*k, B x d) + {across / 1e9:.2f} GB across nodes "
+                  f"(all-reduce of the 1/8 gradient shard)")
 
 
 def main(argv=None) -> None:
