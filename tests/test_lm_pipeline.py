@@ -117,3 +117,19 @@ def test_shared_evaluation_matches_one_full_forward_per_dictionary(tiny):
         alone = lm_splice_metrics(tiny, tokens, s.hook, s.sae, input_hook=s.input_hook, batch_contexts=2)
         assert alone == pytest.approx(m, rel=1e-4, abs=1e-6)  # other batches: float32 sums in another order
     assert shared["sae"]["ce_zero"] == shared["mlp_tc"]["ce_zero"] != shared["attn_tc"]["ce_zero"]
+
+
+def test_bad_splices_name_the_argument(tiny):
+    from sparsekit.activations.lm_metrics import Splice, evaluate_splices
+    tokens = contexts(2)
+    with pytest.raises(ValueError, match="splices must be a non-empty dict"):
+        evaluate_splices(tiny, tokens, {})
+    with pytest.raises(ValueError, match=r"splices\['a'\] must be Splice\(sae, hook, input_hook=None\)"):
+        evaluate_splices(tiny, tokens, {"a": identity_dictionary(16)})
+    with pytest.raises(ValueError, match="sae must be a sparsekit dictionary"):
+        evaluate_splices(tiny, tokens, {"a": Splice(torch.nn.Linear(2, 2), "blocks.0.hook_resid_post")})
+    with pytest.raises(ValueError, match="hooks: 'blocks.5.hook_resid_post' is not a hook point"):
+        evaluate_splices(tiny, tokens, {"a": Splice(identity_dictionary(16), "blocks.5.hook_resid_post")})
+    with pytest.raises(ValueError, match="batch_contexts must be a positive int, got 0"):
+        evaluate_splices(tiny, tokens, {"a": Splice(identity_dictionary(16), "blocks.0.hook_resid_post")},
+                         batch_contexts=0)
