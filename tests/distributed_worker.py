@@ -4,7 +4,8 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set by tests/test_distr
 Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
   parity   data-parallel TopK and BatchTopK runs (float64) for comparison with one process, and
            five steps of a latent-sharded TopK SAE (LatentShardedTopK) and its AuxK gradients, and
-           sparsekit.train on latent shards of the SHARDED_TRAIN_CASES (checkpoints every 2 steps)
+           sparsekit.train on latent shards of the SHARDED_TRAIN_CASES (checkpoints every 2 steps),
+           then the resume scenario's runs
   resume   an uninterrupted run, and one stopped mid-way (every rank's source fails at the same
            batch) then resumed from rank 0's checkpoint in the same processes; the same stop and
            resume with a latent-sharded dictionary
@@ -195,6 +196,32 @@ def save(out: Path, name: str, rank: int, sae, result) -> None:
     (out / f"{name}_rank{rank}.json").write_text(json.dumps({"metrics": result.metrics, "history": result.history}))
 
 
+def resume_runs(out: Path, rank: int) -> None:
+    """An uninterrupted run, and one stopped mid-way (every rank's source fails at the same batch)
+    then resumed from rank 0's checkpoint in the same processes; the same stop and resume with a
+    latent-sharded dictionary."""
+    sae, source, cfg = make_case("topk", str(out / "whole"), resume_every=BATCH)
+    save(out, "whole", rank, sae, sparsekit.train(sae, source, cfg))
+    sae, source, cfg = make_case("topk", str(out / "stopped"), resume_every=BATCH)
+    try:  # 50-row chunks, 128 held out: chunk 7 is first read for step 3, after step 2's checkpoint
+        sparsekit.train(sae, FailingSource(source, 7, Interrupted()), cfg)
+        raise AssertionError("the run was meant to stop")
+    except Interrupted:
+        pass
+    sae, source, cfg = make_case("topk", str(out / "stopped"), resume_every=BATCH)
+    save(out, "resumed", rank, sae, sparsekit.train(sae, source, cfg, resume=True))
+    sae, source, cfg = make_case("topk", str(out / "sharded"), resume_every=BATCH)
+    try:
+        sparsekit.train(shard_of(sae), FailingSource(source, 7, Interrupted()), cfg)
+        raise AssertionError("the run was meant to stop")
+    except Interrupted:
+        pass
+    sae, source, cfg = make_case("topk", str(out / "sharded"), resume_every=BATCH)
+    shard = shard_of(sae)
+    result = sparsekit.train(shard, source, cfg, resume=True)
+    save(out, "sharded_resumed", rank, shard.gather(), result)
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -223,27 +250,9 @@ def main() -> None:
             shard = shard_of(sae)
             result = sparsekit.train(shard, source, cfg)
             save(out, f"sharded_train_{name}", rank, shard.gather(), result)
+        resume_runs(out, rank)
     elif scenario == "resume":
-        sae, source, cfg = make_case("topk", str(out / "whole"), resume_every=BATCH)
-        save(out, "whole", rank, sae, sparsekit.train(sae, source, cfg))
-        sae, source, cfg = make_case("topk", str(out / "stopped"), resume_every=BATCH)
-        try:  # 50-row chunks, 128 held out: chunk 7 is first read for step 3, after step 2's checkpoint
-            sparsekit.train(sae, FailingSource(source, 7, Interrupted()), cfg)
-            raise AssertionError("the run was meant to stop")
-        except Interrupted:
-            pass
-        sae, source, cfg = make_case("topk", str(out / "stopped"), resume_every=BATCH)
-        save(out, "resumed", rank, sae, sparsekit.train(sae, source, cfg, resume=True))
-        sae, source, cfg = make_case("topk", str(out / "sharded"), resume_every=BATCH)
-        try:
-            sparsekit.train(shard_of(sae), FailingSource(source, 7, Interrupted()), cfg)
-            raise AssertionError("the run was meant to stop")
-        except Interrupted:
-            pass
-        sae, source, cfg = make_case("topk", str(out / "sharded"), resume_every=BATCH)
-        shard = shard_of(sae)
-        result = sparsekit.train(shard, source, cfg, resume=True)
-        save(out, "sharded_resumed", rank, shard.gather(), result)
+        resume_runs(out, rank)
     elif scenario == "mesh":
         from sparsekit.distributed_sharded import mesh
         grid = mesh(latent_shards=2)
