@@ -101,9 +101,12 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor, library: str = "torch") -> Te
     return out
 
 
-def _scratch(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
-    """A per-thread [rows, cols] buffer, reused across calls (grown when too small)."""
-    key = (cols, dtype)
+def scratch(rows: int, cols: int, dtype: torch.dtype, purpose: str = "tile") -> Tensor:
+    """A per-thread [rows, cols] buffer for ``purpose``, reused across calls (grown when too
+    small). A fresh buffer of this size costs its page faults on every call: ~90 ms of kernel time
+    per 256 MiB on the CPUs measured here, against ~14 ms to write a reused one. Callers must not
+    hand the buffer out (its contents change on the thread's next call)."""
+    key = (purpose, cols, dtype)
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}
@@ -144,7 +147,7 @@ def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, Ten
     if not parallel:
         for start in starts:
             stop = min(batch, start + tile)
-            pre = out[start:stop] if out is not None else _scratch(stop - start, cols, x.dtype)
+            pre = out[start:stop] if out is not None else scratch(stop - start, cols, x.dtype)
             matmul_into(x[start:stop], W, pre, library)
             if epilogue is not None:
                 epilogue(start, stop, pre, 0)
@@ -153,7 +156,7 @@ def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, Ten
 
     def run(start: int) -> None:
         stop = min(batch, start + tile)
-        pre = out[start:stop] if out is not None else _scratch(stop - start, cols, x.dtype)
+        pre = out[start:stop] if out is not None else scratch(stop - start, cols, x.dtype)
         np.matmul(x_np[start:stop], W_np, out=pre.numpy())
         if epilogue is not None:
             epilogue(start, stop, pre, 1)

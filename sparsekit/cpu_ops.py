@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backend import _C
-from .cpu_gemm import row_tiles
+from .cpu_gemm import row_tiles, scratch
 
 # Rows of pre-activations computed per encoder GEMM tile: a [rows, n] scratch block of about
 # 64 MiB per thread instead of the whole [B, n] matrix. Each tile's GEMM packs all of W_enc again,
@@ -216,7 +216,7 @@ def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     -> values, rows, cols, each [B*k], in flat order."""
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
     batch = x.shape[0]
-    pre = x.new_empty(batch, W_enc.shape[1])
+    pre = scratch(batch, W_enc.shape[1], x.dtype, "batch pre-activations")  # overwritten by the selection
     row_tiles(x, W_enc, _tile_rows(W_enc.shape[1], x.element_size()), out=pre)
     values = x.new_empty(batch * k)
     rows = torch.empty(batch * k, dtype=torch.int64)
@@ -290,12 +290,12 @@ def relu_encode_adaptive_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
     batch, n = x.shape[0], W_enc.shape[1]
     with torch.no_grad():
         bias = (b_enc - pre_bias @ W_enc).contiguous()
-    pre = x.new_empty(batch, n)
+    pre = scratch(batch, n, x.dtype, "batch pre-activations")
     row_tiles(x, W_enc, _tile_rows(n, x.element_size()), out=pre)
     coo = _C.relu_compact(_np(pre), _np(bias), int(max_density * batch * n))
     if coo is None:
         empty_index = torch.empty(0, dtype=torch.int64)
-        return pre.add_(bias).clamp_(min=0), x.new_empty(0), empty_index, empty_index.clone()
+        return torch.add(pre, bias).clamp_(min=0), x.new_empty(0), empty_index, empty_index.clone()
     values, cols, counts = (torch.from_numpy(a) for a in coo)
     rows = torch.repeat_interleave(torch.arange(batch), counts)
     return x.new_empty(0, n), values, rows, cols
