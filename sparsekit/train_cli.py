@@ -477,6 +477,8 @@ def run(argv: list[str]):
     if not Path(settings["data"]).exists():
         raise UsageError(f"--data {settings['data']}: no such file or directory")
     _check_dictionary(settings)
+    if settings.get("latent_parallel", 1) < 1:
+        raise UsageError(f"--latent-parallel must be a positive int, got {settings['latent_parallel']}")
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {name: value for name, value in settings.items() if name in train_fields}

@@ -245,6 +245,7 @@ FLAG_CASES = {
     "--checkpoint-every-tokens": ("0", "TrainConfig.checkpoint_every_tokens must be a positive int, got 0"),
     "--progress": ("=1", "argument --progress/--no-progress: ignored explicit argument '1'"),
     "--config": ("{root}/none.yaml", "--config {root}/none.yaml: no such file"),
+    "--latent-parallel": ("0", "--latent-parallel must be a positive int, got 0"),
 }
 # Flags whose every value is valid (free-form names) have no bad value to try.
 FREE_FORM_FLAGS = {"--wandb-project", "--wandb-run-name"}
