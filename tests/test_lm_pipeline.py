@@ -130,6 +130,9 @@ def test_bad_splices_name_the_argument(tiny):
         evaluate_splices(tiny, tokens, {"a": Splice(torch.nn.Linear(2, 2), "blocks.0.hook_resid_post")})
     with pytest.raises(ValueError, match="hooks: 'blocks.5.hook_resid_post' is not a hook point"):
         evaluate_splices(tiny, tokens, {"a": Splice(identity_dictionary(16), "blocks.5.hook_resid_post")})
+    with pytest.raises(ValueError, match="input_hook blocks.1.hook_resid_pre must run before hook blocks.0.hook_mlp_out"):
+        evaluate_splices(tiny, tokens, {"a": Splice(identity_dictionary(16, transcoder=True), "blocks.0.hook_mlp_out",
+                                                    "blocks.1.hook_resid_pre")})
     with pytest.raises(ValueError, match="batch_contexts must be a positive int, got 0"):
         evaluate_splices(tiny, tokens, {"a": Splice(identity_dictionary(16), "blocks.0.hook_resid_post")},
                          batch_contexts=0)

@@ -75,6 +75,11 @@ def _check_splices(model, splices) -> dict[str, Splice]:
         if spec.sae.transcoder != (spec.input_hook is not None):
             raise ValueError("a transcoder needs input_hook (the activation it reads); an SAE takes none")
         check_hooks(model, spec.hook if spec.input_hook is None else (spec.input_hook, spec.hook))
+        if spec.input_hook is not None:
+            layers = [_BLOCK.match(h) for h in (spec.input_hook, spec.hook)]
+            if all(layers) and int(layers[0].group(1)) > int(layers[1].group(1)):
+                raise ValueError(f"splices[{name!r}]: input_hook {spec.input_hook} must run before hook {spec.hook} "
+                                 f"(the transcoder reads the clean activation there)")
         checked[str(name)] = spec
     return checked
 
