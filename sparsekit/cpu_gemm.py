@@ -101,6 +101,22 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor, library: str = "torch") -> Te
     return out
 
 
+HUGE_PAGE_MIN_BYTES = 4 * 2**20  # NumPy asks for transparent huge pages from this size (Linux)
+
+
+def empty_output(shape, dtype: torch.dtype) -> Tensor:
+    """torch.empty(shape, dtype) on the CPU, through NumPy's allocator when it is large: NumPy
+    madvises transparent huge pages for big blocks, so a fresh 32 MiB output (a weight gradient,
+    new every step) takes ~3 ms of page faults on first write instead of ~13 ms (measured)."""
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}.get(dtype)
+    count = 1
+    for size in shape:
+        count *= size
+    if np_dtype is None or count * np.dtype(np_dtype).itemsize < HUGE_PAGE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(np.empty(shape, dtype=np_dtype))
+
+
 def scratch(rows: int, cols: int, dtype: torch.dtype, purpose: str = "tile") -> Tensor:
     """A per-thread [rows, cols] buffer for ``purpose``, reused across calls (grown when too
     small). A fresh buffer of this size costs its page faults on every call: ~90 ms of kernel time

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backend import _C
-from .cpu_gemm import row_tiles, scratch
+from .cpu_gemm import empty_output, row_tiles, scratch
 
 # Rows of pre-activations computed per encoder GEMM tile: a [rows, n] scratch block of about
 # 64 MiB per thread instead of the whole [B, n] matrix. Each tile's GEMM packs all of W_enc again,
@@ -41,7 +41,7 @@ def coo_row_ids(batch_size: int, k: int, device=None) -> Tensor:
 @torch.library.custom_op("sparsekit::coo_times_dense_t_cpu", mutates_args=())
 def coo_times_dense_t_cpu(values: Tensor, rows: Tensor, cols: Tensor, dense: Tensor, n_rows: int) -> Tensor:
     """S @ dense.T for COO S [n_rows, n], dense [d, n] -> [n_rows, d] (grad x of a sparse encoder)."""
-    out = dense.new_empty(n_rows, dense.shape[0])
+    out = empty_output((n_rows, dense.shape[0]), dense.dtype)
     _C.coo_times_dense_t(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
                          _np(dense.contiguous()), _np(out))
     return out
@@ -58,7 +58,7 @@ def coo_t_times_dense_cpu(values: Tensor, rows: Tensor, cols: Tensor, dense: Ten
     """S.T @ dense for COO S [B, n_cols], dense [B, d] -> ([n_cols, d], or [d, n_cols] when
     transpose_out) and the column sums of S [n_cols]; deterministic (fixed summation order)."""
     d = dense.shape[1]
-    out = dense.new_empty((d, n_cols) if transpose_out else (n_cols, d))
+    out = empty_output((d, n_cols) if transpose_out else (n_cols, d), dense.dtype)
     col_sums = dense.new_empty(n_cols)
     _C.coo_t_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
                          _np(dense.contiguous()), transpose_out, _np(out), _np(col_sums))
@@ -91,7 +91,7 @@ def sparse_decode_backward_cpu(values: Tensor, rows: Tensor, cols: Tensor, grad_
     """Both decode gradients in one pass over the latents: grad values [E] (the dot products of
     sampled_dense_dot_cpu) and grad W_dec [n, d] (coo_t_times_dense_cpu's sum, same order)."""
     grad_values = values.new_empty(values.shape[0])
-    grad_W_dec = W_dec.new_empty(W_dec.shape)
+    grad_W_dec = empty_output(tuple(W_dec.shape), W_dec.dtype)
     _C.decode_backward(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
                        _np(grad_y.contiguous()), _np(W_dec.contiguous()), _np(grad_values), _np(grad_W_dec))
     return grad_values, grad_W_dec
@@ -295,7 +295,8 @@ def relu_encode_adaptive_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
     coo = _C.relu_compact(_np(pre), _np(bias), int(max_density * batch * n))
     if coo is None:
         empty_index = torch.empty(0, dtype=torch.int64)
-        return torch.add(pre, bias).clamp_(min=0), x.new_empty(0), empty_index, empty_index.clone()
+        dense = torch.add(pre, bias, out=empty_output((batch, n), x.dtype)).clamp_(min=0)
+        return dense, x.new_empty(0), empty_index, empty_index.clone()
     values, cols, counts = (torch.from_numpy(a) for a in coo)
     rows = torch.repeat_interleave(torch.arange(batch), counts)
     return x.new_empty(0, n), values, rows, cols
@@ -337,7 +338,7 @@ def _dense_encoder_backward(ctx, grad_pre: Tensor, x: Tensor, W_enc: Tensor):
     if ctx.needs_input_grad[0]:
         grad_x = torch.mm(grad_pre, W_enc.t())
     if ctx.needs_input_grad[1]:
-        grad_W_enc = torch.mm(x.t(), grad_pre)
+        grad_W_enc = torch.mm(x.t(), grad_pre, out=empty_output((x.shape[1], grad_pre.shape[1]), grad_pre.dtype))
     if ctx.needs_input_grad[2]:
         grad_b_enc = grad_pre.sum(0)
     return grad_x, grad_W_enc, grad_b_enc
@@ -347,7 +348,7 @@ def _dense_encoder_backward(ctx, grad_pre: Tensor, x: Tensor, W_enc: Tensor):
 def relu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     """relu(x @ W_enc + b_enc): the bias enters the GEMM (addmm), the ReLU is applied in place.
     A dense encoder's cost is its GEMM; torch's runs it on the same thread pool as the rest."""
-    return torch.addmm(b_enc, x, W_enc).clamp_(min=0)
+    return torch.addmm(b_enc, x, W_enc, out=empty_output((x.shape[0], W_enc.shape[1]), x.dtype)).clamp_(min=0)
 
 
 @relu_encode_cpu.register_fake
@@ -373,7 +374,7 @@ def jumprelu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: 
                         bandwidth: float) -> tuple[Tensor, Tensor]:
     """(pre * (pre > exp(log_threshold)), pre): the output and the pre-activations its
     threshold gradient needs (the public op returns only the first)."""
-    pre = torch.addmm(b_enc, x, W_enc)
+    pre = torch.addmm(b_enc, x, W_enc, out=empty_output((x.shape[0], W_enc.shape[1]), x.dtype))
     return pre * (pre > torch.exp(log_threshold)), pre
 
 
@@ -416,7 +417,7 @@ jumprelu_encode_cpu.register_autograd(_jumprelu_backward, setup_context=_jumprel
 def sparse_decode_cpu(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
                       batch_size: int) -> Tensor:
     """y = S @ W_dec + b_dec for COO codes S [batch_size, n]: gathers the kept rows of W_dec."""
-    out = W_dec.new_empty(batch_size, W_dec.shape[1])
+    out = empty_output((batch_size, W_dec.shape[1]), W_dec.dtype)
     _C.coo_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
                        _np(W_dec.contiguous()), _np(out))
     return out.add_(b_dec)

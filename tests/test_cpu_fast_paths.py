@@ -120,3 +120,20 @@ def test_openblas_is_found_where_numpy_links_it():
     blas = str(config.get("Build Dependencies", {}).get("blas", {}).get("name", ""))
     if "openblas" in blas.lower():
         assert cpu_gemm.openblas_available()
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), torch.float32), ((1024, 1024), torch.float32),
+                                          ((600, 1000), torch.float64), ((2 ** 20,), torch.int64),
+                                          ((4, 2 ** 20), torch.float16)])
+def test_empty_output_is_a_plain_writable_tensor_of_the_shape_and_dtype(shape, dtype):
+    out = cpu_gemm.empty_output(shape, dtype)
+    assert out.shape == shape and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+    out.fill_(3)
+    assert bool((out == 3).all())
+    # Large float/int64 blocks come from NumPy (huge pages); they must still be resizable-free
+    # ordinary tensors to autograd and the optimiser.
+    p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) if dtype.is_floating_point else None
+    if p is not None:
+        p.grad = out
+        torch.optim.SGD([p], lr=1.0).step()
+        assert bool((p == -3).all())
