@@ -128,7 +128,7 @@ def scratch(rows: int, cols: int, dtype: torch.dtype, purpose: str = "tile") -> 
         buffers = _local.buffers = {}
     buf = buffers.get(key)
     if buf is None or buf.shape[0] < rows:
-        buf = buffers[key] = torch.empty(rows, cols, dtype=dtype)
+        buf = buffers[key] = empty_output((rows, cols), dtype)
     return buf[:rows]
 
 
