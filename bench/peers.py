@@ -46,6 +46,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -252,7 +253,7 @@ class TrainerStep:
         self.tokens += cfg.batch_size
         self.window.add(losses, target, out.x_hat, counts, cfg.batch_size)
         self.l0.append(float(counts.sum()) / x.shape[0])
-        self.aux_loss = float(losses.get("aux_loss", 0.0))
+        self.aux_loss = float(torch.as_tensor(losses.get("aux_loss", 0.0)).detach())
 
 
 def make_train_run(shapes: Shapes, steps: int):
@@ -313,7 +314,7 @@ class SAELensStep:
         if self.dead is not None:
             self.trainer.n_forward_passes_since_fired[self.dead] = self.trainer.cfg.dead_feature_window + 1
         out = self.trainer.step(self.x)
-        self.aux_loss = float(out.losses.get("auxiliary_reconstruction_loss", 0.0))
+        self.aux_loss = float(torch.as_tensor(out.losses.get("auxiliary_reconstruction_loss", 0.0)).detach())
 
 
 # --- the variants ------------------------------------------------------------------------------
@@ -356,6 +357,21 @@ def child_args(args: argparse.Namespace, shapes: Shapes) -> list[str]:
 
 # --- reporting ---------------------------------------------------------------------------------
 
+def source_revision() -> str:
+    """The git commit the code came from, and whether sparsekit/ or csrc/ had uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsekit", "csrc", "kernels"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + (" with uncommitted changes in sparsekit/, csrc/ or kernels/" if dirty else "")
+
+
 def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -377,7 +393,7 @@ def header_lines(args, shapes: Shapes, now, load_before: float, others_share: fl
         f"{'/'.join(THREAD_ENV_VARS)} = {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
         f"OMP_WAIT_POLICY = {os.environ.get('OMP_WAIT_POLICY', 'unset')})",
         f"- torch {torch.__version__}, numpy {np.__version__} ({numpy_blas()}), python {platform.python_version()}, "
-        f"sparsekit {sparsekit.__version__}, sae_lens {version or 'not installed'}",
+        f"sparsekit {sparsekit.__version__} (commit {source_revision()}), sae_lens {version or 'not installed'}",
         f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
         f"{cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)}; finite checks {checks_on}",
         f"- {args.rounds} rounds, round-robin, one warm-up call each; times are medians (min-max alongside)",
