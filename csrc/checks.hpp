@@ -14,7 +14,7 @@ bool all_finite(const T* a, int64_t size) {
   constexpr int64_t kChunk = 1 << 16;
   const int64_t n_chunks = (size + kChunk - 1) / kChunk;
   int bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad)
+#pragma omp parallel for schedule(guided) reduction(| : bad)
   for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
     const int64_t start = chunk * kChunk, stop = std::min(size, start + kChunk);
     T acc = 0;

@@ -13,7 +13,7 @@ namespace sparsekit {
 // grad[r] -= (grad[r] . w[r]) w[r] / max(||w[r]||, 1e-12)^2 for each row r of W [n, d].
 template <typename T>
 void remove_parallel_rows(const T* W, T* grad, int64_t n, int64_t d) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t r = 0; r < n; ++r) {
     const T* w = W + r * d;
     T* g = grad + r * d;
@@ -33,7 +33,7 @@ void remove_parallel_rows(const T* W, T* grad, int64_t n, int64_t d) {
 // w[r] /= max(||w[r]||, 1e-12) for each row r of W [n, d], in place.
 template <typename T>
 void normalize_rows(T* W, int64_t n, int64_t d) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t r = 0; r < n; ++r) {
     T* w = W + r * d;
     T w2 = 0;

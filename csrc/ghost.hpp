@@ -12,7 +12,7 @@ namespace sparsekit {
 // scale[b] = ||residual[b]|| / (2 ||ghost[b]|| + eps), row_error[b] = ||ghost[b] * scale[b] - residual[b]||^2.
 template <typename T>
 void ghost_rescale(T* ghost, const T* residual, int64_t rows, int64_t d, T eps, T* scale, T* row_error) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t b = 0; b < rows; ++b) {
     T* g = ghost + b * d;
     const T* r = residual + b * d;
@@ -41,7 +41,7 @@ void ghost_rescale(T* ghost, const T* residual, int64_t rows, int64_t d, T eps, 
 template <typename T>
 void ghost_rescale_backward(const T* ghost, const T* residual, const T* scale, int64_t rows, int64_t d,
                             T coefficient, T* grad_ghost) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t b = 0; b < rows; ++b) {
     const T c = coefficient * scale[b];
     const T* g = ghost + b * d;

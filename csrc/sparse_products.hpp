@@ -33,7 +33,7 @@ template <typename T>
 void coo_times_dense(const T* values, const int64_t* rows, const int64_t* cols, int64_t n_entries,
                      const T* dense, int64_t n_rows, int64_t d, T* out) {
   Buckets by_row = bucket_by_key(rows, n_entries, n_rows);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t r = 0; r < n_rows; ++r) {
     T* y = out + r * d;
     std::fill(y, y + d, T(0));
@@ -55,7 +55,7 @@ void coo_times_dense_t(const T* values, const int64_t* rows, const int64_t* cols
   const int64_t n_blocks = (d + kColumnBlock - 1) / kColumnBlock;
   // Each thread owns a block of rows of D (a few contiguous rows of n_cols, kept in cache) and
   // writes the matching block of columns of out.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t i0 = blk * kColumnBlock, width = std::min(kColumnBlock, d - i0);
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -80,7 +80,7 @@ void coo_t_times_dense(const T* values, const int64_t* rows, const int64_t* cols
 #pragma omp parallel
   {
     std::vector<T> acc(kColumnBlock * d);
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
       const int64_t c0 = blk * kColumnBlock, width = std::min(kColumnBlock, n_cols - c0);
       std::fill(acc.begin(), acc.end(), T(0));
@@ -112,7 +112,7 @@ void coo_t_times_dense(const T* values, const int64_t* rows, const int64_t* cols
 template <typename T>
 void sampled_dense_dot(const int64_t* rows, const int64_t* cols, int64_t n_entries, const T* a,
                        const T* dense, int64_t d, T* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t e = 0; e < n_entries; ++e) {
     const T* u = a + rows[e] * d;
     const T* w = dense + cols[e] * d;
@@ -132,7 +132,7 @@ void sampled_dot_and_coo_t_times_dense(const T* values, const int64_t* rows, con
                                        int64_t n_entries, const T* a, const T* dense, int64_t d,
                                        int64_t n_cols, T* dots, T* out) {
   Buckets by_col = bucket_by_key(cols, n_entries, n_cols);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t c = 0; c < n_cols; ++c) {
     const T* w = dense + c * d;
     T* acc = out + c * d;

@@ -88,7 +88,7 @@ void topk_select(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t k
 #pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
   {
     std::vector<Candidate<T>> heap(k);
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
     for (int64_t r = 0; r < rows; ++r)
       topk_select_row(pre + r * n, bias, n, k, heap.data(), values + r * k, indices + r * k);
   }
@@ -100,7 +100,7 @@ void topk_select(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t k
 template <typename T>
 int64_t relu_count(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t* counts, int threads) {
   int64_t total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads > 0 ? threads : max_threads())
+#pragma omp parallel for schedule(guided) reduction(+ : total) num_threads(threads > 0 ? threads : max_threads())
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = pre + r * n;
     int64_t c = 0;
@@ -117,7 +117,7 @@ void relu_compact_write(const T* pre, const T* bias, int64_t rows, int64_t n, co
                         T* values, int64_t* cols, int threads) {
   std::vector<int64_t> offsets(rows + 1, 0);
   for (int64_t r = 0; r < rows; ++r) offsets[r + 1] = offsets[r] + counts[r];
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : max_threads())
+#pragma omp parallel for schedule(guided) num_threads(threads > 0 ? threads : max_threads())
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = pre + r * n;
     int64_t out = offsets[r];
@@ -163,7 +163,7 @@ bits_t<T> radix_select_bits(const T* acts, int64_t size, int64_t m) {
 #pragma omp parallel
     {
       int64_t* local = hist.data() + int64_t(thread_id()) * kBins;
-#pragma omp for schedule(static)
+#pragma omp for schedule(guided)
       for (int64_t i = 0; i < size; ++i) {
         U b = to_bits(acts[i]);
         bool in_prefix = high_shift >= kTotalBits || (b >> high_shift) == high_prefix;
@@ -188,7 +188,7 @@ template <typename T>
 void batchtopk_select(T* pre, const T* bias, int64_t rows, int64_t n, int64_t m, T* values,
                       int64_t* out_rows, int64_t* out_cols) {
   const int64_t size = rows * n;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t r = 0; r < rows; ++r) {
     T* row = pre + r * n;
 #pragma omp simd
@@ -202,7 +202,7 @@ void batchtopk_select(T* pre, const T* bias, int64_t rows, int64_t n, int64_t m,
   // Per row: how many entries beat the threshold and how many equal it. Ties are granted to
   // rows in flat order, which keeps the lower flat index.
   std::vector<int64_t> above(rows), equal(rows);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t r = 0; r < rows; ++r) {
     int64_t a = 0, e = 0;
     const T* row = pre + r * n;
@@ -225,7 +225,7 @@ void batchtopk_select(T* pre, const T* bias, int64_t rows, int64_t n, int64_t m,
     start[r] = cursor;
     cursor += above[r] + ties[r];
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = pre + r * n;
     int64_t out = start[r], ties_here = ties[r];
