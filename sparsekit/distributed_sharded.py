@@ -132,7 +132,8 @@ class LatentShardedTopK(nn.Module):
         factory = dict(dtype=dtype, device=device)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)  # each rank draws its own rows
         W_dec = nn.functional.normalize(torch.randn(self.n_local, self.d_out, generator=gen, dtype=torch.float64), dim=-1)
-        W_enc = W_dec.t().clone() if self.d_in == self.d_out else \
+        # contiguous (as SparseDictionary's): the trainer then uses fused Adam, as for a whole dictionary
+        W_enc = W_dec.t().contiguous() if self.d_in == self.d_out else \
             nn.functional.normalize(torch.randn(self.d_in, self.n_local, generator=gen, dtype=torch.float64), dim=0)
         self.W_enc = nn.Parameter(W_enc.to(**factory))
         self.b_enc = nn.Parameter(torch.zeros(self.n_local, **factory))
