@@ -72,6 +72,24 @@ void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<
   topk_select(p, b, rows, n, k, v, i, threads);
 }
 
+template <typename T>
+void topk_select_block_py(const Array<T>& pre, const Array<T>& bias, int64_t col0, int64_t k, bool first, bool last,
+                          Array<T>& values, Index& indices, int threads) {
+  require(pre.ndim() == 2, "pre must be 2-D");
+  const int64_t rows = pre.shape(0), width = pre.shape(1);
+  require(k >= 1, "k must be >= 1");
+  require(col0 >= 0, "col0 must be >= 0");
+  require_shape(bias, "bias", {width});
+  require_shape(values, "values", {rows, k});
+  require_shape(indices, "indices", {rows, k});
+  const T* p = pre.data();
+  const T* b = bias.data();
+  T* v = values.mutable_data();
+  int64_t* i = indices.mutable_data();
+  py::gil_scoped_release release;
+  topk_select_block(p, b, rows, width, col0, k, first, last, v, i, threads);
+}
+
 // pre [rows, n] + bias [n] -> (values [E], cols [E], counts [rows]): the positive entries in
 // row-major order, E = counts.sum(); None when E > max_entries (nothing is written then).
 template <typename T>
@@ -291,6 +309,11 @@ void bind_all(py::module_& m) {
   m.def("topk_select", &topk_select_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(), py::arg("k"),
         py::arg("values").noconvert(), py::arg("indices").noconvert(), py::arg("threads") = 0,
         "Per row of pre + bias [rows, n]: the k largest (ties: lower index), ReLU'd, sorted descending.");
+  m.def("topk_select_block", &topk_select_block_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
+        py::arg("col0"), py::arg("k"), py::arg("first"), py::arg("last"), py::arg("values").noconvert(),
+        py::arg("indices").noconvert(), py::arg("threads") = 0,
+        "topk_select over column blocks fed in order: values/indices carry the candidates between calls "
+        "and hold the sorted, ReLU'd top-k after the last block.");
   m.def("relu_compact", &relu_compact_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
         py::arg("max_entries"), py::arg("threads") = 0,
         "The positive entries of pre + bias [rows, n] in row-major order: (values, cols, counts per row), "

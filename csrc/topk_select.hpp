@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -130,6 +131,73 @@ void relu_compact_write(const T* pre, const T* bias, int64_t rows, int64_t n, co
         ++out;
       }
     }
+  }
+}
+
+// The same selection over a row block fed in column blocks, so each [rows, width] block of the
+// GEMM is selected from while it is still in L2 (the whole row costs ~3x more to re-read from L3
+// or DRAM). values/indices [rows, k] carry each row's candidates between calls (a heap, unsorted)
+// and get the final sorted, ReLU'd result on the last block. Blocks must come in column order:
+// later columns then enter only on a strictly larger value, which keeps ties on the lower index.
+template <typename T>
+void topk_select_block_row(const T* pre, const T* bias, int64_t width, int64_t col0, int64_t k, bool first,
+                           bool last, Candidate<T>* heap, T* values_io, int64_t* indices_io) {
+  if (first) {
+    for (int64_t i = 0; i < k; ++i) heap[i] = {-std::numeric_limits<T>::infinity(), std::numeric_limits<int64_t>::max()};
+  } else {
+    for (int64_t i = 0; i < k; ++i) heap[i] = {values_io[i], indices_io[i]};
+  }
+  T threshold = heap[0].value;
+  constexpr int64_t kBlock = 64;
+  int64_t i = 0;
+  for (; i + kBlock <= width; i += kBlock) {
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = 0; j < kBlock; ++j) hit |= (pre[i + j] + bias[i + j] > threshold);
+    if (!hit) continue;
+    for (int64_t j = i; j < i + kBlock; ++j) {
+      T v = pre[j] + bias[j];
+      if (v > threshold) {
+        heap[0] = {v, col0 + j};
+        sift_down(heap, k, int64_t(0));
+        threshold = heap[0].value;
+      }
+    }
+  }
+  for (; i < width; ++i) {
+    T v = pre[i] + bias[i];
+    if (v > threshold) {
+      heap[0] = {v, col0 + i};
+      sift_down(heap, k, int64_t(0));
+      threshold = heap[0].value;
+    }
+  }
+  if (last) {
+    std::sort(heap, heap + k, [](const Candidate<T>& a, const Candidate<T>& b) { return worse(b, a); });
+    for (int64_t j = 0; j < k; ++j) {
+      values_io[j] = heap[j].value > T(0) ? heap[j].value : T(0);
+      indices_io[j] = heap[j].index;
+    }
+  } else {
+    for (int64_t j = 0; j < k; ++j) {
+      values_io[j] = heap[j].value;
+      indices_io[j] = heap[j].index;
+    }
+  }
+}
+
+// pre [rows, width]: columns [col0, col0 + width) of the rows' pre-activations (no bias); bias
+// [width] (the same columns); values/indices [rows, k] carried across the calls of one row block.
+template <typename T>
+void topk_select_block(const T* pre, const T* bias, int64_t rows, int64_t width, int64_t col0, int64_t k,
+                       bool first, bool last, T* values, int64_t* indices, int threads) {
+#pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
+  {
+    std::vector<Candidate<T>> heap(k);
+#pragma omp for schedule(guided)
+    for (int64_t r = 0; r < rows; ++r)
+      topk_select_block_row(pre + r * width, bias, width, col0, k, first, last, heap.data(), values + r * k,
+                            indices + r * k);
   }
 }
 

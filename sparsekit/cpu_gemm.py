@@ -142,16 +142,18 @@ def _get_pool(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, Tensor, int], None] | None = None,
-              library: str | None = None, out: Tensor | None = None) -> None:
-    """For each block of at most ``tile`` rows of x [B, p]: pre = x[start:stop] @ W ([rows, q],
-    in a per-thread scratch buffer, or rows [start, stop) of ``out`` [B, q] when given), then
-    ``epilogue(start, stop, pre, threads)`` if there is one.
+def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, int, Tensor, int], None] | None = None,
+              library: str | None = None, out: Tensor | None = None, col_tile: int | None = None) -> None:
+    """For each block of at most ``tile`` rows of x [B, p], and within it each block of at most
+    ``col_tile`` columns of W [p, q] in column order (default: all q at once):
+    pre = x[start:stop] @ W[:, col0:col0 + width] (in a per-thread scratch buffer, or the matching
+    block of ``out`` [B, q] when given), then ``epilogue(start, stop, col0, pre, threads)``.
 
-    With OpenBLAS the tiles run on one Python thread per torch thread, each GEMM single-threaded,
-    and ``threads`` is 1: the epilogue must then release the GIL to run in parallel, use one
-    thread, and write only rows [start, stop) of its outputs. Otherwise the tiles run in order
-    in the calling thread on torch's GEMM and ``threads`` is 0 (the epilogue's default pool).
+    A row block's column blocks all run on one thread, in order. With OpenBLAS the row blocks run
+    on one Python thread per torch thread, each GEMM single-threaded, and ``threads`` is 1: the
+    epilogue must then release the GIL to run in parallel, use one thread, and write only rows
+    [start, stop) of its outputs. Otherwise the blocks run in order in the calling thread on
+    torch's GEMM and ``threads`` is 0 (the epilogue's default pool).
     x, W: contiguous CPU float tensors."""
     batch, cols = x.shape[0], W.shape[1]
     library = library or gemm_library(2.0 * batch * x.shape[1] * cols)
@@ -159,30 +161,37 @@ def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, Ten
     parallel = library == "numpy" and workers > 1 and x.dtype in (torch.float32, torch.float64)
     if parallel:
         tile = max(1, min(tile, -(-batch // workers)))  # at least one tile per worker
+    col_tile = cols if col_tile is None else max(1, min(col_tile, cols))
+    x, W = x.detach(), W.detach()
+
+    def gemm_into(a: Tensor, b: Tensor, pre: Tensor) -> None:
+        if not pre.is_contiguous():  # a column block of `out`
+            pre.copy_(a @ b)
+        elif library == "numpy":
+            np.matmul(a.numpy(), b.numpy(), out=pre.numpy())
+        else:
+            torch.matmul(a, b, out=pre)
+
+    def run(start: int, threads: int) -> None:
+        stop = min(batch, start + tile)
+        for col0 in range(0, cols, col_tile):
+            col1 = min(cols, col0 + col_tile)
+            pre = out[start:stop, col0:col1] if out is not None else scratch(stop - start, col1 - col0, x.dtype)
+            gemm_into(x[start:stop], W if col1 - col0 == cols else W[:, col0:col1], pre)
+            if epilogue is not None:
+                epilogue(start, stop, col0, pre, threads)
+
     starts = range(0, batch, tile)
     if not parallel:
         for start in starts:
-            stop = min(batch, start + tile)
-            pre = out[start:stop] if out is not None else scratch(stop - start, cols, x.dtype)
-            matmul_into(x[start:stop], W, pre, library)
-            if epilogue is not None:
-                epilogue(start, stop, pre, 0)
+            run(start, 0)
         return
-    x_np, W_np = x.detach().numpy(), W.detach().numpy()
-
-    def run(start: int) -> None:
-        stop = min(batch, start + tile)
-        pre = out[start:stop] if out is not None else scratch(stop - start, cols, x.dtype)
-        np.matmul(x_np[start:stop], W_np, out=pre.numpy())
-        if epilogue is not None:
-            epilogue(start, stop, pre, 1)
-
     get_threads, set_threads = _openblas
     with _lock:
         previous = get_threads()
         set_threads(1)
         try:
-            futures = [_get_pool(workers).submit(run, s) for s in starts]
+            futures = [_get_pool(workers).submit(run, s, 1) for s in starts]
             wait(futures)  # every tile done before OpenBLAS's thread count is restored
             for future in futures:
                 future.result()

@@ -32,13 +32,13 @@ def test_default_cpu_path_goes_through_the_custom_op(monkeypatch):
     x, W, b = torch.randn(3, 4, requires_grad=True), torch.randn(4, 5), torch.randn(5)
     calls = []
     from sparsekit import cpu_ops
-    original = cpu_ops._C.topk_select
+    original = cpu_ops._C.topk_select_block
 
     def spy(*args):
-        calls.append(args[2])
+        calls.append(args[3])  # k
         return original(*args)
 
-    monkeypatch.setattr(cpu_ops._C, "topk_select", spy)
+    monkeypatch.setattr(cpu_ops._C, "topk_select_block", spy)
     sparsekit.topk_encode(x, W, b, 2)
     assert calls == [2]
 

@@ -24,13 +24,35 @@ def two_torch_threads():
 def test_topk_encode_on_openblas_row_tiles_matches_the_reference(batch, dtype, monkeypatch, two_torch_threads):
     monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
     monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "numpy")  # the pool even at these tiny sizes
-    monkeypatch.setattr("sparsekit.cpu_ops.TILE_BYTES", 4 * 8 * 50)  # a few rows per tile: many tiles
+    monkeypatch.setattr("sparsekit.cpu_ops.TOPK_TILE_ROWS", 4)  # many row blocks...
+    monkeypatch.setattr("sparsekit.cpu_ops.L2_TILE_BYTES", 4 * 8 * 3)  # ...of 3 (f64) or 6 (f32) columns: < k
     gen = torch.Generator().manual_seed(batch)
     x, W, b = (torch.randn(*s, generator=gen, dtype=dtype) for s in ((batch, 6), (6, 50), (50,)))
-    got = ops.topk_encode(x, W, b, 5)
-    want = reference.topk_encode(x, W, b, 5)
+    got = ops.topk_encode(x, W, b, 7)
+    want = reference.topk_encode(x, W, b, 7)
     assert torch.equal(got.indices, want[1])
     torch.testing.assert_close(got.values, want[0])
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("width_bytes", [4, 4 * 5, 4 * 64])
+def test_topk_over_column_blocks_keeps_the_lower_index_on_ties(library, width_bytes, monkeypatch, two_torch_threads):
+    if library == "numpy" and not cpu_gemm.openblas_available():
+        pytest.skip("NumPy in this environment is not built on OpenBLAS")
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
+    monkeypatch.setenv("SPARSEKIT_CPU_GEMM", library)
+    monkeypatch.setattr("sparsekit.cpu_ops.TOPK_TILE_ROWS", 5)
+    monkeypatch.setattr("sparsekit.cpu_ops.L2_TILE_BYTES", width_bytes * 5)  # 1, 5 or 64 columns per block
+    gen = torch.Generator().manual_seed(11)
+    # Small integers: many exact ties within and across column blocks, and k = n for one case.
+    x = torch.randint(-2, 3, (13, 4), generator=gen).float()
+    W = torch.randint(-2, 3, (4, 40), generator=gen).float()
+    b = torch.randint(-1, 2, (40,), generator=gen).float()
+    for k in (1, 6, 40):
+        got = ops.topk_encode(x, W, b, k)
+        want = reference.topk_encode(x, W, b, k)
+        assert torch.equal(got.indices, want[1]), k
+        assert torch.equal(got.values, want[0]), k
 
 
 @needs_openblas
@@ -53,7 +75,7 @@ def test_row_tiles_restore_openblas_threads_and_raise_a_failing_epilogue(two_tor
     x, W = torch.randn(40, 8), torch.randn(8, 12)
     seen = []
 
-    def fail_on_third_tile(start, stop, pre, threads):
+    def fail_on_third_tile(start, stop, col0, pre, threads):
         seen.append((start, threads))
         if start == 10:
             raise RuntimeError("tile failed")
