@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backend import _C
-from .cpu_gemm import empty_output, row_tiles, scratch
+from .cpu_gemm import empty_output, gemm_library, row_tiles, scratch
 
 # Rows of pre-activations computed per encoder GEMM tile: a [rows, n] scratch block of about
 # 64 MiB per thread instead of the whole [B, n] matrix. Each tile's GEMM packs all of W_enc again,
@@ -133,14 +133,18 @@ def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Te
     values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64)
     bias = _np(b_enc)
-    rows = min(batch, TOPK_TILE_ROWS)
-    width = max(1, L2_TILE_BYTES // (rows * x.element_size()))
+    library = gemm_library(2.0 * batch * x.shape[1] * n)
+    if library == "numpy":
+        rows = min(batch, TOPK_TILE_ROWS)
+        width = max(1, L2_TILE_BYTES // (rows * x.element_size()))
+    else:  # torch's GEMM copies a column block of W_enc and is slow on narrow ones: whole rows
+        rows, width = min(batch, _tile_rows(n, x.element_size())), n
 
     def select(start: int, stop: int, col0: int, pre: Tensor, threads: int) -> None:
         _C.topk_select_block(_np(pre), bias[col0:col0 + pre.shape[1]], col0, k, col0 == 0,
                              col0 + pre.shape[1] == n, _np(values[start:stop]), _np(indices[start:stop]), threads)
 
-    row_tiles(x, W_enc, rows, select, col_tile=width)
+    row_tiles(x, W_enc, rows, select, library=library, col_tile=width)
     return values, indices
 
 
