@@ -43,7 +43,8 @@ scaled as one process scales it), with ``LatentShardedReLU`` (ReLU + L1) as well
 The 2-D mesh (data x latent): ``mesh(latent_shards)`` splits the world into latent groups (the
 ranks holding one dictionary's shards) and data groups (the ranks holding the same shard); a shard
 built with ``data_group`` trains through ``MeshTraining``: data parallel over its data group
-around latent sharding over its latent group. Not on a mesh yet: BatchTopK.
+around latent sharding over its latent group. BatchTopK on a mesh selects over the global batch
+and every shard at once (``LatentShardedBatchTopK``: candidates all-gathered over both groups).
 """
 from __future__ import annotations
 
@@ -325,12 +326,15 @@ class LatentShardedTopK(nn.Module):
 class LatentShardedBatchTopK(LatentShardedTopK):
     """This rank's shard of a BatchTopK SAE: in training, the top B*k activations of the whole batch
     over every shard's latents (ties: lower global flat index row * n + latent, as
-    ``ops.batchtopk_encode``). Each shard's share is at most B*k entries, so it sends its local top
-    B*k (values and global flat indices: 12 bytes each in fp32); codes are this shard's
-    BatchTopKCodes (values, rows, local cols), of varying length. The inference threshold (running
-    mean of the smallest kept activation) is updated from the global selection, the same on every
-    rank. In evaluation mode each shard encodes through that threshold (dense codes [B, n_local],
-    as ``BatchTopKSAE.encode``) and the partial reconstructions are summed."""
+    ``ops.batchtopk_encode``). On a 2-D mesh (``data_group`` set) the batch is the *global* one:
+    B = D*b rows over the D data ranks' blocks of b rows each. A rank's share of the selection is
+    at most min(B*k, b*n_local) entries, so it sends its local top b*min(D*k, n_local) (values and
+    global flat indices: 12 bytes each in fp32), all-gathered over its latent group, then over its
+    data group (every rank of the mesh); codes are this rank's BatchTopKCodes (values, rows, local
+    cols), of varying length. The inference threshold (running mean of the smallest kept
+    activation) is updated from the global selection, the same on every rank. In evaluation mode
+    each shard encodes through that threshold (dense codes [b, n_local], as ``BatchTopKSAE.encode``)
+    and the partial reconstructions are summed."""
 
     architecture = "batchtopk"
     dictionary_class = BatchTopKSAE
@@ -370,24 +374,45 @@ class LatentShardedBatchTopK(LatentShardedTopK):
             x_hat = _SumShards.apply(codes @ self.W_dec, self.group) + self.b_dec
             return SAEOutput(x_hat, codes, {"mse": (x_hat - target).pow(2).sum(-1).mean()})
         batch = x.shape[0]
-        keep = batch * self.k
-        codes = ops.batchtopk_encode(x, self.W_enc, self._encoder_bias(), min(self.k, self.n_local))
-        flat = codes.rows * self.n_latents + codes.cols + self.offset            # global flat indices
-        padding = keep - codes.values.shape[0]                                  # when n_local < k
-        values = torch.cat([codes.values.detach(), codes.values.new_full((padding,), float("-inf"))])
-        flat = torch.cat([flat, flat.new_full((padding,), -1)])
-        all_values, all_flat = torch.cat(self._all_gather(values)), torch.cat(self._all_gather(flat))
-        by_index = torch.sort(all_flat, stable=True).indices                    # ties: lower flat index first
-        by_value = torch.sort(all_values[by_index], descending=True, stable=True).indices[:keep]
-        chosen = torch.zeros_like(all_values, dtype=torch.bool)
-        chosen[by_index[by_value]] = True
-        mine = chosen[self.rank * keep:self.rank * keep + codes.values.shape[0]]
-        kept = ops.BatchTopKCodes(codes.values[mine], codes.rows[mine], codes.cols[mine])
-        self._update_threshold(all_values[by_index[by_value]])
+        kept = self._global_batchtopk(x)
         partial = ops.sparse_decode_coo(kept.values, kept.rows, kept.cols, self.W_dec, torch.zeros_like(self.b_dec),
                                         batch)
         x_hat = _SumShards.apply(partial, self.group) + self.b_dec
         return SAEOutput(x_hat, kept, {"mse": (x_hat - target).pow(2).sum(-1).mean()})
+
+    def _global_batchtopk(self, x: Tensor) -> ops.BatchTopKCodes:
+        """This rank's entries of the global BatchTopK selection (see the class docstring), and the
+        threshold estimate updated from it. x [b, d_in]: this rank's rows (its data rank's block of
+        the global batch on a mesh, the whole batch otherwise). Returns BatchTopKCodes(values,
+        rows [local], cols [local]), differentiable in the values."""
+        batch = x.shape[0]
+        data_size = 1 if self.data_group is None else dist.get_world_size(self.data_group)
+        data_rank = 0 if self.data_group is None else dist.get_rank(self.data_group)
+        keep = batch * data_size * self.k                                       # B*k of the global batch
+        codes = ops.batchtopk_encode(x, self.W_enc, self._encoder_bias(), min(data_size * self.k, self.n_local))
+        flat = (codes.rows + data_rank * batch) * self.n_latents + codes.cols + self.offset  # global flat indices
+        all_values = self._gather_mesh(codes.values.detach())                   # [D * S * b*per_row], rank order
+        all_flat = self._gather_mesh(flat)
+        by_index = torch.sort(all_flat, stable=True).indices                    # ties: lower flat index first
+        by_value = torch.sort(all_values[by_index], descending=True, stable=True).indices[:keep]
+        chosen = torch.zeros_like(all_values, dtype=torch.bool)
+        chosen[by_index[by_value]] = True
+        segment = codes.values.shape[0]                                         # the same on every rank
+        start = (data_rank * self.world_size + self.rank) * segment
+        mine = chosen[start:start + segment]
+        self._update_threshold(all_values[by_index[by_value]])
+        return ops.BatchTopKCodes(codes.values[mine], codes.rows[mine], codes.cols[mine])
+
+    def _gather_mesh(self, t: Tensor) -> Tensor:
+        """t [m] from every rank holding a shard of this dictionary (and, on a mesh, every data
+        rank): all-gathered over the latent group, then the data group; [D * S * m] in the order
+        (data rank, shard)."""
+        shards = torch.cat(self._all_gather(t))
+        if self.data_group is None:
+            return shards
+        parts = [torch.empty_like(shards) for _ in range(dist.get_world_size(self.data_group))]
+        dist.all_gather(parts, shards, group=self.data_group)
+        return torch.cat(parts)
 
     _update_threshold = BatchTopKSAE._update_threshold
 
@@ -565,13 +590,10 @@ class MeshTraining(ShardedTraining):
     """The trainer's context on a 2-D mesh: data parallel over the shard's data group (each data
     rank its own block of the global batch; gradients, fire counts, metrics, AuxK's variance and
     the ghost-grads factor reduced over it) around latent sharding over its latent group. Rank 0
-    of the world writes; the latent group of data rank 0 gathers the checkpoints. BatchTopK is not
-    supported on a mesh yet (its selection would span both dimensions)."""
+    of the world writes; the latent group of data rank 0 gathers the checkpoints. A BatchTopK shard
+    selects over the global batch and every shard itself (``LatentShardedBatchTopK``)."""
 
     def __init__(self, sae: LatentShardedTopK, config, fingerprint: str = ""):
-        if sae.architecture == "batchtopk":
-            raise ValueError("a BatchTopK dictionary cannot train on a 2-D mesh yet: use latent sharding "
-                             "alone (data_group=None) or data parallel alone")
         super().__init__(sae, config, fingerprint)
         self.data = DataParallel(config.batch_size, fingerprint, group=sae.data_group)
         self.is_writer = dist.get_rank() == 0

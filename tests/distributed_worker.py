@@ -45,7 +45,7 @@ PARITY_CASES = ("topk", "batchtopk", "topk-auxk", "batchtopk-auxk", "relu-ghost"
 SHARDED_TRAIN_CASES = ("topk-auxk", "batchtopk", "relu-ghost")
 
 
-MESH_CASES = ("topk-auxk", "relu-ghost")
+MESH_CASES = ("topk-auxk", "batchtopk-auxk", "relu-ghost")
 
 
 def shard_of(sae, mesh=None):
