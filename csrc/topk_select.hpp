@@ -41,60 +41,6 @@ inline void sift_down(Candidate<T>* heap, int64_t size, int64_t pos) {
   }
 }
 
-template <typename T>
-void topk_select_row(const T* pre, const T* bias, int64_t n, int64_t k, Candidate<T>* heap,
-                     T* values_out, int64_t* indices_out) {
-  for (int64_t i = 0; i < k; ++i) heap[i] = {pre[i] + bias[i], i};
-  for (int64_t i = k / 2 - 1; i >= 0; --i) sift_down(heap, k, i);
-  T threshold = heap[0].value;
-
-  // Later indices only enter on a strictly larger value (equal values keep the lower index).
-  // Most blocks hold no such value: test a whole block with one vectorised compare first.
-  constexpr int64_t kBlock = 64;
-  int64_t i = k;
-  for (; i + kBlock <= n; i += kBlock) {
-    int hit = 0;
-#pragma omp simd reduction(| : hit)
-    for (int64_t j = 0; j < kBlock; ++j) hit |= (pre[i + j] + bias[i + j] > threshold);
-    if (!hit) continue;
-    for (int64_t j = i; j < i + kBlock; ++j) {
-      T v = pre[j] + bias[j];
-      if (v > threshold) {
-        heap[0] = {v, j};
-        sift_down(heap, k, int64_t(0));
-        threshold = heap[0].value;
-      }
-    }
-  }
-  for (; i < n; ++i) {
-    T v = pre[i] + bias[i];
-    if (v > threshold) {
-      heap[0] = {v, i};
-      sift_down(heap, k, int64_t(0));
-      threshold = heap[0].value;
-    }
-  }
-  std::sort(heap, heap + k, [](const Candidate<T>& a, const Candidate<T>& b) { return worse(b, a); });
-  for (int64_t j = 0; j < k; ++j) {
-    values_out[j] = heap[j].value > T(0) ? heap[j].value : T(0);
-    indices_out[j] = heap[j].index;
-  }
-}
-
-// pre [rows, n] (GEMM output without bias), bias [n] -> values [rows, k], indices [rows, k].
-// threads = 0: the OpenMP default (torch's thread count: the runtime is shared with torch).
-template <typename T>
-void topk_select(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t k, T* values,
-                 int64_t* indices, int threads) {
-#pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
-  {
-    std::vector<Candidate<T>> heap(k);
-#pragma omp for schedule(guided)
-    for (int64_t r = 0; r < rows; ++r)
-      topk_select_row(pre + r * n, bias, n, k, heap.data(), values + r * k, indices + r * k);
-  }
-}
-
 // ReLU as a selection: the positive entries of pre[r] + bias, in column order (a ReLU encoder's
 // codes as COO when they are sparse). Two passes over the block: count per row, then write.
 // counts [rows]; relu_compact_write fills values/cols from offsets[r] = sum of earlier counts.
@@ -183,6 +129,27 @@ void topk_select_block_row(const T* pre, const T* bias, int64_t width, int64_t c
       values_io[j] = heap[j].value;
       indices_io[j] = heap[j].index;
     }
+  }
+}
+
+// One whole row: pre [n] + bias [n] -> the k largest (ties: lower index), ReLU'd, sorted.
+template <typename T>
+void topk_select_row(const T* pre, const T* bias, int64_t n, int64_t k, Candidate<T>* heap, T* values_out,
+                     int64_t* indices_out) {
+  topk_select_block_row(pre, bias, n, int64_t(0), k, true, true, heap, values_out, indices_out);
+}
+
+// pre [rows, n] (GEMM output without bias), bias [n] -> values [rows, k], indices [rows, k].
+// threads = 0: the OpenMP default (torch's thread count: the runtime is shared with torch).
+template <typename T>
+void topk_select(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t k, T* values,
+                 int64_t* indices, int threads) {
+#pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
+  {
+    std::vector<Candidate<T>> heap(k);
+#pragma omp for schedule(guided)
+    for (int64_t r = 0; r < rows; ++r)
+      topk_select_row(pre + r * n, bias, n, k, heap.data(), values + r * k, indices + r * k);
   }
 }
 

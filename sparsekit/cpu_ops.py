@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import autograd_formulas
 from .backend import _C
 from .cpu_gemm import empty_output, gemm_library, row_tiles, scratch
 
@@ -40,9 +41,7 @@ def _tile_rows(n: int, itemsize: int) -> int:
     return max(1, TILE_BYTES // (n * itemsize))
 
 
-def coo_row_ids(batch_size: int, k: int, device=None) -> Tensor:
-    """The row of each entry of [B, k] codes flattened to COO: [B*k] int64."""
-    return torch.arange(batch_size, device=device).repeat_interleave(k)
+coo_row_ids = autograd_formulas.kept_rows  # the row of each entry of [B, k] codes as COO: [B*k] int64
 
 
 # --- sparse products (the backward kernels) ---------------------------------------------------
@@ -148,27 +147,7 @@ def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Te
     return values, indices
 
 
-@topk_encode_cpu.register_fake
-def _(x, W_enc, b_enc, k):
-    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
-
-
-def _topk_setup(ctx, inputs, output):
-    x, W_enc, _, _ = inputs
-    values, indices = output
-    ctx.save_for_backward(x, W_enc, values, indices)
-
-
-def _topk_backward(ctx, grad_values, grad_indices):
-    x, W_enc, values, indices = ctx.saved_tensors
-    # ReLU after selection: only kept entries that are positive carry gradient.
-    grad_kept = (grad_values * (values > 0)).reshape(-1)
-    rows = coo_row_ids(x.shape[0], values.shape[1])
-    grads = _sparse_encoder_backward(ctx, grad_kept, rows, indices.reshape(-1), x, W_enc)
-    return (*grads, None)
-
-
-topk_encode_cpu.register_autograd(_topk_backward, setup_context=_topk_setup)
+autograd_formulas.register_topk(topk_encode_cpu, _sparse_encoder_backward)
 
 
 # --- topk_encode with a pre-encoder bias ---------------------------------------------------
@@ -241,25 +220,7 @@ def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     return values, rows, cols
 
 
-@batchtopk_encode_cpu.register_fake
-def _(x, W_enc, b_enc, k):
-    m = x.shape[0] * k
-    return x.new_empty(m), x.new_empty(m, dtype=torch.int64), x.new_empty(m, dtype=torch.int64)
-
-
-def _batchtopk_setup(ctx, inputs, output):
-    x, W_enc, _, _ = inputs
-    values, rows, cols = output
-    ctx.save_for_backward(x, W_enc, values, rows, cols)
-
-
-def _batchtopk_backward(ctx, grad_values, grad_rows, grad_cols):
-    x, W_enc, values, rows, cols = ctx.saved_tensors
-    grads = _sparse_encoder_backward(ctx, grad_values * (values > 0), rows, cols, x, W_enc)
-    return (*grads, None)
-
-
-batchtopk_encode_cpu.register_autograd(_batchtopk_backward, setup_context=_batchtopk_setup)
+autograd_formulas.register_batchtopk(batchtopk_encode_cpu, _sparse_encoder_backward)
 
 
 @torch.library.custom_op("sparsekit::batchtopk_encode_centered_cpu", mutates_args=())
@@ -367,22 +328,12 @@ def relu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     return torch.addmm(b_enc, x, W_enc, out=empty_output((x.shape[0], W_enc.shape[1]), x.dtype)).clamp_(min=0)
 
 
-@relu_encode_cpu.register_fake
-def _(x, W_enc, b_enc):
-    return x.new_empty(x.shape[0], W_enc.shape[1])
-
-
-def _relu_setup(ctx, inputs, output):
-    x, W_enc, _ = inputs
-    ctx.save_for_backward(x, W_enc, output)
-
-
 def _relu_backward(ctx, grad_out):
     x, W_enc, out = ctx.saved_tensors
     return _dense_encoder_backward(ctx, torch.ops.aten.threshold_backward(grad_out, out, 0), x, W_enc)
 
 
-relu_encode_cpu.register_autograd(_relu_backward, setup_context=_relu_setup)
+autograd_formulas.register_relu(relu_encode_cpu, _relu_backward)
 
 
 @torch.library.custom_op("sparsekit::jumprelu_encode_cpu", mutates_args=())
@@ -392,19 +343,6 @@ def jumprelu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: 
     threshold gradient needs (the public op returns only the first)."""
     pre = torch.addmm(b_enc, x, W_enc, out=empty_output((x.shape[0], W_enc.shape[1]), x.dtype))
     return pre * (pre > torch.exp(log_threshold)), pre
-
-
-@jumprelu_encode_cpu.register_fake
-def _(x, W_enc, b_enc, log_threshold, bandwidth):
-    shape = (x.shape[0], W_enc.shape[1])
-    return x.new_empty(shape), x.new_empty(shape)
-
-
-def _jumprelu_setup(ctx, inputs, output):
-    x, W_enc, _, log_threshold, bandwidth = inputs
-    ctx.bandwidth = bandwidth
-    ctx.set_materialize_grads(False)  # the second output (pre) is private: usually no gradient
-    ctx.save_for_backward(x, W_enc, log_threshold, output[1])
 
 
 def _jumprelu_backward(ctx, grad_out, grad_pre_out):
@@ -424,7 +362,7 @@ def _jumprelu_backward(ctx, grad_out, grad_pre_out):
     return grad_x, grad_W_enc, grad_b_enc, grad_log_threshold, None
 
 
-jumprelu_encode_cpu.register_autograd(_jumprelu_backward, setup_context=_jumprelu_setup)
+autograd_formulas.register_jumprelu(jumprelu_encode_cpu, _jumprelu_backward)
 
 
 # --- sparse_decode ----------------------------------------------------------------------------
@@ -437,16 +375,6 @@ def sparse_decode_cpu(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor,
     _C.coo_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
                        _np(W_dec.contiguous()), _np(out))
     return out.add_(b_dec)
-
-
-@sparse_decode_cpu.register_fake
-def _(values, rows, cols, W_dec, b_dec, batch_size):
-    return W_dec.new_empty(batch_size, W_dec.shape[1])
-
-
-def _decode_setup(ctx, inputs, output):
-    values, rows, cols, W_dec, _, _ = inputs
-    ctx.save_for_backward(values, rows, cols, W_dec)
 
 
 def _decode_backward(ctx, grad_y):
@@ -463,7 +391,7 @@ def _decode_backward(ctx, grad_y):
     return grad_values, None, None, grad_W_dec, grad_b_dec, None
 
 
-sparse_decode_cpu.register_autograd(_decode_backward, setup_context=_decode_setup)
+autograd_formulas.register_sparse_decode(sparse_decode_cpu, _decode_backward)
 
 
 # --- ghost_grad_loss --------------------------------------------------------------------------
@@ -487,13 +415,6 @@ def ghost_grad_loss_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
     return raw_loss * (mse_main / (raw_loss + eps)), raw_loss, exp_pre, ghost, scale
 
 
-@ghost_grad_loss_cpu.register_fake
-def _(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
-    batch = x.shape[0]
-    return (x.new_empty(()), x.new_empty(()), x.new_empty(batch, dead_idx.shape[0]), x.new_empty(residual.shape),
-            x.new_empty(batch))
-
-
 @torch.library.custom_op("sparsekit::ghost_grad_loss_backward_cpu", mutates_args=())
 def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
                                  residual: Tensor, mse_main: Tensor, raw_loss: Tensor, exp_pre: Tensor,
@@ -508,27 +429,4 @@ def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: 
     return grad_x, torch.mm(x.t(), grad_pre), grad_pre.sum(0)
 
 
-@ghost_grad_loss_backward_cpu.register_fake
-def _(grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, eps):
-    n_dead = dead_idx.shape[0]
-    return x.new_empty(x.shape), x.new_empty(x.shape[1], n_dead), x.new_empty(n_dead)
-
-
-def _ghost_setup(ctx, inputs, output):
-    x, W_enc, _, W_dec, dead_idx, residual, mse_main, eps = inputs
-    _, raw_loss, exp_pre, ghost, scale = output
-    ctx.eps = eps
-    ctx.save_for_backward(x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale)
-
-
-def _ghost_backward(ctx, grad, *unused_grads):
-    x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale = ctx.saved_tensors
-    grad_x, grad_dead_cols, grad_dead_bias = ghost_grad_loss_backward_cpu(
-        grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, ctx.eps)
-    grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead_idx, grad_dead_cols)
-    grad_b_enc = torch.zeros_like(W_enc[0]).index_copy_(0, dead_idx, grad_dead_bias)
-    return (grad_x if ctx.needs_input_grad[0] else None, grad_W_enc, grad_b_enc,
-            None, None, None, None, None)
-
-
-ghost_grad_loss_cpu.register_autograd(_ghost_backward, setup_context=_ghost_setup)
+autograd_formulas.register_ghost(ghost_grad_loss_cpu, ghost_grad_loss_backward_cpu)

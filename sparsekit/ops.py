@@ -95,6 +95,24 @@ def _check_pre_bias(pre_bias, x) -> Tensor:
     return pre_bias.contiguous()
 
 
+def _sparse_encode(name: str, x, W_enc, b_enc, k, pre_bias) -> tuple:
+    """The checks and backend dispatch shared by topk_encode and batchtopk_encode (``name``):
+    the backend's op ``<name>_cpu`` / ``_centered_cpu`` / ``_triton``, or the reference."""
+    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
+    k = checks.k_in_range(k, W_enc.shape[1])
+    backend = backend_for(x)
+    if pre_bias is not None:
+        pre_bias = _check_pre_bias(pre_bias, x)
+        if backend == "cpp":
+            return getattr(_cpp(), f"{name}_centered_cpu")(x, W_enc, b_enc, pre_bias, k)
+        b_enc = b_enc - pre_bias @ W_enc
+    if backend == "cpp":
+        return getattr(_cpp(), f"{name}_cpu")(x, W_enc, b_enc, k)
+    if backend == "triton":
+        return getattr(_triton("encode"), f"{name}_triton")(x, W_enc, b_enc, k)
+    return getattr(reference, name)(x, W_enc, b_enc, k)
+
+
 def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, pre_bias: Tensor | None = None) -> TopKCodes:
     """Per row of pre = x @ W_enc + b_enc keep the k largest (ties: lower index), ReLU them.
 
@@ -104,19 +122,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, pre_bias: Tenso
     b_enc - pre_bias @ W_enc (that fold is the definition); gradients reach pre_bias too. An
     SAE's b_dec goes here: the C++ backend then never forms a dense [d_in, n] gradient for it.
     """
-    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
-    k = checks.k_in_range(k, W_enc.shape[1])
-    backend = backend_for(x)
-    if pre_bias is not None:
-        pre_bias = _check_pre_bias(pre_bias, x)
-        if backend == "cpp":
-            return TopKCodes(*_cpp().topk_encode_centered_cpu(x, W_enc, b_enc, pre_bias, k))
-        b_enc = b_enc - pre_bias @ W_enc
-    if backend == "cpp":
-        return TopKCodes(*_cpp().topk_encode_cpu(x, W_enc, b_enc, k))
-    if backend == "triton":
-        return TopKCodes(*_triton("encode").topk_encode_triton(x, W_enc, b_enc, k))
-    return TopKCodes(*reference.topk_encode(x, W_enc, b_enc, k))
+    return TopKCodes(*_sparse_encode("topk_encode", x, W_enc, b_enc, k, pre_bias))
 
 
 def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
@@ -126,19 +132,7 @@ def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
     -> BatchTopKCodes(values, rows, cols), each [B*k], row-major; ties: lower flat index.
     pre_bias [d_in] (optional): encode x - pre_bias, as in topk_encode.
     """
-    x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
-    k = checks.k_in_range(k, W_enc.shape[1])
-    backend = backend_for(x)
-    if pre_bias is not None:
-        pre_bias = _check_pre_bias(pre_bias, x)
-        if backend == "cpp":
-            return BatchTopKCodes(*_cpp().batchtopk_encode_centered_cpu(x, W_enc, b_enc, pre_bias, k))
-        b_enc = b_enc - pre_bias @ W_enc
-    if backend == "cpp":
-        return BatchTopKCodes(*_cpp().batchtopk_encode_cpu(x, W_enc, b_enc, k))
-    if backend == "triton":
-        return BatchTopKCodes(*_triton("encode").batchtopk_encode_triton(x, W_enc, b_enc, k))
-    return BatchTopKCodes(*reference.batchtopk_encode(x, W_enc, b_enc, k))
+    return BatchTopKCodes(*_sparse_encode("batchtopk_encode", x, W_enc, b_enc, k, pre_bias))
 
 
 def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
