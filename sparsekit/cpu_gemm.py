@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
@@ -59,7 +60,8 @@ def _find_openblas():
     return None
 
 
-PARALLEL_MIN_FLOP = 2**24  # ~17 MFLOP: ~0.1 ms of GEMM, the order of a thread hand-off
+PARALLEL_MIN_FLOP = 2**33  # ~8.6 GFLOP: measured crossover on the 2-core EPYC (topk_encode at
+# B=2048, d=256, n=8192 took 66 ms either way; at 1024 x 256 x 4096, 27 ms on the pool vs 20 ms)
 
 _openblas = None
 _openblas_searched = False
@@ -104,17 +106,41 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor, library: str = "torch") -> Te
 HUGE_PAGE_MIN_BYTES = 4 * 2**20  # NumPy asks for transparent huge pages from this size (Linux)
 
 
-def empty_output(shape, dtype: torch.dtype) -> Tensor:
-    """torch.empty(shape, dtype) on the CPU, through NumPy's allocator when it is large: NumPy
-    madvises transparent huge pages for big blocks, so a fresh 32 MiB output (a weight gradient,
-    new every step) takes ~3 ms of page faults on first write instead of ~13 ms (measured)."""
+_recycled: dict[tuple, list[np.ndarray]] = {}
+_recycled_lock = threading.Lock()
+RECYCLED_PER_SHAPE = 4
+
+
+def empty_output(shape, dtype: torch.dtype, recycle: bool = True) -> Tensor:
+    """torch.empty(shape, dtype) on the CPU, recycled when it is large.
+
+    A fresh 32 MiB output (a weight gradient, new every training step) costs its page faults on
+    first write: ~13 ms with 4 KiB pages, and measured ~15 ms per op on 2 threads even with the
+    transparent huge pages NumPy asks for. So large outputs are NumPy arrays kept in a small pool:
+    an array whose tensor (and every view of it) is gone, seen by its reference count falling back
+    to the pool's own, is handed out again; its memory is already mapped. At most
+    RECYCLED_PER_SHAPE arrays are kept per shape and dtype."""
     np_dtype = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}.get(dtype)
+    shape = tuple(int(size) for size in shape)
     count = 1
     for size in shape:
         count *= size
     if np_dtype is None or count * np.dtype(np_dtype).itemsize < HUGE_PAGE_MIN_BYTES:
         return torch.empty(shape, dtype=dtype)
-    return torch.from_numpy(np.empty(shape, dtype=np_dtype))
+    if not recycle:  # a buffer the caller keeps: NumPy's huge pages, no pool slot
+        return torch.from_numpy(np.empty(shape, dtype=np_dtype))
+    key = (shape, np_dtype)
+    with _recycled_lock:
+        pool = _recycled.setdefault(key, [])
+        for array in pool:
+            # References: the pool's list, this loop's name, getrefcount's argument. A live
+            # tensor made by from_numpy (or any view of one) holds one more.
+            if sys.getrefcount(array) == 3:
+                return torch.from_numpy(array)
+        array = np.empty(shape, dtype=np_dtype)
+        if len(pool) < RECYCLED_PER_SHAPE:
+            pool.append(array)
+    return torch.from_numpy(array)
 
 
 def scratch(rows: int, cols: int, dtype: torch.dtype, purpose: str = "tile") -> Tensor:
@@ -128,7 +154,7 @@ def scratch(rows: int, cols: int, dtype: torch.dtype, purpose: str = "tile") -> 
         buffers = _local.buffers = {}
     buf = buffers.get(key)
     if buf is None or buf.shape[0] < rows:
-        buf = buffers[key] = empty_output((rows, cols), dtype)
+        buf = buffers[key] = empty_output((rows, cols), dtype, recycle=False)
     return buf[:rows]
 
 
@@ -158,7 +184,8 @@ def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, int
     batch, cols = x.shape[0], W.shape[1]
     library = library or gemm_library(2.0 * batch * x.shape[1] * cols)
     workers = min(torch.get_num_threads(), batch)
-    parallel = library == "numpy" and workers > 1 and x.dtype in (torch.float32, torch.float64)
+    parallel = (library == "numpy" and workers > 1 and x.dtype in (torch.float32, torch.float64)
+                and openblas_available())
     if parallel:
         tile = max(1, min(tile, -(-batch // workers)))  # at least one tile per worker
     col_tile = cols if col_tile is None else max(1, min(col_tile, cols))

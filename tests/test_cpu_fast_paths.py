@@ -159,3 +159,23 @@ def test_empty_output_is_a_plain_writable_tensor_of_the_shape_and_dtype(shape, d
         p.grad = out
         torch.optim.SGD([p], lr=1.0).step()
         assert bool((p == -3).all())
+
+
+def test_large_outputs_are_recycled_only_once_nothing_refers_to_them():
+    shape = (1024, 1024 + 7)  # 4 MiB of float32 and a shape no other test uses
+    first = cpu_gemm.empty_output(shape, torch.float32)
+    address = first.data_ptr()
+    second = cpu_gemm.empty_output(shape, torch.float32)
+    assert second.data_ptr() != address  # `first` is alive
+    view = first[3:]
+    del first
+    assert cpu_gemm.empty_output(shape, torch.float32).data_ptr() != address  # a view keeps it
+    del view
+    again = cpu_gemm.empty_output(shape, torch.float32)
+    assert again.data_ptr() == address  # nothing refers to it any more: reused
+    grad_holder = torch.nn.Parameter(torch.zeros(shape))
+    grad_holder.grad = again
+    del again
+    assert cpu_gemm.empty_output(shape, torch.float32).data_ptr() != address  # alive as a .grad
+    kept = cpu_gemm.empty_output(shape, torch.float32, recycle=False)
+    del kept  # not pooled: nothing to assert but that it is a plain buffer
