@@ -476,7 +476,7 @@ NOTES = [
     "How each row was built:",
     "- sparsekit rows: sparsekit.train's loop body replicated statement by statement (train.py has no per-step "
     "function): sae(x), dead-latent remedy, loss check, zero_grad, backward, parallel-gradient projection, "
-    "clip_grad_norm_(1.0), the trainer's Adam (torch for-each), decoder renormalisation, parameter check, fire "
+    "clip_grad_norm_(1.0), the trainer's Adam (torch's fused kernel: every parameter is contiguous), decoder renormalisation, parameter check, fire "
     "counts, tracker and logging window; only drawing the batch from a source is left out. The cross-check row "
     "times sparsekit.train() itself (TensorSource, b_dec from the mean, no held-out split).",
     "- ReLU+L1: b_enc shifted by one constant so that on the first 1024 rows of x exactly k of n pre-activations per "
