@@ -7,6 +7,7 @@ and BLAS/OpenMP runtimes read their thread counts when they load.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -106,3 +107,20 @@ def output_path(option: str, now: datetime.datetime, suffix: str = "") -> Path:
         return Path(option)
     slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "cpu"
     return RESULTS_DIR / f"{now:%Y-%m-%d}-{slug}{suffix}.md"
+
+
+@contextlib.contextmanager
+def backend_forced_to(name: str | None):
+    """SPARSEKIT_BACKEND=name for the duration (nothing when name is None); sparsekit reads it per op."""
+    if name is None:
+        yield
+        return
+    before = os.environ.get("SPARSEKIT_BACKEND")
+    os.environ["SPARSEKIT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPARSEKIT_BACKEND"]
+        else:
+            os.environ["SPARSEKIT_BACKEND"] = before

@@ -27,9 +27,11 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import backend_forced_to  # noqa: E402
 
 GPU_SHAPES = [  # (B, d, n, k)
     (4096, 768, 32768, 32),
@@ -120,19 +122,6 @@ class Bench:
             return None, "out of memory"
 
 
-@contextmanager
-def sparsekit_backend(name: str):
-    before = os.environ.get("SPARSEKIT_BACKEND")
-    os.environ["SPARSEKIT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("SPARSEKIT_BACKEND", None)
-        else:
-            os.environ["SPARSEKIT_BACKEND"] = before
-
-
 def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
@@ -175,7 +164,7 @@ def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
     del src, dst
 
     def encoder_row(name, sparsekit_fn, torch_fn):
-        with sparsekit_backend("triton"):
+        with backend_forced_to("triton"):
             seconds, note = bench.try_time(sparsekit_fn)
         torch_s, torch_note = bench.try_time(torch_fn)
         add(name, seconds, note or torch_note, gemm_flops / seconds / 1e12 if seconds else None, "TFLOP/s",
@@ -191,13 +180,13 @@ def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
                 lambda: (lambda pre: pre * (pre > log_threshold.exp()))(torch.addmm(b_enc, x, W_enc)))
 
     # Decoders: codes from the encoder, then gather-bound decodes.
-    with sparsekit_backend("triton"):
+    with backend_forced_to("triton"):
         values, indices = sparsekit.topk_encode(x, W_enc, b_enc, k)
     values = values.abs() + 0.1
     decode_bytes = (batch * k * d + 2 * batch * d) * element + batch * k * (element + 8)
 
     def decode_row(name, sparsekit_fn, bag_fn, dense_fn, traffic):
-        with sparsekit_backend("triton"):
+        with backend_forced_to("triton"):
             seconds, note = bench.try_time(sparsekit_fn)
         bag_s, _ = bench.try_time(bag_fn) if bag_fn else (None, "")
         dense_s, dense_note = bench.try_time(dense_fn)
@@ -253,10 +242,10 @@ def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
         torch.autograd.grad(loss, ghost_leaves)
 
     def ghost_torch():
-        with sparsekit_backend("torch"):
+        with backend_forced_to("torch"):
             ghost_step()
 
-    with sparsekit_backend("triton"):
+    with backend_forced_to("triton"):
         ghost_s, note = bench.try_time(ghost_step)
     ghost_torch_s, _ = bench.try_time(ghost_torch)
     ghost_flops = 5 * 2.0 * batch * d * n_dead  # two GEMMs forward, three backward
@@ -286,7 +275,7 @@ def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
         y = F.embedding_bag(i, Wd, per_sample_weights=v.relu(), mode="sum") + bd
         (y - x).float().pow(2).sum(-1).mean().backward()
 
-    with sparsekit_backend("triton"):
+    with backend_forced_to("triton"):
         step_s, note = bench.try_time(step_sparsekit)
     dense_s, dense_note = bench.try_time(step_dense)
     bag_s, bag_note = bench.try_time(step_bag)

@@ -37,21 +37,19 @@ exponent of a log-log fit for each axis.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import importlib
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (BUSY_SHARE, THREAD_ENV_VARS, cpu_model, output_path, peak_rss_gib,  # noqa: E402
+from _timing import (backend_forced_to, output_path, peak_rss_gib,  # noqa: E402
                      peak_rss_in_subprocesses, pin_thread_env, time_round_robin, time_with_cpu_share)
 
 # The issue's targets (issue 10, "Targets").
@@ -130,9 +128,8 @@ import torch  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit import cpu_gemm, reliability  # noqa: E402
-from sparsekit.backend import _C  # noqa: E402
 from sparsekit.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss  # noqa: E402
-from step_table import FULL, QUICK, Shapes, make_gemms, make_inputs, make_step, numpy_blas, pin_threads  # noqa: E402
+from step_table import FULL, QUICK, Shapes, make_gemms, make_inputs, make_step, environment_lines, pin_threads  # noqa: E402
 
 trainer = importlib.import_module("sparsekit.train")  # the module (sparsekit.train is the function)
 
@@ -147,23 +144,6 @@ def shapes_from(args: argparse.Namespace) -> Shapes:
 
 
 # --- sparsekit: the trainer's step -------------------------------------------------------------
-
-@contextlib.contextmanager
-def backend_forced_to(name: str | None):
-    """SPARSEKIT_BACKEND=name for the duration (nothing when name is None); sparsekit reads it per op."""
-    if name is None:
-        yield
-        return
-    before = os.environ.get("SPARSEKIT_BACKEND")
-    os.environ["SPARSEKIT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["SPARSEKIT_BACKEND"]
-        else:
-            os.environ["SPARSEKIT_BACKEND"] = before
-
 
 def dead_latents(n: int, fraction: float) -> torch.Tensor:
     """A fixed random set of round(fraction * n) latent indices [m] int64 (seed 1)."""
@@ -377,29 +357,14 @@ def verdict(ok: bool) -> str:
 
 
 def header_lines(args, shapes: Shapes, now, load_before: float, others_share: float, version: str | None) -> list[str]:
-    cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    c_threads = _C.get_num_threads() if _C is not None else "n/a (extension not built)"
-    checks_on = "off" if os.environ.get("SPARSEKIT_CHECKS", "1").strip() == "0" else "on"
     gflop = 2 * shapes.batch * shapes.d * shapes.n / 1e9
-    import numpy as np
     return [
         f"# sparsekit vs peers: training steps on the CPU ({now:%Y-%m-%d %H:%M %Z})",
         "",
         f"- shapes: {shapes}; encoder GEMM = 2*B*d*n = {gflop:.1f} GFLOP; dead latents in the AuxK/ghost rows: "
         f"{args.dead_fraction:.0%}",
-        f"- CPU: {cpu_model()}, {cores} cores ({usable} usable); threads pinned to {args.threads} "
-        f"(torch.get_num_threads() = {torch.get_num_threads()}, sparsekit._C.get_num_threads() = {c_threads}, "
-        f"{'/'.join(THREAD_ENV_VARS)} = {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
-        f"OMP_WAIT_POLICY = {os.environ.get('OMP_WAIT_POLICY', 'unset')})",
-        f"- torch {torch.__version__}, numpy {np.__version__} ({numpy_blas()}), python {platform.python_version()}, "
-        f"sparsekit {sparsekit.__version__} (commit {source_revision()}), sae_lens {version or 'not installed'}",
-        f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
-        f"{cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)}; finite checks {checks_on}",
-        f"- {args.rounds} rounds, round-robin, one warm-up call each; times are medians (min-max alongside)",
-        f"- other processes used {others_share:.0%} of the CPU while the rows were timed"
-        f" (load average before the run: {load_before:.2f})"
-        + (" -- WARNING: the machine was not quiet; the numbers are suspect" if others_share > BUSY_SHARE else ""),
+        *environment_lines(shapes, args.threads, args.rounds, load_before, others_share,
+                           f" (commit {source_revision()}), sae_lens {version or 'not installed'}"),
     ]
 
 

@@ -257,29 +257,38 @@ def numpy_blas() -> str:
         return "unknown BLAS"
 
 
-def header_lines(args: argparse.Namespace, shapes: Shapes, now: datetime.datetime,
-                 load_before: float, others_share: float) -> list[str]:
+def environment_lines(shapes: Shapes, threads: int, rounds: int, load_before: float, others_share: float,
+                      versions_suffix: str = "") -> list[str]:
+    """The machine, thread, version, backend and load lines every CPU bench table starts with
+    (bench/step_table.py and bench/peers.py)."""
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     c_threads = _C.get_num_threads() if _C is not None else "n/a (extension not built)"
     checks = "off" if os.environ.get("SPARSEKIT_CHECKS", "1").strip() == "0" else "on"
+    return [
+        f"- CPU: {cpu_model()}, {cores} cores ({usable} usable); threads pinned to {threads} "
+        f"(torch.get_num_threads() = {torch.get_num_threads()}, sparsekit._C.get_num_threads() = {c_threads}, "
+        f"{'/'.join(THREAD_ENV_VARS)} = {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+        f"OMP_WAIT_POLICY = {os.environ.get('OMP_WAIT_POLICY', 'unset')})",
+        f"- torch {torch.__version__}, numpy {np.__version__} ({numpy_blas()}), python {platform.python_version()}, "
+        f"sparsekit {sparsekit.__version__}{versions_suffix}",
+        f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
+        f"{cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)}; finite checks {checks}",
+        f"- {rounds} rounds, round-robin, one warm-up call each; times are medians (min-max alongside)",
+        f"- other processes used {others_share:.0%} of the CPU while the rows were timed"
+        f" (load average before the run: {load_before:.2f})"
+        + (" -- WARNING: the machine was not quiet; the numbers are suspect" if others_share > BUSY_SHARE else ""),
+    ]
+
+
+def header_lines(args: argparse.Namespace, shapes: Shapes, now: datetime.datetime,
+                 load_before: float, others_share: float) -> list[str]:
     gflop = 2 * shapes.batch * shapes.d * shapes.n / 1e9
     return [
         f"# sparsekit CPU step table ({now:%Y-%m-%d %H:%M %Z})",
         "",
         f"- shapes: {shapes}; encoder GEMM = 2*B*d*n = {gflop:.1f} GFLOP",
-        f"- CPU: {cpu_model()}, {cores} cores ({usable} usable); threads pinned to {args.threads} "
-        f"(torch.get_num_threads() = {torch.get_num_threads()}, sparsekit._C.get_num_threads() = {c_threads}, "
-        f"{'/'.join(THREAD_ENV_VARS)} = {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})",
-        f"- torch {torch.__version__}, numpy {np.__version__} ({numpy_blas()}), python {platform.python_version()}, "
-        f"sparsekit {sparsekit.__version__}",
-        f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
-        f"{cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)}; "
-        f"finite checks {checks}",
-        f"- {args.rounds} rounds, round-robin, one warm-up call each; times are medians (min-max alongside)",
-        f"- other processes used {others_share:.0%} of the CPU while the rows were timed"
-        f" (load average before the run: {load_before:.2f})"
-        + (" -- WARNING: the machine was not quiet; the numbers are suspect" if others_share > BUSY_SHARE else ""),
+        *environment_lines(shapes, args.threads, args.rounds, load_before, others_share),
         "- note: every step uses torch.optim.Adam(fused=True); loss = ((x_hat - x)**2).sum(-1).mean(); "
         "each step variant has its own parameters (same init); peak RSS from a subprocess per variant "
         "(build tensors + 2 steps)",

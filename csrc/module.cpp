@@ -69,7 +69,7 @@ void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<
   T* v = values.mutable_data();
   int64_t* i = indices.mutable_data();
   py::gil_scoped_release release;
-  topk_select(p, b, rows, n, k, v, i, threads);
+  topk_select_block(p, b, rows, n, int64_t(0), k, true, true, v, i, threads);  // the whole row as one block
 }
 
 template <typename T>

@@ -1,7 +1,8 @@
 // Top-k selection fused with the bias add and ReLU: the epilogue of the encoder GEMM.
 //
-// topk_select:      per row, the k largest of pre[r] + bias (ties: lower index), ReLU applied,
-//                   sorted by value descending (ties: lower index first).
+// topk_select_block: per row, the k largest of pre[r] + bias (ties: lower index), ReLU applied,
+//                   sorted by value descending (ties: lower index first); the row may come in
+//                   column blocks (a whole row is one block).
 // batchtopk_select: over the whole [R, n] block, the M largest of relu(pre + bias)
 //                   (ties: lower flat index), returned in flat (row-major) order.
 #pragma once
@@ -129,27 +130,6 @@ void topk_select_block_row(const T* pre, const T* bias, int64_t width, int64_t c
       values_io[j] = heap[j].value;
       indices_io[j] = heap[j].index;
     }
-  }
-}
-
-// One whole row: pre [n] + bias [n] -> the k largest (ties: lower index), ReLU'd, sorted.
-template <typename T>
-void topk_select_row(const T* pre, const T* bias, int64_t n, int64_t k, Candidate<T>* heap, T* values_out,
-                     int64_t* indices_out) {
-  topk_select_block_row(pre, bias, n, int64_t(0), k, true, true, heap, values_out, indices_out);
-}
-
-// pre [rows, n] (GEMM output without bias), bias [n] -> values [rows, k], indices [rows, k].
-// threads = 0: the OpenMP default (torch's thread count: the runtime is shared with torch).
-template <typename T>
-void topk_select(const T* pre, const T* bias, int64_t rows, int64_t n, int64_t k, T* values,
-                 int64_t* indices, int threads) {
-#pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
-  {
-    std::vector<Candidate<T>> heap(k);
-#pragma omp for schedule(guided)
-    for (int64_t r = 0; r < rows; ++r)
-      topk_select_row(pre + r * n, bias, n, k, heap.data(), values + r * k, indices + r * k);
   }
 }
 

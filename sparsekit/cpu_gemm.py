@@ -95,11 +95,16 @@ def gemm_library(flop: float = float("inf")) -> str:
 
 
 def matmul_into(a: Tensor, b: Tensor, out: Tensor, library: str = "torch") -> Tensor:
-    """out = a @ b for contiguous CPU float tensors: a [m, p], b [p, q], out [m, q]."""
-    if library == "numpy":
-        np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
+    """out = a @ b for CPU float tensors a [m, p], b [p, q] (a column block of a wider matrix is
+    fine), out [m, q] through ``library``; a non-contiguous out (a column block of a wider output)
+    is written through a temporary."""
+    a, b = a.detach(), b.detach()
+    if not out.is_contiguous():
+        out.copy_(a @ b)
+    elif library == "numpy":
+        np.matmul(a.numpy(), b.numpy(), out=out.detach().numpy())
     else:
-        torch.matmul(a.detach(), b.detach(), out=out)
+        torch.matmul(a, b, out=out)
     return out
 
 
@@ -191,20 +196,12 @@ def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, int
     col_tile = cols if col_tile is None else max(1, min(col_tile, cols))
     x, W = x.detach(), W.detach()
 
-    def gemm_into(a: Tensor, b: Tensor, pre: Tensor) -> None:
-        if not pre.is_contiguous():  # a column block of `out`
-            pre.copy_(a @ b)
-        elif library == "numpy":
-            np.matmul(a.numpy(), b.numpy(), out=pre.numpy())
-        else:
-            torch.matmul(a, b, out=pre)
-
     def run(start: int, threads: int) -> None:
         stop = min(batch, start + tile)
         for col0 in range(0, cols, col_tile):
             col1 = min(cols, col0 + col_tile)
             pre = out[start:stop, col0:col1] if out is not None else scratch(stop - start, col1 - col0, x.dtype)
-            gemm_into(x[start:stop], W if col1 - col0 == cols else W[:, col0:col1], pre)
+            matmul_into(x[start:stop], W if col1 - col0 == cols else W[:, col0:col1], pre, library)
             if epilogue is not None:
                 epilogue(start, stop, col0, pre, threads)
 

@@ -152,6 +152,13 @@ autograd_formulas.register_topk(topk_encode_cpu, _sparse_encoder_backward)
 
 # --- topk_encode with a pre-encoder bias ---------------------------------------------------
 
+def _folded_bias(b_enc: Tensor, pre_bias: Tensor, W_enc: Tensor) -> Tensor:
+    """b_enc - pre_bias @ W_enc [n], contiguous, outside autograd: encoding x with it equals
+    encoding x - pre_bias with b_enc (the centered ops' backward accounts for pre_bias itself)."""
+    with torch.no_grad():
+        return (b_enc - pre_bias @ W_enc).contiguous()
+
+
 @torch.library.custom_op("sparsekit::topk_encode_centered_cpu", mutates_args=())
 def topk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
                              k: int) -> tuple[Tensor, Tensor]:
@@ -161,9 +168,7 @@ def topk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
     Folding pre_bias into the bias by autograd (SparseDictionary.encoder_bias) would cost a dense
     [d, n] outer product in backward; here W_enc's gradient is (x - pre_bias)^T S in one sparse
     pass and pre_bias's is -W_enc @ grad b_enc."""
-    with torch.no_grad():
-        bias = b_enc - pre_bias @ W_enc
-    return topk_encode_cpu(x, W_enc, bias, k)
+    return topk_encode_cpu(x, W_enc, _folded_bias(b_enc, pre_bias, W_enc), k)
 
 
 @topk_encode_centered_cpu.register_fake
@@ -227,9 +232,7 @@ autograd_formulas.register_batchtopk(batchtopk_encode_cpu, _sparse_encoder_backw
 def batchtopk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
                                   k: int) -> tuple[Tensor, Tensor, Tensor]:
     """batchtopk_encode of x - pre_bias, the bias folded as in topk_encode_centered_cpu."""
-    with torch.no_grad():
-        bias = b_enc - pre_bias @ W_enc
-    return batchtopk_encode_cpu(x, W_enc, bias, k)
+    return batchtopk_encode_cpu(x, W_enc, _folded_bias(b_enc, pre_bias, W_enc), k)
 
 
 @batchtopk_encode_centered_cpu.register_fake
@@ -265,8 +268,7 @@ def relu_encode_adaptive_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
     uninterrupted one). Sparse codes make the decode and every backward GEMM sparse."""
     x, W_enc = x.contiguous(), W_enc.contiguous()
     batch, n = x.shape[0], W_enc.shape[1]
-    with torch.no_grad():
-        bias = (b_enc - pre_bias @ W_enc).contiguous()
+    bias = _folded_bias(b_enc, pre_bias, W_enc)
     pre = scratch(batch, n, x.dtype, "batch pre-activations")
     row_tiles(x, W_enc, _tile_rows(n, x.element_size()), out=pre)
     coo = _C.relu_compact(_np(pre), _np(bias), int(max_density * batch * n))

@@ -59,7 +59,7 @@ from . import ops
 from .checks import positive_int, positive_number
 from .dead_latents import DeadLatentTracker
 from .distributed import DataParallel, SingleProcess, check_same_everywhere
-from .sae.base import SAEOutput, SparseDictionary
+from .sae.base import SAEOutput, SparseDictionary, init_parameters
 from .sae.batchtopk import BatchTopKSAE
 from .sae.relu import ReLUSAE
 from .sae.topk import TopKSAE
@@ -132,18 +132,7 @@ class LatentShardedTopK(nn.Module):
         self.offset = self.rank * self.n_local
         factory = dict(dtype=dtype, device=device)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + self.rank)  # each rank draws its own rows
-        W_dec = nn.functional.normalize(torch.randn(self.n_local, self.d_out, generator=gen, dtype=torch.float64), dim=-1)
-        # contiguous (as SparseDictionary's): the trainer then uses fused Adam, as for a whole dictionary
-        W_enc = W_dec.t().contiguous() if self.d_in == self.d_out else \
-            nn.functional.normalize(torch.randn(self.d_in, self.n_local, generator=gen, dtype=torch.float64), dim=0)
-        self.W_enc = nn.Parameter(W_enc.to(**factory))
-        self.b_enc = nn.Parameter(torch.zeros(self.n_local, **factory))
-        self.W_dec = nn.Parameter(W_dec.to(**factory))
-        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **factory))
-        if self.transcoder:
-            self.b_in = nn.Parameter(torch.zeros(self.d_in, **factory))
-        self.input_scale = 1.0
-        self.output_scale = 1.0
+        init_parameters(self, self.n_local, gen, factory)  # as a whole dictionary's, on this shard's latents
 
     @classmethod
     @torch.no_grad()

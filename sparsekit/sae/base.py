@@ -56,6 +56,29 @@ class SAEOutput(NamedTuple):
     losses: dict
 
 
+def init_parameters(module: nn.Module, n_latents: int, gen: torch.Generator, factory: dict) -> None:
+    """Give ``module`` (with d_in, d_out, transcoder set) its parameters for ``n_latents`` latents:
+    W_enc [d_in, n], b_enc [n], W_dec [n, d_out], b_dec [d_out] (and b_in [d_in] for a transcoder),
+    drawn from ``gen``, plus unit input/output scales. Decoder rows are random on the unit sphere;
+    the encoder is the decoder's transpose when shapes allow (Conerly et al. 2024; Gao et al. 2024),
+    else a matching-scale random matrix. Used by whole dictionaries and by latent shards alike."""
+    W_dec = nn.functional.normalize(torch.randn(n_latents, module.d_out, generator=gen, dtype=torch.float64), dim=-1)
+    if module.d_in == module.d_out:
+        # contiguous: a clone of the transpose would keep its column-major strides, every encoder
+        # call would then copy W_enc ([d_in, n]), and torch's fused Adam mis-updates it.
+        W_enc = W_dec.t().contiguous()
+    else:
+        W_enc = nn.functional.normalize(torch.randn(module.d_in, n_latents, generator=gen, dtype=torch.float64), dim=0)
+    module.W_enc = nn.Parameter(W_enc.to(**factory))
+    module.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
+    module.W_dec = nn.Parameter(W_dec.to(**factory))
+    module.b_dec = nn.Parameter(torch.zeros(module.d_out, **factory))
+    if module.transcoder:
+        module.b_in = nn.Parameter(torch.zeros(module.d_in, **factory))
+    module.input_scale = 1.0
+    module.output_scale = 1.0
+
+
 class SparseDictionary(nn.Module):
     """Base class; subclasses implement ``encode`` and the sparsity loss in ``sparsity_losses``."""
 
@@ -77,23 +100,7 @@ class SparseDictionary(nn.Module):
         gen = torch.Generator(device="cpu")
         if seed is not None:
             gen.manual_seed(seed)
-        # Decoder rows random on the unit sphere; encoder = decoder transpose when shapes allow
-        # (Conerly et al. 2024; Gao et al. 2024), else a matching-scale random matrix.
-        W_dec = nn.functional.normalize(torch.randn(self.n_latents, self.d_out, generator=gen, dtype=torch.float64), dim=-1)
-        if self.d_in == self.d_out:
-            # contiguous: a clone of the transpose would keep its column-major strides, and every
-            # encoder call would then copy W_enc ([d_in, n]) and check it on the slow path.
-            W_enc = W_dec.t().contiguous()
-        else:
-            W_enc = nn.functional.normalize(torch.randn(self.d_in, self.n_latents, generator=gen, dtype=torch.float64), dim=0)
-        self.W_enc = nn.Parameter(W_enc.to(**factory))
-        self.b_enc = nn.Parameter(torch.zeros(self.n_latents, **factory))
-        self.W_dec = nn.Parameter(W_dec.to(**factory))
-        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **factory))
-        if self.transcoder:
-            self.b_in = nn.Parameter(torch.zeros(self.d_in, **factory))
-        self.input_scale = 1.0
-        self.output_scale = 1.0
+        init_parameters(self, self.n_latents, gen, factory)
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -134,12 +141,16 @@ class SparseDictionary(nn.Module):
         """Codes -> x_hat [B, d_out]: TopK and BatchTopK codes decode sparsely, dense codes by GEMM."""
         if isinstance(codes, ops.TopKCodes):
             return ops.sparse_decode(codes.values, codes.indices, self.W_dec, self.b_dec)
-        if isinstance(codes, ops.BatchTopKCodes):
-            batch = codes.values.shape[0] // self._batchtopk_k()
-            return ops.sparse_decode_coo(codes.values, codes.rows, codes.cols, self.W_dec, self.b_dec, batch)
-        if isinstance(codes, ops.SparseCodes):
-            return ops.sparse_decode_coo(codes.values, codes.rows, codes.cols, self.W_dec, self.b_dec, codes.batch_size)
+        if isinstance(codes, (ops.BatchTopKCodes, ops.SparseCodes)):
+            return ops.sparse_decode_coo(codes.values, codes.rows, codes.cols, self.W_dec, self.b_dec,
+                                         self._coo_batch_size(codes))
         return torch.addmm(self.b_dec, codes, self.W_dec)
+
+    def _coo_batch_size(self, codes) -> int:
+        """The batch size B of COO codes: carried by SparseCodes, B*k / k for BatchTopKCodes."""
+        if isinstance(codes, ops.SparseCodes):
+            return codes.batch_size
+        return codes.values.shape[0] // self._batchtopk_k()
 
     def _batchtopk_k(self) -> int:
         raise TypeError(f"{type(self).__name__} does not produce BatchTopK codes")
@@ -166,12 +177,8 @@ class SparseDictionary(nn.Module):
         if isinstance(codes, ops.TopKCodes):
             dense = codes.values.new_zeros(codes.values.shape[0], self.n_latents)
             return dense.scatter(1, codes.indices, codes.values)
-        if isinstance(codes, ops.BatchTopKCodes):
-            batch = codes.values.shape[0] // self._batchtopk_k()
-            dense = codes.values.new_zeros(batch, self.n_latents)
-            return dense.index_put((codes.rows, codes.cols), codes.values, accumulate=True)
-        if isinstance(codes, ops.SparseCodes):
-            dense = codes.values.new_zeros(codes.batch_size, self.n_latents)
+        if isinstance(codes, (ops.BatchTopKCodes, ops.SparseCodes)):
+            dense = codes.values.new_zeros(self._coo_batch_size(codes), self.n_latents)
             return dense.index_put((codes.rows, codes.cols), codes.values, accumulate=True)
         return codes
 
