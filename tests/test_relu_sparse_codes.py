@@ -121,3 +121,19 @@ def test_max_density_outside_zero_to_one_is_refused_by_name(bad):
     x, W, b, p = _sparse_problem(7)
     with pytest.raises(ValueError, match="max_density must be a number in"):
         ops.relu_encode_adaptive(x, W, b, p, max_density=bad)
+
+
+def test_encode_stays_dense_in_training_mode_and_only_the_loss_path_goes_sparse(monkeypatch):
+    # encode()'s contract is dense codes [B, n] in either mode (analysis code and the property
+    # tests index them); only forward's loss path takes SparseCodes.
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
+    x, W, b, _ = _sparse_problem(8, n=400)
+    sae = sparsekit.ReLUSAE(6, 400, l1_coeff=0.1, seed=0, dtype=torch.float64).train()
+    with torch.no_grad():
+        sae.W_enc.copy_(W)
+        sae.b_enc.copy_(b)
+    dense = sae.encode(x)
+    assert isinstance(dense, torch.Tensor) and dense.shape == (12, 400)
+    out = sae(x)
+    assert isinstance(out.codes, ops.SparseCodes)
+    torch.testing.assert_close(sae.dense_codes(out.codes), dense)

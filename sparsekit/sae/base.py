@@ -137,6 +137,11 @@ class SparseDictionary(nn.Module):
     def encode(self, x: Tensor):
         raise NotImplementedError
 
+    def loss_codes(self, x: Tensor):
+        """The codes ``forward`` computes its losses from: ``encode(x)`` unless a dictionary has a
+        faster form for training (ReLUSAE: sparse codes when they are sparse)."""
+        return self.encode(x)
+
     def decode(self, codes) -> Tensor:
         """Codes -> x_hat [B, d_out]: TopK and BatchTopK codes decode sparsely, dense codes by GEMM."""
         if isinstance(codes, ops.TopKCodes):
@@ -167,7 +172,7 @@ class SparseDictionary(nn.Module):
         if self.transcoder and y is None:
             raise ValueError("a transcoder needs its target y [B, d_out]")
         target = y if self.transcoder else x
-        codes = self.encode(x)
+        codes = self.loss_codes(x)
         x_hat = self.decode(codes)
         losses = {"mse": (x_hat - target).pow(2).sum(-1).mean(), **self.sparsity_losses(codes, x)}
         return SAEOutput(x_hat, codes, losses)

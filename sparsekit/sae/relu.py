@@ -25,12 +25,16 @@ class ReLUSAE(SparseDictionary):
         return {"l1_coeff": self.l1_coeff, "decoder_norm_penalty": self.decoder_norm_penalty}
 
     def encode(self, x):
-        """x [B, d_in] -> dense codes [B, n]; in training mode SparseCodes instead when at most
-        ops.SPARSE_RELU_MAX_DENSITY of them are positive (then decode and backward are sparse)."""
-        if self.training:
-            return ops.relu_encode_adaptive(x, self.W_enc, self.b_enc, pre_bias=self.pre_encoder_bias(),
-                                            max_density=ops.SPARSE_RELU_MAX_DENSITY)
+        """x [B, d_in] -> dense codes [B, n]."""
         return ops.relu_encode(x, self.W_enc, self.encoder_bias())
+
+    def loss_codes(self, x):
+        """The training forward's codes: SparseCodes when at most ops.SPARSE_RELU_MAX_DENSITY of
+        them are positive (then decode and backward are sparse), else dense [B, n]."""
+        if not self.training:
+            return self.encode(x)
+        return ops.relu_encode_adaptive(x, self.W_enc, self.b_enc, pre_bias=self.pre_encoder_bias(),
+                                        max_density=ops.SPARSE_RELU_MAX_DENSITY)
 
     def sparsity_losses(self, codes, x) -> dict:
         if isinstance(codes, ops.SparseCodes):
