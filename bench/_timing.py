@@ -110,17 +110,23 @@ def output_path(option: str, now: datetime.datetime, suffix: str = "") -> Path:
 
 
 @contextlib.contextmanager
-def backend_forced_to(name: str | None):
-    """SPARSEKIT_BACKEND=name for the duration (nothing when name is None); sparsekit reads it per op."""
-    if name is None:
+def env_set(variable: str, value: str | None):
+    """os.environ[variable] = value for the duration (nothing when value is None); sparsekit reads
+    its SPARSEKIT_* settings per op."""
+    if value is None:
         yield
         return
-    before = os.environ.get("SPARSEKIT_BACKEND")
-    os.environ["SPARSEKIT_BACKEND"] = name
+    before = os.environ.get(variable)
+    os.environ[variable] = value
     try:
         yield
     finally:
         if before is None:
-            del os.environ["SPARSEKIT_BACKEND"]
+            del os.environ[variable]
         else:
-            os.environ["SPARSEKIT_BACKEND"] = before
+            os.environ[variable] = before
+
+
+def backend_forced_to(name: str | None):
+    """SPARSEKIT_BACKEND=name for the duration (nothing when name is None)."""
+    return env_set("SPARSEKIT_BACKEND", name)

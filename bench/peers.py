@@ -49,7 +49,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (backend_forced_to, output_path, peak_rss_gib,  # noqa: E402
+from _timing import (backend_forced_to, env_set, output_path, peak_rss_gib,  # noqa: E402
                      peak_rss_in_subprocesses, pin_thread_env, time_round_robin, time_with_cpu_share)
 
 # The issue's targets (issue 10, "Targets").
@@ -64,7 +64,9 @@ SAELENS_VARIANTS = ("saelens_topk", "saelens_topk_auxk")
 ROW_LABELS = {
     "gemm_torch": "encoder GEMM: torch.matmul(x, W_enc, out=)",
     "gemm_numpy": "encoder GEMM: numpy.matmul (OpenBLAS), out=",
+    "gemm_torch_bf16": "encoder GEMM in bfloat16: torch.matmul (oneDNN), out= (not a target's yardstick)",
     "sparsekit_topk": "sparsekit TopK step (default backend), trainer's loop body",
+    "sparsekit_topk_f32": "sparsekit TopK step, float32 encoder GEMM (SPARSEKIT_BF16_SCREEN=off)",
     "sparsekit_train": "sparsekit.train() per step, whole loop (cross-check of the row above)",
     "sparsekit_topk_reference": "sparsekit TopK step, reference path (SPARSEKIT_BACKEND=torch)",
     "sparsekit_batchtopk": "sparsekit BatchTopK step",
@@ -169,7 +171,7 @@ class TrainerStep:
     ``dead_fraction`` latents is reported dead by the tracker before every step."""
 
     def __init__(self, architecture: str, shapes: Shapes, remedy: str = "none", dead_fraction: float = 0.0,
-                 backend: str | None = None):
+                 backend: str | None = None, screen: str | None = None):
         self.x = make_inputs(shapes)[0]  # the same x as every other row
         d, n, k = shapes.d, shapes.n, shapes.k
         self.sae = {"topk": lambda: sparsekit.TopKSAE(d, n, k), "batchtopk": lambda: sparsekit.BatchTopKSAE(d, n, k),
@@ -179,7 +181,7 @@ class TrainerStep:
         self.cfg = sparsekit.TrainConfig(batch_size=shapes.batch, total_tokens=shapes.batch * 10**6, eval_tokens=0,
                                          dead_strategy=remedy, progress=False, log_every=10**9)
         self.cfg.validate()
-        self.backend = backend
+        self.backend, self.screen = backend, screen
         self.optimizer = trainer._adam(self.sae, self.cfg)
         self.tracker = DeadLatentTracker(n, self.cfg.dead_window_tokens)
         self.dead = dead_latents(n, dead_fraction) if dead_fraction else torch.zeros(0, dtype=torch.int64)
@@ -194,7 +196,7 @@ class TrainerStep:
         self.sae.train()
 
     def __call__(self) -> None:
-        with backend_forced_to(self.backend):
+        with backend_forced_to(self.backend), env_set("SPARSEKIT_BF16_SCREEN", self.screen):
             self._step()
 
     def _step(self) -> None:
@@ -303,6 +305,7 @@ def build_step(variant: str, shapes: Shapes, dead_fraction: float):
     """The closure that runs one training step of ``variant``."""
     builders = {
         "sparsekit_topk": lambda: TrainerStep("topk", shapes),
+        "sparsekit_topk_f32": lambda: TrainerStep("topk", shapes, screen="off"),
         "sparsekit_topk_reference": lambda: TrainerStep("topk", shapes, backend="torch"),
         "sparsekit_batchtopk": lambda: TrainerStep("batchtopk", shapes),
         "sparsekit_relu_l1": lambda: TrainerStep("relu", shapes),

@@ -174,14 +174,18 @@ def make_step(variant: str, shapes: Shapes):
 # --- GEMM floor and decode-only rows -----------------------------------------------------------
 
 def make_gemms(shapes: Shapes) -> dict:
-    """x @ W_enc into a preallocated [B, n] output, through torch and through numpy's OpenBLAS."""
+    """x @ W_enc into a preallocated [B, n] output, through torch and through numpy's OpenBLAS; and
+    for reference the same product in bfloat16 (torch/oneDNN), the GEMM sparsekit.cpu_screen runs."""
     x, params = make_inputs(shapes)
     W_enc = params.W_enc.detach()
     out = torch.empty(shapes.batch, shapes.n)
     x_np, W_np, out_np = x.numpy(), W_enc.numpy(), out.numpy()  # zero-copy views
+    x_bf16, W_bf16 = x.bfloat16(), W_enc.bfloat16()
+    out_bf16 = torch.empty(shapes.batch, shapes.n, dtype=torch.bfloat16)
     return {
         "gemm_torch": lambda: torch.matmul(x, W_enc, out=out),
         "gemm_numpy": lambda: np.matmul(x_np, W_np, out=out_np),
+        "gemm_torch_bf16": lambda: torch.matmul(x_bf16, W_bf16, out=out_bf16),
     }
 
 
@@ -219,6 +223,7 @@ def make_decodes(shapes: Shapes) -> dict:
 ROW_LABELS = {
     "gemm_torch": "encoder GEMM: torch.matmul(x, W_enc, out=)",
     "gemm_numpy": "encoder GEMM: numpy.matmul (OpenBLAS), out=",
+    "gemm_torch_bf16": "encoder GEMM in bfloat16: torch.matmul (oneDNN), out= (not a target's yardstick)",
     "encode_sparsekit": "sparsekit topk_encode forward only (GEMM + fused top-k)",
     "step_dense": "TopK step (a): plain torch, dense codes @ W_dec",
     "step_sparsify": "TopK step (b): sparsify-style: torch topk + embedding_bag",

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bf16_screen.hpp"
 #include "checks.hpp"
 #include "decoder_rows.hpp"
 #include "ghost.hpp"
@@ -289,6 +290,73 @@ bool all_finite_py(const Array<T>& a) {
   return all_finite(p, size);
 }
 
+// bfloat16 arrays cross as int16 (NumPy has no bfloat16): the bit patterns, reinterpreted here.
+using Bf16Bits = py::array_t<int16_t, py::array::c_style>;
+
+inline uint16_t* bf16_bits(Bf16Bits& a) { return reinterpret_cast<uint16_t*>(a.mutable_data()); }
+inline const uint16_t* bf16_bits(const Bf16Bits& a) { return reinterpret_cast<const uint16_t*>(a.data()); }
+
+void pack_bf16_py(const Array<float>& src, Bf16Bits& dst) {
+  require(dst.size() == src.size(), "dst must have src's size");
+  const float* s = src.data();
+  uint16_t* o = bf16_bits(dst);
+  const int64_t size = src.size();
+  py::gil_scoped_release release;
+  pack_bf16(s, size, o);
+}
+
+void pack_encoder_bf16_py(const Array<float>& W, Bf16Bits& Wb, Array<float>& WT, Array<float>& w_norms,
+                          Array<float>& err_norms) {
+  require(W.ndim() == 2, "W must be 2-D");
+  const int64_t d = W.shape(0), n = W.shape(1);
+  require_shape(Wb, "Wb", {d, n});
+  require_shape(WT, "WT", {n, d});
+  require_shape(w_norms, "w_norms", {n});
+  require_shape(err_norms, "err_norms", {n});
+  const float* w = W.data();
+  uint16_t* wb = bf16_bits(Wb);
+  float* wt = WT.mutable_data();
+  float *wn = w_norms.mutable_data(), *en = err_norms.mutable_data();
+  py::gil_scoped_release release;
+  pack_encoder_bf16(w, d, n, wb, wt, wn, en);
+}
+
+int64_t topk_screened_py(const Bf16Bits& Q, const Array<float>& bias, const Array<float>& x, const Array<float>& WT,
+                         const Array<float>& w_norms, const Array<float>& err_norms, int64_t k, Array<float>& values,
+                         Index& indices) {
+  require(Q.ndim() == 2 && x.ndim() == 2 && WT.ndim() == 2, "Q, x and WT must be 2-D");
+  const int64_t rows = Q.shape(0), n = Q.shape(1), d = x.shape(1);
+  require(k >= 1 && k <= n, "k must be in [1, n]");
+  require_shape(bias, "bias", {n});
+  require_shape(x, "x", {rows, d});
+  require_shape(WT, "WT", {n, d});
+  require_shape(w_norms, "w_norms", {n});
+  require_shape(err_norms, "err_norms", {n});
+  require_shape(values, "values", {rows, k});
+  require_shape(indices, "indices", {rows, k});
+  const uint16_t* q = bf16_bits(Q);
+  const float *b = bias.data(), *xp = x.data(), *wt = WT.data(), *wn = w_norms.data(), *en = err_norms.data();
+  float* v = values.mutable_data();
+  int64_t* i = indices.mutable_data();
+  py::gil_scoped_release release;
+  return topk_screened(q, b, xp, wt, wn, en, rows, n, d, k, v, i);
+}
+
+void bind_bf16_screen(py::module_& m) {
+  m.def("pack_bf16", &pack_bf16_py, py::arg("src").noconvert(), py::arg("dst").noconvert(),
+        "dst = src rounded to bfloat16 (nearest, ties to even), as int16 bit patterns.");
+  m.def("pack_encoder_bf16", &pack_encoder_bf16_py, py::arg("W").noconvert(), py::arg("Wb").noconvert(),
+        py::arg("WT").noconvert(), py::arg("w_norms").noconvert(), py::arg("err_norms").noconvert(),
+        "One pass over W [d, n]: its bfloat16 bits Wb [d, n], its transpose WT [n, d], and per column the norms "
+        "of the rounded column and of its rounding error [n].");
+  m.def("topk_screened", &topk_screened_py, py::arg("Q").noconvert(), py::arg("bias").noconvert(),
+        py::arg("x").noconvert(), py::arg("WT").noconvert(), py::arg("w_norms").noconvert(),
+        py::arg("err_norms").noconvert(), py::arg("k"),
+        py::arg("values").noconvert(), py::arg("indices").noconvert(),
+        "Exact float32 top-k of x @ W + bias (ReLU'd, sorted) from the bfloat16 GEMM Q [rows, n]: screen by the "
+        "rounding bound, recompute the candidates. Returns the candidate count, or -1 when Q is not finite.");
+}
+
 template <typename T>
 void bind_all(py::module_& m) {
   m.def("decode_backward", &decode_backward_py<T>, py::arg("values").noconvert(), py::arg("rows").noconvert(),
@@ -342,6 +410,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsekit's CPU kernels (C++17, OpenMP). Called through sparsekit.ops, not directly.";
   bind_all<float>(m);
   bind_all<double>(m);
+  bind_bf16_screen(m);
   m.def("get_num_threads", &max_threads, "OpenMP threads the kernels use.");
   m.def("set_num_threads", [](int n) {
     require(n >= 1, "n must be >= 1");

@@ -15,6 +15,7 @@ from torch import Tensor
 from . import autograd_formulas
 from .backend import _C
 from .cpu_gemm import empty_output, gemm_library, row_tiles, scratch
+from .cpu_screen import topk_encode_screened, use_screen
 
 # Rows of pre-activations computed per encoder GEMM tile: a [rows, n] scratch block of about
 # 64 MiB per thread instead of the whole [B, n] matrix. Each tile's GEMM packs all of W_enc again,
@@ -125,9 +126,14 @@ def _sparse_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor,
 
 @torch.library.custom_op("sparsekit::topk_encode_cpu", mutates_args=())
 def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Encoder GEMM in row tiles, each tile's top-k fused with bias + ReLU in C++.
+    """Encoder GEMM in row tiles, each tile's top-k fused with bias + ReLU in C++; on CPUs with
+    native bf16, a bf16 GEMM screened by its rounding bound instead (sparsekit.cpu_screen).
     x [B, d], W_enc [d, n], b_enc [n] -> values [B, k], indices [B, k]."""
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
+    if use_screen(x, W_enc):
+        screened = topk_encode_screened(x, W_enc, b_enc, k)
+        if screened is not None:
+            return screened
     batch, n = x.shape[0], W_enc.shape[1]
     values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64)
@@ -167,7 +173,12 @@ def topk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
 
     Folding pre_bias into the bias by autograd (SparseDictionary.encoder_bias) would cost a dense
     [d, n] outer product in backward; here W_enc's gradient is (x - pre_bias)^T S in one sparse
-    pass and pre_bias's is -W_enc @ grad b_enc."""
+    pass and pre_bias's is -W_enc @ grad b_enc. The bf16-screened path encodes x - pre_bias
+    itself: its rounding bound scales with the norm of what enters the GEMM."""
+    if use_screen(x, W_enc):
+        screened = topk_encode_screened((x - pre_bias).contiguous(), W_enc.contiguous(), b_enc.contiguous(), k)
+        if screened is not None:
+            return screened
     return topk_encode_cpu(x, W_enc, _folded_bias(b_enc, pre_bias, W_enc), k)
 
 

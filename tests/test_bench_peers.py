@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--quick", "--rounds", "1", "--batch", "64", "--d-in", "32", "--n-latents", "512", "--k", "8"]
 # The first cell of each row, in table order.
-ROWS = ["encoder GEMM: torch.matmul", "encoder GEMM: numpy.matmul", "sparsekit TopK step (default backend)",
+ROWS = ["encoder GEMM: torch.matmul", "encoder GEMM: numpy.matmul", "encoder GEMM in bfloat16",
+        "sparsekit TopK step (default backend)", "sparsekit TopK step, float32 encoder GEMM",
         "sparsekit.train() per step", "sparsekit TopK step, reference path", "sparsekit BatchTopK step",
         "sparsekit ReLU+L1 step", "sparsekit TopK + AuxK, 10% dead", "sparsekit TopK + ghost grads, 10% dead",
         "plain torch TopK step", "sparsify-style TopK step", "SAELens", "SAELens"]
