@@ -30,7 +30,8 @@ $(INSTALLED): $(VENV)/.torch-installed $(BUILD_INPUTS)
 test: $(INSTALLED)
 	$(PY) -m pytest -q --durations=15 tests
 
-# 1,000 fresh random cases per op per backend (cpp, and Triton: interpreted without a GPU) against
+# 1,000 fresh random cases per op per backend (cpp, cpp with the bf16-screened TopK/BatchTopK
+# encoders forced on, and Triton: interpreted without a GPU) against
 # the reference in 2 worker processes (failures print their seed), and a training run SIGKILLed 10
 # times that must resume bit-identical. Passive OpenMP waiting: spinning threads make tiny kernels
 # 100x slower on a busy machine.

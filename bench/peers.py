@@ -129,9 +129,10 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import sparsekit  # noqa: E402
-from sparsekit import cpu_gemm, reliability  # noqa: E402
+from sparsekit import reliability  # noqa: E402
 from sparsekit.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss  # noqa: E402
-from step_table import FULL, QUICK, Shapes, make_gemms, make_inputs, make_step, environment_lines, pin_threads  # noqa: E402
+from step_table import (FULL, QUICK, Shapes, environment_lines, make_gemms, make_inputs, make_step,  # noqa: E402
+                        pin_threads, topk_encoder_gemm)
 
 trainer = importlib.import_module("sparsekit.train")  # the module (sparsekit.train is the function)
 
@@ -485,7 +486,7 @@ def measure_scaling(base: Shapes, rounds: int) -> list[dict]:
         times = time_round_robin(fns, rounds)
         results.append({"axis": axis, "shapes": shapes, "step": statistics.median(times["step"]),
                         "gemm": statistics.median(times["gemm"]),
-                        "library": cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)})
+                        "library": topk_encoder_gemm(shapes)})
         del fns
     return results
 

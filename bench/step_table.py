@@ -173,6 +173,16 @@ def make_step(variant: str, shapes: Shapes):
 
 # --- GEMM floor and decode-only rows -----------------------------------------------------------
 
+def topk_encoder_gemm(shapes: Shapes) -> str:
+    """What runs sparsekit's float32 TopK encoder GEMM at these shapes on the CPU: the bf16 screen
+    (sparsekit.cpu_screen) or a float32 GEMM library (numpy's OpenBLAS or torch)."""
+    from sparsekit import cpu_screen
+    x, W = torch.empty(shapes.batch, shapes.d, device="meta"), torch.empty(shapes.d, shapes.n, device="meta")
+    if cpu_screen.use_screen(x, W, shapes.k):
+        return "bf16 screen + float32 recompute"
+    return "float32 " + cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)
+
+
 def make_gemms(shapes: Shapes) -> dict:
     """x @ W_enc into a preallocated [B, n] output, through torch and through numpy's OpenBLAS; and
     for reference the same product in bfloat16 (torch/oneDNN), the GEMM sparsekit.cpu_screen runs."""
@@ -278,7 +288,7 @@ def environment_lines(shapes: Shapes, threads: int, rounds: int, load_before: fl
         f"- torch {torch.__version__}, numpy {np.__version__} ({numpy_blas()}), python {platform.python_version()}, "
         f"sparsekit {sparsekit.__version__}{versions_suffix}",
         f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
-        f"{cpu_gemm.gemm_library(2.0 * shapes.batch * shapes.d * shapes.n)}; finite checks {checks}",
+        f"{topk_encoder_gemm(shapes)}; finite checks {checks}",
         f"- {rounds} rounds, round-robin, one warm-up call each; times are medians (min-max alongside)",
         f"- other processes used {others_share:.0%} of the CPU while the rows were timed"
         f" (load average before the run: {load_before:.2f})"

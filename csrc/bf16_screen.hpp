@@ -15,6 +15,7 @@
 //                     float32 top-k of x @ W + bias (ReLU'd, sorted); returns the number of
 //                     candidates recomputed, or -1 when Q holds a non-finite value (the caller
 //                     then takes the float32 path).
+// batchtopk_screened: the same for BatchTopK: the m largest over the whole block, in flat order.
 #pragma once
 
 #include <algorithm>
@@ -144,23 +145,18 @@ inline __m512 bounds16(const uint16_t* q, const float* bias, const float* err_no
 }
 #endif
 
-// Per row: the candidates' columns appended to cols (in column order); false on a non-finite Q.
-// `low` is scratch of n + 16 floats. The k-th largest lower bound is found without a heap: one
-// pass writes the lower bounds to `low`, with each 64-entry chunk's maximum; the k-th largest
-// chunk maximum is itself a lower bound on it (k chunks hold an entry at least that large), so
-// only the entries above it (~2k) are gathered and nth_element'd. A second pass takes every entry
-// whose upper bound reaches it.
-inline bool screen_row(const uint16_t* q, const float* bias, const float* w_norms, const float* err_norms, int64_t n,
-                       int64_t k, RowBound bound, float* low, std::vector<float>& chunk_max, std::vector<float>& pool,
-                       std::vector<int32_t>& cols) {
-  constexpr int64_t kChunk = 64;
-  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
-  chunk_max.assign(n_chunks, -std::numeric_limits<float>::infinity());
+// One row's lower bounds into low [n] (scratch of n + 16 floats) and the maximum of each 64-entry
+// chunk into chunk_max [ceil(n / 64)]; false when Q holds a non-finite value.
+constexpr int64_t kScreenChunk = 64;
+
+inline bool row_lower_bounds(const uint16_t* q, const float* bias, const float* w_norms, const float* err_norms,
+                             int64_t n, RowBound bound, float* low, float* chunk_max) {
+  const int64_t n_chunks = (n + kScreenChunk - 1) / kScreenChunk;
 #if defined(__AVX512F__)
   __mmask16 non_finite = 0;
   for (int64_t c = 0; c < n_chunks; ++c) {
     __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j0 = c * kChunk; j0 < std::min(n, (c + 1) * kChunk); j0 += 16) {
+    for (int64_t j0 = c * kScreenChunk; j0 < std::min(n, (c + 1) * kScreenChunk); j0 += 16) {
       const __mmask16 lanes = n - j0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j0)) - 1);
       const __m512 l = bounds16<-1>(q, bias, err_norms, w_norms, bound, j0, lanes, non_finite);
       _mm512_mask_storeu_ps(low + j0, lanes, l);
@@ -168,32 +164,26 @@ inline bool screen_row(const uint16_t* q, const float* bias, const float* w_norm
     }
     chunk_max[c] = _mm512_reduce_max_ps(m);
   }
-  if (non_finite) return false;
+  return !non_finite;
 #else
+  std::fill(chunk_max, chunk_max + n_chunks, -std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; ++j) {
     const float qv = bf16_value(q[j]);
     const float a = qv + bias[j];
     if (!(std::fabs(a) <= std::numeric_limits<float>::max())) return false;
     low[j] = a - screen_margin(qv, a, bias[j], err_norms[j], w_norms[j], bound);
-    chunk_max[j / kChunk] = std::max(chunk_max[j / kChunk], low[j]);
+    chunk_max[j / kScreenChunk] = std::max(chunk_max[j / kScreenChunk], low[j]);
   }
+  return true;
 #endif
-  float floor_k = -std::numeric_limits<float>::infinity();
-  if (n_chunks >= k) {
-    pool.assign(chunk_max.begin(), chunk_max.end());
-    std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), std::greater<float>());
-    floor_k = pool[k - 1];
-  }
-  pool.clear();
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    if (!(chunk_max[c] >= floor_k)) continue;
-    for (int64_t j = c * kChunk; j < std::min(n, (c + 1) * kChunk); ++j)
-      if (low[j] >= floor_k) pool.push_back(low[j]);
-  }
-  std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), std::greater<float>());
-  const float kth_low = pool[k - 1];  // the k-th largest lower bound
+}
+
+// Appends to cols (in column order) every entry of the row whose upper bound reaches threshold.
+inline void row_candidates(const uint16_t* q, const float* bias, const float* w_norms, const float* err_norms,
+                           int64_t n, RowBound bound, float threshold, std::vector<int32_t>& cols) {
 #if defined(__AVX512F__)
-  const __m512 floor_v = _mm512_set1_ps(kth_low);
+  __mmask16 non_finite = 0;  // already checked by row_lower_bounds
+  const __m512 floor_v = _mm512_set1_ps(threshold);
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const __mmask16 lanes = n - j0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j0)) - 1);
     const __m512 high = bounds16<1>(q, bias, err_norms, w_norms, bound, j0, lanes, non_finite);
@@ -204,89 +194,157 @@ inline bool screen_row(const uint16_t* q, const float* bias, const float* w_norm
   for (int64_t j = 0; j < n; ++j) {
     const float qv = bf16_value(q[j]);
     const float a = qv + bias[j];
-    if (a + screen_margin(qv, a, bias[j], err_norms[j], w_norms[j], bound) >= kth_low) cols.push_back(int32_t(j));
+    if (a + screen_margin(qv, a, bias[j], err_norms[j], w_norms[j], bound) >= threshold) cols.push_back(int32_t(j));
   }
 #endif
+}
+
+// The m-th largest (1-based) of pool, which is reordered.
+inline float mth_largest(std::vector<float>& pool, int64_t m) {
+  std::nth_element(pool.begin(), pool.begin() + (m - 1), pool.end(), std::greater<float>());
+  return pool[m - 1];
+}
+
+// Per row: the candidates' columns appended to cols (in column order); false on a non-finite Q.
+// The k-th largest lower bound is found without a heap: row_lower_bounds writes the lower bounds
+// and each 64-entry chunk's maximum; the k-th largest chunk maximum is itself a lower bound on it
+// (k chunks hold an entry at least that large), so only the entries above it (~2k) are gathered
+// and nth_element'd. row_candidates then takes every entry whose upper bound reaches it.
+inline bool screen_row(const uint16_t* q, const float* bias, const float* w_norms, const float* err_norms, int64_t n,
+                       int64_t k, RowBound bound, float* low, std::vector<float>& chunk_max, std::vector<float>& pool,
+                       std::vector<int32_t>& cols) {
+  const int64_t n_chunks = (n + kScreenChunk - 1) / kScreenChunk;
+  chunk_max.resize(n_chunks);
+  if (!row_lower_bounds(q, bias, w_norms, err_norms, n, bound, low, chunk_max.data())) return false;
+  float floor_k = -std::numeric_limits<float>::infinity();
+  if (n_chunks >= k) {
+    pool.assign(chunk_max.begin(), chunk_max.end());
+    floor_k = mth_largest(pool, k);
+  }
+  pool.clear();
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    if (!(chunk_max[c] >= floor_k)) continue;
+    for (int64_t j = c * kScreenChunk; j < std::min(n, (c + 1) * kScreenChunk); ++j)
+      if (low[j] >= floor_k) pool.push_back(low[j]);
+  }
+  row_candidates(q, bias, w_norms, err_norms, n, bound, mth_largest(pool, k), cols);
   return true;
 }
 
+// A float32 dot product in a fixed summation order whatever the pointers' alignment (16 lane sums,
+// then a fixed tree): equal columns give bitwise equal pre-activations, so exact ties stay ties
+// and go to the lower index, as on the float32 path. (A plain `omp simd` reduction may peel a
+// different number of leading elements for each alignment.)
 inline float dot_f32(const float* a, const float* b, int64_t d) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
-  return s;
+  constexpr int kLanes = 16;
+  float lanes[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  for (int j = 0; i < d; ++i, ++j) lanes[j] += a[i] * b[i];
+  for (int width = kLanes / 2; width >= 1; width /= 2)
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
 }
 
-// Q [rows, n] bf16 bits of x @ W (x [rows, d] float32, W [d, n] with transpose WT [n, d] and
-// column norms [n]), bias [n] -> values/indices [rows, k]. Returns the candidate count or -1.
-inline int64_t topk_screened(const uint16_t* Q, const float* bias, const float* x, const float* WT,
-                             const float* w_norms, const float* err_norms, int64_t rows, int64_t n, int64_t d, int64_t k, float* values,
-                             int64_t* indices) {
-  // 1. Screen each row: candidates in row-major order, as (offsets [rows + 1], cols).
-  std::vector<int64_t> counts(rows, 0);
+// Candidates of a block of rows in row-major order (columns ascending within a row).
+struct Candidates {
+  std::vector<int64_t> offsets;  // [rows + 1]
+  std::vector<int32_t> cols;
+  std::vector<int64_t> rows;
+  std::vector<float> exact;  // their float32 pre-activations, once recomputed
+};
+
+// Runs collect(r, cols) -> bool for every row in parallel (it appends row r's candidate columns);
+// false when any call does.
+template <typename Collect>
+bool collect_candidates(int64_t rows, Collect collect, Candidates& out) {
   const int threads = max_threads();
+  std::vector<int64_t> counts(rows, 0);
   std::vector<std::vector<int32_t>> local_cols(threads);
-  std::vector<std::vector<int64_t>> local_rows(threads);  // the rows each thread screened, in order
-  bool all_finite_rows = true;
-#pragma omp parallel num_threads(threads) reduction(&& : all_finite_rows)
+  std::vector<std::vector<int64_t>> local_rows(threads);  // the rows each thread took, in order
+  bool ok = true;
+#pragma omp parallel num_threads(threads) reduction(&& : ok)
   {
     const int t = thread_id();
-    std::vector<float> low(n + 16), chunk_max, pool;
-    auto& my_cols = local_cols[t];
 #pragma omp for schedule(guided)
     for (int64_t r = 0; r < rows; ++r) {
-      const size_t before = my_cols.size();
-      if (!screen_row(Q + r * n, bias, w_norms, err_norms, n, k, row_bound(x + r * d, d), low.data(), chunk_max, pool,
-                      my_cols))
-        all_finite_rows = false;
-      counts[r] = int64_t(my_cols.size() - before);
+      const size_t before = local_cols[t].size();
+      if (!collect(r, local_cols[t])) ok = false;
+      counts[r] = int64_t(local_cols[t].size() - before);
       local_rows[t].push_back(r);
     }
   }
-  if (!all_finite_rows) return -1;
-  std::vector<int64_t> offsets(rows + 1, 0);
-  for (int64_t r = 0; r < rows; ++r) offsets[r + 1] = offsets[r] + counts[r];
-  const int64_t total = offsets[rows];
-  std::vector<int32_t> cand_cols(total);
-  std::vector<int64_t> cand_rows(total);
+  if (!ok) return false;
+  out.offsets.assign(rows + 1, 0);
+  for (int64_t r = 0; r < rows; ++r) out.offsets[r + 1] = out.offsets[r] + counts[r];
+  const int64_t total = out.offsets[rows];
+  out.cols.resize(total);
+  out.rows.resize(total);
 #pragma omp parallel num_threads(threads)
   {
     const int t = thread_id();
     size_t pos = 0;
     for (int64_t r : local_rows[t]) {
-      std::copy(local_cols[t].begin() + pos, local_cols[t].begin() + pos + counts[r], cand_cols.begin() + offsets[r]);
-      for (int64_t e = offsets[r]; e < offsets[r + 1]; ++e) cand_rows[e] = r;
+      std::copy(local_cols[t].begin() + pos, local_cols[t].begin() + pos + counts[r], out.cols.begin() + out.offsets[r]);
+      for (int64_t e = out.offsets[r]; e < out.offsets[r + 1]; ++e) out.rows[e] = r;
       pos += counts[r];
     }
   }
-  // 2. Recompute the candidates in float32, grouped by column strips of WT that fit in L2.
+  return true;
+}
+
+// out.exact = the candidates' float32 pre-activations x[row] . WT[col] + bias[col], grouped by
+// column strips of WT that fit in L2.
+inline void recompute_candidates(Candidates& c, const float* x, const float* WT, const float* bias, int64_t n,
+                                 int64_t d) {
+  const int64_t total = int64_t(c.cols.size());
   constexpr int64_t kStripBytes = 512 * 1024;
   const int64_t strip = std::max<int64_t>(1, kStripBytes / (d * int64_t(sizeof(float))));
   const int64_t n_strips = (n + strip - 1) / strip;
   std::vector<int64_t> keys(total);
-  for (int64_t e = 0; e < total; ++e) keys[e] = cand_cols[e] / strip;
+  for (int64_t e = 0; e < total; ++e) keys[e] = c.cols[e] / strip;
   const Buckets by_strip = bucket_by_key(keys.data(), total, n_strips);
-  std::vector<float> exact(total);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  c.exact.resize(total);
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t s = 0; s < n_strips; ++s) {
     for (int64_t p = by_strip.offsets[s]; p < by_strip.offsets[s + 1]; ++p) {
       const int64_t e = by_strip.order[p];
-      const int64_t j = cand_cols[e];
-      exact[e] = dot_f32(x + cand_rows[e] * d, WT + j * d, d) + bias[j];
+      const int64_t j = c.cols[e];
+      c.exact[e] = dot_f32(x + c.rows[e] * d, WT + j * d, d) + bias[j];
     }
   }
+}
+
+// Q [rows, n] bf16 bits of x @ W (x [rows, d] float32, W [d, n] with transpose WT [n, d] and the
+// column norms of pack_encoder_bf16), bias [n] -> values/indices [rows, k]. Returns the candidate
+// count or -1.
+inline int64_t topk_screened(const uint16_t* Q, const float* bias, const float* x, const float* WT,
+                             const float* w_norms, const float* err_norms, int64_t rows, int64_t n, int64_t d,
+                             int64_t k, float* values, int64_t* indices) {
+  // 1. Screen each row.
+  Candidates c;
+  const bool finite = collect_candidates(rows, [&](int64_t r, std::vector<int32_t>& cols) {
+    thread_local std::vector<float> low, chunk_max, pool;
+    low.resize(n + 16);
+    return screen_row(Q + r * n, bias, w_norms, err_norms, n, k, row_bound(x + r * d, d), low.data(), chunk_max, pool,
+                      cols);
+  }, c);
+  if (!finite) return -1;
+  // 2. Recompute the candidates in float32.
+  recompute_candidates(c, x, WT, bias, n, d);
   // 3. Per row, the top-k of the recomputed values (value descending, ties to the lower index).
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel
   {
     std::vector<Candidate<float>> heap(k);
 #pragma omp for schedule(guided)
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < k; ++i)
         heap[i] = {-std::numeric_limits<float>::infinity(), std::numeric_limits<int64_t>::max()};
-      for (int64_t e = offsets[r]; e < offsets[r + 1]; ++e) {
-        const Candidate<float> c{exact[e], int64_t(cand_cols[e])};
-        if (worse(heap[0], c)) {
-          heap[0] = c;
+      for (int64_t e = c.offsets[r]; e < c.offsets[r + 1]; ++e) {
+        const Candidate<float> cand{c.exact[e], int64_t(c.cols[e])};
+        if (worse(heap[0], cand)) {
+          heap[0] = cand;
           sift_down(heap.data(), k, int64_t(0));
         }
       }
@@ -296,6 +354,85 @@ inline int64_t topk_screened(const uint16_t* Q, const float* bias, const float* 
         indices[r * k + i] = heap[i].index;
       }
     }
+  }
+  return int64_t(c.cols.size());
+}
+
+// BatchTopK over the whole block: the m largest of relu(x @ W + bias), ties to the lower flat
+// index, in flat order -> values/rows_out/cols_out [m]. Q [rows, n] holds every row's bf16 GEMM.
+// The m-th largest lower bound over all entries comes from the m-th largest 64-entry chunk
+// maximum (a lower bound on it) and the entries at or above that. Returns the candidate count,
+// -1 when Q is not finite, or -2 when that bound is not positive (fewer than m entries may be
+// positive, and relu's zeros then take part in the selection): the caller takes the float32 path.
+inline int64_t batchtopk_screened(const uint16_t* Q, const float* bias, const float* x, const float* WT,
+                                  const float* w_norms, const float* err_norms, int64_t rows, int64_t n, int64_t d,
+                                  int64_t m, float* values, int64_t* rows_out, int64_t* cols_out) {
+  const int64_t n_chunks = (n + kScreenChunk - 1) / kScreenChunk;
+  std::vector<RowBound> bounds(rows);
+  std::vector<float> chunk_max(rows * n_chunks);
+  bool finite = true;
+#pragma omp parallel reduction(&& : finite)
+  {
+    std::vector<float> low(n + 16);
+#pragma omp for schedule(guided)
+    for (int64_t r = 0; r < rows; ++r) {
+      bounds[r] = row_bound(x + r * d, d);
+      if (!row_lower_bounds(Q + r * n, bias, w_norms, err_norms, n, bounds[r], low.data(), chunk_max.data() + r * n_chunks))
+        finite = false;
+    }
+  }
+  if (!finite) return -1;
+  float floor_m = -std::numeric_limits<float>::infinity();
+  if (int64_t(chunk_max.size()) >= m) {
+    std::vector<float> pool(chunk_max);
+    floor_m = mth_largest(pool, m);
+  }
+  std::vector<std::vector<float>> local(max_threads());
+#pragma omp parallel
+  {
+    std::vector<float> low(n + 16), row_max(n_chunks);
+    auto& mine = local[thread_id()];
+#pragma omp for schedule(guided)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* maxima = chunk_max.data() + r * n_chunks;
+      bool any = false;
+      for (int64_t c = 0; c < n_chunks && !any; ++c) any = maxima[c] >= floor_m;
+      if (!any) continue;
+      row_lower_bounds(Q + r * n, bias, w_norms, err_norms, n, bounds[r], low.data(), row_max.data());
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        if (!(maxima[c] >= floor_m)) continue;
+        for (int64_t j = c * kScreenChunk; j < std::min(n, (c + 1) * kScreenChunk); ++j)
+          if (low[j] >= floor_m) mine.push_back(low[j]);
+      }
+    }
+  }
+  std::vector<float> pool;
+  for (auto& part : local) pool.insert(pool.end(), part.begin(), part.end());
+  const float mth_low = mth_largest(pool, m);
+  if (!(mth_low > 0.0f)) return -2;
+  Candidates c;
+  collect_candidates(rows, [&](int64_t r, std::vector<int32_t>& cols) {
+    row_candidates(Q + r * n, bias, w_norms, err_norms, n, bounds[r], mth_low, cols);
+    return true;
+  }, c);
+  recompute_candidates(c, x, WT, bias, n, d);
+  // The m largest exact values (ties to the lower flat index, i.e. the earlier candidate), then
+  // emitted in flat order.
+  const int64_t total = int64_t(c.cols.size());
+  std::vector<int64_t> order(total);
+  for (int64_t e = 0; e < total; ++e) order[e] = e;
+  std::nth_element(order.begin(), order.begin() + (m - 1), order.end(), [&](int64_t a, int64_t b) {
+    return c.exact[a] > c.exact[b] || (c.exact[a] == c.exact[b] && a < b);
+  });
+  std::vector<char> kept(total, 0);
+  for (int64_t i = 0; i < m; ++i) kept[order[i]] = 1;
+  int64_t out = 0;
+  for (int64_t e = 0; e < total; ++e) {
+    if (!kept[e]) continue;
+    values[out] = c.exact[e] > 0.0f ? c.exact[e] : 0.0f;
+    rows_out[out] = c.rows[e];
+    cols_out[out] = c.cols[e];
+    ++out;
   }
   return total;
 }

@@ -342,6 +342,28 @@ int64_t topk_screened_py(const Bf16Bits& Q, const Array<float>& bias, const Arra
   return topk_screened(q, b, xp, wt, wn, en, rows, n, d, k, v, i);
 }
 
+int64_t batchtopk_screened_py(const Bf16Bits& Q, const Array<float>& bias, const Array<float>& x,
+                              const Array<float>& WT, const Array<float>& w_norms, const Array<float>& err_norms,
+                              int64_t m, Array<float>& values, Index& rows_out, Index& cols_out) {
+  require(Q.ndim() == 2 && x.ndim() == 2 && WT.ndim() == 2, "Q, x and WT must be 2-D");
+  const int64_t rows = Q.shape(0), n = Q.shape(1), d = x.shape(1);
+  require(m >= 1 && m <= rows * n, "m must be in [1, rows * n]");
+  require_shape(bias, "bias", {n});
+  require_shape(x, "x", {rows, d});
+  require_shape(WT, "WT", {n, d});
+  require_shape(w_norms, "w_norms", {n});
+  require_shape(err_norms, "err_norms", {n});
+  require_shape(values, "values", {m});
+  require_shape(rows_out, "rows", {m});
+  require_shape(cols_out, "cols", {m});
+  const uint16_t* q = bf16_bits(Q);
+  const float *b = bias.data(), *xp = x.data(), *wt = WT.data(), *wn = w_norms.data(), *en = err_norms.data();
+  float* v = values.mutable_data();
+  int64_t *r = rows_out.mutable_data(), *c = cols_out.mutable_data();
+  py::gil_scoped_release release;
+  return batchtopk_screened(q, b, xp, wt, wn, en, rows, n, d, m, v, r, c);
+}
+
 void bind_bf16_screen(py::module_& m) {
   m.def("pack_bf16", &pack_bf16_py, py::arg("src").noconvert(), py::arg("dst").noconvert(),
         "dst = src rounded to bfloat16 (nearest, ties to even), as int16 bit patterns.");
@@ -355,6 +377,13 @@ void bind_bf16_screen(py::module_& m) {
         py::arg("values").noconvert(), py::arg("indices").noconvert(),
         "Exact float32 top-k of x @ W + bias (ReLU'd, sorted) from the bfloat16 GEMM Q [rows, n]: screen by the "
         "rounding bound, recompute the candidates. Returns the candidate count, or -1 when Q is not finite.");
+  m.def("batchtopk_screened", &batchtopk_screened_py, py::arg("Q").noconvert(), py::arg("bias").noconvert(),
+        py::arg("x").noconvert(), py::arg("WT").noconvert(), py::arg("w_norms").noconvert(),
+        py::arg("err_norms").noconvert(), py::arg("m"), py::arg("values").noconvert(), py::arg("rows").noconvert(),
+        py::arg("cols").noconvert(),
+        "BatchTopK from the bfloat16 GEMM Q [rows, n]: the m largest of relu(x @ W + bias) in flat order (ties: "
+        "lower flat index), exact float32. Returns the candidate count, -1 when Q is not finite, -2 when fewer "
+        "than m entries may be positive (take the float32 path).");
 }
 
 template <typename T>

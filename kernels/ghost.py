@@ -84,15 +84,17 @@ def ghost_grad_loss_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tenso
 @torch.library.custom_op("sparsekit::ghost_grad_loss_backward_triton", mutates_args=())
 def ghost_grad_loss_backward_triton(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
                                     residual: Tensor, mse_main: Tensor, raw_loss: Tensor, exp_pre: Tensor,
-                                    ghost: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad x [B, d], grad W_enc[:, D] [d, |D|], grad b_enc[D] [|D|]); scale and loss factor constant."""
+                                    ghost: Tensor, scale: Tensor, eps: float,
+                                    need_grad_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x [B, d] (empty [0, d] unless need_grad_x), grad W_enc[:, D] [d, |D|], grad b_enc[D]
+    [|D|]); scale and loss factor constant."""
     coefficient = (grad * mse_main / (raw_loss + eps) * (2.0 / x.shape[0])).float().reshape(1)
     grad_ghost = torch.empty_like(ghost)
     batch, width = ghost.shape
     _ghost_rows_backward_kernel[(batch,)](ghost, residual.contiguous(), scale, coefficient, grad_ghost, width,
                                           **fixed(*_ROWS))
     grad_pre = gemm(grad_ghost, W_dec.index_select(0, dead_idx).t(), epilogue="mul", aux=exp_pre)
-    grad_x = gemm(grad_pre, W_enc.index_select(1, dead_idx).t())
+    grad_x = gemm(grad_pre, W_enc.index_select(1, dead_idx).t()) if need_grad_x else x.new_empty(0, x.shape[1])
     return grad_x, gemm(x.t(), grad_pre), grad_pre.sum(0)
 
 

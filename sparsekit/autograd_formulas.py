@@ -142,9 +142,11 @@ def register_sparse_decode(op, backward: Callable) -> None:
 
 # --- ghost_grad_loss ------------------------------------------------------------------------------
 
-def _ghost_backward_fake(grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, eps):
+def _ghost_backward_fake(grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, eps,
+                         need_grad_x):
     n_dead = dead_idx.shape[0]
-    return x.new_empty(x.shape), x.new_empty(x.shape[1], n_dead), x.new_empty(n_dead)
+    grad_x = x.new_empty(x.shape) if need_grad_x else x.new_empty(0, x.shape[1])
+    return grad_x, x.new_empty(x.shape[1], n_dead), x.new_empty(n_dead)
 
 
 def _ghost_setup(ctx, inputs, output):
@@ -157,7 +159,8 @@ def _ghost_setup(ctx, inputs, output):
 def register_ghost(op, backward_op, scale_dtype: torch.dtype | None = None) -> None:
     """op as in the module docstring (``scale`` in ``scale_dtype``, or x's dtype when None);
     backward_op(grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost,
-    scale, eps) -> (grad x [B, d], grad W_enc[:, D] [d, |D|], grad b_enc[D] [|D|])."""
+    scale, eps, need_grad_x) -> (grad x [B, d], or [0, d] when not need_grad_x (a training step's
+    x needs none: one [B, |D|] x [|D|, d] GEMM saved), grad W_enc[:, D] [d, |D|], grad b_enc[D] [|D|])."""
 
     def fake(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
         batch = x.shape[0]
@@ -167,7 +170,8 @@ def register_ghost(op, backward_op, scale_dtype: torch.dtype | None = None) -> N
     def backward(ctx, grad, *unused_grads):
         x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale = ctx.saved_tensors
         grad_x, grad_dead_cols, grad_dead_bias = backward_op(
-            grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, ctx.eps)
+            grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale, ctx.eps,
+            ctx.needs_input_grad[0])
         grad_W_enc = grad_b_enc = None  # full-size zeros only when asked for: the rest of W_enc gets none
         if ctx.needs_input_grad[1]:
             grad_W_enc = torch.zeros_like(W_enc).index_copy_(1, dead_idx, grad_dead_cols)

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import autograd_formulas
 from .backend import _C
 from .cpu_gemm import empty_output, gemm_library, row_tiles, scratch
-from .cpu_screen import topk_encode_screened, use_screen
+from .cpu_screen import batchtopk_encode_screened, topk_encode_screened, use_screen
 
 # Rows of pre-activations computed per encoder GEMM tile: a [rows, n] scratch block of about
 # 64 MiB per thread instead of the whole [B, n] matrix. Each tile's GEMM packs all of W_enc again,
@@ -130,7 +130,7 @@ def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Te
     native bf16, a bf16 GEMM screened by its rounding bound instead (sparsekit.cpu_screen).
     x [B, d], W_enc [d, n], b_enc [n] -> values [B, k], indices [B, k]."""
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
-    if use_screen(x, W_enc):
+    if use_screen(x, W_enc, k):
         screened = topk_encode_screened(x, W_enc, b_enc, k)
         if screened is not None:
             return screened
@@ -175,7 +175,7 @@ def topk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
     [d, n] outer product in backward; here W_enc's gradient is (x - pre_bias)^T S in one sparse
     pass and pre_bias's is -W_enc @ grad b_enc. The bf16-screened path encodes x - pre_bias
     itself: its rounding bound scales with the norm of what enters the GEMM."""
-    if use_screen(x, W_enc):
+    if use_screen(x, W_enc, k):
         screened = topk_encode_screened((x - pre_bias).contiguous(), W_enc.contiguous(), b_enc.contiguous(), k)
         if screened is not None:
             return screened
@@ -223,9 +223,14 @@ topk_encode_centered_cpu.register_autograd(_topk_centered_backward, setup_contex
 
 @torch.library.custom_op("sparsekit::batchtopk_encode_cpu", mutates_args=())
 def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Global selection of the B*k largest relu(pre) by radix select in C++.
+    """Global selection of the B*k largest relu(pre) by radix select in C++ (on CPUs with native
+    bf16, the screened bf16 GEMM instead: sparsekit.cpu_screen).
     -> values, rows, cols, each [B*k], in flat order."""
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
+    if use_screen(x, W_enc, k):
+        screened = batchtopk_encode_screened(x, W_enc, b_enc, k)
+        if screened is not None:
+            return screened
     batch = x.shape[0]
     pre = scratch(batch, W_enc.shape[1], x.dtype, "batch pre-activations")  # overwritten by the selection
     row_tiles(x, W_enc, _tile_rows(W_enc.shape[1], x.element_size()), out=pre)
@@ -242,7 +247,12 @@ autograd_formulas.register_batchtopk(batchtopk_encode_cpu, _sparse_encoder_backw
 @torch.library.custom_op("sparsekit::batchtopk_encode_centered_cpu", mutates_args=())
 def batchtopk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
                                   k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """batchtopk_encode of x - pre_bias, the bias folded as in topk_encode_centered_cpu."""
+    """batchtopk_encode of x - pre_bias, the bias folded as in topk_encode_centered_cpu (the
+    bf16-screened path encodes x - pre_bias itself, as there)."""
+    if use_screen(x, W_enc, k):
+        screened = batchtopk_encode_screened((x - pre_bias).contiguous(), W_enc.contiguous(), b_enc.contiguous(), k)
+        if screened is not None:
+            return screened
     return batchtopk_encode_cpu(x, W_enc, _folded_bias(b_enc, pre_bias, W_enc), k)
 
 
@@ -431,14 +441,15 @@ def ghost_grad_loss_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
 @torch.library.custom_op("sparsekit::ghost_grad_loss_backward_cpu", mutates_args=())
 def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
                                  residual: Tensor, mse_main: Tensor, raw_loss: Tensor, exp_pre: Tensor,
-                                 ghost: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad x [B, d], grad W_enc[:, D] [d, |D|], grad b_enc[D] [|D|]) from the forward's saved
-    terms; the scale and the loss factor are constants, as in the reference."""
+                                 ghost: Tensor, scale: Tensor, eps: float, need_grad_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x [B, d] (empty [0, d] unless need_grad_x), grad W_enc[:, D] [d, |D|], grad b_enc[D]
+    [|D|]) from the forward's saved terms; the scale and the loss factor are constants, as in the
+    reference."""
     coefficient = float(grad * mse_main / (raw_loss + eps)) * 2 / x.shape[0]
     grad_ghost = torch.empty_like(ghost)
     _C.ghost_rescale_backward(_np(ghost), _np(residual.contiguous()), _np(scale), coefficient, _np(grad_ghost))
     grad_pre = torch.mm(grad_ghost, W_dec.index_select(0, dead_idx).t()).mul_(exp_pre)
-    grad_x = torch.mm(grad_pre, W_enc.index_select(1, dead_idx).t())
+    grad_x = torch.mm(grad_pre, W_enc.index_select(1, dead_idx).t()) if need_grad_x else x.new_empty(0, x.shape[1])
     return grad_x, torch.mm(x.t(), grad_pre), grad_pre.sum(0)
 
 

@@ -18,8 +18,8 @@ what oneDNN documents for bf16 matmul: products summed in float32 and the result
 nearest; tests/test_cpu_screen.py checks it on the machine that runs the suite.
 
 SPARSEKIT_BF16_SCREEN=auto (default) | on | off. auto: float32 GEMMs of at least
-SCREEN_MIN_FLOP on a CPU whose flags include avx512_bf16 or amx_bf16 (read from /proc/cpuinfo;
-elsewhere bf16 is emulated and slower than float32). on: always for float32 (tests use it on any
+SCREEN_MIN_FLOP with n >= SCREEN_MIN_N_OVER_K * k, on a CPU whose flags include avx512_bf16 or
+amx_bf16 (read from /proc/cpuinfo; elsewhere bf16 is emulated and slower than float32). on: always for float32 (tests use it on any
 CPU). off: never.
 """
 from __future__ import annotations
@@ -32,7 +32,15 @@ from torch import Tensor
 from .backend import _C
 from .cpu_gemm import scratch
 
-SCREEN_MIN_FLOP = 2**30  # ~1.1 GFLOP; below it the float32 path's cost is small either way
+# The crossover, measured on the 2-core AVX-512 EPYC (topk_encode, screened / float32 time):
+# 1.1-2.1x slower at 0.27 GFLOP (B=128, d=256, n=4096; B=64, d=512, n=4096), 0.71x at 0.54 GFLOP
+# (B=256, d=256, n=4096), 0.64-0.68x from 2 to 34 GFLOP.
+SCREEN_MIN_FLOP = 2**29  # ~0.54 GFLOP
+# ...and only when k is a small share of n: the screen's per-row selection costs grow with k and
+# its candidates with the density of pre-activations at the k-th largest. Measured at B=4096,
+# d=512: n=16384, k=32 took 0.24 s against 0.39 s on float32; n=1638, k=256 (AuxK's dead latents)
+# 0.17 s against torch's addmm + topk 0.12 s.
+SCREEN_MIN_N_OVER_K = 64
 SCREEN_ROWS = 1024  # rows per bf16 GEMM block: 32 MiB of bf16 pre-activations at n=16384
 
 _native_bf16: bool | None = None
@@ -60,14 +68,25 @@ def screen_mode() -> str:
     return mode
 
 
-def use_screen(x: Tensor, W_enc: Tensor) -> bool:
-    """Whether topk_encode of x [B, d] with W_enc [d, n] takes the bf16-screened path."""
+def use_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
+    """Whether topk_encode of x [B, d] with W_enc [d, n], k per row, takes the bf16-screened path."""
     mode = screen_mode()
     if mode == "off" or x.dtype != torch.float32 or W_enc.dtype != torch.float32:
         return False
     if mode == "on":
         return True
-    return 2.0 * x.shape[0] * x.shape[1] * W_enc.shape[1] >= SCREEN_MIN_FLOP and cpu_has_native_bf16()
+    return (2.0 * x.shape[0] * x.shape[1] * W_enc.shape[1] >= SCREEN_MIN_FLOP and W_enc.shape[1] >= SCREEN_MIN_N_OVER_K * k
+            and cpu_has_native_bf16())
+
+
+def _prepare(x: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(bf16 x, bf16 W_enc, W_enc^T [n, d], column norms [2, n]) in reused buffers."""
+    d, n = W_enc.shape
+    W_bits = scratch(d, n, torch.int16, "bf16 W_enc")
+    W_t = scratch(n, d, torch.float32, "W_enc transposed")
+    norms = scratch(2, n, torch.float32, "W_enc column norms")
+    _C.pack_encoder_bf16(W_enc.numpy(), W_bits.numpy(), W_t.numpy(), norms[0].numpy(), norms[1].numpy())
+    return _bf16(x, "bf16 x").view(torch.bfloat16), W_bits.view(torch.bfloat16), W_t, norms
 
 
 def _bf16(t: Tensor, purpose: str) -> Tensor:
@@ -82,15 +101,9 @@ def topk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     recompute of the candidates. x [B, d], W_enc [d, n], b_enc [n] (contiguous float32 CPU)
     -> (values [B, k] sorted descending, indices [B, k]), or None when the bf16 pre-activations
     overflow (the caller then takes the float32 path)."""
-    batch, d = x.shape
-    n = W_enc.shape[1]
+    batch, n = x.shape[0], W_enc.shape[1]
     x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
-    W_bits = scratch(d, n, torch.int16, "bf16 W_enc")
-    W_t = scratch(n, d, torch.float32, "W_enc transposed")
-    norms = scratch(2, n, torch.float32, "W_enc column norms")
-    _C.pack_encoder_bf16(W_enc.numpy(), W_bits.numpy(), W_t.numpy(), norms[0].numpy(), norms[1].numpy())
-    x_bits = _bf16(x, "bf16 x")
-    x_bf16, W_bf16 = x_bits.view(torch.bfloat16), W_bits.view(torch.bfloat16)
+    x_bf16, W_bf16, W_t, norms = _prepare(x, W_enc)
     values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64)
     rows = min(batch, SCREEN_ROWS)
@@ -109,3 +122,29 @@ def topk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     stats["rows"] += batch
     stats["candidates"] += total
     return values, indices
+
+
+def batchtopk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """BatchTopK through the bf16 GEMM: the B*k largest of relu(x @ W_enc + b_enc) over the batch,
+    exact float32, ties to the lower flat index. x [B, d], W_enc [d, n], b_enc [n] (contiguous
+    float32 CPU) -> (values, rows, cols), each [B*k], in flat order; or None when the float32 path
+    must run (the bf16 products overflow, or fewer than B*k pre-activations may be positive)."""
+    batch, n = x.shape[0], W_enc.shape[1]
+    x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
+    x_bf16, W_bf16, W_t, norms = _prepare(x, W_enc)
+    Q_bits = scratch(batch, n, torch.int16, "bf16 pre-activations, whole batch")  # [B, n]: 2 bytes each
+    for start in range(0, batch, SCREEN_ROWS):
+        stop = min(batch, start + SCREEN_ROWS)
+        torch.mm(x_bf16[start:stop], W_bf16, out=Q_bits[start:stop].view(torch.bfloat16))
+    m = batch * k
+    values = x.new_empty(m)
+    rows = torch.empty(m, dtype=torch.int64)
+    cols = torch.empty(m, dtype=torch.int64)
+    found = _C.batchtopk_screened(Q_bits.numpy(), b_enc.numpy(), x.numpy(), W_t.numpy(), norms[0].numpy(),
+                                  norms[1].numpy(), m, values.numpy(), rows.numpy(), cols.numpy())
+    if found < 0:
+        return None
+    stats["calls"] += 1
+    stats["rows"] += batch
+    stats["candidates"] += found
+    return values, rows, cols

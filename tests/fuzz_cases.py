@@ -61,12 +61,19 @@ def _cpp_shape(rng: random.Random) -> dict:
     return shape
 
 
+# Fuzz backends beyond the real ones: "cpp-bf16" is the C++ backend with the bf16-screened TopK
+# encoder forced on (SPARSEKIT_BF16_SCREEN=on, sparsekit.cpu_screen), float32 cases of the ops it
+# serves.
+SCREENED_OPS = ("topk_encode", "batchtopk_encode")
+
+
 def random_case(op: str, seed: int, backend: str = "cpp"):
-    """The fuzz case of `op` drawn from `seed` for `backend` ("cpp" or "triton")."""
+    """The fuzz case of `op` drawn from `seed` for `backend` ("cpp", "cpp-bf16" or "triton")."""
     rng = random.Random(seed)
     shape = _triton_shape(rng) if backend == "triton" else _cpp_shape(rng)
     integer = rng.random() < 0.5
-    dtype = torch.float32 if backend == "triton" else rng.choice([torch.float32, torch.float64])
+    dtype = (torch.float32 if backend in ("triton", "cpp-bf16")
+             else rng.choice([torch.float32, torch.float64]))
     case = make_case(op, seed, dtype=dtype, integer=integer, n_dead=rng.randint(1, shape["n"]), **shape)
     if rng.random() < 0.4:
         limit = 20 if dtype == torch.float32 else 200
@@ -87,9 +94,11 @@ def check_seeds(op: str, backend: str, seeds) -> tuple[list[tuple[int, str]], fl
     failures = []
     start = time.process_time()
     with pytest.MonkeyPatch.context() as monkeypatch:
+        if backend == "cpp-bf16":
+            monkeypatch.setenv("SPARSEKIT_BF16_SCREEN", "on")
         for seed in seeds:
             try:
-                compare_backends(random_case(op, seed, backend), monkeypatch, backend)
+                compare_backends(random_case(op, seed, backend), monkeypatch, backend.removesuffix("-bf16"))
             except Exception as error:  # every failure is reported with its seed, none stops the run
                 failures.append((seed, f"{type(error).__name__}: {error}"))
     return failures, time.process_time() - start

@@ -302,7 +302,13 @@ def in_float64(case: Case, absolute: bool = False) -> Case:
 def _assert_as_accurate_as_reference(actual, expected, exact, magnitude, what: str) -> None:
     """float32: the backend's error against a float64 evaluation must be within a small multiple
     of the float32 reference's own error, or of float32 rounding on the magnitude of the terms
-    summed (the same op on |inputs|): rounding is allowed, a wrong result is not."""
+    summed (the same op on |inputs|): rounding is allowed, a wrong result is not. Integer outputs
+    (selected indices) must equal the float32 reference's or the float64 evaluation's: kept values
+    closer than float32 rounding may come out in either order (the selection itself is protected
+    by the cases' enforced gaps)."""
+    if expected is not None and actual is not None and not expected.is_floating_point():
+        assert torch.equal(actual, expected) or torch.equal(actual, exact), f"{what}: integer outputs differ"
+        return
     if _compared_exactly(actual, expected, what):
         return
     exact = exact.to(actual.dtype).double()
@@ -310,6 +316,20 @@ def _assert_as_accurate_as_reference(actual, expected, exact, magnitude, what: s
     reference_error = float((expected.double() - exact).norm())
     bound = max(4 * reference_error, 1e-5 * max(float(magnitude.norm()), float(exact.norm())), 1e-30)
     assert error <= bound, f"{what}: error {error:.3g} vs float64, reference float32 error {reference_error:.3g}"
+
+
+def _same_selection_up_to_near_ties(indices, expected_indices, expected_values) -> bool:
+    """float32 top-k: per row the same kept indices, in the reference's order except among kept
+    values within float32 rounding of each other (a backend's own summation order may round two
+    values a few ulp apart the other way, or to a tie that then goes to the lower index)."""
+    if not torch.equal(indices.sort(dim=-1).values, expected_indices.sort(dim=-1).values):
+        return False
+    for row in (indices != expected_indices).any(dim=-1).nonzero().flatten():
+        differ = indices[row] != expected_indices[row]
+        values = expected_values[row][differ].double()
+        if float(values.max() - values.min()) > 1e-6 * max(float(values.abs().max()), 1e-30):
+            return False
+    return True
 
 
 def compare_backends(case: Case, monkeypatch, backend: str = "cpp") -> None:
@@ -332,6 +352,8 @@ def compare_backends(case: Case, monkeypatch, backend: str = "cpp") -> None:
     # Formula errors show in the float64 cases (tolerance 1e-11); float32 checks numerical sanity.
     out_abs, grads_abs = run(in_float64(case, absolute=True), "torch", monkeypatch)
     for i, (a, e, x, m) in enumerate(zip(out, out_ref, out_exact, out_abs)):
+        if case.op == "topk_encode" and i == 1 and _same_selection_up_to_near_ties(a, e, out_ref[0]):
+            continue
         _assert_as_accurate_as_reference(a, e, x, m, f"{case.description}: output {i}")
     for name in grads_ref:
         _assert_as_accurate_as_reference(grads[name], grads_ref[name], grads_exact[name], grads_abs[name],

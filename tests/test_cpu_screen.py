@@ -120,7 +120,7 @@ def test_the_rounding_bound_holds_for_torchs_bf16_gemm_on_this_machine():
     csrc/bf16_screen.hpp (oneDNN: float32 accumulation, output rounded to nearest). Checked here,
     with the bound written out in float64."""
     gen = torch.Generator().manual_seed(3)
-    d, n = 512, 4096
+    d, n = 512, 1024  # small: where bf16 is emulated (AVX2 CPUs), it runs at ~0.3 GFLOP/s
     x = torch.randn(256, d, generator=gen) * torch.logspace(-2, 2, 256)[:, None]
     W = torch.randn(d, n, generator=gen) / d**0.5
     Q = (x.bfloat16() @ W.bfloat16()).double()
@@ -143,12 +143,18 @@ def test_screen_mode_rejects_an_unknown_setting(monkeypatch):
 def test_screen_is_used_only_for_float32_and_never_when_off(monkeypatch):
     x, W = torch.zeros(2, 3), torch.zeros(3, 4)
     monkeypatch.setenv("SPARSEKIT_BF16_SCREEN", "off")
-    assert not cpu_screen.use_screen(x, W)
+    assert not cpu_screen.use_screen(x, W, 2)
     monkeypatch.setenv("SPARSEKIT_BF16_SCREEN", "on")
-    assert cpu_screen.use_screen(x, W)
-    assert not cpu_screen.use_screen(x.double(), W.double())
+    assert cpu_screen.use_screen(x, W, 2)
+    assert not cpu_screen.use_screen(x.double(), W.double(), 2)
     monkeypatch.setenv("SPARSEKIT_BF16_SCREEN", "auto")
-    assert not cpu_screen.use_screen(x, W)  # far below SCREEN_MIN_FLOP
+    assert not cpu_screen.use_screen(x, W, 2)  # far below SCREEN_MIN_FLOP
+    big_x, big_W = torch.empty(4096, 512, device="meta"), torch.empty(512, 16384, device="meta")
+    monkeypatch.setattr(cpu_screen, "_native_bf16", True)
+    assert cpu_screen.use_screen(big_x, big_W, 32)
+    assert not cpu_screen.use_screen(big_x, big_W, 16384 // 32)  # k too large a share of n
+    monkeypatch.setattr(cpu_screen, "_native_bf16", False)
+    assert not cpu_screen.use_screen(big_x, big_W, 32)  # bf16 would be emulated
 
 
 def test_screened_topk_on_gaussian_data_recomputes_few_candidates(screen_on):
@@ -159,3 +165,69 @@ def test_screened_topk_on_gaussian_data_recomputes_few_candidates(screen_on):
     ops.topk_encode(x, W, torch.zeros(4096), 16)
     per_row = (cpu_screen.stats["candidates"] - before["candidates"]) / (cpu_screen.stats["rows"] - before["rows"])
     assert 16 <= per_row <= 4 * 16
+
+
+def flat_topk(pre: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the m largest of relu(pre), flat order, ties to the lower flat index."""
+    flat = torch.relu(pre).flatten()
+    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))[:m]
+    kept = torch.tensor(sorted(order))
+    return kept // pre.shape[1], kept % pre.shape[1]
+
+
+@pytest.mark.parametrize("batch,d,n,k", [(1, 8, 70, 3), (13, 16, 300, 2), (40, 64, 500, 5), (7, 32, 64 * 4 + 9, 9)])
+def test_screened_batchtopk_encode_selects_what_float64_selects(batch, d, n, k, screen_on):
+    gen = torch.Generator().manual_seed(batch * 100 + n)
+    x = torch.randn(batch, d, generator=gen) + 1.0
+    W = torch.randn(d, n, generator=gen) / d**0.5
+    b = torch.randn(n, generator=gen) * 0.1 + 0.5  # enough positive pre-activations for the screen
+    got = ops.batchtopk_encode(x, W, b, k)
+    want_rows, want_cols = flat_topk(x.double() @ W.double() + b.double(), batch * k)
+    assert torch.equal(got.rows, want_rows) and torch.equal(got.cols, want_cols)
+    reference_values = reference.batchtopk_encode(x, W, b, k)[0]
+    torch.testing.assert_close(got.values, reference_values, rtol=1e-5, atol=1e-5)
+
+
+def test_screened_batchtopk_falls_back_when_too_few_pre_activations_are_positive(screen_on):
+    """relu's zeros take part in the selection then (ties to the lower flat index): the float32
+    path decides it."""
+    gen = torch.Generator().manual_seed(2)
+    x, W = torch.randn(6, 8, generator=gen), torch.randn(8, 100, generator=gen) * 0.1
+    b = torch.full((100,), -3.0)
+    b[:5] = 3.0  # 5 positive columns per row, 6 rows: 30 positive entries < B*k = 60
+    before = dict(cpu_screen.stats)
+    got = ops.batchtopk_encode(x, W, b, 10)
+    want = reference.batchtopk_encode(x, W, b, 10)
+    assert cpu_screen.stats["calls"] == before["calls"]  # the screen declined
+    assert torch.equal(got.rows, want[1]) and torch.equal(got.cols, want[2])
+    torch.testing.assert_close(got.values, want[0])
+
+
+def test_screened_batchtopk_keeps_the_lower_flat_index_on_exact_ties(screen_on):
+    x = torch.zeros(4, 16)
+    b = torch.tensor([1.0, 2.0, 2.0, 0.5, 2.0] * 20)  # every row the same: ties across rows and columns
+    W = torch.randn(16, 100)
+    got = ops.batchtopk_encode(x, W, b, 3)
+    want = reference.batchtopk_encode(x, W, b, 3)
+    assert torch.equal(got.rows, want[1]) and torch.equal(got.cols, want[2])
+    assert torch.equal(got.values, want[0])
+
+
+def test_screened_batchtopk_centered_gradients_match_the_float32_path(screen_on, monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(30, 32, generator=gen) + 4.0
+    W = (torch.randn(32, 400, generator=gen) / 32**0.5).requires_grad_()
+    b = (torch.randn(400, generator=gen) * 0.1 + 0.5).requires_grad_()
+    pre_bias = torch.full((32,), 4.0, requires_grad=True)
+    got = ops.batchtopk_encode(x, W, b, 6, pre_bias=pre_bias)
+    got.values.square().sum().backward()
+    grads = [t.grad.clone() for t in (W, b, pre_bias)]
+    for t in (W, b, pre_bias):
+        t.grad = None
+    monkeypatch.setenv("SPARSEKIT_BF16_SCREEN", "off")
+    want = ops.batchtopk_encode(x, W, b, 6, pre_bias=pre_bias)
+    want.values.square().sum().backward()
+    assert torch.equal(got.rows, want.rows) and torch.equal(got.cols, want.cols)
+    torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+    for g, t in zip(grads, (W, b, pre_bias)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-4)

@@ -5,7 +5,7 @@ float32 or float64 (float32 only on Triton), integer data full of exact ties or 
 enforced gaps, magnitudes scaled by powers of two, every tensor contiguous, transposed, strided or
 at a storage offset. A failure names its seed and the command that replays it.
 
-Cases per op: SPARSEKIT_FUZZ_CASES on cpp (default 150: about 40 s on 2 busy cores) and
+Cases per op: SPARSEKIT_FUZZ_CASES on cpp and cpp-bf16 (default 150: about 40 s on 2 busy cores) and
 SPARSEKIT_TRITON_FUZZ_CASES on Triton (default 8: without a GPU the kernels run under Triton's
 interpreter, a few seconds in all); SPARSEKIT_FUZZ_WORKERS processes share them (default 1: here).
 `make fuzz` runs 1,000 per op on each backend with 2 workers and prints how many cases ran and how
@@ -18,12 +18,13 @@ import time
 import pytest
 import torch
 
-from fuzz_cases import check_seeds_in_pool, random_case, replay_command, worker_pool
+from fuzz_cases import SCREENED_OPS, check_seeds_in_pool, random_case, replay_command, worker_pool
 from op_cases import LAYOUTS, OPS
 from sparsekit.backend import _C, backend_for_device, triton_installed
 
 CASES = {"cpp": int(os.environ.get("SPARSEKIT_FUZZ_CASES", "150")),
          "triton": int(os.environ.get("SPARSEKIT_TRITON_FUZZ_CASES", "8"))}
+CASES["cpp-bf16"] = CASES["cpp"]
 WORKERS = int(os.environ.get("SPARSEKIT_FUZZ_WORKERS", "1"))
 FIRST_SEED = int(os.environ.get("SPARSEKIT_FUZZ_SEED", random.SystemRandom().randrange(2**31)))
 
@@ -42,9 +43,12 @@ def _triton_runs_here() -> bool:
         return False
 
 
-# Fast paths compared with the reference: the C++ kernels, and the Triton kernels (under the
-# interpreter on CPU tensors without a GPU: tests/conftest.py sets TRITON_INTERPRET=1).
-BACKENDS = (["cpp"] if _C is not None else []) + (["triton"] if _triton_runs_here() else [])
+# Fast paths compared with the reference: the C++ kernels (also with the bf16-screened TopK
+# encoder forced on: "cpp-bf16"), and the Triton kernels (under the interpreter on CPU tensors
+# without a GPU: tests/conftest.py sets TRITON_INTERPRET=1).
+BACKENDS = (["cpp", "cpp-bf16"] if _C is not None else []) + (["triton"] if _triton_runs_here() else [])
+OP_BACKENDS = [(op, backend) for backend in BACKENDS for op in OPS
+               if backend != "cpp-bf16" or op in SCREENED_OPS]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +61,7 @@ def pool():
         yield workers
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op,backend", OP_BACKENDS, ids=[f"{op}-{backend}" for op, backend in OP_BACKENDS])
 def test_fuzz_backend_against_reference(op, backend, pool):
     cases = CASES[backend]
     seeds = list(range(FIRST_SEED, FIRST_SEED + cases))
