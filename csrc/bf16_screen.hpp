@@ -16,6 +16,7 @@
 //                     candidates recomputed, or -1 when Q holds a non-finite value (the caller
 //                     then takes the float32 path).
 // batchtopk_screened: the same for BatchTopK: the m largest over the whole block, in flat order.
+// relu_screened:      the positive entries of relu(x @ W + bias) as COO, when they are few.
 #pragma once
 
 #include <algorithm>
@@ -435,6 +436,56 @@ inline int64_t batchtopk_screened(const uint16_t* Q, const float* bias, const fl
     ++out;
   }
   return total;
+}
+
+// ReLU as a selection: every entry of relu(x @ W + bias) that is positive in float32, as COO in
+// row-major order. Candidates are the entries whose upper bound is positive; at most
+// max_candidates are gathered (a dense batch stops early). Returns the number of positive entries
+// E (values/cols/counts filled: values and cols need room for max_candidates, counts [rows]),
+// -1 when Q is not finite, or -3 when more than max_candidates entries may be positive.
+inline int64_t relu_screened(const uint16_t* Q, const float* bias, const float* x, const float* WT,
+                             const float* w_norms, const float* err_norms, int64_t rows, int64_t n, int64_t d,
+                             int64_t max_candidates, float* values, int64_t* cols_out, int64_t* counts) {
+  const float smallest_positive = std::numeric_limits<float>::denorm_min();
+  int64_t gathered = 0;
+  bool too_many = false;
+  Candidates c;
+  const bool finite = collect_candidates(rows, [&](int64_t r, std::vector<int32_t>& cols) {
+    bool stop;
+#pragma omp atomic read
+    stop = too_many;
+    if (stop) return true;
+    thread_local std::vector<float> low, chunk_max;
+    low.resize(n + 16);
+    chunk_max.resize((n + kScreenChunk - 1) / kScreenChunk);
+    const RowBound bound = row_bound(x + r * d, d);
+    if (!row_lower_bounds(Q + r * n, bias, w_norms, err_norms, n, bound, low.data(), chunk_max.data())) return false;
+    const size_t before = cols.size();
+    row_candidates(Q + r * n, bias, w_norms, err_norms, n, bound, smallest_positive, cols);
+    int64_t total;
+#pragma omp atomic capture
+    total = gathered += int64_t(cols.size() - before);
+    if (total > max_candidates) {
+#pragma omp atomic write
+      too_many = true;
+    }
+    return true;
+  }, c);
+  if (!finite) return -1;
+  if (too_many) return -3;
+  recompute_candidates(c, x, WT, bias, n, d);
+  int64_t out = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t start = out;
+    for (int64_t e = c.offsets[r]; e < c.offsets[r + 1]; ++e) {
+      if (!(c.exact[e] > 0.0f)) continue;
+      values[out] = c.exact[e];
+      cols_out[out] = c.cols[e];
+      ++out;
+    }
+    counts[r] = out - start;
+  }
+  return out;
 }
 
 }  // namespace sparsekit

@@ -364,6 +364,34 @@ int64_t batchtopk_screened_py(const Bf16Bits& Q, const Array<float>& bias, const
   return batchtopk_screened(q, b, xp, wt, wn, en, rows, n, d, m, v, r, c);
 }
 
+// -> (values [E], cols [E], counts [rows]) of the positive entries, or None (-3: too many may be
+// positive); -1 (Q not finite) raises nothing either: None as well, the caller takes float32.
+py::object relu_screened_py(const Bf16Bits& Q, const Array<float>& bias, const Array<float>& x,
+                            const Array<float>& WT, const Array<float>& w_norms, const Array<float>& err_norms,
+                            int64_t max_candidates) {
+  require(Q.ndim() == 2 && x.ndim() == 2 && WT.ndim() == 2, "Q, x and WT must be 2-D");
+  const int64_t rows = Q.shape(0), n = Q.shape(1), d = x.shape(1);
+  require(max_candidates >= 0, "max_candidates must be >= 0");
+  require_shape(bias, "bias", {n});
+  require_shape(x, "x", {rows, d});
+  require_shape(WT, "WT", {n, d});
+  require_shape(w_norms, "w_norms", {n});
+  require_shape(err_norms, "err_norms", {n});
+  Array<float> values(max_candidates);
+  Index cols(max_candidates), counts(rows);
+  const uint16_t* q = bf16_bits(Q);
+  const float *b = bias.data(), *xp = x.data(), *wt = WT.data(), *wn = w_norms.data(), *en = err_norms.data();
+  float* v = values.mutable_data();
+  int64_t *c = cols.mutable_data(), *k = counts.mutable_data();
+  int64_t found;
+  {
+    py::gil_scoped_release release;
+    found = relu_screened(q, b, xp, wt, wn, en, rows, n, d, max_candidates, v, c, k);
+  }
+  if (found < 0) return py::none();
+  return py::make_tuple(values[py::slice(0, found, 1)], cols[py::slice(0, found, 1)], counts);
+}
+
 void bind_bf16_screen(py::module_& m) {
   m.def("pack_bf16", &pack_bf16_py, py::arg("src").noconvert(), py::arg("dst").noconvert(),
         "dst = src rounded to bfloat16 (nearest, ties to even), as int16 bit patterns.");
@@ -384,6 +412,12 @@ void bind_bf16_screen(py::module_& m) {
         "BatchTopK from the bfloat16 GEMM Q [rows, n]: the m largest of relu(x @ W + bias) in flat order (ties: "
         "lower flat index), exact float32. Returns the candidate count, -1 when Q is not finite, -2 when fewer "
         "than m entries may be positive (take the float32 path).");
+  m.def("relu_screened", &relu_screened_py, py::arg("Q").noconvert(), py::arg("bias").noconvert(),
+        py::arg("x").noconvert(), py::arg("WT").noconvert(), py::arg("w_norms").noconvert(),
+        py::arg("err_norms").noconvert(), py::arg("max_candidates"),
+        "The positive entries of relu(x @ W + bias) from the bfloat16 GEMM Q [rows, n], exact float32, as "
+        "(values, cols, counts per row) in row-major order; None when more than max_candidates may be positive "
+        "or Q is not finite.");
 }
 
 template <typename T>

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import autograd_formulas
 from .backend import _C
 from .cpu_gemm import empty_output, gemm_library, row_tiles, scratch
-from .cpu_screen import batchtopk_encode_screened, topk_encode_screened, use_screen
+from .cpu_screen import batchtopk_encode_screened, relu_encode_screened, topk_encode_screened, use_screen
 
 # Rows of pre-activations computed per encoder GEMM tile: a [rows, n] scratch block of about
 # 64 MiB per thread instead of the whole [B, n] matrix. Each tile's GEMM packs all of W_enc again,
@@ -286,9 +286,15 @@ def relu_encode_adaptive_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
     (dense, values, rows, cols); the unused form is empty (dense [0, n] or E = 0).
 
     The choice is a function of this batch alone (a resumed run takes the same path as an
-    uninterrupted one). Sparse codes make the decode and every backward GEMM sparse."""
+    uninterrupted one). Sparse codes make the decode and every backward GEMM sparse. On CPUs with
+    native bf16 the sparse codes come from the bf16 screen (sparsekit.cpu_screen) when it finds
+    them; the float32 path decides every other batch."""
     x, W_enc = x.contiguous(), W_enc.contiguous()
     batch, n = x.shape[0], W_enc.shape[1]
+    if use_screen(x, W_enc):  # sparse codes found from the bf16 GEMM, or None: this path decides
+        coo = relu_encode_screened((x - pre_bias).contiguous(), W_enc, b_enc.contiguous(), max_density)
+        if coo is not None:
+            return (x.new_empty(0, n), *coo)
     bias = _folded_bias(b_enc, pre_bias, W_enc)
     pre = scratch(batch, n, x.dtype, "batch pre-activations")
     row_tiles(x, W_enc, _tile_rows(n, x.element_size()), out=pre)

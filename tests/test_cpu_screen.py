@@ -85,24 +85,26 @@ def test_screened_topk_keeps_the_lower_index_on_exact_ties(screen_on):
     assert torch.equal(got.values, values)
 
 
-def test_screened_centered_topk_encode_matches_the_fold_and_its_gradients(screen_on, monkeypatch):
+@pytest.mark.parametrize("encode", ["topk_encode", "batchtopk_encode"])
+def test_screened_centered_encoders_match_the_float32_fold_and_its_gradients(encode, screen_on, monkeypatch):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(40, 32, generator=gen) + 5.0  # far from the origin: pre_bias carries the mean
     W = (torch.randn(32, 500, generator=gen) / 32**0.5).requires_grad_()
-    b = (torch.randn(500, generator=gen) * 0.1).requires_grad_()
+    b = (torch.randn(500, generator=gen) * 0.1 + 0.5).requires_grad_()  # BatchTopK: enough positive
     pre_bias = torch.full((32,), 5.0, requires_grad=True)
-    got = ops.topk_encode(x, W, b, 8, pre_bias=pre_bias)
-    got.values.square().sum().backward()
-    grads = [t.grad.clone() for t in (W, b, pre_bias)]
-    for t in (W, b, pre_bias):
-        t.grad = None
+
+    def codes_and_grads():
+        codes = getattr(ops, encode)(x, W, b, 8, pre_bias=pre_bias)
+        return codes, torch.autograd.grad(codes.values.square().sum(), (W, b, pre_bias))
+
+    got, got_grads = codes_and_grads()
     monkeypatch.setenv("SPARSEKIT_BF16_SCREEN", "off")
-    want = ops.topk_encode(x, W, b, 8, pre_bias=pre_bias)
-    want.values.square().sum().backward()
-    assert torch.equal(got.indices, want.indices)
+    want, want_grads = codes_and_grads()
+    for name in got._fields[1:]:  # the selection: indices, or rows and cols
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
     torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
-    for g, t in zip(grads, (W, b, pre_bias)):  # the fold rounds differently: values ~5 apart by ~1e-6
-        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-4)
+    for g, w in zip(got_grads, want_grads):  # the fold rounds differently: values ~5 apart by ~1e-6
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
 def test_topk_screened_reports_overflowing_pre_activations():
@@ -213,21 +215,42 @@ def test_screened_batchtopk_keeps_the_lower_flat_index_on_exact_ties(screen_on):
     assert torch.equal(got.values, want[0])
 
 
-def test_screened_batchtopk_centered_gradients_match_the_float32_path(screen_on, monkeypatch):
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(30, 32, generator=gen) + 4.0
-    W = (torch.randn(32, 400, generator=gen) / 32**0.5).requires_grad_()
-    b = (torch.randn(400, generator=gen) * 0.1 + 0.5).requires_grad_()
-    pre_bias = torch.full((32,), 4.0, requires_grad=True)
-    got = ops.batchtopk_encode(x, W, b, 6, pre_bias=pre_bias)
-    got.values.square().sum().backward()
-    grads = [t.grad.clone() for t in (W, b, pre_bias)]
-    for t in (W, b, pre_bias):
-        t.grad = None
+def relu_case(seed: int, positive_share: float):
+    """x, W, b, pre_bias with about positive_share of the pre-activations positive."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(50, 32, generator=gen) + 3.0
+    pre_bias = torch.full((32,), 3.0, requires_grad=True)
+    W = (torch.randn(32, 700, generator=gen) / 32**0.5).requires_grad_()
+    pre = (x - pre_bias.detach()) @ W.detach()
+    b = (-pre.flatten().quantile(1 - positive_share) + torch.zeros(700)).requires_grad_()
+    return x, W, b, pre_bias
+
+
+@pytest.mark.parametrize("positive_share", [0.005, 0.3])  # sparse codes; dense (the float32 path decides)
+def test_screened_relu_adaptive_matches_the_float32_path_and_its_gradients(positive_share, screen_on, monkeypatch):
+    x, W, b, pre_bias = relu_case(4, positive_share)
+
+    def codes_and_grads():
+        codes = ops.relu_encode_adaptive(x, W, b, pre_bias=pre_bias)
+        values = codes.values if isinstance(codes, ops.SparseCodes) else codes
+        return codes, torch.autograd.grad(values.square().sum(), (W, b, pre_bias))
+
+    before = dict(cpu_screen.stats)
+    got, got_grads = codes_and_grads()
+    assert (cpu_screen.stats["calls"] > before["calls"]) == (positive_share < 1 / 64)
     monkeypatch.setenv("SPARSEKIT_BF16_SCREEN", "off")
-    want = ops.batchtopk_encode(x, W, b, 6, pre_bias=pre_bias)
-    want.values.square().sum().backward()
-    assert torch.equal(got.rows, want.rows) and torch.equal(got.cols, want.cols)
-    torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
-    for g, t in zip(grads, (W, b, pre_bias)):
-        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-4)
+    want, want_grads = codes_and_grads()
+    assert type(got) is type(want)
+    if isinstance(want, ops.SparseCodes):
+        assert torch.equal(got.rows, want.rows) and torch.equal(got.cols, want.cols)
+        torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+
+
+def test_screened_relu_with_no_positive_entry_gives_empty_codes(screen_on):
+    x, W = torch.randn(5, 8), torch.randn(8, 200)
+    codes = ops.relu_encode_adaptive(x, W, torch.full((200,), -100.0))
+    assert isinstance(codes, ops.SparseCodes) and codes.values.numel() == 0 and codes.batch_size == 5
