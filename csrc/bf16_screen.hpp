@@ -200,6 +200,17 @@ inline void row_candidates(const uint16_t* q, const float* bias, const float* w_
 #endif
 }
 
+// Appends to pool the lower bounds low [n] at or above floor, reading only the 64-entry chunks
+// whose maximum (chunk_max) reaches it.
+inline void append_at_least(const float* low, const float* chunk_max, int64_t n, float floor, std::vector<float>& pool) {
+  const int64_t n_chunks = (n + kScreenChunk - 1) / kScreenChunk;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    if (!(chunk_max[c] >= floor)) continue;
+    for (int64_t j = c * kScreenChunk; j < std::min(n, (c + 1) * kScreenChunk); ++j)
+      if (low[j] >= floor) pool.push_back(low[j]);
+  }
+}
+
 // The m-th largest (1-based) of pool, which is reordered.
 inline float mth_largest(std::vector<float>& pool, int64_t m) {
   std::nth_element(pool.begin(), pool.begin() + (m - 1), pool.end(), std::greater<float>());
@@ -223,11 +234,7 @@ inline bool screen_row(const uint16_t* q, const float* bias, const float* w_norm
     floor_k = mth_largest(pool, k);
   }
   pool.clear();
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    if (!(chunk_max[c] >= floor_k)) continue;
-    for (int64_t j = c * kScreenChunk; j < std::min(n, (c + 1) * kScreenChunk); ++j)
-      if (low[j] >= floor_k) pool.push_back(low[j]);
-  }
+  append_at_least(low, chunk_max.data(), n, floor_k, pool);
   row_candidates(q, bias, w_norms, err_norms, n, bound, mth_largest(pool, k), cols);
   return true;
 }
@@ -247,6 +254,18 @@ inline float dot_f32(const float* a, const float* b, int64_t d) {
     for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   return lanes[0];
 }
+
+// A block of rows to screen: Q [rows, n] bf16 bits of x @ W for x [rows, d] float32 and W [d, n],
+// with W's transpose WT [n, d] and column norms (pack_encoder_bf16), and bias [n].
+struct ScreenedBlock {
+  const uint16_t* Q;
+  const float* bias;
+  const float* x;
+  const float* WT;
+  const float* w_norms;
+  const float* err_norms;
+  int64_t rows, n, d;
+};
 
 // Candidates of a block of rows in row-major order (columns ascending within a row).
 struct Candidates {
@@ -317,12 +336,11 @@ inline void recompute_candidates(Candidates& c, const float* x, const float* WT,
   }
 }
 
-// Q [rows, n] bf16 bits of x @ W (x [rows, d] float32, W [d, n] with transpose WT [n, d] and the
-// column norms of pack_encoder_bf16), bias [n] -> values/indices [rows, k]. Returns the candidate
-// count or -1.
-inline int64_t topk_screened(const uint16_t* Q, const float* bias, const float* x, const float* WT,
-                             const float* w_norms, const float* err_norms, int64_t rows, int64_t n, int64_t d,
-                             int64_t k, float* values, int64_t* indices) {
+// The block's top-k per row -> values/indices [rows, k]. Returns the candidate count or -1.
+inline int64_t topk_screened(const ScreenedBlock& block, int64_t k, float* values, int64_t* indices) {
+  const uint16_t* Q = block.Q;
+  const float *bias = block.bias, *x = block.x, *WT = block.WT, *w_norms = block.w_norms, *err_norms = block.err_norms;
+  const int64_t rows = block.rows, n = block.n, d = block.d;
   // 1. Screen each row.
   Candidates c;
   const bool finite = collect_candidates(rows, [&](int64_t r, std::vector<int32_t>& cols) {
@@ -360,14 +378,16 @@ inline int64_t topk_screened(const uint16_t* Q, const float* bias, const float* 
 }
 
 // BatchTopK over the whole block: the m largest of relu(x @ W + bias), ties to the lower flat
-// index, in flat order -> values/rows_out/cols_out [m]. Q [rows, n] holds every row's bf16 GEMM.
+// index, in flat order -> values/rows_out/cols_out [m]. The block is the whole batch.
 // The m-th largest lower bound over all entries comes from the m-th largest 64-entry chunk
 // maximum (a lower bound on it) and the entries at or above that. Returns the candidate count,
 // -1 when Q is not finite, or -2 when that bound is not positive (fewer than m entries may be
 // positive, and relu's zeros then take part in the selection): the caller takes the float32 path.
-inline int64_t batchtopk_screened(const uint16_t* Q, const float* bias, const float* x, const float* WT,
-                                  const float* w_norms, const float* err_norms, int64_t rows, int64_t n, int64_t d,
-                                  int64_t m, float* values, int64_t* rows_out, int64_t* cols_out) {
+inline int64_t batchtopk_screened(const ScreenedBlock& block, int64_t m, float* values, int64_t* rows_out,
+                                  int64_t* cols_out) {
+  const uint16_t* Q = block.Q;
+  const float *bias = block.bias, *x = block.x, *WT = block.WT, *w_norms = block.w_norms, *err_norms = block.err_norms;
+  const int64_t rows = block.rows, n = block.n, d = block.d;
   const int64_t n_chunks = (n + kScreenChunk - 1) / kScreenChunk;
   std::vector<RowBound> bounds(rows);
   std::vector<float> chunk_max(rows * n_chunks);
@@ -400,11 +420,7 @@ inline int64_t batchtopk_screened(const uint16_t* Q, const float* bias, const fl
       for (int64_t c = 0; c < n_chunks && !any; ++c) any = maxima[c] >= floor_m;
       if (!any) continue;
       row_lower_bounds(Q + r * n, bias, w_norms, err_norms, n, bounds[r], low.data(), row_max.data());
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        if (!(maxima[c] >= floor_m)) continue;
-        for (int64_t j = c * kScreenChunk; j < std::min(n, (c + 1) * kScreenChunk); ++j)
-          if (low[j] >= floor_m) mine.push_back(low[j]);
-      }
+      append_at_least(low.data(), maxima, n, floor_m, mine);
     }
   }
   std::vector<float> pool;
@@ -443,9 +459,11 @@ inline int64_t batchtopk_screened(const uint16_t* Q, const float* bias, const fl
 // max_candidates are gathered (a dense batch stops early). Returns the number of positive entries
 // E (values/cols/counts filled: values and cols need room for max_candidates, counts [rows]),
 // -1 when Q is not finite, or -3 when more than max_candidates entries may be positive.
-inline int64_t relu_screened(const uint16_t* Q, const float* bias, const float* x, const float* WT,
-                             const float* w_norms, const float* err_norms, int64_t rows, int64_t n, int64_t d,
-                             int64_t max_candidates, float* values, int64_t* cols_out, int64_t* counts) {
+inline int64_t relu_screened(const ScreenedBlock& block, int64_t max_candidates, float* values, int64_t* cols_out,
+                             int64_t* counts) {
+  const uint16_t* Q = block.Q;
+  const float *bias = block.bias, *x = block.x, *WT = block.WT, *w_norms = block.w_norms, *err_norms = block.err_norms;
+  const int64_t rows = block.rows, n = block.n, d = block.d;
   const float smallest_positive = std::numeric_limits<float>::denorm_min();
   int64_t gathered = 0;
   bool too_many = false;

@@ -321,72 +321,62 @@ void pack_encoder_bf16_py(const Array<float>& W, Bf16Bits& Wb, Array<float>& WT,
   pack_encoder_bf16(w, d, n, wb, wt, wn, en);
 }
 
-int64_t topk_screened_py(const Bf16Bits& Q, const Array<float>& bias, const Array<float>& x, const Array<float>& WT,
-                         const Array<float>& w_norms, const Array<float>& err_norms, int64_t k, Array<float>& values,
-                         Index& indices) {
+// The arrays every screened kernel reads, checked against each other: Q [rows, n] (bf16 bits),
+// bias [n], x [rows, d], WT [n, d], w_norms and err_norms [n].
+ScreenedBlock screened_block(const Bf16Bits& Q, const Array<float>& bias, const Array<float>& x, const Array<float>& WT,
+                             const Array<float>& w_norms, const Array<float>& err_norms) {
   require(Q.ndim() == 2 && x.ndim() == 2 && WT.ndim() == 2, "Q, x and WT must be 2-D");
   const int64_t rows = Q.shape(0), n = Q.shape(1), d = x.shape(1);
-  require(k >= 1 && k <= n, "k must be in [1, n]");
   require_shape(bias, "bias", {n});
   require_shape(x, "x", {rows, d});
   require_shape(WT, "WT", {n, d});
   require_shape(w_norms, "w_norms", {n});
   require_shape(err_norms, "err_norms", {n});
-  require_shape(values, "values", {rows, k});
-  require_shape(indices, "indices", {rows, k});
-  const uint16_t* q = bf16_bits(Q);
-  const float *b = bias.data(), *xp = x.data(), *wt = WT.data(), *wn = w_norms.data(), *en = err_norms.data();
+  return {bf16_bits(Q), bias.data(), x.data(), WT.data(), w_norms.data(), err_norms.data(), rows, n, d};
+}
+
+int64_t topk_screened_py(const Bf16Bits& Q, const Array<float>& bias, const Array<float>& x, const Array<float>& WT,
+                         const Array<float>& w_norms, const Array<float>& err_norms, int64_t k, Array<float>& values,
+                         Index& indices) {
+  const ScreenedBlock block = screened_block(Q, bias, x, WT, w_norms, err_norms);
+  require(k >= 1 && k <= block.n, "k must be in [1, n]");
+  require_shape(values, "values", {block.rows, k});
+  require_shape(indices, "indices", {block.rows, k});
   float* v = values.mutable_data();
   int64_t* i = indices.mutable_data();
   py::gil_scoped_release release;
-  return topk_screened(q, b, xp, wt, wn, en, rows, n, d, k, v, i);
+  return topk_screened(block, k, v, i);
 }
 
 int64_t batchtopk_screened_py(const Bf16Bits& Q, const Array<float>& bias, const Array<float>& x,
                               const Array<float>& WT, const Array<float>& w_norms, const Array<float>& err_norms,
                               int64_t m, Array<float>& values, Index& rows_out, Index& cols_out) {
-  require(Q.ndim() == 2 && x.ndim() == 2 && WT.ndim() == 2, "Q, x and WT must be 2-D");
-  const int64_t rows = Q.shape(0), n = Q.shape(1), d = x.shape(1);
-  require(m >= 1 && m <= rows * n, "m must be in [1, rows * n]");
-  require_shape(bias, "bias", {n});
-  require_shape(x, "x", {rows, d});
-  require_shape(WT, "WT", {n, d});
-  require_shape(w_norms, "w_norms", {n});
-  require_shape(err_norms, "err_norms", {n});
+  const ScreenedBlock block = screened_block(Q, bias, x, WT, w_norms, err_norms);
+  require(m >= 1 && m <= block.rows * block.n, "m must be in [1, rows * n]");
   require_shape(values, "values", {m});
   require_shape(rows_out, "rows", {m});
   require_shape(cols_out, "cols", {m});
-  const uint16_t* q = bf16_bits(Q);
-  const float *b = bias.data(), *xp = x.data(), *wt = WT.data(), *wn = w_norms.data(), *en = err_norms.data();
   float* v = values.mutable_data();
   int64_t *r = rows_out.mutable_data(), *c = cols_out.mutable_data();
   py::gil_scoped_release release;
-  return batchtopk_screened(q, b, xp, wt, wn, en, rows, n, d, m, v, r, c);
+  return batchtopk_screened(block, m, v, r, c);
 }
 
-// -> (values [E], cols [E], counts [rows]) of the positive entries, or None (-3: too many may be
-// positive); -1 (Q not finite) raises nothing either: None as well, the caller takes float32.
+// -> (values [E], cols [E], counts [rows]) of the positive entries, or None when more than
+// max_candidates may be positive or Q is not finite (the caller takes the float32 path).
 py::object relu_screened_py(const Bf16Bits& Q, const Array<float>& bias, const Array<float>& x,
                             const Array<float>& WT, const Array<float>& w_norms, const Array<float>& err_norms,
                             int64_t max_candidates) {
-  require(Q.ndim() == 2 && x.ndim() == 2 && WT.ndim() == 2, "Q, x and WT must be 2-D");
-  const int64_t rows = Q.shape(0), n = Q.shape(1), d = x.shape(1);
+  const ScreenedBlock block = screened_block(Q, bias, x, WT, w_norms, err_norms);
   require(max_candidates >= 0, "max_candidates must be >= 0");
-  require_shape(bias, "bias", {n});
-  require_shape(x, "x", {rows, d});
-  require_shape(WT, "WT", {n, d});
-  require_shape(w_norms, "w_norms", {n});
-  require_shape(err_norms, "err_norms", {n});
   Array<float> values(max_candidates);
-  Index cols(max_candidates), counts(rows);
-  const uint16_t* q = bf16_bits(Q);
-  const float *b = bias.data(), *xp = x.data(), *wt = WT.data(), *wn = w_norms.data(), *en = err_norms.data();
+  Index cols(max_candidates), counts(block.rows);
   float* v = values.mutable_data();
   int64_t *c = cols.mutable_data(), *k = counts.mutable_data();
   int64_t found;
   {
     py::gil_scoped_release release;
-    found = relu_screened(q, b, xp, wt, wn, en, rows, n, d, max_candidates, v, c, k);
+    found = relu_screened(block, max_candidates, v, c, k);
   }
   if (found < 0) return py::none();
   return py::make_tuple(values[py::slice(0, found, 1)], cols[py::slice(0, found, 1)], counts);

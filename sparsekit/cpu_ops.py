@@ -124,16 +124,32 @@ def _sparse_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor,
 
 # --- topk_encode ------------------------------------------------------------------------------
 
-@torch.library.custom_op("sparsekit::topk_encode_cpu", mutates_args=())
-def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Encoder GEMM in row tiles, each tile's top-k fused with bias + ReLU in C++; on CPUs with
-    native bf16, a bf16 GEMM screened by its rounding bound instead (sparsekit.cpu_screen).
-    x [B, d], W_enc [d, n], b_enc [n] -> values [B, k], indices [B, k]."""
+def _screened_or_float32(screened_encode, float32_encode, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
+                         pre_bias: Tensor | None = None):
+    """A sparse encoder of x - pre_bias (pre_bias None: of x): the bf16-screened one
+    (sparsekit.cpu_screen) where it applies and decides, which encodes x - pre_bias itself (its
+    rounding bound scales with the norm of what enters the GEMM); else the float32 one, with
+    pre_bias folded into the bias."""
     x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
     if use_screen(x, W_enc, k):
-        screened = topk_encode_screened(x, W_enc, b_enc, k)
+        screened = screened_encode(x if pre_bias is None else (x - pre_bias).contiguous(), W_enc, b_enc, k)
         if screened is not None:
             return screened
+    if pre_bias is not None:
+        b_enc = _folded_bias(b_enc, pre_bias, W_enc)
+    return float32_encode(x, W_enc, b_enc, k)
+
+
+@torch.library.custom_op("sparsekit::topk_encode_cpu", mutates_args=())
+def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """x [B, d], W_enc [d, n], b_enc [n] -> values [B, k], indices [B, k]; bf16-screened on CPUs
+    with native bf16, else _topk_encode_float32."""
+    return _screened_or_float32(topk_encode_screened, _topk_encode_float32, x, W_enc, b_enc, k)
+
+
+def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Encoder GEMM in row tiles, each tile's top-k fused with bias + ReLU in C++ (contiguous
+    inputs)."""
     batch, n = x.shape[0], W_enc.shape[1]
     values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64)
@@ -173,13 +189,8 @@ def topk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
 
     Folding pre_bias into the bias by autograd (SparseDictionary.encoder_bias) would cost a dense
     [d, n] outer product in backward; here W_enc's gradient is (x - pre_bias)^T S in one sparse
-    pass and pre_bias's is -W_enc @ grad b_enc. The bf16-screened path encodes x - pre_bias
-    itself: its rounding bound scales with the norm of what enters the GEMM."""
-    if use_screen(x, W_enc, k):
-        screened = topk_encode_screened((x - pre_bias).contiguous(), W_enc.contiguous(), b_enc.contiguous(), k)
-        if screened is not None:
-            return screened
-    return topk_encode_cpu(x, W_enc, _folded_bias(b_enc, pre_bias, W_enc), k)
+    pass and pre_bias's is -W_enc @ grad b_enc."""
+    return _screened_or_float32(topk_encode_screened, _topk_encode_float32, x, W_enc, b_enc, k, pre_bias)
 
 
 @topk_encode_centered_cpu.register_fake
@@ -223,14 +234,13 @@ topk_encode_centered_cpu.register_autograd(_topk_centered_backward, setup_contex
 
 @torch.library.custom_op("sparsekit::batchtopk_encode_cpu", mutates_args=())
 def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Global selection of the B*k largest relu(pre) by radix select in C++ (on CPUs with native
-    bf16, the screened bf16 GEMM instead: sparsekit.cpu_screen).
-    -> values, rows, cols, each [B*k], in flat order."""
-    x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
-    if use_screen(x, W_enc, k):
-        screened = batchtopk_encode_screened(x, W_enc, b_enc, k)
-        if screened is not None:
-            return screened
+    """-> values, rows, cols, each [B*k], in flat order; bf16-screened on CPUs with native bf16,
+    else _batchtopk_encode_float32."""
+    return _screened_or_float32(batchtopk_encode_screened, _batchtopk_encode_float32, x, W_enc, b_enc, k)
+
+
+def _batchtopk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Global selection of the B*k largest relu(pre) by radix select in C++ (contiguous inputs)."""
     batch = x.shape[0]
     pre = scratch(batch, W_enc.shape[1], x.dtype, "batch pre-activations")  # overwritten by the selection
     row_tiles(x, W_enc, _tile_rows(W_enc.shape[1], x.element_size()), out=pre)
@@ -247,13 +257,8 @@ autograd_formulas.register_batchtopk(batchtopk_encode_cpu, _sparse_encoder_backw
 @torch.library.custom_op("sparsekit::batchtopk_encode_centered_cpu", mutates_args=())
 def batchtopk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
                                   k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """batchtopk_encode of x - pre_bias, the bias folded as in topk_encode_centered_cpu (the
-    bf16-screened path encodes x - pre_bias itself, as there)."""
-    if use_screen(x, W_enc, k):
-        screened = batchtopk_encode_screened((x - pre_bias).contiguous(), W_enc.contiguous(), b_enc.contiguous(), k)
-        if screened is not None:
-            return screened
-    return batchtopk_encode_cpu(x, W_enc, _folded_bias(b_enc, pre_bias, W_enc), k)
+    """batchtopk_encode of x - pre_bias, as topk_encode_centered_cpu."""
+    return _screened_or_float32(batchtopk_encode_screened, _batchtopk_encode_float32, x, W_enc, b_enc, k, pre_bias)
 
 
 @batchtopk_encode_centered_cpu.register_fake

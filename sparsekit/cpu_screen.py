@@ -78,8 +78,8 @@ def use_screen(x: Tensor, W_enc: Tensor, k: int | None = None) -> bool:
         return False
     if mode == "on":
         return True
-    return (2.0 * x.shape[0] * x.shape[1] * W_enc.shape[1] >= SCREEN_MIN_FLOP and (k is None or W_enc.shape[1] >= SCREEN_MIN_N_OVER_K * k)
-            and cpu_has_native_bf16())
+    large = 2.0 * x.shape[0] * x.shape[1] * W_enc.shape[1] >= SCREEN_MIN_FLOP
+    return large and (k is None or W_enc.shape[1] >= SCREEN_MIN_N_OVER_K * k) and cpu_has_native_bf16()
 
 
 def _prepare(x: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -99,31 +99,42 @@ def _bf16(t: Tensor, purpose: str) -> Tensor:
     return bits
 
 
+def _bf16_gemm_blocks(x_bf16: Tensor, W_bf16: Tensor, out: Tensor | None = None):
+    """For each block of at most SCREEN_ROWS rows: Q = x_bf16[start:stop] @ W_bf16 (bf16 bits,
+    [stop - start, n]), yielded as (start, stop, Q). Q is a reused block-sized buffer, or the rows
+    [start, stop) of out [B, n] (int16), which then holds every block."""
+    batch, n = x_bf16.shape[0], W_bf16.shape[1]
+    Q_bits = out if out is not None else scratch(min(batch, SCREEN_ROWS), n, torch.int16, "bf16 pre-activations")
+    for start in range(0, batch, SCREEN_ROWS):
+        stop = min(batch, start + SCREEN_ROWS)
+        Q = Q_bits[start:stop] if out is not None else Q_bits[: stop - start]
+        torch.mm(x_bf16[start:stop], W_bf16, out=Q.view(torch.bfloat16))
+        yield start, stop, Q
+
+
+def _count(rows: int, candidates: int = 0) -> None:
+    stats["calls"] += 1
+    stats["rows"] += rows
+    stats["candidates"] += candidates
+
+
 def topk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """The float32 top-k of relu(x @ W_enc + b_enc) per row, through a bf16 GEMM and an exact
     recompute of the candidates. x [B, d], W_enc [d, n], b_enc [n] (contiguous float32 CPU)
     -> (values [B, k] sorted descending, indices [B, k]), or None when the bf16 pre-activations
     overflow (the caller then takes the float32 path)."""
-    batch, n = x.shape[0], W_enc.shape[1]
     x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
     x_bf16, W_bf16, W_t, norms = _prepare(x, W_enc)
-    values = x.new_empty(batch, k)
-    indices = torch.empty(batch, k, dtype=torch.int64)
-    rows = min(batch, SCREEN_ROWS)
-    Q_bits = scratch(rows, n, torch.int16, "bf16 pre-activations")
+    values = x.new_empty(x.shape[0], k)
+    indices = torch.empty(x.shape[0], k, dtype=torch.int64)
     total = 0
-    for start in range(0, batch, rows):
-        stop = min(batch, start + rows)
-        Q = Q_bits[: stop - start]
-        torch.mm(x_bf16[start:stop], W_bf16, out=Q.view(torch.bfloat16))
+    for start, stop, Q in _bf16_gemm_blocks(x_bf16, W_bf16):
         found = _C.topk_screened(Q.numpy(), b_enc.numpy(), x[start:stop].numpy(), W_t.numpy(), norms[0].numpy(),
                                  norms[1].numpy(), k, values[start:stop].numpy(), indices[start:stop].numpy())
         if found < 0:
             return None
         total += found
-    stats["calls"] += 1
-    stats["rows"] += batch
-    stats["candidates"] += total
+    _count(x.shape[0], total)
     return values, indices
 
 
@@ -132,24 +143,20 @@ def batchtopk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -
     exact float32, ties to the lower flat index. x [B, d], W_enc [d, n], b_enc [n] (contiguous
     float32 CPU) -> (values, rows, cols), each [B*k], in flat order; or None when the float32 path
     must run (the bf16 products overflow, or fewer than B*k pre-activations may be positive)."""
-    batch, n = x.shape[0], W_enc.shape[1]
     x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
     x_bf16, W_bf16, W_t, norms = _prepare(x, W_enc)
-    Q_bits = scratch(batch, n, torch.int16, "bf16 pre-activations, whole batch")  # [B, n]: 2 bytes each
-    for start in range(0, batch, SCREEN_ROWS):
-        stop = min(batch, start + SCREEN_ROWS)
-        torch.mm(x_bf16[start:stop], W_bf16, out=Q_bits[start:stop].view(torch.bfloat16))
-    m = batch * k
+    Q_all = scratch(x.shape[0], W_enc.shape[1], torch.int16, "bf16 pre-activations, whole batch")
+    for _ in _bf16_gemm_blocks(x_bf16, W_bf16, out=Q_all):
+        pass
+    m = x.shape[0] * k
     values = x.new_empty(m)
     rows = torch.empty(m, dtype=torch.int64)
     cols = torch.empty(m, dtype=torch.int64)
-    found = _C.batchtopk_screened(Q_bits.numpy(), b_enc.numpy(), x.numpy(), W_t.numpy(), norms[0].numpy(),
+    found = _C.batchtopk_screened(Q_all.numpy(), b_enc.numpy(), x.numpy(), W_t.numpy(), norms[0].numpy(),
                                   norms[1].numpy(), m, values.numpy(), rows.numpy(), cols.numpy())
     if found < 0:
         return None
-    stats["calls"] += 1
-    stats["rows"] += batch
-    stats["candidates"] += found
+    _count(x.shape[0], found)
     return values, rows, cols
 
 
@@ -163,13 +170,8 @@ def relu_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor,
     batch, n = x.shape[0], W_enc.shape[1]
     x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach()
     x_bf16, W_bf16, W_t, norms = _prepare(x, W_enc)
-    rows = min(batch, SCREEN_ROWS)
-    Q_bits = scratch(rows, n, torch.int16, "bf16 pre-activations")
     values, cols, counts = [], [], []
-    for start in range(0, batch, rows):
-        stop = min(batch, start + rows)
-        Q = Q_bits[: stop - start]
-        torch.mm(x_bf16[start:stop], W_bf16, out=Q.view(torch.bfloat16))
+    for start, stop, Q in _bf16_gemm_blocks(x_bf16, W_bf16):
         found = _C.relu_screened(Q.numpy(), b_enc.numpy(), x[start:stop].numpy(), W_t.numpy(), norms[0].numpy(),
                                  norms[1].numpy(), int(2 * max_density * (stop - start) * n))
         if found is None:
@@ -179,6 +181,5 @@ def relu_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor,
     counts_all = torch.cat(counts)
     if int(counts_all.sum()) > max_density * batch * n:
         return None
-    stats["calls"] += 1
-    stats["rows"] += batch
+    _count(batch)
     return torch.cat(values), torch.repeat_interleave(torch.arange(batch), counts_all), torch.cat(cols)
