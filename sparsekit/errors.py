@@ -31,3 +31,9 @@ class InsufficientMemory(MemoryError):
 
 class SourceExhausted(ValueError):
     """The activation source stopped yielding batches before the run had what it needed."""
+
+
+class BackendUnavailable(RuntimeError):
+    """SPARSEKIT_BACKEND or SPARSEKIT_ISA asks for an implementation that cannot run here (an
+    unknown name, a level this CPU lacks, an extension that was not built); the message names the
+    variable and what can run."""

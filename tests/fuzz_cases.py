@@ -13,7 +13,7 @@ Per backend:
   which executes every program in Python: each axis is usually within one interpreter tile
   (B <= 8, d <= 16, n <= 16) and with probability 0.15 spans several (B up to 24: GEMM row tiles
   of 16; d up to 40: K steps of 16; n up to 80: column tiles of 32, selection blocks of 64,
-  BatchTopK blocks of 256 entries). The interpreter tiles are kernels/_config.py's small configs.
+  BatchTopK blocks of 256 entries). The interpreter tiles are kernels/sparsekit_kernels/_config.py's small configs.
 
 ``check_seeds(op, backend, seeds)`` runs the cases and returns the failures, each with its seed;
 ``check_seeds_in_pool`` spreads chunks of seeds over ``worker_pool``'s processes (the interpreter

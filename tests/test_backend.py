@@ -1,4 +1,5 @@
-"""Backend selection: visible, forcible, loud when unavailable; the package works without _C."""
+"""Backend selection: visible, forcible, loud when unavailable; the package works without the C++
+extension (sparsekit._C_<level>)."""
 import os
 import subprocess
 import sys
@@ -13,10 +14,11 @@ import sparsekit
 def test_backends_reports_cpp_on_cpu_when_the_extension_is_built(monkeypatch):
     monkeypatch.delenv("SPARSEKIT_BACKEND", raising=False)
     from sparsekit.backend import _C
-    assert _C is not None, "sparsekit._C did not build; make test expects it"
-    from sparsekit.backend import triton_installed
+    assert _C is not None, "sparsekit's C++ extension did not build; make test expects it"
+    from sparsekit.backend import CPP_ISA, triton_installed
     expected_cuda = None if not torch.cuda.is_available() else ("triton" if triton_installed() else "torch")
-    assert sparsekit.backends() == {"cpu": "cpp", "cuda": expected_cuda}
+    assert sparsekit.backends() == {"cpu": "cpp", "cuda": expected_cuda, "cpu_isa": CPP_ISA}
+    assert CPP_ISA in ("avx512", "avx2", "baseline")
 
 
 def test_forcing_torch_backend_is_reported_and_used(monkeypatch):
@@ -66,7 +68,7 @@ def test_forcing_triton_under_the_interpreter_runs_cpu_tensors_in_32_and_16_bit(
     monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if not torch.cuda.is_available():
-        assert sparsekit.backends() == {"cpu": "triton", "cuda": None}
+        assert sparsekit.backends() == {"cpu": "triton", "cuda": None, "cpu_isa": None}
     x, W, b = torch.randn(3, 4, requires_grad=True), torch.randn(4, 5), torch.randn(5)
     values, _ = sparsekit.topk_encode(x, W, b, 2)
     assert "topk_encode_triton" in type(values.grad_fn).__name__
@@ -91,8 +93,9 @@ def test_cpu_half_precision_uses_the_reference_unless_cpp_is_forced(monkeypatch)
 
 
 def _run_without_extension(code: str, **env) -> subprocess.CompletedProcess:
-    """Run code in a fresh interpreter in which `import sparsekit._C` fails."""
-    prelude = "import sys; sys.modules['sparsekit._C'] = None\n"
+    """Run code in a fresh interpreter in which importing any of sparsekit's C++ modules fails."""
+    prelude = ("import sys\nfor level in ('avx512', 'avx2', 'baseline'):\n"
+               "    sys.modules[f'sparsekit._C_{level}'] = None\n")
     environment = {name: value for name, value in os.environ.items() if name != "SPARSEKIT_BACKEND"}
     environment.update(env)
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
@@ -125,7 +128,7 @@ def test_forcing_cpp_without_the_extension_fails_loudly():
         sparsekit.relu_encode(torch.randn(2, 3), torch.randn(3, 4), torch.randn(4))
     """, SPARSEKIT_BACKEND="cpp")
     assert result.returncode != 0
-    assert "SPARSEKIT_BACKEND=cpp but sparsekit._C is unavailable" in result.stderr
+    assert "SPARSEKIT_BACKEND=cpp but sparsekit's C++ extension is unavailable" in result.stderr
 
 
 def test_import_sparsekit_is_light():

@@ -95,7 +95,7 @@ def test_fuzz_draws_every_kind_of_case(backend):
                 seen.add(("layout", layout))
         if not x.is_contiguous() or x.storage_offset():
             seen.add(("non-contiguous or offset x",))
-        # Interpreter tiles (kernels/_config.py's small configs): GEMM 16 rows x 32 columns, K by
+        # Interpreter tiles (kernels/sparsekit_kernels/_config.py's small configs): GEMM 16 rows x 32 columns, K by
         # 16; row selection by 64 columns.
         seen.update({("rows", x.shape[0] > 16), ("d_in", d_in > 16), ("n", n > 32), ("n>64", n > 64)})
     dtypes = [torch.float32] if backend == "triton" else [torch.float32, torch.float64]

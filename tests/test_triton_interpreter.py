@@ -1,4 +1,4 @@
-"""kernels/_interpreter.py: Triton's interpreter patches triton.language once per launch, not once
+"""kernels/sparsekit_kernels/_interpreter.py: Triton's interpreter patches triton.language once per launch, not once
 per nested helper call, and leaves it as it found it."""
 import pytest
 import torch
