@@ -27,7 +27,15 @@ def list_commands_if_asked(argv: list, usage: str, heading: str, commands: dict)
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     list_commands_if_asked(argv, "python -m sparsekit <command> [options]", "commands", COMMANDS)
-    command, rest = argv[0], argv[1:]
+    from .extras import MissingExtra
+    try:
+        _dispatch(argv[0], argv[1:])
+    except MissingExtra as missing:  # an optional dependency: one line naming its extra, no traceback
+        print(missing, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _dispatch(command: str, rest: list) -> None:
     if command == "demo":
         from .demo import main as demo_main
         demo_main(rest)
