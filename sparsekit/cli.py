@@ -53,8 +53,12 @@ def main(argv=None) -> None:
         return
     list_commands_if_asked(argv, "python -m sparsekit <command> [options] | --version", "commands", COMMANDS)
     from .errors import BackendUnavailable
+    from .extras import MissingExtra
     try:
         run_command(argv[0], argv[1:])
+    except MissingExtra as missing:  # an optional dependency: one line naming its extra, no traceback
+        print(missing, file=sys.stderr)
+        raise SystemExit(2) from None
     except BackendUnavailable as error:  # SPARSEKIT_BACKEND / SPARSEKIT_ISA: one line, no traceback
         print(f"sparsekit: {error}", file=sys.stderr)
         raise SystemExit(2) from None

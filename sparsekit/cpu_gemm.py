@@ -12,21 +12,23 @@ epilogue (top-k selection) on the same tile while it is cache-hot; both release 
 spins, the [B, n] matrix is never materialised, and the selection runs on every core.
 
 OpenBLAS's thread count is process-wide (its ``openblas_set_num_threads_local`` changes the
-global count in the pthreads builds NumPy ships), so ``row_tiles`` sets it to 1 for the duration
-of a call and restores it after, under a lock. Where no OpenBLAS can be found (NumPy built on
-another BLAS), or for float dtypes OpenBLAS does not run, the tiles run on torch's GEMM in the
-calling thread.
+global count in the pthreads builds NumPy ships), so ``row_tiles`` limits it to 1 for the duration
+of a call and restores it after, under a lock. NumPy's OpenBLAS is found and limited through
+``threadpoolctl`` (one controller, built once, selecting that library alone; entering and leaving
+the limit costs microseconds). Where no OpenBLAS can be found (NumPy built on another BLAS, or
+threadpoolctl missing), or for float dtypes OpenBLAS does not run, the tiles run on torch's GEMM in
+the calling thread.
 
 SPARSEKIT_CPU_GEMM=auto (default) | numpy | torch picks the library (auto: OpenBLAS when it can
 be controlled and the GEMM is not tiny, torch otherwise).
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -34,30 +36,34 @@ import torch
 from torch import Tensor
 
 
+def _numpy_folders() -> list[str]:
+    """Where a NumPy wheel keeps the libraries it bundles: inside the package (macOS: numpy/.dylibs)
+    or beside it (Linux and Windows: numpy.libs)."""
+    package = Path(np.__file__).resolve().parent
+    return [str(package) + os.sep, str(package.parent / "numpy.libs") + os.sep]
+
+
 def _find_openblas():
-    """(get_num_threads, set_num_threads) of the OpenBLAS loaded into this process by NumPy,
-    or None. Linux: the library is found among the mapped files of the process."""
-    np.ones((2, 2)) @ np.ones((2, 2))  # make sure NumPy's BLAS is loaded
+    """A threadpoolctl ThreadpoolController holding only the OpenBLAS that NumPy uses, or None.
+
+    The OpenBLAS libraries loaded in the process (user_api "blas", internal_api "openblas") are
+    listed by threadpoolctl; NumPy's is the one in NumPy's own folders (a wheel's bundled copy) or,
+    where NumPy links a system OpenBLAS, the only one loaded. Several candidates and none of them
+    NumPy's: None (the caller falls back to torch's GEMM)."""
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
-    except OSError:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
         return None
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_", "64_"), ("scipy_", ""), ("", "64_"), ("", "")):
-            try:
-                get = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}")
-                set_ = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}")
-            except AttributeError:
-                continue
-            get.restype, get.argtypes = ctypes.c_int, []
-            set_.restype, set_.argtypes = None, [ctypes.c_int]
-            return get, set_
-    return None
+    np.ones((2, 2)) @ np.ones((2, 2))  # make sure NumPy's BLAS is loaded
+    controller = ThreadpoolController()
+    openblas = [lib for lib in controller.select(user_api="blas").lib_controllers
+                if lib.internal_api == "openblas" and lib.get_num_threads() is not None]
+    folders = _numpy_folders()
+    numpy_own = [lib for lib in openblas if os.path.realpath(lib.filepath).startswith(tuple(folders))]
+    chosen = numpy_own or (openblas if len(openblas) == 1 else [])
+    if not chosen:
+        return None
+    return controller.select(filepath=chosen[0].filepath)
 
 
 PARALLEL_MIN_FLOP = 2**33  # ~8.6 GFLOP: measured crossover on the 2-core EPYC (topk_encode at
@@ -68,16 +74,24 @@ _openblas_searched = False
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _lock = threading.Lock()
+_search_lock = threading.Lock()
 _local = threading.local()
+
+
+def openblas_controller():
+    """The threadpoolctl ThreadpoolController of NumPy's OpenBLAS alone (found once), or None."""
+    global _openblas, _openblas_searched
+    if not _openblas_searched:
+        with _search_lock:
+            if not _openblas_searched:
+                _openblas = _find_openblas()
+                _openblas_searched = True
+    return _openblas
 
 
 def openblas_available() -> bool:
     """Whether NumPy's OpenBLAS was found and its thread count can be set."""
-    global _openblas, _openblas_searched
-    if not _openblas_searched:
-        _openblas = _find_openblas()
-        _openblas_searched = True
-    return _openblas is not None
+    return openblas_controller() is not None
 
 
 def gemm_library(flop: float = float("inf")) -> str:
@@ -111,7 +125,22 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor, library: str = "torch") -> Te
 HUGE_PAGE_MIN_BYTES = 4 * 2**20  # NumPy asks for transparent huge pages from this size (Linux)
 
 
-_recycled: dict[tuple, list[np.ndarray]] = {}
+class _PooledBuffer:
+    """One pooled NumPy array and whether a tensor handed out over it may still be alive."""
+    __slots__ = ("array", "in_use")
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.in_use = False
+
+
+def _release(buffer: _PooledBuffer) -> None:
+    # A single attribute store: safe from any thread and from the garbage collector without the
+    # lock (empty_output only ever takes a buffer that is not in use, under the lock).
+    buffer.in_use = False
+
+
+_recycled: dict[tuple, list[_PooledBuffer]] = {}
 _recycled_lock = threading.Lock()
 RECYCLED_PER_SHAPE = 4
 
@@ -121,10 +150,15 @@ def empty_output(shape, dtype: torch.dtype, recycle: bool = True) -> Tensor:
 
     A fresh 32 MiB output (a weight gradient, new every training step) costs its page faults on
     first write: ~13 ms with 4 KiB pages, and measured ~15 ms per op on 2 threads even with the
-    transparent huge pages NumPy asks for. So large outputs are NumPy arrays kept in a small pool:
-    an array whose tensor (and every view of it) is gone, seen by its reference count falling back
-    to the pool's own, is handed out again; its memory is already mapped. At most
-    RECYCLED_PER_SHAPE arrays are kept per shape and dtype."""
+    transparent huge pages NumPy asks for. So large outputs are NumPy arrays kept in a small pool,
+    handed out again once nothing can reach their memory; it is already mapped. At most
+    RECYCLED_PER_SHAPE arrays are kept per shape and dtype.
+
+    Ownership is explicit: each hand-out gives torch.from_numpy a fresh ndarray view of the pooled
+    array, and a weakref.finalize on that view marks the buffer free when the view dies.
+    torch.from_numpy keeps the ndarray it was given alive for as long as any tensor sharing the
+    storage lives (views, slices, a ``.grad``, ``t.numpy()`` arrays, whose base is the tensor, and
+    tensors made from those), so the view dies only when the last of them does."""
     np_dtype = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}.get(dtype)
     shape = tuple(int(size) for size in shape)
     count = 1
@@ -137,15 +171,16 @@ def empty_output(shape, dtype: torch.dtype, recycle: bool = True) -> Tensor:
     key = (shape, np_dtype)
     with _recycled_lock:
         pool = _recycled.setdefault(key, [])
-        for array in pool:
-            # References: the pool's list, this loop's name, getrefcount's argument. A live
-            # tensor made by from_numpy (or any view of one) holds one more.
-            if sys.getrefcount(array) == 3:
-                return torch.from_numpy(array)
-        array = np.empty(shape, dtype=np_dtype)
-        if len(pool) < RECYCLED_PER_SHAPE:
-            pool.append(array)
-    return torch.from_numpy(array)
+        buffer = next((b for b in pool if not b.in_use), None)
+        if buffer is None:
+            if len(pool) >= RECYCLED_PER_SHAPE:  # every slot in use: an ordinary, unpooled array
+                return torch.from_numpy(np.empty(shape, dtype=np_dtype))
+            buffer = _PooledBuffer(np.empty(shape, dtype=np_dtype))
+            pool.append(buffer)
+        buffer.in_use = True
+        view = buffer.array.view()  # the one object whose death frees the buffer
+        weakref.finalize(view, _release, buffer).atexit = False
+        return torch.from_numpy(view)
 
 
 def scratch(rows: int, cols: int, dtype: torch.dtype, purpose: str = "tile") -> Tensor:
@@ -183,8 +218,9 @@ def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, int
     A row block's column blocks all run on one thread, in order. With OpenBLAS the row blocks run
     on one Python thread per torch thread, each GEMM single-threaded, and ``threads`` is 1: the
     epilogue must then release the GIL to run in parallel, use one thread, and write only rows
-    [start, stop) of its outputs. Otherwise the blocks run in order in the calling thread on
-    torch's GEMM and ``threads`` is 0 (the epilogue's default pool).
+    [start, stop) of its outputs. Otherwise (or when OpenBLAS's thread count cannot be limited to 1
+    just now, see below) the blocks run in order in the calling thread and ``threads`` is 0 (the
+    epilogue's default pool).
     x, W: contiguous CPU float tensors."""
     batch, cols = x.shape[0], W.shape[1]
     library = library or gemm_library(2.0 * batch * x.shape[1] * cols)
@@ -206,18 +242,16 @@ def row_tiles(x: Tensor, W: Tensor, tile: int, epilogue: Callable[[int, int, int
                 epilogue(start, stop, col0, pre, threads)
 
     starts = range(0, batch, tile)
-    if not parallel:
-        for start in starts:
-            run(start, 0)
-        return
-    get_threads, set_threads = _openblas
-    with _lock:
-        previous = get_threads()
-        set_threads(1)
-        try:
-            futures = [_get_pool(workers).submit(run, s, 1) for s in starts]
-            wait(futures)  # every tile done before OpenBLAS's thread count is restored
-            for future in futures:
-                future.result()
-        finally:
-            set_threads(previous)
+    if parallel:
+        with _lock, _openblas.limit(limits=1):  # restored on leaving, after every tile is done
+            # threadpoolctl (3.8+) ignores the limit while another thread holds its control of a
+            # pthreads OpenBLAS (inside that thread's own threadpool_limits): then no pool on top of
+            # OpenBLAS's threads; the tiles run in order below.
+            if all(lib.get_num_threads() == 1 for lib in _openblas.lib_controllers):
+                futures = [_get_pool(workers).submit(run, s, 1) for s in starts]
+                wait(futures)
+                for future in futures:
+                    future.result()
+                return
+    for start in starts:
+        run(start, 0)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import inspect
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,17 +22,27 @@ from . import checkpoint as ckpt
 from . import checks, memory
 from .errors import CheckpointDirBusy, TrainingDiverged
 
+try:
+    import fcntl
+except ImportError:  # Windows: the lock goes through the filelock package instead
+    fcntl = None
+
 LOCK_FILE = ".lock"
+FILELOCK_FILE = ".lock.filelock"  # the file filelock locks where fcntl is missing; LOCK_FILE names the holder
+
+
+def _busy(directory: Path, holder: str) -> CheckpointDirBusy:
+    return CheckpointDirBusy(f"checkpoint_dir {directory} is in use by another run ({holder or 'another process'}); "
+                             f"wait for it to finish or stop it, or choose another checkpoint_dir")
+
+
+def _holder_line() -> bytes:
+    return f"pid {os.getpid()} on {socket.gethostname()}\n".encode()
 
 
 @contextlib.contextmanager
-def checkpoint_dir_lock(directory):
-    """Hold an exclusive flock on directory/.lock for the duration; CheckpointDirBusy if a live
-    process holds it. The kernel drops a flock when its holder dies, so a lock left by a killed
-    run never blocks the next one; the file itself stays (unlinking it would race)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
+def _flock(directory: Path, path: Path):
+    """The exclusive flock on directory/.lock, which also names its holder."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -40,15 +50,53 @@ def checkpoint_dir_lock(directory):
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise CheckpointDirBusy(f"checkpoint_dir {directory} is in use by another run ({holder}); wait for it "
-                                    f"to finish or stop it, or choose another checkpoint_dir") from None
+            raise _busy(directory, os.pread(fd, 200, 0).decode(errors="replace").strip()) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        ckpt.remove_stale_temporaries(directory)  # only a dead run can have left them: we hold the lock
-        yield path
+        os.pwrite(fd, _holder_line(), 0)
+        yield
     finally:
         os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def _filelock(directory: Path, path: Path):
+    """Where fcntl is missing (Windows): filelock's lock on directory/.lock.filelock (the OS's lock
+    on Windows, dropped when its holder dies; elsewhere filelock's soft lock, whose owner record lets
+    it break a lock left by a dead process), and the holder's name written to directory/.lock."""
+    with warnings.catch_warnings():  # off Windows, filelock without fcntl warns that its lock is a soft one
+        warnings.filterwarnings("ignore", message="only soft file lock is available")
+        import filelock  # a dependency of torch; imported here, where it is needed
+
+    lock = filelock.FileLock(str(directory / FILELOCK_FILE), timeout=0)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = path.read_bytes()[:200].decode(errors="replace").strip()
+        except OSError:
+            holder = ""
+        raise _busy(directory, holder) from None
+    try:
+        with open(path, "wb") as f:
+            f.write(_holder_line())
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def checkpoint_dir_lock(directory):
+    """Hold an exclusive lock on the checkpoint folder for the duration; CheckpointDirBusy naming the
+    holder (directory/.lock: "pid N on HOST") if a live process holds it. The lock is an fcntl.flock
+    on directory/.lock, or, where fcntl does not exist (Windows), a ``filelock.FileLock``. The OS
+    drops either when its holder dies, so a lock left by a killed run never blocks the next one; the
+    files stay (unlinking them would race)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    with (_flock if fcntl is not None else _filelock)(directory, path):
+        ckpt.remove_stale_temporaries(directory)  # only a dead run can have left them: we hold the lock
+        yield path
 
 
 def _is_secondary_rank() -> bool:

@@ -512,14 +512,13 @@ def _restore_history(output_dir: Path | None, step: int) -> list[dict]:
 def _density_plot(density: Tensor, path: Path, sae: SparseDictionary) -> None:
     """Histogram of log10 feature density on the held-out split (dead latents counted apart)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left as it is
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         warnings.warn("matplotlib is missing: no feature density plot")
         return
     alive = density[density > 0]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     if alive.numel():
         ax.hist(torch.log10(alive).numpy(), bins=50, color="#3b6ea5")
     ax.set_xlabel("log10 feature density (fraction of held-out tokens)")
@@ -528,4 +527,3 @@ def _density_plot(density: Tensor, path: Path, sae: SparseDictionary) -> None:
     ax.set_title(f"{sae.architecture}: {sae.n_latents} latents, {dead} never fired on the held-out split")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

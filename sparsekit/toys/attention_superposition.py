@@ -143,20 +143,20 @@ def train_mixing(cfg: AttentionToyConfig, progress: bool = True) -> dict:
 
 def plot_columns(result: dict, path) -> None:
     """Scatter M's columns (first two heads), arrows from the origin, threshold circle dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
 
     M = torch.tensor(result["M"])
     cfg = result["config"]
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig = Figure(figsize=(4.2, 4.2))  # no pyplot: the caller's backend is left as it is
+    ax = fig.subplots()
     for i in range(M.shape[1]):
         x, y = float(M[0, i]), float(M[1, i]) if M.shape[0] > 1 else 0.0
         color = "C0" if i in result["represented"] else "0.6"
         ax.annotate("", (x, y), (0, 0), arrowprops=dict(arrowstyle="->", color=color, lw=1.5))
         ax.scatter([x], [y], color=color, zorder=3)
         ax.annotate(f"f{i} ({result['norms'][i]:.2f})", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.add_patch(plt.Circle((0, 0), cfg["threshold"], fill=False, ls="--", color="0.5", lw=0.8))
+    ax.add_patch(Circle((0, 0), cfg["threshold"], fill=False, ls="--", color="0.5", lw=0.8))
     lim = max(1.2 * float(M.abs().max()), 1.2 * cfg["threshold"])
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="M[0, i] (head 0)",
            ylabel="M[1, i] (head 1)")
@@ -166,7 +166,6 @@ def plot_columns(result: dict, path) -> None:
                  f"represented", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 SWEEP_DENSITIES = (0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
@@ -198,11 +197,10 @@ def write_sweep(rows: list[dict], csv_path, png_path, n_true: int) -> list[dict]
         counts = [r["n_represented"] for r in rows if r["ov_density"] == d]
         summary.append({"ov_density": d, "mean": sum(counts) / len(counts), "min": min(counts),
                         "max": max(counts), "seeds": len(counts)})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    fig = Figure(figsize=(4.8, 3.4))
+    ax = fig.subplots()
     mean = [s["mean"] for s in summary]
     ax.fill_between(densities, [s["min"] for s in summary], [s["max"] for s in summary], alpha=0.25,
                     label="min–max over seeds")
@@ -215,5 +213,4 @@ def write_sweep(rows: list[dict], csv_path, png_path, n_true: int) -> list[dict]
     ax.set_title(f"{summary[0]['seeds']} seeds per density", fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
-    plt.close(fig)
     return summary

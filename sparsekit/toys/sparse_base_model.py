@@ -49,6 +49,7 @@ from ..activations.source import _seed, permutation
 from ..activations.text import load_text, token_contexts
 from ..atomic import atomic_save_tensors, atomic_write_bytes
 from ..checks import positive_int, positive_number
+from ..extras import require
 
 VARIANTS = ("standard", "cut")
 HOOK_POST = "blocks.0.mlp.hook_post"
@@ -157,7 +158,8 @@ def add_cut_residual_hooks(model) -> None:
 def build_model(config: SparseBaseConfig, vocab_size: int):
     """A fresh 1-layer HookedTransformer for config (initialised from config.seed; the caller's RNG is
     untouched), with the cut-residual hooks when config.variant == "cut"."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    lens = require("transformer_lens", "lens", what="the sparse-base toy (sparsekit toys sparse-base)")
+    HookedTransformer, HookedTransformerConfig = lens.HookedTransformer, lens.HookedTransformerConfig
 
     tl_config = HookedTransformerConfig(
         n_layers=1, d_model=config.d_model, n_ctx=config.n_ctx, d_head=config.d_model // config.n_heads,

@@ -86,12 +86,11 @@ def _facet_label(facet: dict) -> str:
 def plot_report(trained: SparseBaseModel, neurons: list[dict], ranked: dict, out: Path, max_density: float) -> None:
     """overview.png (training CE, facet divergence and magnitude code vs density), facets.png and
     magnitude.png (mean next-token predictions per facet / per magnitude band of the top 4 neurons)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left as it is
 
     cfg, history = trained.config, trained.record["history"]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig = Figure(figsize=(11, 3.2))
+    axes = fig.subplots(1, 3)
     axes[0].plot(history["step"], history["ce"], lw=1)
     axes[0].set(xlabel="step", ylabel="train CE (nats/char)", title=f"{cfg.variant}, l1={cfg.l1:g}")
     density = [n["density"] for n in neurons]
@@ -106,13 +105,13 @@ def plot_report(trained: SparseBaseModel, neurons: list[dict], ranked: dict, out
         ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(out / "overview.png", dpi=80)
-    plt.close(fig)
 
     for name, rows, means_key, labels in (
             ("facets.png", ranked["polysemantic"][:4], "facet_means", lambda n: [_facet_label(f) for f in n["facets"]]),
             ("magnitude.png", ranked["magnitude"][:4], "band_means",
              lambda n: [f"a∈[{b['low']:.2f}, {b['high']:.2f}]" for b in n["bands"]])):
-        fig, axes = plt.subplots(1, max(1, len(rows)), figsize=(3.3 * max(1, len(rows)), 2.6), squeeze=False)
+        fig = Figure(figsize=(3.3 * max(1, len(rows)), 2.6))
+        axes = fig.subplots(1, max(1, len(rows)), squeeze=False)
         for ax, n in zip(axes[0], rows):
             score = (f"{n['facet_divergence_bits']:.2f} bits" if means_key == "facet_means"
                      else f"code {n['magnitude_code']:.2f}")
@@ -125,7 +124,6 @@ def plot_report(trained: SparseBaseModel, neurons: list[dict], ranked: dict, out
                      f"{'residual facet' if means_key == 'facet_means' else 'magnitude band'}", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / name, dpi=80)
-        plt.close(fig)
 
 
 def _markdown(trained: SparseBaseModel, ranked: dict, summary: dict) -> str:
