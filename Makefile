@@ -103,5 +103,14 @@ bench-distributed: $(INSTALLED)
 bench-peers: $(INSTALLED)
 	$(PY) bench/peers.py --scaling --output auto
 
+# The portable wheel in dist/: sdist, a wheel built from it alone, auditwheel's manylinux repair
+# (OpenMP runtime inside); one module per ISA level, chosen at import.
+wheel: $(INSTALLED)
+	PYTHON=$(PY) bash tools/build-wheel dist
+
+# The portable wheel's TopK step beside a -march=native build of this tree, one table (target: <= 1.10x).
+bench-portable: wheel
+	$(PY) bench/portable.py
+
 clean:
 	rm -rf $(VENV) .venv-latest build dist *.egg-info sparsekit/_C*.so

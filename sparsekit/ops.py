@@ -55,8 +55,12 @@ def _cpp():
 
 def _triton(module: str):
     """A module of sparsekit.kernels ("encode", "decode", "ghost"), imported (and its custom ops
-    registered) on first use: Triton is slow to import and absent on some machines."""
+    registered) on first use: Triton is slow to import and absent on some machines (then
+    MissingExtra names the gpu extra)."""
     import importlib
+
+    from .extras import require
+    require("triton", "gpu", what="sparsekit's GPU kernels")
     return importlib.import_module(f"sparsekit.kernels.{module}")
 
 

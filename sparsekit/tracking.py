@@ -34,10 +34,8 @@ class WandbTracker:
 
     def __init__(self, project: str, run_name: str | None, config: dict, output_dir: Path | None = None,
                  resume: bool = False):
-        try:
-            import wandb
-        except ImportError:
-            raise ImportError("TrainConfig.wandb_project needs wandb: pip install 'sparsekit[wandb]'") from None
+        from .extras import require
+        wandb = require("wandb", "wandb", what="TrainConfig.wandb_project")
         self._wandb = wandb
         run_id = None
         id_file = Path(output_dir) / RUN_ID_FILE if output_dir is not None else None

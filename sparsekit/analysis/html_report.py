@@ -66,15 +66,6 @@ def image(png: bytes, caption=None, alt: str = "") -> str:
     return f"<figure><img src=\"{png_data_uri(png)}\" alt=\"{text(alt)}\">{caption_html}</figure>"
 
 
-def figure_png(fig, dpi: int = 100) -> bytes:
-    """A matplotlib figure -> PNG bytes (the figure is closed)."""
-    import matplotlib.pyplot as plt
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def array_png(pixels: np.ndarray, cmap: str = "gray", vmin=None, vmax=None) -> bytes:
     """A 2-D array [H, W] -> PNG bytes, one pixel per entry (no axes)."""
     from matplotlib.image import imsave
