@@ -16,7 +16,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from _timing import cpu_model  # noqa: E402  (imports neither torch nor numpy)
 TARGET_RATIO = 1.10
 
 
@@ -44,7 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def child(args: argparse.Namespace) -> None:
     """In the variant's process: time TrainerStep("topk") and print the seconds as JSON."""
     sys.argv = [str(BENCH / "peers.py"), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-    sys.path.insert(0, str(BENCH))
     import time
 
     import peers  # noqa: E402  (pins threads from sys.argv at import)
@@ -99,16 +99,6 @@ def run_child(tree: Path, args: argparse.Namespace, work: Path) -> dict:
     return found
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -131,7 +121,7 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     portable, native = medians["portable wheel"], medians["native build (-march=native)"]
     ratio = portable / native
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads; wheel {wheels[-1].name}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads; wheel {wheels[-1].name}")
     shape = "B=512, d=128, n=4096, k=16 (--quick)" if args.quick else "B=4096, d=512, n=16384, k=32"
     print(f"TopK training step, {shape}; {args.rounds} alternating child processes x {args.steps} steps each\n")
     print("| build | module loaded | median s | min s |")
