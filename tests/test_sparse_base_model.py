@@ -132,11 +132,17 @@ def planted_directions(k: int, per: int, d: int, noise: float, seed: int) -> tup
 
 
 def test_facets_recover_planted_facets_and_find_one_in_a_single_blob():
-    x, truth = planted_directions(3, 120, 32, noise=0.5, seed=fresh_seed())
-    found = facets(x, k_max=5, seed=fresh_seed() % 1000)
-    assert found["k"] == 3 and adjusted_rand_index(found["labels"], truth) > 0.95
-    blob = torch.randn(300, 64, generator=torch.Generator().manual_seed(fresh_seed()))
-    assert facets(blob)["k"] == 1
+    # A rate over fixed draws, not one fresh draw: the selection of k is statistical, and a fresh
+    # seed failed one run in ~60 (seed 12 here picks k=4: 59 of seeds 0-59 recover all three).
+    recovered = 0
+    for seed in range(40):
+        x, truth = planted_directions(3, 120, 32, noise=0.5, seed=seed)
+        found = facets(x, k_max=5, seed=seed)
+        recovered += found["k"] == 3 and adjusted_rand_index(found["labels"], truth) > 0.95
+    assert recovered >= 37, f"{recovered} of 40 planted 3-facet draws recovered"
+    for seed in range(10):
+        blob = torch.randn(300, 64, generator=torch.Generator().manual_seed(seed))
+        assert facets(blob)["k"] == 1, seed
 
 
 def test_silhouette_and_ari_match_direct_computations():
