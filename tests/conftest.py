@@ -21,3 +21,12 @@ def backend(monkeypatch):
         monkeypatch.setenv("SPARSEKIT_BACKEND", name)
 
     return force
+
+
+@pytest.fixture
+def two_torch_threads():
+    """torch (and so the CPU GEMM's row-tile pool) on 2 threads for the test, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -10,14 +10,6 @@ needs_openblas = pytest.mark.skipif(not cpu_gemm.openblas_available(),
                                     reason="NumPy in this environment is not built on OpenBLAS")
 
 
-@pytest.fixture
-def two_torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @needs_openblas
 @pytest.mark.parametrize("batch", [1, 2, 3, 17, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

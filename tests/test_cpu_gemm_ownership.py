@@ -34,15 +34,7 @@ def test_openblas_is_available_in_the_dev_environment_and_is_numpys():
                for folder in cpu_gemm._numpy_folders())
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_row_tiles_run_openblas_on_one_thread_and_restore_it_after(two_threads):
+def test_row_tiles_run_openblas_on_one_thread_and_restore_it_after(two_torch_threads):
     before = numpy_openblas_threads()
     if before < 2:
         pytest.skip("OpenBLAS runs one thread here already: a limit to 1 cannot be seen")
@@ -57,7 +49,7 @@ def test_row_tiles_run_openblas_on_one_thread_and_restore_it_after(two_threads):
     assert numpy_openblas_threads() == before
 
 
-def test_row_tiles_from_another_thread_restore_openblas_and_leave_threadpoolctl_usable(two_threads):
+def test_row_tiles_from_another_thread_restore_openblas_and_leave_threadpoolctl_usable(two_torch_threads):
     before = numpy_openblas_threads()
     if before < 2:
         pytest.skip("OpenBLAS runs one thread here already: a limit to 1 cannot be seen")
@@ -82,7 +74,7 @@ def test_row_tiles_from_another_thread_restore_openblas_and_leave_threadpoolctl_
 
 
 def test_while_another_thread_holds_a_threadpoolctl_limit_the_pool_never_runs_on_multithreaded_openblas(
-        two_threads):
+        two_torch_threads):
     x, W = torch.randn(37, 8, dtype=torch.float64), torch.randn(8, 12, dtype=torch.float64)
     out = torch.full((37, 12), float("nan"), dtype=torch.float64)
     seen = []

@@ -115,8 +115,7 @@ def test_isa_none_runs_the_reference_path():
 
 
 def _disassembly(level: str) -> str:
-    path = Path(backend._C.__file__).with_name(Path(backend._C.__file__).name.replace(f"_C_{backend.CPP_ISA}",
-                                                                                      f"_C_{level}"))
+    path = next(Path(backend._C.__file__).parent.glob(f"_C_{level}*.so"))
     result = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(path)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sparsekit import backend
+from sparsekit.cpu_isa import ISA_LEVELS
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
@@ -60,8 +61,7 @@ def test_the_portable_wheel_installs_outside_the_repo_and_trains(tmp_path):
     assert {"CMakeLists.txt", "setup.py", "csrc/module.cpp", "csrc/cpu_features.hpp", "LICENSE"} <= names
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-    levels = ("avx512", "avx2", "baseline") if os.uname().machine == "x86_64" else ("baseline",)
-    for level in levels:
+    for level in ISA_LEVELS if os.uname().machine == "x86_64" else ("baseline",):
         assert any(re.fullmatch(rf"sparsekit/_C_{level}\..*\.so", name) for name in names), (level, names)
     assert any(re.fullmatch(r"sparsekit\.libs/libgomp.*\.so.*", name) for name in names), names  # OpenMP inside
     assert "sparsekit/kernels/encode.py" in names and not any(name.startswith("kernels/") for name in names)
