@@ -79,7 +79,7 @@ test: $(INSTALLED) system-packages
 fuzz: $(INSTALLED)
 	SPARSEKIT_FUZZ_CASES=1000 SPARSEKIT_TRITON_FUZZ_CASES=1000 SPARSEKIT_FUZZ_WORKERS=2 \
 		SPARSEKIT_RESUME_KILLS=10 $(PY) -m pytest -q -s \
-		tests/test_fuzz.py tests/test_resume.py -k "fuzz_backend or killed_several"
+		tests/ops/test_fuzz.py tests/training/test_resume.py -k "fuzz_backend or killed_several"
 
 demo: $(INSTALLED)
 	$(PY) -m sparsekit demo

@@ -29,7 +29,7 @@ def rank_main(mode: str, d_in: int, n_latents: int, k: int, batch: int, steps: i
     import torch
 
     import sparsekit
-    from sparsekit.distributed import init_distributed
+    from sparsekit.training.parallel.data import init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed(backend="gloo", timeout_s=300)
@@ -52,7 +52,7 @@ def rank_main(mode: str, d_in: int, n_latents: int, k: int, batch: int, steps: i
         run(1)  # warm-up: the first call imports and allocates
         elapsed = run(steps + 1) - run(1)  # both include the same set-up; the difference is `steps` steps
     else:
-        from sparsekit.distributed_sharded import LatentShardedTopK
+        from sparsekit.training.parallel.sharded import LatentShardedTopK
 
         shard = LatentShardedTopK(d_in, n_latents, k)
         optimizer = torch.optim.Adam(shard.parameters(), lr=1e-4, foreach=True)
@@ -101,7 +101,7 @@ def launch(world: int, args) -> dict:
 
 def formula_table() -> None:
     """Communication per step and rank for 1M latents, by formula (fp32 values)."""
-    from sparsekit.distributed import step_communication_bytes
+    from sparsekit.training.parallel.data import step_communication_bytes
 
     d, n, k, B = 4096, 2 ** 20, 32, 4096
     print(f"\ncommunication per step and rank (by formula): d_in={d}, n={n:,} latents, k={k}, "

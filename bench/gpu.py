@@ -316,7 +316,7 @@ def main(argv=None) -> int:
         return 2
     if not has_cuda:
         os.environ["TRITON_INTERPRET"] = "1"  # before sparsekit.kernels is first imported
-    from sparsekit.backend import triton_installed
+    from sparsekit.ops.backend import triton_installed
     if not triton_installed():
         print("bench/gpu.py needs Triton: pip install 'sparsekit[gpu]'", file=sys.stderr)
         return 2

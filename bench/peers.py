@@ -129,12 +129,12 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import sparsekit  # noqa: E402
-from sparsekit import reliability  # noqa: E402
-from sparsekit.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss  # noqa: E402
+from sparsekit.training import guards as reliability  # noqa: E402
+from sparsekit.training.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss  # noqa: E402
 from step_table import (FULL, QUICK, Shapes, environment_lines, make_gemms, make_inputs, make_step,  # noqa: E402
                         pin_threads, topk_encoder_gemm)
 
-trainer = importlib.import_module("sparsekit.train")  # the module (sparsekit.train is the function)
+trainer = importlib.import_module("sparsekit.training.loop")  # the module (sparsekit.train is the function)
 
 
 def shapes_from(args: argparse.Namespace) -> Shapes:

@@ -49,7 +49,7 @@ def child(args: argparse.Namespace) -> None:
 
     import peers  # noqa: E402  (pins threads from sys.argv at import)
     import sparsekit
-    from sparsekit.backend import _C
+    from sparsekit.ops.backend import _C
     shapes = peers.shapes_from(peers.parse_args())
     step = peers.TrainerStep("topk", shapes)
     step()

@@ -77,8 +77,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sparsekit  # noqa: E402
-from sparsekit import cpu_gemm  # noqa: E402
-from sparsekit.backend import _C  # noqa: E402  (None when the extension is not built)
+from sparsekit.ops.cpu import gemm as cpu_gemm  # noqa: E402
+from sparsekit.ops.backend import _C  # noqa: E402  (None when the extension is not built)
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,8 @@ def make_step(variant: str, shapes: Shapes):
 
 def topk_encoder_gemm(shapes: Shapes) -> str:
     """What runs sparsekit's float32 TopK encoder GEMM at these shapes on the CPU: the bf16 screen
-    (sparsekit.cpu_screen) or a float32 GEMM library (numpy's OpenBLAS or torch)."""
-    from sparsekit import cpu_screen
+    (sparsekit.ops.cpu.screen) or a float32 GEMM library (numpy's OpenBLAS or torch)."""
+    from sparsekit.ops.cpu import screen as cpu_screen
     x, W = torch.empty(shapes.batch, shapes.d, device="meta"), torch.empty(shapes.d, shapes.n, device="meta")
     if cpu_screen.use_screen(x, W, shapes.k):
         return "bf16 screen + float32 recompute"
@@ -185,7 +185,7 @@ def topk_encoder_gemm(shapes: Shapes) -> str:
 
 def make_gemms(shapes: Shapes) -> dict:
     """x @ W_enc into a preallocated [B, n] output, through torch and through numpy's OpenBLAS; and
-    for reference the same product in bfloat16 (torch/oneDNN), the GEMM sparsekit.cpu_screen runs."""
+    for reference the same product in bfloat16 (torch/oneDNN), the GEMM sparsekit.ops.cpu.screen runs."""
     x, params = make_inputs(shapes)
     W_enc = params.W_enc.detach()
     out = torch.empty(shapes.batch, shapes.n)

@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest -q bench/test_ops_benchmark.py --benchmark-only --benchmark-group-by=group
 
 Each op is one benchmark group with two members: "reference" (SPARSEKIT_BACKEND=torch, the
-plain-PyTorch spec in sparsekit.reference) and "cpp" (SPARSEKIT_BACKEND=cpp, sparsekit._C).
+plain-PyTorch spec in sparsekit.ops.reference) and "cpp" (SPARSEKIT_BACKEND=cpp, sparsekit._C).
 sparsekit reads the variable on every call, so a monkeypatched environment switches backends.
 
 Shapes are moderate (B=1024, d=256, n=4096, k=32) so the suite takes a minute or two. Gradients
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sparsekit
-from sparsekit.backend import _C
+from sparsekit.ops.backend import _C
 
 B, D, N, K = 1024, 256, 4096, 32
 DEAD_FRACTION = 0.10          # ghost_grad_loss: this share of the latents is dead

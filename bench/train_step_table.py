@@ -30,7 +30,7 @@ from step_table import cpu_model, pin_threads, time_round_robin  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit.activations import TensorSource  # noqa: E402
-from sparsekit.dead_latents import auxk_loss, ghost_loss  # noqa: E402
+from sparsekit.training.dead_latents import auxk_loss, ghost_loss  # noqa: E402
 
 
 def make_sae(architecture: str, d: int, n: int, k: int):

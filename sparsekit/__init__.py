@@ -2,29 +2,25 @@
 activations, fast, and read the features they find.
 
 The op layer lives in ``sparsekit.ops`` (checked, differentiable, backend chosen per device);
-``sparsekit.reference`` is its plain-PyTorch spec; ``sparsekit.backends()`` tells which
+``sparsekit.ops.reference`` is its plain-PyTorch spec; ``sparsekit.backends()`` tells which
 implementation runs on each device.
 """
-from . import ops, reference
-from .backend import backends
+from . import _moved
+from . import ops
+from .ops import reference
+from .ops.backend import backends
 from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder, load, load_saelens
-from .splice import loss_recovered, splice, zero_ablate
-from .train import TrainConfig, TrainResult, train
-from .ops import (
-    BatchTopKCodes,
-    SparseCodes,
-    TopKCodes,
-    batchtopk_encode,
-    ghost_grad_loss,
-    jumprelu_encode,
-    relu_encode,
-    relu_encode_adaptive,
-    sparse_decode,
-    sparse_decode_coo,
-    topk_encode,
-)
+from .analysis.splice import loss_recovered, splice, zero_ablate
+from .training.loop import TrainConfig, TrainResult, train
+from .ops import BatchTopKCodes, SparseCodes, TopKCodes, batchtopk_encode, ghost_grad_loss, jumprelu_encode, relu_encode, relu_encode_adaptive, sparse_decode, sparse_decode_coo, topk_encode
 
 __version__ = "0.1.0"
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    return _moved.attribute(name)
 
 __all__ = [
     "BatchTopKCodes", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "SparseCodes", "TopKCodes", "TopKSAE", "Transcoder", "backends",

@@ -22,7 +22,7 @@ class CheckpointWriteFailed(OSError):
 
 class InsufficientMemory(MemoryError):
     """A configuration's estimated memory exceeds what the device has available; ``estimate``
-    holds the breakdown (sparsekit.memory.MemoryEstimate)."""
+    holds the breakdown (sparsekit.training.memory.MemoryEstimate)."""
 
     def __init__(self, message: str, estimate=None, available: int | None = None):
         super().__init__(message)

@@ -26,8 +26,8 @@ from typing import NamedTuple
 import numpy
 import torch
 
-from sparsekit import ops
-from sparsekit.ops import BatchTopKCodes, TopKCodes
+from . import ops
+from .ops import BatchTopKCodes, TopKCodes
 
 __all__ = ["BatchTopKCodes", "SparseDecodeGrads", "TopKCodes", "batchtopk_encode", "from_dlpack", "jumprelu_encode",
            "relu_encode", "sparse_decode", "sparse_decode_backward", "sparse_decode_coo",

@@ -5,14 +5,14 @@ kept rows of W_dec (``sparse.coo_times_dense``; COO rows in any order are sorted
 Backward: grad values[e] = grad_y[rows[e]] . W_dec[cols[e]] (``sparse.sampled_dot``: dense x dense
 sampled at the active positions only); grad W_dec = S.T @ grad_y by latent segments (deterministic,
 the default) or float32 atomics (SPARSEKIT_DETERMINISTIC=0); grad b_dec = column sums of grad_y.
-Fake kernel and saved tensors: ``sparsekit.autograd_formulas`` (shared with the C++ backend).
+Fake kernel and saved tensors: ``sparsekit.ops.autograd`` (shared with the C++ backend).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..autograd_formulas import register_sparse_decode
+from sparsekit.ops.autograd import register_sparse_decode
 from .encode import deterministic
 from .sparse import coo_t_times_dense, coo_times_dense, sampled_dot
 

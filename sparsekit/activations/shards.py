@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_write, fsync_path
-from ..checks import positive_int
-from .source import Batch, _epochs, _seed, _state_int, check_state, permutation
+from sparsekit._util.atomic import atomic_write, fsync_path
+from sparsekit._util.validate import positive_int
+from .source import Batch
+from sparsekit._util.validate import epochs as _epochs, seed as _seed, state_int as _state_int, check_state
+from sparsekit._util.seeding import permutation
 
 FORMAT = "sparsekit-shards"
 FORMAT_VERSION = 1

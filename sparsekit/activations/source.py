@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checks import positive_int
+from sparsekit._util.seeding import derive_seed, permutation  # noqa: F401  (re-exported: sources shuffle with them)
+from sparsekit._util.validate import check_state, epochs as check_epochs, positive_int, seed as check_seed, state_int
 
 Batch = Union[Tensor, Tuple[Tensor, Tensor]]
 
@@ -33,45 +34,6 @@ class ActivationSource(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def derive_seed(*keys: int) -> int:
-    """A 64-bit seed mixed from non-negative ints (numpy's SeedSequence): (seed, epoch) -> seed."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
-
-
-def permutation(n: int, *keys: int) -> np.ndarray:
-    """A permutation of range(n) [n] int64, determined by keys alone."""
-    return np.random.default_rng(derive_seed(*keys)).permutation(n)
-
-
-def _seed(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"seed must be a non-negative int, got {value!r}")
-    return value
-
-
-def _epochs(value) -> int | None:
-    return None if value is None else positive_int("epochs", value)
-
-
-def check_state(kind: str, state, expected: dict) -> None:
-    """state must be a dict saved by a `kind` source whose settings equal `expected`."""
-    if not isinstance(state, dict):
-        raise ValueError(f"state must be a dict from {kind}.state_dict(), got {type(state).__name__}")
-    if state.get("kind") != kind:
-        raise ValueError(f"state was saved by {state.get('kind')!r}, not {kind}")
-    for field, value in expected.items():
-        if state.get(field) != value:
-            raise ValueError(f"state field {field!r} is {state.get(field)!r} but this {kind} has {value!r}: "
-                             f"it was saved from a source with different settings")
-
-
-def _state_int(state: dict, field: str) -> int:
-    value = state.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"state field {field!r} must be a non-negative int, got {value!r}")
-    return value
 
 
 class TensorSource:
@@ -94,8 +56,8 @@ class TensorSource:
         self.rows = x.shape[0]
         self.batch_size = positive_int("batch_size", batch_size)
         self.shuffle = bool(shuffle)
-        self.seed = _seed(seed)
-        self.epochs = _epochs(epochs)
+        self.seed = check_seed(seed)
+        self.epochs = check_epochs(epochs)
         self.drop_last = bool(drop_last)
         if self.drop_last and self.batch_size > self.rows:
             raise ValueError(f"batch_size={batch_size} exceeds the {self.rows} rows of x with drop_last=True: "
@@ -136,7 +98,7 @@ class TensorSource:
 
     def load_state_dict(self, state: dict) -> None:
         check_state("TensorSource", state, self._settings())
-        epoch, position = _state_int(state, "epoch"), _state_int(state, "position")
+        epoch, position = state_int(state, "epoch"), state_int(state, "position")
         if position > self.rows:
             raise ValueError(f"state field 'position' is {position}, beyond the {self.rows} rows of x")
         self.epoch, self.position = epoch, position
@@ -228,7 +190,7 @@ class IterableSource:
 
     def load_state_dict(self, state: dict) -> None:
         check_state("IterableSource", state, {})
-        consumed = _state_int(state, "consumed")
+        consumed = state_int(state, "consumed")
         fingerprint = state.get("last_fingerprint")
         if fingerprint is not None and not isinstance(fingerprint, (int, float)):
             raise ValueError(f"state field 'last_fingerprint' must be a number or None, got {fingerprint!r}")

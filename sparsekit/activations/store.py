@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_write_bytes
-from ..checks import positive_int
+from sparsekit._util.atomic import atomic_write_bytes
+from sparsekit._util.validate import positive_int
 from .shards import MANIFEST, ShardSource, write_shards
-from .source import Batch, _epochs, _seed, _state_int, check_state, permutation
+from .source import Batch
+from sparsekit._util.validate import epochs as _epochs, seed as _seed, state_int as _state_int, check_state
+from sparsekit._util.seeding import permutation
 from .text import load_documents, token_contexts
 
 STORE_RECORD = "lm_store.json"

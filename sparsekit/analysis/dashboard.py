@@ -13,8 +13,8 @@ import html
 import json
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes
-from ..extras import require
+from sparsekit._util.atomic import atomic_write_bytes
+from sparsekit._util.extras import require
 
 REPORT_SUFFIX = "features.json"
 DASHBOARD_FILE = "dashboard.html"

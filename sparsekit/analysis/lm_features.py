@@ -24,8 +24,8 @@ import re
 import torch
 from torch import Tensor
 
-from ..activations.store import _check_contexts, check_hooks, flatten_positions, hook_activations, stop_layer
-from ..sae.base import SparseDictionary
+from sparsekit.activations.store import _check_contexts, check_hooks, flatten_positions, hook_activations, stop_layer
+from sparsekit.sae.base import SparseDictionary
 
 SINGLE_TOKEN_SHARE = 0.5
 _MLP_POST = re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..toys.mnist_mlp import CLASSES, MNISTMLP
+from sparsekit.toys.mnist_mlp import CLASSES, MNISTMLP
 
 NO_LABEL = -1  # majority label of a feature that never fires
 

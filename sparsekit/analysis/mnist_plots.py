@@ -1,6 +1,6 @@
 """Figures of the MNIST study, as PNG bytes: error curves, the dead-latent study, feature images.
 
-Scan rows are the dicts of ``sparsekit.mnist_scan`` (method, n_latents, sparsity, fvu, l0, ...).
+Scan rows are the dicts of ``sparsekit.studies.mnist_scan`` (method, n_latents, sparsity, fvu, l0, ...).
 matplotlib is imported inside each function (``import sparsekit`` stays fast). Each figure is a
 ``matplotlib.figure.Figure`` drawn straight to PNG: no pyplot, and the caller's backend is left as it is.
 """

@@ -1,13 +1,13 @@
 """report.html of the MNIST study: claims, headline numbers, elbows, dead latents, feature gallery.
 
 Self-contained (every figure an inline base64 PNG) and built only from ``html_report``'s escaping
-builders. Inputs are what ``sparsekit.mnist_study.run_study`` computes.
+builders. Inputs are what ``sparsekit.studies.mnist_study.run_study`` computes.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import atomic_write_bytes
+from sparsekit._util.atomic import atomic_write_bytes
 from . import html_report as h
 from .mnist_plots import dead_study_png, error_curves_png, gallery_png, logit_heatmap_png, per_digit_png
 

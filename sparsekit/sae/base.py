@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .. import ops
-from ..checks import positive_int
+from sparsekit import ops
+from sparsekit._util.validate import positive_int
 
 ARCHITECTURES: dict[str, type["SparseDictionary"]] = {}
 CONFIG_FILE = "cfg.json"

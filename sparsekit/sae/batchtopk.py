@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from .. import ops
-from ..checks import positive_int
+from sparsekit import ops
+from sparsekit._util.validate import positive_int
 from .base import SparseDictionary, register
 
 

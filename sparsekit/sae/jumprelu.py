@@ -12,8 +12,8 @@ import math
 import torch
 from torch import nn
 
-from .. import ops
-from ..checks import positive_number
+from sparsekit import ops
+from sparsekit._util.validate import positive_number
 from .base import SparseDictionary, SAEOutput, register
 
 

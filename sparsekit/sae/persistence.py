@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from .base import ARCHITECTURES, CONFIG_FILE, WEIGHTS_FILE, SparseDictionary
 
 RUNTIME_KEYS = ("architecture", "input_scale", "output_scale")

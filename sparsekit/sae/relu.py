@@ -7,8 +7,8 @@ l1_coeff * sum_i f_i * ||W_dec[i]||.
 """
 from __future__ import annotations
 
-from .. import ops
-from ..checks import positive_number
+from sparsekit import ops
+from sparsekit._util.validate import positive_number
 from .base import SparseDictionary, register
 
 

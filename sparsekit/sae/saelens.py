@@ -40,7 +40,7 @@ import torch
 
 from .base import SparseDictionary
 from .persistence import read_json_object
-from ..atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"

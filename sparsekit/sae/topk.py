@@ -5,8 +5,8 @@ k fixes L0. Decoder rows are kept at unit norm. Dead latents: AuxK in the traine
 """
 from __future__ import annotations
 
-from .. import ops
-from ..checks import positive_int
+from sparsekit import ops
+from sparsekit._util.validate import positive_int
 from .base import SparseDictionary, register
 
 

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..activations.source import _seed, derive_seed
-from ..checks import positive_int, positive_number
+from sparsekit._util.validate import seed as _seed
+from sparsekit._util.seeding import derive_seed
+from sparsekit._util.validate import positive_int, positive_number
 
 
 @dataclass(frozen=True)

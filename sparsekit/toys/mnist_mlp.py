@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..activations.mnist import PIXELS, default_cache_dir, load_mnist
-from ..activations.source import _seed, permutation
-from ..atomic import atomic_save_tensors, atomic_write_bytes
-from ..checks import positive_int, positive_number
+from sparsekit.activations.mnist import PIXELS, default_cache_dir, load_mnist
+from sparsekit._util.validate import seed as _seed
+from sparsekit._util.seeding import permutation
+from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.validate import positive_int, positive_number
 
 CLASSES = 10
 # Part of the cache key: bump it when training changes, so stale weights are never loaded.

@@ -35,8 +35,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..activations.source import derive_seed
-from ..checks import positive_int
+from sparsekit._util.seeding import derive_seed
+from sparsekit._util.validate import positive_int
 
 
 def kmeans(x: Tensor, k: int, seed: int = 0, iterations: int = 50) -> tuple[Tensor, Tensor]:

@@ -14,8 +14,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ..activations.source import _seed, _state_int, check_state, derive_seed
-from ..checks import positive_int
+from sparsekit._util.validate import seed as _seed, state_int as _state_int, check_state
+from sparsekit._util.seeding import derive_seed
+from sparsekit._util.validate import positive_int
 
 MAGNITUDES = ("uniform", "constant")
 

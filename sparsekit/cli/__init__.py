@@ -1,0 +1,96 @@
+"""The `sparsekit` command line: `python -m sparsekit train|demo|mnist|backends|toys`, `--version`."""
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = {
+    "demo": "the compact MNIST study (runs/mnist-demo/report.html); --synthetic: a TopK dictionary on planted data",
+    "mnist": "dictionaries on an MNIST MLP's hidden layer: scan, elbows, features, report (--scan compact|full)",
+    "backends": "print which implementation runs the ops on each device",
+    "train": "train a dictionary on activations on disk (.npy/.safetensors/shards): --config cfg.yaml or flags",
+    "toys": "toy studies: `toys attention` (attention-head superposition), `toys sparse-base` (L1-sparse 1-layer LMs)",
+    "lm-demo": "SmolLM2-135M: cache early-layer activations, train an SAE and a transcoder (--transcoder "
+               "mlp|resid|attn; --layers 0,2,4: per-layer SAEs), CE/KL, dashboard",
+    "dashboard": "write RUN_DIR/dashboard.html (static feature dashboard) from RUN_DIR/*_features.json",
+}
+
+
+def list_commands_if_asked(argv: list, usage: str, heading: str, commands: dict) -> None:
+    """With no arguments or -h/--help: print usage and the commands, then exit (2 or 0)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {usage}\n\n{heading}:")
+        for name, text in commands.items():
+            print(f"  {name:10s} {text}")
+        raise SystemExit(0 if argv else 2)
+
+
+def version_lines() -> list:
+    """What `--version` prints: the package, the C++ kernels' instruction-set level and why, the
+    backends, torch and Python."""
+    import platform
+
+    import torch
+
+    from sparsekit import __version__
+    from sparsekit.ops.backend import CPP_IMPORT_ERROR, CPP_ISA, CPP_REFUSED, CPU_ISA_LEVELS
+    from sparsekit.ops.cpu.isa import ISA_ENV
+    if CPP_ISA is not None:
+        forced = f"forced by {ISA_ENV}" if os.environ.get(ISA_ENV, "").strip() else f"{ISA_ENV} forces a lower one"
+        kernels = f"{CPP_ISA} (this CPU runs {', '.join(CPU_ISA_LEVELS)}; {forced})"
+    elif CPP_REFUSED:
+        kernels = f"refused: {CPP_IMPORT_ERROR} (CPU ops raise until that is fixed)"
+    else:
+        kernels = f"not loaded ({CPP_IMPORT_ERROR}); CPU ops run the PyTorch reference"
+    return [f"sparsekit {__version__}", f"C++ kernels: {kernels}",
+            f"torch {torch.__version__}, Python {platform.python_version()} on {platform.machine()}"]
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--version"]:
+        print("\n".join(version_lines()))
+        return
+    list_commands_if_asked(argv, "python -m sparsekit <command> [options] | --version", "commands", COMMANDS)
+    from sparsekit.errors import BackendUnavailable
+    from sparsekit._util.extras import MissingExtra
+    try:
+        run_command(argv[0], argv[1:])
+    except MissingExtra as missing:  # an optional dependency: one line naming its extra, no traceback
+        print(missing, file=sys.stderr)
+        raise SystemExit(2) from None
+    except BackendUnavailable as error:  # SPARSEKIT_BACKEND / SPARSEKIT_ISA: one line, no traceback
+        print(f"sparsekit: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_command(command: str, rest: list) -> None:
+    """Run one command of COMMANDS with its arguments."""
+    if command == "demo":
+        from sparsekit.studies.synthetic import main as demo_main
+        demo_main(rest)
+    elif command == "mnist":
+        from sparsekit.studies.mnist_study import main as mnist_main
+        mnist_main(rest)
+    elif command == "train":
+        from .train import main as train_main
+        from sparsekit.training.parallel.data import init_distributed, launched_by_torchrun, shutdown_distributed
+        if launched_by_torchrun():  # join the group first: each rank then builds on its own GPU
+            init_distributed()
+        train_main(rest)
+        shutdown_distributed()
+    elif command == "toys":
+        from .toys import main as toys_main
+        toys_main(rest)
+    elif command == "dashboard":
+        from sparsekit.analysis.dashboard import main as dashboard_main
+        dashboard_main(rest)
+    elif command == "lm-demo":
+        from sparsekit.studies.lm_demo import main as lm_demo_main
+        lm_demo_main(rest)
+    elif command == "backends":
+        from sparsekit.ops.backend import backends
+        print(backends())
+    else:
+        print(f"sparsekit: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,173 @@
+"""`python -m sparsekit toys attention|sparse-base [...]`: the toy studies.
+
+attention: the attention-head superposition toy, one run or a sweep. One run writes m_columns.png (the columns of the learned mixing matrix M) and summary.json (M, losses,
+column norms, the features represented and the angles between them). --sweep trains --seeds seeds at
+each OV density and adds sweep.csv and sweep.png (features represented vs OV density).
+
+sparse-base: trains (or loads from the cache) a 1-layer character-level transformer with an L1 penalty
+on its MLP activations, standard or cut residual, analyses every neuron that fires on held-out text and
+writes overview.png, facets.png, magnitude.png, report.md and summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TOYS = {"attention": "mix n_true attention heads into n_heads with one matrix M (sparsekit.toys.attention_superposition)",
+        "sparse-base": "1-layer char transformer with L1 on its MLP: facets and magnitude codes (sparsekit.toys.sparse_base_*)"}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
+    return value
+
+
+def _densities(text: str) -> tuple[float, ...]:
+    return tuple(_fraction(part) for part in text.split(","))
+
+
+def attention_main(argv) -> None:
+    import torch
+
+    from sparsekit.toys.attention_superposition import SWEEP_DENSITIES, AttentionToyConfig, plot_columns, sweep, train_mixing, write_sweep
+
+    defaults = AttentionToyConfig()
+    parser = _OneLineParser(prog="sparsekit toys attention", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ov-density", type=_fraction, default=defaults.ov_density,
+                        help=f"fraction of nonzero OV entries (default {defaults.ov_density})")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--steps", type=_positive, default=defaults.steps)
+    parser.add_argument("--out", default="runs/toys/attention", help="output folder (default runs/toys/attention)")
+    parser.add_argument("--sweep", action="store_true", help="sweep OV density over --densities and --seeds seeds")
+    parser.add_argument("--seeds", type=_positive, default=3, help="seeds per density in --sweep (default 3)")
+    parser.add_argument("--densities", type=_densities, default=SWEEP_DENSITIES,
+                        help=f"comma-separated OV densities for --sweep (default {','.join(map(str, SWEEP_DENSITIES))})")
+    parser.add_argument("--p-active", type=_fraction, default=defaults.p_active,
+                        help=f"probability a query row of a true pattern attends at all (default {defaults.p_active})")
+    parser.add_argument("--n-true", type=_positive, default=defaults.n_true)
+    parser.add_argument("--n-heads", type=_positive, default=defaults.n_heads)
+    parser.add_argument("--threshold", type=float, default=defaults.threshold,
+                        help=f"column norm above which a feature counts as represented (default {defaults.threshold})")
+    args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"argument --seed: expected a non-negative int, got {args.seed}")
+    try:
+        cfg = AttentionToyConfig(ov_density=args.ov_density, seed=args.seed, steps=args.steps, p_active=args.p_active,
+                                 n_true=args.n_true, n_heads=args.n_heads, threshold=args.threshold)
+    except ValueError as error:
+        parser.error(str(error))
+    # The tensors are tiny: a second intra-op thread only adds contention (10x slower on a busy 2-core box).
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    result = train_mixing(cfg)
+    plot_columns(result, out / "m_columns.png")
+    summary = {"run": result}
+    angles = ", ".join(f"{pair}: {angle:.0f}°" for pair, angle in result["angles_deg"].items()) or "none"
+    print(f"ov_density={cfg.ov_density:g} seed={cfg.seed}: {result['n_represented']}/{cfg.n_true} features "
+          f"represented (norm > {cfg.threshold:g}); norms {' '.join(f'{n:.2f}' for n in result['norms'])}; "
+          f"angles {angles}; loss {result['loss']:.4f} (M = 0: {result['loss_M_zero']:.4f})")
+    if args.sweep:
+        rows = sweep(cfg, densities=args.densities, seeds=args.seeds)
+        summary["sweep"] = write_sweep(rows, out / "sweep.csv", out / "sweep.png", cfg.n_true)
+        for s in summary["sweep"]:
+            print(f"ov_density={s['ov_density']:g}: features represented mean {s['mean']:.2f} "
+                  f"(min {s['min']}, max {s['max']}, {s['seeds']} seeds)")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.name in ('m_columns.png', 'summary.json', 'sweep.csv', 'sweep.png')))} to {out}/")
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def sparse_base_main(argv) -> None:
+    import torch
+
+    from sparsekit.toys.sparse_base_model import VARIANTS, SparseBaseConfig, train_sparse_base
+    from sparsekit.toys.sparse_base_neurons import analyse_model, collect
+    from sparsekit.toys.sparse_base_report import FILES, write_report
+
+    defaults = SparseBaseConfig()
+    parser = _OneLineParser(prog="sparsekit toys sparse-base", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=VARIANTS, default=defaults.variant,
+                        help="standard: resid_post = resid_mid + mlp_out; cut: resid_post = mlp_out")
+    parser.add_argument("--l1", type=_non_negative, default=defaults.l1,
+                        help=f"L1 coefficient on blocks.0.mlp.hook_post (default {defaults.l1:g})")
+    parser.add_argument("--tokens", type=_positive, default=defaults.tokens,
+                        help=f"training tokens (default {defaults.tokens})")
+    parser.add_argument("--d-mlp", type=_positive, default=defaults.d_mlp)
+    parser.add_argument("--d-model", type=_positive, default=defaults.d_model)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--contexts", type=_positive, default=600,
+                        help="held-out contexts to analyse (default 600, 63 positions each)")
+    parser.add_argument("--min-fires", type=_positive, default=50,
+                        help="analyse neurons firing at >= this many positions (default 50)")
+    parser.add_argument("--max-density", type=_fraction, default=0.05,
+                        help="neurons firing at most this often count as sparse (default 0.05)")
+    parser.add_argument("--top", type=_positive, default=8, help="neurons per ranking in the report (default 8)")
+    parser.add_argument("--cache-dir", default=None, help="trained-model cache (default: sparsekit's cache dir)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/toys/sparse_base/<variant>)")
+    args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"argument --seed: expected a non-negative int, got {args.seed}")
+    try:
+        cfg = SparseBaseConfig(variant=args.variant, l1=args.l1, tokens=args.tokens, d_mlp=args.d_mlp,
+                               d_model=args.d_model, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out or f"runs/toys/sparse_base/{cfg.variant}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: a second thread only adds contention on a shared machine
+    try:
+        trained = train_sparse_base(cfg, cache_dir=args.cache_dir)
+        held = trained.record["held_out"]
+        print(f"{cfg.variant}, l1={cfg.l1:g}: held-out CE {held['ce']:.3f} nats/char, L0 {held['l0']:.1f}, "
+              f"L1 {held['l1']:.2f} per token (trained in {trained.record['train_seconds']:.0f} s)")
+        data = collect(trained, args.contexts)
+        neurons = analyse_model(trained, data, min_fires=args.min_fires)
+        summary = write_report(trained, neurons, out, positions=data["post"].shape[0], min_fires=args.min_fires,
+                               max_density=args.max_density, top=args.top)
+    finally:
+        torch.set_num_threads(threads)
+    agg = summary["aggregates"]
+    print(f"{agg['analysed']} neurons fire >= {args.min_fires} times on {summary['positions']} positions; "
+          f"{agg['sparse']} sparse (density <= {args.max_density:g}), {agg['sparse_with_facets']} with >= 2 facets")
+    print(f"most polysemantic sparse neurons: {summary['polysemantic']}; most magnitude-coded: {summary['magnitude_coded']}")
+    print(f"wrote {', '.join(FILES)} to {out}/")
+
+
+def main(argv=None) -> None:
+    from . import list_commands_if_asked
+    argv = sys.argv[1:] if argv is None else list(argv)
+    list_commands_if_asked(argv, "python -m sparsekit toys <toy> [options]", "toys", TOYS)
+    if argv[0] == "attention":
+        attention_main(argv[1:])
+    elif argv[0] == "sparse-base":
+        sparse_base_main(argv[1:])
+    else:
+        print(f"sparsekit toys: unknown toy {argv[0]!r}; choose one of {', '.join(TOYS)}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,591 @@
+"""`python -m sparsekit train`: train a sparse dictionary on activations stored on disk.
+
+    python -m sparsekit train --data acts/ --n-latents 4096 --k 32 --checkpoint-dir runs/a
+    python -m sparsekit train --config cfg.yaml --lr 1e-3          # flags override the file
+    python -m sparsekit train --config cfg.yaml --resume           # continue from runs/a's newest checkpoint
+
+--data is a shard folder (manifest.json, see sparsekit.activations.write_shards), a .npy file [N, d],
+or a .safetensors file holding "x" [N, d] (and "y" [N, d_out]: then a transcoder is trained);
+--targets adds transcoder targets [N, d_out] to a .npy --data.
+
+--config reads a YAML mapping whose keys are the flags' names with underscores (n_latents: 4096,
+dead_strategy: auxk, data: acts/); relative paths are relative to the working directory. Every
+TrainConfig field has a flag; tuples are comma-separated (--adam-betas 0.9,0.999) and optional
+settings take "none" (--grad-clip-norm none).
+
+The trained dictionary is saved with sae.save to --out (default: <checkpoint_dir or output_dir>/final);
+metrics.jsonl and feature_density.png go to --output-dir (default: the checkpoint folder, else --out).
+With --checkpoint-dir and no --checkpoint-every-tokens, a checkpoint is written every 10% of the run.
+
+Bad input exits with status 2 and one line on stderr starting with "sparsekit train: ".
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import sys
+from pathlib import Path
+
+PROG = "sparsekit train"
+
+ARCHITECTURE_NAMES = ("topk", "batchtopk", "relu", "jumprelu")
+# Dictionary hyperparameter -> the architectures it applies to, and whether they require it.
+HYPERPARAMETERS = {
+    "k": (("topk", "batchtopk"), True),
+    "l1_coeff": (("relu",), True),
+    "l0_coeff": (("jumprelu",), True),
+    "bandwidth": (("jumprelu",), False),
+    "init_threshold": (("jumprelu",), False),
+}
+
+# Extra help for TrainConfig fields whose values are names.
+FIELD_HINTS = {
+    "b_dec_init": "geometric_median, mean, zeros or keep",
+    "dead_strategy": "none, resample, ghost, auxk, or a combination such as resample+ghost",
+}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr and exit status 2."""
+
+
+class TrainingError(Exception):
+    """Training itself failed (diverged, out of memory): one line on stderr and exit status 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting, given as --flag-name on the command line or flag_name: in the YAML config."""
+    name: str
+    kind: str                  # "int" | "float" | "str" | "path" | "bool" | "switch" | "tuple"
+    help: str
+    optional: bool = False     # None ("none" on the command line, null in YAML) is allowed
+    element: str = "float"     # a tuple's element kind
+    length: int | None = None  # a tuple's required length
+    default: object = None     # shown in --help only
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _options() -> list[Option]:
+    """The run's own options, then one option per TrainConfig field (generated from the dataclass)."""
+    from sparsekit.training.loop import TrainConfig
+
+    options = [
+        Option("data", "path", "activations: a shard folder (manifest.json), a .npy file [N, d] or a .safetensors "
+                               "file with 'x' [N, d] (and 'y' [N, d_out] for a transcoder)"),
+        Option("targets", "path", "transcoder targets [N, d_out] as a .npy file, when --data is a .npy file"),
+        Option("architecture", "str", f"dictionary architecture: {', '.join(ARCHITECTURE_NAMES)} (default topk)"),
+        Option("n_latents", "int", "number of latents (dictionary width); required"),
+        Option("k", "int", "active latents per token (topk, batchtopk); required for them"),
+        Option("l1_coeff", "float", "L1 coefficient (relu); required for it"),
+        Option("l0_coeff", "float", "L0 coefficient (jumprelu); required for it"),
+        Option("bandwidth", "float", "straight-through bandwidth (jumprelu; default 1e-3)"),
+        Option("init_threshold", "float", "initial threshold (jumprelu; default 1e-3)"),
+        Option("transcoder", "switch", "train a transcoder (implied when the data has targets; an error without)"),
+        Option("device", "str", "where to train: auto (cuda when available), cpu, cuda, cuda:1, ... (default auto)"),
+        Option("out", "path", "folder for the trained dictionary (default: <checkpoint_dir or output_dir>/final)"),
+        Option("resume", "switch", "continue from the newest checkpoint in --checkpoint-dir (fresh start if none)"),
+        Option("latent_parallel", "int", "under torchrun: split the latents over this many ranks (topk, batchtopk, "
+                                       "relu); the world size must be a multiple, the rest is data parallel "
+                                       "(a 2-D mesh; default 1: data parallel only)"),
+    ]
+    for field in dataclasses.fields(TrainConfig):
+        names = _type_names(field.type)
+        optional = "None" in names
+        default = field.default
+        help_text = f"TrainConfig.{field.name} (default {_show(default)})"
+        if field.name in FIELD_HINTS:
+            help_text = f"{help_text}: {FIELD_HINTS[field.name]}"
+        if "tuple" in names:
+            help_text += ", comma-separated"
+        if optional and field.name != "checkpoint_every_tokens" and not field.name.endswith("_dir"):
+            help_text += "; none to unset"
+        if field.name == "checkpoint_every_tokens":
+            help_text = "TrainConfig.checkpoint_every_tokens (default with --checkpoint-dir: 10%% of --total-tokens)"
+        if "bool" in names:
+            options.append(Option(field.name, "bool", help_text, default=default))
+        elif "int" in names:
+            options.append(Option(field.name, "int", help_text, optional, default=default))
+        elif "float" in names:
+            options.append(Option(field.name, "float", help_text, optional, default=default))
+        elif "tuple" in names:
+            element = ("int" if field.name.endswith("_tokens")
+                       else "int" if isinstance(default, tuple) and default and isinstance(default[0], int)
+                       else "float")
+            length = len(default) if isinstance(default, tuple) else None
+            options.append(Option(field.name, "tuple", help_text, optional, element, length, default))
+        elif field.name.endswith("_dir"):
+            options.append(Option(field.name, "path", help_text, optional, default=default))
+        else:
+            options.append(Option(field.name, "str", help_text, optional, default=default))
+    return options
+
+
+def _type_names(annotation) -> set[str]:
+    """'float | None' (or the type itself) -> {'float', 'None'}."""
+    if isinstance(annotation, str):
+        return {part.strip().replace("NoneType", "None") for part in annotation.replace("Optional[", "").rstrip("]")
+                .split("|")}
+    if annotation is type(None):
+        return {"None"}
+    args = getattr(annotation, "__args__", None)
+    if args:
+        return set().union(*(_type_names(a) for a in args))
+    return {getattr(annotation, "__name__", str(annotation))}
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+# --- converting values -------------------------------------------------------------------------
+
+_EXPECTED = {"int": "an int", "float": "a number", "str": "a string", "path": "a path (string)",
+             "bool": "true or false", "switch": "true or false"}
+
+
+def expected_type(option: Option, yaml: bool) -> str:
+    if option.kind == "tuple":
+        items = "ints" if option.element == "int" else "numbers"
+        count = f"{option.length} " if option.length else ""
+        text = f"a list of {count}{items}" if yaml else f"{count}comma-separated {items}"
+    else:
+        text = _EXPECTED[option.kind]
+    return text + (" or none" if option.optional else "")
+
+
+def _to_int(value):
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            number = float(text)  # 1e7, 10_000_000.0
+            if number.is_integer():
+                return int(number)
+    raise TypeError
+
+
+def _to_float(value):
+    if isinstance(value, bool):
+        raise TypeError
+    number = float(value.strip()) if isinstance(value, str) else value
+    if not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise TypeError
+    return float(number)
+
+
+def convert(option: Option, value, where: str, yaml: bool):
+    """A command-line string or a YAML value -> the option's type; UsageError naming `where` otherwise.
+    (PyYAML reads 3e-4 as a string, so numbers are accepted as strings in YAML too.)"""
+    if option.optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    try:
+        if option.kind == "int":
+            return _to_int(value)
+        if option.kind == "float":
+            return _to_float(value)
+        if option.kind in ("str", "path"):
+            if not isinstance(value, str) or (option.kind == "path" and not value.strip()):
+                raise TypeError
+            return value
+        if option.kind in ("bool", "switch"):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if option.kind == "tuple":
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, (int, float)) and not isinstance(items, bool):
+                items = [items]
+            if not isinstance(items, (list, tuple)) or not items:
+                raise TypeError
+            result = tuple((_to_int if option.element == "int" else _to_float)(item) for item in items)
+            if option.length is not None and len(result) != option.length:
+                raise TypeError
+            return result
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise UsageError(f"{where} must be {expected_type(option, yaml)}, got {value!r}")
+
+
+# --- the command line and the config file --------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every error as one "sparsekit train: ..." line and exit status 2."""
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments"):
+            known = [s for action in self._actions for s in action.option_strings]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("-"):
+                    close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+                    if close:
+                        hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        raise UsageError(message)
+
+
+def build_parser(options: list[Option] | None = None) -> argparse.ArgumentParser:
+    options = options or _options()
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="CFG.yaml", help="YAML file of settings (keys: the flags' names with "
+                                                             "underscores); flags on the command line override it")
+    for option in options:
+        if option.kind == "switch":
+            parser.add_argument(option.flag, dest=option.name, action="store_true", help=option.help)
+        elif option.kind == "bool":
+            parser.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction,
+                                help=option.help)
+        else:
+            metavar = {"int": "N", "float": "X", "path": "PATH", "tuple": "A,B"}.get(option.kind, "NAME")
+            parser.add_argument(option.flag, dest=option.name, metavar=metavar, help=option.help)
+    return parser
+
+
+def read_config(path: str, options: dict[str, Option]) -> dict:
+    """The YAML file's settings, checked: unknown keys and wrong types name the key."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path}: {'is a directory' if file.is_dir() else 'no such file'}")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"{path}: not valid YAML: {problem}{line}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {path}: cannot read it ({error})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"{path}: expected a mapping of settings (key: value), got a {type(loaded).__name__}")
+    settings = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in options:
+            close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(options)}"
+            raise UsageError(f"{path}: unknown key {key!r}{hint}")
+        settings[name] = convert(options[name], value, f"{path}: {key!r}", yaml=True)
+    return settings
+
+
+def resolve(argv: list[str]) -> dict:
+    """Command line + config file -> {name: value} for the options given anywhere (flags win)."""
+    options = _options()
+    by_name = {option.name: option for option in options}
+    args = vars(build_parser(options).parse_args(argv))
+    settings = read_config(args.pop("config"), by_name) if "config" in args else {}
+    for name, value in args.items():
+        option = by_name[name]
+        if option.kind not in ("bool", "switch"):
+            value = convert(option, value, option.flag, yaml=False)
+        settings[name] = value
+    return settings
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+class _AsFloat32:
+    """Wraps an ActivationSource so every batch reaches the trainer as float32 (the dictionary's dtype);
+    the state is the wrapped source's."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __iter__(self):
+        import torch
+
+        for batch in self.source:
+            if isinstance(batch, (tuple, list)):
+                yield tuple(t.to(torch.float32) for t in batch)
+            else:
+                yield batch.to(torch.float32)
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+
+def open_data(settings: dict, batch_size: int, seed: int):
+    """(source, rows, d_in, d_out or None, description) for --data (and --targets)."""
+    import numpy as np
+    import torch
+
+    from sparsekit.activations import ShardSource, TensorSource, load_activation_file
+
+    data, targets = Path(settings["data"]), settings.get("targets")
+    if data.is_dir():
+        if targets is not None:
+            raise UsageError("--targets applies only when --data is a .npy file; a shard folder holds its own "
+                             "targets (y-*.npy, 'd_out' in manifest.json)")
+        source = ShardSource(data, batch_size=batch_size, shuffle=True, seed=seed)
+        wrapped = source if source.dtype == "float32" else _AsFloat32(source)
+        kind = f"{len(source.shards)} shard{'s' if len(source.shards) != 1 else ''} in {data}"
+        return wrapped, source.tokens, source.d, source.d_out, kind
+    loaded = load_activation_file(data)
+    x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
+    if targets is not None:
+        if data.suffix != ".npy":
+            raise UsageError(f"--targets applies only when --data is a .npy file; {data} holds its own targets as 'y'"
+                             if y is not None else f"--targets applies only when --data is a .npy file, not {data}")
+        target_path = Path(targets)
+        if target_path.suffix != ".npy":
+            raise UsageError(f"--targets must be a .npy file, got {targets}")
+        if not target_path.is_file():
+            raise UsageError(f"--targets {targets}: no such file")
+        try:
+            array = np.load(target_path)
+        except (ValueError, OSError, EOFError) as error:
+            raise UsageError(f"--targets {targets} is not a readable .npy file ({error})") from None
+        if array.ndim != 2 or array.dtype.kind != "f" or array.shape[0] == 0:
+            raise UsageError(f"--targets {targets} must be a non-empty 2-D floating-point array [N, d_out], got "
+                             f"shape {array.shape} {array.dtype}")
+        if array.shape[0] != x.shape[0]:
+            raise UsageError(f"--targets {targets} has {array.shape[0]} rows but --data {data} has {x.shape[0]}; "
+                             f"targets pair with inputs row by row")
+        y = torch.from_numpy(array)
+    x = x.to(torch.float32)
+    y = None if y is None else y.to(torch.float32)
+    source = TensorSource(x, y, batch_size=batch_size, shuffle=True, seed=seed)
+    return source, x.shape[0], x.shape[1], None if y is None else y.shape[1], str(data)
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+def _check_dictionary(settings: dict) -> None:
+    architecture = settings.setdefault("architecture", "topk")
+    if architecture not in ARCHITECTURE_NAMES:
+        close = difflib.get_close_matches(architecture, ARCHITECTURE_NAMES, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"unknown architecture {architecture!r}{hint}; choose one of {', '.join(ARCHITECTURE_NAMES)}")
+    if "n_latents" not in settings:
+        raise UsageError("--n-latents is required: the number of latents in the dictionary (e.g. --n-latents 4096)")
+    if settings["n_latents"] < 1:
+        raise UsageError(f"--n-latents must be a positive int, got {settings['n_latents']}")
+    for name, (architectures, required) in HYPERPARAMETERS.items():
+        flag = "--" + name.replace("_", "-")
+        if architecture in architectures and required and name not in settings:
+            raise UsageError(f"{flag} is required for a {architecture} dictionary")
+        if architecture not in architectures and name in settings:
+            raise UsageError(f"{flag} applies to {' and '.join(architectures)} dictionaries, not {architecture}")
+    if "k" in settings:
+        if settings["k"] < 1:
+            raise UsageError(f"--k must be a positive int, got {settings['k']}")
+        if settings["k"] > settings["n_latents"]:
+            raise UsageError(f"--k {settings['k']} exceeds --n-latents {settings['n_latents']}: a {architecture} "
+                             f"dictionary keeps k of its n_latents latents")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _newest_checkpoint(directory) -> Path | None:
+    from sparsekit.training import checkpoint as ckpt
+
+    found = ckpt.complete_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def _check_resume(path: Path, sae, cfg) -> None:
+    """The newest checkpoint must come from the same dictionary and batching as this run."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        saved_sae, saved_cfg = dict(state["sae_config"]), dict(state["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable: the trainer skips it (or reports it) itself
+    now = sae.config()
+    differences = [f"{key}={saved_sae.get(key)!r} (this run: {now.get(key)!r})"
+                   for key in sorted(set(saved_sae) | set(now))
+                   if key not in ("input_scale", "output_scale") and saved_sae.get(key) != now.get(key)]
+    differences += [f"{key}={saved_cfg.get(key)!r} (this run: {getattr(cfg, key)!r})"
+                    for key in ("batch_size", "seed") if key in saved_cfg and saved_cfg[key] != getattr(cfg, key)]
+    if differences:
+        raise UsageError(f"--resume: checkpoint {path} was written by a different run: {', '.join(differences)}; "
+                         f"use the same data and settings, or a fresh --checkpoint-dir")
+
+
+def _build(settings: dict, d_in: int, d_out: int | None, device, seed: int):
+    from sparsekit.sae import ARCHITECTURES
+
+    architecture = settings["architecture"]
+    kwargs = {name: settings[name] for name in HYPERPARAMETERS if name in settings}
+    common = dict(device=device, seed=seed)
+    if d_out is not None:
+        common.update(d_out=d_out, transcoder=True)
+    return ARCHITECTURES[architecture](d_in, settings["n_latents"], **kwargs, **common)
+
+
+def _check_memory(settings: dict, cfg, d_in: int, d_out: int | None, device) -> None:
+    """Refuse, before the dictionary is allocated, a run whose estimated memory exceeds what the device has."""
+    from sparsekit.errors import InsufficientMemory
+    from sparsekit.training.memory import check_fits, estimate_training_memory
+
+    estimate = estimate_training_memory(d_in, settings["n_latents"], cfg.batch_size, settings.get("k"),
+                                        settings["architecture"], d_out, eval_tokens=cfg.eval_tokens)
+    try:
+        check_fits(estimate, device, what=f"--n-latents {settings['n_latents']} with --batch-size {cfg.batch_size}")
+    except InsufficientMemory as error:
+        raise UsageError(str(error)) from None
+
+
+def run(argv: list[str]):
+    """Parse, check, train, save. Returns (TrainResult, out folder); UsageError on bad input."""
+    from sparsekit.training.loop import TrainConfig
+
+    settings = resolve(argv)
+
+    if "data" not in settings:
+        raise UsageError("no activations given: pass --data PATH (a shard folder, .npy or .safetensors file) or set "
+                         "'data:' in the --config file")
+    if not Path(settings["data"]).exists():
+        raise UsageError(f"--data {settings['data']}: no such file or directory")
+    _check_dictionary(settings)
+    if settings.get("latent_parallel", 1) < 1:
+        raise UsageError(f"--latent-parallel must be a positive int, got {settings['latent_parallel']}")
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in settings.items() if name in train_fields}
+    if not any(values.get(name) for name in ("checkpoint_dir", "output_dir")) and "out" not in settings:
+        raise UsageError("nowhere to save the dictionary: pass --out DIR, --checkpoint-dir DIR or --output-dir DIR")
+    resume = settings.get("resume", False)
+    if resume and not values.get("checkpoint_dir"):
+        raise UsageError("--resume needs --checkpoint-dir: the folder whose newest checkpoint to continue from")
+    if values.get("output_dir") is None and values.get("checkpoint_dir") is None:
+        values["output_dir"] = settings["out"]  # metrics.jsonl and the density plot beside the dictionary
+    cfg = TrainConfig(**values)
+    try:
+        cfg.validate()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if cfg.checkpoint_dir is not None and cfg.checkpoint_every_tokens is None:
+        cfg.checkpoint_every_tokens = max(cfg.batch_size, cfg.total_tokens // 10)
+    out = Path(settings.get("out") or Path(cfg.checkpoint_dir or cfg.output_dir) / "final")
+    for flag, folder in (("--out", out), ("--checkpoint-dir", cfg.checkpoint_dir), ("--output-dir", cfg.output_dir)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise UsageError(f"{flag} {folder} is a file, not a folder")
+
+    newest = _newest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if newest is not None and not resume:
+        raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir} already holds checkpoints (newest {newest.name}) "
+                         f"from an earlier run: pass --resume to continue it, or choose another folder")
+    device = _device(settings.get("device", "auto"))
+
+    try:
+        source, rows, d_in, d_out, description = open_data(settings, cfg.batch_size, cfg.seed)
+    except (ValueError, OSError) as error:
+        raise UsageError(str(error)) from None
+    if settings.get("transcoder") and d_out is None:
+        raise UsageError(f"--transcoder needs targets: --data {settings['data']} has none (pass --targets Y.npy, a "
+                         f".safetensors file with 'y', or shards written with (x, y) batches)")
+    if newest is None and cfg.eval_tokens >= rows:
+        raise UsageError(f"--eval-tokens {cfg.eval_tokens} would hold out all {rows} rows of --data; lower it "
+                         f"(e.g. --eval-tokens {rows // 10}) or pass --eval-tokens 0")
+
+    _check_memory(settings, cfg, d_in, d_out, device)
+    try:
+        sae = _build(settings, d_in, d_out, device, cfg.seed)
+        if settings.get("latent_parallel", 1) != 1:
+            from sparsekit.training.parallel.sharded import shard_for_cli
+            sae = shard_for_cli(sae, settings["latent_parallel"])
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if newest is not None:
+        _check_resume(newest, sae, cfg)
+    elif resume:
+        print(f"{PROG}: --resume: no checkpoint in {cfg.checkpoint_dir} yet; starting fresh")
+
+    kind = "transcoder" if d_out is not None else "SAE"
+    shape = f"d_in={d_in}" + (f" d_out={d_out}" if d_out is not None else "")
+    hyper = " ".join(f"{name}={settings[name]}" for name in HYPERPARAMETERS if name in settings)
+    print(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
+          f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}",
+          flush=True)
+    return _train(sae, source, cfg, resume, out)
+
+
+def _train(sae, source, cfg, resume: bool, out: Path):
+    from sparsekit.training.parallel import data as distributed
+    from sparsekit.training.loop import METRICS_FILE, train
+
+    from sparsekit.errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
+
+    try:
+        result = train(sae, source, cfg, resume=resume)
+        whole = sae.gather() if getattr(sae, "latent_sharded", False) else sae
+        if distributed.current_info().rank == 0:  # under torchrun rank 0 alone writes
+            whole.save(out)
+    except (CheckpointWriteFailed, TrainingDiverged) as error:
+        raise TrainingError(_one_line(error)) from None
+    except (ValueError, OSError, CheckpointDirBusy, InsufficientMemory) as error:
+        raise UsageError(_one_line(error)) from None
+    except RuntimeError as error:  # e.g. out of memory: one line, not a traceback
+        raise TrainingError(f"training failed: {type(error).__name__}: {_one_line(error)}") from None
+    metrics, history = dict(result.metrics), result.history
+    where = "held-out"
+    if "fvu" not in metrics and history:  # no held-out split: the last logged training window
+        metrics.update(fvu=history[-1]["fvu"], l0=history[-1]["l0"])
+        where = "training"
+    formats = {"fvu": ".4f", "l0": ".2f", "dead_frac": ".3f"}
+    parts = [f"{name} {metrics[name]:{spec}}" for name, spec in formats.items() if name in metrics]
+    metrics_at = f"{result.output_dir / METRICS_FILE}" if result.output_dir is not None else "not written"
+    print(f"{PROG}: dictionary saved to {out}; metrics in {metrics_at}; final {where} {', '.join(parts)} "
+          f"after {metrics['step']:,} steps ({metrics['tokens']:,} tokens)", flush=True)
+    return result, out
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(argv)
+    except UsageError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except TrainingError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with the same command and --resume (checkpoints need "
+              f"--checkpoint-dir)", file=sys.stderr)
+        raise SystemExit(130) from None

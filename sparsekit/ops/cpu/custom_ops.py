@@ -1,0 +1,467 @@
+"""The C++ CPU backend as torch.library custom ops (namespace ``sparsekit``).
+
+Each forward and backward kernel is its own custom op with a fake (meta) kernel, and each
+differentiable op's autograd formula composes them, so the ops work under autograd and
+``torch.compile`` alike. Inputs are assumed checked by ``sparsekit.ops``; every op here makes its
+tensor inputs contiguous (a no-op when they are) because the C++ side refuses to copy.
+
+Outputs are allocated here and handed to ``sparsekit._C`` as zero-copy NumPy views.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsekit.ops import autograd as autograd_formulas
+from sparsekit.ops.backend import _C
+from .gemm import empty_output, gemm_library, row_tiles, scratch
+from .screen import batchtopk_encode_screened, relu_encode_screened, topk_encode_screened, use_screen
+
+# Rows of pre-activations computed per encoder GEMM tile: a [rows, n] scratch block of about
+# 64 MiB per thread instead of the whole [B, n] matrix. Each tile's GEMM packs all of W_enc again,
+# so taller tiles are cheaper: measured on one core at d=512, n=16384, B=4096, GEMM + top-k took
+# 890 / 828 / 782 / 766 ms with 128 / 256 / 512 / 1024-row tiles (the selection reads the tile
+# from L3 or DRAM at any of these heights, ~60 ms in all).
+TILE_BYTES = 64 * 2**20
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+# The TopK encoder's GEMM blocks: 1024 rows (taller row blocks repack W_enc less often) by as many
+# columns as fit in ~1 MiB, so the selection reads each block from L2 right after the GEMM wrote
+# it. Measured on one core at d=512, n=16384: 1024 x 256 blocks cost the GEMM no more than whole
+# 1024-row tiles (169 vs 176 ms per 1024 rows), and selecting from L2 costs ~22 ms per 4096 rows
+# against ~60 ms from L3 or DRAM.
+TOPK_TILE_ROWS = 1024
+L2_TILE_BYTES = 2**20
+
+
+def _tile_rows(n: int, itemsize: int) -> int:
+    return max(1, TILE_BYTES // (n * itemsize))
+
+
+coo_row_ids = autograd_formulas.kept_rows  # the row of each entry of [B, k] codes as COO: [B*k] int64
+
+
+# --- sparse products (the backward kernels) ---------------------------------------------------
+
+@torch.library.custom_op("sparsekit::coo_times_dense_t_cpu", mutates_args=())
+def coo_times_dense_t_cpu(values: Tensor, rows: Tensor, cols: Tensor, dense: Tensor, n_rows: int) -> Tensor:
+    """S @ dense.T for COO S [n_rows, n], dense [d, n] -> [n_rows, d] (grad x of a sparse encoder)."""
+    out = empty_output((n_rows, dense.shape[0]), dense.dtype)
+    _C.coo_times_dense_t(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
+                         _np(dense.contiguous()), _np(out))
+    return out
+
+
+@coo_times_dense_t_cpu.register_fake
+def _(values, rows, cols, dense, n_rows):
+    return dense.new_empty(n_rows, dense.shape[0])
+
+
+@torch.library.custom_op("sparsekit::coo_t_times_dense_cpu", mutates_args=())
+def coo_t_times_dense_cpu(values: Tensor, rows: Tensor, cols: Tensor, dense: Tensor, n_cols: int,
+                          transpose_out: bool) -> tuple[Tensor, Tensor]:
+    """S.T @ dense for COO S [B, n_cols], dense [B, d] -> ([n_cols, d], or [d, n_cols] when
+    transpose_out) and the column sums of S [n_cols]; deterministic (fixed summation order)."""
+    d = dense.shape[1]
+    out = empty_output((d, n_cols) if transpose_out else (n_cols, d), dense.dtype)
+    col_sums = dense.new_empty(n_cols)
+    _C.coo_t_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
+                         _np(dense.contiguous()), transpose_out, _np(out), _np(col_sums))
+    return out, col_sums
+
+
+@coo_t_times_dense_cpu.register_fake
+def _(values, rows, cols, dense, n_cols, transpose_out):
+    d = dense.shape[1]
+    return dense.new_empty((d, n_cols) if transpose_out else (n_cols, d)), dense.new_empty(n_cols)
+
+
+@torch.library.custom_op("sparsekit::sampled_dense_dot_cpu", mutates_args=())
+def sampled_dense_dot_cpu(rows: Tensor, cols: Tensor, a: Tensor, dense: Tensor) -> Tensor:
+    """(a @ dense.T)[rows[e], cols[e]] for a [B, d], dense [n, d] -> [E] (grad of decoded values)."""
+    out = a.new_empty(rows.shape[0])
+    _C.sampled_dense_dot(_np(rows.contiguous()), _np(cols.contiguous()), _np(a.contiguous()),
+                         _np(dense.contiguous()), _np(out))
+    return out
+
+
+@sampled_dense_dot_cpu.register_fake
+def _(rows, cols, a, dense):
+    return a.new_empty(rows.shape[0])
+
+
+@torch.library.custom_op("sparsekit::sparse_decode_backward_cpu", mutates_args=())
+def sparse_decode_backward_cpu(values: Tensor, rows: Tensor, cols: Tensor, grad_y: Tensor,
+                               W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """Both decode gradients in one pass over the latents: grad values [E] (the dot products of
+    sampled_dense_dot_cpu) and grad W_dec [n, d] (coo_t_times_dense_cpu's sum, same order)."""
+    grad_values = values.new_empty(values.shape[0])
+    grad_W_dec = empty_output(tuple(W_dec.shape), W_dec.dtype)
+    _C.decode_backward(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
+                       _np(grad_y.contiguous()), _np(W_dec.contiguous()), _np(grad_values), _np(grad_W_dec))
+    return grad_values, grad_W_dec
+
+
+@sparse_decode_backward_cpu.register_fake
+def _(values, rows, cols, grad_y, W_dec):
+    return values.new_empty(values.shape[0]), W_dec.new_empty(W_dec.shape)
+
+
+def _sparse_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tensor, W_enc: Tensor):
+    """Gradients of a sparse encoder from the gradient of its B*k kept pre-activations [E]:
+    (grad x [B, d], grad W_enc [d, n], grad b_enc [n]); None where no gradient is needed."""
+    grad_x = grad_W_enc = grad_b_enc = None
+    if ctx.needs_input_grad[0]:
+        grad_x = coo_times_dense_t_cpu(grad_kept, rows, cols, W_enc, x.shape[0])
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_W_enc, grad_b_enc = coo_t_times_dense_cpu(grad_kept, rows, cols, x, W_enc.shape[1], True)
+    return grad_x, grad_W_enc, grad_b_enc
+
+
+# --- topk_encode ------------------------------------------------------------------------------
+
+def _screened_or_float32(screened_encode, float32_encode, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
+                         pre_bias: Tensor | None = None):
+    """A sparse encoder of x - pre_bias (pre_bias None: of x): the bf16-screened one
+    (sparsekit.ops.cpu.screen) where it applies and decides, which encodes x - pre_bias itself (its
+    rounding bound scales with the norm of what enters the GEMM); else the float32 one, with
+    pre_bias folded into the bias."""
+    x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
+    if use_screen(x, W_enc, k):
+        screened = screened_encode(x if pre_bias is None else (x - pre_bias).contiguous(), W_enc, b_enc, k)
+        if screened is not None:
+            return screened
+    if pre_bias is not None:
+        b_enc = _folded_bias(b_enc, pre_bias, W_enc)
+    return float32_encode(x, W_enc, b_enc, k)
+
+
+@torch.library.custom_op("sparsekit::topk_encode_cpu", mutates_args=())
+def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """x [B, d], W_enc [d, n], b_enc [n] -> values [B, k], indices [B, k]; bf16-screened on CPUs
+    with native bf16, else _topk_encode_float32."""
+    return _screened_or_float32(topk_encode_screened, _topk_encode_float32, x, W_enc, b_enc, k)
+
+
+def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Encoder GEMM in row tiles, each tile's top-k fused with bias + ReLU in C++ (contiguous
+    inputs)."""
+    batch, n = x.shape[0], W_enc.shape[1]
+    values = x.new_empty(batch, k)
+    indices = torch.empty(batch, k, dtype=torch.int64)
+    bias = _np(b_enc)
+    library = gemm_library(2.0 * batch * x.shape[1] * n)
+    if library == "numpy":
+        rows = min(batch, TOPK_TILE_ROWS)
+        width = max(1, L2_TILE_BYTES // (rows * x.element_size()))
+    else:  # torch's GEMM copies a column block of W_enc and is slow on narrow ones: whole rows
+        rows, width = min(batch, _tile_rows(n, x.element_size())), n
+
+    def select(start: int, stop: int, col0: int, pre: Tensor, threads: int) -> None:
+        _C.topk_select_block(_np(pre), bias[col0:col0 + pre.shape[1]], col0, k, col0 == 0,
+                             col0 + pre.shape[1] == n, _np(values[start:stop]), _np(indices[start:stop]), threads)
+
+    row_tiles(x, W_enc, rows, select, library=library, col_tile=width)
+    return values, indices
+
+
+autograd_formulas.register_topk(topk_encode_cpu, _sparse_encoder_backward)
+
+
+# --- topk_encode with a pre-encoder bias ---------------------------------------------------
+
+def _folded_bias(b_enc: Tensor, pre_bias: Tensor, W_enc: Tensor) -> Tensor:
+    """b_enc - pre_bias @ W_enc [n], contiguous, outside autograd: encoding x with it equals
+    encoding x - pre_bias with b_enc (the centered ops' backward accounts for pre_bias itself)."""
+    with torch.no_grad():
+        return (b_enc - pre_bias @ W_enc).contiguous()
+
+
+@torch.library.custom_op("sparsekit::topk_encode_centered_cpu", mutates_args=())
+def topk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
+                             k: int) -> tuple[Tensor, Tensor]:
+    """topk_encode of x - pre_bias: the GEMM runs on x with the bias b_enc - pre_bias @ W_enc.
+    x [B, d], W_enc [d, n], b_enc [n], pre_bias [d] -> values [B, k], indices [B, k].
+
+    Folding pre_bias into the bias by autograd (SparseDictionary.encoder_bias) would cost a dense
+    [d, n] outer product in backward; here W_enc's gradient is (x - pre_bias)^T S in one sparse
+    pass and pre_bias's is -W_enc @ grad b_enc."""
+    return _screened_or_float32(topk_encode_screened, _topk_encode_float32, x, W_enc, b_enc, k, pre_bias)
+
+
+@topk_encode_centered_cpu.register_fake
+def _(x, W_enc, b_enc, pre_bias, k):
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+def _topk_centered_setup(ctx, inputs, output):
+    x, W_enc, _, pre_bias, _ = inputs
+    values, indices = output
+    ctx.save_for_backward(x, W_enc, pre_bias, values, indices)
+
+
+def _centered_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tensor, W_enc: Tensor,
+                               pre_bias: Tensor):
+    """Gradients of a sparse encoder of x - pre_bias from those of its kept entries [E]:
+    (grad x, grad W_enc = (x - pre_bias)^T S, grad b_enc = S^T 1, grad pre_bias = -W_enc grad b_enc,
+    None for k); None where no gradient is needed."""
+    grad_kept = grad_kept.reshape(-1)
+    grad_x = grad_W_enc = grad_b_enc = grad_pre_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = coo_times_dense_t_cpu(grad_kept, rows, cols, W_enc, x.shape[0])
+    if any(ctx.needs_input_grad[1:4]):
+        grad_W_enc, grad_b_enc = coo_t_times_dense_cpu(grad_kept, rows, cols, x - pre_bias, W_enc.shape[1], True)
+        if ctx.needs_input_grad[3]:
+            grad_pre_bias = -(W_enc @ grad_b_enc)
+    return (grad_x, grad_W_enc if ctx.needs_input_grad[1] else None,
+            grad_b_enc if ctx.needs_input_grad[2] else None, grad_pre_bias, None)
+
+
+def _topk_centered_backward(ctx, grad_values, grad_indices):
+    x, W_enc, pre_bias, values, indices = ctx.saved_tensors
+    rows = coo_row_ids(x.shape[0], values.shape[1])
+    return _centered_encoder_backward(ctx, grad_values * (values > 0), rows, indices.reshape(-1), x, W_enc, pre_bias)
+
+
+topk_encode_centered_cpu.register_autograd(_topk_centered_backward, setup_context=_topk_centered_setup)
+
+
+# --- batchtopk_encode -------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::batchtopk_encode_cpu", mutates_args=())
+def batchtopk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> values, rows, cols, each [B*k], in flat order; bf16-screened on CPUs with native bf16,
+    else _batchtopk_encode_float32."""
+    return _screened_or_float32(batchtopk_encode_screened, _batchtopk_encode_float32, x, W_enc, b_enc, k)
+
+
+def _batchtopk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Global selection of the B*k largest relu(pre) by radix select in C++ (contiguous inputs)."""
+    batch = x.shape[0]
+    pre = scratch(batch, W_enc.shape[1], x.dtype, "batch pre-activations")  # overwritten by the selection
+    row_tiles(x, W_enc, _tile_rows(W_enc.shape[1], x.element_size()), out=pre)
+    values = x.new_empty(batch * k)
+    rows = torch.empty(batch * k, dtype=torch.int64)
+    cols = torch.empty(batch * k, dtype=torch.int64)
+    _C.batchtopk_select(_np(pre), _np(b_enc), batch * k, _np(values), _np(rows), _np(cols))
+    return values, rows, cols
+
+
+autograd_formulas.register_batchtopk(batchtopk_encode_cpu, _sparse_encoder_backward)
+
+
+@torch.library.custom_op("sparsekit::batchtopk_encode_centered_cpu", mutates_args=())
+def batchtopk_encode_centered_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
+                                  k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """batchtopk_encode of x - pre_bias, as topk_encode_centered_cpu."""
+    return _screened_or_float32(batchtopk_encode_screened, _batchtopk_encode_float32, x, W_enc, b_enc, k, pre_bias)
+
+
+@batchtopk_encode_centered_cpu.register_fake
+def _(x, W_enc, b_enc, pre_bias, k):
+    m = x.shape[0] * k
+    return x.new_empty(m), x.new_empty(m, dtype=torch.int64), x.new_empty(m, dtype=torch.int64)
+
+
+def _batchtopk_centered_setup(ctx, inputs, output):
+    x, W_enc, _, pre_bias, _ = inputs
+    values, rows, cols = output
+    ctx.save_for_backward(x, W_enc, pre_bias, values, rows, cols)
+
+
+def _batchtopk_centered_backward(ctx, grad_values, grad_rows, grad_cols):
+    x, W_enc, pre_bias, values, rows, cols = ctx.saved_tensors
+    return _centered_encoder_backward(ctx, grad_values * (values > 0), rows, cols, x, W_enc, pre_bias)
+
+
+batchtopk_encode_centered_cpu.register_autograd(_batchtopk_centered_backward, setup_context=_batchtopk_centered_setup)
+
+
+# --- relu_encode_adaptive: a ReLU encoder's codes as COO when they are sparse ------------------
+
+@torch.library.custom_op("sparsekit::relu_encode_adaptive_cpu", mutates_args=())
+def relu_encode_adaptive_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor,
+                             max_density: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """relu((x - pre_bias) @ W_enc + b_enc) as COO (values, rows, cols, each [E], row-major) when
+    at most max_density of the B*n entries are positive, else dense [B, n]. Returns
+    (dense, values, rows, cols); the unused form is empty (dense [0, n] or E = 0).
+
+    The choice is a function of this batch alone (a resumed run takes the same path as an
+    uninterrupted one). Sparse codes make the decode and every backward GEMM sparse. On CPUs with
+    native bf16 the sparse codes come from the bf16 screen (sparsekit.ops.cpu.screen) when it finds
+    them; the float32 path decides every other batch."""
+    x, W_enc = x.contiguous(), W_enc.contiguous()
+    batch, n = x.shape[0], W_enc.shape[1]
+    if use_screen(x, W_enc):  # sparse codes found from the bf16 GEMM, or None: this path decides
+        coo = relu_encode_screened((x - pre_bias).contiguous(), W_enc, b_enc.contiguous(), max_density)
+        if coo is not None:
+            return (x.new_empty(0, n), *coo)
+    bias = _folded_bias(b_enc, pre_bias, W_enc)
+    pre = scratch(batch, n, x.dtype, "batch pre-activations")
+    row_tiles(x, W_enc, _tile_rows(n, x.element_size()), out=pre)
+    coo = _C.relu_compact(_np(pre), _np(bias), int(max_density * batch * n))
+    if coo is None:
+        empty_index = torch.empty(0, dtype=torch.int64)
+        dense = torch.add(pre, bias, out=empty_output((batch, n), x.dtype)).clamp_(min=0)
+        return dense, x.new_empty(0), empty_index, empty_index.clone()
+    values, cols, counts = (torch.from_numpy(a) for a in coo)
+    rows = torch.repeat_interleave(torch.arange(batch), counts)
+    return x.new_empty(0, n), values, rows, cols
+
+
+@relu_encode_adaptive_cpu.register_fake
+def _(x, W_enc, b_enc, pre_bias, max_density):
+    ctx = torch.library.get_ctx()
+    entries = ctx.new_dynamic_size()
+    return (x.new_empty(ctx.new_dynamic_size(), W_enc.shape[1]), x.new_empty(entries),
+            x.new_empty(entries, dtype=torch.int64), x.new_empty(entries, dtype=torch.int64))
+
+
+def _relu_adaptive_setup(ctx, inputs, output):
+    x, W_enc, _, pre_bias, _ = inputs
+    dense, _, rows, cols = output
+    ctx.save_for_backward(x, W_enc, pre_bias, dense, rows, cols)
+
+
+def _relu_adaptive_backward(ctx, grad_dense, grad_values, grad_rows, grad_cols):
+    x, W_enc, pre_bias, dense, rows, cols = ctx.saved_tensors
+    if dense.shape[0] == 0:
+        return _centered_encoder_backward(ctx, grad_values, rows, cols, x, W_enc, pre_bias)
+    grad_pre = torch.ops.aten.threshold_backward(grad_dense, dense, 0)
+    grad_x, grad_W_enc, grad_b_enc = _dense_encoder_backward(ctx, grad_pre, x - pre_bias, W_enc)
+    grad_pre_bias = None
+    if ctx.needs_input_grad[3]:
+        grad_pre_bias = -(W_enc @ (grad_b_enc if grad_b_enc is not None else grad_pre.sum(0)))
+    return grad_x, grad_W_enc, grad_b_enc, grad_pre_bias, None
+
+
+relu_encode_adaptive_cpu.register_autograd(_relu_adaptive_backward, setup_context=_relu_adaptive_setup)
+
+
+# --- dense encoders: relu_encode, jumprelu_encode ---------------------------------------------
+
+def _dense_encoder_backward(ctx, grad_pre: Tensor, x: Tensor, W_enc: Tensor):
+    grad_x = grad_W_enc = grad_b_enc = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.mm(grad_pre, W_enc.t())
+    if ctx.needs_input_grad[1]:
+        grad_W_enc = torch.mm(x.t(), grad_pre, out=empty_output((x.shape[1], grad_pre.shape[1]), grad_pre.dtype))
+    if ctx.needs_input_grad[2]:
+        grad_b_enc = grad_pre.sum(0)
+    return grad_x, grad_W_enc, grad_b_enc
+
+
+@torch.library.custom_op("sparsekit::relu_encode_cpu", mutates_args=())
+def relu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """relu(x @ W_enc + b_enc): the bias enters the GEMM (addmm), the ReLU is applied in place.
+    A dense encoder's cost is its GEMM; torch's runs it on the same thread pool as the rest."""
+    return torch.addmm(b_enc, x, W_enc, out=empty_output((x.shape[0], W_enc.shape[1]), x.dtype)).clamp_(min=0)
+
+
+def _relu_backward(ctx, grad_out):
+    x, W_enc, out = ctx.saved_tensors
+    return _dense_encoder_backward(ctx, torch.ops.aten.threshold_backward(grad_out, out, 0), x, W_enc)
+
+
+autograd_formulas.register_relu(relu_encode_cpu, _relu_backward)
+
+
+@torch.library.custom_op("sparsekit::jumprelu_encode_cpu", mutates_args=())
+def jumprelu_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor,
+                        bandwidth: float) -> tuple[Tensor, Tensor]:
+    """(pre * (pre > exp(log_threshold)), pre): the output and the pre-activations its
+    threshold gradient needs (the public op returns only the first)."""
+    pre = torch.addmm(b_enc, x, W_enc, out=empty_output((x.shape[0], W_enc.shape[1]), x.dtype))
+    return pre * (pre > torch.exp(log_threshold)), pre
+
+
+def _jumprelu_backward(ctx, grad_out, grad_pre_out):
+    x, W_enc, log_threshold, pre = ctx.saved_tensors
+    theta = torch.exp(log_threshold)
+    if grad_out is None:
+        grad_out = torch.zeros_like(pre)
+    grad_pre = grad_out * (pre > theta)
+    if grad_pre_out is not None:
+        grad_pre = grad_pre + grad_pre_out
+    grad_x, grad_W_enc, grad_b_enc = _dense_encoder_backward(ctx, grad_pre, x, W_enc)
+    grad_log_threshold = None
+    if ctx.needs_input_grad[3]:
+        # Rectangle-kernel pseudo-derivative, as reference._JumpReLU defines it.
+        in_window = ((pre - theta).abs() < ctx.bandwidth / 2).to(pre.dtype)
+        grad_log_threshold = -(grad_out * in_window).sum(0) * theta * theta / ctx.bandwidth
+    return grad_x, grad_W_enc, grad_b_enc, grad_log_threshold, None
+
+
+autograd_formulas.register_jumprelu(jumprelu_encode_cpu, _jumprelu_backward)
+
+
+# --- sparse_decode ----------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::sparse_decode_cpu", mutates_args=())
+def sparse_decode_cpu(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
+                      batch_size: int) -> Tensor:
+    """y = S @ W_dec + b_dec for COO codes S [batch_size, n]: gathers the kept rows of W_dec."""
+    out = empty_output((batch_size, W_dec.shape[1]), W_dec.dtype)
+    _C.coo_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
+                       _np(W_dec.contiguous()), _np(out))
+    return out.add_(b_dec)
+
+
+def _decode_backward(ctx, grad_y):
+    values, rows, cols, W_dec = ctx.saved_tensors
+    grad_values = grad_W_dec = grad_b_dec = None
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[3]:
+        grad_values, grad_W_dec = sparse_decode_backward_cpu(values, rows, cols, grad_y, W_dec)
+    elif ctx.needs_input_grad[0]:
+        grad_values = sampled_dense_dot_cpu(rows, cols, grad_y, W_dec)
+    elif ctx.needs_input_grad[3]:
+        grad_W_dec, _ = coo_t_times_dense_cpu(values, rows, cols, grad_y, W_dec.shape[0], False)
+    if ctx.needs_input_grad[4]:
+        grad_b_dec = grad_y.sum(0)
+    return grad_values, None, None, grad_W_dec, grad_b_dec, None
+
+
+autograd_formulas.register_sparse_decode(sparse_decode_cpu, _decode_backward)
+
+
+# --- ghost_grad_loss --------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsekit::ghost_grad_loss_cpu", mutates_args=())
+def ghost_grad_loss_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
+                        residual: Tensor, mse_main: Tensor,
+                        eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The ghost-grads term over dead latents D only (see reference.ghost_grad_loss): GEMMs on the
+    gathered columns, the per-row rescale and squared error fused in C++. Every intermediate is
+    [B, |D|] or [B, d], never [B, n]; dead_idx must be non-empty.
+
+    Returns (loss, the unscaled loss L, exp(pre_D) [B, |D|], the rescaled ghost g [B, d], the
+    per-row scale [B]): the public op keeps the first, the backward reuses the rest.
+    """
+    exp_pre = torch.addmm(b_enc.index_select(0, dead_idx), x, W_enc.index_select(1, dead_idx)).exp_()
+    ghost = torch.mm(exp_pre, W_dec.index_select(0, dead_idx))
+    scale, row_error = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+    _C.ghost_rescale(_np(ghost), _np(residual.contiguous()), eps, _np(scale), _np(row_error))
+    raw_loss = row_error.mean()
+    return raw_loss * (mse_main / (raw_loss + eps)), raw_loss, exp_pre, ghost, scale
+
+
+@torch.library.custom_op("sparsekit::ghost_grad_loss_backward_cpu", mutates_args=())
+def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
+                                 residual: Tensor, mse_main: Tensor, raw_loss: Tensor, exp_pre: Tensor,
+                                 ghost: Tensor, scale: Tensor, eps: float, need_grad_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x [B, d] (empty [0, d] unless need_grad_x), grad W_enc[:, D] [d, |D|], grad b_enc[D]
+    [|D|]) from the forward's saved terms; the scale and the loss factor are constants, as in the
+    reference."""
+    coefficient = float(grad * mse_main / (raw_loss + eps)) * 2 / x.shape[0]
+    grad_ghost = torch.empty_like(ghost)
+    _C.ghost_rescale_backward(_np(ghost), _np(residual.contiguous()), _np(scale), coefficient, _np(grad_ghost))
+    grad_pre = torch.mm(grad_ghost, W_dec.index_select(0, dead_idx).t()).mul_(exp_pre)
+    grad_x = torch.mm(grad_pre, W_enc.index_select(1, dead_idx).t()) if need_grad_x else x.new_empty(0, x.shape[1])
+    return grad_x, torch.mm(x.t(), grad_pre), grad_pre.sum(0)
+
+
+autograd_formulas.register_ghost(ghost_grad_loss_cpu, ghost_grad_loss_backward_cpu)

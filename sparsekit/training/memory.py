@@ -1,0 +1,122 @@
+"""Estimate a training run's memory before allocating it, and refuse one that cannot fit.
+
+The estimate counts what sparsekit.train holds at its peak: the parameters, Adam's two moments,
+one gradient per parameter, the [B, n] buffers of one step (pre-activations; dense codes and
+their gradients for ReLU and JumpReLU), the [B, d] activations of one step (input, target,
+reconstruction, residual and their gradients), the held-out split and the per-latent counters.
+It is an estimate, meant to catch a configuration that is off by a wide margin (n_latents ten
+times too large) before the kernel's OOM killer does, not to budget the last percent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from sparsekit.errors import InsufficientMemory
+
+# [B, n]-sized tensors one training step holds at once, per architecture.
+BATCH_BY_LATENT_BUFFERS = {"topk": 1, "batchtopk": 2, "relu": 3, "jumprelu": 4}
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per part of a training run; ``total`` is their sum."""
+    parts: dict
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        """'about 1.2 GiB (parameters 0.4 GiB, adam_moments 0.8 GiB, ...)'."""
+        parts = ", ".join(f"{name} {_gib(size)}" for name, size in self.parts.items() if size)
+        return f"about {_gib(self.total)} ({parts})"
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:,.3g} GiB" if size >= GIB / 100 else f"{size / 1024 ** 2:,.3g} MiB"
+
+
+def estimate_training_memory(d_in: int, n_latents: int, batch_size: int, k: int | None = None,
+                             architecture: str = "topk", d_out: int | None = None,
+                             dtype: torch.dtype = torch.float32, eval_tokens: int = 0) -> MemoryEstimate:
+    """Bytes a training run of this shape needs, by part. Pure arithmetic: allocates nothing.
+
+    d_out: a transcoder's output width (None: an SAE, d_out = d_in). k: active latents per row
+    (topk, batchtopk; defaults to n_latents for the sparse-code buffers otherwise).
+    """
+    for name, value in (("d_in", d_in), ("n_latents", n_latents), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if architecture not in BATCH_BY_LATENT_BUFFERS:
+        raise ValueError(f"architecture must be one of {', '.join(BATCH_BY_LATENT_BUFFERS)}, got {architecture!r}")
+    item = torch.empty((), dtype=dtype).element_size()
+    transcoder = d_out is not None
+    d_out = d_in if d_out is None else d_out
+    n, batch = n_latents, batch_size
+    parameters = d_in * n + n + n * d_out + d_out + (d_in if transcoder else 0) + (n if architecture == "jumprelu" else 0)
+    kept = batch * (k if k is not None else n)
+    return MemoryEstimate({
+        "parameters": parameters * item,
+        "adam_moments": 2 * parameters * item,
+        "gradients": parameters * item,
+        "batch_by_latent_buffers": BATCH_BY_LATENT_BUFFERS[architecture] * batch * n * item,
+        "sparse_codes": 2 * kept * (item + 8) if architecture in ("topk", "batchtopk") else 0,
+        "activations": (2 * batch * d_in + 4 * batch * d_out) * item,
+        "held_out_split": eval_tokens * (d_in + (d_out if transcoder else 0)) * 4,
+        "latent_counters": 3 * n * 8,
+    })
+
+
+def estimate_for(sae, config) -> MemoryEstimate:
+    """The estimate for training this dictionary with this TrainConfig."""
+    return estimate_training_memory(sae.d_in, sae.n_latents, config.batch_size, getattr(sae, "k", None),
+                                    sae.architecture, sae.d_out if sae.transcoder else None, sae.W_enc.dtype,
+                                    config.eval_tokens)
+
+
+def available_memory(device) -> int | None:
+    """Bytes that can still be allocated on device: CUDA's free memory; on the CPU, MemAvailable
+    from /proc/meminfo, capped by a cgroup memory limit when one is set. None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    candidates = []
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    if not candidates:
+        try:
+            candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max":
+            candidates.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(candidates) if candidates else None
+
+
+def check_fits(estimate: MemoryEstimate, device, already_allocated: int = 0, what: str = "this configuration") -> None:
+    """InsufficientMemory naming the figures when estimate.total - already_allocated exceeds the
+    device's available memory (nothing is checked when that is unknown)."""
+    available = available_memory(device)
+    needed = estimate.total - already_allocated
+    if available is None or needed <= available:
+        return
+    held = f", of which {_gib(already_allocated)} is already allocated" if already_allocated else ""
+    raise InsufficientMemory(f"{what} needs {estimate.describe()}{held}, but {torch.device(device)} has "
+                             f"{_gib(available)} available: lower n_latents or batch_size",
+                             estimate, available)

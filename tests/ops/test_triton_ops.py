@@ -1,0 +1,216 @@
+"""The Triton kernels compute what reference.py computes: every op, outputs and every gradient.
+
+Without CUDA they run under Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports a kernel), so shapes stay small: the interpreter runs
+each program as NumPy. On a GPU machine the same tests run the compiled kernels on CUDA tensors.
+float64 is not a Triton dtype (ops route it to the reference), so the float32 cases are checked
+against a float64 evaluation of the reference, as the C++ parity tests do for float32.
+Fresh random cases on the Triton path are tests/ops/test_fuzz.py's (a few per op in `make test`,
+1,000 per op in `make fuzz`).
+"""
+import os
+
+import pytest
+import torch
+
+import sparsekit
+from helpers.op_cases import OPS, compare_backends, make_case, run
+
+SHAPES = [  # (batch, d_in, n, k): ragged sizes, k=1, k=n, one latent
+    dict(batch=13, d_in=11, n=29, k=5),
+    dict(batch=1, d_in=3, n=7, k=1),
+    dict(batch=6, d_in=5, n=9, k=9),
+    dict(batch=3, d_in=1, n=1, k=1),
+]
+# Several GEMM tiles on every axis (interpreter tiles: 16 x 32, K by 16) and several selection blocks.
+MULTI_BLOCK = dict(batch=19, d_in=21, n=70, k=9)
+
+
+@pytest.fixture(autouse=True)
+def triton_runs_on_the_gpu_when_there_is_one(monkeypatch):
+    """With CUDA, each op called on the triton backend moves its tensors to the GPU and its outputs
+    back (both differentiable), so the shared CPU cases and comparisons run the compiled kernels."""
+    if not torch.cuda.is_available():
+        return
+
+    def through_cuda(fn):
+        def wrapped(*args, **kwargs):
+            if os.environ.get("SPARSEKIT_BACKEND") != "triton":
+                return fn(*args, **kwargs)
+            move = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            out = fn(*map(move, args), **{name: move(v) for name, v in kwargs.items()})
+            if isinstance(out, tuple):
+                return type(out)(*(o.cpu() for o in out))
+            return out.cpu()
+        return wrapped
+
+    for op in OPS:
+        monkeypatch.setattr(sparsekit.ops, op, through_cuda(getattr(sparsekit.ops, op)))
+
+
+def compare(case, monkeypatch):
+    compare_backends(case, monkeypatch, backend="triton")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{batch}-d{d_in}-n{n}-k{k}".format(**s))
+@pytest.mark.parametrize("op", OPS)
+def test_triton_matches_reference_on_real_values_with_gaps(op, shape, monkeypatch):
+    compare(make_case(op, seed=11, **shape), monkeypatch)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "B{batch}-d{d_in}-n{n}-k{k}".format(**s))
+@pytest.mark.parametrize("op", OPS)
+def test_triton_matches_reference_on_exact_integers_with_ties(op, shape, monkeypatch):
+    compare(make_case(op, seed=12, integer=True, **shape), monkeypatch)
+
+
+@pytest.mark.parametrize("op", ["topk_encode", "batchtopk_encode", "sparse_decode", "sparse_decode_coo"])
+def test_triton_matches_reference_across_many_blocks(op, monkeypatch):
+    compare(make_case(op, seed=13, integer=op.endswith("encode"), **MULTI_BLOCK), monkeypatch)
+
+
+@pytest.mark.parametrize("op", ["topk_encode", "relu_encode", "jumprelu_encode", "sparse_decode"])
+def test_triton_matches_reference_on_non_contiguous_inputs(op, monkeypatch):
+    compare(make_case(op, seed=14, noncontiguous=True), monkeypatch)
+
+
+@pytest.mark.parametrize("op", ["sparse_decode", "sparse_decode_coo", "ghost_grad_loss"])
+def test_triton_matches_reference_when_decoder_width_differs(op, monkeypatch):
+    compare(make_case(op, seed=15, d_in=6, d_out=10), monkeypatch)
+
+
+@pytest.mark.parametrize("op, frozen", [("sparse_decode", "W_dec"), ("sparse_decode", "values"),
+                                        ("topk_encode", "x"), ("batchtopk_encode", "W_enc"),
+                                        ("relu_encode", "W_enc"), ("jumprelu_encode", "log_threshold"),
+                                        ("ghost_grad_loss", "x")])
+def test_triton_matches_reference_when_only_some_inputs_need_gradients(op, frozen, monkeypatch):
+    case = make_case(op, seed=16)
+    case.fixed[frozen] = case.leaves.pop(frozen)
+    compare(case, monkeypatch)
+
+
+@pytest.mark.parametrize("op", ["topk_encode", "batchtopk_encode", "sparse_decode", "sparse_decode_coo"])
+def test_triton_atomic_gradients_match_reference(op, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_DETERMINISTIC", "0")
+    compare(make_case(op, seed=17, batch=9, d_in=7, n=12, k=4), monkeypatch)
+
+
+def test_triton_topk_ties_go_to_the_lower_index(monkeypatch):
+    # Duplicated encoder columns give exactly equal pre-activations: the lower index must win,
+    # and the values must come out in descending order with ties in index order.
+    gen = torch.Generator().manual_seed(18)
+    base = torch.randn(6, 5, generator=gen)
+    W_enc = torch.cat([base, base, base[:, :3]], dim=1)          # columns j, j+5, j+10 tie
+    b_enc = torch.zeros(13)
+    x = torch.randn(8, 6, generator=gen)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [t.to(device) for t in (x, W_enc, b_enc)]
+    for k in (1, 4, 7, 13):
+        monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+        values, indices = sparsekit.topk_encode(*args, k)
+        monkeypatch.setenv("SPARSEKIT_BACKEND", "torch")
+        ref_values, ref_indices = sparsekit.topk_encode(*args, k)
+        assert torch.equal(indices, ref_indices), k
+        assert torch.equal(values, ref_values), k
+        batch_codes = sparsekit.batchtopk_encode(*args, k)
+        monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+        triton_codes = sparsekit.batchtopk_encode(*args, k)
+        for got, expected in zip(triton_codes, batch_codes):
+            assert torch.equal(got, expected), k
+
+
+def test_triton_topk_selects_on_gaps_of_one_ulp(monkeypatch):
+    # Radix selection compares the float bits: values one ulp apart, and -0.0 against +0.0 (equal,
+    # so the lower index wins), must order exactly as torch.sort orders them.
+    from sparsekit.kernels.select import topk_rows
+    one = torch.tensor(1.0)
+    row = torch.stack([one, torch.nextafter(one, torch.tensor(2.0)), torch.nextafter(one, torch.tensor(0.0)),
+                       torch.tensor(-0.0), torch.tensor(0.0), -one, torch.tensor(-1e-30), torch.tensor(1e-30)])
+    pre = torch.stack([row, row.flip(0)])
+    if torch.cuda.is_available():
+        pre = pre.cuda()
+    for k in range(1, 9):
+        values, indices = topk_rows(pre, k)
+        expected = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(indices, expected), k
+        assert torch.equal(values, torch.relu(pre.gather(1, expected))), k
+
+
+def _decode_grads(case, monkeypatch):
+    _, grads = run(case, "triton", monkeypatch)
+    return grads
+
+
+def test_triton_deterministic_decoder_gradient_is_repeatable_and_sums_in_order(monkeypatch):
+    # Duplicate latents in a batch (COO codes), many entries per latent: the deterministic grad
+    # W_dec must be bitwise repeatable and, under the interpreter, equal to summing each latent's
+    # entries one by one in float32, in the order they appear.
+    monkeypatch.setenv("SPARSEKIT_DETERMINISTIC", "1")
+    case = make_case("sparse_decode_coo", seed=19, batch=24, d_in=9, n=5, k=6)
+    first = _decode_grads(case, monkeypatch)
+    second = _decode_grads(case, monkeypatch)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+    values, rows, cols = case.leaves["values"], case.fixed["rows"], case.fixed["cols"]
+    gen = torch.Generator().manual_seed(1234)  # op_cases.run's output weights: grad_y
+    grad_y = torch.randn(case.fixed["batch_size"], case.leaves["W_dec"].shape[1], generator=gen)
+    expected = torch.zeros_like(case.leaves["W_dec"])
+    for e in range(values.shape[0]):
+        expected[cols[e]] = expected[cols[e]] + values[e] * grad_y[rows[e]]
+    if torch.cuda.is_available():  # compiled kernels may fuse the multiply-add: equal up to rounding
+        torch.testing.assert_close(first["W_dec"], expected)
+    else:
+        assert torch.equal(first["W_dec"], expected)
+
+
+def test_triton_deterministic_encoder_gradients_are_repeatable(monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_DETERMINISTIC", "1")
+    for op in ("topk_encode", "batchtopk_encode"):
+        case = make_case(op, seed=20, batch=16, d_in=8, n=6, k=3)
+        first, second = _decode_grads(case, monkeypatch), _decode_grads(case, monkeypatch)
+        for name in first:
+            assert torch.equal(first[name], second[name]), (op, name)
+
+
+def test_triton_ops_run_through_their_custom_ops(monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+    x = torch.randn(4, 3, requires_grad=True)
+    values, _ = sparsekit.topk_encode(x, torch.randn(3, 6), torch.randn(6), 2)
+    assert "topk_encode_triton" in type(values.grad_fn).__name__
+    y = sparsekit.sparse_decode(values, torch.zeros(4, 2, dtype=torch.int64) + torch.tensor([0, 1]),
+                                torch.randn(6, 3), torch.zeros(3))
+    assert "sparse_decode_triton" in type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_takes_16_bit_inputs_and_accumulates_in_float32(dtype, monkeypatch):
+    # Small integers are exact in 16 bits and so are their products' sums here (|pre| <= 66): the
+    # encoders must select and return exactly what float32 does. Decoding sums random 16-bit
+    # values in float32 and rounds once: within a 16-bit rounding of the float32 result.
+    gen = torch.Generator().manual_seed(21)
+    B, d, n, k = 9, 7, 20, 4
+    x, W, b = (torch.randint(-3, 4, s, generator=gen).to(dtype) for s in ((B, d), (d, n), (n,)))
+    W_dec, b_dec = torch.randn(n, d, generator=gen).to(dtype), torch.randn(d, generator=gen).to(dtype)
+    grad_y = torch.randn(B, d, generator=gen).to(dtype)
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+    values, indices = sparsekit.topk_encode(x, W, b, k)
+    batch_codes = sparsekit.batchtopk_encode(x, W, b, k)
+    dense = sparsekit.relu_encode(x, W, b)
+    leaves = [values.detach().requires_grad_(), W_dec.detach().requires_grad_()]
+    y = sparsekit.sparse_decode(leaves[0], indices, leaves[1], b_dec)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    assert values.dtype == y.dtype == dtype
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "torch")
+    f32 = [t.float() for t in (x, W, b)]
+    ref_values, ref_indices = sparsekit.topk_encode(*f32, k)
+    assert torch.equal(indices, ref_indices) and torch.equal(values.float(), ref_values)
+    for got, expected in zip(batch_codes, sparsekit.batchtopk_encode(*f32, k)):
+        assert torch.equal(got.float() if got.is_floating_point() else got, expected)
+    assert torch.equal(dense.float(), sparsekit.relu_encode(*f32))
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref_y = sparsekit.sparse_decode(ref_leaves[0], indices, ref_leaves[1], b_dec.float())
+    ref_grads = torch.autograd.grad(ref_y, ref_leaves, grad_y.float())
+    eps = torch.finfo(dtype).eps
+    for got, expected in zip((y.detach(), *grads), (ref_y.detach(), *ref_grads)):
+        torch.testing.assert_close(got.float(), expected, rtol=eps, atol=eps * float(expected.abs().max()))

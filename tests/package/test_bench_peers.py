@@ -1,0 +1,102 @@
+"""bench/peers.py (make bench-peers) at tiny shapes and one round: every row of the peer table, the
+targets section, the scaling table, the SAELens skip line when sae_lens cannot be imported, and
+clear refusals of bad arguments."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--quick", "--rounds", "1", "--batch", "64", "--d-in", "32", "--n-latents", "512", "--k", "8"]
+# The first cell of each row, in table order.
+ROWS = ["encoder GEMM: torch.matmul", "encoder GEMM: numpy.matmul", "encoder GEMM in bfloat16",
+        "sparsekit TopK step (default backend)", "sparsekit TopK step, float32 encoder GEMM",
+        "sparsekit.train() per step", "sparsekit TopK step, reference path", "sparsekit BatchTopK step",
+        "sparsekit ReLU+L1 step", "sparsekit TopK + AuxK, 10% dead", "sparsekit TopK + ghost grads, 10% dead",
+        "plain torch TopK step", "sparsify-style TopK step", "SAELens", "SAELens"]
+TARGETS = ["TopK step <= 1.0x torch encoder GEMM", "TopK step <= 1.3x fastest GEMM",
+           "AuxK with 10% dead <= 1.15x plain TopK step", "ghost grads with 10% dead <= 1.15x plain TopK step",
+           "ReLU+L1 step at L0 ~ 8 <= 1.5x torch encoder GEMM", "peak RSS of the TopK step <= 1.1 GiB"]
+
+
+def _peers(*args, pythonpath=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("SPARSEKIT_BACKEND", "TRITON_INTERPRET")}
+    env["OMP_WAIT_POLICY"] = "passive"
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "peers.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=ROOT)
+
+
+def _table_rows(text: str, header_start: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header row starts with header_start, as cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_peers_table_has_every_row_the_targets_and_the_scaling_table(tmp_path):
+    out = tmp_path / "peers.md"
+    result = _peers(*TINY, "--scaling", "--rss", "topk", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert out.read_text() == text  # --output writes what was printed
+
+    rows = _table_rows(text, "| row |")
+    assert len(rows) == len(ROWS)
+    for cells, start in zip(rows, ROWS):
+        assert cells[0].startswith(start), (cells[0], start)
+        median, ratio_torch, ratio_fastest = float(cells[1]), float(cells[3]), float(cells[4])
+        assert median >= 0 and ratio_torch > 0 and ratio_fastest > 0
+    assert "AuxK active" in rows[-1][0] and "TopKTrainingSAE" in rows[-2][0]
+    by_start = {cells[0].split(" (")[0]: cells for cells in rows}
+    assert float(by_start["sparsekit TopK step"][5]) == 1.0  # the column relative to itself
+    assert float(by_start["sparsekit TopK step"][7]) > 0  # peak RSS measured (--rss topk)
+    # The ReLU row's bias calibration gives L0 ~ k = 8 on this batch.
+    first_l0 = float(re.search(r"measured L0 ([\d.]+) at the first step", text).group(1))
+    assert 6 <= first_l0 <= 10, first_l0
+    # The dead latents really switched the remedies on: sparsekit AuxK and ghost, SAELens's AuxK.
+    aux = [float(v) for v in re.findall(r"aux loss at the last step: ([-\d.e+]+)", text)]
+    assert len(aux) == 3 and all(a != 0 for a in aux), aux
+
+    targets = text.split("## Targets (issue 10)")[1].split("How each row was built")[0]
+    target_lines = [line for line in targets.splitlines() if line.startswith("- ")]
+    assert [line[2:].split(":")[0] for line in target_lines] == TARGETS
+    assert all(line.endswith(("-> MET", "-> NOT MET")) for line in target_lines), target_lines
+    assert "indicative only" in targets  # tiny shapes are not the issue's
+
+    scaling = _table_rows(text, "| varied |")
+    assert [cells[0] for cells in scaling] == ["base", "n", "n", "B", "B", "k", "k"]
+    assert [int(cells[2]) for cells in scaling[:3]] == [512, 128, 2048]
+    assert [int(cells[1]) for cells in scaling[3:5]] == [16, 256]
+    assert [int(cells[3]) for cells in scaling[5:]] == [4, 32]
+    assert all(float(cells[4]) > 0 and float(cells[6]) > 0 for cells in scaling)
+    for axis in ("n", "B", "k"):
+        assert re.search(rf"^- {axis}: step ~ {axis}\^-?[\d.]+", text, re.M), axis
+
+
+def test_peers_without_sae_lens_says_the_saelens_rows_are_skipped(tmp_path):
+    fake = tmp_path / "sae_lens"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('simulated: sae_lens is not installed')\n")
+    result = _peers(*TINY, "--rss", "none", "--no-trainer-check", pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SKIPPED: the SAELens rows" in result.stdout and "simulated: sae_lens is not installed" in result.stdout
+    assert "pip install -e '.[bench]'" in result.stdout
+    rows = [cells[0] for cells in _table_rows(result.stdout, "| row |")]
+    assert not any("SAELens" in row for row in rows) and len(rows) == len(ROWS) - 3  # no cross-check row either
+    assert "peak RSS of the TopK step <= 1.1 GiB: not measured" in result.stdout
+
+
+def test_peers_refuses_bad_arguments():
+    result = _peers("--dead-fraction", "1.5")
+    assert result.returncode == 2 and "--dead-fraction must be in (0, 1)" in result.stderr
+    result = _peers(*TINY[:-2], "--k", "600")
+    assert result.returncode != 0 and "--k=600 exceeds --n-latents=512" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,117 @@
+"""Attention-head superposition toy: data, target, mixing model, column geometry, training, CLI."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sparsekit.toys.attention_superposition import AttentionToyConfig, column_geometry, mixed_output, sample_batch, sparse_ov, train_mixing, true_output
+from sparsekit.cli.toys import main as toys_main
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().generate_state(1)[0]) % 2**31
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_batch_and_ov_shapes_density_and_row_sums():
+    cfg = AttentionToyConfig(n_true=4, n_tokens=6, d_model=32, batch=64, pattern_keys=2, p_active=0.5,
+                             ov_density=0.2, seed=fresh_seed())
+    patterns, resid = sample_batch(cfg, torch.Generator().manual_seed(fresh_seed()))
+    ov = sparse_ov(cfg)
+    assert patterns.shape == (64, 4, 6, 6) and resid.shape == (64, 6, 32) and ov.shape == (4, 32, 32)
+    rows = patterns.sum(-1)
+    assert torch.all(((rows - 1).abs() < 1e-6) | (rows == 0))  # each row: attends (sums to 1) or is off
+    assert torch.all(((patterns > 0).sum(-1) == 2) | (rows == 0))
+    assert 0.4 < (rows > 0).float().mean() < 0.6
+    assert 0.15 < (ov != 0).float().mean() < 0.25
+
+
+def test_no_true_head_has_an_empty_ov():
+    ov = sparse_ov(AttentionToyConfig(n_true=50, d_model=2, ov_density=0.01, seed=fresh_seed()))
+    assert (ov != 0).flatten(1).any(1).all()
+
+
+def test_target_matches_a_direct_loop():
+    cfg = AttentionToyConfig(n_true=3, n_tokens=5, d_model=4, batch=3, pattern_keys=2, ov_density=0.5,
+                             seed=fresh_seed())
+    patterns, resid = sample_batch(cfg, torch.Generator().manual_seed(fresh_seed()))
+    ov = sparse_ov(cfg)
+    M = torch.randn(2, 3)
+    expected, mixed = torch.zeros(3, 5, 4), torch.zeros(3, 5, 4)
+    for b in range(3):
+        for q in range(5):
+            for e in range(4):
+                total = mixed_total = 0.0
+                for h in range(3):
+                    for k in range(5):
+                        for d in range(4):
+                            total += patterns[b, h, q, k] * resid[b, k, d] * ov[h, d, e]
+                for j in range(2):
+                    head = sum(M[j, i] * patterns[b, i] for i in range(3))
+                    ov_j = sum(M[j, i] * ov[i] for i in range(3))
+                    mixed_total += sum(head[q, k] * resid[b, k, d] * ov_j[d, e] for k in range(5) for d in range(4))
+                expected[b, q, e], mixed[b, q, e] = max(total, 0.0), max(mixed_total, 0.0)
+    torch.testing.assert_close(true_output(patterns, resid, ov), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed_output(M, patterns, resid, ov), mixed, atol=1e-4, rtol=1e-4)
+
+
+def test_identity_mixing_reproduces_the_target_when_heads_equal_features():
+    cfg = AttentionToyConfig(n_true=3, n_heads=3, seed=fresh_seed())
+    patterns, resid = sample_batch(cfg, torch.Generator().manual_seed(fresh_seed()))
+    ov = sparse_ov(cfg)
+    torch.testing.assert_close(mixed_output(torch.eye(3), patterns, resid, ov), true_output(patterns, resid, ov))
+
+
+def test_column_geometry_counts_and_angles_on_a_planted_m():
+    rotation = torch.rand(()).item() * 2 * math.pi
+    angles = [rotation + math.radians(a) for a in (0, 72, 144, 216, 300)]
+    norms = [1.0, 0.9, 0.2, 0.7, 0.05]  # threshold 0.5 keeps features 0, 1, 3
+    M = torch.tensor([[n * math.cos(a) for n, a in zip(norms, angles)],
+                      [n * math.sin(a) for n, a in zip(norms, angles)]])
+    geometry = column_geometry(M, threshold=0.5)
+    assert geometry["n_represented"] == 3 and geometry["represented"] == [0, 1, 3]
+    assert geometry["norms"] == pytest.approx(norms, abs=1e-6)
+    assert geometry["angles_deg"] == pytest.approx({"0-1": 72.0, "0-3": 144.0, "1-3": 144.0}, abs=1e-3)
+
+
+def test_training_lowers_the_loss():
+    result = train_mixing(AttentionToyConfig(steps=300, seed=3), progress=False)
+    assert result["loss"] < 0.8 * result["loss_first"]
+    assert result["loss"] < result["loss_M_zero"]
+    assert len(result["M"]) == 2 and len(result["M"][0]) == 5
+
+
+def test_config_rejects_bad_values_by_name():
+    with pytest.raises(ValueError, match="ov_density"):
+        AttentionToyConfig(ov_density=0.0)
+    with pytest.raises(ValueError, match="pattern_keys=9 exceeds n_tokens=8"):
+        AttentionToyConfig(pattern_keys=9)
+
+
+def test_cli_writes_run_and_sweep_files(tmp_path, capsys):
+    toys_main(["attention", "--steps", "5", "--out", str(tmp_path), "--sweep", "--seeds", "2", "--densities", "0.1,1"])
+    for name in ("m_columns.png", "summary.json", "sweep.csv", "sweep.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["run"]["config"]["steps"] == 5 and [s["ov_density"] for s in summary["sweep"]] == [0.1, 1.0]
+    assert len((tmp_path / "sweep.csv").read_text().strip().splitlines()) == 1 + 2 * 2
+    assert "features represented" in capsys.readouterr().out
+
+
+def test_cli_rejects_a_bad_flag_with_one_line_and_exit_2():
+    for bad in (["--ov-density", "1.5"], ["--stepz", "3"]):
+        done = subprocess.run([sys.executable, "-m", "sparsekit", "toys", "attention", *bad],
+                              capture_output=True, text=True)
+        assert done.returncode == 2
+        assert len(done.stderr.strip().splitlines()) == 1 and "error" in done.stderr
