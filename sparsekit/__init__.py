@@ -6,6 +6,7 @@ The op layer lives in ``sparsekit.ops`` (checked, differentiable, backend chosen
 implementation runs on each device.
 """
 from . import _moved
+from ._util.version import VERSION
 from . import ops
 from .ops import reference
 from .ops.backend import backends
@@ -14,7 +15,7 @@ from .analysis.splice import loss_recovered, splice, zero_ablate
 from .training.loop import TrainConfig, TrainResult, train
 from .ops import BatchTopKCodes, SparseCodes, TopKCodes, batchtopk_encode, ghost_grad_loss, jumprelu_encode, relu_encode, relu_encode_adaptive, sparse_decode, sparse_decode_coo, topk_encode
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 _moved.install()
 

@@ -59,7 +59,7 @@ def corpus_contexts(model, corpus: str = "shakespeare", context_len: int = 128, 
     return token_contexts(ids, context_len, bos, max_contexts)
 
 
-def _check_contexts(tokens) -> Tensor:
+def check_contexts(tokens) -> Tensor:
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
         what = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be an integer tensor [contexts, context_len] (see corpus_contexts), got {what}")
@@ -135,7 +135,7 @@ class LMActivationSource:
                  epochs: int | None = 1, buffer_contexts: int = 256, batch_contexts: int = 16,
                  stop_at_layer: int | None | str = "auto", progress: bool = False):
         self.model = model
-        self.tokens = _check_contexts(tokens)
+        self.tokens = check_contexts(tokens)
         self.hooks = check_hooks(model, hooks)
         self.batch_size = positive_int("batch_size", batch_size)
         self.shuffle = bool(shuffle)
@@ -270,7 +270,7 @@ def cache_activations(model, tokens: Tensor, hooks, directory, batch_size: int =
     """
     directory = Path(directory)
     names = check_hooks(model, hooks)
-    tokens = _check_contexts(tokens)
+    tokens = check_contexts(tokens)
     record = _store_record(model, names, tokens, dtype)
     if not _cached(directory, record, overwrite):
         stream = LMActivationSource(model, tokens, names, batch_size=batch_size, shuffle=False, epochs=1,
@@ -298,7 +298,7 @@ def cache_layer_activations(model, tokens: Tensor, hooks: Sequence[str], directo
     if isinstance(hooks, str) or not isinstance(hooks, (list, tuple)) or not hooks or len(set(hooks)) != len(hooks):
         raise ValueError(f"hooks must be a non-empty list of distinct hook names, got {hooks!r}")
     names = [check_hooks(model, name)[0] for name in hooks]
-    tokens = _check_contexts(tokens)
+    tokens = check_contexts(tokens)
     batch_contexts = positive_int("batch_contexts", batch_contexts)
     records = {name: _store_record(model, (name,), tokens, dtype) for name in names}
     missing = [name for name in names if not _cached(directory / name, records[name], overwrite)]

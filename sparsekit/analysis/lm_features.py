@@ -24,7 +24,7 @@ import re
 import torch
 from torch import Tensor
 
-from sparsekit.activations.store import _check_contexts, check_hooks, flatten_positions, hook_activations, stop_layer
+from sparsekit.activations.store import check_contexts, check_hooks, flatten_positions, hook_activations, stop_layer
 from sparsekit.sae.base import SparseDictionary
 
 SINGLE_TOKEN_SHARE = 0.5
@@ -39,7 +39,7 @@ def feature_activations(model, sae: SparseDictionary, tokens: Tensor, hook: str,
     hook: the dictionary's input (an SAE's activation, a transcoder's input hook). Memory is
     N * T * n_latents floats: pass as many contexts as that allows.
     """
-    tokens = _check_contexts(tokens)
+    tokens = check_contexts(tokens)
     names = check_hooks(model, hook)
     stop = stop_layer(model, names)
     out = torch.zeros(tokens.shape[0], tokens.shape[1], sae.n_latents)
@@ -139,7 +139,7 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
     census kind) and the [BOS, token] ratio.
     Census: single-token vs context-dependent counts among the reported features, and dead count.
     """
-    tokens = _check_contexts(tokens)
+    tokens = check_contexts(tokens)
     acts = feature_activations(model, sae, tokens, hook)                     # [N, T, n]
     n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
     fires = (acts > 0).sum((0, 1))

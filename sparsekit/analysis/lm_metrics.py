@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sparsekit.sae.base import SparseDictionary
 from .splice import loss_recovered
-from sparsekit.activations.store import _check_contexts, check_hooks, flatten_positions
+from sparsekit.activations.store import check_contexts, check_hooks, flatten_positions
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -123,7 +123,7 @@ def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch
     splices: {name: Splice(sae, hook, input_hook=None)} (see the module docstring). Activations
     [b, pos, heads, d_head] are flattened. progress: a tqdm bar with tokens/s.
     """
-    tokens = _check_contexts(tokens)
+    tokens = check_contexts(tokens)
     if tokens.shape[1] < 3:
         raise ValueError(f"tokens must have >= 3 positions (BOS, one spliced input, one target), got {tokens.shape[1]}")
     if not isinstance(batch_contexts, int) or batch_contexts < 1:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 import sys
 
+from sparsekit._util.version import VERSION
+from .parser import list_commands_if_asked
+
 COMMANDS = {
     "demo": "the compact MNIST study (runs/mnist-demo/report.html); --synthetic: a TopK dictionary on planted data",
     "mnist": "dictionaries on an MNIST MLP's hidden layer: scan, elbows, features, report (--scan compact|full)",
@@ -16,15 +19,6 @@ COMMANDS = {
 }
 
 
-def list_commands_if_asked(argv: list, usage: str, heading: str, commands: dict) -> None:
-    """With no arguments or -h/--help: print usage and the commands, then exit (2 or 0)."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {usage}\n\n{heading}:")
-        for name, text in commands.items():
-            print(f"  {name:10s} {text}")
-        raise SystemExit(0 if argv else 2)
-
-
 def version_lines() -> list:
     """What `--version` prints: the package, the C++ kernels' instruction-set level and why, the
     backends, torch and Python."""
@@ -32,7 +26,6 @@ def version_lines() -> list:
 
     import torch
 
-    from sparsekit import __version__
     from sparsekit.ops.backend import CPP_IMPORT_ERROR, CPP_ISA, CPP_REFUSED, CPU_ISA_LEVELS
     from sparsekit.ops.cpu.isa import ISA_ENV
     if CPP_ISA is not None:
@@ -42,7 +35,7 @@ def version_lines() -> list:
         kernels = f"refused: {CPP_IMPORT_ERROR} (CPU ops raise until that is fixed)"
     else:
         kernels = f"not loaded ({CPP_IMPORT_ERROR}); CPU ops run the PyTorch reference"
-    return [f"sparsekit {__version__}", f"C++ kernels: {kernels}",
+    return [f"sparsekit {VERSION}", f"C++ kernels: {kernels}",
             f"torch {torch.__version__}, Python {platform.python_version()} on {platform.machine()}"]
 
 
@@ -67,10 +60,10 @@ def main(argv=None) -> None:
 def run_command(command: str, rest: list) -> None:
     """Run one command of COMMANDS with its arguments."""
     if command == "demo":
-        from sparsekit.studies.synthetic import main as demo_main
+        from .demo import main as demo_main
         demo_main(rest)
     elif command == "mnist":
-        from sparsekit.studies.mnist_study import main as mnist_main
+        from .mnist import main as mnist_main
         mnist_main(rest)
     elif command == "train":
         from .train import main as train_main
@@ -83,10 +76,10 @@ def run_command(command: str, rest: list) -> None:
         from .toys import main as toys_main
         toys_main(rest)
     elif command == "dashboard":
-        from sparsekit.analysis.dashboard import main as dashboard_main
+        from .dashboard import main as dashboard_main
         dashboard_main(rest)
     elif command == "lm-demo":
-        from sparsekit.studies.lm_demo import main as lm_demo_main
+        from .lm import main as lm_demo_main
         lm_demo_main(rest)
     elif command == "backends":
         from sparsekit.ops.backend import backends

@@ -15,32 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+from .parser import OneLineParser, fraction, list_commands_if_asked, non_negative, positive
+
 TOYS = {"attention": "mix n_true attention heads into n_heads with one matrix M (sparsekit.toys.attention_superposition)",
         "sparse-base": "1-layer char transformer with L1 on its MLP: facets and magnitude codes (sparsekit.toys.sparse_base_*)"}
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
-    return value
-
-
 def _densities(text: str) -> tuple[float, ...]:
-    return tuple(_fraction(part) for part in text.split(","))
+    return tuple(fraction(part) for part in text.split(","))
 
 
 def attention_main(argv) -> None:
@@ -49,21 +31,21 @@ def attention_main(argv) -> None:
     from sparsekit.toys.attention_superposition import SWEEP_DENSITIES, AttentionToyConfig, plot_columns, sweep, train_mixing, write_sweep
 
     defaults = AttentionToyConfig()
-    parser = _OneLineParser(prog="sparsekit toys attention", description=__doc__,
+    parser = OneLineParser(prog="sparsekit toys attention", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ov-density", type=_fraction, default=defaults.ov_density,
+    parser.add_argument("--ov-density", type=fraction, default=defaults.ov_density,
                         help=f"fraction of nonzero OV entries (default {defaults.ov_density})")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--steps", type=_positive, default=defaults.steps)
+    parser.add_argument("--steps", type=positive, default=defaults.steps)
     parser.add_argument("--out", default="runs/toys/attention", help="output folder (default runs/toys/attention)")
     parser.add_argument("--sweep", action="store_true", help="sweep OV density over --densities and --seeds seeds")
-    parser.add_argument("--seeds", type=_positive, default=3, help="seeds per density in --sweep (default 3)")
+    parser.add_argument("--seeds", type=positive, default=3, help="seeds per density in --sweep (default 3)")
     parser.add_argument("--densities", type=_densities, default=SWEEP_DENSITIES,
                         help=f"comma-separated OV densities for --sweep (default {','.join(map(str, SWEEP_DENSITIES))})")
-    parser.add_argument("--p-active", type=_fraction, default=defaults.p_active,
+    parser.add_argument("--p-active", type=fraction, default=defaults.p_active,
                         help=f"probability a query row of a true pattern attends at all (default {defaults.p_active})")
-    parser.add_argument("--n-true", type=_positive, default=defaults.n_true)
-    parser.add_argument("--n-heads", type=_positive, default=defaults.n_heads)
+    parser.add_argument("--n-true", type=positive, default=defaults.n_true)
+    parser.add_argument("--n-heads", type=positive, default=defaults.n_heads)
     parser.add_argument("--threshold", type=float, default=defaults.threshold,
                         help=f"column norm above which a feature counts as represented (default {defaults.threshold})")
     args = parser.parse_args(argv)
@@ -96,13 +78,6 @@ def attention_main(argv) -> None:
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.name in ('m_columns.png', 'summary.json', 'sweep.csv', 'sweep.png')))} to {out}/")
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
 def sparse_base_main(argv) -> None:
     import torch
 
@@ -111,24 +86,24 @@ def sparse_base_main(argv) -> None:
     from sparsekit.toys.sparse_base_report import FILES, write_report
 
     defaults = SparseBaseConfig()
-    parser = _OneLineParser(prog="sparsekit toys sparse-base", description=__doc__,
+    parser = OneLineParser(prog="sparsekit toys sparse-base", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", choices=VARIANTS, default=defaults.variant,
                         help="standard: resid_post = resid_mid + mlp_out; cut: resid_post = mlp_out")
-    parser.add_argument("--l1", type=_non_negative, default=defaults.l1,
+    parser.add_argument("--l1", type=non_negative, default=defaults.l1,
                         help=f"L1 coefficient on blocks.0.mlp.hook_post (default {defaults.l1:g})")
-    parser.add_argument("--tokens", type=_positive, default=defaults.tokens,
+    parser.add_argument("--tokens", type=positive, default=defaults.tokens,
                         help=f"training tokens (default {defaults.tokens})")
-    parser.add_argument("--d-mlp", type=_positive, default=defaults.d_mlp)
-    parser.add_argument("--d-model", type=_positive, default=defaults.d_model)
+    parser.add_argument("--d-mlp", type=positive, default=defaults.d_mlp)
+    parser.add_argument("--d-model", type=positive, default=defaults.d_model)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--contexts", type=_positive, default=600,
+    parser.add_argument("--contexts", type=positive, default=600,
                         help="held-out contexts to analyse (default 600, 63 positions each)")
-    parser.add_argument("--min-fires", type=_positive, default=50,
+    parser.add_argument("--min-fires", type=positive, default=50,
                         help="analyse neurons firing at >= this many positions (default 50)")
-    parser.add_argument("--max-density", type=_fraction, default=0.05,
+    parser.add_argument("--max-density", type=fraction, default=0.05,
                         help="neurons firing at most this often count as sparse (default 0.05)")
-    parser.add_argument("--top", type=_positive, default=8, help="neurons per ranking in the report (default 8)")
+    parser.add_argument("--top", type=positive, default=8, help="neurons per ranking in the report (default 8)")
     parser.add_argument("--cache-dir", default=None, help="trained-model cache (default: sparsekit's cache dir)")
     parser.add_argument("--out", default=None, help="output folder (default runs/toys/sparse_base/<variant>)")
     args = parser.parse_args(argv)
@@ -161,7 +136,6 @@ def sparse_base_main(argv) -> None:
 
 
 def main(argv=None) -> None:
-    from . import list_commands_if_asked
     argv = sys.argv[1:] if argv is None else list(argv)
     list_commands_if_asked(argv, "python -m sparsekit toys <toy> [options]", "toys", TOYS)
     if argv[0] == "attention":

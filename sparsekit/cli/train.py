@@ -31,15 +31,28 @@ from pathlib import Path
 
 PROG = "sparsekit train"
 
-ARCHITECTURE_NAMES = ("topk", "batchtopk", "relu", "jumprelu")
-# Dictionary hyperparameter -> the architectures it applies to, and whether they require it.
-HYPERPARAMETERS = {
-    "k": (("topk", "batchtopk"), True),
-    "l1_coeff": (("relu",), True),
-    "l0_coeff": (("jumprelu",), True),
-    "bandwidth": (("jumprelu",), False),
-    "init_threshold": (("jumprelu",), False),
-}
+
+
+def architecture_names() -> tuple[str, ...]:
+    """Every registered architecture (sparsekit.sae.registry): --architecture's choices."""
+    from sparsekit.sae import registry
+    return registry.names()
+
+
+def hyperparameter_flags() -> dict:
+    """Dictionary hyperparameter with a flag -> (its spec, the architectures taking it, those requiring it),
+    read from the architectures' classes."""
+    from sparsekit.sae import registry
+    return {name: (spec, *registry.architectures_taking(name))
+            for name, spec in registry.hyperparameters().items() if spec.flag}
+
+
+def _hyperparameter_option(spec, takes: tuple, needs: tuple) -> "Option":
+    if needs:
+        text = f"{spec.help} ({', '.join(takes)}); required for {'it' if len(takes) == 1 else 'them'}"
+    else:
+        text = f"{spec.help} ({', '.join(takes)}; default {spec.default:g})"
+    return Option(spec.name, "int" if spec.kind is int else "float", text)
 
 # Extra help for TrainConfig fields whose values are names.
 FIELD_HINTS = {
@@ -80,13 +93,9 @@ def _options() -> list[Option]:
         Option("data", "path", "activations: a shard folder (manifest.json), a .npy file [N, d] or a .safetensors "
                                "file with 'x' [N, d] (and 'y' [N, d_out] for a transcoder)"),
         Option("targets", "path", "transcoder targets [N, d_out] as a .npy file, when --data is a .npy file"),
-        Option("architecture", "str", f"dictionary architecture: {', '.join(ARCHITECTURE_NAMES)} (default topk)"),
+        Option("architecture", "str", f"dictionary architecture: {', '.join(architecture_names())} (default topk)"),
         Option("n_latents", "int", "number of latents (dictionary width); required"),
-        Option("k", "int", "active latents per token (topk, batchtopk); required for them"),
-        Option("l1_coeff", "float", "L1 coefficient (relu); required for it"),
-        Option("l0_coeff", "float", "L0 coefficient (jumprelu); required for it"),
-        Option("bandwidth", "float", "straight-through bandwidth (jumprelu; default 1e-3)"),
-        Option("init_threshold", "float", "initial threshold (jumprelu; default 1e-3)"),
+        *(_hyperparameter_option(*facts) for facts in hyperparameter_flags().values()),
         Option("transcoder", "switch", "train a transcoder (implied when the data has targets; an error without)"),
         Option("device", "str", "where to train: auto (cuda when available), cpu, cuda, cuda:1, ... (default auto)"),
         Option("out", "path", "folder for the trained dictionary (default: <checkpoint_dir or output_dir>/final)"),
@@ -378,17 +387,18 @@ def open_data(settings: dict, batch_size: int, seed: int):
 
 def _check_dictionary(settings: dict) -> None:
     architecture = settings.setdefault("architecture", "topk")
-    if architecture not in ARCHITECTURE_NAMES:
-        close = difflib.get_close_matches(architecture, ARCHITECTURE_NAMES, n=1, cutoff=0.5)
+    names = architecture_names()
+    if architecture not in names:
+        close = difflib.get_close_matches(architecture, names, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"unknown architecture {architecture!r}{hint}; choose one of {', '.join(ARCHITECTURE_NAMES)}")
+        raise UsageError(f"unknown architecture {architecture!r}{hint}; choose one of {', '.join(names)}")
     if "n_latents" not in settings:
         raise UsageError("--n-latents is required: the number of latents in the dictionary (e.g. --n-latents 4096)")
     if settings["n_latents"] < 1:
         raise UsageError(f"--n-latents must be a positive int, got {settings['n_latents']}")
-    for name, (architectures, required) in HYPERPARAMETERS.items():
+    for name, (_, architectures, requiring) in hyperparameter_flags().items():
         flag = "--" + name.replace("_", "-")
-        if architecture in architectures and required and name not in settings:
+        if architecture in requiring and name not in settings:
             raise UsageError(f"{flag} is required for a {architecture} dictionary")
         if architecture not in architectures and name in settings:
             raise UsageError(f"{flag} applies to {' and '.join(architectures)} dictionaries, not {architecture}")
@@ -442,14 +452,14 @@ def _check_resume(path: Path, sae, cfg) -> None:
 
 
 def _build(settings: dict, d_in: int, d_out: int | None, device, seed: int):
-    from sparsekit.sae import ARCHITECTURES
+    from sparsekit.sae import registry
 
     architecture = settings["architecture"]
-    kwargs = {name: settings[name] for name in HYPERPARAMETERS if name in settings}
+    kwargs = {name: settings[name] for name in hyperparameter_flags() if name in settings}
     common = dict(device=device, seed=seed)
     if d_out is not None:
         common.update(d_out=d_out, transcoder=True)
-    return ARCHITECTURES[architecture](d_in, settings["n_latents"], **kwargs, **common)
+    return registry.get(architecture)(d_in, settings["n_latents"], **kwargs, **common)
 
 
 def _check_memory(settings: dict, cfg, d_in: int, d_out: int | None, device) -> None:
@@ -533,7 +543,7 @@ def run(argv: list[str]):
 
     kind = "transcoder" if d_out is not None else "SAE"
     shape = f"d_in={d_in}" + (f" d_out={d_out}" if d_out is not None else "")
-    hyper = " ".join(f"{name}={settings[name]}" for name in HYPERPARAMETERS if name in settings)
+    hyper = " ".join(f"{name}={settings[name]}" for name in hyperparameter_flags() if name in settings)
     print(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
           f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}",
           flush=True)

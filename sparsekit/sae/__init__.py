@@ -1,12 +1,21 @@
-"""Sparse dictionaries: one module per architecture, a registry from cfg.json names to classes."""
-from .base import ARCHITECTURES, SAEOutput, SparseDictionary, geometric_median
-from .batchtopk import BatchTopKSAE
-from .jumprelu import JumpReLUSAE
+"""Sparse dictionaries: one module per architecture, registered by name (``registry``) with the facts
+the trainer, the CLI, the memory estimate and the SAELens export read from its class.
+
+Adding an architecture is one module here (a SparseDictionary subclass declaring its facts, under
+``@register``) plus its import below and its tests.
+"""
+from .base import SAEOutput, SparseDictionary, geometric_median
 from .persistence import load
-from .relu import ReLUSAE
+from .registry import ARCHITECTURES, Hyperparameter, register
 from .saelens import export_saelens, load_saelens
-from .topk import TopKSAE
 from .transcoder import Transcoder
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "SAEOutput", "SparseDictionary", "TopKSAE",
-           "Transcoder", "export_saelens", "geometric_median", "load", "load_saelens"]
+# isort: off  -- registration order is the order the CLI and its errors list architectures in
+from .topk import TopKSAE
+from .batchtopk import BatchTopKSAE
+from .relu import ReLUSAE
+from .jumprelu import JumpReLUSAE
+# isort: on
+
+__all__ = ["ARCHITECTURES", "BatchTopKSAE", "Hyperparameter", "JumpReLUSAE", "ReLUSAE", "SAEOutput", "SparseDictionary",
+           "TopKSAE", "Transcoder", "export_saelens", "geometric_median", "load", "load_saelens", "register"]

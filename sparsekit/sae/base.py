@@ -9,7 +9,6 @@ cfg.json) multiply raw activations on the way in; ``reconstruct`` undoes them on
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,19 +17,10 @@ from torch import Tensor, nn
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_int
-
-ARCHITECTURES: dict[str, type["SparseDictionary"]] = {}
-CONFIG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae.safetensors"
-
-
-def register(name: str):
-    """Class decorator: the architecture string in cfg.json -> class."""
-    def wrap(cls):
-        cls.architecture = name
-        ARCHITECTURES[name] = cls
-        return cls
-    return wrap
+from .files import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401  (the folder format, re-exported)
+from .persistence import save_dictionary
+from .registry import ARCHITECTURES, Hyperparameter, register  # noqa: F401  (the registry, re-exported)
+from .saelens import export_saelens
 
 
 def _floating_dtype(dtype) -> torch.dtype:
@@ -80,9 +70,16 @@ def init_parameters(module: nn.Module, n_latents: int, gen: torch.Generator, fac
 
 
 class SparseDictionary(nn.Module):
-    """Base class; subclasses implement ``encode`` and the sparsity loss in ``sparsity_losses``."""
+    """Base class; subclasses implement ``encode`` and the sparsity loss in ``sparsity_losses``, and
+    declare the architecture's facts (``sparsekit.sae.registry``) as class attributes."""
 
     architecture = "base"
+    hyperparameter_specs: tuple[Hyperparameter, ...] = ()
+    code_kind = "dense"                    # what encode returns while training: "topk", "batchtopk", "dense"
+    batch_by_latent_buffers = 1            # [B, n]-sized tensors one training step holds at once
+    parameters_per_latent = 0              # parameters beyond W_enc, b_enc, W_dec (JumpReLU: its threshold)
+    saelens_architecture: str | None = None             # SAELens 6.x's name for it (None: no equivalent)
+    saelens_transcoder_architecture: str | None = None  # ... and for it as a transcoder
     unit_norm_decoder = False  # subclasses that keep decoder rows at unit norm set this
 
     def __init__(self, d_in: int, n_latents: int, d_out: int | None = None, transcoder: bool = False,
@@ -105,8 +102,13 @@ class SparseDictionary(nn.Module):
     # --- configuration ----------------------------------------------------------------------
 
     def hyperparameters(self) -> dict:
-        """Architecture-specific constructor arguments (k, l1_coeff, ...)."""
-        return {}
+        """Architecture-specific constructor arguments (k, l1_coeff, ...), as hyperparameter_specs lists them."""
+        return {spec.name: getattr(self, spec.name) for spec in self.hyperparameter_specs}
+
+    def inference_thresholds(self) -> Tensor | None:
+        """Per-latent thresholds [n] (float64) an exported copy encodes with, None for
+        architectures without them (see sparsekit.sae.saelens)."""
+        return None
 
     def config(self) -> dict:
         """Everything needed to rebuild this dictionary (cfg.json)."""
@@ -250,12 +252,10 @@ class SparseDictionary(nn.Module):
 
     def save(self, directory) -> Path:
         """Write sae.safetensors + cfg.json into directory (created if missing)."""
-        from .persistence import save_dictionary
         return save_dictionary(self, directory)
 
     def export_saelens(self, directory) -> Path:
         """Write SAELens 6.x's layout: sae_weights.safetensors + cfg.json (see sparsekit.sae.saelens)."""
-        from .saelens import export_saelens
         return export_saelens(self, directory)
 
 
@@ -272,7 +272,3 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
         median = update
     return median
 
-
-def config_from_file(directory) -> dict:
-    path = Path(directory) / CONFIG_FILE
-    return json.loads(path.read_text())

@@ -12,11 +12,20 @@ import torch
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_int
-from .base import SparseDictionary, register
+from .base import SparseDictionary
+from .registry import Hyperparameter, register
 
 
-@register("batchtopk")
+@register
 class BatchTopKSAE(SparseDictionary):
+    architecture = "batchtopk"
+    hyperparameter_specs = (Hyperparameter("k", int, "active latents per token"),
+                            Hyperparameter("threshold_momentum", float, "momentum of the inference threshold's running mean",
+                                           required=False, default=0.99, flag=False))
+    code_kind = "batchtopk"
+    batch_by_latent_buffers = 2
+    saelens_architecture = "jumprelu"  # exported with every latent's threshold = the global inference threshold
+    saelens_transcoder_architecture = "jumprelu_transcoder"
     unit_norm_decoder = True
 
     def __init__(self, d_in: int, n_latents: int, k: int, threshold_momentum: float = 0.99, **kwargs):
@@ -30,8 +39,12 @@ class BatchTopKSAE(SparseDictionary):
         # Not yet estimated: -1. A buffer, so it is saved and restored with the parameters.
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=self.W_enc.dtype, device=self.W_enc.device))
 
-    def hyperparameters(self) -> dict:
-        return {"k": self.k, "threshold_momentum": self.threshold_momentum}
+    def inference_thresholds(self):
+        """The learned global threshold for every latent [n] (float64), floored as ``encode`` does in evaluation."""
+        if float(self.threshold) < 0:
+            raise ValueError("BatchTopKSAE has no inference threshold yet (threshold=-1): train it before exporting")
+        theta = max(float(self.threshold), 1e-30)
+        return torch.full((self.n_latents,), theta, dtype=torch.float64, device=self.b_enc.device)
 
     def _batchtopk_k(self) -> int:
         return self.k

@@ -14,11 +14,21 @@ from torch import nn
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_number
-from .base import SparseDictionary, SAEOutput, register
+from .base import SAEOutput, SparseDictionary
+from .registry import Hyperparameter, register
 
 
-@register("jumprelu")
+@register
 class JumpReLUSAE(SparseDictionary):
+    architecture = "jumprelu"
+    hyperparameter_specs = (Hyperparameter("l0_coeff", float, "L0 coefficient"),
+                            Hyperparameter("bandwidth", float, "straight-through bandwidth", required=False, default=1e-3),
+                            Hyperparameter("init_threshold", float, "initial threshold", required=False, default=1e-3))
+    code_kind = "dense"
+    batch_by_latent_buffers = 4
+    parameters_per_latent = 1    # log_threshold
+    saelens_architecture = "jumprelu"
+    saelens_transcoder_architecture = "jumprelu_transcoder"
     unit_norm_decoder = True
 
     def __init__(self, d_in: int, n_latents: int, l0_coeff: float, bandwidth: float = 1e-3,
@@ -30,8 +40,9 @@ class JumpReLUSAE(SparseDictionary):
         self.log_threshold = nn.Parameter(torch.full_like(self.b_enc, math.log(self.init_threshold)))
         self.sparsity_weight = 1.0
 
-    def hyperparameters(self) -> dict:
-        return {"l0_coeff": self.l0_coeff, "bandwidth": self.bandwidth, "init_threshold": self.init_threshold}
+    def inference_thresholds(self):
+        """theta = exp(log_threshold) [n] (float64)."""
+        return self.log_threshold.detach().double().exp()
 
     def encode(self, x):
         """x [B, d_in] -> dense codes [B, n]."""

@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
-from .base import ARCHITECTURES, CONFIG_FILE, WEIGHTS_FILE, SparseDictionary
+from . import registry
+from .files import CONFIG_FILE, WEIGHTS_FILE, read_json_object
 
 RUNTIME_KEYS = ("architecture", "input_scale", "output_scale")
 
 
-def save_dictionary(sae: SparseDictionary, directory) -> Path:
+def save_dictionary(sae, directory) -> Path:
+    """Write a SparseDictionary's weights and cfg.json (``sae.config()``) into directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(dict(sae.state_dict()), directory / WEIGHTS_FILE)
@@ -27,7 +29,7 @@ def save_dictionary(sae: SparseDictionary, directory) -> Path:
     return directory
 
 
-def load(directory, device=None) -> SparseDictionary:
+def load(directory, device=None):
     """Rebuild a dictionary saved by ``sae.save(directory)``, in eval mode. Errors name the file
     and field."""
     if not isinstance(directory, (str, os.PathLike)):
@@ -60,24 +62,13 @@ def load(directory, device=None) -> SparseDictionary:
     return sae.eval()
 
 
-def read_json_object(config_path: Path) -> dict:
-    """A JSON file that must hold an object (cfg.json); anything else is a ValueError naming the file."""
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
-    return config
-
-
-def _build(config: dict, config_path: Path, device) -> SparseDictionary:
+def _build(config: dict, config_path: Path, device):
     """An untrained dictionary of cfg.json's architecture and fields; every field is checked."""
     architecture = config.get("architecture")
-    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
-        raise ValueError(f"{config_path}: architecture must be one of {', '.join(sorted(ARCHITECTURES))}, "
+    if not isinstance(architecture, str) or architecture not in registry.ARCHITECTURES:
+        raise ValueError(f"{config_path}: architecture must be one of {', '.join(sorted(registry.ARCHITECTURES))}, "
                          f"got {architecture!r}")
-    cls = ARCHITECTURES[architecture]
+    cls = registry.get(architecture)
     kwargs = {key: value for key, value in config.items() if key not in RUNTIME_KEYS}
     dtype_name = kwargs.pop("dtype", "float32")
     dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_number
-from .base import SparseDictionary, register
+from .base import SparseDictionary
+from .registry import Hyperparameter, register
 
 
-@register("relu")
+@register
 class ReLUSAE(SparseDictionary):
+    architecture = "relu"
+    hyperparameter_specs = (Hyperparameter("l1_coeff", float, "L1 coefficient"),
+                            Hyperparameter("decoder_norm_penalty", bool, "free decoder rows, L1 weighted by their norms",
+                                           required=False, default=False, flag=False))
+    code_kind = "dense"
+    batch_by_latent_buffers = 3
+    saelens_architecture = "standard"
+    saelens_transcoder_architecture = "transcoder"
+
     def __init__(self, d_in: int, n_latents: int, l1_coeff: float, decoder_norm_penalty: bool = False, **kwargs):
         super().__init__(d_in, n_latents, **kwargs)
         self.l1_coeff = positive_number("l1_coeff", l1_coeff)
         self.decoder_norm_penalty = bool(decoder_norm_penalty)
         self.unit_norm_decoder = not self.decoder_norm_penalty
         self.sparsity_weight = 1.0  # the trainer's L1 warm-up scales the penalty through this
-
-    def hyperparameters(self) -> dict:
-        return {"l1_coeff": self.l1_coeff, "decoder_norm_penalty": self.decoder_norm_penalty}
 
     def encode(self, x):
         """x [B, d_in] -> dense codes [B, n]."""

@@ -38,46 +38,30 @@ from pathlib import Path
 
 import torch
 
-from .base import SparseDictionary
-from .persistence import read_json_object
+from . import registry
+from .files import WEIGHTS_FILE, read_json_object
+from .transcoder import Transcoder
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"
 SAELENS_SCHEMA_VERSION = "6.0.0"  # what sparsekit writes against: the SAELens 6 on-disk schema
 
-# sparsekit architecture -> (SAELens SAE architecture, SAELens transcoder architecture or None)
-SAELENS_ARCHITECTURES = {
-    "relu": ("standard", "transcoder"),
-    "topk": ("topk", None),
-    "jumprelu": ("jumprelu", "jumprelu_transcoder"),
-    "batchtopk": ("jumprelu", "jumprelu_transcoder"),
-}
+def exportable() -> tuple[str, ...]:
+    """The registered architectures SAELens 6.x has an equivalent for (each class's saelens_architecture)."""
+    return tuple(name for name, cls in registry.ARCHITECTURES.items() if cls.saelens_architecture is not None)
 
 
-def _thresholds(sae: SparseDictionary) -> torch.Tensor | None:
-    """Per-latent inference thresholds [n] in float64, or None for architectures without them."""
-    if sae.architecture == "jumprelu":
-        return sae.log_threshold.detach().double().exp()
-    if sae.architecture == "batchtopk":
-        if float(sae.threshold) < 0:
-            raise ValueError("BatchTopKSAE has no inference threshold yet (threshold=-1): train it before exporting")
-        # The same floor as BatchTopKSAE.encode in evaluation mode.
-        theta = max(float(sae.threshold), 1e-30)
-        return torch.full((sae.n_latents,), theta, dtype=torch.float64, device=sae.b_enc.device)
-    return None
-
-
-def export_saelens(sae: SparseDictionary, directory, metadata: dict | None = None) -> Path:
+def export_saelens(sae, directory, metadata: dict | None = None) -> Path:
     """Write ``sae`` to ``directory`` (created if missing) in SAELens 6.x's layout.
 
     metadata: extra entries for cfg.json's "metadata" block (e.g. model_name, hook_name, which
     SAELens's HookedSAETransformer reads). Returns the directory.
     """
-    if sae.architecture not in SAELENS_ARCHITECTURES:
+    sae_name, transcoder_name = type(sae).saelens_architecture, type(sae).saelens_transcoder_architecture
+    if sae_name is None:
         raise ValueError(f"architecture {sae.architecture!r} has no SAELens equivalent; "
-                         f"supported: {', '.join(SAELENS_ARCHITECTURES)}")
-    sae_name, transcoder_name = SAELENS_ARCHITECTURES[sae.architecture]
+                         f"supported: {', '.join(exportable())}")
     if sae.transcoder and transcoder_name is None:
         raise NotImplementedError(f"SAELens 6.x has no {sae.architecture} transcoder (its transcoders are ReLU "
                                   f"and JumpReLU): a {sae.architecture} transcoder cannot be exported")
@@ -96,7 +80,7 @@ def export_saelens(sae: SparseDictionary, directory, metadata: dict | None = Non
         "W_dec": W_dec / s_out,
         "b_dec": b_dec / s_out,
     }
-    thresholds = _thresholds(sae)
+    thresholds = sae.inference_thresholds()
     if thresholds is not None:
         tensors["threshold"] = thresholds
     dtype = sae.W_enc.dtype
@@ -142,7 +126,7 @@ SAELENS_IMPORTS = {
 SAELENS_DEFAULT_COEFFICIENT = 1.0
 
 
-def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyperparameters) -> SparseDictionary:
+def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyperparameters):
     """Load a dictionary saved by SAELens 6.x (``sae.save_model(dir)`` or
     ``save_inference_model(dir)``: cfg.json + sae_weights.safetensors) as the matching sparsekit
     dictionary, in eval mode, whose ``reconstruct(x)`` equals SAELens's ``sae(x)`` on raw activations.
@@ -166,7 +150,6 @@ def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyp
         raise FileNotFoundError(f"{directory} is not a directory: expected a folder written by SAELens's save_model")
     config_path, weights_path = directory / SAELENS_CONFIG_FILE, directory / SAELENS_WEIGHTS_FILE
     if not weights_path.is_file():
-        from .base import WEIGHTS_FILE
         if (directory / WEIGHTS_FILE).is_file():
             raise ValueError(f"{directory} holds a sparsekit dictionary ({WEIGHTS_FILE}), not a SAELens one: "
                              f"load it with sparsekit.load")
@@ -183,12 +166,10 @@ def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyp
     d_out = weights["W_dec"].shape[1]
     try:
         if transcoder:
-            from .transcoder import Transcoder
             sae = Transcoder(config["d_in"], config["d_sae"], d_out, architecture=sparsekit_architecture,
                              dtype=dtype, device=device, seed=None, **kwargs)
         else:
-            from .base import ARCHITECTURES
-            sae = ARCHITECTURES[sparsekit_architecture](config["d_in"], config["d_sae"], dtype=dtype, device=device,
+            sae = registry.get(sparsekit_architecture)(config["d_in"], config["d_sae"], dtype=dtype, device=device,
                                                         seed=None, **kwargs)
     except TypeError as error:
         raise ValueError(f"hyperparameters do not fit {sparsekit_architecture!r}: {error}") from None

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_int
-from .base import SparseDictionary, register
+from .base import SparseDictionary
+from .registry import Hyperparameter, register
 
 
-@register("topk")
+@register
 class TopKSAE(SparseDictionary):
+    architecture = "topk"
+    hyperparameter_specs = (Hyperparameter("k", int, "active latents per token"),)
+    code_kind = "topk"
+    batch_by_latent_buffers = 1
+    saelens_architecture = "topk"
     unit_norm_decoder = True
 
     def __init__(self, d_in: int, n_latents: int, k: int, **kwargs):
@@ -19,9 +25,6 @@ class TopKSAE(SparseDictionary):
         self.k = positive_int("k", k)
         if self.k > self.n_latents:
             raise ValueError(f"k={k} exceeds n_latents={n_latents}")
-
-    def hyperparameters(self) -> dict:
-        return {"k": self.k}
 
     def encode(self, x) -> ops.TopKCodes:
         """x [B, d_in] -> TopKCodes(values [B, k], indices [B, k])."""

@@ -8,22 +8,23 @@ when d_in == d_out. Its forward takes (x, y) and its mse is against y.
 """
 from __future__ import annotations
 
-from .base import ARCHITECTURES, SparseDictionary
+from . import registry
 
 
 def Transcoder(d_in: int, n_latents: int, d_out: int, k: int | None = None, architecture: str = "topk",
-               **kwargs) -> SparseDictionary:
+               **kwargs) -> "SparseDictionary":
     """Build a transcoder of the given architecture ("topk", "batchtopk", "relu", "jumprelu").
 
     k is required for "topk"/"batchtopk"; pass l1_coeff (relu) or l0_coeff (jumprelu) as keywords.
     """
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {', '.join(sorted(ARCHITECTURES))}, got {architecture!r}")
-    cls = ARCHITECTURES[architecture]
-    if architecture in ("topk", "batchtopk"):
+    if architecture not in registry.ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(sorted(registry.ARCHITECTURES))}, got {architecture!r}")
+    cls = registry.get(architecture)
+    takes_k, _ = registry.architectures_taking("k")
+    if architecture in takes_k:
         if k is None:
             raise ValueError(f"a {architecture} transcoder needs k")
-        return cls(d_in, n_latents, k, d_out=d_out, transcoder=True, **kwargs)
+        return cls(d_in, n_latents, k=k, d_out=d_out, transcoder=True, **kwargs)
     if k is not None:
-        raise ValueError(f"k applies to topk/batchtopk transcoders, not {architecture!r}")
+        raise ValueError(f"k applies to {'/'.join(takes_k)} transcoders, not {architecture!r}")
     return cls(d_in, n_latents, d_out=d_out, transcoder=True, **kwargs)

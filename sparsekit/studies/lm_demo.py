@@ -23,12 +23,14 @@ epoch each), CE/KL on ~8k held-out tokens.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
+
+from sparsekit.sae import TopKSAE, Transcoder
+from sparsekit.training.loop import TrainConfig, train
 
 TRANSCODERS = ("mlp", "resid", "attn")
 
@@ -46,45 +48,12 @@ def transcoder_hooks(kind: str, layer: int, offset: int = 1) -> tuple[str, str]:
     raise ValueError(f"transcoder must be one of {', '.join(TRANSCODERS)}, got {kind!r}")
 
 
-def parse_layers(text: str) -> list[int]:
-    try:
-        layers = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers must be comma-separated layer numbers, got {text!r}") from None
-    if not layers or layers[0] < 0:
-        raise argparse.ArgumentTypeError(f"--layers must list layers >= 0, got {text!r}")
-    return layers
-
-
-def parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparsekit lm-demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/lm-demo", help="run folder")
-    p.add_argument("--layer", type=int, default=3)
-    p.add_argument("--transcoder", choices=TRANSCODERS, default="mlp", help="what the transcoder maps (see above)")
-    p.add_argument("--resid-offset", type=int, default=1, help="m for --transcoder resid")
-    p.add_argument("--layers", type=parse_layers, default=None, help="also per-layer SAEs, e.g. 0,2,4")
-    p.add_argument("--layer-site", default="hook_resid_post", help="per-layer SAEs read blocks.l.<site>")
-    p.add_argument("--layer-tokens", type=int, default=None, help="cached tokens per layer (default --train-tokens)")
-    p.add_argument("--context-len", type=int, default=128)
-    p.add_argument("--train-tokens", type=int, default=300_000, help="activations cached for training")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the cached activations")
-    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for CE/KL and the features")
-    p.add_argument("--n-latents", type=int, default=2048)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--features", type=int, default=100, help="features shown per dictionary")
-    p.add_argument("--corpus", default="shakespeare")
-    return p.parse_args(argv)
-
-
 def train_on_cache(dictionary, source, total_tokens: int, out: Path, name: str, args):
     """Train dictionary on source (a ShardSource or IterableSource) for total_tokens; save it to out/name."""
-    import sparsekit
-    cfg = sparsekit.TrainConfig(batch_size=args.batch_size, lr=args.lr, total_tokens=total_tokens, eval_tokens=4096,
-                                dead_strategy="auxk", dead_window_tokens=min(100_000, total_tokens // 2),
-                                log_every=10, output_dir=str(out / name), seed=0)
-    sparsekit.train(dictionary, source, cfg)
+    cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, total_tokens=total_tokens, eval_tokens=4096,
+                      dead_strategy="auxk", dead_window_tokens=min(100_000, total_tokens // 2),
+                      log_every=10, output_dir=str(out / name), seed=0)
+    train(dictionary, source, cfg)
     dictionary.save(out / name)
     return dictionary
 
@@ -92,7 +61,6 @@ def train_on_cache(dictionary, source, total_tokens: int, out: Path, name: str, 
 def run(args, model=None, contexts=None) -> dict:
     """The demo. model: a HookedTransformer to use instead of SmolLM2, contexts [N, T] (BOS first) instead
     of the corpus's (tests pass a tiny random model and random tokens)."""
-    import sparsekit
     from sparsekit.activations.lm import SMOLLM2, load_lm
     from sparsekit.analysis.lm_metrics import Splice, evaluate_splices
     from sparsekit.activations.shards import ShardSource
@@ -136,10 +104,10 @@ def run(args, model=None, contexts=None) -> dict:
         return ShardSource(shards.directory, batch_size=args.batch_size, epochs=None)
 
     d_in, d_out = shards.d, shards.d_out
-    sae = sparsekit.TopKSAE(d_out, args.n_latents, args.k)
+    sae = TopKSAE(d_out, args.n_latents, args.k)
     train_on_cache(sae, IterableSource(lambda: (y for _, y in pairs())), total, out, "sae", args)  # the targets
     lap("train SAE")
-    transcoder = sparsekit.Transcoder(d_in, args.n_latents, d_out, args.k)
+    transcoder = Transcoder(d_in, args.n_latents, d_out, args.k)
     train_on_cache(transcoder, pairs(), total, out, "transcoder", args)
     lap("train transcoder")
 
@@ -154,7 +122,7 @@ def run(args, model=None, contexts=None) -> dict:
         lap(f"cache per-layer activations ({len(layer_hooks)} hooks, one pass)")
         for name, hook in layer_hooks.items():
             source = layer_shards[hook]
-            layer_sae = sparsekit.TopKSAE(source.d, args.n_latents, args.k)
+            layer_sae = TopKSAE(source.d, args.n_latents, args.k)
             layer_total = (args.epochs * source.tokens) // args.batch_size * args.batch_size
             train_on_cache(layer_sae, ShardSource(source.directory, batch_size=args.batch_size, epochs=None),
                            layer_total, out, name, args)
@@ -185,8 +153,3 @@ def run(args, model=None, contexts=None) -> dict:
               f"{census['reported']} ({m['tokens']} tokens)")
     print(f"dashboard: {page}; total {sum(timings.values()):.0f} s")
     return metrics
-
-
-def main(argv=None) -> None:
-    torch.manual_seed(0)
-    run(parse(argv or []))

@@ -40,30 +40,3 @@ def run_synthetic(d: int = 64, n_true: int = 256, n_latents: int = 512, k: int =
     per_feature = recovery_per_feature(sae, data.features)
     return {**result.metrics, "recovery": float(per_feature.mean()), "recovered": int((per_feature > 0.9).sum()),
             "n_true": n_true}
-
-
-MNIST_OUT = "runs/mnist-demo"
-
-
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--synthetic" in argv:
-        synthetic_main([a for a in argv if a != "--synthetic"])
-        return
-    from .mnist_study import main as mnist_main
-    mnist_main(argv, prog="sparsekit demo", default_out=MNIST_OUT)
-
-
-def synthetic_main(argv) -> None:
-    parser = argparse.ArgumentParser(prog="sparsekit demo --synthetic", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=6_000_000, help="training tokens (default 6,000,000: about a minute on 2 cores)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="demo-output", help="metrics.jsonl and feature_density.png go here")
-    args = parser.parse_args(argv)
-    if args.tokens < 1024:
-        parser.error(f"--tokens must be at least one batch (1024), got {args.tokens}")
-    metrics = run_synthetic(total_tokens=args.tokens, seed=args.seed, output_dir=args.output_dir)
-    print(f"final (held out): fvu {metrics['fvu']:.4f}, l0 {metrics['l0']:.2f}, dead {metrics['dead_frac']:.3f}; "
-          f"planted directions recovered (cos > 0.9): {metrics['recovered']}/{metrics['n_true']}, "
-          f"mean max cosine {metrics['recovery']:.3f}; plots and metrics in {args.output_dir}/")

@@ -15,9 +15,8 @@ import os
 import torch
 
 from sparsekit.errors import InsufficientMemory
+from sparsekit.sae import registry
 
-# [B, n]-sized tensors one training step holds at once, per architecture.
-BATCH_BY_LATENT_BUFFERS = {"topk": 1, "batchtopk": 2, "relu": 3, "jumprelu": 4}
 GIB = 1024 ** 3
 
 
@@ -51,20 +50,21 @@ def estimate_training_memory(d_in: int, n_latents: int, batch_size: int, k: int 
     for name, value in (("d_in", d_in), ("n_latents", n_latents), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if architecture not in BATCH_BY_LATENT_BUFFERS:
-        raise ValueError(f"architecture must be one of {', '.join(BATCH_BY_LATENT_BUFFERS)}, got {architecture!r}")
+    if architecture not in registry.ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(registry.names())}, got {architecture!r}")
+    facts = registry.get(architecture)  # the class declares its buffers and extra parameters
     item = torch.empty((), dtype=dtype).element_size()
     transcoder = d_out is not None
     d_out = d_in if d_out is None else d_out
     n, batch = n_latents, batch_size
-    parameters = d_in * n + n + n * d_out + d_out + (d_in if transcoder else 0) + (n if architecture == "jumprelu" else 0)
+    parameters = d_in * n + n + n * d_out + d_out + (d_in if transcoder else 0) + n * facts.parameters_per_latent
     kept = batch * (k if k is not None else n)
     return MemoryEstimate({
         "parameters": parameters * item,
         "adam_moments": 2 * parameters * item,
         "gradients": parameters * item,
-        "batch_by_latent_buffers": BATCH_BY_LATENT_BUFFERS[architecture] * batch * n * item,
-        "sparse_codes": 2 * kept * (item + 8) if architecture in ("topk", "batchtopk") else 0,
+        "batch_by_latent_buffers": facts.batch_by_latent_buffers * batch * n * item,
+        "sparse_codes": 2 * kept * (item + 8) if facts.code_kind != "dense" else 0,
         "activations": (2 * batch * d_in + 4 * batch * d_out) * item,
         "held_out_split": eval_tokens * (d_in + (d_out if transcoder else 0)) * 4,
         "latent_counters": 3 * n * 8,

@@ -7,6 +7,7 @@ import pytest
 
 import sparsekit
 from helpers.lm_cases import random_contexts, tiny_transformer
+from sparsekit.cli import lm as lm_cli
 from sparsekit.studies import lm_demo
 
 
@@ -16,7 +17,7 @@ def tiny():
 
 
 def demo_args(out, *extra):
-    return lm_demo.parse(["--out", str(out), "--layer", "1", "--context-len", "16", "--train-tokens", "1500",
+    return lm_cli.parse(["--out", str(out), "--layer", "1", "--context-len", "16", "--train-tokens", "1500",
                           "--eval-tokens", "240", "--n-latents", "48", "--k", "4", "--batch-size", "128",
                           "--epochs", "2", "--features", "6", *extra])
 
@@ -63,8 +64,8 @@ def test_per_layer_saes_share_one_pass_and_the_dashboard_summarises_them(tiny, t
 
 def test_bad_demo_arguments_are_refused():
     with pytest.raises(SystemExit):
-        lm_demo.parse(["--layers", "a,b"])
+        lm_cli.parse(["--layers", "a,b"])
     with pytest.raises(SystemExit):
-        lm_demo.parse(["--transcoder", "mlp2"])
+        lm_cli.parse(["--transcoder", "mlp2"])
     with pytest.raises(ValueError, match="resid_offset must be >= 1"):
         lm_demo.transcoder_hooks("resid", 3, 0)

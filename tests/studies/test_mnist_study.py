@@ -126,7 +126,7 @@ def test_dead_latent_study_and_claims_follow_their_rules():
     (("mnist", "--hidden", "0"), "argument --hidden: expected a positive int, got 0"),
     (("mnist", "--depth", "2", "--layer", "2"), "--layer: 2 is not a hidden layer of a depth-2 MLP"),
     (("mnist", "--seed", "-1"), "--seed: expected a non-negative int"),
-    (("demo", "--steps", "x"), "argument --steps: invalid _positive value: 'x'"),
+    (("demo", "--steps", "x"), "argument --steps: invalid positive value: 'x'"),
 ])
 def test_mnist_cli_bad_flags_give_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
