@@ -20,7 +20,7 @@ MOVED = {  # old import path -> where the module lives now
     "sparsekit.backend": "sparsekit.ops.backend",
     "sparsekit.cpu_isa": "sparsekit.ops.cpu.isa",
     "sparsekit.autograd_formulas": "sparsekit.ops.autograd",
-    "sparsekit.cpu_ops": "sparsekit.ops.cpu.custom_ops",
+    "sparsekit.cpu_ops": "sparsekit.ops.cpu",  # split into cpu.encode/decode/ghost/sparse; names read through
     "sparsekit.cpu_screen": "sparsekit.ops.cpu.screen",
     "sparsekit.cpu_gemm": "sparsekit.ops.cpu.gemm",
     "sparsekit.activations.lm_metrics": "sparsekit.analysis.lm_metrics",

@@ -9,7 +9,7 @@ grad x = S @ W_enc.T by row segments, grad W_enc = x.T @ S and grad b_enc by col
 atomics when SPARSEKIT_DETERMINISTIC=0); the dense encoders mask the incoming gradient in one
 column-strip kernel (which also sums grad b_enc and the JumpReLU threshold gradient) and run two GEMMs.
 Each forward and backward kernel is its own custom op (a backward registered with
-``register_autograd`` may not touch data pointers), as in ``sparsekit.ops.cpu.custom_ops``; the fake kernels,
+``register_autograd`` may not touch data pointers), as in ``sparsekit.ops.cpu.encode``; the fake kernels,
 saved tensors and the sparse encoders' backward formula are ``sparsekit.ops.autograd``'s,
 shared with the C++ backend.
 """

@@ -4,7 +4,8 @@ Each op checks its arguments (a ValueError naming the argument), makes inputs co
 purpose: the kernels never copy silently), then runs on the backend chosen for the input's device
 (``sparsekit.ops.backend``): C++ custom ops on CPU, Triton custom ops on CUDA (``sparsekit.kernels``,
 imported on first use), or the PyTorch reference (``sparsekit.ops.reference``) that defines them all.
-Every op is differentiable.
+Every op is differentiable. ``cpu_ops()`` and ``triton_ops()`` are the explicit tables from each
+op to the custom op that runs it on that backend.
 
 Shapes: x [B, d_in], W_enc [d_in, n], b_enc [n], W_dec [n, d_out], b_dec [d_out];
 TopK codes (values [B, k], indices [B, k] int64); BatchTopK codes (values, rows, cols), each [B*k];
@@ -12,13 +13,13 @@ SparseCodes (values, rows, cols, each [E], and B) for codes of varying count per
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from sparsekit.ops import checks, reference
-from .backend import backend_for
+from .backend import _C, backend_for
 
 
 class TopKCodes(NamedTuple):
@@ -48,20 +49,46 @@ class SparseCodes(NamedTuple):
 SPARSE_RELU_MAX_DENSITY = 1 / 64
 
 
-def _cpp():
-    from .cpu import custom_ops as cpu_ops  # registers the custom ops on first use
-    return cpu_ops
+_CPU_OPS: dict[str, Callable] = {}  # cpu_ops()'s table, filled on first use
+_TRITON_OPS: dict[str, Callable] = {}  # triton_ops()'s
 
 
-def _triton(module: str):
-    """A module of sparsekit.kernels ("encode", "decode", "ghost"), imported (and its custom ops
-    registered) on first use: Triton is slow to import and absent on some machines (then
-    MissingExtra names the gpu extra)."""
-    import importlib
+def cpu_ops() -> dict[str, Callable]:
+    """op -> the C++ custom op that runs it (sparsekit.ops.cpu), its modules imported (and their
+    custom ops registered) on first use. ``*_centered``: the encoder of x - pre_bias."""
+    if not _CPU_OPS:
+        from .cpu import decode, encode, ghost
+        _CPU_OPS.update({
+            "topk_encode": encode.topk_encode_cpu,
+            "topk_encode_centered": encode.topk_encode_centered_cpu,
+            "batchtopk_encode": encode.batchtopk_encode_cpu,
+            "batchtopk_encode_centered": encode.batchtopk_encode_centered_cpu,
+            "relu_encode": encode.relu_encode_cpu,
+            "relu_encode_adaptive": encode.relu_encode_adaptive_cpu,
+            "jumprelu_encode": encode.jumprelu_encode_cpu,
+            "sparse_decode": decode.sparse_decode_cpu,
+            "ghost_grad_loss": ghost.ghost_grad_loss_cpu,
+        })
+    return _CPU_OPS
 
-    from sparsekit._util.extras import require
-    require("triton", "gpu", what="sparsekit's GPU kernels")
-    return importlib.import_module(f"sparsekit.kernels.{module}")
+
+def triton_ops() -> dict[str, Callable]:
+    """op -> the Triton custom op that runs it (sparsekit.kernels), its modules imported (and their
+    custom ops registered) on first use: Triton is slow to import and absent on some machines
+    (then MissingExtra names the gpu extra)."""
+    if not _TRITON_OPS:
+        from sparsekit._util.extras import require
+        require("triton", "gpu", what="sparsekit's GPU kernels")
+        from sparsekit.kernels import decode, encode, ghost
+        _TRITON_OPS.update({
+            "topk_encode": encode.topk_encode_triton,
+            "batchtopk_encode": encode.batchtopk_encode_triton,
+            "relu_encode": encode.relu_encode_triton,
+            "jumprelu_encode": encode.jumprelu_encode_triton,
+            "sparse_decode": decode.sparse_decode_triton,
+            "ghost_grad_loss": ghost.ghost_grad_loss_triton,
+        })
+    return _TRITON_OPS
 
 
 def _check_encoder(x, W_enc, b_enc) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,22 +126,15 @@ def _check_pre_bias(pre_bias, x) -> Tensor:
     return pre_bias.contiguous()
 
 
-def _sparse_encode(name: str, x, W_enc, b_enc, k, pre_bias) -> tuple:
-    """The checks and backend dispatch shared by topk_encode and batchtopk_encode (``name``):
-    the backend's op ``<name>_cpu`` / ``_centered_cpu`` / ``_triton``, or the reference."""
+def _check_sparse_encoder(x, W_enc, b_enc, k, pre_bias) -> tuple:
+    """The checks shared by topk_encode and batchtopk_encode, and the backend they run on:
+    (x, W_enc, b_enc, k, pre_bias (None when not given), backend)."""
     x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
     k = checks.k_in_range(k, W_enc.shape[1])
     backend = backend_for(x)
     if pre_bias is not None:
         pre_bias = _check_pre_bias(pre_bias, x)
-        if backend == "cpp":
-            return getattr(_cpp(), f"{name}_centered_cpu")(x, W_enc, b_enc, pre_bias, k)
-        b_enc = b_enc - pre_bias @ W_enc
-    if backend == "cpp":
-        return getattr(_cpp(), f"{name}_cpu")(x, W_enc, b_enc, k)
-    if backend == "triton":
-        return getattr(_triton("encode"), f"{name}_triton")(x, W_enc, b_enc, k)
-    return getattr(reference, name)(x, W_enc, b_enc, k)
+    return x, W_enc, b_enc, k, pre_bias, backend
 
 
 def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, pre_bias: Tensor | None = None) -> TopKCodes:
@@ -126,7 +146,16 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, pre_bias: Tenso
     b_enc - pre_bias @ W_enc (that fold is the definition); gradients reach pre_bias too. An
     SAE's b_dec goes here: the C++ backend then never forms a dense [d_in, n] gradient for it.
     """
-    return TopKCodes(*_sparse_encode("topk_encode", x, W_enc, b_enc, k, pre_bias))
+    x, W_enc, b_enc, k, pre_bias, backend = _check_sparse_encoder(x, W_enc, b_enc, k, pre_bias)
+    if pre_bias is not None:
+        if backend == "cpp":
+            return TopKCodes(*cpu_ops()["topk_encode_centered"](x, W_enc, b_enc, pre_bias, k))
+        b_enc = b_enc - pre_bias @ W_enc
+    if backend == "cpp":
+        return TopKCodes(*cpu_ops()["topk_encode"](x, W_enc, b_enc, k))
+    if backend == "triton":
+        return TopKCodes(*triton_ops()["topk_encode"](x, W_enc, b_enc, k))
+    return TopKCodes(*reference.topk_encode(x, W_enc, b_enc, k))
 
 
 def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
@@ -136,7 +165,16 @@ def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
     -> BatchTopKCodes(values, rows, cols), each [B*k], row-major; ties: lower flat index.
     pre_bias [d_in] (optional): encode x - pre_bias, as in topk_encode.
     """
-    return BatchTopKCodes(*_sparse_encode("batchtopk_encode", x, W_enc, b_enc, k, pre_bias))
+    x, W_enc, b_enc, k, pre_bias, backend = _check_sparse_encoder(x, W_enc, b_enc, k, pre_bias)
+    if pre_bias is not None:
+        if backend == "cpp":
+            return BatchTopKCodes(*cpu_ops()["batchtopk_encode_centered"](x, W_enc, b_enc, pre_bias, k))
+        b_enc = b_enc - pre_bias @ W_enc
+    if backend == "cpp":
+        return BatchTopKCodes(*cpu_ops()["batchtopk_encode"](x, W_enc, b_enc, k))
+    if backend == "triton":
+        return BatchTopKCodes(*triton_ops()["batchtopk_encode"](x, W_enc, b_enc, k))
+    return BatchTopKCodes(*reference.batchtopk_encode(x, W_enc, b_enc, k))
 
 
 def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
@@ -144,9 +182,9 @@ def relu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
     backend = backend_for(x)
     if backend == "cpp":
-        return _cpp().relu_encode_cpu(x, W_enc, b_enc)
+        return cpu_ops()["relu_encode"](x, W_enc, b_enc)
     if backend == "triton":
-        return _triton("encode").relu_encode_triton(x, W_enc, b_enc)
+        return triton_ops()["relu_encode"](x, W_enc, b_enc)
     return reference.relu_encode(x, W_enc, b_enc)
 
 
@@ -168,7 +206,7 @@ def relu_encode_adaptive(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tens
     if backend_for(x) == "cpp" and not torch.compiler.is_compiling():  # compiled graphs keep static shapes
         if pre_bias is None:
             pre_bias = x.new_zeros(x.shape[1])
-        dense, values, rows, cols = _cpp().relu_encode_adaptive_cpu(x, W_enc, b_enc, pre_bias, float(max_density))
+        dense, values, rows, cols = cpu_ops()["relu_encode_adaptive"](x, W_enc, b_enc, pre_bias, float(max_density))
         return dense if dense.shape[0] else SparseCodes(values, rows, cols, x.shape[0])
     if pre_bias is not None:
         b_enc = b_enc - pre_bias @ W_enc
@@ -191,9 +229,9 @@ def jumprelu_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tens
     log_threshold = log_threshold.contiguous()
     backend = backend_for(x)
     if backend == "cpp":
-        return _cpp().jumprelu_encode_cpu(x, W_enc, b_enc, log_threshold, bandwidth)[0]
+        return cpu_ops()["jumprelu_encode"](x, W_enc, b_enc, log_threshold, bandwidth)[0]
     if backend == "triton":
-        return _triton("encode").jumprelu_encode_triton(x, W_enc, b_enc, log_threshold, bandwidth)[0]
+        return triton_ops()["jumprelu_encode"](x, W_enc, b_enc, log_threshold, bandwidth)[0]
     return reference.jumprelu_encode(x, W_enc, b_enc, log_threshold, bandwidth)
 
 
@@ -242,14 +280,13 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     batch, k = values.shape
     backend = backend_for(values)
     if backend == "cpp":
-        cpu_ops = _cpp()
-        rows = cpu_ops.coo_row_ids(batch, k)
-        return cpu_ops.sparse_decode_cpu(values.reshape(-1), rows, indices.reshape(-1).contiguous(),
-                                         W_dec, b_dec, batch)
+        rows = torch.arange(batch).repeat_interleave(k)
+        return cpu_ops()["sparse_decode"](values.reshape(-1), rows, indices.reshape(-1).contiguous(),
+                                          W_dec, b_dec, batch)
     if backend == "triton":
         rows = torch.arange(batch, device=values.device).repeat_interleave(k)
-        return _triton("decode").sparse_decode_triton(values.contiguous().reshape(-1), rows,
-                                                      indices.contiguous().reshape(-1), W_dec, b_dec, batch, True)
+        return triton_ops()["sparse_decode"](values.contiguous().reshape(-1), rows,
+                                             indices.contiguous().reshape(-1), W_dec, b_dec, batch, True)
     return reference.sparse_decode(values.contiguous(), indices.contiguous(), W_dec, b_dec)
 
 
@@ -275,9 +312,9 @@ def sparse_decode_coo(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor,
     values, rows, cols = values.contiguous(), rows.contiguous(), cols.contiguous()
     backend = backend_for(values)
     if backend == "cpp":
-        return _cpp().sparse_decode_cpu(values, rows, cols, W_dec, b_dec, batch_size)
+        return cpu_ops()["sparse_decode"](values, rows, cols, W_dec, b_dec, batch_size)
     if backend == "triton":
-        return _triton("decode").sparse_decode_triton(values, rows, cols, W_dec, b_dec, batch_size, False)
+        return triton_ops()["sparse_decode"](values, rows, cols, W_dec, b_dec, batch_size, False)
     return reference.sparse_decode_coo(values, rows, cols, W_dec, b_dec, batch_size)
 
 
@@ -310,11 +347,11 @@ def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead
         return torch.zeros((), dtype=x.dtype, device=x.device)
     backend = backend_for(x)
     if backend == "cpp":
-        return _cpp().ghost_grad_loss_cpu(x, W_enc, b_enc, W_dec.detach().contiguous(), dead_idx.contiguous(),
-                                          residual, mse_main, eps)[0]
+        return cpu_ops()["ghost_grad_loss"](x, W_enc, b_enc, W_dec.detach().contiguous(), dead_idx.contiguous(),
+                                            residual, mse_main, eps)[0]
     if backend == "triton":
-        return _triton("ghost").ghost_grad_loss_triton(x, W_enc, b_enc, W_dec.detach().contiguous(),
-                                                       dead_idx.contiguous(), residual, mse_main, eps)[0]
+        return triton_ops()["ghost_grad_loss"](x, W_enc, b_enc, W_dec.detach().contiguous(),
+                                               dead_idx.contiguous(), residual, mse_main, eps)[0]
     return reference.ghost_grad_loss(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps)
 
 
@@ -332,7 +369,7 @@ def remove_parallel_rows_(grad: Tensor, W: Tensor) -> Tensor:
     checks.size("grad", grad, 0, W.shape[0], "the rows of W")
     checks.size("grad", grad, 1, W.shape[1], "the columns of W")
     if _rows_on_cpp(grad, W):
-        _cpp()._C.remove_parallel_rows(W.detach().numpy(), grad.detach().numpy())
+        _C.remove_parallel_rows(W.detach().numpy(), grad.detach().numpy())
         return grad
     return grad.copy_(reference.remove_parallel_rows(grad, W))
 
@@ -343,6 +380,6 @@ def normalize_rows_(W: Tensor) -> Tensor:
     differentiable (a projection after the optimiser step)."""
     checks.tensor("W", W, 2)
     if _rows_on_cpp(W):
-        _cpp()._C.normalize_rows(W.detach().numpy())
+        _C.normalize_rows(W.detach().numpy())
         return W
     return W.copy_(reference.normalize_rows(W))

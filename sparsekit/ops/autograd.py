@@ -1,6 +1,6 @@
 """Autograd wiring shared by the backends' custom ops: what each op saves, its fake kernel, its backward.
 
-Both fast backends (C++ in ``sparsekit.ops.cpu.custom_ops``, Triton in ``sparsekit.kernels``) define every
+Both fast backends (C++ in ``sparsekit.ops.cpu``, Triton in ``sparsekit.kernels``) define every
 forward and backward kernel as a ``torch.library`` custom op; what differs between them is only the
 kernels. Each backend registers its forward ops here, passing the backend's own backward kernels:
 

@@ -5,6 +5,7 @@ tests/ops/test_ops_parity.py's, tests/ops/test_triton_ops.py's and tests/ops/tes
 import pytest
 import torch
 
+from sparsekit import ops
 from sparsekit.ops.backend import _C
 
 CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -28,11 +29,7 @@ def _arguments(op_name: str):
 
 
 def _backend_op(backend: str, op_name: str):
-    if backend == "cpp":
-        from sparsekit.ops.cpu import custom_ops as cpu_ops
-        return getattr(cpu_ops, f"{op_name}_cpu")
-    module = {"sparse_decode": "decode", "ghost_grad_loss": "ghost"}.get(op_name, "encode")
-    return getattr(__import__(f"sparsekit.kernels.{module}", fromlist=[module]), f"{op_name}_triton")
+    return (ops.cpu_ops() if backend == "cpp" else ops.triton_ops())[op_name]
 
 
 BACKENDS = (["cpp"] if _C is not None else []) + ([] if torch.cuda.is_available() else ["triton"])

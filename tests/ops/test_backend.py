@@ -33,14 +33,14 @@ def test_default_cpu_path_goes_through_the_custom_op(monkeypatch):
     monkeypatch.delenv("SPARSEKIT_BACKEND", raising=False)
     x, W, b = torch.randn(3, 4, requires_grad=True), torch.randn(4, 5), torch.randn(5)
     calls = []
-    from sparsekit.ops.cpu import custom_ops as cpu_ops
-    original = cpu_ops._C.topk_select_block
+    from sparsekit.ops.backend import _C
+    original = _C.topk_select_block
 
     def spy(*args):
         calls.append(args[3])  # k
         return original(*args)
 
-    monkeypatch.setattr(cpu_ops._C, "topk_select_block", spy)
+    monkeypatch.setattr(_C, "topk_select_block", spy)
     sparsekit.topk_encode(x, W, b, 2)
     assert calls == [2]
 
@@ -134,7 +134,8 @@ def test_forcing_cpp_without_the_extension_fails_loudly():
 def test_import_sparsekit_is_light():
     # No Triton, TransformerLens or custom-op registration at import time.
     result = subprocess.run([sys.executable, "-c", "import sys, sparsekit; print(sorted(m for m in "
-                             "('triton', 'transformer_lens', 'sparsekit.ops.cpu.custom_ops') if m in sys.modules))"],
+                             "('triton', 'transformer_lens', 'sparsekit.ops.cpu.encode', 'sparsekit.ops.cpu.decode', "
+                             "'sparsekit.ops.cpu.ghost', 'sparsekit.ops.cpu.sparse') if m in sys.modules))"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -18,8 +18,8 @@ needs_openblas = pytest.mark.skipif(not cpu_gemm.openblas_available(),
 def test_topk_encode_on_openblas_row_tiles_matches_the_reference(batch, dtype, monkeypatch, two_torch_threads):
     monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
     monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "numpy")  # the pool even at these tiny sizes
-    monkeypatch.setattr("sparsekit.ops.cpu.custom_ops.TOPK_TILE_ROWS", 4)  # many row blocks...
-    monkeypatch.setattr("sparsekit.ops.cpu.custom_ops.L2_TILE_BYTES", 4 * 8 * 3)  # ...of 3 (f64) or 6 (f32) columns: < k
+    monkeypatch.setattr("sparsekit.ops.cpu.encode.TOPK_TILE_ROWS", 4)  # many row blocks...
+    monkeypatch.setattr("sparsekit.ops.cpu.encode.L2_TILE_BYTES", 4 * 8 * 3)  # ...of 3 (f64) or 6 (f32) columns: < k
     gen = torch.Generator().manual_seed(batch)
     x, W, b = (torch.randn(*s, generator=gen, dtype=dtype) for s in ((batch, 6), (6, 50), (50,)))
     got = ops.topk_encode(x, W, b, 7)
@@ -35,8 +35,8 @@ def test_topk_over_column_blocks_keeps_the_lower_index_on_ties(library, width_by
         pytest.skip("NumPy in this environment is not built on OpenBLAS")
     monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
     monkeypatch.setenv("SPARSEKIT_CPU_GEMM", library)
-    monkeypatch.setattr("sparsekit.ops.cpu.custom_ops.TOPK_TILE_ROWS", 5)
-    monkeypatch.setattr("sparsekit.ops.cpu.custom_ops.L2_TILE_BYTES", width_bytes * 5)  # 1, 5 or 64 columns per block
+    monkeypatch.setattr("sparsekit.ops.cpu.encode.TOPK_TILE_ROWS", 5)
+    monkeypatch.setattr("sparsekit.ops.cpu.encode.L2_TILE_BYTES", width_bytes * 5)  # 1, 5 or 64 columns per block
     gen = torch.Generator().manual_seed(11)
     # Small integers: many exact ties within and across column blocks, and k = n for one case.
     x = torch.randint(-2, 3, (13, 4), generator=gen).float()
@@ -53,7 +53,7 @@ def test_topk_over_column_blocks_keeps_the_lower_index_on_ties(library, width_by
 def test_batchtopk_encode_on_openblas_row_tiles_matches_the_reference(monkeypatch, two_torch_threads):
     monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
     monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "numpy")
-    monkeypatch.setattr("sparsekit.ops.cpu.custom_ops.TILE_BYTES", 4 * 40 * 3)
+    monkeypatch.setattr("sparsekit.ops.cpu.encode.TILE_BYTES", 4 * 40 * 3)
     gen = torch.Generator().manual_seed(0)
     x, W, b = (torch.randn(*s, generator=gen) for s in ((23, 6), (6, 40), (40,)))
     got = ops.batchtopk_encode(x, W, b, 3)

@@ -8,7 +8,7 @@ import torch
 
 import sparsekit
 import sparsekit.numpy as snp
-from sparsekit.ops.cpu import custom_ops as cpu_ops
+from sparsekit import ops
 
 
 @pytest.fixture(autouse=True)
@@ -53,15 +53,17 @@ def test_forward_ops_equal_the_torch_ops(dtype):
         sparsekit.sparse_decode_coo(*(torch.from_numpy(c) for c in batch), t["W_dec"], t["b_dec"], 20).numpy())
 
 
-def spy(monkeypatch, name):
-    """Wrap cpu_ops.<name>: record the data pointers of its tensor arguments and its outputs."""
-    calls, original = [], getattr(cpu_ops, name)
+def spy(monkeypatch, op):
+    """Wrap the C++ custom op that runs ``op`` (sparsekit.ops.cpu_ops()): record the data pointers
+    of its tensor arguments and its outputs."""
+    table = ops.cpu_ops()
+    calls, original = [], table[op]
 
     def wrapper(*args):
         out = original(*args)
         calls.append(([a.data_ptr() for a in args if isinstance(a, torch.Tensor)], out))
         return out
-    monkeypatch.setattr(cpu_ops, name, wrapper)
+    monkeypatch.setitem(table, op, wrapper)
     return calls
 
 
@@ -69,14 +71,14 @@ def test_inputs_reach_the_cpp_kernel_without_a_copy_and_outputs_come_back_as_vie
     if sparsekit.backends()["cpu"] != "cpp":
         pytest.skip("sparsekit._C is not built")
     a = arrays(np.float64, seed=1)
-    calls = spy(monkeypatch, "topk_encode_cpu")
+    calls = spy(monkeypatch, "topk_encode")
     codes = snp.topk_encode(a["x"], a["W_enc"], a["b_enc"], k=4)
     (pointers, (values, indices)), = calls
     assert pointers == [a["x"].ctypes.data, a["W_enc"].ctypes.data, a["b_enc"].ctypes.data]
     assert np.shares_memory(codes.values, values.numpy()) and np.shares_memory(codes.indices, indices.numpy())
     assert not codes.values.flags.owndata
 
-    calls = spy(monkeypatch, "sparse_decode_cpu")
+    calls = spy(monkeypatch, "sparse_decode")
     y = snp.sparse_decode(codes.values, codes.indices, a["W_dec"], a["b_dec"])
     (pointers, out), = calls
     assert pointers[0] == codes.values.ctypes.data  # values, then rows (made here), cols (= indices)

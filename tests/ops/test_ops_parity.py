@@ -39,8 +39,8 @@ def test_cpp_matches_reference_when_decoder_width_differs(op, monkeypatch):
 
 def test_cpp_matches_reference_at_a_wide_dictionary(monkeypatch):
     # Several encoder GEMM tiles (the C++ path splits rows so the scratch block stays ~16 MiB).
-    from sparsekit.ops.cpu import custom_ops as cpu_ops
-    monkeypatch.setattr(cpu_ops, "TILE_BYTES", 64 * 1024)
+    from sparsekit.ops.cpu import encode as cpu_encode
+    monkeypatch.setattr(cpu_encode, "TILE_BYTES", 64 * 1024)
     compare_backends(make_case("topk_encode", seed=5, batch=300, d_in=16, n=2048, k=32), monkeypatch)
 
 

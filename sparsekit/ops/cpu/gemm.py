@@ -36,6 +36,12 @@ import torch
 from torch import Tensor
 
 
+def numpy_view(t: Tensor) -> np.ndarray:
+    """t's data as a NumPy array, zero-copy (t detached): how tensors and preallocated outputs
+    reach sparsekit._C, which refuses to copy."""
+    return t.detach().numpy()
+
+
 def _numpy_folders() -> list[str]:
     """Where a NumPy wheel keeps the libraries it bundles: inside the package (macOS: numpy/.dylibs)
     or beside it (Linux and Windows: numpy.libs)."""

@@ -1,21 +1,31 @@
-"""The C++ CPU backend as torch.library custom ops (namespace ``sparsekit``).
+"""The encoders on the C++ path, as torch.library custom ops with autograd (namespace ``sparsekit``),
+as ``sparsekit.kernels.encode`` is on the Triton path.
+
+- ``topk_encode_cpu`` / ``batchtopk_encode_cpu``: encoder GEMM in row tiles (``gemm``), the
+  selection fused with bias + ReLU in C++; bf16-screened (``screen``) on CPUs with native bf16.
+- ``topk_encode_centered_cpu`` / ``batchtopk_encode_centered_cpu``: the same of x - pre_bias, with
+  pre_bias's gradient in the sparse backward (no dense [d, n] outer product).
+- ``relu_encode_adaptive_cpu``: a ReLU encoder's codes as COO when they are sparse, else dense.
+- ``relu_encode_cpu`` / ``jumprelu_encode_cpu``: dense encoders, the cost their GEMM.
 
 Each forward and backward kernel is its own custom op with a fake (meta) kernel, and each
-differentiable op's autograd formula composes them, so the ops work under autograd and
-``torch.compile`` alike. Inputs are assumed checked by ``sparsekit.ops``; every op here makes its
-tensor inputs contiguous (a no-op when they are) because the C++ side refuses to copy.
-
-Outputs are allocated here and handed to ``sparsekit._C`` as zero-copy NumPy views.
+differentiable op's autograd formula composes them (the sparse backward's products are
+``sparse``'s), so the ops work under autograd and ``torch.compile`` alike; fake kernels and saved
+tensors of the uncentered ops are ``sparsekit.ops.autograd``'s, shared with the Triton backend.
+Inputs are assumed checked by ``sparsekit.ops``; every op here makes its tensor inputs contiguous
+(a no-op when they are) because the C++ side refuses to copy. Outputs are allocated here and
+handed to ``sparsekit._C`` as zero-copy NumPy views.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from sparsekit.ops import autograd as autograd_formulas
+from sparsekit.ops.autograd import kept_rows, register_batchtopk, register_jumprelu, register_relu, register_topk
 from sparsekit.ops.backend import _C
-from .gemm import empty_output, gemm_library, row_tiles, scratch
+from .gemm import empty_output, gemm_library, numpy_view, row_tiles, scratch
 from .screen import batchtopk_encode_screened, relu_encode_screened, topk_encode_screened, use_screen
+from .sparse import coo_t_times_dense_cpu, coo_times_dense_t_cpu
 
 # Rows of pre-activations computed per encoder GEMM tile: a [rows, n] scratch block of about
 # 64 MiB per thread instead of the whole [B, n] matrix. Each tile's GEMM packs all of W_enc again,
@@ -23,10 +33,6 @@ from .screen import batchtopk_encode_screened, relu_encode_screened, topk_encode
 # 890 / 828 / 782 / 766 ms with 128 / 256 / 512 / 1024-row tiles (the selection reads the tile
 # from L3 or DRAM at any of these heights, ~60 ms in all).
 TILE_BYTES = 64 * 2**20
-
-
-def _np(t: Tensor):
-    return t.detach().numpy()
 
 
 # The TopK encoder's GEMM blocks: 1024 rows (taller row blocks repack W_enc less often) by as many
@@ -42,74 +48,7 @@ def _tile_rows(n: int, itemsize: int) -> int:
     return max(1, TILE_BYTES // (n * itemsize))
 
 
-coo_row_ids = autograd_formulas.kept_rows  # the row of each entry of [B, k] codes as COO: [B*k] int64
-
-
-# --- sparse products (the backward kernels) ---------------------------------------------------
-
-@torch.library.custom_op("sparsekit::coo_times_dense_t_cpu", mutates_args=())
-def coo_times_dense_t_cpu(values: Tensor, rows: Tensor, cols: Tensor, dense: Tensor, n_rows: int) -> Tensor:
-    """S @ dense.T for COO S [n_rows, n], dense [d, n] -> [n_rows, d] (grad x of a sparse encoder)."""
-    out = empty_output((n_rows, dense.shape[0]), dense.dtype)
-    _C.coo_times_dense_t(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
-                         _np(dense.contiguous()), _np(out))
-    return out
-
-
-@coo_times_dense_t_cpu.register_fake
-def _(values, rows, cols, dense, n_rows):
-    return dense.new_empty(n_rows, dense.shape[0])
-
-
-@torch.library.custom_op("sparsekit::coo_t_times_dense_cpu", mutates_args=())
-def coo_t_times_dense_cpu(values: Tensor, rows: Tensor, cols: Tensor, dense: Tensor, n_cols: int,
-                          transpose_out: bool) -> tuple[Tensor, Tensor]:
-    """S.T @ dense for COO S [B, n_cols], dense [B, d] -> ([n_cols, d], or [d, n_cols] when
-    transpose_out) and the column sums of S [n_cols]; deterministic (fixed summation order)."""
-    d = dense.shape[1]
-    out = empty_output((d, n_cols) if transpose_out else (n_cols, d), dense.dtype)
-    col_sums = dense.new_empty(n_cols)
-    _C.coo_t_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
-                         _np(dense.contiguous()), transpose_out, _np(out), _np(col_sums))
-    return out, col_sums
-
-
-@coo_t_times_dense_cpu.register_fake
-def _(values, rows, cols, dense, n_cols, transpose_out):
-    d = dense.shape[1]
-    return dense.new_empty((d, n_cols) if transpose_out else (n_cols, d)), dense.new_empty(n_cols)
-
-
-@torch.library.custom_op("sparsekit::sampled_dense_dot_cpu", mutates_args=())
-def sampled_dense_dot_cpu(rows: Tensor, cols: Tensor, a: Tensor, dense: Tensor) -> Tensor:
-    """(a @ dense.T)[rows[e], cols[e]] for a [B, d], dense [n, d] -> [E] (grad of decoded values)."""
-    out = a.new_empty(rows.shape[0])
-    _C.sampled_dense_dot(_np(rows.contiguous()), _np(cols.contiguous()), _np(a.contiguous()),
-                         _np(dense.contiguous()), _np(out))
-    return out
-
-
-@sampled_dense_dot_cpu.register_fake
-def _(rows, cols, a, dense):
-    return a.new_empty(rows.shape[0])
-
-
-@torch.library.custom_op("sparsekit::sparse_decode_backward_cpu", mutates_args=())
-def sparse_decode_backward_cpu(values: Tensor, rows: Tensor, cols: Tensor, grad_y: Tensor,
-                               W_dec: Tensor) -> tuple[Tensor, Tensor]:
-    """Both decode gradients in one pass over the latents: grad values [E] (the dot products of
-    sampled_dense_dot_cpu) and grad W_dec [n, d] (coo_t_times_dense_cpu's sum, same order)."""
-    grad_values = values.new_empty(values.shape[0])
-    grad_W_dec = empty_output(tuple(W_dec.shape), W_dec.dtype)
-    _C.decode_backward(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
-                       _np(grad_y.contiguous()), _np(W_dec.contiguous()), _np(grad_values), _np(grad_W_dec))
-    return grad_values, grad_W_dec
-
-
-@sparse_decode_backward_cpu.register_fake
-def _(values, rows, cols, grad_y, W_dec):
-    return values.new_empty(values.shape[0]), W_dec.new_empty(W_dec.shape)
-
+# --- the sparse encoders' backward --------------------------------------------------------------
 
 def _sparse_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tensor, W_enc: Tensor):
     """Gradients of a sparse encoder from the gradient of its B*k kept pre-activations [E]:
@@ -153,7 +92,7 @@ def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     batch, n = x.shape[0], W_enc.shape[1]
     values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64)
-    bias = _np(b_enc)
+    bias = numpy_view(b_enc)
     library = gemm_library(2.0 * batch * x.shape[1] * n)
     if library == "numpy":
         rows = min(batch, TOPK_TILE_ROWS)
@@ -162,14 +101,15 @@ def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
         rows, width = min(batch, _tile_rows(n, x.element_size())), n
 
     def select(start: int, stop: int, col0: int, pre: Tensor, threads: int) -> None:
-        _C.topk_select_block(_np(pre), bias[col0:col0 + pre.shape[1]], col0, k, col0 == 0,
-                             col0 + pre.shape[1] == n, _np(values[start:stop]), _np(indices[start:stop]), threads)
+        _C.topk_select_block(numpy_view(pre), bias[col0:col0 + pre.shape[1]], col0, k, col0 == 0,
+                             col0 + pre.shape[1] == n, numpy_view(values[start:stop]),
+                             numpy_view(indices[start:stop]), threads)
 
     row_tiles(x, W_enc, rows, select, library=library, col_tile=width)
     return values, indices
 
 
-autograd_formulas.register_topk(topk_encode_cpu, _sparse_encoder_backward)
+register_topk(topk_encode_cpu, _sparse_encoder_backward)
 
 
 # --- topk_encode with a pre-encoder bias ---------------------------------------------------
@@ -223,7 +163,7 @@ def _centered_encoder_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tenso
 
 def _topk_centered_backward(ctx, grad_values, grad_indices):
     x, W_enc, pre_bias, values, indices = ctx.saved_tensors
-    rows = coo_row_ids(x.shape[0], values.shape[1])
+    rows = kept_rows(x.shape[0], values.shape[1])
     return _centered_encoder_backward(ctx, grad_values * (values > 0), rows, indices.reshape(-1), x, W_enc, pre_bias)
 
 
@@ -247,11 +187,12 @@ def _batchtopk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -
     values = x.new_empty(batch * k)
     rows = torch.empty(batch * k, dtype=torch.int64)
     cols = torch.empty(batch * k, dtype=torch.int64)
-    _C.batchtopk_select(_np(pre), _np(b_enc), batch * k, _np(values), _np(rows), _np(cols))
+    _C.batchtopk_select(numpy_view(pre), numpy_view(b_enc), batch * k, numpy_view(values), numpy_view(rows),
+                        numpy_view(cols))
     return values, rows, cols
 
 
-autograd_formulas.register_batchtopk(batchtopk_encode_cpu, _sparse_encoder_backward)
+register_batchtopk(batchtopk_encode_cpu, _sparse_encoder_backward)
 
 
 @torch.library.custom_op("sparsekit::batchtopk_encode_centered_cpu", mutates_args=())
@@ -303,7 +244,7 @@ def relu_encode_adaptive_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: 
     bias = _folded_bias(b_enc, pre_bias, W_enc)
     pre = scratch(batch, n, x.dtype, "batch pre-activations")
     row_tiles(x, W_enc, _tile_rows(n, x.element_size()), out=pre)
-    coo = _C.relu_compact(_np(pre), _np(bias), int(max_density * batch * n))
+    coo = _C.relu_compact(numpy_view(pre), numpy_view(bias), int(max_density * batch * n))
     if coo is None:
         empty_index = torch.empty(0, dtype=torch.int64)
         dense = torch.add(pre, bias, out=empty_output((batch, n), x.dtype)).clamp_(min=0)
@@ -367,7 +308,7 @@ def _relu_backward(ctx, grad_out):
     return _dense_encoder_backward(ctx, torch.ops.aten.threshold_backward(grad_out, out, 0), x, W_enc)
 
 
-autograd_formulas.register_relu(relu_encode_cpu, _relu_backward)
+register_relu(relu_encode_cpu, _relu_backward)
 
 
 @torch.library.custom_op("sparsekit::jumprelu_encode_cpu", mutates_args=())
@@ -396,72 +337,4 @@ def _jumprelu_backward(ctx, grad_out, grad_pre_out):
     return grad_x, grad_W_enc, grad_b_enc, grad_log_threshold, None
 
 
-autograd_formulas.register_jumprelu(jumprelu_encode_cpu, _jumprelu_backward)
-
-
-# --- sparse_decode ----------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsekit::sparse_decode_cpu", mutates_args=())
-def sparse_decode_cpu(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
-                      batch_size: int) -> Tensor:
-    """y = S @ W_dec + b_dec for COO codes S [batch_size, n]: gathers the kept rows of W_dec."""
-    out = empty_output((batch_size, W_dec.shape[1]), W_dec.dtype)
-    _C.coo_times_dense(_np(values.contiguous()), _np(rows.contiguous()), _np(cols.contiguous()),
-                       _np(W_dec.contiguous()), _np(out))
-    return out.add_(b_dec)
-
-
-def _decode_backward(ctx, grad_y):
-    values, rows, cols, W_dec = ctx.saved_tensors
-    grad_values = grad_W_dec = grad_b_dec = None
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[3]:
-        grad_values, grad_W_dec = sparse_decode_backward_cpu(values, rows, cols, grad_y, W_dec)
-    elif ctx.needs_input_grad[0]:
-        grad_values = sampled_dense_dot_cpu(rows, cols, grad_y, W_dec)
-    elif ctx.needs_input_grad[3]:
-        grad_W_dec, _ = coo_t_times_dense_cpu(values, rows, cols, grad_y, W_dec.shape[0], False)
-    if ctx.needs_input_grad[4]:
-        grad_b_dec = grad_y.sum(0)
-    return grad_values, None, None, grad_W_dec, grad_b_dec, None
-
-
-autograd_formulas.register_sparse_decode(sparse_decode_cpu, _decode_backward)
-
-
-# --- ghost_grad_loss --------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsekit::ghost_grad_loss_cpu", mutates_args=())
-def ghost_grad_loss_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
-                        residual: Tensor, mse_main: Tensor,
-                        eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The ghost-grads term over dead latents D only (see reference.ghost_grad_loss): GEMMs on the
-    gathered columns, the per-row rescale and squared error fused in C++. Every intermediate is
-    [B, |D|] or [B, d], never [B, n]; dead_idx must be non-empty.
-
-    Returns (loss, the unscaled loss L, exp(pre_D) [B, |D|], the rescaled ghost g [B, d], the
-    per-row scale [B]): the public op keeps the first, the backward reuses the rest.
-    """
-    exp_pre = torch.addmm(b_enc.index_select(0, dead_idx), x, W_enc.index_select(1, dead_idx)).exp_()
-    ghost = torch.mm(exp_pre, W_dec.index_select(0, dead_idx))
-    scale, row_error = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
-    _C.ghost_rescale(_np(ghost), _np(residual.contiguous()), eps, _np(scale), _np(row_error))
-    raw_loss = row_error.mean()
-    return raw_loss * (mse_main / (raw_loss + eps)), raw_loss, exp_pre, ghost, scale
-
-
-@torch.library.custom_op("sparsekit::ghost_grad_loss_backward_cpu", mutates_args=())
-def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
-                                 residual: Tensor, mse_main: Tensor, raw_loss: Tensor, exp_pre: Tensor,
-                                 ghost: Tensor, scale: Tensor, eps: float, need_grad_x: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad x [B, d] (empty [0, d] unless need_grad_x), grad W_enc[:, D] [d, |D|], grad b_enc[D]
-    [|D|]) from the forward's saved terms; the scale and the loss factor are constants, as in the
-    reference."""
-    coefficient = float(grad * mse_main / (raw_loss + eps)) * 2 / x.shape[0]
-    grad_ghost = torch.empty_like(ghost)
-    _C.ghost_rescale_backward(_np(ghost), _np(residual.contiguous()), _np(scale), coefficient, _np(grad_ghost))
-    grad_pre = torch.mm(grad_ghost, W_dec.index_select(0, dead_idx).t()).mul_(exp_pre)
-    grad_x = torch.mm(grad_pre, W_enc.index_select(1, dead_idx).t()) if need_grad_x else x.new_empty(0, x.shape[1])
-    return grad_x, torch.mm(x.t(), grad_pre), grad_pre.sum(0)
-
-
-autograd_formulas.register_ghost(ghost_grad_loss_cpu, ghost_grad_loss_backward_cpu)
+register_jumprelu(jumprelu_encode_cpu, _jumprelu_backward)
