@@ -19,7 +19,7 @@ Rows:
 
 Every row is timed once per round, round-robin (the starting row rotates each round) so machine
 noise hits all alike, after one warm-up call each; the table gives the median and the range, and
-ratios to torch's GEMM and to the fastest GEMM of the same run (DESIGN.md, "Benchmarks"). Peak
+ratios to torch's GEMM and to the fastest GEMM of the same run (docs/design.md, "Benchmarks"). Peak
 RSS is a high-water mark, so each step variant runs in a subprocess of its own
 (``--peak-rss-of VARIANT``: build the tensors, run two steps, print ru_maxrss).
 """

@@ -167,7 +167,7 @@ def build_model(config: SparseBaseConfig, vocab_size: int):
         n_heads=config.n_heads, d_mlp=config.d_mlp, d_vocab=positive_int("vocab_size", vocab_size),
         act_fn="relu", normalization_type="LN", device="cpu", seed=None)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # TransformerLens 3.x warns that HookedTransformer goes in 4.0; DESIGN.md pins >=3.9,<4.
+        # TransformerLens 3.x warns that HookedTransformer goes in 4.0; docs/design.md pins >=3.9,<4.
         warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
         torch.manual_seed(config.seed)
         model = HookedTransformer(tl_config)

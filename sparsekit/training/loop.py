@@ -36,7 +36,7 @@ DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as de
 class TrainConfig:
     """Training settings; every count is in tokens (rows of activations), never steps.
 
-    Defaults follow the recipes in DESIGN.md: Adam (betas 0.9/0.999), LR decayed linearly to zero
+    Defaults follow the recipes in docs/design.md: Adam (betas 0.9/0.999), LR decayed linearly to zero
     over the last 20% of training (Anthropic, April 2024), AuxK with k_aux = d_in / 2 and
     coefficient 1/32 (Gao et al. 2024), resampling at 2.5/5/7.5/10% of the run (Towards
     Monosemanticity's 25k-100k of ~1M steps), dead after 10M tokens without firing.

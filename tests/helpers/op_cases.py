@@ -1,6 +1,6 @@
 """Random inputs for every op and a runner that returns outputs and gradients on one backend.
 
-Two kinds of data, as DESIGN.md's "Testing parity" asks:
+Two kinds of data, as docs/design.md's "Testing parity" asks:
 - integer-valued (exact): small integers make every GEMM exact on every backend, so selection
   must agree exactly, exact ties included (they are frequent: lower index wins);
 - real-valued with enforced gaps: rows are redrawn until the k-th and (k+1)-th pre-activations

@@ -1,9 +1,9 @@
 """Bad input at every public entry gives one clear error naming the field and what was expected:
 SAE constructors and forward passes, TrainConfig, train's sources, every flag of `sparsekit train`.
 (The ops' table is tests/ops/test_bad_input.py, sparsekit.load's tests/sae/test_sae_persistence.py, the
-CLI's scenario table tests/cli/test_cli_train.py; the README table collects them all.)
+CLI's scenario table tests/cli/test_cli_train.py; the table in docs/reliability.md collects them all.)
 
-    python tests/package/test_bad_input_everywhere.py     # prints the README's Markdown table of every case
+    python tests/package/test_bad_input_everywhere.py     # prints that Markdown table, every case
 """
 from __future__ import annotations
 
@@ -309,7 +309,24 @@ def test_every_flag_refuses_a_bad_value_with_one_line(flag, cli_root):
     assert fragment.format(root=cli_root) in err, err
 
 
-# --- the README table -------------------------------------------------------------------------------
+# --- the table in docs/reliability.md ---------------------------------------------------------------
+
+TESTS = Path(__file__).resolve().parents[1]
+DOC = TESTS.parent / "docs" / "reliability.md"
+
+
+def suite_tables():
+    """The other folders' case tables (pytest puts a folder on sys.path only when it collects it;
+    tests/ itself, for the helpers package, only under pytest)."""
+    for folder in (TESTS, TESTS / "ops", TESTS / "sae", TESTS / "cli"):
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))
+    import test_bad_input
+    import test_cli_train
+    import test_sae_persistence
+
+    return test_bad_input, test_cli_train, test_sae_persistence
+
 
 def _message(call) -> tuple[str, str]:
     try:
@@ -321,9 +338,7 @@ def _message(call) -> tuple[str, str]:
 
 def table_rows() -> list[tuple[str, str, str, str]]:
     """(entry, case, exception, message) for every bad-input case in the test suite."""
-    import test_bad_input
-    import test_cli_train
-    import test_sae_persistence
+    test_bad_input, test_cli_train, test_sae_persistence = suite_tables()
 
     rows_out = [(entry, name, *_message(call)) for entry, name, call, _, _ in CASES]
     rows_out += [("ops (torch and cpp)", name, *_message(call)) for name, (call, _) in test_bad_input.CASES.items()]
@@ -362,16 +377,16 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-def test_the_readme_table_lists_every_case():
-    import test_bad_input
-    import test_cli_train
-    import test_sae_persistence
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def test_the_reliability_doc_table_lists_every_case():
+    test_bad_input, test_cli_train, test_sae_persistence = suite_tables()
+    doc = DOC.read_text()
     total = (len(CASES) + len(test_bad_input.CASES) + len(test_sae_persistence.BAD_FILES) + len(FLAG_CASES)
              + len(test_cli_train.BAD_INPUTS))
-    assert f"{total} bad inputs tried: " in readme, "regenerate: python tests/package/test_bad_input_everywhere.py"
-    assert readme.count("\n| ") - readme.count("\n| ---") >= total
+    regenerate = ("regenerate it: python tests/package/test_bad_input_everywhere.py, and paste what it prints "
+                  "into docs/reliability.md (section 'Bad input', inside <details>)")
+    assert f"{total} bad inputs tried: " in doc, regenerate
+    table = doc.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    assert table.count("\n| ") - table.count("\n| ---") >= total, regenerate
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The CPU GEMM behind the TopK encoder: the one GEMM a fused step cannot avoid.
 
 On the CPUs measured here NumPy's bundled OpenBLAS runs the float32 encoder GEMM faster than
-torch's MKL (DESIGN.md: ~1.7x on an AVX2 EPYC; ~1.2x on an AVX-512 one). Tensors cross as
+torch's MKL (docs/design.md: ~1.7x on an AVX2 EPYC; ~1.2x on an AVX-512 one). Tensors cross as
 zero-copy ``Tensor.numpy()`` views and each product is written into a preallocated output.
 
 OpenBLAS's own worker threads spin for ~0.1 s after each call and fight torch's OpenMP threads

@@ -1,4 +1,4 @@
-"""The README's "Use from other frameworks" examples run as printed (in a temporary folder, W&B offline)."""
+"""docs/interop.md's examples ("Use from other frameworks") run as printed (in a temporary folder, W&B offline)."""
 import re
 from pathlib import Path
 
@@ -8,17 +8,16 @@ import torch
 
 import sparsekit
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "interop.md"
 
 
 def examples() -> dict:
-    """Subsection title -> its python code block, from the README section."""
-    section = README.read_text().split("## Use from other frameworks", 1)[1].split("\n## ", 1)[0]
+    """Section title -> its python code block, from docs/interop.md."""
     blocks = {}
-    for part in section.split("\n### ")[1:]:
+    for part in DOC.read_text().split("\n## ")[1:]:
         title, body = part.split("\n", 1)
         code = re.search(r"```python\n(.*?)```", body, re.S)
-        assert code, f"README subsection {title!r} has no python example"
+        assert code, f"docs/interop.md section {title!r} has no python example"
         blocks[title.strip()] = code.group(1)
     return blocks
 
@@ -31,11 +30,11 @@ def run(title, tmp_path, monkeypatch, replace=()) -> dict:
     assert len(code.strip().splitlines()) <= 12, f"the {title!r} example should stay short"
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, f"README.md ({title})", "exec"), namespace)
+    exec(compile(code, f"docs/interop.md ({title})", "exec"), namespace)
     return namespace
 
 
-def test_every_subsection_has_an_example():
+def test_every_section_has_an_example():
     assert list(examples()) == ["torch.compile", "NumPy and DLPack (JAX, CuPy)", "SAELens, both ways",
                                 "Hugging Face transformers, without TransformerLens", "Weights & Biases"]
 
