@@ -127,9 +127,10 @@ def _ratio(a, b):
 
 
 def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
-    import sparsekit
     import torch
     import torch.nn.functional as F
+
+    import sparsekit
 
     batch, d, n, k = shape
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -158,7 +159,7 @@ def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
     copy_bytes = COPY_BYTES if dev.type == "cuda" else 2**20
     src = torch.empty(copy_bytes // 4, device=dev, dtype=torch.float32)
     dst = torch.empty_like(src)
-    copy_s = bench.time(lambda: dst.copy_(src))
+    copy_s = bench.time(lambda: dst.copy_(src))  # noqa: F821  (ruff: the names are deleted below, after the call)
     copy_bw = 2 * copy_bytes / copy_s / 1e9
     add("device copy (floor)", copy_s, "", copy_bw, "GB/s", 1.0, "copy BW")
     del src, dst

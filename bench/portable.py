@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from _timing import cpu_model  # noqa: E402  (imports neither torch nor numpy)
+
 TARGET_RATIO = 1.10
 
 
@@ -48,6 +49,7 @@ def child(args: argparse.Namespace) -> None:
     import time
 
     import peers  # noqa: E402  (pins threads from sys.argv at import)
+
     import sparsekit
     from sparsekit.ops.backend import _C
     shapes = peers.shapes_from(peers.parse_args())

@@ -36,9 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (BUSY_SHARE, RESULTS_DIR, SETTLE_SECONDS, THREAD_ENV_VARS, busy_cpu_seconds,  # noqa: E402,F401
-                     cpu_model, output_path, peak_rss_gib, peak_rss_in_subprocesses, pin_thread_env,
-                     time_round_robin, time_with_cpu_share)
+from _timing import (  # noqa: E402,F401
+    BUSY_SHARE,
+    RESULTS_DIR,
+    SETTLE_SECONDS,
+    THREAD_ENV_VARS,
+    busy_cpu_seconds,
+    cpu_model,
+    output_path,
+    peak_rss_gib,
+    peak_rss_in_subprocesses,
+    pin_thread_env,
+    time_round_robin,
+    time_with_cpu_share,
+)
 
 STEP_VARIANTS = ("dense", "sparsify", "sparsekit")
 RSS_VARIANTS = ("baseline",) + STEP_VARIANTS  # baseline: imports and tensors, no step
@@ -77,8 +88,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sparsekit  # noqa: E402
-from sparsekit.ops.cpu import gemm as cpu_gemm  # noqa: E402
 from sparsekit.ops.backend import _C  # noqa: E402  (None when the extension is not built)
+from sparsekit.ops.cpu import gemm as cpu_gemm  # noqa: E402
 
 
 @dataclass(frozen=True)

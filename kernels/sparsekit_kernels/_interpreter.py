@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 
-
 _LANGS_OF: dict = {}  # id(function globals) -> its language modules, found once per module
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from sparsekit.ops.autograd import register_sparse_decode
+
 from .encode import deterministic
 from .sparse import coo_t_times_dense, coo_times_dense, sampled_dot
 

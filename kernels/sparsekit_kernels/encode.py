@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsekit.ops.autograd import register_batchtopk, register_jumprelu, register_relu, register_topk
+
 from ._config import fixed
 from .gemm import gemm
 from .select import batch_topk, topk_rows

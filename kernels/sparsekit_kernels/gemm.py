@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import check_dtype, configs, dot_precision, upcast_inputs, INTERPRETING
+from ._config import INTERPRETING, check_dtype, configs, dot_precision, upcast_inputs
 
 EPILOGUES = {"none": 0, "relu": 1, "jumprelu": 2, "exp": 3, "mul": 4}
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sparsekit.ops.autograd import register_ghost
+
 from ._config import fixed
 from .gemm import gemm
 

@@ -3,21 +3,31 @@ ValueError that names the argument and what was expected (never an assert, never
 from __future__ import annotations
 
 
+def is_int(value) -> bool:
+    """value is an int and not a bool (True is an int to Python, never a count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """value is an int or a float and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def positive_int(name: str, value) -> int:
     """value must be an int >= 1 (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
 def positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+    if not is_number(value) or not value > 0 or value == float("inf"):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def seed(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"seed must be a non-negative int, got {value!r}")
     return value
 
@@ -40,6 +50,6 @@ def check_state(kind: str, state, expected: dict) -> None:
 
 def state_int(state: dict, field: str) -> int:
     value = state.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"state field {field!r} must be a non-negative int, got {value!r}")
     return value

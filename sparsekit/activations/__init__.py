@@ -10,5 +10,6 @@ from .shards import ShardSource, load_activation_file, read_manifest, write_shar
 from .source import ActivationSource, IterableSource, TensorSource, as_source
 from .text import load_documents, load_text, token_contexts
 
-__all__ = ["ActivationSource", "HFModuleSource", "find_modules", "IterableSource", "ShardSource", "TensorSource", "as_source", "load_activation_file",
+__all__ = ["ActivationSource", "HFModuleSource", "find_modules", "IterableSource", "ShardSource", "TensorSource", "as_source",
+           "load_activation_file",
            "load_documents", "load_lm", "load_mnist", "load_text", "read_manifest", "token_contexts", "write_shards"]

@@ -25,9 +25,11 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from sparsekit._util.validate import positive_int
-from sparsekit._util.validate import epochs as _epochs, seed as _seed, state_int as _state_int, check_state
 from sparsekit._util.seeding import permutation
+from sparsekit._util.validate import check_state, positive_int
+from sparsekit._util.validate import epochs as _epochs
+from sparsekit._util.validate import seed as _seed
+from sparsekit._util.validate import state_int as _state_int
 
 SIDES = ("input", "output")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.extras import require
+
 from .mnist import default_cache_dir
 
 SMOLLM2 = "smollm2-135m"

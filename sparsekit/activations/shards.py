@@ -26,10 +26,13 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.atomic import atomic_write, fsync_path
-from sparsekit._util.validate import positive_int
-from .source import Batch
-from sparsekit._util.validate import epochs as _epochs, seed as _seed, state_int as _state_int, check_state
 from sparsekit._util.seeding import permutation
+from sparsekit._util.validate import check_state, is_int, is_number, positive_int
+from sparsekit._util.validate import epochs as _epochs
+from sparsekit._util.validate import seed as _seed
+from sparsekit._util.validate import state_int as _state_int
+
+from .source import Batch
 
 FORMAT = "sparsekit-shards"
 FORMAT_VERSION = 1
@@ -69,7 +72,7 @@ def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: 
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     np_dtype = np.dtype(dtype)
     shard_rows = positive_int("shard_rows", shard_rows)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+    if scale is not None and (not is_number(scale)
                               or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     directory.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,7 @@ def read_manifest(directory) -> dict:
         if not isinstance(shard, dict):
             raise ValueError(f"{path}: shards[{i}] must be an object, got {shard!r}")
         rows = shard.get("rows")
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        if not is_int(rows) or rows < 1:
             raise ValueError(f"{path}: shards[{i}].rows must be a positive int, got {rows!r}")
         for key in keys:
             name = shard.get(key)

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.seeding import derive_seed, permutation  # noqa: F401  (re-exported: sources shuffle with them)
-from sparsekit._util.validate import check_state, epochs as check_epochs, positive_int, seed as check_seed, state_int
+from sparsekit._util.validate import check_state, positive_int, state_int
+from sparsekit._util.validate import epochs as check_epochs
+from sparsekit._util.validate import seed as check_seed
 
 Batch = Union[Tensor, Tuple[Tensor, Tensor]]
 

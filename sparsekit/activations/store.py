@@ -28,11 +28,14 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.atomic import atomic_write_bytes
-from sparsekit._util.validate import positive_int
+from sparsekit._util.seeding import permutation
+from sparsekit._util.validate import check_state, positive_int
+from sparsekit._util.validate import epochs as _epochs
+from sparsekit._util.validate import seed as _seed
+from sparsekit._util.validate import state_int as _state_int
+
 from .shards import MANIFEST, ShardSource, write_shards
 from .source import Batch
-from sparsekit._util.validate import epochs as _epochs, seed as _seed, state_int as _state_int, check_state
-from sparsekit._util.seeding import permutation
 from .text import load_documents, token_contexts
 
 STORE_RECORD = "lm_store.json"

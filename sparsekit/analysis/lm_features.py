@@ -24,7 +24,7 @@ import re
 import torch
 from torch import Tensor
 
-from sparsekit.activations.store import check_contexts, check_hooks, flatten_positions, hook_activations, stop_layer
+from sparsekit.activations.store import check_contexts, check_hooks, hook_activations, stop_layer
 from sparsekit.sae.base import SparseDictionary
 
 SINGLE_TOKEN_SHARE = 0.5

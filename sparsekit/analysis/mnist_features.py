@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparsekit._util.validate import is_int
 from sparsekit.toys.mnist_mlp import CLASSES, MNISTMLP
 
 NO_LABEL = -1  # majority label of a feature that never fires
@@ -38,7 +39,7 @@ def top_activating(codes: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """codes [N, n] -> (indices [n, count] int64, values [n, count]) of each feature's largest
     activations, descending. Entries past a feature's positive activations have value 0 and index -1."""
     codes = _codes_matrix(codes)
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= codes.shape[0]:
+    if not is_int(count) or not 1 <= count <= codes.shape[0]:
         raise ValueError(f"count must be an int in [1, {codes.shape[0]}] (the number of images), got {count!r}")
     values, indices = codes.t().topk(count, dim=1)
     positive = values > 0
@@ -74,7 +75,7 @@ def majority_labels(top_indices: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
 
 def rest_of_network(model: MNISTMLP, layer: int):
     """h [M, hidden] at hidden layer `layer` (post-ReLU) -> logits [M, 10]: the layers after it."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.depth:
+    if not is_int(layer) or not 0 <= layer < model.depth:
         raise ValueError(f"layer must be an int in [0, {model.depth}), got {layer!r}")
 
     def forward(h: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparsekit._util.atomic import atomic_write_bytes
+
 from . import html_report as h
 from .mnist_plots import dead_study_png, error_curves_png, gallery_png, logit_heatmap_png, per_digit_png
 

@@ -5,6 +5,7 @@ import os
 import sys
 
 from sparsekit._util.version import VERSION
+
 from .parser import list_commands_if_asked
 
 COMMANDS = {
@@ -45,8 +46,8 @@ def main(argv=None) -> None:
         print("\n".join(version_lines()))
         return
     list_commands_if_asked(argv, "python -m sparsekit <command> [options] | --version", "commands", COMMANDS)
-    from sparsekit.errors import BackendUnavailable
     from sparsekit._util.extras import MissingExtra
+    from sparsekit.errors import BackendUnavailable
     try:
         run_command(argv[0], argv[1:])
     except MissingExtra as missing:  # an optional dependency: one line naming its extra, no traceback
@@ -66,8 +67,9 @@ def run_command(command: str, rest: list) -> None:
         from .mnist import main as mnist_main
         mnist_main(rest)
     elif command == "train":
-        from .train import main as train_main
         from sparsekit.training.parallel.data import init_distributed, launched_by_torchrun, shutdown_distributed
+
+        from .train import main as train_main
         if launched_by_torchrun():  # join the group first: each rank then builds on its own GPU
             init_distributed()
         train_main(rest)

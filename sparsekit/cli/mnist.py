@@ -9,6 +9,7 @@ from sparsekit.studies import mnist_study
 from sparsekit.studies.mnist_scan import GRIDS
 from sparsekit.studies.mnist_study import StudyConfig, print_summary, run_study
 from sparsekit.toys.mnist_mlp import MLPConfig
+
 from .parser import OneLineParser, positive
 
 

@@ -1,6 +1,7 @@
 """`python -m sparsekit toys attention|sparse-base [...]`: the toy studies.
 
-attention: the attention-head superposition toy, one run or a sweep. One run writes m_columns.png (the columns of the learned mixing matrix M) and summary.json (M, losses,
+attention: the attention-head superposition toy, one run or a sweep. One run writes m_columns.png (the
+columns of the learned mixing matrix M) and summary.json (M, losses,
 column norms, the features represented and the angles between them). --sweep trains --seeds seeds at
 each OV density and adds sweep.csv and sweep.png (features represented vs OV density).
 
@@ -28,7 +29,14 @@ def _densities(text: str) -> tuple[float, ...]:
 def attention_main(argv) -> None:
     import torch
 
-    from sparsekit.toys.attention_superposition import SWEEP_DENSITIES, AttentionToyConfig, plot_columns, sweep, train_mixing, write_sweep
+    from sparsekit.toys.attention_superposition import (
+        SWEEP_DENSITIES,
+        AttentionToyConfig,
+        plot_columns,
+        sweep,
+        train_mixing,
+        write_sweep,
+    )
 
     defaults = AttentionToyConfig()
     parser = OneLineParser(prog="sparsekit toys attention", description=__doc__,
@@ -75,7 +83,8 @@ def attention_main(argv) -> None:
             print(f"ov_density={s['ov_density']:g}: features represented mean {s['mean']:.2f} "
                   f"(min {s['min']}, max {s['max']}, {s['seeds']} seeds)")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.name in ('m_columns.png', 'summary.json', 'sweep.csv', 'sweep.png')))} to {out}/")
+    written = ('m_columns.png', 'summary.json', 'sweep.csv', 'sweep.png')
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.name in written))} to {out}/")
 
 
 def sparse_base_main(argv) -> None:

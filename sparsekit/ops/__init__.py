@@ -18,7 +18,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from sparsekit._util.validate import is_int
 from sparsekit.ops import checks, reference
+
 from .backend import _C, backend_for
 
 
@@ -303,7 +305,7 @@ def sparse_decode_coo(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor,
         if t.shape != values.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(values.shape)} like values")
     checks.same_device("values", values, rows=rows, cols=cols)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     W_dec, b_dec = _check_decoder(W_dec, b_dec, values.dtype, values.device)
     checks.indices_in_range("rows", rows, batch_size, "batch_size")

@@ -19,10 +19,10 @@ import os
 
 import torch
 
-BACKEND_NAMES = ("torch", "cpp", "triton")
-
-from sparsekit.ops.cpu.isa import load_extension
 from sparsekit.errors import BackendUnavailable
+from sparsekit.ops.cpu.isa import load_extension
+
+BACKEND_NAMES = ("torch", "cpp", "triton")
 
 _extension = load_extension()
 _C = _extension.module  # the C++ kernels (None when not built, or SPARSEKIT_ISA=none)

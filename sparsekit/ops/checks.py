@@ -11,8 +11,9 @@ import os
 import torch
 from torch import Tensor
 
-from .backend import CPP_DTYPES, _C
-from sparsekit._util.validate import positive_int, positive_number  # noqa: F401  (op arguments use them too)
+from sparsekit._util.validate import is_int, positive_int, positive_number  # noqa: F401  (op arguments use them too)
+
+from .backend import _C, CPP_DTYPES
 
 
 def finite_checks_enabled() -> bool:
@@ -64,7 +65,7 @@ def positive_width(name: str, t: Tensor, axis: int) -> None:
 
 
 def k_in_range(k, n_latents: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if not is_int(k):
         raise ValueError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")

@@ -5,16 +5,17 @@ Adding an architecture is one module here (a SparseDictionary subclass declaring
 ``@register``) plus its import below and its tests.
 """
 from .base import SAEOutput, SparseDictionary, geometric_median
+from .batchtopk import BatchTopKSAE
+from .jumprelu import JumpReLUSAE
 from .persistence import load
 from .registry import ARCHITECTURES, Hyperparameter, register
+from .relu import ReLUSAE
 from .saelens import export_saelens, load_saelens
-from .transcoder import Transcoder
 
 # isort: off  -- registration order is the order the CLI and its errors list architectures in
 from .topk import TopKSAE
-from .batchtopk import BatchTopKSAE
-from .relu import ReLUSAE
-from .jumprelu import JumpReLUSAE
+from .transcoder import Transcoder
+
 # isort: on
 
 __all__ = ["ARCHITECTURES", "BatchTopKSAE", "Hyperparameter", "JumpReLUSAE", "ReLUSAE", "SAEOutput", "SparseDictionary",

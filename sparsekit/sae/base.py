@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from sparsekit import ops
-from sparsekit._util.validate import positive_int
+from sparsekit._util.validate import is_int, positive_int
+
 from .files import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401  (the folder format, re-exported)
 from .persistence import save_dictionary
 from .registry import ARCHITECTURES, Hyperparameter, register  # noqa: F401  (the registry, re-exported)
@@ -92,7 +93,7 @@ class SparseDictionary(nn.Module):
             raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}: use sparsekit.Transcoder")
         self.transcoder = bool(transcoder)
         factory = dict(dtype=_floating_dtype(dtype), device=_device(device))
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        if seed is not None and (not is_int(seed) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         gen = torch.Generator(device="cpu")
         if seed is not None:

@@ -12,6 +12,7 @@ import torch
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_int
+
 from .base import SparseDictionary
 from .registry import Hyperparameter, register
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_number
+
 from .base import SAEOutput, SparseDictionary
 from .registry import Hyperparameter, register
 

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.validate import is_number
+
 from . import registry
 from .files import CONFIG_FILE, WEIGHTS_FILE, read_json_object
 
@@ -80,14 +82,15 @@ def _build(config: dict, config_path: Path, device):
         raise ValueError(f"{config_path}: fields do not fit architecture {architecture!r}: {error}") from None
     for key in ("input_scale", "output_scale"):
         value = config.get(key, 1.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        if not is_number(value) or not (math.isfinite(value) and value > 0):
             raise ValueError(f"{config_path}: {key} must be a positive finite number, got {value!r}")
         setattr(sae, key, float(value))
     # Constructors coerce some fields (bool("no") is True): a field that does not read back as
     # written had the wrong type.
     rebuilt = sae.config()
     for key, value in config.items():
-        if key in rebuilt and value is not None and (rebuilt[key] != value or isinstance(rebuilt[key], bool) != isinstance(value, bool)):
+        mismatch = rebuilt.get(key) != value or isinstance(rebuilt.get(key), bool) != isinstance(value, bool)
+        if key in rebuilt and value is not None and mismatch:
             raise ValueError(f"{config_path}: field {key}={value!r} is not valid for {architecture!r} "
                              f"(expected a value like {rebuilt[key]!r})")
     return sae

@@ -38,10 +38,12 @@ from pathlib import Path
 
 import torch
 
+from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.validate import is_int
+
 from . import registry
 from .files import WEIGHTS_FILE, read_json_object
 from .transcoder import Transcoder
-from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"
@@ -191,7 +193,7 @@ def _read_saelens_config(config_path: Path) -> dict:
                          f"supported: {', '.join(SAELENS_IMPORTS)}")
     for key in ("d_in", "d_sae"):
         value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{config_path}: {key} must be a positive int, got {value!r}")
     normalize = config.get("normalize_activations", "none")
     if normalize == "expected_average_only_in":
@@ -281,6 +283,6 @@ def _saelens_hyperparameters(architecture: str, config: dict) -> dict:
             kwargs["bandwidth"] = float(details["jumprelu_bandwidth"])
         return kwargs
     k = config.get("k")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config["d_sae"]:
+    if not is_int(k) or not 1 <= k <= config["d_sae"]:
         raise ValueError(f"SAELens {config['architecture']!r} cfg.json needs k in [1, d_sae={config['d_sae']}], got {k!r}")
     return {"k": k}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_int
+
 from .base import SparseDictionary
 from .registry import Hyperparameter, register
 

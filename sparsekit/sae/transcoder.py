@@ -12,7 +12,7 @@ from . import registry
 
 
 def Transcoder(d_in: int, n_latents: int, d_out: int, k: int | None = None, architecture: str = "topk",
-               **kwargs) -> "SparseDictionary":
+               **kwargs):
     """Build a transcoder of the given architecture ("topk", "batchtopk", "relu", "jumprelu").
 
     k is required for "topk"/"batchtopk"; pass l1_coeff (relu) or l0_coeff (jumprelu) as keywords.

@@ -62,12 +62,12 @@ def run(args, model=None, contexts=None) -> dict:
     """The demo. model: a HookedTransformer to use instead of SmolLM2, contexts [N, T] (BOS first) instead
     of the corpus's (tests pass a tiny random model and random tokens)."""
     from sparsekit.activations.lm import SMOLLM2, load_lm
-    from sparsekit.analysis.lm_metrics import Splice, evaluate_splices
     from sparsekit.activations.shards import ShardSource
     from sparsekit.activations.source import IterableSource
     from sparsekit.activations.store import cache_activations, cache_layer_activations, corpus_contexts, model_name
     from sparsekit.analysis.dashboard import dashboard_from_run, save_report
     from sparsekit.analysis.lm_features import feature_report
+    from sparsekit.analysis.lm_metrics import Splice, evaluate_splices
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

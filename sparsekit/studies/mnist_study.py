@@ -16,21 +16,20 @@ Everything runs on one thread: the matrices are small, and a second OpenMP threa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sparsekit.analysis.elbow import find_elbow
 from sparsekit._util.atomic import atomic_write_bytes
-from .mnist_scan import GRIDS, LayerData, ScanGrid, load_cell_dictionary, one_thread, run_scan, zero_ablated_accuracy
+from sparsekit.analysis.elbow import find_elbow
 from sparsekit.toys.mnist_mlp import MLPConfig
+
+from .mnist_scan import GRIDS, LayerData, ScanGrid, load_cell_dictionary, one_thread, run_scan, zero_ablated_accuracy
 
 # Rules behind the claim verdicts (see evaluate_claims).
 LOW_FVU = 0.1              # "low error"
@@ -210,8 +209,8 @@ def method_features(analysis, out_row: dict) -> dict:
 
 def gallery(analysis, images: torch.Tensor, per_digit: int, count: int) -> list[dict]:
     """Up to per_digit features per majority digit (most frequent first) with their image strips."""
-    from sparsekit.analysis.mnist_plots import image_strip
     from sparsekit.analysis.html_report import array_png
+    from sparsekit.analysis.mnist_plots import image_strip
 
     entries = []
     for digit in range(10):

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sparsekit._util.validate import seed as _seed
 from sparsekit._util.seeding import derive_seed
-from sparsekit._util.validate import positive_int, positive_number
+from sparsekit._util.validate import is_number, positive_int, positive_number
+from sparsekit._util.validate import seed as _seed
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class AttentionToyConfig:
             raise ValueError(f"pattern_keys={self.pattern_keys} exceeds n_tokens={self.n_tokens}")
         for name in ("ov_density", "p_active"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            if not is_number(value) or not 0 < value <= 1:
                 raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
         positive_number("lr", self.lr)
         positive_number("threshold", self.threshold)

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sparsekit.activations.mnist import PIXELS, default_cache_dir, load_mnist
-from sparsekit._util.validate import seed as _seed
-from sparsekit._util.seeding import permutation
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
-from sparsekit._util.validate import positive_int, positive_number
+from sparsekit._util.seeding import permutation
+from sparsekit._util.validate import is_int, positive_int, positive_number
+from sparsekit._util.validate import seed as _seed
+from sparsekit.activations.mnist import PIXELS, default_cache_dir, load_mnist
 
 CLASSES = 10
 # Part of the cache key: bump it when training changes, so stale weights are never loaded.
@@ -96,7 +96,7 @@ def hidden_activations(model: MNISTMLP, images: Tensor, layer: int | str) -> Ten
     flat = images.reshape(images.shape[0], PIXELS)
     if layer == "pixels":
         return flat
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.depth:
+    if not is_int(layer) or not 0 <= layer < model.depth:
         raise ValueError(f"layer must be \"pixels\" or an int in [0, {model.depth}) for this depth-{model.depth} MLP, "
                          f"got {layer!r}")
 

@@ -44,13 +44,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sparsekit.activations.mnist import default_cache_dir
-from sparsekit._util.validate import seed as _seed
-from sparsekit._util.seeding import permutation
-from sparsekit.activations.text import load_text, token_contexts
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
-from sparsekit._util.validate import positive_int, positive_number
 from sparsekit._util.extras import require
+from sparsekit._util.seeding import permutation
+from sparsekit._util.validate import positive_int, positive_number
+from sparsekit._util.validate import seed as _seed
+from sparsekit.activations.mnist import default_cache_dir
+from sparsekit.activations.text import load_text, token_contexts
 
 VARIANTS = ("standard", "cut")
 HOOK_POST = "blocks.0.mlp.hook_post"

@@ -27,7 +27,15 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.seeding import derive_seed
-from .sparse_base_analysis import adjusted_rand_index, facet_predictability, facets, jensen_shannon, magnitude_bands, magnitude_code_score
+
+from .sparse_base_analysis import (
+    adjusted_rand_index,
+    facet_predictability,
+    facets,
+    jensen_shannon,
+    magnitude_bands,
+    magnitude_code_score,
+)
 from .sparse_base_model import HOOK_POST, SparseBaseModel, decode
 
 HOOK_RESID_MID = "blocks.0.hook_resid_mid"

@@ -14,9 +14,10 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from sparsekit._util.validate import seed as _seed, state_int as _state_int, check_state
 from sparsekit._util.seeding import derive_seed
-from sparsekit._util.validate import positive_int
+from sparsekit._util.validate import check_state, is_int, is_number, positive_int
+from sparsekit._util.validate import seed as _seed
+from sparsekit._util.validate import state_int as _state_int
 
 MAGNITUDES = ("uniform", "constant")
 
@@ -30,17 +31,17 @@ class SuperpositionData:
                  correlated_groups: int = 0, noise: float = 0.0, seed: int = 0, group_size: int = 2):
         self.n_true = positive_int("n_true", n_true)
         self.d = positive_int("d", d)
-        if isinstance(p_active, bool) or not isinstance(p_active, (int, float)) or not 0 < p_active <= 1:
+        if not is_number(p_active) or not 0 < p_active <= 1:
             raise ValueError(f"p_active must be a probability in (0, 1], got {p_active!r}")
         if magnitude not in MAGNITUDES:
             raise ValueError(f"magnitude must be one of {', '.join(MAGNITUDES)}, got {magnitude!r}")
-        if isinstance(correlated_groups, bool) or not isinstance(correlated_groups, int) or correlated_groups < 0:
+        if not is_int(correlated_groups) or correlated_groups < 0:
             raise ValueError(f"correlated_groups must be a non-negative int, got {correlated_groups!r}")
         group_size = positive_int("group_size", group_size)
         if correlated_groups * group_size > n_true:
             raise ValueError(f"correlated_groups={correlated_groups} of group_size={group_size} need "
                              f"{correlated_groups * group_size} features but n_true={n_true}")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
+        if not is_number(noise) or not math.isfinite(noise) or noise < 0:
             raise ValueError(f"noise must be a non-negative finite number, got {noise!r}")
         self.p_active, self.magnitude, self.noise = float(p_active), magnitude, float(noise)
         self.correlated_groups, self.group_size = correlated_groups, group_size

@@ -16,6 +16,7 @@ import torch
 
 from sparsekit.errors import InsufficientMemory
 from sparsekit.sae import registry
+from sparsekit._util.validate import positive_int
 
 GIB = 1024 ** 3
 
@@ -48,8 +49,7 @@ def estimate_training_memory(d_in: int, n_latents: int, batch_size: int, k: int 
     (topk, batchtopk; defaults to n_latents for the sparse-code buffers otherwise).
     """
     for name, value in (("d_in", d_in), ("n_latents", n_latents), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int(name, value)
     if architecture not in registry.ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(registry.names())}, got {architecture!r}")
     facts = registry.get(architecture)  # the class declares its buffers and extra parameters

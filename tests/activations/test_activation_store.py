@@ -4,10 +4,17 @@ import json
 
 import pytest
 import torch
-
 from helpers.lm_cases import tiny_transformer
+
 from sparsekit.activations import ShardSource
-from sparsekit.activations.store import LMActivationSource, cache_activations, cache_layer_activations, check_hooks, stop_layer, tokens_digest
+from sparsekit.activations.store import (
+    LMActivationSource,
+    cache_activations,
+    cache_layer_activations,
+    check_hooks,
+    stop_layer,
+    tokens_digest,
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import sparsekit
 from sparsekit.activations import mnist
 from sparsekit.activations.mnist import load_mnist
 from sparsekit.sae.topk import TopKSAE
-from sparsekit.toys.mnist_mlp import MLPConfig, MNISTMLP, accuracy, hidden_activations, train_mlp
+from sparsekit.toys.mnist_mlp import MNISTMLP, MLPConfig, accuracy, hidden_activations, train_mlp
 
 
 def fresh_seed() -> int:

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from sparsekit.analysis import html_report
-from sparsekit.analysis.mnist_features import NO_LABEL, analyse_features, features_per_digit, logit_weights, majority_labels, mean_images, template_score, top_activating
+from sparsekit.analysis.mnist_features import (
+    NO_LABEL,
+    analyse_features,
+    features_per_digit,
+    logit_weights,
+    majority_labels,
+    mean_images,
+    template_score,
+    top_activating,
+)
 from sparsekit.sae import ReLUSAE
 from sparsekit.toys.mnist_mlp import MNISTMLP
 

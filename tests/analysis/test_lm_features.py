@@ -2,8 +2,8 @@
 features are known: feature i fires on residual direction i."""
 import pytest
 import torch
-
 from helpers.lm_cases import axis_dictionary, random_contexts, tiny_transformer
+
 from sparsekit.analysis.lm_features import feature_activations, feature_report, find_features, logit_effects, residual_directions
 
 

@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 SPARSEKIT = Path(__file__).resolve().parents[2] / "sparsekit"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparsekit.ops.cpu import gemm as cpu_gemm
 from sparsekit import ops
 from sparsekit.ops import reference
+from sparsekit.ops.cpu import gemm as cpu_gemm
 
 needs_openblas = pytest.mark.skipif(not cpu_gemm.openblas_available(),
                                     reason="NumPy in this environment is not built on OpenBLAS")

@@ -1,14 +1,13 @@
 """The bf16-screened TopK encoder (sparsekit.ops.cpu.screen, csrc/bf16_screen.hpp) against the float32
 path and the reference: same selection, float32 values, on any CPU (SPARSEKIT_BF16_SCREEN=on runs
 it where bf16 is emulated too)."""
-import numpy as np
 import pytest
 import torch
 
-from sparsekit.ops.cpu import screen as cpu_screen
 from sparsekit import ops
 from sparsekit.ops import reference
 from sparsekit.ops.backend import _C
+from sparsekit.ops.cpu import screen as cpu_screen
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ import time
 
 import pytest
 import torch
-
 from helpers.fuzz_cases import SCREENED_OPS, check_seeds_in_pool, random_case, replay_command, worker_pool
 from helpers.op_cases import LAYOUTS, OPS
+
 from sparsekit.ops.backend import _C, backend_for_device, triton_installed
 
 CASES = {"cpp": int(os.environ.get("SPARSEKIT_FUZZ_CASES", "150")),

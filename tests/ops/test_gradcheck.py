@@ -1,9 +1,9 @@
 """torch.autograd.gradcheck in float64 for every op, on the reference and the C++ path."""
 import pytest
 import torch
+from helpers.op_cases import frozen_ghost_loss, make_case
 
 import sparsekit
-from helpers.op_cases import frozen_ghost_loss, make_case
 
 SMOOTH_OPS = ["topk_encode", "batchtopk_encode", "relu_encode", "jumprelu_encode", "sparse_decode",
               "sparse_decode_coo"]

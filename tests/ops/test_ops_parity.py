@@ -1,7 +1,6 @@
 """The C++ backend computes what reference.py computes: outputs and every gradient."""
 import pytest
 import torch
-
 from helpers.op_cases import OPS, compare_backends, make_case
 
 SHAPES = [  # (batch, d_in, n, k): ragged sizes, k=1, k=n, one row, one latent

@@ -12,9 +12,9 @@ import os
 
 import pytest
 import torch
+from helpers.op_cases import OPS, compare_backends, make_case, run
 
 import sparsekit
-from helpers.op_cases import OPS, compare_backends, make_case, run
 
 SHAPES = [  # (batch, d_in, n, k): ragged sizes, k=1, k=n, one latent
     dict(batch=13, d_in=11, n=29, k=5),

@@ -20,7 +20,6 @@ import torch
 import sparsekit
 from sparsekit import TrainConfig, train
 
-
 D, N = 8, 16
 
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers.dictionary_cases import ARCHITECTURES, D_IN, make_dictionary
 from safetensors.torch import load_file, save_file
 
 import sparsekit
-from helpers.dictionary_cases import ARCHITECTURES, D_IN, make_dictionary
 
 CASES = [(arch, transcoder) for arch in ARCHITECTURES for transcoder in (False, True)]
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers.dictionary_cases import ARCHITECTURES, D_IN, D_OUT, N_LATENTS, K, make_dictionary
 from safetensors.torch import load_file
 
 import sparsekit
-from helpers.dictionary_cases import ARCHITECTURES, D_IN, D_OUT, K, N_LATENTS, make_dictionary
 from sparsekit.sae.saelens import export_saelens
 
 SAELENS_NAME = {("relu", False): "standard", ("topk", False): "topk", ("jumprelu", False): "jumprelu",

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers.dictionary_cases import make_dictionary
 from safetensors.torch import load_file, save_file
 
 import sparsekit
-from helpers.dictionary_cases import make_dictionary
 
 sae_lens = pytest.importorskip("sae_lens")
 

@@ -4,9 +4,9 @@ dashboard's per-layer summary, and a second run that reuses every cache."""
 import json
 
 import pytest
+from helpers.lm_cases import random_contexts, tiny_transformer
 
 import sparsekit
-from helpers.lm_cases import random_contexts, tiny_transformer
 from sparsekit.cli import lm as lm_cli
 from sparsekit.studies import lm_demo
 

@@ -3,11 +3,11 @@ dictionaries whose answer is known (exact identity, all-zero), and a dictionary 
 from the activation store."""
 import pytest
 import torch
+from helpers.lm_cases import axis_dictionary, random_contexts, tiny_transformer
 
 import sparsekit
-from helpers.lm_cases import axis_dictionary, random_contexts, tiny_transformer
-from sparsekit.analysis.lm_metrics import lm_splice_metrics
 from sparsekit.activations.store import cache_activations
+from sparsekit.analysis.lm_metrics import lm_splice_metrics
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from sparsekit import cli
-from sparsekit.studies import mnist_scan, mnist_study
 from sparsekit.activations.mnist import default_cache_dir, load_mnist
 from sparsekit.analysis.mnist_report import write_report
+from sparsekit.studies import mnist_scan, mnist_study
 from sparsekit.studies.mnist_scan import CSV_COLUMNS, METHODS, ScanGrid
 from sparsekit.toys.mnist_mlp import MLPConfig, train_mlp
 

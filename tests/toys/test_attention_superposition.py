@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from sparsekit.toys.attention_superposition import AttentionToyConfig, column_geometry, mixed_output, sample_batch, sparse_ov, train_mixing, true_output
 from sparsekit.cli.toys import main as toys_main
+from sparsekit.toys.attention_superposition import (
+    AttentionToyConfig,
+    column_geometry,
+    mixed_output,
+    sample_batch,
+    sparse_ov,
+    train_mixing,
+    true_output,
+)
 
 
 def fresh_seed() -> int:

@@ -7,11 +7,32 @@ import numpy as np
 import pytest
 import torch
 
-from sparsekit.toys.sparse_base_analysis import adjusted_rand_index, facet_predictability, facets, jensen_shannon, kmeans, magnitude_bands, magnitude_code_score, silhouette
-from sparsekit.toys.sparse_base_model import HOOK_POST, SparseBaseConfig, SparseBaseModel, build_model, build_vocabulary, decode, encode, evaluate, loss_terms, train_model, train_sparse_base
+from sparsekit.cli.toys import main as toys_main
+from sparsekit.toys.sparse_base_analysis import (
+    adjusted_rand_index,
+    facet_predictability,
+    facets,
+    jensen_shannon,
+    kmeans,
+    magnitude_bands,
+    magnitude_code_score,
+    silhouette,
+)
+from sparsekit.toys.sparse_base_model import (
+    HOOK_POST,
+    SparseBaseConfig,
+    SparseBaseModel,
+    build_model,
+    build_vocabulary,
+    decode,
+    encode,
+    evaluate,
+    loss_terms,
+    train_model,
+    train_sparse_base,
+)
 from sparsekit.toys.sparse_base_neurons import analyse_model, collect, logits_from_mlp
 from sparsekit.toys.sparse_base_report import shown, write_report
-from sparsekit.cli.toys import main as toys_main
 
 TINY = dict(d_model=16, n_heads=2, d_mlp=32, n_ctx=16, batch_size=8, warmup_steps=5)
 VOCAB = 12

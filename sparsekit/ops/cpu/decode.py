@@ -15,6 +15,7 @@ from torch import Tensor
 
 from sparsekit.ops.autograd import register_sparse_decode
 from sparsekit.ops.backend import _C
+
 from .gemm import empty_output, numpy_view
 from .sparse import coo_t_times_dense_cpu, sampled_dense_dot_cpu
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sparsekit.ops.autograd import kept_rows, register_batchtopk, register_jumprelu, register_relu, register_topk
 from sparsekit.ops.backend import _C
+
 from .gemm import empty_output, gemm_library, numpy_view, row_tiles, scratch
 from .screen import batchtopk_encode_screened, relu_encode_screened, topk_encode_screened, use_screen
 from .sparse import coo_t_times_dense_cpu, coo_times_dense_t_cpu

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from sparsekit.ops.autograd import register_ghost
 from sparsekit.ops.backend import _C
+
 from .gemm import numpy_view
 
 

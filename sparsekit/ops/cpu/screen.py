@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from sparsekit.ops.backend import _C
+
 from .gemm import scratch
 
 # The crossover, measured on the 2-core AVX-512 EPYC (topk_encode, screened / float32 time):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from sparsekit.ops.backend import _C
+
 from .gemm import empty_output, numpy_view
 
 
