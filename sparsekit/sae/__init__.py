@@ -5,17 +5,17 @@ Adding an architecture is one module here (a SparseDictionary subclass declaring
 ``@register``) plus its import below and its tests.
 """
 from .base import SAEOutput, SparseDictionary, geometric_median
-from .batchtopk import BatchTopKSAE
-from .jumprelu import JumpReLUSAE
 from .persistence import load
 from .registry import ARCHITECTURES, Hyperparameter, register
-from .relu import ReLUSAE
 from .saelens import export_saelens, load_saelens
-
-# isort: off  -- registration order is the order the CLI and its errors list architectures in
-from .topk import TopKSAE
 from .transcoder import Transcoder
 
+# Registration order is the order the CLI and its errors list architectures in.
+# isort: off
+from .topk import TopKSAE
+from .batchtopk import BatchTopKSAE
+from .relu import ReLUSAE
+from .jumprelu import JumpReLUSAE
 # isort: on
 
 __all__ = ["ARCHITECTURES", "BatchTopKSAE", "Hyperparameter", "JumpReLUSAE", "ReLUSAE", "SAEOutput", "SparseDictionary",

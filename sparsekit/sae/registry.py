@@ -13,7 +13,10 @@ whose class declares, once, every fact the other layers read:
 - ``saelens_architecture`` / ``saelens_transcoder_architecture``: the SAELens 6.x names it exports
   as (None: not exportable).
 
-``register`` checks those facts are present, so a new architecture that forgets one fails on import.
+``register`` refuses a class that does not name its own architecture. The other facts default to
+SparseDictionary's (no hyperparameters, dense codes, one [B, n] buffer, no SAELens equivalent), so
+a new architecture declares those where it differs; ``tests/sae/test_new_architecture.py`` adds one
+in a test file and trains, saves, estimates and exports it with nothing else changed.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ class Hyperparameter:
 
 def register(cls: type) -> type:
     """Class decorator: ``cls.architecture`` -> cls, after checking the class declares every fact."""
+    if "architecture" not in vars(cls):
+        raise TypeError(f"{cls.__name__} must declare its own architecture name (a class attribute) to be registered")
     missing = [fact for fact in FACTS if not hasattr(cls, fact)]
     if missing:
         raise TypeError(f"{cls.__name__} must declare {', '.join(missing)} to be registered")
