@@ -26,13 +26,15 @@ def positive_number(name: str, value) -> float:
     return float(value)
 
 
-def seed(value) -> int:
+def check_seed(value) -> int:
+    """A seed: an int >= 0 (bools refused)."""
     if not is_int(value) or value < 0:
         raise ValueError(f"seed must be a non-negative int, got {value!r}")
     return value
 
 
-def epochs(value) -> int | None:
+def check_epochs(value) -> int | None:
+    """How many passes a source makes: None (forever) or an int >= 1."""
     return None if value is None else positive_int("epochs", value)
 
 

@@ -26,10 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsekit._util.seeding import permutation
-from sparsekit._util.validate import check_state, positive_int
-from sparsekit._util.validate import epochs as _epochs
-from sparsekit._util.validate import seed as _seed
-from sparsekit._util.validate import state_int as _state_int
+from sparsekit._util.validate import check_epochs, check_seed, check_state, positive_int, state_int
 
 SIDES = ("input", "output")
 
@@ -110,8 +107,8 @@ class HFModuleSource:
             self.hooks.append((find_modules(model, name), side))
         self.batch_contexts = positive_int("batch_contexts", batch_contexts)
         self.shuffle = bool(shuffle)
-        self.seed = _seed(seed)
-        self.epochs = _epochs(epochs)
+        self.seed = check_seed(seed)
+        self.epochs = check_epochs(epochs)
         self.dtype = dtype
         self.epoch = 0
         self.position = 0
@@ -131,7 +128,7 @@ class HFModuleSource:
 
     def load_state_dict(self, state: dict) -> None:
         check_state("HFModuleSource", state, self._settings())
-        epoch, position = _state_int(state, "epoch"), _state_int(state, "position")
+        epoch, position = state_int(state, "epoch"), state_int(state, "position")
         if position > self.tokens.shape[0]:
             raise ValueError(f"state field 'position' is {position}, beyond the {self.tokens.shape[0]} contexts")
         self.epoch, self.position = epoch, position

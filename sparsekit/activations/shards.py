@@ -27,10 +27,7 @@ from torch import Tensor
 
 from sparsekit._util.atomic import atomic_write, fsync_path
 from sparsekit._util.seeding import permutation
-from sparsekit._util.validate import check_state, is_int, is_number, positive_int
-from sparsekit._util.validate import epochs as _epochs
-from sparsekit._util.validate import seed as _seed
-from sparsekit._util.validate import state_int as _state_int
+from sparsekit._util.validate import check_epochs, check_seed, check_state, is_int, is_number, positive_int, state_int
 
 from .source import Batch
 
@@ -252,8 +249,8 @@ class ShardSource:
         self.manifest = read_manifest(self.directory)
         self.batch_size = positive_int("batch_size", batch_size)
         self.shuffle = bool(shuffle)
-        self.seed = _seed(seed)
-        self.epochs = _epochs(epochs)
+        self.seed = check_seed(seed)
+        self.epochs = check_epochs(epochs)
         self.buffer_shards = positive_int("buffer_shards", buffer_shards)
         m = self.manifest
         self.d, self.d_out, self.dtype = m["d"], m.get("d_out"), m["dtype"]
@@ -351,7 +348,7 @@ class ShardSource:
 
     def load_state_dict(self, state: dict) -> None:
         check_state("ShardSource", state, self._settings())
-        epoch, position = _state_int(state, "epoch"), _state_int(state, "position")
+        epoch, position = state_int(state, "epoch"), state_int(state, "position")
         if position > self.tokens:
             raise ValueError(f"state field 'position' is {position}, beyond the {self.tokens} rows in {self.directory}")
         self.epoch, self.position = epoch, position

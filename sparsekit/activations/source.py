@@ -20,9 +20,7 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.seeding import derive_seed, permutation  # noqa: F401  (re-exported: sources shuffle with them)
-from sparsekit._util.validate import check_state, positive_int, state_int
-from sparsekit._util.validate import epochs as check_epochs
-from sparsekit._util.validate import seed as check_seed
+from sparsekit._util.validate import check_epochs, check_seed, check_state, positive_int, state_int
 
 Batch = Union[Tensor, Tuple[Tensor, Tensor]]
 

@@ -29,10 +29,7 @@ from torch import Tensor
 
 from sparsekit._util.atomic import atomic_write_bytes
 from sparsekit._util.seeding import permutation
-from sparsekit._util.validate import check_state, positive_int
-from sparsekit._util.validate import epochs as _epochs
-from sparsekit._util.validate import seed as _seed
-from sparsekit._util.validate import state_int as _state_int
+from sparsekit._util.validate import check_epochs, check_seed, check_state, positive_int, state_int
 
 from .shards import MANIFEST, ShardSource, write_shards
 from .source import Batch
@@ -142,8 +139,8 @@ class LMActivationSource:
         self.hooks = check_hooks(model, hooks)
         self.batch_size = positive_int("batch_size", batch_size)
         self.shuffle = bool(shuffle)
-        self.seed = _seed(seed)
-        self.epochs = _epochs(epochs)
+        self.seed = check_seed(seed)
+        self.epochs = check_epochs(epochs)
         self.buffer_contexts = positive_int("buffer_contexts", buffer_contexts)
         self.batch_contexts = positive_int("batch_contexts", batch_contexts)
         self.stop_at_layer = stop_layer(model, self.hooks) if stop_at_layer == "auto" else stop_at_layer
@@ -223,7 +220,7 @@ class LMActivationSource:
 
     def load_state_dict(self, state: dict) -> None:
         check_state("LMActivationSource", state, self._settings())
-        epoch, position = _state_int(state, "epoch"), _state_int(state, "position")
+        epoch, position = state_int(state, "epoch"), state_int(state, "position")
         if position > self.rows:
             raise ValueError(f"state field 'position' is {position}, beyond the {self.rows} rows of an epoch")
         self.epoch, self.position = epoch, position

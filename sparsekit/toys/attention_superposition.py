@@ -31,8 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sparsekit._util.seeding import derive_seed
-from sparsekit._util.validate import is_number, positive_int, positive_number
-from sparsekit._util.validate import seed as _seed
+from sparsekit._util.validate import check_seed, is_number, positive_int, positive_number
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class AttentionToyConfig:
                 raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
         positive_number("lr", self.lr)
         positive_number("threshold", self.threshold)
-        _seed(self.seed)
+        check_seed(self.seed)
 
 
 def sparse_ov(cfg: AttentionToyConfig) -> Tensor:

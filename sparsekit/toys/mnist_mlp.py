@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.seeding import permutation
-from sparsekit._util.validate import is_int, positive_int, positive_number
-from sparsekit._util.validate import seed as _seed
+from sparsekit._util.validate import check_seed, is_int, positive_int, positive_number
 from sparsekit.activations.mnist import PIXELS, default_cache_dir, load_mnist
 
 CLASSES = 10
@@ -45,7 +44,7 @@ class MLPConfig:
         for name in ("hidden", "depth", "epochs", "batch_size"):
             positive_int(name, getattr(self, name))
         positive_number("lr", self.lr)
-        _seed(self.seed)
+        check_seed(self.seed)
 
     def key(self) -> str:
         """A short hash of every field and TRAINING_VERSION: the cache file's name."""

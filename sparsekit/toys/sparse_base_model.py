@@ -47,8 +47,7 @@ from torch import Tensor
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.extras import require
 from sparsekit._util.seeding import permutation
-from sparsekit._util.validate import positive_int, positive_number
-from sparsekit._util.validate import seed as _seed
+from sparsekit._util.validate import check_seed, positive_int, positive_number
 from sparsekit.activations.mnist import default_cache_dir
 from sparsekit.activations.text import load_text, token_contexts
 
@@ -93,7 +92,7 @@ class SparseBaseConfig:
             raise ValueError(f"tokens={self.tokens} is less than one batch (batch_size * n_ctx = "
                              f"{self.batch_size * self.n_ctx})")
         positive_number("lr", self.lr)
-        _seed(self.seed)
+        check_seed(self.seed)
 
     @property
     def steps(self) -> int:

@@ -15,9 +15,7 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.seeding import derive_seed
-from sparsekit._util.validate import check_state, is_int, is_number, positive_int
-from sparsekit._util.validate import seed as _seed
-from sparsekit._util.validate import state_int as _state_int
+from sparsekit._util.validate import check_seed, check_state, is_int, is_number, positive_int, state_int
 
 MAGNITUDES = ("uniform", "constant")
 
@@ -45,7 +43,7 @@ class SuperpositionData:
             raise ValueError(f"noise must be a non-negative finite number, got {noise!r}")
         self.p_active, self.magnitude, self.noise = float(p_active), magnitude, float(noise)
         self.correlated_groups, self.group_size = correlated_groups, group_size
-        self.seed = _seed(seed)
+        self.seed = check_seed(seed)
 
         gen = torch.Generator().manual_seed(self.seed)
         gaussian = torch.randn(self.n_true, self.d, generator=gen, dtype=torch.float64)
@@ -86,7 +84,7 @@ class SuperpositionSource:
     def __init__(self, data: SuperpositionData, batch_size: int = 4096, seed: int = 0):
         self.data = data
         self.batch_size = positive_int("batch_size", batch_size)
-        self.seed = _seed(seed)
+        self.seed = check_seed(seed)
         self.batches = 0
 
     def __iter__(self) -> Iterator[Tensor]:
@@ -105,7 +103,7 @@ class SuperpositionSource:
 
     def load_state_dict(self, state: dict) -> None:
         check_state("SuperpositionSource", state, self._settings())
-        self.batches = _state_int(state, "batches")
+        self.batches = state_int(state, "batches")
 
 
 def _rows(name: str, value, attribute: str) -> Tensor:
