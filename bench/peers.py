@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib
 import json
 import math
 import os
@@ -131,10 +130,10 @@ import torch  # noqa: E402
 import sparsekit  # noqa: E402
 from sparsekit.training import guards as reliability  # noqa: E402
 from sparsekit.training.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss  # noqa: E402
+from sparsekit.training.metrics import MetricWindow  # noqa: E402
+from sparsekit.training.optimizer import adam, lr_factor  # noqa: E402
 from step_table import (FULL, QUICK, Shapes, environment_lines, make_gemms, make_inputs, make_step,  # noqa: E402
                         pin_threads, topk_encoder_gemm)
-
-trainer = importlib.import_module("sparsekit.training.loop")  # the module (sparsekit.train is the function)
 
 
 def shapes_from(args: argparse.Namespace) -> Shapes:
@@ -183,13 +182,13 @@ class TrainerStep:
                                          dead_strategy=remedy, progress=False, log_every=10**9)
         self.cfg.validate()
         self.backend, self.screen = backend, screen
-        self.optimizer = trainer._adam(self.sae, self.cfg)
+        self.optimizer = adam(self.sae, self.cfg)
         self.tracker = DeadLatentTracker(n, self.cfg.dead_window_tokens)
         self.dead = dead_latents(n, dead_fraction) if dead_fraction else torch.zeros(0, dtype=torch.int64)
         self.strategies = self.cfg.strategies()
         self.k_aux = self.cfg.aux_k or max(1, d // 2)
         self.params = list(self.sae.parameters())
-        self.window = trainer._Window()
+        self.window = MetricWindow()
         self.window_counts = torch.zeros(n, dtype=torch.int64)
         self.step = self.tokens = 0
         self.l0: list[float] = []  # active latents per row, each step
@@ -206,7 +205,7 @@ class TrainerStep:
         x = self.x * sae.input_scale
         target = x
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * trainer._lr_factor(cfg, self.tokens)
+            group["lr"] = cfg.lr * lr_factor(cfg, self.tokens)
         if hasattr(sae, "sparsity_weight"):
             sae.sparsity_weight = 1.0  # no L1 warm-up
         out = sae(x, None)

@@ -12,7 +12,8 @@ from .ops import reference
 from .ops.backend import backends
 from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder, load, load_saelens
 from .analysis.splice import loss_recovered, splice, zero_ablate
-from .training.loop import TrainConfig, TrainResult, train
+from .training.config import TrainConfig, TrainResult
+from .training.loop import train
 from .ops import BatchTopKCodes, SparseCodes, TopKCodes, batchtopk_encode, ghost_grad_loss, jumprelu_encode, relu_encode, relu_encode_adaptive, sparse_decode, sparse_decode_coo, topk_encode
 
 __version__ = VERSION

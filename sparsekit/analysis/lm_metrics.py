@@ -105,7 +105,7 @@ class _Totals:
         self.rows += flat_x.shape[0]
 
     def metrics(self) -> dict:
-        from sparsekit.training.loop import DENSE_THRESHOLD
+        from sparsekit.training.metrics import DENSE_THRESHOLD
         variance = float((self.target_sq - self.target_sum.pow(2) / self.rows).sum())
         density = self.fires.double() / self.rows
         return {"fvu": self.sq_err / max(variance, 1e-30), "l0": float(self.fires.sum()) / self.rows,

@@ -87,7 +87,7 @@ class Option:
 
 def _options() -> list[Option]:
     """The run's own options, then one option per TrainConfig field (generated from the dataclass)."""
-    from sparsekit.training.loop import TrainConfig
+    from sparsekit.training.config import TrainConfig
 
     options = [
         Option("data", "path", "activations: a shard folder (manifest.json), a .npy file [N, d] or a .safetensors "
@@ -477,7 +477,7 @@ def _check_memory(settings: dict, cfg, d_in: int, d_out: int | None, device) -> 
 
 def run(argv: list[str]):
     """Parse, check, train, save. Returns (TrainResult, out folder); UsageError on bad input."""
-    from sparsekit.training.loop import TrainConfig
+    from sparsekit.training.config import TrainConfig
 
     settings = resolve(argv)
 
@@ -552,7 +552,8 @@ def run(argv: list[str]):
 
 def _train(sae, source, cfg, resume: bool, out: Path):
     from sparsekit.training.parallel import data as distributed
-    from sparsekit.training.loop import METRICS_FILE, train
+    from sparsekit.training.loop import train
+    from sparsekit.training.metrics import METRICS_FILE
 
     from sparsekit.errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
 

@@ -43,7 +43,8 @@ from sparsekit.analysis.mnist_features import analyse_features
 from sparsekit._util.atomic import atomic_write_bytes
 from sparsekit.sae import BatchTopKSAE, ReLUSAE, TopKSAE, load
 from sparsekit.analysis.splice import loss_recovered, splice, zero_ablate
-from sparsekit.training.loop import TrainConfig, train
+from sparsekit.training.config import TrainConfig
+from sparsekit.training.loop import train
 
 # method -> (dictionary class, dead_strategy, name of the sparsity setting)
 METHODS = {

@@ -17,7 +17,8 @@ import argparse
 import sys
 
 from sparsekit.sae import TopKSAE
-from sparsekit.training.loop import TrainConfig, train
+from sparsekit.training.config import TrainConfig
+from sparsekit.training.loop import train
 from sparsekit.ops.backend import backends
 from sparsekit.toys.superposition import SuperpositionData, recovery_per_feature
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from sparsekit.ops import checks
-from . import memory
 from sparsekit.errors import CheckpointDirBusy, TrainingDiverged
+from sparsekit.ops import checks
+from sparsekit.sae.base import SparseDictionary
+from . import checkpoint as ckpt
+from . import memory
+from .config import TrainConfig
 
 try:
     import fcntl
@@ -116,9 +118,6 @@ def guard_run(train):
 
     @functools.wraps(train)
     def guarded(*args, **kwargs):
-        from sparsekit.sae.base import SparseDictionary
-        from .loop import TrainConfig
-
         bound = signature.bind_partial(*args, **kwargs)
         sae, config = bound.arguments.get("sae"), bound.arguments.get("config")
         config = TrainConfig() if config is None else config
@@ -137,7 +136,8 @@ def guard_run(train):
     return guarded
 
 
-def _how_to_resume(config) -> str:
+def how_to_resume(config) -> str:
+    """What to do after a divergence: resume from the newest checkpoint, or start again, with a lower LR."""
     lr = config.lr
     advice = f"a lower TrainConfig.lr (now {lr:g}; try {lr / 10:g})"
     found = ckpt.complete_checkpoints(config.checkpoint_dir) if config.checkpoint_dir else []
@@ -155,7 +155,7 @@ def check_loss(step: int, loss: torch.Tensor, losses: dict, config) -> None:
         return
     terms = ", ".join(f"{name}={float(torch.as_tensor(value).detach()):.4g}" for name, value in losses.items())
     raise TrainingDiverged(f"training diverged at step {step + 1}: the loss is {float(loss.detach())} ({terms}); "
-                           f"{_how_to_resume(config)}", step + 1)
+                           f"{how_to_resume(config)}", step + 1)
 
 
 def check_parameters(step: int, sae, config) -> None:
@@ -165,13 +165,5 @@ def check_parameters(step: int, sae, config) -> None:
         return
     bad = [name for name, p in named if not checks.all_finite(p.detach())]
     raise TrainingDiverged(f"training diverged at step {step + 1}: the update left NaN or Inf in {', '.join(bad)}; "
-                           f"{_how_to_resume(config)}", step + 1)
+                           f"{how_to_resume(config)}", step + 1)
 
-
-def exhausted_message(batches_read: int) -> str:
-    """Why a source that stopped yielding cannot feed the run."""
-    if batches_read == 0:
-        return ("the source yielded no batches: it is empty, or an iterator or generator that was already consumed "
-                "(pass a tensor, a list, or a zero-argument function returning a fresh iterable)")
-    return (f"the source ran out after {batches_read} batches, before the held-out split (TrainConfig.eval_tokens) "
-            f"and the first training batch were read: lower eval_tokens or let the source repeat")

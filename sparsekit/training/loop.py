@@ -6,217 +6,39 @@ decay, L1/L0 warm-up, gradient clipping, unit-norm decoder rows where the archit
 held-out split for evaluation, dead latents counted exactly in tokens with an optional remedy
 (resampling, ghost grads, AuxK), metrics to JSON lines and a progress bar, and checkpoints from
 which a killed run resumes to exactly the parameters of a run that never stopped.
+
+A run is three phases, each a function of its own: ``start`` (a fresh start, or a resume from the
+newest checkpoint), then once per step ``take_step`` (one optimizer update on the next batch) and
+``after_step`` (resampling, the metric line, the checkpoint), and ``finish`` (held-out metrics,
+the density plot). A ``Run`` carries what they share: the checkpointed ``RunState`` and what each
+start rebuilds around it.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import checkpoint as ckpt
-from sparsekit.ops import checks
-from . import guards as reliability
-from .parallel import data as distributed
 from sparsekit.errors import SourceExhausted
-from .dead_latents import STRATEGIES, DeadLatentTracker, resample
 from sparsekit.sae.base import SparseDictionary
-
-METRICS_FILE = "metrics.jsonl"
-DENSITY_PLOT = "feature_density.png"
-DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as dense
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Training settings; every count is in tokens (rows of activations), never steps.
-
-    Defaults follow the recipes in docs/design.md: Adam (betas 0.9/0.999), LR decayed linearly to zero
-    over the last 20% of training (Anthropic, April 2024), AuxK with k_aux = d_in / 2 and
-    coefficient 1/32 (Gao et al. 2024), resampling at 2.5/5/7.5/10% of the run (Towards
-    Monosemanticity's 25k-100k of ~1M steps), dead after 10M tokens without firing.
-    """
-    batch_size: int = 4096
-    lr: float = 3e-4
-    total_tokens: int = 10_000_000
-    lr_warmup_tokens: int = 0
-    lr_decay_fraction: float = 0.2
-    l1_warmup_tokens: int = 0
-    adam_betas: tuple = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip_norm: float | None = 1.0
-    normalize_inputs: bool = True
-    b_dec_init: str | None = None             # "geometric_median" | "mean" | "zeros" | "keep";
-                                              # None: geometric median (SAE), target mean (transcoder)
-    eval_tokens: int = 8192                   # held out from the start of the stream
-    dead_window_tokens: int = 10_000_000
-    dead_strategy: str = "none"               # "none" | "resample" | "ghost" | "auxk", or "a+b"
-    aux_k: int | None = None                  # AuxK's k_aux; None: d_in // 2
-    aux_coeff: float = 1 / 32
-    resample_at_tokens: tuple | None = None   # None: 2.5%, 5%, 7.5%, 10% of total_tokens
-    seed: int = 0
-    log_every: int = 100                      # steps between metric lines
-    output_dir: str | None = None             # metrics.jsonl and plots; default: checkpoint_dir
-    checkpoint_dir: str | None = None
-    checkpoint_every_tokens: int | None = None
-    progress: bool = True
-    wandb_project: str | None = None          # also log to Weights & Biases (sparsekit.training.tracking; the wandb extra)
-    wandb_run_name: str | None = None
-
-    def strategies(self) -> tuple[str, ...]:
-        names = tuple(s.strip() for s in str(self.dead_strategy).split("+"))
-        for name in names:
-            if name not in STRATEGIES:
-                raise ValueError(f"dead_strategy {self.dead_strategy!r}: {name!r} is not one of {', '.join(STRATEGIES)}")
-        if "none" in names and len(names) > 1:
-            raise ValueError(f"dead_strategy {self.dead_strategy!r}: 'none' cannot be combined")
-        return names
-
-    def validate(self) -> None:
-        checks.train_config_types(self)
-        def positive_int(name, allow_zero=False, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-                raise ValueError(f"TrainConfig.{name} must be a {'non-negative' if allow_zero else 'positive'} int, "
-                                 f"got {value!r}")
-
-        for name in ("batch_size", "total_tokens", "dead_window_tokens", "log_every"):
-            positive_int(name)
-        for name in ("lr_warmup_tokens", "l1_warmup_tokens", "eval_tokens"):
-            positive_int(name, allow_zero=True)
-        positive_int("checkpoint_every_tokens", allow_none=True)
-        positive_int("aux_k", allow_none=True)
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
-        if not 0 <= self.lr_decay_fraction <= 1:
-            raise ValueError(f"TrainConfig.lr_decay_fraction must be in [0, 1], got {self.lr_decay_fraction!r}")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ValueError(f"TrainConfig.grad_clip_norm must be positive or None, got {self.grad_clip_norm!r}")
-        if self.b_dec_init not in (None, "geometric_median", "mean", "zeros", "keep"):
-            raise ValueError(f"TrainConfig.b_dec_init must be geometric_median, mean, zeros or keep, "
-                             f"got {self.b_dec_init!r}")
-        if self.total_tokens < self.batch_size:
-            raise ValueError(f"TrainConfig.total_tokens={self.total_tokens} is less than one batch "
-                             f"(batch_size={self.batch_size})")
-        if self.checkpoint_every_tokens is not None and self.checkpoint_dir is None:
-            raise ValueError("TrainConfig.checkpoint_every_tokens needs a checkpoint_dir")
-        self.strategies()
-
-    def resample_schedule(self) -> list[int]:
-        if self.resample_at_tokens is not None:
-            return sorted(int(t) for t in self.resample_at_tokens)
-        return [int(self.total_tokens * f) for f in (0.025, 0.05, 0.075, 0.1)]
+from . import checkpoint as ckpt
+from . import guards
+from .batches import normalizing_scale
+from .config import TrainConfig, TrainResult
+from .dead_latents import resample
+from .metrics import (DENSE_THRESHOLD, DENSITY_PLOT, MetricWindow, append_metrics, density_plot, restore_history,
+                      start_metrics_file)
+from .optimizer import lr_factor, sparsity_weight
+from .parallel import SingleProcess, training_context
+from .parallel.data import failures_propagated
+from .state import RunState, write_checkpoint
+from .tracking import start_tracking
 
 
-class TrainResult(NamedTuple):
-    """The trained dictionary, final held-out metrics, the logged metric lines, the output folder."""
-    sae: SparseDictionary
-    metrics: dict
-    history: list
-    output_dir: Path | None
-
-
-class _Batches:
-    """Re-chunks a source's batches (any size) into batches of exactly batch_size rows; the
-    rows left over between chunks are part of the checkpointed state."""
-
-    def __init__(self, source, batch_size: int, d_in: int, d_out: int | None, needs_target: bool):
-        self.source, self.batch_size = source, batch_size
-        self.d_in, self.d_out, self.needs_target = d_in, d_out, needs_target
-        self.carry_x: Tensor | None = None
-        self.carry_y: Tensor | None = None
-        self.iterator = None
-        self.chunks_read = 0
-
-    def _next_chunk(self):
-        if self.iterator is None:
-            self.iterator = iter(self.source)
-        try:
-            chunk = next(self.iterator)
-        except StopIteration:
-            raise SourceExhausted(reliability.exhausted_message(self.chunks_read)) from None
-        self.chunks_read += 1
-        x, y = (chunk if isinstance(chunk, (tuple, list)) else (chunk, None))
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.d_in or not x.is_floating_point():
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"source batch {self.chunks_read}: x must be a float tensor [rows, d_in={self.d_in}], "
-                             f"got {shape}")
-        if self.needs_target:
-            if y is None:
-                raise ValueError(f"source batch {self.chunks_read}: a transcoder needs (x, y) batches")
-            if not isinstance(y, Tensor) or y.shape != (x.shape[0], self.d_out):
-                shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-                raise ValueError(f"source batch {self.chunks_read}: y must be [rows={x.shape[0]}, d_out={self.d_out}], "
-                                 f"got {shape}")
-        if not checks.all_finite(x.contiguous()) or (y is not None and not checks.all_finite(y.contiguous())):
-            raise ValueError(f"source batch {self.chunks_read} contains NaN or Inf")
-        return x, (y if self.needs_target else None)
-
-    def take(self, rows: int) -> tuple[Tensor, Tensor | None]:
-        xs = [] if self.carry_x is None else [self.carry_x]
-        ys = [] if self.carry_y is None else [self.carry_y]
-        have = 0 if self.carry_x is None else self.carry_x.shape[0]
-        while have < rows:
-            x, y = self._next_chunk()
-            xs.append(x)
-            if y is not None:
-                ys.append(y)
-            have += x.shape[0]
-        x = torch.cat(xs) if len(xs) > 1 else xs[0]
-        y = (torch.cat(ys) if len(ys) > 1 else ys[0]) if ys else None
-        self.carry_x = x[rows:] if x.shape[0] > rows else None
-        self.carry_y = y[rows:] if y is not None and y.shape[0] > rows else None
-        return x[:rows], (y[:rows] if y is not None else None)
-
-
-def _lr_factor(cfg: TrainConfig, tokens: int) -> float:
-    factor = 1.0
-    if cfg.lr_warmup_tokens:
-        factor *= min(1.0, (tokens + cfg.batch_size) / cfg.lr_warmup_tokens)
-    decay_start = cfg.total_tokens * (1 - cfg.lr_decay_fraction)
-    if cfg.lr_decay_fraction > 0 and tokens >= decay_start:
-        factor *= max(0.0, (cfg.total_tokens - tokens) / (cfg.total_tokens - decay_start))
-    return factor
-
-
-def _scale_for(sample: Tensor) -> float:
-    """The factor that makes E||x||^2 = width on this sample."""
-    mean_sq = float(sample.double().pow(2).sum(-1).mean())
-    return math.sqrt(sample.shape[1] / mean_sq) if mean_sq > 0 else 1.0
-
-
-@torch.no_grad()
-def evaluate(sae: SparseDictionary, x: Tensor, y: Tensor | None = None, batch_size: int = 4096) -> dict:
-    """Held-out metrics on normalised inputs: mse, fvu, l0 and per-latent fire counts."""
-    was_training = sae.training
-    sae.eval()
-    sq_err = variance = l0 = 0.0
-    counts = torch.zeros(sae.n_latents, dtype=torch.int64)
-    target_all = y if sae.transcoder else x
-    mean = target_all.mean(0)
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size]
-        tb = target_all[start:start + batch_size]
-        codes = sae.encode(xb)
-        x_hat = sae.decode(codes)
-        sq_err += float((x_hat - tb).pow(2).sum())
-        variance += float((tb - mean).pow(2).sum())
-        fire = sae.fire_counts(codes).cpu()
-        counts += fire
-        l0 += float(fire.sum())
-    sae.train(was_training)
-    rows = x.shape[0]
-    return {"mse": sq_err / rows, "fvu": sq_err / max(variance, 1e-30), "l0": l0 / rows, "fire_counts": counts}
-
-
-@reliability.guard_run  # memory check before allocating; one run per checkpoint_dir (a lock)
+@guards.guard_run  # memory check before allocating; one run per checkpoint_dir (a lock)
 def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resume: bool = False) -> TrainResult:
     """Train ``sae`` in place on ``source`` and return a TrainResult.
 
@@ -226,226 +48,121 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
     complete checkpoint there (a fresh start if there is none) and ends exactly where an
     uninterrupted run ends. Under torchrun, an error on one rank stops every rank with it.
     """
-    with distributed.failures_propagated():
+    with failures_propagated():
         return _train(sae, source, config, resume)
 
 
 def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult:
-    from sparsekit.activations import as_source
-    from .tracking import start_tracking
+    run = start(sae, source, config, resume)
+    while run.state.step < run.total_steps:
+        after_step(run, take_step(run))
+    return finish(run)
 
+
+@dataclasses.dataclass
+class Run:
+    """A run in progress: its checkpointed state and what every start rebuilds around it."""
+    state: RunState
+    context: SingleProcess          # how the run spreads over ranks (``parallel.training_context``)
+    device: torch.device            # where the dictionary lives
+    output_dir: Path | None         # metrics.jsonl and plots; None without one, and on every rank but the writer
+    history: list[dict]             # the metric lines so far
+    total_steps: int
+    strategies: tuple[str, ...]     # the dead-latent remedies
+    resample_schedule: list[int]    # token counts at which to resample
+    k_aux: int                      # AuxK's k_aux
+    params: list                    # the dictionary's parameters, in optimizer order
+    progress: object                # the progress bar (tqdm)
+    tracking: object                # tracking.NullTracker or tracking.WandbTracker
+
+
+class Step(NamedTuple):
+    """What one step leaves for ``after_step``: its normalised input x [b, d_in] and the detached
+    residual target - x_hat [b, d_out] (this rank's b rows of the batch)."""
+    x: Tensor
+    residual: Tensor
+
+
+# --- start or resume -----------------------------------------------------------------------------
+
+def start(sae, source, config: TrainConfig | None = None, resume: bool = False) -> Run:
+    """Start a run of `sae` on `source` (the arguments checked first: ValueError): with `resume`,
+    from the newest checkpoint in config.checkpoint_dir (a fresh start if there is none), else
+    fresh: the held-out split read, the input scales and b_dec set from the first rows, an empty
+    metrics file. The dictionary is left in training mode, the same on every rank."""
+    cfg = _checked_config(sae, config, resume)
+    device = sae.W_enc.device
+    # Data parallel under torchrun, or a latent-sharded dictionary (rank 0 writes); nothing extra otherwise.
+    context = training_context(sae, cfg, repr((dataclasses.asdict(cfg), sae.config(), resume)))
+    state = RunState.initial(sae, source, cfg, context.tracked_latents(sae))
+    output_dir = Path(cfg.output_dir or cfg.checkpoint_dir) if (cfg.output_dir or cfg.checkpoint_dir) else None
+    if not context.is_writer:
+        output_dir = None
+    restored = ckpt.latest(cfg.checkpoint_dir) if resume else None
+    if restored is not None:
+        history = _resume(state, restored, context, output_dir)
+    else:
+        history = _start_fresh(state, output_dir)
+    total_steps = cfg.total_tokens // cfg.batch_size
+    progress = _progress_bar(dataclasses.replace(cfg, progress=cfg.progress and context.is_writer), total_steps,
+                             state.step)
+    tracking = start_tracking(cfg, sae, output_dir, resume=restored is not None)
+    context.broadcast_module(sae)
+    sae.train()
+    return Run(state, context, device, output_dir, history, total_steps, cfg.strategies(), cfg.resample_schedule(),
+               cfg.aux_k or max(1, sae.d_in // 2), list(sae.parameters()), progress, tracking)
+
+
+def _checked_config(sae, config: TrainConfig | None, resume: bool) -> TrainConfig:
+    """config (None: TrainConfig()) once it and the other arguments are checked; ValueError if one is wrong."""
     cfg = config or TrainConfig()
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
     if not isinstance(sae, SparseDictionary) and not getattr(sae, "latent_sharded", False):
         raise ValueError(f"sae must be a sparsekit dictionary, got {type(sae).__name__}")
-    strategies = cfg.strategies()
-    if "auxk" in strategies and sae.architecture not in ("topk", "batchtopk"):
+    if "auxk" in cfg.strategies() and sae.architecture not in ("topk", "batchtopk"):
         raise ValueError(f"dead_strategy 'auxk' needs a topk or batchtopk dictionary, not {sae.architecture!r}")
     if resume and cfg.checkpoint_dir is None:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir")
-
-    device = sae.W_enc.device
-    # Data parallel under torchrun, or a latent-sharded dictionary (rank 0 writes); nothing extra otherwise.
-    dp = distributed.training_context(sae, cfg, repr((dataclasses.asdict(cfg), sae.config(), resume)))
-    src = as_source(source, batch_size=cfg.batch_size)
-    batches = _Batches(src, cfg.batch_size, sae.d_in, sae.d_out, sae.transcoder)
-    optimizer = _adam(sae, cfg)
-    tracker = DeadLatentTracker(dp.tracked_latents(sae), cfg.dead_window_tokens)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    window_counts = torch.zeros(dp.tracked_latents(sae), dtype=torch.int64)
-    output_dir = Path(cfg.output_dir or cfg.checkpoint_dir) if (cfg.output_dir or cfg.checkpoint_dir) else None
-    if not dp.is_writer:
-        output_dir = None
-    history: list[dict] = []
-    step = tokens = 0
-    eval_x = eval_y = None
-
-    restored = ckpt.latest(cfg.checkpoint_dir) if resume else None
-    if restored is not None:
-        path, tensors, state = restored
-        tensors = dp.local_checkpoint(sae, tensors)  # a latent shard's slice of the full dictionary's
-        step, tokens = state["step"], state["tokens"]
-        saved_cfg = {k: v for k, v in state["sae_config"].items() if k not in ("input_scale", "output_scale")}
-        now_cfg = {k: v for k, v in sae.config().items() if k not in ("input_scale", "output_scale")}
-        if saved_cfg != now_cfg:
-            raise ValueError(f"checkpoint {path} was written for {saved_cfg}, not {now_cfg}")
-        sae.load_state_dict({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("sae.")})
-        sae.input_scale, sae.output_scale = state["input_scale"], state["output_scale"]
-        _load_optimizer(optimizer, sae, tensors, state["optimizer_groups"], device)
-        tracker.tokens_since_fired = tensors["tokens_since_fired"].clone()
-        window_counts = tensors["window_counts"].clone()
-        eval_x = tensors.get("eval.x")
-        eval_y = tensors.get("eval.y")
-        batches.carry_x, batches.carry_y = tensors.get("carry.x"), tensors.get("carry.y")
-        src.load_state_dict(state["source_state"])
-        ckpt.set_generator_state(generator, state["generator"])
-        history = _restore_history(output_dir, step)
-        restored_window = state["log_window"]
-        print(f"sparsekit: resumed from {path} (step {step}, {tokens:,} tokens)")
-    else:
-        if cfg.eval_tokens:
-            eval_x, eval_y = batches.take(cfg.eval_tokens)
-        first_x, first_y = (eval_x, eval_y) if eval_x is not None else batches.take(cfg.batch_size)
-        if eval_x is None:  # no held-out split: the sample is the first training batch
-            batches.carry_x = first_x if batches.carry_x is None else torch.cat([first_x, batches.carry_x])
-            if first_y is not None:
-                batches.carry_y = first_y if batches.carry_y is None else torch.cat([first_y, batches.carry_y])
-        if cfg.normalize_inputs:
-            sae.input_scale = _scale_for(first_x)
-            sae.output_scale = _scale_for(first_y) if sae.transcoder else sae.input_scale
-        b_dec_init = cfg.b_dec_init or ("mean" if sae.transcoder else "geometric_median")
-        if b_dec_init != "keep":
-            sample_x = first_x[:4096].to(device) * sae.input_scale
-            sample_y = first_y[:4096].to(device) * sae.output_scale if first_y is not None else None
-            sae.init_decoder_bias(sample_x, b_dec_init, y=sample_y)
-        if output_dir is not None:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / METRICS_FILE).write_text("")
-
-    total_steps = cfg.total_tokens // cfg.batch_size
-    resample_schedule = cfg.resample_schedule()
-    k_aux = cfg.aux_k or max(1, sae.d_in // 2)
-    params = list(sae.parameters())
-    window = _Window()
-    if restored is not None:
-        vars(window).update(restored_window)
-    progress = _progress_bar(dataclasses.replace(cfg, progress=cfg.progress and dp.is_writer), total_steps, step)
-    tracking = start_tracking(cfg, sae, output_dir, resume=restored is not None)
-    dp.broadcast_module(sae)
-    sae.train()
-
-    while step < total_steps:
-        try:
-            x, y = batches.take(cfg.batch_size)
-        except SourceExhausted:
-            raise SourceExhausted(f"the source ran out after {tokens:,} training tokens; TrainConfig.total_tokens="
-                                  f"{cfg.total_tokens:,}: lower total_tokens or let the source repeat") from None
-        x, y = dp.local_rows(x), dp.local_rows(y)
-        x = x.to(device) * sae.input_scale
-        y = y.to(device) * sae.output_scale if y is not None else None
-        target = y if sae.transcoder else x
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * _lr_factor(cfg, tokens)
-        if hasattr(sae, "sparsity_weight"):
-            sae.sparsity_weight = min(1.0, (tokens + cfg.batch_size) / cfg.l1_warmup_tokens) if cfg.l1_warmup_tokens else 1.0
-
-        out = dp.forward(sae, x, y)
-        losses = dict(out.losses)
-        residual = target - out.x_hat
-        dead = tracker.dead_indices(device)
-        if dp.any_dead(dead):
-            if "auxk" in strategies:
-                losses["aux_loss"] = cfg.aux_coeff * dp.auxk_loss(sae, x, residual, dead, k_aux)
-            if "ghost" in strategies:
-                losses["aux_loss"] = losses.get("aux_loss", 0) + dp.ghost_loss(sae, x, residual, dead, losses["mse"])
-        loss = sum(losses.values())
-        dp.check_loss(step, loss, losses, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        dp.average_gradients(params)
-        sae.remove_parallel_decoder_grad()
-        if cfg.grad_clip_norm is not None:
-            dp.clip_grad_norm(sae, params, cfg.grad_clip_norm)
-        optimizer.step()
-        sae.normalize_decoder()
-        reliability.check_parameters(step, sae, cfg)
-
-        with torch.no_grad():
-            counts = dp.sum(sae.fire_counts(out.codes)).cpu()
-        tracker.update(counts, cfg.batch_size)
-        window_counts += counts
-        step += 1
-        tokens += cfg.batch_size
-        dp.add_to_window(window, losses, target, out.x_hat, counts, cfg.batch_size)
-
-        if "resample" in strategies and any(tokens - cfg.batch_size < t <= tokens for t in resample_schedule):
-            dead_now = tracker.dead_indices(device)
-            per_input = residual.detach().pow(2).sum(-1)
-            resample(sae, optimizer, dead_now, x, per_input, generator)
-            dp.broadcast_module(sae)  # rank 0's draw (each rank drew from its own rows)
-            tracker.revive(dead_now)
-            window.resampled += dead_now.numel()
-
-        if step % cfg.log_every == 0 or step == total_steps:
-            record = window.summary(step, tokens, dp.whole_tracker(tracker), dp.whole(window_counts),
-                                    optimizer.param_groups[0]["lr"])
-            window_counts.zero_()
-            window = _Window()
-            history.append(record)
-            tracking.log(record)
-            if output_dir is not None:
-                with open(output_dir / METRICS_FILE, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_frac']:.3f}")
-        progress.update(1)
-
-        if cfg.checkpoint_every_tokens and (tokens // cfg.checkpoint_every_tokens
-                                            > (tokens - cfg.batch_size) // cfg.checkpoint_every_tokens
-                                            or step == total_steps):
-            _write_checkpoint(cfg, sae, optimizer, src, batches, tracker, window_counts, window, generator,
-                              step, tokens, eval_x, eval_y, dp)
-    progress.close()
-
-    metrics = {"step": step, "tokens": tokens, "dead_frac": float(dp.whole_tracker(tracker).dead_mask().float().mean())}
-    if eval_x is not None:
-        ev = dp.evaluate(sae, eval_x.to(device) * sae.input_scale,
-                      eval_y.to(device) * sae.output_scale if eval_y is not None else None, cfg.batch_size)
-        density = ev.pop("fire_counts").double() / eval_x.shape[0]
-        metrics.update(ev, dense_frac=float((density > DENSE_THRESHOLD).float().mean()))
-        if output_dir is not None:
-            _density_plot(density, output_dir / DENSITY_PLOT, sae)
-    tracking.finish(metrics, [output_dir / DENSITY_PLOT] if output_dir is not None else [])
-    return TrainResult(sae, metrics, history, output_dir)
+    return cfg
 
 
-class _Window:
-    """Running sums of the metrics between two log lines."""
-
-    def __init__(self):
-        self.steps = 0
-        self.sums: dict[str, float] = {}
-        self.sq_err = self.variance = self.active = 0.0
-        self.rows = 0
-        self.resampled = 0
-
-    @torch.no_grad()
-    def add(self, losses, target, x_hat, counts, rows) -> None:
-        self.steps += 1
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
-        self.sq_err += float((x_hat - target).pow(2).sum())
-        self.variance += float((target - target.mean(0)).pow(2).sum())
-        self.active += float(counts.sum())
-        self.rows += rows
-
-    def summary(self, step, tokens, tracker, window_counts, lr) -> dict:
-        record = {"step": step, "tokens": tokens,
-                  "mse": self.sq_err / self.rows, "fvu": self.sq_err / max(self.variance, 1e-30),
-                  "l0": self.active / self.rows,
-                  "dead_frac": float(tracker.dead_mask().float().mean()),
-                  "dense_frac": float((window_counts.double() / self.rows > DENSE_THRESHOLD).float().mean()),
-                  "lr": lr}
-        for name, total in self.sums.items():
-            if name != "mse":
-                record[name] = total / self.steps
-        record.setdefault("aux_loss", 0.0)
-        if self.resampled:
-            record["resampled"] = self.resampled
-        return record
+def _resume(state: RunState, restored: tuple, context, output_dir: Path | None) -> list[dict]:
+    """Load checkpoint `restored` (path, tensors, state.json) into `state`; the metric lines up to it."""
+    path, tensors, saved = restored
+    state.restore(path, tensors, saved, context)
+    history = restore_history(output_dir, state.step)
+    print(f"sparsekit: resumed from {path} (step {state.step}, {state.tokens:,} tokens)")
+    return history
 
 
-def _adam(sae: SparseDictionary, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam with torch's fused kernel (one pass per tensor; ~7x faster than the for-each kernel on
-    the CPU) when every parameter is contiguous, else the for-each kernel. On torch 2.13 the fused
-    CPU update of a non-contiguous parameter is wrong (0.6 apart from for-each on a transposed
-    16 x 64 parameter after 3 steps; 1e-7 when contiguous): dictionaries are built contiguous,
-    and a test pins the trainer's update to a plain for-each loop."""
-    params = list(sae.parameters())
-    fused = all(p.is_contiguous() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                            **({"fused": True} if fused else {"foreach": True}))
+def _start_fresh(state: RunState, output_dir: Path | None) -> list[dict]:
+    """Hold out the evaluation split, set the input scales and b_dec from the first rows (the
+    held-out split, or the first training batch, which is put back), start the metrics file."""
+    cfg, batches = state.config, state.batches
+    if cfg.eval_tokens:
+        state.eval_x, state.eval_y = batches.take(cfg.eval_tokens)
+    first_x, first_y = (state.eval_x, state.eval_y) if state.eval_x is not None else batches.take(cfg.batch_size)
+    if state.eval_x is None:  # no held-out split: the sample is the first training batch
+        batches.put_back(first_x, first_y)
+    _set_scales_and_bias(state.sae, cfg, first_x, first_y)
+    if output_dir is not None:
+        start_metrics_file(output_dir)
+    return []
+
+
+def _set_scales_and_bias(sae, cfg: TrainConfig, x: Tensor, y: Tensor | None) -> None:
+    """Input (and output) scales from the sample x [r, d_in] (y [r, d_out]), then b_dec (b_in) from its first rows."""
+    if cfg.normalize_inputs:
+        sae.input_scale = normalizing_scale(x)
+        sae.output_scale = normalizing_scale(y) if sae.transcoder else sae.input_scale
+    b_dec_init = cfg.b_dec_init or ("mean" if sae.transcoder else "geometric_median")
+    if b_dec_init != "keep":
+        device = sae.W_enc.device
+        sample_x = x[:4096].to(device) * sae.input_scale
+        sample_y = y[:4096].to(device) * sae.output_scale if y is not None else None
+        sae.init_decoder_bias(sample_x, b_dec_init, y=sample_y)
 
 
 def _progress_bar(cfg: TrainConfig, total: int, initial: int):
@@ -454,77 +171,159 @@ def _progress_bar(cfg: TrainConfig, total: int, initial: int):
                 desc="sparsekit train")
 
 
-def _write_checkpoint(cfg, sae, optimizer, src, batches, tracker, window_counts, window, generator, step, tokens,
-                      eval_x, eval_y, dp=distributed.SingleProcess()) -> None:
-    """Rank 0 writes (a latent-sharded dictionary's shards are gathered to it first: every rank calls this)."""
-    if not (dp.is_writer or getattr(sae, "latent_sharded", False)):
-        return
-    tensors = {f"sae.{name}": t for name, t in sae.state_dict().items()}
-    index = {id(p): i for i, p in enumerate(sae.parameters())}
-    for parameter, state in optimizer.state.items():
-        for key, value in state.items():
-            tensors[f"opt.{index[id(parameter)]}.{key}"] = value if value.dim() else value.reshape(1)
-    tensors["tokens_since_fired"] = tracker.tokens_since_fired
-    tensors["window_counts"] = window_counts
-    for name, t in (("eval.x", eval_x), ("eval.y", eval_y), ("carry.x", batches.carry_x), ("carry.y", batches.carry_y)):
-        if t is not None:
-            tensors[name] = t
-    tensors = dp.checkpoint_tensors(sae, tensors)
-    if not dp.is_writer:
-        return
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
-              for g in optimizer.param_groups]
-    state = {"tokens": tokens, "config": dataclasses.asdict(cfg), "sae_config": sae.config(),
-             "input_scale": sae.input_scale, "output_scale": sae.output_scale,
-             "source_state": src.state_dict(), "generator": ckpt.generator_state(generator),
-             "optimizer_groups": groups, "log_window": vars(window)}
-    ckpt.write(cfg.checkpoint_dir, step, tensors, state)
+# --- one step ------------------------------------------------------------------------------------
+
+def take_step(run: Run) -> Step:
+    """One optimizer update on the next batch: the learning rate and sparsity weight for this
+    step, the losses (with the dead-latent remedies), backward, Adam; then the fire counts, the
+    metric window, and step and tokens advanced."""
+    x, y = _next_batch(run)
+    _apply_schedules(run.state)
+    out, losses, residual = _losses(run, x, y)
+    _update(run, losses)
+    _count(run, out, losses, y if run.state.sae.transcoder else x)
+    return Step(x, residual.detach())
 
 
-def _load_optimizer(optimizer, sae, tensors, groups, device) -> None:
-    state = {}
-    for name, value in tensors.items():
-        if name.startswith("opt."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value.to(device) if key != "step" else value.reshape(())
-    param_groups = [{**g, "params": list(range(len(list(sae.parameters()))))} for g in groups]
-    for g in param_groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def _restore_history(output_dir: Path | None, step: int) -> list[dict]:
-    """Metric lines up to the checkpoint's step; later ones (written before the crash) are dropped."""
-    if output_dir is None or not (output_dir / METRICS_FILE).is_file():
-        return []
-    kept = []
-    for line in (output_dir / METRICS_FILE).read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the crash
-        if record.get("step", 0) <= step:
-            kept.append(record)
-    (output_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-def _density_plot(density: Tensor, path: Path, sae: SparseDictionary) -> None:
-    """Histogram of log10 feature density on the held-out split (dead latents counted apart)."""
+def _next_batch(run: Run) -> tuple[Tensor, Tensor | None]:
+    """This rank's rows of the next batch, normalised, on the run's device: x [b, d_in], y [b, d_out] or None."""
+    state, cfg, sae = run.state, run.state.config, run.state.sae
     try:
-        from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left as it is
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        warnings.warn("matplotlib is missing: no feature density plot")
-        return
-    alive = density[density > 0]
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    if alive.numel():
-        ax.hist(torch.log10(alive).numpy(), bins=50, color="#3b6ea5")
-    ax.set_xlabel("log10 feature density (fraction of held-out tokens)")
-    ax.set_ylabel("latents")
-    dead = int((density == 0).sum())
-    ax.set_title(f"{sae.architecture}: {sae.n_latents} latents, {dead} never fired on the held-out split")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        x, y = state.batches.take(cfg.batch_size)
+    except SourceExhausted:
+        raise SourceExhausted(f"the source ran out after {state.tokens:,} training tokens; TrainConfig.total_tokens="
+                              f"{cfg.total_tokens:,}: lower total_tokens or let the source repeat") from None
+    x, y = run.context.local_rows(x), run.context.local_rows(y)
+    x = x.to(run.device) * sae.input_scale
+    y = y.to(run.device) * sae.output_scale if y is not None else None
+    return x, y
+
+
+def _apply_schedules(state: RunState) -> None:
+    """The learning rate and the sparsity penalty's weight for the step after state.tokens."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = state.config.lr * lr_factor(state.config, state.tokens)
+    if hasattr(state.sae, "sparsity_weight"):
+        state.sae.sparsity_weight = sparsity_weight(state.config, state.tokens)
+
+
+def _losses(run: Run, x: Tensor, y: Tensor | None):
+    """(output, {name: 0-d loss}, residual [b, d_out]): the dictionary's losses on x, and
+    "aux_loss" (AuxK and/or ghost grads) when some latent is dead."""
+    state, cfg, sae, context = run.state, run.state.config, run.state.sae, run.context
+    target = y if sae.transcoder else x
+    out = context.forward(sae, x, y)
+    losses = dict(out.losses)
+    residual = target - out.x_hat
+    dead = state.tracker.dead_indices(run.device)
+    if context.any_dead(dead):
+        if "auxk" in run.strategies:
+            losses["aux_loss"] = cfg.aux_coeff * context.auxk_loss(sae, x, residual, dead, run.k_aux)
+        if "ghost" in run.strategies:
+            losses["aux_loss"] = losses.get("aux_loss", 0) + context.ghost_loss(sae, x, residual, dead, losses["mse"])
+    return out, losses, residual
+
+
+def _update(run: Run, losses: dict) -> None:
+    """Backward through the summed losses and one Adam update, with the gradient averaged over
+    ranks, the decoder's parallel component removed, clipping, renormalisation and the NaN checks."""
+    state, cfg, sae, context = run.state, run.state.config, run.state.sae, run.context
+    loss = sum(losses.values())
+    context.check_loss(state.step, loss, losses, cfg)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    context.average_gradients(run.params)
+    sae.remove_parallel_decoder_grad()
+    if cfg.grad_clip_norm is not None:
+        context.clip_grad_norm(sae, run.params, cfg.grad_clip_norm)
+    state.optimizer.step()
+    sae.normalize_decoder()
+    guards.check_parameters(state.step, sae, cfg)
+
+
+def _count(run: Run, out, losses: dict, target: Tensor) -> None:
+    """Fire counts into the dead-latent tracker and the metric window; step and tokens advance."""
+    state, cfg, context = run.state, run.state.config, run.context
+    with torch.no_grad():
+        counts = context.sum(state.sae.fire_counts(out.codes)).cpu()
+    state.tracker.update(counts, cfg.batch_size)
+    state.window_counts += counts
+    state.step += 1
+    state.tokens += cfg.batch_size
+    context.add_to_window(state.window, losses, target, out.x_hat, counts, cfg.batch_size)
+
+
+# --- after a step --------------------------------------------------------------------------------
+
+def after_step(run: Run, step: Step) -> None:
+    """What follows an update: resampling when one is scheduled in this step's tokens, the metric
+    line every log_every steps (and at the end), the progress bar, a checkpoint when one is due."""
+    state, cfg = run.state, run.state.config
+    if "resample" in run.strategies and any(state.tokens - cfg.batch_size < t <= state.tokens
+                                            for t in run.resample_schedule):
+        _resample(run, step)
+    if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+        _log(run)
+    run.progress.update(1)
+    if _checkpoint_due(run):
+        write_checkpoint(state, run.context)
+
+
+def _resample(run: Run, step: Step) -> None:
+    """Resample the latents dead now toward this step's high-loss rows (rank 0's draw on every rank)."""
+    state = run.state
+    dead_now = state.tracker.dead_indices(run.device)
+    per_input = step.residual.pow(2).sum(-1)
+    resample(state.sae, state.optimizer, dead_now, step.x, per_input, state.generator)
+    run.context.broadcast_module(state.sae)  # rank 0's draw (each rank drew from its own rows)
+    state.tracker.revive(dead_now)
+    state.window.resampled += dead_now.numel()
+
+
+def _log(run: Run) -> None:
+    """The metric line of the window just ended: into the history, the tracker, metrics.jsonl and the progress bar."""
+    state, context = run.state, run.context
+    record = state.window.summary(state.step, state.tokens, context.whole_tracker(state.tracker),
+                                  context.whole(state.window_counts), state.optimizer.param_groups[0]["lr"])
+    state.window_counts.zero_()
+    state.window = MetricWindow()
+    run.history.append(record)
+    run.tracking.log(record)
+    if run.output_dir is not None:
+        append_metrics(run.output_dir, record)
+    run.progress.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_frac']:.3f}")
+
+
+def _checkpoint_due(run: Run) -> bool:
+    """True when this step crossed a multiple of checkpoint_every_tokens, or ended the run (with checkpoints on)."""
+    cfg, tokens, every = run.state.config, run.state.tokens, run.state.config.checkpoint_every_tokens
+    return bool(every) and (tokens // every > (tokens - cfg.batch_size) // every or run.state.step == run.total_steps)
+
+
+# --- finish --------------------------------------------------------------------------------------
+
+def finish(run: Run) -> TrainResult:
+    """Close the progress bar; the final metrics (step, tokens, dead fraction, and the held-out
+    mse, fvu, l0 and dense fraction when there is a held-out split), the density plot, the
+    tracker's summary. Returns the TrainResult."""
+    run.progress.close()
+    state = run.state
+    metrics = {"step": state.step, "tokens": state.tokens,
+               "dead_frac": float(run.context.whole_tracker(state.tracker).dead_mask().float().mean())}
+    if state.eval_x is not None:
+        held_out, density = _evaluate_held_out(run)
+        metrics.update(held_out)
+        if run.output_dir is not None:
+            density_plot(density, run.output_dir / DENSITY_PLOT, state.sae)
+    run.tracking.finish(metrics, [run.output_dir / DENSITY_PLOT] if run.output_dir is not None else [])
+    return TrainResult(state.sae, metrics, run.history, run.output_dir)
+
+
+def _evaluate_held_out(run: Run) -> tuple[dict, Tensor]:
+    """(mse, fvu, l0, dense_frac) on the held-out split, and each latent's firing density there [n]."""
+    state, sae, device = run.state, run.state.sae, run.device
+    ev = run.context.evaluate(sae, state.eval_x.to(device) * sae.input_scale,
+                              state.eval_y.to(device) * sae.output_scale if state.eval_y is not None else None,
+                              state.config.batch_size)
+    density = ev.pop("fire_counts").double() / state.eval_x.shape[0]
+    return {**ev, "dense_frac": float((density > DENSE_THRESHOLD).float().mean())}, density

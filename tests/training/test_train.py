@@ -178,7 +178,7 @@ def test_training_steps_match_a_plain_foreach_adam_reference():
 
 
 def test_the_trainer_takes_fused_adam_only_when_every_parameter_is_contiguous():
-    from sparsekit.training.loop import _adam
+    from sparsekit.training.optimizer import adam as _adam
     sae = sparsekit.TopKSAE(8, 32, 4)
     assert all(p.is_contiguous() for p in sae.parameters())  # the constructor's layout
     assert _adam(sae, TrainConfig()).defaults["fused"] is True

@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 8 -m sparsekit train --data acts/ --n-latents 1048576 --k 32 ...
 
-``train`` asks ``data_parallel(batch_size)`` for the run's context. Without a process group (and
-with WORLD_SIZE unset or 1) that is ``SingleProcess``, whose methods do nothing extra; under
+``train`` asks ``data_parallel(batch_size)`` for the run's context (through
+``parallel.training_context``). Without a process group (and with WORLD_SIZE unset or 1) that is
+``SingleProcess`` (``parallel.single``), whose methods do nothing extra; under
 torchrun the process group is set up from its environment (``init_distributed``: NCCL on GPUs,
 gloo on CPUs, timeouts set) and every rank gets a ``DataParallel`` context:
 
@@ -51,9 +52,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from sparsekit import ops
-from sparsekit.training import guards as reliability
-from sparsekit.training.dead_latents import auxk_loss, ghost_loss
 from sparsekit.errors import TrainingDiverged
+from sparsekit.sae.base import SAEOutput
+from sparsekit.training import guards
+from sparsekit.training.dead_latents import auxk_loss
+from .single import SingleProcess
 
 TIMEOUT_ENV = "SPARSEKIT_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0           # a collective that waits longer than this raises
@@ -211,15 +214,6 @@ def check_same_everywhere(fingerprint, group=None) -> None:
                          f"than rank 0: every rank must run the same command")
 
 
-def training_context(sae, config, fingerprint: str = ""):
-    """The trainer's context for `sae`: ``ShardedTraining`` for a latent-sharded dictionary (its
-    process group must exist), else ``data_parallel(config.batch_size, fingerprint)``."""
-    if getattr(sae, "latent_sharded", False):
-        from .sharded import MeshTraining, ShardedTraining
-        return (ShardedTraining if sae.data_group is None else MeshTraining)(sae, config, fingerprint)
-    return data_parallel(config.batch_size, fingerprint)
-
-
 def data_parallel(batch_size: int, fingerprint: str = ""):
     """The trainer's context: SingleProcess, or DataParallel over the process group (set up from
     torchrun's environment when needed). batch_size is the global batch; it must split evenly.
@@ -230,69 +224,6 @@ def data_parallel(batch_size: int, fingerprint: str = ""):
     if dist.get_world_size() == 1:
         return SingleProcess()
     return DataParallel(batch_size, fingerprint)
-
-
-class SingleProcess:
-    """The context of a run on one process: every method is the plain single-process step."""
-
-    rank, world_size, is_writer = 0, 1, True
-
-    def local_rows(self, t: Tensor | None) -> Tensor | None:
-        return t
-
-    def forward(self, sae, x: Tensor, y: Tensor | None):
-        return sae(x, y)
-
-    def average_gradients(self, params) -> None:
-        pass
-
-    def sum(self, t: Tensor) -> Tensor:
-        return t
-
-    def add_to_window(self, window, losses: dict, target: Tensor, x_hat: Tensor, counts: Tensor, rows: int) -> None:
-        window.add(losses, target, x_hat, counts, rows)
-
-    def check_loss(self, step: int, loss: Tensor, losses: dict, config) -> None:
-        reliability.check_loss(step, loss, losses, config)
-
-    def tracked_latents(self, sae) -> int:
-        """How many latents this rank counts (dead-latent counters, fire counts)."""
-        return sae.n_latents
-
-    def any_dead(self, dead: Tensor) -> bool:
-        return dead.numel() > 0
-
-    def clip_grad_norm(self, sae, params, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def whole(self, t: Tensor) -> Tensor:
-        """A per-latent tensor over every latent of the dictionary (it already is, here)."""
-        return t
-
-    def whole_tracker(self, tracker):
-        return tracker
-
-    def checkpoint_tensors(self, sae, tensors: dict) -> dict:
-        return tensors
-
-    def local_checkpoint(self, sae, tensors: dict) -> dict:
-        return tensors
-
-    def evaluate(self, sae, x: Tensor, y: Tensor | None = None, batch_size: int = 4096) -> dict:
-        from sparsekit.training.loop import evaluate
-        return evaluate(sae, x, y, batch_size)
-
-    def auxk_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
-        return auxk_loss(sae, x, residual, dead, k_aux)
-
-    def ghost_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, mse_main: Tensor) -> Tensor:
-        return ghost_loss(sae, x, residual, dead, mse_main)
-
-    def broadcast_module(self, module: torch.nn.Module) -> None:
-        pass
-
-    def barrier(self) -> None:
-        pass
 
 
 class DataParallel(SingleProcess):
@@ -334,8 +265,6 @@ class DataParallel(SingleProcess):
         their values are all-gathered (W * B*k numbers per rank) and a stable descending sort of
         the concatenation (which is in global row-major order) picks the same B*k on every rank.
         """
-        from sparsekit.sae.base import SAEOutput
-
         if sae.transcoder and y is None:
             raise ValueError("a transcoder needs its target y [B, d_out]")
         target = y if sae.transcoder else x
@@ -420,13 +349,13 @@ class DataParallel(SingleProcess):
             return
         if self.rank in bad:
             try:
-                reliability.check_loss(step, loss, losses, config)
+                guards.check_loss(step, loss, losses, config)
             except TrainingDiverged as error:
                 raise TrainingDiverged(f"rank {self.rank} of {self.world_size}: {error}", step + 1) from None
         raise TrainingDiverged(
             f"rank {self.rank} of {self.world_size}: training diverged at step {step + 1}: the loss is "
             f"{values[bad[0]]} on rank {bad[0]} (ranks {bad} non-finite; this rank's loss {values[self.rank]:.4g}); "
-            f"{reliability._how_to_resume(config)}", step + 1)
+            f"{guards.how_to_resume(config)}", step + 1)
 
     def auxk_loss(self, sae, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
         """AuxK normalised by the global batch's residual variance: the mean over ranks of this

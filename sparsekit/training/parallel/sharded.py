@@ -58,7 +58,8 @@ from torch import Tensor, nn
 from sparsekit import ops
 from sparsekit._util.validate import positive_int, positive_number
 from sparsekit.training.dead_latents import DeadLatentTracker
-from .data import DataParallel, SingleProcess, check_same_everywhere
+from .data import DataParallel, check_same_everywhere, init_distributed
+from .single import SingleProcess
 from sparsekit.sae.base import SAEOutput, SparseDictionary, init_parameters
 from sparsekit.sae.batchtopk import BatchTopKSAE
 from sparsekit.sae.relu import ReLUSAE
@@ -525,7 +526,7 @@ class ShardedTraining(SingleProcess):
 
     @torch.no_grad()
     def evaluate(self, sae, x: Tensor, y: Tensor | None = None, batch_size: int = 4096) -> dict:
-        """As ``sparsekit.training.loop.evaluate`` on the whole dictionary: mse, fvu, l0, fire_counts [n]."""
+        """As ``sparsekit.training.metrics.evaluate`` on the whole dictionary: mse, fvu, l0, fire_counts [n]."""
         was_training = sae.training
         sae.eval()
         target_all = y if sae.transcoder else x
@@ -562,7 +563,6 @@ def mesh(latent_shards: int) -> Mesh:
     mesh with `latent_shards` shards per dictionary; the world size must be a multiple of it.
     Every rank must call this (it creates every group). Use it as
     ``LatentShardedTopK.from_dictionary(sae, group=m.latent_group, data_group=m.data_group)``."""
-    from .data import init_distributed
     latent_shards = positive_int("latent_shards", latent_shards)
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
