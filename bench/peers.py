@@ -48,8 +48,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import (backend_forced_to, env_set, output_path, peak_rss_gib,  # noqa: E402
-                     peak_rss_in_subprocesses, pin_thread_env, time_round_robin, time_with_cpu_share)
+from _timing import (  # noqa: E402
+    backend_forced_to,
+    env_set,
+    output_path,
+    peak_rss_gib,
+    peak_rss_in_subprocesses,
+    pin_thread_env,
+    time_round_robin,
+    time_with_cpu_share,
+)
 
 # The issue's targets (issue 10, "Targets").
 TARGET_STEP_OVER_TORCH_GEMM = 1.0
@@ -126,14 +134,13 @@ if __name__ == "__main__":
     pin_thread_env(parse_args().threads)
 
 import torch  # noqa: E402
+from step_table import FULL, QUICK, Shapes, environment_lines, make_gemms, make_inputs, make_step, pin_threads, topk_encoder_gemm  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit.training import guards as reliability  # noqa: E402
 from sparsekit.training.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss  # noqa: E402
 from sparsekit.training.metrics import MetricWindow  # noqa: E402
 from sparsekit.training.optimizer import adam, lr_factor  # noqa: E402
-from step_table import (FULL, QUICK, Shapes, environment_lines, make_gemms, make_inputs, make_step,  # noqa: E402
-                        pin_threads, topk_encoder_gemm)
 
 
 def shapes_from(args: argparse.Namespace) -> Shapes:
@@ -444,8 +451,9 @@ NOTES = [
     "How each row was built:",
     "- sparsekit rows: sparsekit.train's loop body replicated statement by statement (train.py has no per-step "
     "function): sae(x), dead-latent remedy, loss check, zero_grad, backward, parallel-gradient projection, "
-    "clip_grad_norm_(1.0), the trainer's Adam (torch's fused kernel: every parameter is contiguous), decoder renormalisation, parameter check, fire "
-    "counts, tracker and logging window; only drawing the batch from a source is left out. The cross-check row "
+    "clip_grad_norm_(1.0), the trainer's Adam (torch's fused kernel: every parameter is contiguous), decoder "
+    "renormalisation, parameter check, fire counts, tracker and logging window; only drawing the batch from a source "
+    "is left out. The cross-check row "
     "times sparsekit.train() itself (TensorSource, b_dec from the mean, no held-out split).",
     "- ReLU+L1: b_enc shifted by one constant so that on the first 1024 rows of x exactly k of n pre-activations per "
     "row are positive on average (a trained SAE's L0 on a fresh dictionary); l1_coeff = 1e-3.",

@@ -27,9 +27,10 @@ from typing import Mapping, NamedTuple
 import torch
 from torch import Tensor
 
-from sparsekit.sae.base import SparseDictionary
-from .splice import loss_recovered
 from sparsekit.activations.store import check_contexts, check_hooks, flatten_positions
+from sparsekit.sae.base import SparseDictionary
+
+from .splice import loss_recovered
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 

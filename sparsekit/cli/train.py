@@ -54,13 +54,6 @@ def _hyperparameter_option(spec, takes: tuple, needs: tuple) -> "Option":
         text = f"{spec.help} ({', '.join(takes)}; default {spec.default:g})"
     return Option(spec.name, "int" if spec.kind is int else "float", text)
 
-# Extra help for TrainConfig fields whose values are names.
-FIELD_HINTS = {
-    "b_dec_init": "geometric_median, mean, zeros or keep",
-    "dead_strategy": "none, resample, ghost, auxk, or a combination such as resample+ghost",
-}
-
-
 class UsageError(Exception):
     """Bad input: reported as one line on stderr and exit status 2."""
 
@@ -87,7 +80,7 @@ class Option:
 
 def _options() -> list[Option]:
     """The run's own options, then one option per TrainConfig field (generated from the dataclass)."""
-    from sparsekit.training.config import TrainConfig
+    from sparsekit.training.config import TrainConfig, field_help
 
     options = [
         Option("data", "path", "activations: a shard folder (manifest.json), a .npy file [N, d] or a .safetensors "
@@ -108,15 +101,14 @@ def _options() -> list[Option]:
         names = _type_names(field.type)
         optional = "None" in names
         default = field.default
-        help_text = f"TrainConfig.{field.name} (default {_show(default)})"
-        if field.name in FIELD_HINTS:
-            help_text = f"{help_text}: {FIELD_HINTS[field.name]}"
+        help_text = f"{field_help(field.name)} (TrainConfig.{field.name}; default {_show(default)})"
         if "tuple" in names:
             help_text += ", comma-separated"
         if optional and field.name != "checkpoint_every_tokens" and not field.name.endswith("_dir"):
             help_text += "; none to unset"
         if field.name == "checkpoint_every_tokens":
-            help_text = "TrainConfig.checkpoint_every_tokens (default with --checkpoint-dir: 10%% of --total-tokens)"
+            help_text = (f"{field_help(field.name)} (TrainConfig.checkpoint_every_tokens; default with --checkpoint-dir: "
+                         f"10%% of --total-tokens)")
         if "bool" in names:
             options.append(Option(field.name, "bool", help_text, default=default))
         elif "int" in names:
@@ -551,11 +543,10 @@ def run(argv: list[str]):
 
 
 def _train(sae, source, cfg, resume: bool, out: Path):
-    from sparsekit.training.parallel import data as distributed
+    from sparsekit.errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
     from sparsekit.training.loop import train
     from sparsekit.training.metrics import METRICS_FILE
-
-    from sparsekit.errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
+    from sparsekit.training.parallel import data as distributed
 
     try:
         result = train(sae, source, cfg, resume=resume)

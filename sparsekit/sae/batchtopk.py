@@ -55,7 +55,7 @@ class BatchTopKSAE(SparseDictionary):
         Evaluation: dense codes [B, n] through the global threshold."""
         if self.training:
             codes = ops.batchtopk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self.pre_encoder_bias())
-            self._update_threshold(codes.values.detach())
+            self.update_threshold(codes.values.detach())
             return codes
         if self.threshold < 0:
             raise RuntimeError("BatchTopKSAE has no inference threshold yet: train it (or call .train()) first")
@@ -64,7 +64,7 @@ class BatchTopKSAE(SparseDictionary):
         return torch.relu(ops.jumprelu_encode(x, self.W_enc, self.encoder_bias(), log_threshold))
 
     @torch.no_grad()
-    def _update_threshold(self, kept) -> None:
+    def update_threshold(self, kept) -> None:
         """Running mean of the smallest positive kept activation; tensor ops only, so the update
         traces under torch.compile without graph breaks."""
         smallest = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).min()

@@ -39,10 +39,10 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from sparsekit.analysis.mnist_features import analyse_features
 from sparsekit._util.atomic import atomic_write_bytes
-from sparsekit.sae import BatchTopKSAE, ReLUSAE, TopKSAE, load
+from sparsekit.analysis.mnist_features import analyse_features
 from sparsekit.analysis.splice import loss_recovered, splice, zero_ablate
+from sparsekit.sae import BatchTopKSAE, ReLUSAE, TopKSAE, load
 from sparsekit.training.config import TrainConfig
 from sparsekit.training.loop import train
 

@@ -13,14 +13,11 @@ decoder recovers the planted directions (mean max cosine similarity, and the cou
 """
 from __future__ import annotations
 
-import argparse
-import sys
-
+from sparsekit.ops.backend import backends
 from sparsekit.sae import TopKSAE
+from sparsekit.toys.superposition import SuperpositionData, recovery_per_feature
 from sparsekit.training.config import TrainConfig
 from sparsekit.training.loop import train
-from sparsekit.ops.backend import backends
-from sparsekit.toys.superposition import SuperpositionData, recovery_per_feature
 
 
 def run_synthetic(d: int = 64, n_true: int = 256, n_latents: int = 512, k: int = 8, p_active: float = 0.02,

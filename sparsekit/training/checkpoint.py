@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsekit.ops import checks
 from sparsekit._util.atomic import fsync_path
 from sparsekit.errors import CheckpointWriteFailed, TrainingDiverged
+from sparsekit.ops import checks
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"

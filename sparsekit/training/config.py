@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from sparsekit.ops import checks
 from sparsekit.sae.base import SparseDictionary
+
 from .dead_latents import STRATEGIES
 
 

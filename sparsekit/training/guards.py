@@ -21,6 +21,7 @@ import torch
 from sparsekit.errors import CheckpointDirBusy, TrainingDiverged
 from sparsekit.ops import checks
 from sparsekit.sae.base import SparseDictionary
+
 from . import checkpoint as ckpt
 from . import memory
 from .config import TrainConfig

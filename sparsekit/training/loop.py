@@ -23,14 +23,23 @@ import torch
 from torch import Tensor
 
 from sparsekit.errors import SourceExhausted
+from sparsekit.sae import registry
 from sparsekit.sae.base import SparseDictionary
+
 from . import checkpoint as ckpt
 from . import guards
 from .batches import normalizing_scale
 from .config import TrainConfig, TrainResult
 from .dead_latents import resample
-from .metrics import (DENSE_THRESHOLD, DENSITY_PLOT, MetricWindow, append_metrics, density_plot, restore_history,
-                      start_metrics_file)
+from .metrics import (
+    DENSE_THRESHOLD,
+    DENSITY_PLOT,
+    MetricWindow,
+    append_metrics,
+    density_plot,
+    restore_history,
+    start_metrics_file,
+)
 from .optimizer import lr_factor, sparsity_weight
 from .parallel import SingleProcess, training_context
 from .parallel.data import failures_propagated
@@ -121,8 +130,9 @@ def _checked_config(sae, config: TrainConfig | None, resume: bool) -> TrainConfi
     cfg.validate()
     if not isinstance(sae, SparseDictionary) and not getattr(sae, "latent_sharded", False):
         raise ValueError(f"sae must be a sparsekit dictionary, got {type(sae).__name__}")
-    if "auxk" in cfg.strategies() and sae.architecture not in ("topk", "batchtopk"):
-        raise ValueError(f"dead_strategy 'auxk' needs a topk or batchtopk dictionary, not {sae.architecture!r}")
+    sparse_coded = [name for name, cls in registry.ARCHITECTURES.items() if cls.code_kind != "dense"]
+    if "auxk" in cfg.strategies() and sae.architecture not in sparse_coded:  # AuxK picks from k-sparse codes
+        raise ValueError(f"dead_strategy 'auxk' needs a {' or '.join(sparse_coded)} dictionary, not {sae.architecture!r}")
     if resume and cfg.checkpoint_dir is None:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir")
     return cfg

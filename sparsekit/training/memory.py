@@ -14,9 +14,9 @@ import os
 
 import torch
 
+from sparsekit._util.validate import positive_int
 from sparsekit.errors import InsufficientMemory
 from sparsekit.sae import registry
-from sparsekit._util.validate import positive_int
 
 GIB = 1024 ** 3
 

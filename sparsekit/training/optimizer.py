@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from sparsekit.sae.base import SparseDictionary
+
 from .config import TrainConfig
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sparsekit.sae.base import SparseDictionary
+
 from . import checkpoint as ckpt
 from .batches import Batches
 from .config import TrainConfig

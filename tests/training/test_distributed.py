@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import distributed_worker as worker  # noqa: E402
 from safetensors.torch import load_file
 
 import sparsekit
 from sparsekit.training.parallel import data as distributed
-
-from helpers import distributed_worker as worker  # noqa: E402
 
 WORKER = Path(__file__).parents[1] / "helpers" / "distributed_worker.py"
 WORLD = 2

@@ -3,9 +3,9 @@ resumed with train(..., resume=True) ends with bit-identical parameters to a run
 the source's state (epoch, position in the shuffled windows) travels in the checkpoint."""
 import pytest
 import torch
+from helpers.lm_cases import random_contexts, tiny_transformer
 
 import sparsekit
-from helpers.lm_cases import random_contexts, tiny_transformer
 from sparsekit.activations.store import LMActivationSource
 
 

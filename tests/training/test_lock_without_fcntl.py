@@ -7,8 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 NO_FCNTL = "import sys\nsys.modules['fcntl'] = None\n"
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import sparsekit
-from sparsekit.training import checkpoint as ckpt
-from sparsekit.training import memory, guards as reliability
 from sparsekit.errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
+from sparsekit.training import checkpoint as ckpt
+from sparsekit.training import guards as reliability
+from sparsekit.training import memory
 
 D, N, B = 8, 32, 64
 

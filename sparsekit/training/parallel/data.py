@@ -53,9 +53,11 @@ from torch import Tensor
 
 from sparsekit import ops
 from sparsekit.errors import TrainingDiverged
+from sparsekit.sae import registry
 from sparsekit.sae.base import SAEOutput
 from sparsekit.training import guards
 from sparsekit.training.dead_latents import auxk_loss
+
 from .single import SingleProcess
 
 TIMEOUT_ENV = "SPARSEKIT_DIST_TIMEOUT_S"
@@ -123,6 +125,13 @@ def shutdown_distributed() -> None:
 
 class PeerRankFailed(RuntimeError):
     """Another rank of the run raised; this rank stopped too, with that rank's error in the message."""
+
+
+def selects_over_the_batch(architecture) -> bool:
+    """Whether a registered architecture picks its codes over the whole batch (BatchTopK codes): data
+    parallel then selects over the global batch, all ranks' candidates gathered."""
+    cls = registry.ARCHITECTURES.get(architecture)
+    return cls is not None and cls.code_kind == "batchtopk"
 
 
 FAILURE_KEY = "sparsekit/failure"
@@ -253,7 +262,7 @@ class DataParallel(SingleProcess):
 
     def forward(self, sae, x: Tensor, y: Tensor | None):
         """sae(x, y) on this rank's rows; a BatchTopK dictionary in training selects globally."""
-        if getattr(sae, "architecture", None) == "batchtopk" and sae.training:
+        if selects_over_the_batch(getattr(sae, "architecture", None)) and sae.training:
             return self._batchtopk_forward(sae, x, y)
         return sae(x, y)
 
@@ -280,7 +289,7 @@ class DataParallel(SingleProcess):
         segment = candidates.values.shape[0]
         mine = chosen[self.rank * segment:(self.rank + 1) * segment]
         codes = ops.BatchTopKCodes(candidates.values[mine], candidates.rows[mine], candidates.cols[mine])
-        sae._update_threshold(everyone[order])  # the global batch's smallest kept value, same on all ranks
+        sae.update_threshold(everyone[order])  # the global batch's smallest kept value, same on all ranks
         x_hat = ops.sparse_decode_coo(codes.values, codes.rows, codes.cols, sae.W_dec, sae.b_dec, rows)
         losses = {"mse": (x_hat - target).pow(2).sum(-1).mean(), **sae.sparsity_losses(codes, x)}
         return SAEOutput(x_hat, codes, losses)
@@ -434,7 +443,7 @@ def step_communication_bytes(d_in: int, n_latents: int, d_out: int | None = None
     result = {"gradient_allreduce": ring * params * bytes_per_value,
               "fire_count_allreduce": ring * n_latents * 8,
               "metrics_allreduce": ring * (d_out + 8) * 8}
-    if architecture == "batchtopk":
+    if selects_over_the_batch(architecture):
         result["batchtopk_allgather"] = (W - 1) * min(batch_size * k, batch_size // W * n_latents) * bytes_per_value
     result["total"] = sum(result.values())
     return result

@@ -57,13 +57,14 @@ from torch import Tensor, nn
 
 from sparsekit import ops
 from sparsekit._util.validate import positive_int, positive_number
-from sparsekit.training.dead_latents import DeadLatentTracker
-from .data import DataParallel, check_same_everywhere, init_distributed
-from .single import SingleProcess
 from sparsekit.sae.base import SAEOutput, SparseDictionary, init_parameters
 from sparsekit.sae.batchtopk import BatchTopKSAE
 from sparsekit.sae.relu import ReLUSAE
 from sparsekit.sae.topk import TopKSAE
+from sparsekit.training.dead_latents import DeadLatentTracker
+
+from .data import DataParallel, check_same_everywhere, init_distributed
+from .single import SingleProcess
 
 
 class _CopyToShards(torch.autograd.Function):
@@ -390,7 +391,7 @@ class LatentShardedBatchTopK(LatentShardedTopK):
         segment = codes.values.shape[0]                                         # the same on every rank
         start = (data_rank * self.world_size + self.rank) * segment
         mine = chosen[start:start + segment]
-        self._update_threshold(all_values[by_index[by_value]])
+        self.update_threshold(all_values[by_index[by_value]])
         return ops.BatchTopKCodes(codes.values[mine], codes.rows[mine], codes.cols[mine])
 
     def _gather_mesh(self, t: Tensor) -> Tensor:
@@ -404,7 +405,7 @@ class LatentShardedBatchTopK(LatentShardedTopK):
         dist.all_gather(parts, shards, group=self.data_group)
         return torch.cat(parts)
 
-    _update_threshold = BatchTopKSAE._update_threshold
+    update_threshold = BatchTopKSAE.update_threshold
 
 
 class LatentShardedReLU(LatentShardedTopK):
