@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.atomic import atomic_write_bytes
+from sparsekit._util.validate import is_int
 from sparsekit.analysis.mnist_features import analyse_features
 from sparsekit.analysis.splice import loss_recovered, splice, zero_ablate
 from sparsekit.sae import BatchTopKSAE, ReLUSAE, TopKSAE, load
@@ -80,7 +81,7 @@ class ScanGrid:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"ScanGrid.methods: {unknown} not among {', '.join(METHODS)}")
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (*self.sizes, *self.ks)):
+        if any(not is_int(v) or v < 1 for v in (*self.sizes, *self.ks)):
             raise ValueError(f"ScanGrid.sizes and ks must be positive ints, got {self.sizes}, {self.ks}")
         if any(not v > 0 for v in self.l1_coeffs):
             raise ValueError(f"ScanGrid.l1_coeffs must be positive, got {self.l1_coeffs}")

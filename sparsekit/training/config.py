@@ -12,6 +12,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import NamedTuple
 
+from sparsekit._util.validate import is_int
 from sparsekit.ops import checks
 from sparsekit.sae.base import SparseDictionary
 
@@ -87,7 +88,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None and allow_none:
                 return
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+            if not is_int(value) or value < (0 if allow_zero else 1):
                 raise ValueError(f"TrainConfig.{name} must be a {'non-negative' if allow_zero else 'positive'} int, "
                                  f"got {value!r}")
 

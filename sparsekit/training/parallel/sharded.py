@@ -622,9 +622,8 @@ class MeshTraining(ShardedTraining):
 def shard_for_cli(sae, latent_shards: int):
     """`sparsekit train --latent-parallel S` under torchrun: this rank's shard of `sae` (built the same
     on every rank) on a mesh of S latent shards x world/S data-parallel replicas."""
-    classes = {"topk": LatentShardedTopK, "batchtopk": LatentShardedBatchTopK, "relu": LatentShardedReLU}
-    if isinstance(latent_shards, bool) or not isinstance(latent_shards, int) or latent_shards < 1:
-        raise ValueError(f"--latent-parallel must be a positive int, got {latent_shards!r}")
+    classes = {cls.architecture: cls for cls in (LatentShardedTopK, LatentShardedBatchTopK, LatentShardedReLU)}
+    positive_int("--latent-parallel", latent_shards)
     if sae.architecture not in classes:
         raise ValueError(f"--latent-parallel: only topk, batchtopk and relu dictionaries can be sharded, "
                          f"not {sae.architecture}")
