@@ -1,7 +1,7 @@
 """Build sparsekit: setuptools drives CMake, which builds the C++ extension modules.
 
 One module per instruction-set level (CMakeLists.txt): sparsekit._C_avx512, _C_avx2 and
-_C_baseline on x86-64, _C_baseline elsewhere; sparsekit/cpu_isa.py loads the best the CPU runs.
+_C_baseline on x86-64, _C_baseline elsewhere; sparsekit/ops/cpu/isa.py loads the best the CPU runs.
 
 SPARSEKIT_NO_EXTENSION=1 skips the extension (the package then runs on its PyTorch reference path);
 SPARSEKIT_NATIVE=1 adds -march=native to the best level's module (for a build that never leaves

@@ -172,9 +172,10 @@ def calibrate_relu_bias(sae, x: torch.Tensor, k: int, sample_rows: int = 1024) -
 
 
 class TrainerStep:
-    """One step of ``sparsekit.train``'s loop on a fixed batch, statement by statement as train.py
-    runs it (single process, no LR warm-up or L1 warm-up, far from the LR decay): train.py has no
-    per-step function to call. Left out: drawing the batch from a source. A fixed set of
+    """One step of ``sparsekit.train``'s loop on a fixed batch, statement by statement as the trainer
+    runs it (single process, no LR warm-up or L1 warm-up, far from the LR decay). Written before the
+    trainer had a per-step function; ``training.loop.take_step`` is one now, but it also draws the
+    batch from a source and needs a started run. Left out: drawing the batch from a source. A fixed set of
     ``dead_fraction`` latents is reported dead by the tracker before every step."""
 
     def __init__(self, architecture: str, shapes: Shapes, remedy: str = "none", dead_fraction: float = 0.0,
@@ -449,8 +450,9 @@ def target_lines(medians: dict[str, float], peaks: dict[str, float], shapes: Sha
 NOTES = [
     "",
     "How each row was built:",
-    "- sparsekit rows: sparsekit.train's loop body replicated statement by statement (train.py has no per-step "
-    "function): sae(x), dead-latent remedy, loss check, zero_grad, backward, parallel-gradient projection, "
+    "- sparsekit rows: sparsekit.train's loop body replicated statement by statement (as training/loop.py's "
+    "take_step runs it, minus drawing the batch): sae(x), dead-latent remedy, loss check, zero_grad, backward, "
+    "parallel-gradient projection, "
     "clip_grad_norm_(1.0), the trainer's Adam (torch's fused kernel: every parameter is contiguous), decoder "
     "renormalisation, parameter check, fire counts, tracker and logging window; only drawing the batch from a source "
     "is left out. The cross-check row "

@@ -1,6 +1,6 @@
 // The instruction-set levels this CPU runs, asked of the CPU itself (cpuid, with the OS's support
 // for the wider registers checked by the compiler's runtime), for the loader that picks one of the
-// extension modules built per level (sparsekit/cpu_isa.py).
+// extension modules built per level (sparsekit/ops/cpu/isa.py).
 //
 // cpu_isa_levels(): the levels this CPU supports, best first, always ending in "baseline":
 //   "avx512"   x86-64-v4: AVX-512 F/BW/CD/DQ/VL on top of x86-64-v3

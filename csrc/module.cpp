@@ -1,7 +1,7 @@
 // pybind11 bindings of sparsekit's CPU kernels: the modules sparsekit._C_<level> (one per ISA level).
 //
 // Every array argument is taken with .noconvert(): a wrong dtype or a non-contiguous array is a
-// TypeError here, never a silent copy. Outputs are preallocated by the caller (sparsekit.cpu_ops)
+// TypeError here, never a silent copy. Outputs are preallocated by the caller (sparsekit/ops/cpu/*.py)
 // and written in place. Each kernel is bound for float and double.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -462,7 +462,7 @@ void bind_all(py::module_& m) {
 }  // namespace
 
 // One module per instruction-set level, each built from this file (CMakeLists.txt names it:
-// _C_avx512, _C_avx2, _C_baseline); sparsekit/cpu_isa.py imports the best one the CPU runs.
+// _C_avx512, _C_avx2, _C_baseline); sparsekit/ops/cpu/isa.py imports the best one the CPU runs.
 #ifndef SPARSEKIT_MODULE
 #define SPARSEKIT_MODULE _C_baseline
 #endif

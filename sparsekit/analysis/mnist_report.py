@@ -20,7 +20,7 @@ SCAN_COLUMNS = ("method", "n_latents", "sparsity_param", "sparsity", "fvu", "l0"
 def _claims(summary: dict) -> list[str]:
     rows = [[c["claim"], c["verdict"], c["evidence"]] for c in summary["claims"]]
     return [h.heading("What the research note claimed, and what this run found"),
-            h.paragraph("Each claim is judged by a fixed rule written in sparsekit/mnist_study.py (evaluate_claims); "
+            h.paragraph("Each claim is judged by a fixed rule written in sparsekit/studies/mnist_study.py (evaluate_claims); "
                         "nothing was tuned to make a claim hold."),
             h.table(["claim", "verdict", "evidence"], rows, VERDICT_CLASS)]
 
