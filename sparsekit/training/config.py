@@ -128,6 +128,16 @@ def field_help(name: str) -> str:
     return helps[name]
 
 
+def fields_table() -> str:
+    """Every TrainConfig field as a Markdown table (field, default, help): docs/training.md prints it,
+    tests/package/test_docs.py keeps the two equal."""
+    rows = ["| field | default | what it sets |", "| --- | --- | --- |"]
+    for setting in dataclasses.fields(TrainConfig):
+        help_text = setting.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{setting.name}` | `{setting.default!r}` | {help_text} |")
+    return "\n".join(rows)
+
+
 class TrainResult(NamedTuple):
     """The trained dictionary, final held-out metrics, the logged metric lines, the output folder."""
     sae: SparseDictionary

@@ -208,3 +208,11 @@ def test_python_blocks_parse(page):
             continue  # a sketch
         if not code.startswith(">>> "):
             compile(code, f"{page} ({heading})", "exec")
+
+
+def test_the_train_config_table_is_the_fields_own_help():
+    from sparsekit.training.config import fields_table
+    table = fields_table()
+    assert table in (ROOT / "docs" / "training.md").read_text(), (
+        "docs/training.md's TrainConfig table differs from the fields' metadata; paste the output of\n"
+        "python -c 'from sparsekit.training.config import fields_table; print(fields_table())'")
