@@ -23,10 +23,21 @@ def backend(monkeypatch):
     return force
 
 
+def _torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def two_torch_threads():
     """torch (and so the CPU GEMM's row-tile pool) on 2 threads for the test, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    yield from _torch_threads(2)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after: tiny models, where a second thread only
+    adds contention on a shared machine."""
+    yield from _torch_threads(1)

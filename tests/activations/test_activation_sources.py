@@ -5,12 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.seeds import fresh_seed
 
 from sparsekit.activations import ActivationSource, IterableSource, TensorSource, as_source
-
-
-def fresh_seed() -> int:
-    return int(np.random.SeedSequence().generate_state(1)[0])
 
 
 def take(source, n):

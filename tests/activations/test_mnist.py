@@ -9,16 +9,13 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from helpers.seeds import fresh_seed
 
 import sparsekit
 from sparsekit.activations import mnist
 from sparsekit.activations.mnist import load_mnist
 from sparsekit.sae.topk import TopKSAE
 from sparsekit.toys.mnist_mlp import MNISTMLP, MLPConfig, accuracy, hidden_activations, train_mlp
-
-
-def fresh_seed() -> int:
-    return int(np.random.SeedSequence().generate_state(1)[0]) % 2**31
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.seeds import fresh_seed
 
 from sparsekit.activations import ActivationSource, ShardSource, load_activation_file, read_manifest, write_shards
 from sparsekit.activations.shards import MANIFEST
-
-
-def fresh_seed() -> int:
-    return int(np.random.SeedSequence().generate_state(1)[0])
 
 
 def fresh_generator() -> torch.Generator:

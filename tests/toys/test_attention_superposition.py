@@ -4,9 +4,9 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
+from helpers.seeds import fresh_seed
 
 from sparsekit.cli.toys import main as toys_main
 from sparsekit.toys.attention_superposition import (
@@ -19,17 +19,7 @@ from sparsekit.toys.attention_superposition import (
     true_output,
 )
 
-
-def fresh_seed() -> int:
-    return int(np.random.SeedSequence().generate_state(1)[0]) % 2**31
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_batch_and_ov_shapes_density_and_row_sums():

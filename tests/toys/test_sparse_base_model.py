@@ -3,9 +3,9 @@ the facet / disambiguation / magnitude-code analyses on planted data, the report
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
+from helpers.seeds import fresh_seed
 
 from sparsekit.cli.toys import main as toys_main
 from sparsekit.toys.sparse_base_analysis import (
@@ -38,16 +38,8 @@ TINY = dict(d_model=16, n_heads=2, d_mlp=32, n_ctx=16, batch_size=8, warmup_step
 VOCAB = 12
 
 
-def fresh_seed() -> int:
-    return int(np.random.SeedSequence().generate_state(1)[0]) % 2**31
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def counting_contexts(n: int, n_ctx: int, seed: int) -> torch.Tensor:

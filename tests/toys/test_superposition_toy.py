@@ -4,17 +4,13 @@ import json
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+from helpers.seeds import fresh_seed
 
 from sparsekit import ops
 from sparsekit.activations import ActivationSource
 from sparsekit.toys import SuperpositionData, feature_recovery, recovery_per_feature
-
-
-def fresh_seed() -> int:
-    return int(np.random.SeedSequence().generate_state(1)[0]) % 2**31
 
 
 def test_superposition_firing_rate_matches_p_active():
