@@ -23,7 +23,7 @@ from .ops import (
     topk_encode,
 )
 from .ops.backend import backends
-from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder, load, load_saelens
+from .sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder, load, load_saelens
 from .training.config import TrainConfig, TrainResult
 from .training.loop import train
 
@@ -38,7 +38,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BatchTopKCodes", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "SparseCodes", "TopKCodes", "TopKSAE", "Transcoder",
+    "BatchTopKCodes", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "SparseCodes", "TopKCodes", "TopKSAE", "Transcoder",
     "TrainConfig", "TrainResult", "backends", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode", "load",
     "load_saelens", "loss_recovered", "ops", "reference", "relu_encode", "relu_encode_adaptive", "sparse_decode",
     "sparse_decode_coo", "splice", "topk_encode", "train", "zero_ablate",

@@ -16,7 +16,9 @@ from .topk import TopKSAE
 from .batchtopk import BatchTopKSAE
 from .relu import ReLUSAE
 from .jumprelu import JumpReLUSAE
+from .gated import GatedSAE
 # isort: on
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "Hyperparameter", "JumpReLUSAE", "ReLUSAE", "SAEOutput", "SparseDictionary",
-           "TopKSAE", "Transcoder", "export_saelens", "geometric_median", "load", "load_saelens", "register"]
+__all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "Hyperparameter", "JumpReLUSAE", "ReLUSAE", "SAEOutput",
+           "SparseDictionary", "TopKSAE", "Transcoder", "export_saelens", "geometric_median", "load", "load_saelens",
+           "register"]

@@ -13,6 +13,8 @@ Architectures (sparsekit -> SAELens):
   jumprelu  -> "jumprelu", threshold = exp(log_threshold)          -> "jumprelu_transcoder"
   batchtopk -> "jumprelu", every latent's threshold = the learned global inference threshold
                                                                    -> "jumprelu_transcoder"
+  gated     -> "gated": b_enc as b_gate, plus r_mag and b_mag (the magnitude path's bias folded
+               like b_enc's: b_mag' = b_mag - c @ (W_enc exp(r_mag)))   transcoder -> none in 6.x
 
 Normalisation is folded into the weights (``normalize_activations="none"``) so the exported
 dictionary reads raw activations and returns raw reconstructions, exactly as ``sae.reconstruct``.
@@ -85,6 +87,11 @@ def export_saelens(sae, directory, metadata: dict | None = None) -> Path:
     thresholds = sae.inference_thresholds()
     if thresholds is not None:
         tensors["threshold"] = thresholds
+    if architecture == "gated":  # b_gate for b_enc, and the magnitude path (r_mag, b_mag)
+        r_mag, b_mag = sae.r_mag.detach().double(), sae.b_mag.detach().double()
+        tensors["b_gate"] = tensors.pop("b_enc")
+        tensors["r_mag"] = r_mag
+        tensors["b_mag"] = b_mag if apply_b_dec_to_input else b_mag - center @ (W_enc * r_mag.exp())
     dtype = sae.W_enc.dtype
     tensors = {name: t.to(dtype) for name, t in tensors.items()}
 
@@ -120,6 +127,7 @@ SAELENS_IMPORTS = {
     "topk": ("topk", False),
     "jumprelu": ("jumprelu", False),
     "batchtopk": ("batchtopk", False),
+    "gated": ("gated", False),
     "transcoder": ("relu", True),
     "jumprelu_transcoder": ("jumprelu", True),
 }
@@ -221,6 +229,9 @@ def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) ->
         expected["threshold"] = (d_sae,)
     if architecture == "batchtopk":
         expected["topk_threshold"] = ()
+    if architecture == "gated":
+        del expected["b_enc"]
+        expected.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
     missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
     if missing or unexpected:
         raise ValueError(f"{weights_path}: tensors do not match SAELens architecture {architecture!r}: "
@@ -236,7 +247,10 @@ def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) ->
 
 def _fold_saelens_weights(config: dict, weights: dict, transcoder: bool, config_path: Path) -> dict:
     """SAELens's parameters -> sparsekit's state dict entries (float64), computing the same function."""
-    W_enc, b_enc, W_dec, b_dec = (weights[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    gated = config["architecture"] == "gated"
+    W_enc, b_enc, W_dec, b_dec = (weights[name] for name in ("W_enc", "b_gate" if gated else "b_enc", "W_dec", "b_dec"))
+    if gated and config.get("rescale_acts_by_decoder_norm", False):
+        raise ValueError(f"{config_path}: rescale_acts_by_decoder_norm is not defined for a gated SAE")
     if config.get("rescale_acts_by_decoder_norm", False):
         # SAELens: pre = (...) * ||W_dec[i]||, decode (f / ||W_dec[i]||) @ W_dec.
         norms = W_dec.norm(dim=-1)
@@ -249,6 +263,16 @@ def _fold_saelens_weights(config: dict, weights: dict, transcoder: bool, config_
     if not transcoder and not apply_b_dec:
         b_enc = b_enc + b_dec @ W_enc  # sparsekit always subtracts b_dec from an SAE's input
     state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if gated:
+        # sparsekit subtracts b_dec from the input of the magnitude path too, and keeps decoder rows
+        # at unit norm: relu(mag) * ||W_dec[i]|| = relu(mag * ||W_dec[i]||), so each row's norm moves
+        # into the magnitude path (r_mag + log norm, b_mag * norm); the gate only gives a sign.
+        r_mag, b_mag = weights["r_mag"], weights["b_mag"]
+        b_mag = b_mag + (0 if apply_b_dec else b_dec @ (W_enc * r_mag.exp()))
+        norms = W_dec.norm(dim=-1)
+        if not bool((norms > 0).all()):
+            raise ValueError(f"{config_path}: a gated SAE with an all-zero decoder row")
+        state.update(W_dec=W_dec / norms[:, None], r_mag=r_mag + norms.log(), b_mag=b_mag * norms)
     if transcoder:
         state["b_in"] = torch.zeros_like(W_enc[:, 0])
     if "threshold" in weights:
@@ -275,6 +299,8 @@ def _saelens_hyperparameters(architecture: str, config: dict) -> dict:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
             else SAELENS_DEFAULT_COEFFICIENT
 
+    if architecture == "gated":
+        return {"l1_coeff": coefficient("l1_coefficient")}
     if architecture == "relu":
         return {"l1_coeff": coefficient("l1_coefficient"), "decoder_norm_penalty": True}
     if architecture == "jumprelu":

@@ -7,7 +7,7 @@ import torch
 
 import sparsekit
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 D_IN, N_LATENTS, D_OUT, K = 12, 48, 7, 6
 
 
@@ -16,7 +16,8 @@ def make_dictionary(architecture: str, transcoder: bool = False, dtype=torch.flo
     """An eval-mode dictionary whose every parameter and buffer differs from its initial value."""
     d_out = D_OUT if transcoder else None
     hyper = {"relu": dict(l1_coeff=3e-3, decoder_norm_penalty=True), "topk": dict(k=K),
-             "batchtopk": dict(k=K, threshold_momentum=0.9), "jumprelu": dict(l0_coeff=2e-3, bandwidth=0.05)}
+             "batchtopk": dict(k=K, threshold_momentum=0.9), "jumprelu": dict(l0_coeff=2e-3, bandwidth=0.05),
+             "gated": dict(l1_coeff=2e-3)}
     kwargs = dict(hyper[architecture], dtype=dtype, seed=seed)
     if transcoder:
         sae = sparsekit.Transcoder(D_IN, N_LATENTS, d_out, architecture=architecture, **kwargs)

@@ -101,7 +101,7 @@ BAD_FILES = {
     "cfg not JSON": (rewrite("cfg.json", lambda b: b"{architecture: topk"), ValueError, "cfg.json", ["not valid JSON"]),
     "cfg not UTF-8": (rewrite("cfg.json", lambda b: b"\xff\xfe"), ValueError, "cfg.json", ["not valid JSON"]),
     "cfg a list": (rewrite("cfg.json", lambda b: b"[]"), ValueError, "cfg.json", ["JSON object"]),
-    "unknown architecture": (edit_config(architecture="gated"), ValueError, "cfg.json", ["architecture", "'gated'"]),
+    "unknown architecture": (edit_config(architecture="sparse"), ValueError, "cfg.json", ["architecture", "'sparse'"]),
     "architecture missing": (edit_config(architecture=...), ValueError, "cfg.json", ["architecture", "None"]),
     "architecture a list": (edit_config(architecture=["topk"]), ValueError, "cfg.json", ["architecture"]),
     "d_in a string": (edit_config(d_in="12"), ValueError, "cfg.json", ["d_in", "'12'"]),

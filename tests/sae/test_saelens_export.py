@@ -12,7 +12,8 @@ from sparsekit.sae.saelens import export_saelens
 
 SAELENS_NAME = {("relu", False): "standard", ("topk", False): "topk", ("jumprelu", False): "jumprelu",
                 ("batchtopk", False): "jumprelu", ("relu", True): "transcoder",
-                ("jumprelu", True): "jumprelu_transcoder", ("batchtopk", True): "jumprelu_transcoder"}
+                ("jumprelu", True): "jumprelu_transcoder", ("batchtopk", True): "jumprelu_transcoder",
+                ("gated", False): "gated"}
 EXPORTABLE = list(SAELENS_NAME)
 # (input_scale, output_scale): equal scales keep SAELens's b_dec-on-input form; unequal ones fold it
 # into b_enc.

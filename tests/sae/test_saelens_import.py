@@ -22,6 +22,9 @@ CASES = {
     "jumprelu": ("JumpReLUSAE", "JumpReLUSAEConfig", {}, "jumprelu", False),
     "jumprelu_training": ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig", {"l0_coefficient": 0.3}, "jumprelu", False),
     "batchtopk_training": ("BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig", {"k": K}, "batchtopk", False),
+    "gated": ("GatedSAE", "GatedSAEConfig", {}, "gated", False),
+    "gated_b_dec_not_on_input": ("GatedSAE", "GatedSAEConfig", {"apply_b_dec_to_input": False}, "gated", False),
+    "gated_training": ("GatedTrainingSAE", "GatedTrainingSAEConfig", {"l1_coefficient": 0.7}, "gated", False),
     "transcoder": ("Transcoder", "TranscoderConfig", {"d_out": D_OUT, "apply_b_dec_to_input": False}, "relu", True),
     "jumprelu_transcoder": ("JumpReLUTranscoder", "JumpReLUTranscoderConfig",
                             {"d_out": D_OUT, "apply_b_dec_to_input": False}, "jumprelu", True),
@@ -89,7 +92,7 @@ def test_training_coefficients_come_from_cfg_and_can_be_overridden(tmp_path):
 
 
 @pytest.mark.parametrize("architecture,transcoder", [("relu", False), ("topk", False), ("jumprelu", True),
-                                                     ("batchtopk", False)])
+                                                     ("batchtopk", False), ("gated", False)])
 def test_sparsekit_export_then_import_gives_back_the_same_reconstructions(tmp_path, architecture, transcoder):
     sae = make_dictionary(architecture, transcoder, dtype=torch.float64, input_scale=0.6, output_scale=1.9)
     sae.export_saelens(tmp_path)
@@ -116,8 +119,8 @@ def test_foreign_and_broken_folders_are_refused_clearly(tmp_path):
     def rewrite(**changes):
         (folder / "cfg.json").write_text(json.dumps({**cfg, **changes}))
 
-    rewrite(architecture="gated")
-    with pytest.raises(ValueError, match="architecture 'gated' has no sparsekit equivalent; supported: standard"):
+    rewrite(architecture="matching_pursuit")
+    with pytest.raises(ValueError, match="architecture 'matching_pursuit' has no sparsekit equivalent; supported: standard"):
         sparsekit.load_saelens(folder)
     rewrite(normalize_activations="layer_norm")
     with pytest.raises(ValueError, match="normalize_activations='layer_norm'"):
