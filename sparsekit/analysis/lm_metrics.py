@@ -97,8 +97,9 @@ class _Totals:
     def add(self, sae: SparseDictionary, x: Tensor, target: Tensor) -> None:
         flat_x = x.reshape(-1, x.shape[-1]).to(sae.W_enc.dtype)
         flat_t = target.reshape(-1, target.shape[-1]).double()
-        codes = sae.encode(flat_x * sae.input_scale)
-        prediction = sae.decode(codes).double() / sae.output_scale
+        scaled = flat_x * sae.input_scale
+        codes = sae.encode(scaled)
+        prediction = sae.output(codes, scaled).double() / sae.output_scale
         self.sq_err += float((prediction - flat_t).pow(2).sum())
         self.target_sum = flat_t.sum(0) if self.target_sum is None else self.target_sum + flat_t.sum(0)
         self.target_sq = flat_t.pow(2).sum(0) if self.target_sq is None else self.target_sq + flat_t.pow(2).sum(0)

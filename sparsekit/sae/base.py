@@ -1,6 +1,9 @@
 """What every sparse dictionary shares: parameters, normalisation, the forward contract, save/load.
 
-Parameters: W_enc [d_in, n], b_enc [n], W_dec [n, d_out], b_dec [d_out]; a transcoder adds b_in [d_in].
+Parameters: W_enc [d_in, n], b_enc [n], W_dec [n, d_out], b_dec [d_out]; a transcoder adds b_in [d_in],
+and a skip transcoder (``skip=True``) a linear path W_skip [d_in, d_out] from its input straight to its
+output: x_hat = f @ W_dec + b_dec + x @ W_skip (Dunefsky et al. 2024; Paulo et al. 2025, "Transcoders
+beat sparse autoencoders for interpretability", train it with their transcoders).
 An SAE (d_out == d_in, not a transcoder) subtracts b_dec from its input before encoding (Towards
 Monosemanticity); a transcoder subtracts its own b_in instead.
 
@@ -84,7 +87,7 @@ class SparseDictionary(nn.Module):
     unit_norm_decoder = False  # subclasses that keep decoder rows at unit norm set this
 
     def __init__(self, d_in: int, n_latents: int, d_out: int | None = None, transcoder: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None, seed: int | None = 0):
+                 dtype: torch.dtype = torch.float32, device=None, seed: int | None = 0, skip: bool = False):
         super().__init__()
         self.d_in = positive_int("d_in", d_in)
         self.n_latents = positive_int("n_latents", n_latents)
@@ -99,6 +102,13 @@ class SparseDictionary(nn.Module):
         if seed is not None:
             gen.manual_seed(seed)
         init_parameters(self, self.n_latents, gen, factory)
+        if not isinstance(skip, bool):
+            raise ValueError(f"skip must be True or False, got {skip!r}")
+        if skip and not self.transcoder:
+            raise ValueError("skip=True adds a path from the input to the output: it applies to transcoders only")
+        self.skip = skip
+        if skip:  # starts at zero: the dictionary alone, until training finds a linear part worth taking
+            self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_out, **factory))
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -116,7 +126,7 @@ class SparseDictionary(nn.Module):
         return {"architecture": self.architecture, "d_in": self.d_in, "n_latents": self.n_latents,
                 "d_out": self.d_out, "transcoder": self.transcoder, "dtype": str(self.W_enc.dtype).split(".")[-1],
                 "input_scale": self.input_scale, "output_scale": self.output_scale,
-                **self.hyperparameters()}
+                **({"skip": True} if self.skip else {}), **self.hyperparameters()}
 
     # --- the forward contract ---------------------------------------------------------------
 
@@ -176,9 +186,15 @@ class SparseDictionary(nn.Module):
             raise ValueError("a transcoder needs its target y [B, d_out]")
         target = y if self.transcoder else x
         codes = self.loss_codes(x)
-        x_hat = self.decode(codes)
+        x_hat = self.output(codes, x)
         losses = {"mse": (x_hat - target).pow(2).sum(-1).mean(), **self.sparsity_losses(codes, x)}
         return SAEOutput(x_hat, codes, losses)
+
+    def output(self, codes, x: Tensor) -> Tensor:
+        """The prediction [B, d_out] from codes and the input x [B, d_in] they encode: ``decode(codes)``,
+        plus x @ W_skip for a skip transcoder."""
+        x_hat = self.decode(codes)
+        return torch.addmm(x_hat, x, self.W_skip) if self.skip else x_hat
 
     def dense_codes(self, codes) -> Tensor:
         """Any codes as a dense [B, n] tensor (for analysis)."""
@@ -207,7 +223,8 @@ class SparseDictionary(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            x_hat = self.decode(self.encode(x * self.input_scale))
+            scaled = x * self.input_scale
+            x_hat = self.output(self.encode(scaled), scaled)
         finally:
             self.train(was_training)
         return x_hat / self.output_scale

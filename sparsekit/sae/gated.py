@@ -69,7 +69,7 @@ class GatedSAE(SparseDictionary):
         target = y if self.transcoder else x
         gate = self.gate(x)
         codes = self._codes(x, gate)
-        x_hat = self.decode(codes)
+        x_hat = self.output(codes, x)
         active_gate = torch.relu(gate)
         via_gate = torch.addmm(self.b_dec.detach(), active_gate, self.W_dec.detach())
         l1 = active_gate.sum(-1).mean()

@@ -55,7 +55,7 @@ class JumpReLUSAE(SparseDictionary):
         target = y if self.transcoder else x
         pre = torch.addmm(self.encoder_bias(), x, self.W_enc)
         codes = ops.jumprelu(pre, self.log_threshold, self.bandwidth)
-        x_hat = self.decode(codes)
+        x_hat = self.output(codes, x)
         l0 = ops.heaviside_step(pre, self.log_threshold, self.bandwidth).sum(-1).mean()
         losses = {"mse": (x_hat - target).pow(2).sum(-1).mean(), "l0": self.sparsity_weight * self.l0_coeff * l0}
         return SAEOutput(x_hat, codes, losses)

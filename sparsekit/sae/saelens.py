@@ -15,6 +15,8 @@ Architectures (sparsekit -> SAELens):
                                                                    -> "jumprelu_transcoder"
   gated     -> "gated": b_enc as b_gate, plus r_mag and b_mag (the magnitude path's bias folded
                like b_enc's: b_mag' = b_mag - c @ (W_enc exp(r_mag)))   transcoder -> none in 6.x
+  a ReLU skip transcoder (skip=True) -> "skip_transcoder" with W_skip' = (s_in / s_out) W_skip^T
+               [d_out, d_in]; other skip transcoders -> NotImplementedError (SAELens's is ReLU only)
 
 Normalisation is folded into the weights (``normalize_activations="none"``) so the exported
 dictionary reads raw activations and returns raw reconstructions, exactly as ``sae.reconstruct``.
@@ -70,6 +72,10 @@ def export_saelens(sae, directory, metadata: dict | None = None) -> Path:
         raise NotImplementedError(f"SAELens 6.x has no {sae.architecture} transcoder (its transcoders are ReLU "
                                   f"and JumpReLU): a {sae.architecture} transcoder cannot be exported")
     architecture = transcoder_name if sae.transcoder else sae_name
+    if sae.skip and architecture != "transcoder":
+        raise NotImplementedError(f"SAELens 6.x's skip transcoder is ReLU only: a {sae.architecture} skip transcoder "
+                                  f"cannot be exported")
+    architecture = "skip_transcoder" if sae.skip else architecture
     s_in, s_out = float(sae.input_scale), float(sae.output_scale)
     for name, value in (("input_scale", s_in), ("output_scale", s_out)):
         if not (math.isfinite(value) and value > 0):
@@ -87,6 +93,8 @@ def export_saelens(sae, directory, metadata: dict | None = None) -> Path:
     thresholds = sae.inference_thresholds()
     if thresholds is not None:
         tensors["threshold"] = thresholds
+    if sae.skip:  # SAELens: out + x @ W_skip.T on raw x; sparsekit: (... + s_in x @ W_skip) / s_out
+        tensors["W_skip"] = (s_in / s_out) * sae.W_skip.detach().double().t()
     if architecture == "gated":  # b_gate for b_enc, and the magnitude path (r_mag, b_mag)
         r_mag, b_mag = sae.r_mag.detach().double(), sae.b_mag.detach().double()
         tensors["b_gate"] = tensors.pop("b_enc")
@@ -130,6 +138,7 @@ SAELENS_IMPORTS = {
     "gated": ("gated", False),
     "transcoder": ("relu", True),
     "jumprelu_transcoder": ("jumprelu", True),
+    "skip_transcoder": ("relu", True),
 }
 # The SAELens training defaults the loaded dictionary keeps when cfg.json has no value (they matter
 # only if it is trained further).
@@ -177,7 +186,7 @@ def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyp
     try:
         if transcoder:
             sae = Transcoder(config["d_in"], config["d_sae"], d_out, architecture=sparsekit_architecture,
-                             dtype=dtype, device=device, seed=None, **kwargs)
+                             dtype=dtype, device=device, seed=None, skip="W_skip" in folded, **kwargs)
         else:
             sae = registry.get(sparsekit_architecture)(config["d_in"], config["d_sae"], dtype=dtype, device=device,
                                                         seed=None, **kwargs)
@@ -229,6 +238,8 @@ def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) ->
         expected["threshold"] = (d_sae,)
     if architecture == "batchtopk":
         expected["topk_threshold"] = ()
+    if architecture == "skip_transcoder":
+        expected["W_skip"] = (d_out, d_in)
     if architecture == "gated":
         del expected["b_enc"]
         expected.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
@@ -263,6 +274,8 @@ def _fold_saelens_weights(config: dict, weights: dict, transcoder: bool, config_
     if not transcoder and not apply_b_dec:
         b_enc = b_enc + b_dec @ W_enc  # sparsekit always subtracts b_dec from an SAE's input
     state = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if "W_skip" in weights:
+        state["W_skip"] = weights["W_skip"].t()
     if gated:
         # sparsekit subtracts b_dec from the input of the magnitude path too, and keeps decoder rows
         # at unit norm: relu(mag) * ||W_dec[i]|| = relu(mag * ||W_dec[i]||), so each row's norm moves

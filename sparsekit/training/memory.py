@@ -42,11 +42,13 @@ def _gib(size: int) -> str:
 
 def estimate_training_memory(d_in: int, n_latents: int, batch_size: int, k: int | None = None,
                              architecture: str = "topk", d_out: int | None = None,
-                             dtype: torch.dtype = torch.float32, eval_tokens: int = 0) -> MemoryEstimate:
+                             dtype: torch.dtype = torch.float32, eval_tokens: int = 0,
+                             skip: bool = False) -> MemoryEstimate:
     """Bytes a training run of this shape needs, by part. Pure arithmetic: allocates nothing.
 
     d_out: a transcoder's output width (None: an SAE, d_out = d_in). k: active latents per row
-    (topk, batchtopk; defaults to n_latents for the sparse-code buffers otherwise).
+    (topk, batchtopk; defaults to n_latents for the sparse-code buffers otherwise). skip: a skip
+    transcoder's W_skip [d_in, d_out] (parameters, moments and gradient like the rest).
     """
     for name, value in (("d_in", d_in), ("n_latents", n_latents), ("batch_size", batch_size)):
         positive_int(name, value)
@@ -58,6 +60,7 @@ def estimate_training_memory(d_in: int, n_latents: int, batch_size: int, k: int 
     d_out = d_in if d_out is None else d_out
     n, batch = n_latents, batch_size
     parameters = d_in * n + n + n * d_out + d_out + (d_in if transcoder else 0) + n * facts.parameters_per_latent
+    parameters += d_in * d_out if skip else 0
     kept = batch * (k if k is not None else n)
     return MemoryEstimate({
         "parameters": parameters * item,
@@ -75,7 +78,7 @@ def estimate_for(sae, config) -> MemoryEstimate:
     """The estimate for training this dictionary with this TrainConfig."""
     return estimate_training_memory(sae.d_in, sae.n_latents, config.batch_size, getattr(sae, "k", None),
                                     sae.architecture, sae.d_out if sae.transcoder else None, sae.W_enc.dtype,
-                                    config.eval_tokens)
+                                    config.eval_tokens, getattr(sae, "skip", False))
 
 
 def available_memory(device) -> int | None:

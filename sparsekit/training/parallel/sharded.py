@@ -111,6 +111,7 @@ class LatentShardedTopK(nn.Module):
     latent_sharded = True           # sparsekit.train uses ShardedTraining for it
 
     config = SparseDictionary.config                       # the full dictionary's configuration
+    skip = False                                            # no skip path (from_dictionary refuses one)
     init_decoder_bias = SparseDictionary.init_decoder_bias  # b_dec / b_in are replicated
 
     def hyperparameters(self) -> dict:
@@ -144,6 +145,8 @@ class LatentShardedTopK(nn.Module):
         if type(sae) is not cls.dictionary_class:
             raise ValueError(f"sae must be a {cls.dictionary_class.__name__} (or a {cls.architecture} Transcoder), "
                              f"got {type(sae).__name__}")
+        if sae.skip:
+            raise ValueError("a skip transcoder cannot be latent-sharded yet: W_skip belongs to no latent shard")
         shard = cls(sae.d_in, sae.n_latents, d_out=sae.d_out, transcoder=sae.transcoder, dtype=sae.W_enc.dtype,
                     device=sae.W_enc.device, group=group, data_group=data_group, **sae.hyperparameters())
         latents = slice(shard.offset, shard.offset + shard.n_local)
