@@ -90,6 +90,7 @@ def _options() -> list[Option]:
         Option("n_latents", "int", "number of latents (dictionary width); required"),
         *(_hyperparameter_option(*facts) for facts in hyperparameter_flags().values()),
         Option("transcoder", "switch", "train a transcoder (implied when the data has targets; an error without)"),
+        Option("skip", "switch", "a skip transcoder: a linear path x @ W_skip beside the dictionary (needs targets)"),
         Option("device", "str", "where to train: auto (cuda when available), cpu, cuda, cuda:1, ... (default auto)"),
         Option("out", "path", "folder for the trained dictionary (default: <checkpoint_dir or output_dir>/final)"),
         Option("resume", "switch", "continue from the newest checkpoint in --checkpoint-dir (fresh start if none)"),
@@ -450,7 +451,7 @@ def _build(settings: dict, d_in: int, d_out: int | None, device, seed: int):
     kwargs = {name: settings[name] for name in hyperparameter_flags() if name in settings}
     common = dict(device=device, seed=seed)
     if d_out is not None:
-        common.update(d_out=d_out, transcoder=True)
+        common.update(d_out=d_out, transcoder=True, skip=bool(settings.get("skip")))
     return registry.get(architecture)(d_in, settings["n_latents"], **kwargs, **common)
 
 
@@ -460,7 +461,8 @@ def _check_memory(settings: dict, cfg, d_in: int, d_out: int | None, device) -> 
     from sparsekit.training.memory import check_fits, estimate_training_memory
 
     estimate = estimate_training_memory(d_in, settings["n_latents"], cfg.batch_size, settings.get("k"),
-                                        settings["architecture"], d_out, eval_tokens=cfg.eval_tokens)
+                                        settings["architecture"], d_out, eval_tokens=cfg.eval_tokens,
+                                        skip=bool(settings.get("skip")))
     try:
         check_fits(estimate, device, what=f"--n-latents {settings['n_latents']} with --batch-size {cfg.batch_size}")
     except InsufficientMemory as error:
@@ -516,6 +518,9 @@ def run(argv: list[str]):
     if settings.get("transcoder") and d_out is None:
         raise UsageError(f"--transcoder needs targets: --data {settings['data']} has none (pass --targets Y.npy, a "
                          f".safetensors file with 'y', or shards written with (x, y) batches)")
+    if settings.get("skip") and d_out is None:
+        raise UsageError(f"--skip adds a path from a transcoder's input to its targets: --data {settings['data']} has "
+                         f"no targets (pass --targets Y.npy, a .safetensors file with 'y', or (x, y) shards)")
     if newest is None and cfg.eval_tokens >= rows:
         raise UsageError(f"--eval-tokens {cfg.eval_tokens} would hold out all {rows} rows of --data; lower it "
                          f"(e.g. --eval-tokens {rows // 10}) or pass --eval-tokens 0")
@@ -533,7 +538,7 @@ def run(argv: list[str]):
     elif resume:
         print(f"{PROG}: --resume: no checkpoint in {cfg.checkpoint_dir} yet; starting fresh")
 
-    kind = "transcoder" if d_out is not None else "SAE"
+    kind = ("skip transcoder" if settings.get("skip") else "transcoder") if d_out is not None else "SAE"
     shape = f"d_in={d_in}" + (f" d_out={d_out}" if d_out is not None else "")
     hyper = " ".join(f"{name}={settings[name]}" for name in hyperparameter_flags() if name in settings)
     print(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "

@@ -147,6 +147,17 @@ def test_trains_a_transcoder_when_targets_exist(files, tmp_path, capsys, data, e
     assert sae.transcoder and (sae.d_in, sae.d_out) == (D, d_out)
 
 
+def test_trains_a_skip_transcoder_and_refuses_skip_without_targets(files, tmp_path, capsys):
+    assert call("--data", files / "x.npy", "--targets", files / "y.npy", "--n-latents", 32, "--k", 4,
+                "--out", tmp_path / "tc", "--skip", *QUICK) == 0
+    assert "topk skip transcoder d_in=16 d_out=8" in capsys.readouterr().out
+    sae = sparsekit.load(tmp_path / "tc")
+    assert sae.skip and tuple(sae.W_skip.shape) == (D, 8) and torch.count_nonzero(sae.W_skip) > 0
+    assert call("--data", files / "x.npy", "--n-latents", 32, "--k", 4, "--skip", "--out", tmp_path / "no", *QUICK) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsekit train: --skip adds a path from a transcoder's input") and err.count("\n") == 1
+
+
 def test_end_to_end_as_a_subprocess(files, tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text(f"data: {files / 'shards'}\nn_latents: 32\nk: 4\ntotal_tokens: 1e4\n")

@@ -216,6 +216,7 @@ FLAG_CASES = {
     "--bandwidth": ("inf", "--bandwidth must be a number, got 'inf'"),
     "--init-threshold": ("x", "--init-threshold must be a number, got 'x'"),
     "--transcoder": (None, "--transcoder needs targets"),
+    "--skip": (None, "--skip adds a path from a transcoder's input to its targets"),
     "--device": ("toaster", "--device 'toaster' is not a device; use auto, cpu, cuda or cuda:N"),
     "--out": ("{root}/notes.txt", "--out {root}/notes.txt is a file, not a folder"),
     "--resume": (None, "--resume needs --checkpoint-dir"),
