@@ -3,9 +3,12 @@
     write_dashboard({"sae": report}, "runs/lm/dashboard.html")     # reports from feature_report
     sparsekit dashboard RUN_DIR                                     # every RUN_DIR/*features.json
 
-Everything is rendered here, in Python, with every piece of text (token strings above all: a
-token may be ``<script>``) passed through ``html.escape``; the page's small script only shows and
-hides sections and filters the list, and never inserts markup. One file, no network.
+Everything is rendered here, in Python. A report is checked before anything is rendered
+(``check_report``): feature ids must be ints and every number a finite number, so no field reaches
+the page unformatted; every piece of text (token strings, names, model and hook names: a
+``*_features.json`` may be hostile) passes through ``html.escape``; links are in-page anchors built
+from those checked ids. The page's small script only shows and hides sections and filters the list,
+and never inserts markup. One file, no network.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from sparsekit._util.atomic import atomic_write_bytes
 from sparsekit._util.extras import require
+from sparsekit._util.validate import is_int, is_number
 
 REPORT_SUFFIX = "features.json"
 DASHBOARD_FILE = "dashboard.html"
@@ -65,6 +69,69 @@ def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+FEATURE_NUMBERS = ("density", "max_act", "mean_act")
+OPTIONAL_NUMBERS = ("token_share", "single_token_ratio")
+
+
+def _number(value, where: str) -> None:
+    if not is_number(value) or value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{where} must be a finite number, got {value!r:.80}")
+
+
+def _check_feature(feature, where: str) -> None:
+    if not isinstance(feature, dict):
+        raise ValueError(f"{where} must be an object, got {type(feature).__name__}")
+    if not is_int(feature.get("id")) or feature["id"] < 0:
+        raise ValueError(f"{where}.id must be a non-negative int, got {feature.get('id')!r:.80}")
+    for key in FEATURE_NUMBERS:
+        _number(feature.get(key), f"{where}.{key}")
+    for key in OPTIONAL_NUMBERS:
+        if key in feature:
+            _number(feature[key], f"{where}.{key}")
+    examples = feature.get("examples")
+    if not isinstance(examples, list):
+        raise ValueError(f"{where}.examples must be a list")
+    for j, example in enumerate(examples):
+        at = f"{where}.examples[{j}]"
+        if not isinstance(example, dict) or not isinstance(example.get("tokens"), list) \
+                or not isinstance(example.get("acts"), list) or len(example["tokens"]) != len(example["acts"]):
+            raise ValueError(f"{at} must hold equally long lists tokens and acts")
+        if not example["acts"] or not all(isinstance(token, str) for token in example["tokens"]):
+            raise ValueError(f"{at}.tokens must be a non-empty list of strings")
+        for value in (*example["acts"], example.get("max_act")):
+            _number(value, f"{at}.acts/max_act")
+        if not is_int(example.get("max_position")) or not 0 <= example["max_position"] < len(example["tokens"]):
+            raise ValueError(f"{at}.max_position must index its tokens, got {example.get('max_position')!r:.80}")
+    histogram = feature.get("histogram")
+    if not isinstance(histogram, dict) or not all(is_number(c) for c in histogram.get("counts") or []) \
+            or (histogram.get("counts") and not (isinstance(histogram.get("edges"), list) and histogram["edges"])):
+        raise ValueError(f"{where}.histogram must hold numeric counts and a list of edges")
+    for value in (histogram.get("edges") or [])[-1:]:
+        _number(value, f"{where}.histogram.edges")
+    logits = feature.get("logits")
+    if logits:
+        for key in ("promoted", "suppressed"):
+            for pair in logits.get(key, []) if isinstance(logits, dict) else [None]:
+                if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
+                    raise ValueError(f"{where}.logits.{key} must hold [token, value] pairs")
+                _number(pair[1], f"{where}.logits.{key} value")
+
+
+def check_report(name, report, where: str = "report") -> None:
+    """A feature report (``lm_features.feature_report``'s dict, or a ``*_features.json`` read back) is
+    safe to render: a string name, ids that are ints, numbers that are finite numbers; a ValueError
+    naming the field otherwise. Strings are escaped when rendered, so any text is allowed."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: the dictionary name must be a non-empty string, got {name!r:.80}")
+    if not isinstance(report, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(report).__name__}")
+    features = report.get("features", [])
+    if not isinstance(features, list):
+        raise ValueError(f"{where}.features must be a list")
+    for i, feature in enumerate(features):
+        _check_feature(feature, f"{where}.features[{i}]")
+
+
 def _visible(token: str) -> str:
     return token.replace("\n", "\u21b5\n").replace("\t", "\u21e5")
 
@@ -111,7 +178,7 @@ def _feature_html(name: str, report: dict, feature: dict) -> str:
              ("[BOS, top token] / top activation", f"{feature.get('single_token_ratio', float('nan')):.3f}")]
     stats_html = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in stats)
     examples = "".join(_example_html(x) for x in feature["examples"])
-    return (f'<section class="feature" id="f-{_e(fid)}" hidden><h2>{_e(name)} feature {feature["id"]}</h2>'
+    return (f'<section class="feature" id="f-{_e(fid)}" hidden><h2>{_e(name)} feature {_e(feature["id"])}</h2>'
             f'<p class="census">{_e(report.get("model", ""))} · {_e(report.get("hook", ""))}</p>'
             f'<table class="stats">{stats_html}</table><h3>Activation histogram (non-zero)</h3>'
             f'{_histogram_svg(feature["histogram"])}<h3>Logit effects</h3>{_logits_html(feature.get("logits"))}'
@@ -122,7 +189,7 @@ def _link_html(name: str, feature: dict) -> str:
     top = feature["examples"][0] if feature["examples"] else None
     token = top["tokens"][top["max_position"]] if top else ""
     search = f"{name} {feature['id']} {token} {feature.get('kind', '')}".lower()
-    return (f'<li><a href="#f-{_e(name)}-{feature["id"]}" data-search="{_e(search)}">{_e(name)} #{feature["id"]} '
+    return (f'<li><a href="#f-{_e(name)}-{_e(feature["id"])}" data-search="{_e(search)}">{_e(name)} #{_e(feature["id"])} '
             f'<small>{_e(repr(token))}</small></a></li>')
 
 
@@ -154,6 +221,8 @@ def dashboard_html(reports: dict, title: str = "sparsekit feature dashboard") ->
     """The page for {name: feature_report(...)} as one HTML string."""
     if not isinstance(reports, dict) or not reports:
         raise ValueError("reports must be a non-empty dict {name: feature report}")
+    for name, report in reports.items():
+        check_report(name, report, f"reports[{name!r:.80}]")
     links, sections, overview = [], [], []
     for name, report in reports.items():
         census = report.get("census", {})
@@ -195,7 +264,14 @@ def dashboard_from_run(run_dir, out=None) -> Path:
     if not files:
         raise ValueError(f"RUN_DIR {run_dir} holds no *_{REPORT_SUFFIX} (feature reports: see "
                          f"sparsekit.analysis.lm_features.feature_report and dashboard.save_report)")
-    reports = {f.name[:-len(REPORT_SUFFIX) - 1]: json.loads(f.read_text()) for f in files}
+    reports = {}
+    for f in files:
+        try:
+            reports[f.name[:-len(REPORT_SUFFIX) - 1]] = json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{f} is not a JSON feature report: {error}") from None
+    for name, report in reports.items():
+        check_report(name, report, str(run_dir / f"{name}_{REPORT_SUFFIX}"))
     return write_dashboard(reports, out or run_dir / DASHBOARD_FILE, title=f"sparsekit features: {run_dir.name}")
 
 

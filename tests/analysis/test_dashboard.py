@@ -108,3 +108,44 @@ def test_screenshot_shows_the_chosen_feature(tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1280, 800)
+
+
+def test_every_text_field_of_a_hostile_report_is_escaped():
+    """Names, model, hook, architecture, kind and tokens all carry markup: none reaches the page raw."""
+    hostile = report()
+    for key in ("model", "hook", "output_hook", "architecture"):
+        hostile[key] = EVIL[1]
+    hostile["census"]["dead"] = EVIL[0]
+    hostile["features"][0]["kind"] = EVIL[1]
+    page = dashboard_html({EVIL[0]: hostile, "javascript:alert(1)": report()}, title=EVIL[1])
+    assert "<script>window.__pwned" not in page and "<img src=x" not in page
+    assert page.count("<script>") == 1 and 'href="javascript:' not in page
+    assert all(href.startswith("#f-") for href in page.split('href="')[1:] for href in [href.split('"')[0]])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("id", "<img src=x onerror=alert(1)>", r"features\[0\]\.id must be a non-negative int"),
+    ("id", -1, r"features\[0\]\.id must be a non-negative int"),
+    ("density", "0.1\"><script>", r"features\[0\]\.density must be a finite number"),
+    ("max_act", float("nan"), r"features\[0\]\.max_act must be a finite number"),
+    ("examples", [{"tokens": ["a"], "acts": [1.0, 2.0], "max_position": 0, "max_act": 2.0}],
+     r"examples\[0\] must hold equally long lists"),
+    ("examples", [{"tokens": ["a"], "acts": [1.0], "max_position": 3, "max_act": 1.0}],
+     r"examples\[0\]\.max_position must index its tokens"),
+    ("logits", {"promoted": [["a", "<b>"]], "suppressed": []}, r"logits\.promoted value must be a finite number"),
+    ("histogram", None, r"histogram must hold numeric counts"),
+])
+def test_a_report_field_of_the_wrong_kind_is_refused_before_rendering(tmp_path, field, value, message):
+    bad = report()
+    bad["features"][0][field] = value
+    with pytest.raises(ValueError, match=message):
+        dashboard_html({"sae": bad})
+    save_report(bad, tmp_path, "sae")
+    with pytest.raises(ValueError, match=r"sae_features\.json\.features\[0\]"):
+        dashboard_from_run(tmp_path)
+
+
+def test_a_features_file_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "sae_features.json").write_bytes(b"\xff{not json")
+    with pytest.raises(ValueError, match="sae_features.json is not a JSON feature report"):
+        dashboard_from_run(tmp_path)
