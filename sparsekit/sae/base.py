@@ -21,9 +21,8 @@ from torch import Tensor, nn
 from sparsekit import ops
 from sparsekit._util.validate import is_int, positive_int
 
-from .files import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401  (the folder format, re-exported)
 from .persistence import save_dictionary
-from .registry import ARCHITECTURES, Hyperparameter, register  # noqa: F401  (the registry, re-exported)
+from .registry import Hyperparameter
 from .saelens import export_saelens
 
 
