@@ -106,6 +106,9 @@ class SparseDictionary(nn.Module):
         if skip and not self.transcoder:
             raise ValueError("skip=True adds a path from the input to the output: it applies to transcoders only")
         self.skip = skip
+        # Where this dictionary came from (model, hook, dataset, tokens trained, ...): filled by whoever
+        # trains it, written into cfg.json by save() and read back by load(); never needed to run it.
+        self.metadata: dict = {}
         if skip:  # starts at zero: the dictionary alone, until training finds a linear part worth taking
             self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_out, **factory))
 
