@@ -19,7 +19,9 @@ both, every intervened pass restarting at the hook's block), writes feature repo
     RUN_DIR/*_features.json, RUN_DIR/dashboard.html
 
 The defaults are the issue's sizes: ~300k cached tokens shared by the SAE and the transcoder (one
-epoch each), CE/KL on ~8k held-out tokens.
+epoch each), CE/KL on ~8k held-out tokens. ``--dtype bfloat16`` runs the model in bfloat16 (opt-in;
+about twice as fast on CPUs with native bf16; dictionaries still train in float32). Results worse than
+trivial (FVU >= 1, CE loss recovered < 0) are printed as WARNING lines.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 
 from sparsekit.sae import TopKSAE, Transcoder
 from sparsekit.training.loop import TrainConfig, train
+from sparsekit.training.metrics import worse_than_trivial
 
 TRANSCODERS = ("mlp", "resid", "attn")
 
@@ -78,8 +81,9 @@ def run(args, model=None, contexts=None) -> dict:
         timings[name] = round(time.time() - started - sum(timings.values()), 1)
         print(f"[lm-demo] {name}: {timings[name]} s", flush=True)
 
-    model = load_lm(SMOLLM2) if model is None else model
-    lap("load model")
+    dtype = getattr(args, "dtype", "float32")
+    model = load_lm(SMOLLM2, dtype=dtype) if model is None else model
+    lap(f"load model ({dtype})")
     per_context = args.context_len - 1
     n_train = -(-max(args.train_tokens, args.layer_tokens or 0) // per_context)
     n_eval = -(-args.eval_tokens // per_context)
@@ -140,7 +144,8 @@ def run(args, model=None, contexts=None) -> dict:
         save_report(report, out, name)
     page = dashboard_from_run(out)
     lap("features + dashboard")
-    metrics = {"model": model_name(model), "layer": L, "transcoder": args.transcoder, "hooks": [in_hook, out_hook],
+    metrics = {"model": model_name(model), "model_dtype": str(next(model.parameters()).dtype).split(".")[-1],
+               "layer": L, "transcoder": args.transcoder, "hooks": [in_hook, out_hook],
                "train_tokens": shards.tokens, "trained_tokens": total, "eval_tokens": evaluated["sae"]["tokens"],
                "dictionaries": evaluated, "per_layer_hooks": layer_hooks, "seconds": timings,
                "torch_threads": torch.get_num_threads()}
@@ -151,5 +156,7 @@ def run(args, model=None, contexts=None) -> dict:
               f"ce_recovered {m['ce_recovered']:.3f} kl {m['kl']:.4f} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} "
               f"dead {m['dead_frac']:.3f} dense {m['dense_frac']:.3f} single-token {census['single_token']}/"
               f"{census['reported']} ({m['tokens']} tokens)")
+        for line in worse_than_trivial(m):
+            print(f"WARNING {name}: {line}")
     print(f"dashboard: {page}; total {sum(timings.values()):.0f} s")
     return metrics
