@@ -16,6 +16,11 @@ below as context-dependent. The report also keeps the older probe, the activatio
 token] over the activation in its top context (``single_token_ratio``), but on SmolLM2 it reads ~0
 for most features because the position after BOS is atypical (its MLP-output norm at layer 3 is ~5
 against 13-27 elsewhere), so the census does not use it.
+
+``feature_report`` streams: codes come batch by batch (``codes_by_batch``: sparse entries, see
+``top_examples``), so its memory grows with n_latents * examples, not with the number of tokens;
+``feature_activations`` (every activation in one [N, T, n_latents] tensor) is for small inputs and
+is the reference the tests compare the stream with.
 """
 from __future__ import annotations
 
