@@ -88,10 +88,11 @@ def neuronpedia_batches(report: dict, sae_set: str, features_per_file: int = FEA
 
 def write_neuronpedia(report: dict, out_dir, sae_set: str, features_per_file: int = FEATURES_PER_FILE) -> list[Path]:
     """out_dir/batch-0.json, batch-1.json, ... (the folder SAEDashboard's Neuronpedia export reads)."""
+    batches = neuronpedia_batches(report, sae_set, features_per_file)  # checked before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, batch in enumerate(neuronpedia_batches(report, sae_set, features_per_file)):
+    for i, batch in enumerate(batches):
         path = out_dir / f"{BATCH_PREFIX}{i}.json"
         atomic_write_bytes(path, json.dumps(batch).encode("utf-8"))
         paths.append(path)
