@@ -2,8 +2,7 @@
 grow with the number of tokens: fire counts and sums, the top-k contexts, histograms and token sums.
 
     stats, top = LatentStats(n), TopContexts(n, k=8)
-    for start, batch in enumerate_batches(...):                   # contexts [b, T]
-        values, rows, cols = positive_codes(sae, x)               # x [b * (T - 1), d_in], scaled
+    for start, values, rows, cols in lm_features.codes_by_batch(model, sae, tokens, hook):  # positive_codes per batch
         stats.add(values, cols)
         top.add(values, cols, contexts=start + rows // (T - 1), positions=1 + rows % (T - 1))
 
