@@ -52,13 +52,15 @@ def transcoder_hooks(kind: str, layer: int, offset: int = 1) -> tuple[str, str]:
 
 
 def train_on_cache(dictionary, source, total_tokens: int, out: Path, name: str, args):
-    """Train dictionary on source (a ShardSource or IterableSource) for total_tokens; save it to out/name."""
+    """Train dictionary on source (a ShardSource or IterableSource) for total_tokens; save it to out/name.
+    Returns what the dashboard shows as "dead at end of training": {dead_frac, step, tokens, dead_window_tokens}."""
     cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, total_tokens=total_tokens, eval_tokens=4096,
                       dead_strategy="auxk", dead_window_tokens=min(100_000, total_tokens // 2),
                       log_every=10, output_dir=str(out / name), seed=0)
-    train(dictionary, source, cfg)
+    result = train(dictionary, source, cfg)
     dictionary.save(out / name)
-    return dictionary
+    return {key: result.metrics[key] for key in ("dead_frac", "step", "tokens")} | \
+        {"dead_window_tokens": cfg.dead_window_tokens}
 
 
 def run(args, model=None, contexts=None) -> dict:
@@ -109,10 +111,11 @@ def run(args, model=None, contexts=None) -> dict:
 
     d_in, d_out = shards.d, shards.d_out
     sae = TopKSAE(d_out, args.n_latents, args.k)
-    train_on_cache(sae, IterableSource(lambda: (y for _, y in pairs())), total, out, "sae", args)  # the targets
+    training = {"sae": train_on_cache(sae, IterableSource(lambda: (y for _, y in pairs())), total, out, "sae",
+                                      args)}  # the targets
     lap("train SAE")
     transcoder = Transcoder(d_in, args.n_latents, d_out, args.k)
-    train_on_cache(transcoder, pairs(), total, out, "transcoder", args)
+    training["transcoder"] = train_on_cache(transcoder, pairs(), total, out, "transcoder", args)
     lap("train transcoder")
 
     splices = {"sae": Splice(sae, out_hook), "transcoder": Splice(transcoder, out_hook, in_hook)}
@@ -128,8 +131,8 @@ def run(args, model=None, contexts=None) -> dict:
             source = layer_shards[hook]
             layer_sae = TopKSAE(source.d, args.n_latents, args.k)
             layer_total = (args.epochs * source.tokens) // args.batch_size * args.batch_size
-            train_on_cache(layer_sae, ShardSource(source.directory, batch_size=args.batch_size, epochs=None),
-                           layer_total, out, name, args)
+            training[name] = train_on_cache(layer_sae, ShardSource(source.directory, batch_size=args.batch_size,
+                                                                   epochs=None), layer_total, out, name, args)
             splices[name] = Splice(layer_sae, hook)
             reports[name] = (hook, None)
         lap(f"train per-layer SAEs ({', '.join(layer_hooks)})")
@@ -140,6 +143,7 @@ def run(args, model=None, contexts=None) -> dict:
         report = feature_report(model, splices[name].sae, eval_tokens, hook, output_hook=output_hook,
                                 max_features=args.features)
         report["metrics"] = evaluated[name]
+        report["training"] = training[name]
         evaluated[name]["census"] = report["census"]
         save_report(report, out, name)
     page = dashboard_from_run(out)
