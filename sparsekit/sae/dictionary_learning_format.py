@@ -106,9 +106,15 @@ def _read_config(config_path: Path) -> dict:
     if dict_class not in DL_CLASSES:
         raise ValueError(f"{config_path}: dict_class {dict_class!r} has no sparsekit equivalent; "
                          f"supported: {', '.join(DL_CLASSES)}")
-    metadata = check_metadata(config.get("sparsekit", {}).get("metadata", {}) if isinstance(config.get("sparsekit"), dict)
-                              else {}, f"{config_path}: sparsekit.metadata")
-    hyper = config.get("sparsekit", {}).get("hyperparameters", {}) if isinstance(config.get("sparsekit"), dict) else {}
+    ours = config.get("sparsekit", {})  # what export_dictionary_learning adds for the way back
+    if not isinstance(ours, dict):
+        raise ValueError(f"{config_path}: sparsekit must be a JSON object, got {ours!r}")
+    if "metadata" in ours:
+        metadata = check_metadata(ours["metadata"], f"{config_path}: sparsekit.metadata")
+    else:  # a dictionary_learning run: its model and submodule are the provenance it records
+        metadata = {ours_key: trainer[theirs] for theirs, ours_key in (("lm_name", "model"), ("submodule_name", "hook"))
+                    if isinstance(trainer.get(theirs), str)}
+    hyper = ours.get("hyperparameters", {})
     if not isinstance(hyper, dict):
         raise ValueError(f"{config_path}: sparsekit.hyperparameters must be a JSON object, got {hyper!r}")
     return {**trainer, "metadata": metadata, "sparsekit_hyperparameters": hyper}
@@ -141,8 +147,11 @@ def _dimensions(state: dict, dict_class: str, weights_path: Path) -> tuple[int, 
 def _to_sparsekit(dict_class: str, w: dict, state: dict, trainer: dict, where: Path) -> tuple[dict, dict]:
     """(sparsekit parameter name -> float64 tensor, constructor hyperparameters)."""
     saved = trainer["sparsekit_hyperparameters"]
-    coefficient = lambda key: float(trainer[key]) if isinstance(trainer.get(key), (int, float)) and \
-        not isinstance(trainer.get(key), bool) and math.isfinite(trainer[key]) and trainer[key] > 0 else 1.0
+
+    def coefficient(key):  # a trainer's penalty (l1_penalty, sparsity_penalty) when it is a usable number
+        value = trainer.get(key)
+        usable = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        return float(value) if usable else 1.0
     if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
         k = int(state["k"])
         if not 1 <= k <= w["encoder.bias"].shape[0]:
@@ -168,6 +177,8 @@ def _to_sparsekit(dict_class: str, w: dict, state: dict, trainer: dict, where: P
                   "b_dec": w["b_dec"], "log_threshold": w["threshold"].clamp_min(tiny).log()}
         hyper = {"l0_coeff": saved.get("l0_coeff", coefficient("sparsity_penalty"))}
         hyper.update({key: saved[key] for key in ("bandwidth", "init_threshold") if key in saved})
+        if "bandwidth" not in hyper and coefficient("bandwidth") != 1.0:  # JumpReluTrainer's config has it
+            hyper["bandwidth"] = coefficient("bandwidth")
         return params, hyper
     # GatedAutoEncoder: sparsekit keeps decoder rows at unit norm; relu(mag) * ||row|| = relu(mag * ||row||).
     W_dec, r_mag, b_mag = w["decoder.weight"].t(), w["r_mag"], w["mag_bias"]

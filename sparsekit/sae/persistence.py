@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.extras import MissingExtra
 from sparsekit._util.validate import is_number
 
 from . import hub, registry
@@ -55,7 +56,11 @@ def load(directory, device=None, *, revision: str | None = None, subfolder: str 
         raise ValueError(f"directory must be a path (str or os.PathLike), got {directory!r}")
     path = Path(directory)
     if not path.exists() and hub.looks_like_repo_id(directory):
-        path = hub.snapshot(str(directory), revision=revision, subfolder=subfolder, cache_dir=cache_dir)
+        try:
+            path = hub.snapshot(str(directory), revision=revision, subfolder=subfolder, cache_dir=cache_dir)
+        except MissingExtra as missing:  # most likely a mistyped local path: say both
+            raise FileNotFoundError(f"{path} is not a directory, nor a Hugging Face Hub repo this installation can "
+                                    f"read ({missing})") from None
     elif subfolder is not None:
         path = path / hub.checked_subfolder(subfolder)
     if not path.is_dir():

@@ -126,14 +126,18 @@ def test_their_forward_on_the_export_is_reconstruct(tmp_path, architecture, scal
 @pytest.mark.parametrize("dict_class", list(DICT_CLASS.values()))
 def test_a_dictionary_they_saved_loads_with_their_outputs(tmp_path, dict_class):
     state = their_state(dict_class)
-    write_theirs(tmp_path, dict_class, state, k=K, l1_penalty=0.04, lm_name="EleutherAI/pythia-70m-deduped")
+    write_theirs(tmp_path, dict_class, state, k=K, l1_penalty=0.04, sparsity_penalty=0.2, bandwidth=0.01,
+                 lm_name="EleutherAI/pythia-70m-deduped")
     sae = sparsekit.load(tmp_path)
     architecture = {v: k for k, v in DICT_CLASS.items()}[dict_class]
     assert sae.architecture == architecture and (sae.d_in, sae.n_latents) == (D, N)
+    assert sae.metadata == {"model": "EleutherAI/pythia-70m-deduped"}  # lm_name; submodule_name was not set
     x = torch.randn(64, D, dtype=torch.float64) * 2
     torch.testing.assert_close(sae.reconstruct(x), their_forward(dict_class, state, x), rtol=1e-10, atol=1e-10)
     if dict_class == "AutoEncoder":  # random decoder rows are not unit norm: April-update penalty, rows left free
         assert sae.decoder_norm_penalty and sae.l1_coeff == 0.04
+    if dict_class == "JumpReluAutoEncoder":  # JumpReluTrainer.config's bandwidth and sparsity_penalty
+        assert sae.bandwidth == 0.01 and sae.l0_coeff == 0.2
     if dict_class == "GatedAutoEncoder":  # sparsekit keeps rows at unit norm: the norms moved into the magnitudes
         torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(N, dtype=torch.float64))
 

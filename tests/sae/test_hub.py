@@ -194,3 +194,21 @@ def test_pushed_cfg_is_the_saved_cfg(recorder, tmp_path):
     sae.push_to_hub("me/pushed")
     sae.save(tmp_path / "local")
     assert json.loads((recorder.copy_to / "cfg.json").read_text()) == json.loads((tmp_path / "local/cfg.json").read_text())
+
+
+def test_without_huggingface_hub_a_missing_path_says_both(tmp_path, monkeypatch):
+    """A mistyped relative path has a repo id's form: without huggingface_hub the error names the path first."""
+    monkeypatch.chdir(tmp_path)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        sys.modules["huggingface_hub"] = None
+        import sparsekit
+        try:
+            sparsekit.load("runs/finall")
+        except FileNotFoundError as e:
+            print(e)
+        """)], env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("runs/finall is not a directory, nor a Hugging Face Hub repo this installation can "
+                                     "read (sparsekit.load from the Hugging Face Hub needs huggingface_hub: "
+                                     "pip install 'sparsekit[hub]')")
