@@ -76,10 +76,12 @@ def load_folder(directory: Path, device=None):
     if (directory / SAELENS_WEIGHTS_FILE).is_file() and not weights_path.is_file():
         return load_saelens(directory, device=device)
     if not config_path.is_file() and not weights_path.is_file():
-        inside = sorted(p.name for p in directory.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
-        if inside:
-            raise FileNotFoundError(f"{directory} holds several dictionaries, one per folder ({', '.join(inside[:8])}"
-                                    f"{', ...' if len(inside) > 8 else ''}): pass subfolder= or that folder's path")
+        inside = sorted(p.name for p in directory.iterdir()
+                        if p.is_dir() and ((p / CONFIG_FILE).is_file() or (p / DL_WEIGHTS_FILE).is_file()))
+        if inside:  # a sparsify run (one folder per hookpoint), dictionary_learning's trainer_<i> folders
+            raise FileNotFoundError(f"{directory} holds dictionaries in folders ({', '.join(inside[:8])}"
+                                    f"{', ...' if len(inside) > 8 else ''}), none of its own: pass subfolder= "
+                                    f"or that folder's path")
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: is {directory} a directory written by sae.save()?")

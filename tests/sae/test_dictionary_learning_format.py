@@ -227,6 +227,14 @@ def test_a_bad_dictionary_learning_folder_is_one_error_naming_the_file(tmp_path,
     assert fragment in message and str(folder) in message and "\n" not in message
 
 
+def test_a_run_folder_names_its_trainer_folders(tmp_path):
+    for i in range(2):
+        write_theirs(tmp_path / f"trainer_{i}", "AutoEncoder", their_state("AutoEncoder"))
+    with pytest.raises(FileNotFoundError, match=r"holds dictionaries in folders \(trainer_0, trainer_1\)"):
+        sparsekit.load(tmp_path)
+    assert sparsekit.load(tmp_path, subfolder="trainer_1").architecture == "relu"
+
+
 def test_a_missing_config_is_named(tmp_path):
     folder = write_theirs(tmp_path / "dl", "AutoEncoder", their_state("AutoEncoder"))
     (folder / "config.json").unlink()

@@ -75,8 +75,8 @@ def test_subfolder_picks_one_of_several_dictionaries(tmp_path):
         sae.save(snapshot / name)
     loaded = sparsekit.load("someone/per-layer", subfolder="layers.1", cache_dir=tmp_path)
     assert same_dictionary(loaded, saes["layers.1"])
-    with pytest.raises(FileNotFoundError, match=r"holds several dictionaries, one per folder \(layers.0, layers.1, "
-                                                r"layers.2\): pass subfolder="):
+    with pytest.raises(FileNotFoundError, match=r"holds dictionaries in folders \(layers.0, layers.1, layers.2\), "
+                                                r"none of its own: pass subfolder="):
         sparsekit.load("someone/per-layer", cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="has no folder 'layers.7'"):
         sparsekit.load("someone/per-layer", subfolder="layers.7", cache_dir=tmp_path)
