@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from sparsekit._util.log import logger
 from sparsekit.errors import SourceExhausted
 from sparsekit.sae import registry
 from sparsekit.sae.base import SparseDictionary
@@ -144,7 +145,7 @@ def _resume(state: RunState, restored: tuple, context, output_dir: Path | None) 
     path, tensors, saved = restored
     state.restore(path, tensors, saved, context)
     history = restore_history(output_dir, state.step)
-    print(f"sparsekit: resumed from {path} (step {state.step}, {state.tokens:,} tokens)")
+    logger.info("resumed from %s (step %d, %s tokens)", path, state.step, f"{state.tokens:,}")
     return history
 
 

@@ -123,8 +123,9 @@ def test_resume_continues_from_the_final_checkpoint(files, tmp_path, capsys):
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_000000009", "step_000000010"]  # every 10% by default
 
     assert call(*args, "--resume", "--out", tmp_path / "resumed") == 0
-    out = capsys.readouterr().out
-    assert f"resumed from {ckpt / 'step_000000010'} (step 10," in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert f"sparsekit: resumed from {ckpt / 'step_000000010'} (step 10," in captured.err
     assert "after 10 steps" in summary_line(out)
     first, again = load_file(str(ckpt / "final" / "sae.safetensors")), load_file(str(tmp_path / "resumed" / "sae.safetensors"))
     assert first.keys() == again.keys() and all(torch.equal(first[n], again[n]) for n in first)

@@ -26,6 +26,7 @@ RUN = {
     ("docs/interop.md", "torch.compile"): "tests/package/test_docs_interop.py",
     ("docs/interop.md", "NumPy and DLPack (JAX, CuPy)"): "tests/package/test_docs_interop.py",
     ("docs/interop.md", "SAELens, both ways"): "tests/package/test_docs_interop.py",
+    ("docs/interop.md", "Sharing dictionaries: the Hub, sparsify, dictionary_learning"): "tests/sae/test_sharing_doc.py",
     ("docs/interop.md", "Hugging Face transformers, without TransformerLens"): "tests/package/test_docs_interop.py",
     ("docs/interop.md", "Weights & Biases"): "tests/package/test_docs_interop.py",
 }

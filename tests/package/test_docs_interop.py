@@ -36,6 +36,7 @@ def run(title, tmp_path, monkeypatch, replace=()) -> dict:
 
 def test_every_section_has_an_example():
     assert list(examples()) == ["torch.compile", "NumPy and DLPack (JAX, CuPy)", "SAELens, both ways",
+                                "Sharing dictionaries: the Hub, sparsify, dictionary_learning",
                                 "Hugging Face transformers, without TransformerLens", "Weights & Biases"]
 
 

@@ -57,7 +57,7 @@ def test_training_from_an_lm_source_resumes_bit_identically(tiny, tmp_path, hook
     assert written and written[-1] < "step_000000012"  # stopped part-way, after some checkpoints
     capsys.readouterr()
     resumed = sparsekit.train(dictionary(), source(), config(tmp_path / "stopped"), resume=True)
-    assert f"resumed from {tmp_path / 'stopped' / written[-1]}" in capsys.readouterr().out
+    assert f"sparsekit: resumed from {tmp_path / 'stopped' / written[-1]}" in capsys.readouterr().err
     for name, tensor in whole.sae.state_dict().items():
         assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
     assert resumed.metrics["fvu"] == whole.metrics["fvu"]

@@ -20,7 +20,7 @@ def _run(directory, *flags, wait=True):
     if wait:
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
-        return out
+        return out + err  # library messages ("resumed from ...") go to stderr
     return process
 
 

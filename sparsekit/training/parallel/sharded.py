@@ -171,6 +171,7 @@ class LatentShardedTopK(nn.Module):
         if self.transcoder:
             sae.b_in.copy_(self.b_in)
         sae.input_scale, sae.output_scale = self.input_scale, self.output_scale
+        sae.metadata = dict(getattr(self, "metadata", {}))
         return sae
 
     def sharded_dims(self) -> dict:
