@@ -1,8 +1,18 @@
-"""`python -m sparsekit train`: train a sparse dictionary on activations stored on disk.
+"""`python -m sparsekit train`: train a sparse dictionary on activations stored on disk, or computed
+from a language model over a text dataset.
 
     python -m sparsekit train --data acts/ --n-latents 4096 --k 32 --checkpoint-dir runs/a
     python -m sparsekit train --config cfg.yaml --lr 1e-3          # flags override the file
     python -m sparsekit train --config cfg.yaml --resume           # continue from runs/a's newest checkpoint
+    python -m sparsekit train --model smollm2-135m --dataset corpus/ --hook blocks.3.hook_resid_post \
+        --n-latents 4096 --k 32 --total-tokens 2e6 --out runs/l3   # text -> trained, evaluated dictionary
+
+--model/--dataset (instead of --data): smollm2-135m (TransformerLens hook names) or a local Hugging
+Face model folder (dotted module paths, ':input' for what a module receives) run over .txt, .jsonl,
+.parquet files or a datasets.save_to_disk folder, tokenised into --context-len contexts; the first
+--eval-contexts contexts are held out for the final evaluation (CE loss recovered and KL when
+spliced, FVU, L0, dead latents) and the feature report; the run folder --out gets the dictionary,
+metrics.json, <name>_features.json and dashboard.html (sparsekit.cli.train_lm).
 
 --data is a shard folder (manifest.json, see sparsekit.activations.write_shards), a .npy file [N, d],
 or a .safetensors file holding "x" [N, d] (and "y" [N, d_out]: then a transcoder is trained);
@@ -66,7 +76,7 @@ class TrainingError(Exception):
 class Option:
     """One setting, given as --flag-name on the command line or flag_name: in the YAML config."""
     name: str
-    kind: str                  # "int" | "float" | "str" | "path" | "bool" | "switch" | "tuple"
+    kind: str                  # "int" | "float" | "str" | "path" | "paths" | "bool" | "switch" | "tuple"
     help: str
     optional: bool = False     # None ("none" on the command line, null in YAML) is allowed
     element: str = "float"     # a tuple's element kind
@@ -97,6 +107,7 @@ def _options() -> list[Option]:
         Option("latent_parallel", "int", "under torchrun: split the latents over this many ranks (topk, batchtopk, "
                                        "relu); the world size must be a multiple, the rest is data parallel "
                                        "(a 2-D mesh; default 1: data parallel only)"),
+        *lm_options(),
     ]
     for field in dataclasses.fields(TrainConfig):
         names = _type_names(field.type)
@@ -148,10 +159,39 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
+def lm_options() -> list[Option]:
+    """The options of training from a model and a text dataset (--model/--dataset; see train_lm)."""
+    return [
+        Option("model", "str", "instead of --data: a language model to take activations from: smollm2-135m or a "
+                               "local Hugging Face model folder (read offline)"),
+        Option("dataset", "paths", "with --model: text to run it on: .txt, .jsonl and .parquet files, folders of "
+                                   "them, or a folder written by datasets' save_to_disk (one or more)"),
+        Option("hook", "str", "with --model: the activation to train on (a transcoder's target): a TransformerLens "
+                              "hook name for smollm2-135m (blocks.3.hook_resid_post), a module path for a "
+                              "Hugging Face model (model.layers.3.mlp, model.layers.3.mlp:input)"),
+        Option("input_hook", "str", "with --model: a transcoder's input activation (it reads this and predicts "
+                                    "--hook's); implies --transcoder"),
+        Option("text_field", "str", "the field holding the text in .jsonl records, .parquet and datasets columns "
+                                    "(default text)"),
+        Option("document_per_line", "switch", "each non-empty line of a .txt file is a document (default: each file "
+                                              "is one)"),
+        Option("context_len", "int", "tokens per context, BOS first (default 128)"),
+        Option("eval_contexts", "int", "contexts held out (the first ones) for the final evaluation and the feature "
+                                       "report (default 32)"),
+        Option("cache", "path", "cache the training activations as shards in this folder (reused when the model, "
+                                "hooks and text match) instead of streaming them"),
+        Option("cache_dtype", "str", "the cached shards' dtype: float32, float16 or bfloat16 (half the disk; "
+                                     "training converts each batch to float32; default float32)"),
+        Option("exclude_special_tokens", "bool", "drop positions holding a special token (BOS, EOS, pad, ...) "
+                                                 "anywhere in a context from training, evaluation and the report; "
+                                                 "position 0 is always dropped (default on)", default=True),
+    ]
+
+
 # --- converting values -------------------------------------------------------------------------
 
 _EXPECTED = {"int": "an int", "float": "a number", "str": "a string", "path": "a path (string)",
-             "bool": "true or false", "switch": "true or false"}
+             "paths": "a path or a list of paths", "bool": "true or false", "switch": "true or false"}
 
 
 def expected_type(option: Option, yaml: bool) -> str:
@@ -209,6 +249,12 @@ def convert(option: Option, value, where: str, yaml: bool):
             if not isinstance(value, bool):
                 raise TypeError
             return value
+        if option.kind == "paths":
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not items or \
+                    not all(isinstance(item, str) and item.strip() for item in items):
+                raise TypeError
+            return [str(item) for item in items]
         if option.kind == "tuple":
             items = value.split(",") if isinstance(value, str) else value
             if isinstance(items, (int, float)) and not isinstance(items, bool):
@@ -256,6 +302,8 @@ def build_parser(options: list[Option] | None = None) -> argparse.ArgumentParser
         elif option.kind == "bool":
             parser.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction,
                                 help=option.help)
+        elif option.kind == "paths":
+            parser.add_argument(option.flag, dest=option.name, metavar="PATH", nargs="+", help=option.help)
         else:
             metavar = {"int": "N", "float": "X", "path": "PATH", "tuple": "A,B"}.get(option.kind, "NAME")
             parser.add_argument(option.flag, dest=option.name, metavar=metavar, help=option.help)
@@ -469,17 +517,40 @@ def _check_memory(settings: dict, cfg, d_in: int, d_out: int | None, device) -> 
         raise UsageError(str(error)) from None
 
 
-def run(argv: list[str]):
-    """Parse, check, train, save. Returns (TrainResult, out folder); UsageError on bad input."""
+LM_ONLY = ("dataset", "hook", "input_hook", "text_field", "document_per_line", "context_len", "eval_contexts", "cache",
+           "cache_dtype", "exclude_special_tokens")
+
+
+def _check_inputs(settings: dict) -> bool:
+    """--data, or --model with --dataset, and the flags each allows; True for the language-model path."""
+    given = [name for name in ("model", *LM_ONLY) if name in settings]
+    if "data" in settings and given:
+        flags = "/".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(f"--data and {flags} exclude each other: --data trains on stored activations, --model with "
+                         f"--dataset computes them from text")
+    if "data" in settings:
+        if not Path(settings["data"]).exists():
+            raise UsageError(f"--data {settings['data']}: no such file or directory")
+        return False
+    if not given:
+        raise UsageError("no activations given: pass --data PATH (a shard folder, .npy or .safetensors file), or "
+                         "--model with --dataset and --hook, or set 'data:' in the --config file")
+    for name in ("model", "dataset", "hook"):
+        if name not in settings:
+            raise UsageError(f"--{name} is required with --{'dataset' if name == 'model' else 'model'}: "
+                             + {"model": "the language model to run (smollm2-135m or a Hugging Face model folder)",
+                                "dataset": "the text to run it on (.txt, .jsonl, .parquet files or folders)",
+                                "hook": "the activation to train on"}[name])
+    if "targets" in settings:
+        raise UsageError("--targets applies with --data; with --model a transcoder reads --input-hook and predicts "
+                         "--hook")
+    return True
+
+
+def _prepare(settings: dict):
+    """The checks both paths share -> (TrainConfig, out folder, resume, newest checkpoint or None, device)."""
     from sparsekit.training.config import TrainConfig
 
-    settings = resolve(argv)
-
-    if "data" not in settings:
-        raise UsageError("no activations given: pass --data PATH (a shard folder, .npy or .safetensors file) or set "
-                         "'data:' in the --config file")
-    if not Path(settings["data"]).exists():
-        raise UsageError(f"--data {settings['data']}: no such file or directory")
     _check_dictionary(settings)
     if settings.get("latent_parallel", 1) < 1:
         raise UsageError(f"--latent-parallel must be a positive int, got {settings['latent_parallel']}")
@@ -510,7 +581,16 @@ def run(argv: list[str]):
         raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir} already holds checkpoints (newest {newest.name}) "
                          f"from an earlier run: pass --resume to continue it, or choose another folder")
     device = _device(settings.get("device", "auto"))
+    return cfg, out, resume, newest, device
 
+
+def run(argv: list[str]):
+    """Parse, check, train, save. Returns (TrainResult, out folder); UsageError on bad input."""
+    settings = resolve(argv)
+    if _check_inputs(settings):
+        from . import train_lm
+        return train_lm.run(settings)
+    cfg, out, resume, newest, device = _prepare(settings)
     try:
         source, rows, d_in, d_out, description = open_data(settings, cfg.batch_size, cfg.seed)
     except (ValueError, OSError) as error:
@@ -525,6 +605,19 @@ def run(argv: list[str]):
         raise UsageError(f"--eval-tokens {cfg.eval_tokens} would hold out all {rows} rows of --data; lower it "
                          f"(e.g. --eval-tokens {rows // 10}) or pass --eval-tokens 0")
 
+    sae = make_dictionary(settings, cfg, d_in, d_out, device, newest, resume)
+
+    kind = ("skip transcoder" if settings.get("skip") else "transcoder") if d_out is not None else "SAE"
+    shape = f"d_in={d_in}" + (f" d_out={d_out}" if d_out is not None else "")
+    hyper = " ".join(f"{name}={settings[name]}" for name in hyperparameter_flags() if name in settings)
+    print(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
+          f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}",
+          flush=True)
+    return _train(sae, source, cfg, resume, out)
+
+
+def make_dictionary(settings: dict, cfg, d_in: int, d_out: int | None, device, newest, resume: bool):
+    """The memory check, the dictionary (sharded under --latent-parallel), the resume check."""
     _check_memory(settings, cfg, d_in, d_out, device)
     try:
         sae = _build(settings, d_in, d_out, device, cfg.seed)
@@ -537,17 +630,10 @@ def run(argv: list[str]):
         _check_resume(newest, sae, cfg)
     elif resume:
         print(f"{PROG}: --resume: no checkpoint in {cfg.checkpoint_dir} yet; starting fresh")
-
-    kind = ("skip transcoder" if settings.get("skip") else "transcoder") if d_out is not None else "SAE"
-    shape = f"d_in={d_in}" + (f" d_out={d_out}" if d_out is not None else "")
-    hyper = " ".join(f"{name}={settings[name]}" for name in hyperparameter_flags() if name in settings)
-    print(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
-          f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}",
-          flush=True)
-    return _train(sae, source, cfg, resume, out)
+    return sae
 
 
-def _train(sae, source, cfg, resume: bool, out: Path):
+def _train(sae, source, cfg, resume: bool, out: Path, quiet: bool = False):
     from sparsekit.errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
     from sparsekit.training.loop import train
     from sparsekit.training.metrics import METRICS_FILE
@@ -572,8 +658,9 @@ def _train(sae, source, cfg, resume: bool, out: Path):
     formats = {"fvu": ".4f", "l0": ".2f", "dead_frac": ".3f"}
     parts = [f"{name} {metrics[name]:{spec}}" for name, spec in formats.items() if name in metrics]
     metrics_at = f"{result.output_dir / METRICS_FILE}" if result.output_dir is not None else "not written"
-    print(f"{PROG}: dictionary saved to {out}; metrics in {metrics_at}; final {where} {', '.join(parts)} "
-          f"after {metrics['step']:,} steps ({metrics['tokens']:,} tokens)", flush=True)
+    if not quiet:
+        print(f"{PROG}: dictionary saved to {out}; metrics in {metrics_at}; final {where} {', '.join(parts)} "
+              f"after {metrics['step']:,} steps ({metrics['tokens']:,} tokens)", flush=True)
     return result, out
 
 
