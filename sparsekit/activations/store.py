@@ -321,7 +321,7 @@ def _cached(directory: Path, record: dict, overwrite: bool) -> bool:
         if found == record:
             return True
         if not overwrite:
-            differs = sorted(k for k in record if found.get(k) != record[k])
+            differs = sorted(k for k in set(record) | set(found) if found.get(k) != record.get(k))
             raise ValueError(f"directory {directory} caches other activations (differs in {', '.join(differs)}); "
                              f"pass overwrite=True or another directory")
     record_path.unlink(missing_ok=True)
