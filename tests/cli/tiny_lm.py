@@ -22,7 +22,7 @@ def make_tiny_lm(folder: Path, text: str, seed: int = 0, hidden: int = 32, layer
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         max_position_embeddings=256, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     folder = Path(folder)
     LlamaForCausalLM(config).eval().save_pretrained(folder)
