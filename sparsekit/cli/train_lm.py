@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .train import PROG, UsageError, _AsFloat32, _one_line, _prepare, _train, hyperparameter_flags, make_dictionary
+from .train_common import PROG, AsFloat32, UsageError, hyperparameter_flags, make_dictionary, one_line, prepare, train_and_save
 
 CONTEXT_LEN, EVAL_CONTEXTS = 128, 32
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
@@ -78,7 +78,7 @@ def load_model(name: str, device, progress: bool = True):
         try:
             model = load_lm(name, device=str(device))
         except (FileNotFoundError, ValueError, ImportError) as error:
-            raise UsageError(f"--model {name}: {_one_line(error)}") from None
+            raise UsageError(f"--model {name}: {one_line(error)}") from None
         return model, model.tokenizer, "lens"
     folder = Path(name)
     if not folder.is_dir():
@@ -96,7 +96,7 @@ def load_model(name: str, device, progress: bool = True):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"--model {name}: cannot load it with transformers ({_one_line(error)})") from None
+        raise UsageError(f"--model {name}: cannot load it with transformers ({one_line(error)})") from None
     return model.to(device).eval(), tokenizer, "hf"
 
 
@@ -115,7 +115,7 @@ def check_model_hooks(model, kind: str, hooks: tuple[str, ...], flags: tuple[str
             try:
                 find_modules(model, split_side(hook)[0])
             except ValueError as error:
-                raise UsageError(f"{flag} {_one_line(error)}") from None
+                raise UsageError(f"{flag} {one_line(error)}") from None
 
 
 # --- text -> contexts ---------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def open_dataset(settings: dict):
         return TextDataset(settings["dataset"], text_field=settings.get("text_field", "text"),
                            document_per_line=bool(settings.get("document_per_line")))
     except (ValueError, OSError) as error:
-        raise UsageError(f"--dataset: {_one_line(error)}") from None
+        raise UsageError(f"--dataset: {one_line(error)}") from None
 
 
 def contexts(dataset, tokenizer, settings: dict, training_rows: int, special: tuple, progress: bool):
@@ -143,7 +143,7 @@ def contexts(dataset, tokenizer, settings: dict, training_rows: int, special: tu
             held_out = take_contexts(stream, count=wanted, progress=bar)
             training = take_contexts(stream, rows=training_rows, special_ids=special, progress=bar)
         except (ValueError, OSError) as error:
-            raise UsageError(f"--dataset: {_one_line(error)}") from None
+            raise UsageError(f"--dataset: {one_line(error)}") from None
     where = " ".join(settings["dataset"])
     if held_out.shape[0] == 0:
         raise UsageError(f"--dataset {where} holds no text to make one context of --context-len {length} tokens "
@@ -183,13 +183,13 @@ def training_source(model, training: Tensor, hooks: tuple, settings: dict, cfg, 
             shards = cache_activations(model, training, hooks, settings["cache"], batch_size=cfg.batch_size,
                                        dtype=settings.get("cache_dtype", "float32"), progress=cfg.progress,
                                        special_ids=special, seed=cfg.seed, shuffle=True, epochs=None)
-            source = shards if shards.dtype == "float32" else _AsFloat32(shards)
+            source = shards if shards.dtype == "float32" else AsFloat32(shards)
             return source, shards.tokens, shards.d, shards.d_out
         source = LMActivationSource(model, training, hooks, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                                     epochs=None, special_ids=special)
         return source, source.rows, source.d, source.d_out
     except ValueError as error:
-        raise UsageError(_one_line(error)) from None
+        raise UsageError(one_line(error)) from None
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def evaluate(model, kind: str, sae, held_out: Tensor, settings: dict, special: t
         metrics["splice"] = ("forward hooks on the Hugging Face model: kept positions replaced (position 0 and "
                              "special tokens clean); CE/KL over the predictions at positions 1..T-2")
     except ValueError as error:
-        metrics["splice"] = f"not computed: {_one_line(error)}"
+        metrics["splice"] = f"not computed: {one_line(error)}"
     return metrics
 
 
@@ -384,7 +384,7 @@ def write_report(model, kind: str, sae, held_out: Tensor, settings: dict, out: P
 def run(settings: dict):
     """--model/--dataset: check, tokenise, train, save, evaluate, report. Returns (TrainResult, out)."""
     _check_settings(settings)
-    cfg, out, resume, newest, device = _prepare(settings)
+    cfg, out, resume, newest, device = prepare(settings)
     dataset = open_dataset(settings)
     model, tokenizer, kind = load_model(settings["model"], device, cfg.progress)
     hook, input_hook = settings["hook"], settings.get("input_hook")
@@ -410,7 +410,7 @@ def run(settings: dict):
                                                                        else "")
           + f"; {held_out.shape[0]} more held out; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} "
             f"on {device}", flush=True)
-    result, out = _train(sae, source, cfg, resume, out, quiet=True)
+    result, out = train_and_save(sae, source, cfg, resume, out, quiet=True)
     trained = result.sae.gather() if getattr(result.sae, "latent_sharded", False) else result.sae
 
     metrics = evaluate(model, kind, trained, held_out, settings, special, cfg.progress)
