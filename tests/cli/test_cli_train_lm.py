@@ -158,3 +158,31 @@ def test_summary_warns_when_fvu_is_at_least_1_or_ce_recovered_negative(tmp_path,
     assert len(warnings) == 2 and "FVU 1.2500 >= 1" in warnings[0] and "CE loss recovered -0.5000 < 0" in warnings[1]
     train_lm._summary(settings, "SAE", tmp_path, {**metrics, "fvu": 0.2, "ce_recovered": 0.9}, None, {"tokens": 640})
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_an_interrupted_run_resumes_to_the_same_dictionary(world, tmp_path):
+    import shutil
+
+    base = ["--model", str(world / "model"), "--dataset", str(world / "txt"), "--hook", "model.layers.0", *QUICK,
+            "--checkpoint-every-tokens", "320"]
+    _, whole = run(base + ["--checkpoint-dir", str(tmp_path / "a"), "--out", str(tmp_path / "whole")])
+    first = sorted(p for p in (tmp_path / "a").iterdir() if p.name.startswith("step_"))[0]
+    shutil.copytree(first, tmp_path / "b" / first.name)  # as if killed after the first checkpoint
+    _, resumed = run(base + ["--checkpoint-dir", str(tmp_path / "b"), "--out", str(tmp_path / "resumed"),
+                             "--resume"])
+    for name, value in sparsekit.load(whole).state_dict().items():
+        assert torch.equal(value, sparsekit.load(resumed).state_dict()[name]), name
+
+
+def test_a_checkpoint_whose_source_recorded_no_special_ids_resumes_with_position_0_only(tmp_path):
+    class Tokenizer:
+        all_special_ids, bos_token_id, eos_token_id, pad_token_id = [0, 5], 1, 2, None
+
+    settings = {"exclude_special_tokens": True}
+    (tmp_path / "state.json").write_text(json.dumps({"source_state": {"kind": "LMActivationSource"}}))
+    assert train_lm.special_ids_for(settings, Tokenizer(), tmp_path) == ()
+    (tmp_path / "state.json").write_text(json.dumps({"source_state": {"kind": "LMActivationSource",
+                                                                      "special_ids": [0, 1, 2, 5]}}))
+    assert train_lm.special_ids_for(settings, Tokenizer(), tmp_path) == (0, 1, 2, 5)
+    assert train_lm.special_ids_for(settings, Tokenizer(), None) == (0, 1, 2, 5)
+    assert train_lm.special_ids_for({"exclude_special_tokens": False}, Tokenizer(), None) == ()
