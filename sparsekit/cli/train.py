@@ -4,7 +4,7 @@ from a language model over a text dataset.
     python -m sparsekit train --data acts/ --n-latents 4096 --k 32 --checkpoint-dir runs/a
     python -m sparsekit train --config cfg.yaml --lr 1e-3          # flags override the file
     python -m sparsekit train --config cfg.yaml --resume           # continue from runs/a's newest checkpoint
-    python -m sparsekit train --model smollm2-135m --dataset corpus/ --hook blocks.3.hook_resid_post \
+    python -m sparsekit train --model smollm2-135m --dataset corpus/ --hook blocks.3.hook_resid_post \\
         --n-latents 4096 --k 32 --total-tokens 2e6 --out runs/l3   # text -> trained, evaluated dictionary
 
 --model/--dataset (instead of --data): smollm2-135m (TransformerLens hook names) or a local Hugging
