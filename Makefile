@@ -24,7 +24,7 @@ SYSTEM_PACKAGES := chromium chromium-driver python3-doc
 # Only here: the library itself leaves the caller's environment alone. Set it yourself to override.
 export OMP_WAIT_POLICY ?= passive
 
-.PHONY: test test-latest fuzz demo demo-lm bench bench-ops bench-gpu bench-distributed bench-peers bench-portable \
+.PHONY: test test-latest fuzz demo demo-lm bench bench-lm bench-ops bench-gpu bench-distributed bench-peers bench-portable \
 	setup system-packages lock wheel clean
 
 setup: $(INSTALLED)
@@ -88,6 +88,11 @@ demo: $(INSTALLED)
 # trained on them, CE loss recovered / KL on held-out text, dashboard in runs/lm-demo/dashboard.html.
 demo-lm: $(INSTALLED)
 	$(PY) -m sparsekit lm-demo --out runs/lm-demo
+
+# SmolLM2's forward, activation caching and CE/KL evaluation in tokens/s beside the FLOP-bound rate
+# measured in the same run; the bf16 model's speed and drift (CPUs with native bf16). Table in bench/results/.
+bench-lm: $(INSTALLED)
+	$(PY) bench/lm_forward.py --output auto
 
 # One table measured in one run: GEMM floor, full TopK training steps, sparse decode vs dense.
 bench: $(INSTALLED)

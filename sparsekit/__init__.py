@@ -23,7 +23,21 @@ from .ops import (
     topk_encode,
 )
 from .ops.backend import backends
-from .sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, Transcoder, load, load_saelens
+from .sae import (
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    ReLUSAE,
+    TopKSAE,
+    Transcoder,
+    export_dictionary_learning,
+    export_sparsify,
+    load,
+    load_dictionary_learning,
+    load_saelens,
+    load_sparsify,
+    push_to_hub,
+)
 from .training.config import TrainConfig, TrainResult
 from .training.loop import train
 
@@ -39,7 +53,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "BatchTopKCodes", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "SparseCodes", "TopKCodes", "TopKSAE", "Transcoder",
-    "TrainConfig", "TrainResult", "backends", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode", "load",
-    "load_saelens", "loss_recovered", "ops", "reference", "relu_encode", "relu_encode_adaptive", "sparse_decode",
+    "TrainConfig", "TrainResult", "backends", "batchtopk_encode", "export_dictionary_learning", "export_sparsify",
+    "ghost_grad_loss", "jumprelu_encode", "load", "load_dictionary_learning", "load_saelens", "load_sparsify",
+    "loss_recovered", "push_to_hub", "ops", "reference", "relu_encode", "relu_encode_adaptive", "sparse_decode",
     "sparse_decode_coo", "splice", "topk_encode", "train", "zero_ablate",
 ]

@@ -3,6 +3,16 @@
     write_dashboard({"sae": report}, "runs/lm/dashboard.html")     # reports from feature_report
     sparsekit dashboard RUN_DIR                                     # every RUN_DIR/*features.json
 
+The page opens on the overview (one line and one summary row per dictionary) with the first
+feature below it; a feature picked on the left (or a ``#f-<name>-<id>`` link) shows alone.
+
+Dead latents are counted over different tokens by different stages, and the page says which:
+"never fired" in the overview and the summary counts over the report's evaluation tokens (the census);
+"dead at the end of training" is the training's own figure (no fire within its last
+``dead_window_tokens`` training tokens), from ``report["training"]`` or the run's
+``<name>/metrics.jsonl`` last line. A short evaluation finds more never-fired latents than training's
+window (e.g. 52 against 7), so the two differ by design.
+
 Everything is rendered here, in Python. A report is checked before anything is rendered
 (``check_report``): feature ids must be ints and every number a finite number, so no field reaches
 the page unformatted; every piece of text (token strings, names, model and hook names: a
@@ -51,9 +61,13 @@ _SCRIPT = """
   function show(){
     var id = decodeURIComponent(location.hash.slice(1));
     var target = id ? document.getElementById(id) : null;
-    if(!target || !target.classList.contains('feature')) target = document.getElementById('overview');
-    document.querySelectorAll('main > section').forEach(function(s){ s.hidden = (s !== target); });
-    links.forEach(function(a){ a.classList.toggle('current', a.getAttribute('href') === '#' + target.id); });
+    var shown;
+    if(target && target.classList.contains('feature')) shown = [target];
+    else shown = [document.getElementById('overview'), document.querySelector('main > section.feature')];
+    document.querySelectorAll('main > section').forEach(function(s){ s.hidden = shown.indexOf(s) < 0; });
+    links.forEach(function(a){
+      a.classList.toggle('current', shown.some(function(s){ return s && a.getAttribute('href') === '#' + s.id; }));
+    });
   }
   document.getElementById('search').addEventListener('input', function(e){
     var q = e.target.value.toLowerCase();
@@ -70,6 +84,7 @@ def _e(value) -> str:
 
 
 FEATURE_NUMBERS = ("density", "max_act", "mean_act")
+TRAINING_NUMBERS = ("dead_frac", "tokens", "step", "dead_window_tokens")
 OPTIONAL_NUMBERS = ("token_share", "single_token_ratio")
 
 
@@ -125,6 +140,13 @@ def check_report(name, report, where: str = "report") -> None:
         raise ValueError(f"{where}: the dictionary name must be a non-empty string, got {name!r:.80}")
     if not isinstance(report, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(report).__name__}")
+    training = report.get("training")
+    if training is not None:
+        if not isinstance(training, dict):
+            raise ValueError(f"{where}.training must be an object, got {type(training).__name__}")
+        for key in TRAINING_NUMBERS:
+            if key in training:
+                _number(training[key], f"{where}.training.{key}")
     features = report.get("features", [])
     if not isinstance(features, list):
         raise ValueError(f"{where}.features must be a list")
@@ -170,7 +192,7 @@ def _logits_html(logits) -> str:
     return f'<div class="logits">{"".join(tables)}</div>'
 
 
-def _feature_html(name: str, report: dict, feature: dict) -> str:
+def _feature_html(name: str, report: dict, feature: dict, hidden: bool = True) -> str:
     fid = f"{name}-{feature['id']}"
     stats = [("density", f"{feature['density']:.5f}"), ("max activation", f"{feature['max_act']:.3f}"),
              ("mean activation (when active)", f"{feature['mean_act']:.3f}"),
@@ -178,7 +200,8 @@ def _feature_html(name: str, report: dict, feature: dict) -> str:
              ("[BOS, top token] / top activation", f"{feature.get('single_token_ratio', float('nan')):.3f}")]
     stats_html = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in stats)
     examples = "".join(_example_html(x) for x in feature["examples"])
-    return (f'<section class="feature" id="f-{_e(fid)}" hidden><h2>{_e(name)} feature {_e(feature["id"])}</h2>'
+    hide = " hidden" if hidden else ""
+    return (f'<section class="feature" id="f-{_e(fid)}"{hide}><h2>{_e(name)} feature {_e(feature["id"])}</h2>'
             f'<p class="census">{_e(report.get("model", ""))} · {_e(report.get("hook", ""))}</p>'
             f'<table class="stats">{stats_html}</table><h3>Activation histogram (non-zero)</h3>'
             f'{_histogram_svg(feature["histogram"])}<h3>Logit effects</h3>{_logits_html(feature.get("logits"))}'
@@ -194,25 +217,53 @@ def _link_html(name: str, feature: dict) -> str:
 
 
 SUMMARY_COLUMNS = (("FVU", "fvu", "{:.3f}"), ("L0", "l0", "{:.1f}"), ("CE recovered", "ce_recovered", "{:.3f}"),
-                   ("KL", "kl", "{:.4f}"), ("dead", "dead_frac", "{:.3f}"))
+                   ("KL", "kl", "{:.4f}"))
+DEAD_TRAINING_HEAD = "dead at end of training (no fire in its last dead-window of training tokens)"
+NEVER_FIRED_HEAD = "never fired on the evaluation tokens"
+
+
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _training_dead(report: dict) -> str:
+    """'7 of 2,048 (step 290, 297,000 tokens trained)' from report["training"], or '?'."""
+    training, n = report.get("training"), report.get("n_latents")
+    if not isinstance(training, dict) or "dead_frac" not in training or not is_int(n):
+        return "?"
+    where = [f"step {int(training['step']):,}"] if "step" in training else []
+    if "tokens" in training:
+        where.append(f"{int(training['tokens']):,} tokens trained")
+    if "dead_window_tokens" in training:
+        where.append(f"window {int(training['dead_window_tokens']):,} tokens")
+    return f"{round(training['dead_frac'] * n):,} of {n:,}" + (f" ({', '.join(where)})" if where else "")
+
+
+def _never_fired(report: dict) -> str:
+    """'52 of 2,048 on 8,255 tokens' from the census, or '?'."""
+    census = report.get("census", {})
+    if not isinstance(census, dict) or "dead" not in census:
+        return "?"
+    return (f"{_count(census['dead'])} of {_count(report.get('n_latents', '?'))} on "
+            f"{_count(report.get('tokens', '?'))} tokens")
 
 
 def _summary_html(reports: dict) -> str:
-    """One row per dictionary whose report carries "metrics" (lm_splice_metrics' keys): the per-layer summary."""
+    """One row per dictionary: its metrics when the report carries "metrics" (lm_splice_metrics' keys;
+    '?' otherwise), the two dead counts, each over what it counts, and the census."""
     rows = []
     for name, report in reports.items():
         metrics, census = report.get("metrics"), report.get("census", {})
-        if not isinstance(metrics, dict):
-            continue
+        metrics = metrics if isinstance(metrics, dict) else {}
         cells = [_e(name), _e(f"{report.get('hook', '')} → {report.get('output_hook', '')}")]
         for _, key, form in SUMMARY_COLUMNS:
             value = metrics.get(key)
             cells.append(_e(form.format(value)) if isinstance(value, (int, float)) else "?")
-        cells.append(_e(f"{census.get('single_token', '?')} / {census.get('reported', '?')}"))
+        cells += [_e(_training_dead(report)), _e(_never_fired(report)),
+                  _e(f"{census.get('single_token', '?')} / {census.get('reported', '?')}")]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    if not rows:
-        return ""
-    head = ["dictionary", "hook"] + [c[0] for c in SUMMARY_COLUMNS] + ["single-token / shown"]
+    head = ["dictionary", "hook"] + [c[0] for c in SUMMARY_COLUMNS] + [DEAD_TRAINING_HEAD, NEVER_FIRED_HEAD,
+                                                                       "single-token / shown"]
     return ('<table class="summary"><thead><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) +
             f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
@@ -224,21 +275,24 @@ def dashboard_html(reports: dict, title: str = "sparsekit feature dashboard") ->
     for name, report in reports.items():
         check_report(name, report, f"reports[{name!r:.80}]")
     links, sections, overview = [], [], []
+    landing = ("Below: the first feature of the first dictionary (the densest). Pick another on the left."
+               if any(r.get("features") for r in reports.values()) else "No features to show.")
     for name, report in reports.items():
         census = report.get("census", {})
         overview.append(f"<li><strong>{_e(name)}</strong>: {_e(report.get('architecture', ''))} on {_e(report.get('model', ''))} "
                         f"{_e(report.get('hook', ''))} → {_e(report.get('output_hook', ''))}; {_e(report.get('n_latents', ''))} "
-                        f"latents, {_e(census.get('dead', '?'))} dead on {_e(report.get('tokens', '?'))} tokens; of "
+                        f"latents; never fired on the evaluation tokens: {_e(_never_fired(report))}; dead at the end "
+                        f"of training: {_e(_training_dead(report))}; of "
                         f"{_e(census.get('reported', '?'))} shown, {_e(census.get('single_token', '?'))} single-token and "
                         f"{_e(census.get('context', '?'))} context-dependent</li>")
         for feature in report.get("features", []):
             links.append(_link_html(name, feature))
-            sections.append(_feature_html(name, report, feature))
+            sections.append(_feature_html(name, report, feature, hidden=bool(sections)))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f'<style>{_STYLE}</style></head><body><nav><input id="search" type="search" '
             f'placeholder="search: id, token, kind" aria-label="search features"><ul id="feature-list">'
             f'{"".join(links)}</ul></nav><main><section id="overview"><h2>{_e(title)}</h2><ul>{"".join(overview)}</ul>'
-            f'{_summary_html(reports)}<p>Pick a feature on the left.</p></section>{"".join(sections)}</main>'
+            f'{_summary_html(reports)}<p>{_e(landing)}</p></section>{"".join(sections)}</main>'
             f'<script>{_SCRIPT}</script></body></html>')
 
 
@@ -257,8 +311,32 @@ def save_report(report: dict, run_dir, name: str) -> Path:
     return path
 
 
-def dashboard_from_run(run_dir, out=None) -> Path:
-    """Every RUN_DIR/<name>_features.json -> RUN_DIR/dashboard.html (or out)."""
+TRAINING_LOG = "metrics.jsonl"
+TRAINING_LOG_TAIL = 1 << 16  # bytes read from the end of a training log
+
+
+def training_dead(log) -> dict | None:
+    """The last line of a training's metrics.jsonl as {"dead_frac", "step", "tokens"} (None when the
+    file is missing or its last line is not such a record). Only the file's last 64 KiB are read."""
+    log = Path(log)
+    if not log.is_file():
+        return None
+    with open(log, "rb") as handle:
+        handle.seek(max(0, log.stat().st_size - TRAINING_LOG_TAIL))
+        lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and is_number(record.get("dead_frac")):
+            return {key: record[key] for key in ("dead_frac", "step", "tokens") if is_number(record.get(key))}
+    return None
+
+
+def read_reports(run_dir) -> dict:
+    """{name: report} from every RUN_DIR/<name>_features.json, each checked (``check_report``); a
+    report without a "training" block gets one from RUN_DIR/<name>/metrics.jsonl when that exists."""
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob(f"*_{REPORT_SUFFIX}"))
     if not files:
@@ -271,8 +349,19 @@ def dashboard_from_run(run_dir, out=None) -> Path:
         except (ValueError, UnicodeDecodeError) as error:
             raise ValueError(f"{f} is not a JSON feature report: {error}") from None
     for name, report in reports.items():
+        if isinstance(report, dict) and "training" not in report:
+            training = training_dead(run_dir / name / TRAINING_LOG)
+            if training is not None:
+                report["training"] = training
         check_report(name, report, str(run_dir / f"{name}_{REPORT_SUFFIX}"))
-    return write_dashboard(reports, out or run_dir / DASHBOARD_FILE, title=f"sparsekit features: {run_dir.name}")
+    return reports
+
+
+def dashboard_from_run(run_dir, out=None) -> Path:
+    """Every RUN_DIR/<name>_features.json -> RUN_DIR/dashboard.html (or out)."""
+    run_dir = Path(run_dir)
+    return write_dashboard(read_reports(run_dir), out or run_dir / DASHBOARD_FILE,
+                           title=f"sparsekit features: {run_dir.name}")
 
 
 SCREENSHOT_EXTRA = "screenshot"  # pyproject: screenshot = ["selenium>=4.10"]

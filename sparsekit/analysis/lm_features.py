@@ -16,6 +16,11 @@ below as context-dependent. The report also keeps the older probe, the activatio
 token] over the activation in its top context (``single_token_ratio``), but on SmolLM2 it reads ~0
 for most features because the position after BOS is atypical (its MLP-output norm at layer 3 is ~5
 against 13-27 elsewhere), so the census does not use it.
+
+``feature_report`` streams: codes come batch by batch (``codes_by_batch``: sparse entries, see
+``top_examples``), so its memory grows with n_latents * examples, not with the number of tokens;
+``feature_activations`` (every activation in one [N, T, n_latents] tensor) is for small inputs and
+is the reference the tests compare the stream with.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import re
 import torch
 from torch import Tensor
 
+from sparsekit._util.validate import is_int
 from sparsekit.activations.store import check_contexts, check_hooks, hook_activations, stop_layer
+from sparsekit.analysis.top_examples import Histograms, LatentStats, TokenSums, TopContexts, positive_codes
 from sparsekit.sae.base import SparseDictionary
 
 SINGLE_TOKEN_SHARE = 0.5
@@ -96,15 +103,6 @@ def token_string(model, token_id: int) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else f"<{token_id}>"
 
 
-def _histogram(values: Tensor, bins: int = 20) -> dict:
-    if values.numel() == 0:
-        return {"edges": [], "counts": []}
-    high = float(values.max())
-    edges = torch.linspace(0.0, high if high > 0 else 1.0, bins + 1)
-    counts = torch.histc(values, bins=bins, min=0.0, max=float(edges[-1]))
-    return {"edges": [round(float(e), 5) for e in edges], "counts": [int(c) for c in counts]}
-
-
 def token_shares(acts: Tensor, tokens: Tensor) -> Tensor:
     """acts [N, T, m] (features' activations, >= 0), tokens [N, T] -> per feature the fraction of its
     total activation that falls on its most-activating token id [m] (0 for a feature that never fires)."""
@@ -115,75 +113,148 @@ def token_shares(acts: Tensor, tokens: Tensor) -> Tensor:
     return torch.where(total > 0, per_token.max(0).values / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
+def codes_by_batch(model, sae: SparseDictionary, tokens: Tensor, hook: str, batch_contexts: int = 16):
+    """The dictionary's positive codes on tokens [N, T], batch_contexts contexts at a time: yields
+    (first context of the batch, values [E] float32, rows [E], latents [E] int64), a row being a token
+    of the batch at positions 1..T-1 in context-major order (row r: context first + r // (T - 1),
+    position 1 + r % (T - 1)). Memory per batch: the entries and one [rows, n_latents] code block
+    (``top_examples.positive_codes``), never [N, T, n_latents]. The dictionary is in eval mode
+    throughout and given back in its mode."""
+    if not isinstance(batch_contexts, int) or isinstance(batch_contexts, bool) or batch_contexts < 1:
+        raise ValueError(f"batch_contexts must be a positive int, got {batch_contexts!r}")
+    names = check_hooks(model, hook)
+    stop = stop_layer(model, names)
+    was_training = sae.training
+    sae.eval()
+    try:
+        for start in range(0, tokens.shape[0], batch_contexts):
+            x = hook_activations(model, tokens[start:start + batch_contexts], names, stop)[0]
+            yield (start, *positive_codes(sae, x.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype) * sae.input_scale))
+    finally:
+        sae.train(was_training)
+
+
 @torch.no_grad()
 def single_token_ratios(model, sae: SparseDictionary, hook: str, token_ids: Tensor, features: Tensor,
-                        in_context: Tensor, bos_id: int) -> Tensor:
-    """Per feature: activation on [BOS, its top token] alone / activation in its top context [m]."""
+                        in_context: Tensor, bos_id: int, batch_contexts: int = 256) -> Tensor:
+    """Per feature: activation on [BOS, its top token] alone / activation in its top context [m].
+    token_ids, features, in_context: [m]; batch_contexts pairs per forward pass."""
     pairs = torch.stack([torch.full_like(token_ids, bos_id), token_ids], 1)
-    alone = feature_activations(model, sae, pairs, hook, batch_contexts=256)[:, 1]  # [m, n]
-    alone = alone.gather(1, features[:, None])[:, 0]
+    alone = torch.zeros(pairs.shape[0], dtype=torch.float32)
+    for start, values, rows, latents in codes_by_batch(model, sae, pairs, hook, batch_contexts):
+        mine = latents == features[start + rows]  # row r is pair start + r (one position each)
+        alone[start + rows[mine]] = values[mine]
     return alone / in_context.clamp_min(1e-12)
 
 
 @torch.no_grad()
 def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, output_hook: str | None = None,
                    max_features: int | None = 200, examples: int = 8, window: int = 12, logit_top: int = 8,
-                   bins: int = 20) -> dict:
+                   bins: int = 20, batch_contexts: int = 16) -> dict:
     """Everything the dashboard shows, as a JSON-able dict.
 
     tokens [N, T]: held-out contexts (BOS first). hook: the dictionary's input hook; output_hook:
-    where it writes (default hook; a transcoder's target). Features: the alive ones, densest first,
-    at most max_features. Per feature: density (fraction of tokens where it fires), max activation,
-    histogram of its non-zero activations, its `examples` top contexts (the `window` tokens on each
-    side of the max, every token with its activation), logit effects, its token share (which sets its
-    census kind) and the [BOS, token] ratio.
-    Census: single-token vs context-dependent counts among the reported features, and dead count.
+    where it writes (default hook; a transcoder's target). Features: the alive ones, densest first
+    (ties: lower id), at most max_features. Per feature: density (fraction of tokens where it fires),
+    max activation, histogram of its non-zero activations (``bins`` equal bins over [0, max]), its
+    `examples` top contexts (each context's first position with its largest activation; contexts by
+    that activation, ties to the lower context; the `window` tokens on each side, every token with
+    its activation), logit effects, its token share (which sets its census kind) and the
+    [BOS, token] ratio. Census: single-token vs context-dependent counts among the reported features,
+    and dead = latents that never fired on these N * (T - 1) tokens ("dead_over" says so).
+
+    Streamed in two passes over batches of batch_contexts contexts (``codes_by_batch``), never a
+    [N, T, n_latents] tensor: the first counts fires, sums, maxima and keeps each latent's top
+    contexts (memory O(n_latents * examples)); the second, for the chosen features only, bins their
+    activations over [0, the maximum of the first pass] (the edges are exact, no rescaling), sums
+    them per token id (the token share) and reads their example windows (memory O(m * bins) +
+    O(m * examples * window) + one entry per (token id, feature) pair that occurs).
     """
     tokens = check_contexts(tokens)
-    acts = feature_activations(model, sae, tokens, hook)                     # [N, T, n]
-    n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
-    fires = (acts > 0).sum((0, 1))
+    for name, value in (("examples", examples), ("bins", bins), ("logit_top", logit_top)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not is_int(window) or window < 0:
+        raise ValueError(f"window must be a non-negative int, got {window!r}")
+    if max_features is not None and (not is_int(max_features) or max_features < 0):
+        raise ValueError(f"max_features must be None or a non-negative int, got {max_features!r}")
+    n_contexts, length = tokens.shape
+    per_context = length - 1
+    n_tokens = n_contexts * per_context
+    stats, top = LatentStats(sae.n_latents), TopContexts(sae.n_latents, examples)
+    for start, values, rows, latents in codes_by_batch(model, sae, tokens, hook, batch_contexts):
+        stats.add(values, latents)
+        top.add(values, latents, start + rows // per_context, 1 + rows % per_context)
+    fires = stats.fires
     density = fires.double() / n_tokens
     alive = torch.nonzero(fires > 0)[:, 0]
     order = alive[torch.argsort(density[alive], descending=True, stable=True)]
     chosen = order if max_features is None else order[:max_features]
-    per_context_max, per_context_pos = acts.max(1)                          # [N, n]
+    hist, shares, windows = _second_pass(model, sae, tokens, hook, chosen, stats, top, window, bins, batch_contexts)
     logits = logit_effects(model, sae, output_hook or hook, chosen.tolist(), logit_top) or {}
     bos_id = int(tokens[0, 0])
     features = []
     top_token_ids, top_values = [], []
-    for feature in chosen.tolist():
-        values, contexts = per_context_max[:, feature].topk(min(examples, tokens.shape[0]))
+    for slot, feature in enumerate(chosen.tolist()):
         rows = []
-        for value, context in zip(values.tolist(), contexts.tolist()):
-            if value <= 0:
+        for j in range(examples):
+            context, position = int(top.contexts[feature, j]), int(top.positions[feature, j])
+            if context < 0:
                 break
-            position = int(per_context_pos[context, feature])
-            lo, hi = max(1, position - window), min(tokens.shape[1], position + window + 1)
-            rows.append({"context": context, "max_position": position - lo, "max_act": value,
+            lo, hi = max(1, position - window), min(length, position + window + 1)
+            rows.append({"context": context, "max_position": position - lo, "max_act": float(top.values[feature, j]),
                          "tokens": [token_string(model, int(t)) for t in tokens[context, lo:hi]],
-                         "acts": [round(float(a), 4) for a in acts[context, lo:hi, feature]]})
-        best_context = rows[0]["context"]
-        top_token_ids.append(int(tokens[best_context, per_context_pos[best_context, feature]]))
+                         "acts": [round(float(a), 4) for a in windows[slot, j, :hi - lo]]})
+        top_token_ids.append(int(tokens[int(top.contexts[feature, 0]), int(top.positions[feature, 0])]))
         top_values.append(rows[0]["max_act"])
-        nonzero = acts[..., feature][acts[..., feature] > 0]
-        features.append({"id": feature, "density": float(density[feature]), "max_act": float(nonzero.max()),
-                         "mean_act": float(nonzero.mean()), "histogram": _histogram(nonzero, bins),
+        features.append({"id": feature, "density": float(density[feature]), "max_act": float(stats.maxima[feature]),
+                         "mean_act": float(stats.sums[feature] / fires[feature]),
+                         "histogram": {"edges": hist.edges(slot), "counts": hist.counts[slot].tolist()},
                          "examples": rows, "logits": logits.get(feature)})
     if features:
         ratios = single_token_ratios(model, sae, hook, torch.tensor(top_token_ids), chosen, torch.tensor(top_values),
-                                     bos_id)
-        shares = token_shares(acts[:, 1:, chosen], tokens[:, 1:])
+                                     bos_id, batch_contexts * per_context)  # as many rows per pass
         for entry, ratio, share in zip(features, ratios.tolist(), shares.tolist()):
             entry["single_token_ratio"] = round(ratio, 4)
             entry["token_share"] = round(share, 4)
             entry["kind"] = "single-token" if share >= SINGLE_TOKEN_SHARE else "context"
-    census = {"features": sae.n_latents, "dead": int((fires == 0).sum()), "reported": len(features),
+    census = {"features": sae.n_latents, "dead": int((fires == 0).sum()),
+              "dead_over": f"never fired on these {n_tokens} evaluation tokens", "reported": len(features),
               "single_token": sum(f["kind"] == "single-token" for f in features),
               "context": sum(f["kind"] == "context" for f in features)}
     return {"model": str(getattr(model.cfg, "model_name", "")), "hook": hook, "output_hook": output_hook or hook,
-            "architecture": sae.architecture, "n_latents": sae.n_latents, "tokens": n_tokens, "census": census,
-            "features": features}
+            "architecture": sae.architecture, "n_latents": sae.n_latents, "tokens": n_tokens,
+            "contexts": n_contexts, "context_len": length, "census": census, "features": features}
+
+
+def _second_pass(model, sae, tokens, hook, chosen, stats, top, window, bins, batch_contexts):
+    """The chosen features' histograms, token shares [m] and example windows [m, examples, 2 * window + 1]
+    (activation at window offset o of example j: position lo + o, lo = max(1, max position - window))."""
+    m, examples, per_context = chosen.numel(), top.values.shape[1], tokens.shape[1] - 1
+    hist, sums = Histograms(stats.maxima[chosen], bins), TokenSums(max(m, 1))
+    windows = torch.zeros(m, examples, 2 * window + 1)
+    if m == 0:
+        return hist, torch.zeros(0, dtype=torch.float64), windows
+    slot_of = torch.full((sae.n_latents,), -1, dtype=torch.int64)
+    slot_of[chosen] = torch.arange(m)
+    example_contexts = top.contexts[chosen]                                   # [m, examples]
+    starts = (top.positions[chosen] - window).clamp_min(1)                   # [m, examples]
+    shown = torch.zeros(tokens.shape[0] + 1, dtype=torch.bool)
+    shown[example_contexts.reshape(-1)] = True                               # -1 (empty) lands on the spare end
+    for start, values, rows, latents in codes_by_batch(model, sae, tokens, hook, batch_contexts):
+        slots = slot_of[latents]
+        mine = slots >= 0
+        values, rows, slots = values[mine], rows[mine], slots[mine]
+        contexts, positions = start + rows // per_context, 1 + rows % per_context
+        hist.add(values, slots)
+        sums.add(values, slots, tokens[contexts, positions])
+        near = shown[contexts]
+        values, slots, contexts, positions = values[near], slots[near], contexts[near], positions[near]
+        for j in range(examples):  # one example slot at a time: [E] masks, not [E, examples]
+            offset = positions - starts[slots, j]
+            inside = (example_contexts[slots, j] == contexts) & (offset >= 0) & (offset < windows.shape[2])
+            windows[slots[inside], j, offset[inside]] = values[inside]
+    return hist, sums.shares(), windows
 
 
 @torch.no_grad()
@@ -199,7 +270,10 @@ def find_features(model, sae: SparseDictionary, hook: str, texts, threshold: flo
         tokens = model.to_tokens(text, prepend_bos=True) if isinstance(text, str) else text.reshape(1, -1).long()
         if tokens.shape[1] < 2:
             raise ValueError(f"texts: {text!r} tokenises to nothing")
-        maxima.append(feature_activations(model, sae, tokens, hook)[0, 1:].max(0).values)
+        stats = LatentStats(sae.n_latents)
+        for _, values, _, latents in codes_by_batch(model, sae, tokens, hook):
+            stats.add(values, latents)
+        maxima.append(stats.maxima)
     stacked = torch.stack(maxima)                                            # [texts, n]
     weakest = stacked.min(0).values
     candidates = torch.nonzero(weakest > threshold)[:, 0]

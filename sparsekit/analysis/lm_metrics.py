@@ -18,6 +18,12 @@ excluded from training; losses are next-token cross-entropies over the predictio
 positions 1..T-2 (the ones an intervention can change).
 CE loss recovered = (L_zero - L_splice) / (L_zero - L_clean) (``sparsekit.loss_recovered``);
 KL = mean over those positions of KL(clean || spliced) in nats; kl_zero the same for zero-ablation.
+
+Every result also carries the names SAELens's evals use for the same quantities (``SAELENS_NAMES``:
+``ce_loss_score`` = ce_recovered, ``ce_loss_with_sae`` = ce_splice, ``ce_loss_without_sae`` = ce_clean,
+``ce_loss_with_ablation`` = ce_zero, ``kl_div_with_sae`` = kl, ``kl_div_with_ablation`` = kl_zero,
+``explained_variance`` = 1 - fvu) and its ``kl_div_score`` = (kl_zero - kl) / kl_zero. SAELens averages
+explained variance per batch; here it is over all evaluated tokens at once.
 """
 from __future__ import annotations
 
@@ -33,6 +39,21 @@ from sparsekit.sae.base import SparseDictionary
 from .splice import loss_recovered
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+SAELENS_NAMES = {"ce_loss_score": "ce_recovered", "ce_loss_with_sae": "ce_splice", "ce_loss_without_sae": "ce_clean",
+                 "ce_loss_with_ablation": "ce_zero", "kl_div_with_sae": "kl", "kl_div_with_ablation": "kl_zero"}
+
+
+def with_saelens_names(metrics: dict) -> dict:
+    """metrics (evaluate_splices's keys) plus the same values under SAELens's eval names, kl_div_score
+    and explained_variance."""
+    named = {alias: metrics[ours] for alias, ours in SAELENS_NAMES.items() if ours in metrics}
+    if "kl" in metrics and "kl_zero" in metrics:
+        named["kl_div_score"] = (metrics["kl_zero"] - metrics["kl"]) / metrics["kl_zero"] if metrics["kl_zero"] else float("nan")
+    if "fvu" in metrics:
+        named["explained_variance"] = 1.0 - metrics["fvu"]
+    return {**metrics, **named}
 
 
 class Splice(NamedTuple):
@@ -120,7 +141,8 @@ def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch
                      progress: bool = False) -> dict[str, dict]:
     """Every dictionary's metrics on the same tokens [N, T] (contexts starting with BOS; T >= 3), with
     the clean pass and each hook's zero-ablated pass shared: {name: {"ce_clean", "ce_splice", "ce_zero",
-    "ce_recovered", "kl", "kl_zero", "fvu", "l0", "dead_frac", "dense_frac", "tokens"}}.
+    "ce_recovered", "kl", "kl_zero", "fvu", "l0", "dead_frac", "dense_frac", "tokens"} and the same under
+    SAELens's names (``with_saelens_names``)}.
 
     splices: {name: Splice(sae, hook, input_hook=None)} (see the module docstring). Activations
     [b, pos, heads, d_head] are flattened. progress: a tqdm bar with tokens/s.
@@ -198,9 +220,9 @@ def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch
     results = {}
     for name, s in splices.items():
         clean, spliced, zero = ce["clean"] / count, ce[f"splice:{name}"] / count, ce[f"zero:{s.hook}"] / count
-        results[name] = {"ce_clean": clean, "ce_splice": spliced, "ce_zero": zero,
-                         "ce_recovered": loss_recovered(clean, spliced, zero), "kl": kl[f"splice:{name}"] / count,
-                         "kl_zero": kl[f"zero:{s.hook}"] / count, **stats[name].metrics()}
+        results[name] = with_saelens_names({
+            "ce_clean": clean, "ce_splice": spliced, "ce_zero": zero, "ce_recovered": loss_recovered(clean, spliced, zero),
+            "kl": kl[f"splice:{name}"] / count, "kl_zero": kl[f"zero:{s.hook}"] / count, **stats[name].metrics()})
     return results
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparsekit._util.atomic import atomic_write_bytes
+from sparsekit.training.metrics import worse_than_trivial
 
 from . import html_report as h
 from .mnist_plots import dead_study_png, error_curves_png, gallery_png, logit_heatmap_png, per_digit_png
@@ -32,10 +33,11 @@ def _headline(summary: dict) -> list[str]:
              f"Scan: {summary['cells']} dictionaries, {summary['grid']['steps']} steps of {summary['grid']['batch_size']} "
              f"activations each; study time {summary['seconds']:.0f} s.")
     rows = [[m, v["n_latents"], f"{v['sparsity_param']}={v['sparsity']:g}", v["fvu"], v["l0"], v["dead_frac"],
-             v["acc_recovered"], v["template_score"], v["median_purity"]] for m, v in summary["methods"].items()]
+             v["acc_recovered"], v["template_score"], v["median_purity"], trivial_flag(v)]
+            for m, v in summary["methods"].items()]
     return [h.paragraph(facts), h.heading("Headline dictionaries (largest size, middle sparsity)"),
             h.table(["method", "n", "sparsity", "fvu", "l0", "dead_frac", "acc_recovered", "template_score",
-                     "median purity"], rows)]
+                     "median purity", "flag"], rows, {h.text(row[-1]): "not-held" for row in rows if row[-1]})]
 
 
 def _elbows(summary: dict, curves: dict, figures: dict) -> list[str]:
@@ -106,9 +108,20 @@ def _features(summary: dict, per_digit: dict, analysis, entries: list[dict], fig
     return parts
 
 
+def trivial_flag(row: dict) -> str:
+    """'' for a cell better than trivial, else its reasons, e.g. 'FVU 1.020 >= 1' (worse_than_trivial)."""
+    return "; ".join(line.split(":")[0] for line in worse_than_trivial(row))
+
+
 def _scan_table(rows: list[dict]) -> list[str]:
-    return [h.heading("Every cell of the scan"),
-            h.table(list(SCAN_COLUMNS), [[r.get(c) for c in SCAN_COLUMNS] for r in rows])]
+    flags = [trivial_flag(r) for r in rows]
+    flagged = sum(1 for f in flags if f)
+    note = (f"{flagged} of {len(rows)} cells are worse than trivial (FVU >= 1: no better than predicting the mean "
+            f"activation), flagged in the last column." if flagged else
+            f"Every one of the {len(rows)} cells beats the trivial reconstruction (FVU < 1).")
+    table = h.table(list(SCAN_COLUMNS) + ["flag"], [[r.get(c) for c in SCAN_COLUMNS] + [f] for r, f in zip(rows, flags)],
+                    {h.text(f): "not-held" for f in flags if f})
+    return [h.heading("Every cell of the scan"), h.paragraph(note), table]
 
 
 def write_report(path, summary: dict, rows: list[dict], curves: dict, per_digit: dict, analysis,

@@ -5,9 +5,12 @@ Adding an architecture is one module here (a SparseDictionary subclass declaring
 ``@register``) plus its import below and its tests.
 """
 from .base import SAEOutput, SparseDictionary, geometric_median
+from .dictionary_learning_format import export_dictionary_learning, load_dictionary_learning
+from .hub import push_to_hub
 from .persistence import load
 from .registry import ARCHITECTURES, Hyperparameter, register
 from .saelens import export_saelens, load_saelens
+from .sparsify_format import export_sparsify, load_sparsify
 from .transcoder import Transcoder
 
 # Registration order is the order the CLI and its errors list architectures in.
@@ -20,5 +23,6 @@ from .gated import GatedSAE
 # isort: on
 
 __all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "Hyperparameter", "JumpReLUSAE", "ReLUSAE", "SAEOutput",
-           "SparseDictionary", "TopKSAE", "Transcoder", "export_saelens", "geometric_median", "load", "load_saelens",
+           "SparseDictionary", "TopKSAE", "Transcoder", "export_dictionary_learning", "export_saelens", "export_sparsify",
+           "geometric_median", "load", "load_dictionary_learning", "load_saelens", "load_sparsify", "push_to_hub",
            "register"]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from sparsekit import ops
 from sparsekit._util.validate import is_int, positive_int
 
+from .hub import push_to_hub
 from .persistence import save_dictionary
 from .registry import Hyperparameter
 from .saelens import export_saelens
@@ -274,9 +275,14 @@ class SparseDictionary(nn.Module):
         """Write sae.safetensors + cfg.json into directory (created if missing)."""
         return save_dictionary(self, directory)
 
-    def export_saelens(self, directory) -> Path:
-        """Write SAELens 6.x's layout: sae_weights.safetensors + cfg.json (see sparsekit.sae.saelens)."""
-        return export_saelens(self, directory)
+    def export_saelens(self, directory, hook_name: str | None = None, metadata: dict | None = None) -> Path:
+        """Write SAELens 6.x's layout: sae_weights.safetensors + cfg.json (see sparsekit.sae.saelens);
+        hook_name defaults to self.metadata["hook"]."""
+        return export_saelens(self, directory, metadata=metadata, hook_name=hook_name)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload what save() writes to the Hugging Face Hub repo ``repo_id`` (see sparsekit.sae.hub.push_to_hub)."""
+        return push_to_hub(self, repo_id, **kwargs)
 
 
 def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:

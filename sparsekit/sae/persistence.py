@@ -1,5 +1,11 @@
 """Save and load dictionaries: safetensors weights + cfg.json, never pickle.
 
+``save_dictionary`` writes sae.safetensors and cfg.json (the format stamp, ``sae.config()`` and
+``sae.metadata``: sparsekit.sae.metadata). ``load`` reads a local folder or a Hugging Face Hub repo
+(sparsekit.sae.hub) and tells the layouts apart by their files: a sparsekit or sparsify folder
+(both cfg.json + sae.safetensors; cfg.json says which), SAELens (sae_weights.safetensors) or
+dictionary_learning (ae.pt + config.json), each read by its importer.
+
 Files are written to a temporary name, fsynced and renamed, so a crash never leaves a half-written
 dictionary under the real name.
 """
@@ -14,36 +20,75 @@ import torch
 from safetensors.torch import load_file
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.extras import MissingExtra
 from sparsekit._util.validate import is_number
 
-from . import registry
+from . import hub, registry
+from .dictionary_learning_format import DL_WEIGHTS_FILE, load_dictionary_learning
 from .files import CONFIG_FILE, WEIGHTS_FILE, read_json_object
+from .metadata import layout, read_stamp, stamp
+from .saelens import SAELENS_WEIGHTS_FILE, load_saelens
+from .sparsify_format import load_sparsify
 
 RUNTIME_KEYS = ("architecture", "input_scale", "output_scale")
 
 
 def save_dictionary(sae, directory) -> Path:
-    """Write a SparseDictionary's weights and cfg.json (``sae.config()``) into directory."""
+    """Write a SparseDictionary's weights and cfg.json (format stamp, ``sae.config()``, ``sae.metadata``)
+    into directory. The metadata is checked first, so a bad entry leaves no files behind."""
+    content = stamp(sae.config(), sae.metadata)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(dict(sae.state_dict()), directory / WEIGHTS_FILE)
-    atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(sae.config(), indent=2) + "\n").encode())
+    atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(content, indent=2) + "\n").encode())
     return directory
 
 
-def load(directory, device=None):
-    """Rebuild a dictionary saved by ``sae.save(directory)``, in eval mode. Errors name the file
-    and field."""
+def load(directory, device=None, *, revision: str | None = None, subfolder: str | None = None,
+         cache_dir=None):
+    """Rebuild a dictionary, in eval mode, from a local folder or a Hugging Face Hub repo id
+    ("user/repo", at ``revision``; downloaded once into the Hub cache, or ``cache_dir``).
+
+    subfolder: the dictionary's folder inside it (a sparsify repo holds one per hookpoint).
+    Reads the folder sae.save() writes, and sparsify's, SAELens's and dictionary_learning's
+    layouts. Errors name the file and field."""
     if not isinstance(directory, (str, os.PathLike)):
         raise ValueError(f"directory must be a path (str or os.PathLike), got {directory!r}")
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory: expected one written by sae.save()")
+    path = Path(directory)
+    if not path.exists() and hub.looks_like_repo_id(directory):
+        try:
+            path = hub.snapshot(str(directory), revision=revision, subfolder=subfolder, cache_dir=cache_dir)
+        except MissingExtra as missing:  # most likely a mistyped local path: say both
+            raise FileNotFoundError(f"{path} is not a directory, nor a Hugging Face Hub repo this installation can "
+                                    f"read ({missing})") from None
+    elif subfolder is not None:
+        path = path / hub.checked_subfolder(subfolder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory: expected one written by sae.save()")
+    return load_folder(path, device)
+
+
+def load_folder(directory: Path, device=None):
+    """The dictionary in a local folder, read by the importer its files call for."""
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if (directory / DL_WEIGHTS_FILE).is_file() and not weights_path.is_file():
+        return load_dictionary_learning(directory, device=device)
+    if (directory / SAELENS_WEIGHTS_FILE).is_file() and not weights_path.is_file():
+        return load_saelens(directory, device=device)
+    if not config_path.is_file() and not weights_path.is_file():
+        inside = sorted(p.name for p in directory.iterdir()
+                        if p.is_dir() and ((p / CONFIG_FILE).is_file() or (p / DL_WEIGHTS_FILE).is_file()))
+        if inside:  # a sparsify run (one folder per hookpoint), dictionary_learning's trainer_<i> folders
+            raise FileNotFoundError(f"{directory} holds dictionaries in folders ({', '.join(inside[:8])}"
+                                    f"{', ...' if len(inside) > 8 else ''}), none of its own: pass subfolder= "
+                                    f"or that folder's path")
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: is {directory} a directory written by sae.save()?")
     config = read_json_object(config_path)
+    if layout(config) == "sparsify":
+        return load_sparsify(directory, device=device)
+    config, metadata = read_stamp(config, config_path)
     sae = _build(config, config_path, device)
     state = _read_weights(weights_path, device)
     expected = dict(sae.state_dict())
@@ -61,6 +106,7 @@ def load(directory, device=None):
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{weights_path}: {name} holds non-finite values (NaN or inf)")
     sae.load_state_dict(state)
+    sae.metadata = metadata
     return sae.eval()
 
 

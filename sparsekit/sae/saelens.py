@@ -7,6 +7,13 @@ fields: architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input, normaliz
 reshape_activations, metadata (sae_lens_version >= 6 marks the 6.x schema), k for "topk", d_out
 for transcoders. Checked against sae-lens 6.54.
 
+The export's metadata block holds hook_name (required: SAELens's HookedSAETransformer attaches the
+dictionary there), sae_lens_version (the installed sae-lens 6.x, else the schema version
+"6.0.0"), and what ``sae.metadata`` knows under SAELens's names (sae_lens/saes/sae.py's
+SAEMetadata, sae_lens/evals.py's metrics): model -> model_name, context_len -> context_size,
+dataset -> dataset_path (a string), metrics fvu -> explained_variance (1 - fvu), l0, mse,
+ce_loss_score (sparsekit's ce_recovered or ce_loss_score), kl_div_score.
+
 Architectures (sparsekit -> SAELens):
   relu      -> "standard"  (ReLU)                    transcoder -> "transcoder"
   topk      -> "topk" with k                         transcoder -> NotImplementedError (none in 6.x)
@@ -35,6 +42,7 @@ b_enc' = b_enc - c @ W_enc, with ``apply_b_dec_to_input=False``. Folding is done
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import warnings
@@ -47,6 +55,7 @@ from sparsekit._util.validate import is_int
 
 from . import registry
 from .files import WEIGHTS_FILE, read_json_object
+from .metadata import check_metadata
 from .transcoder import Transcoder
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -58,11 +67,47 @@ def exportable() -> tuple[str, ...]:
     return tuple(name for name, cls in registry.ARCHITECTURES.items() if cls.saelens_architecture is not None)
 
 
-def export_saelens(sae, directory, metadata: dict | None = None) -> Path:
+def saelens_version() -> str:
+    """The installed sae-lens version when it is a 6.x (the schema written), else SAELENS_SCHEMA_VERSION."""
+    try:
+        version = importlib.metadata.version("sae-lens")
+    except importlib.metadata.PackageNotFoundError:
+        return SAELENS_SCHEMA_VERSION
+    return version if version.split(".")[0] == "6" else SAELENS_SCHEMA_VERSION
+
+
+def saelens_metadata(sae, hook_name, metadata: dict | None) -> dict:
+    """cfg.json's "metadata" block: hook_name (the argument, else metadata's, else sae.metadata["hook"]:
+    a ValueError if none), the sae_lens version, sae.metadata under SAELens's names, then ``metadata``."""
+    known = sae.metadata
+    hook_name = hook_name or (metadata or {}).get("hook_name") or known.get("hook")
+    if not isinstance(hook_name, str) or not hook_name:
+        raise ValueError("hook_name is required to export to SAELens (where the dictionary attaches, e.g. "
+                         "'blocks.6.hook_resid_post'): pass hook_name= or set sae.metadata['hook']")
+    block = {"sae_lens_version": saelens_version(), "hook_name": hook_name}
+    for ours, theirs in (("model", "model_name"), ("context_len", "context_size")):
+        if known.get(ours) is not None:
+            block[theirs] = known[ours]
+    if isinstance(known.get("dataset"), str):
+        block["dataset_path"] = known["dataset"]
+    metrics = known.get("metrics") if isinstance(known.get("metrics"), dict) else {}
+    number = lambda key: metrics.get(key) if isinstance(metrics.get(key), (int, float)) and \
+        not isinstance(metrics.get(key), bool) else None
+    if number("fvu") is not None:
+        block["explained_variance"] = 1.0 - number("fvu")
+    for ours, theirs in (("l0", "l0"), ("mse", "mse"), ("ce_loss_score", "ce_loss_score"),
+                         ("ce_recovered", "ce_loss_score"), ("kl_div_score", "kl_div_score")):
+        if number(ours) is not None:
+            block[theirs] = number(ours)
+    return {**block, **(metadata or {})}
+
+
+def export_saelens(sae, directory, metadata: dict | None = None, hook_name: str | None = None) -> Path:
     """Write ``sae`` to ``directory`` (created if missing) in SAELens 6.x's layout.
 
-    metadata: extra entries for cfg.json's "metadata" block (e.g. model_name, hook_name, which
-    SAELens's HookedSAETransformer reads). Returns the directory.
+    hook_name: where SAELens attaches it (default ``sae.metadata["hook"]``; one of them is required).
+    metadata: extra entries for cfg.json's "metadata" block (e.g. model_name), over what
+    ``sae.metadata`` gives (see the module docstring). Returns the directory.
     """
     sae_name, transcoder_name = type(sae).saelens_architecture, type(sae).saelens_transcoder_architecture
     if sae_name is None:
@@ -76,6 +121,7 @@ def export_saelens(sae, directory, metadata: dict | None = None) -> Path:
         raise NotImplementedError(f"SAELens 6.x's skip transcoder is ReLU only: a {sae.architecture} skip transcoder "
                                   f"cannot be exported")
     architecture = "skip_transcoder" if sae.skip else architecture
+    block = saelens_metadata(sae, hook_name, metadata)
     s_in, s_out = float(sae.input_scale), float(sae.output_scale)
     for name, value in (("input_scale", s_in), ("output_scale", s_out)):
         if not (math.isfinite(value) and value > 0):
@@ -112,7 +158,7 @@ def export_saelens(sae, directory, metadata: dict | None = None) -> Path:
         "apply_b_dec_to_input": apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"sae_lens_version": SAELENS_SCHEMA_VERSION, **(metadata or {})},
+        "metadata": block,
     }
     if architecture == "topk":
         config.update(k=sae.k, rescale_acts_by_decoder_norm=False)
@@ -162,7 +208,8 @@ def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyp
     dtype/device override cfg.json's; hyperparameters (l1_coeff, l0_coeff, bandwidth, ...) override
     the training coefficients read from cfg.json (l1_coefficient, l0_coefficient, jumprelu_bandwidth),
     which only matter for further training. The folder's "metadata" block (hook_name, model_name,
-    ...) is kept as ``sae.saelens_metadata``. Unsupported folders raise ValueError saying why.
+    ...) is kept as ``sae.saelens_metadata``, and its hook_name, model_name, context_size and
+    dataset_path become ``sae.metadata``'s hook, model, context_len and dataset. Unsupported folders raise ValueError saying why.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -197,6 +244,9 @@ def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyp
         for name, value in folded.items():
             state[name].copy_(value.to(state[name].dtype))
     sae.saelens_metadata = dict(config.get("metadata") or {})
+    names = {"hook_name": "hook", "model_name": "model", "context_size": "context_len", "dataset_path": "dataset"}
+    sae.metadata = check_metadata({ours: sae.saelens_metadata[theirs] for theirs, ours in names.items()
+                                   if sae.saelens_metadata.get(theirs) is not None}, f"{config_path}: metadata")
     return sae.eval()
 
 

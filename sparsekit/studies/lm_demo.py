@@ -19,7 +19,9 @@ both, every intervened pass restarting at the hook's block), writes feature repo
     RUN_DIR/*_features.json, RUN_DIR/dashboard.html
 
 The defaults are the issue's sizes: ~300k cached tokens shared by the SAE and the transcoder (one
-epoch each), CE/KL on ~8k held-out tokens.
+epoch each), CE/KL on ~8k held-out tokens. ``--dtype bfloat16`` runs the model in bfloat16 (opt-in;
+about twice as fast on CPUs with native bf16; dictionaries still train in float32). Results worse than
+trivial (FVU >= 1, CE loss recovered < 0) are printed as WARNING lines.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 
 from sparsekit.sae import TopKSAE, Transcoder
 from sparsekit.training.loop import TrainConfig, train
+from sparsekit.training.metrics import worse_than_trivial
 
 TRANSCODERS = ("mlp", "resid", "attn")
 
@@ -49,13 +52,15 @@ def transcoder_hooks(kind: str, layer: int, offset: int = 1) -> tuple[str, str]:
 
 
 def train_on_cache(dictionary, source, total_tokens: int, out: Path, name: str, args):
-    """Train dictionary on source (a ShardSource or IterableSource) for total_tokens; save it to out/name."""
+    """Train dictionary on source (a ShardSource or IterableSource) for total_tokens; save it to out/name.
+    Returns what the dashboard shows as "dead at end of training": {dead_frac, step, tokens, dead_window_tokens}."""
     cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, total_tokens=total_tokens, eval_tokens=4096,
                       dead_strategy="auxk", dead_window_tokens=min(100_000, total_tokens // 2),
                       log_every=10, output_dir=str(out / name), seed=0)
-    train(dictionary, source, cfg)
+    result = train(dictionary, source, cfg)
     dictionary.save(out / name)
-    return dictionary
+    return {key: result.metrics[key] for key in ("dead_frac", "step", "tokens")} | \
+        {"dead_window_tokens": cfg.dead_window_tokens}
 
 
 def run(args, model=None, contexts=None) -> dict:
@@ -78,8 +83,9 @@ def run(args, model=None, contexts=None) -> dict:
         timings[name] = round(time.time() - started - sum(timings.values()), 1)
         print(f"[lm-demo] {name}: {timings[name]} s", flush=True)
 
-    model = load_lm(SMOLLM2) if model is None else model
-    lap("load model")
+    dtype = getattr(args, "dtype", "float32")
+    model = load_lm(SMOLLM2, dtype=dtype) if model is None else model
+    lap(f"load model ({dtype})")
     per_context = args.context_len - 1
     n_train = -(-max(args.train_tokens, args.layer_tokens or 0) // per_context)
     n_eval = -(-args.eval_tokens // per_context)
@@ -105,10 +111,11 @@ def run(args, model=None, contexts=None) -> dict:
 
     d_in, d_out = shards.d, shards.d_out
     sae = TopKSAE(d_out, args.n_latents, args.k)
-    train_on_cache(sae, IterableSource(lambda: (y for _, y in pairs())), total, out, "sae", args)  # the targets
+    training = {"sae": train_on_cache(sae, IterableSource(lambda: (y for _, y in pairs())), total, out, "sae",
+                                      args)}  # the targets
     lap("train SAE")
     transcoder = Transcoder(d_in, args.n_latents, d_out, args.k)
-    train_on_cache(transcoder, pairs(), total, out, "transcoder", args)
+    training["transcoder"] = train_on_cache(transcoder, pairs(), total, out, "transcoder", args)
     lap("train transcoder")
 
     splices = {"sae": Splice(sae, out_hook), "transcoder": Splice(transcoder, out_hook, in_hook)}
@@ -124,8 +131,8 @@ def run(args, model=None, contexts=None) -> dict:
             source = layer_shards[hook]
             layer_sae = TopKSAE(source.d, args.n_latents, args.k)
             layer_total = (args.epochs * source.tokens) // args.batch_size * args.batch_size
-            train_on_cache(layer_sae, ShardSource(source.directory, batch_size=args.batch_size, epochs=None),
-                           layer_total, out, name, args)
+            training[name] = train_on_cache(layer_sae, ShardSource(source.directory, batch_size=args.batch_size,
+                                                                   epochs=None), layer_total, out, name, args)
             splices[name] = Splice(layer_sae, hook)
             reports[name] = (hook, None)
         lap(f"train per-layer SAEs ({', '.join(layer_hooks)})")
@@ -136,11 +143,13 @@ def run(args, model=None, contexts=None) -> dict:
         report = feature_report(model, splices[name].sae, eval_tokens, hook, output_hook=output_hook,
                                 max_features=args.features)
         report["metrics"] = evaluated[name]
+        report["training"] = training[name]
         evaluated[name]["census"] = report["census"]
         save_report(report, out, name)
     page = dashboard_from_run(out)
     lap("features + dashboard")
-    metrics = {"model": model_name(model), "layer": L, "transcoder": args.transcoder, "hooks": [in_hook, out_hook],
+    metrics = {"model": model_name(model), "model_dtype": str(next(model.parameters()).dtype).split(".")[-1],
+               "layer": L, "transcoder": args.transcoder, "hooks": [in_hook, out_hook],
                "train_tokens": shards.tokens, "trained_tokens": total, "eval_tokens": evaluated["sae"]["tokens"],
                "dictionaries": evaluated, "per_layer_hooks": layer_hooks, "seconds": timings,
                "torch_threads": torch.get_num_threads()}
@@ -151,5 +160,7 @@ def run(args, model=None, contexts=None) -> dict:
               f"ce_recovered {m['ce_recovered']:.3f} kl {m['kl']:.4f} fvu {m['fvu']:.3f} l0 {m['l0']:.1f} "
               f"dead {m['dead_frac']:.3f} dense {m['dense_frac']:.3f} single-token {census['single_token']}/"
               f"{census['reported']} ({m['tokens']} tokens)")
+        for line in worse_than_trivial(m):
+            print(f"WARNING {name}: {line}")
     print(f"dashboard: {page}; total {sum(timings.values()):.0f} s")
     return metrics

@@ -28,6 +28,7 @@ import torch
 from sparsekit._util.atomic import atomic_write_bytes
 from sparsekit.analysis.elbow import find_elbow
 from sparsekit.toys.mnist_mlp import MLPConfig
+from sparsekit.training.metrics import worse_than_trivial
 
 from .mnist_scan import GRIDS, LayerData, ScanGrid, load_cell_dictionary, one_thread, run_scan, zero_ablated_accuracy
 
@@ -294,6 +295,8 @@ def print_summary(summary: dict, out) -> None:
         score = "n/a" if m["template_score"] is None else f"{m['template_score']:.2f}"
         print(f"{method:14s} n={m['n_latents']:<5d} {m['sparsity_param']}={m['sparsity']:<5g} fvu {m['fvu']:.4f}  "
               f"l0 {m['l0']:6.2f}  dead {m['dead_frac']:.3f}  acc_recovered {m['acc_recovered']:.4f}  template {score}")
+        for line in worse_than_trivial(m):
+            print(f"WARNING {method}: {line}")
     print(f"elbow: {summary['elbow']['verdict']}")
     for claim in summary["claims"]:
         print(f"[{claim['verdict']}] {claim['claim']}: {claim['evidence']}")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.log import logger
 from sparsekit._util.seeding import permutation
 from sparsekit._util.validate import check_seed, is_int, positive_int, positive_number
 from sparsekit.activations.mnist import PIXELS, default_cache_dir, load_mnist
@@ -186,10 +187,10 @@ def _train(config: MLPConfig, train_x: Tensor, train_y: Tensor, test_x: Tensor, 
             schedule.step()
             total += loss.item() * batch.shape[0]
         if progress:
-            print(f"mnist mlp {config.key()}: epoch {epoch + 1}/{config.epochs} train loss {total / rows:.4f} "
-                  f"({time.perf_counter() - start:.1f}s)", flush=True)
+            logger.info("mnist mlp %s: epoch %d/%d train loss %.4f (%.1fs)", config.key(), epoch + 1, config.epochs,
+                        total / rows, time.perf_counter() - start)
     model.eval()
     test_accuracy = accuracy(model, test_x, test_y)
     if progress:
-        print(f"mnist mlp {config.key()}: test accuracy {test_accuracy:.4f}", flush=True)
+        logger.info("mnist mlp %s: test accuracy %.4f", config.key(), test_accuracy)
     return model, test_accuracy, time.perf_counter() - start

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsekit._util.atomic import fsync_path
+from sparsekit._util.log import logger
 from sparsekit.errors import CheckpointWriteFailed, TrainingDiverged
 from sparsekit.ops import checks
 
@@ -131,7 +132,7 @@ def latest(directory) -> tuple[Path, dict, dict] | None:
         try:
             tensors, state = read(path)
         except ValueError as error:
-            print(f"sparsekit: skipping corrupt checkpoint: {error}")
+            logger.warning("skipping corrupt checkpoint: %s", error)
             continue
         return path, tensors, state
     return None

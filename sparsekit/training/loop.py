@@ -25,6 +25,7 @@ from torch import Tensor
 from sparsekit.errors import SourceExhausted
 from sparsekit.sae import registry
 from sparsekit.sae.base import SparseDictionary
+from sparsekit.sae.metadata import record_training
 
 from . import checkpoint as ckpt
 from . import guards
@@ -326,6 +327,7 @@ def finish(run: Run) -> TrainResult:
         if run.output_dir is not None:
             density_plot(density, run.output_dir / DENSITY_PLOT, state.sae)
     run.tracking.finish(metrics, [run.output_dir / DENSITY_PLOT] if run.output_dir is not None else [])
+    record_training(state.sae, state.tokens, state.config.normalize_inputs, metrics)
     return TrainResult(state.sae, metrics, run.history, run.output_dir)
 
 

@@ -19,7 +19,8 @@ DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as de
 
 @torch.no_grad()
 def evaluate(sae: SparseDictionary, x: Tensor, y: Tensor | None = None, batch_size: int = 4096) -> dict:
-    """Held-out metrics on normalised inputs: mse, fvu, l0 and per-latent fire counts."""
+    """Held-out metrics on normalised inputs: mse, fvu (and explained_variance = 1 - fvu, the
+    ecosystem's name), l0 and per-latent fire counts [n]."""
     was_training = sae.training
     sae.eval()
     sq_err = variance = l0 = 0.0
@@ -38,7 +39,8 @@ def evaluate(sae: SparseDictionary, x: Tensor, y: Tensor | None = None, batch_si
         l0 += float(fire.sum())
     sae.train(was_training)
     rows = x.shape[0]
-    return {"mse": sq_err / rows, "fvu": sq_err / max(variance, 1e-30), "l0": l0 / rows, "fire_counts": counts}
+    fvu = sq_err / max(variance, 1e-30)
+    return {"mse": sq_err / rows, "fvu": fvu, "explained_variance": 1.0 - fvu, "l0": l0 / rows, "fire_counts": counts}
 
 
 class MetricWindow:
@@ -65,9 +67,9 @@ class MetricWindow:
 
     def summary(self, step, tokens, tracker, window_counts, lr) -> dict:
         """The metric line: tracker over every latent, window_counts [n] fires since the last line."""
-        record = {"step": step, "tokens": tokens,
-                  "mse": self.sq_err / self.rows, "fvu": self.sq_err / max(self.variance, 1e-30),
-                  "l0": self.active / self.rows,
+        fvu = self.sq_err / max(self.variance, 1e-30)
+        record = {"step": step, "tokens": tokens, "mse": self.sq_err / self.rows, "fvu": fvu,
+                  "explained_variance": 1.0 - fvu, "l0": self.active / self.rows,
                   "dead_frac": float(tracker.dead_mask().float().mean()),
                   "dense_frac": float((window_counts.double() / self.rows > DENSE_THRESHOLD).float().mean()),
                   "lr": lr}
@@ -126,3 +128,18 @@ def density_plot(density: Tensor, path: Path, sae: SparseDictionary) -> None:
     ax.set_title(f"{sae.architecture}: {sae.n_latents} latents, {dead} never fired on the held-out split")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def worse_than_trivial(metrics: dict) -> list[str]:
+    """One warning line per result worse than a trivial baseline, [] when none: FVU >= 1 (no better
+    than predicting the mean), CE loss recovered < 0 (splicing the dictionary in hurts next-token loss
+    more than zero-ablating the activation). metrics: any dict holding "fvu" and/or "ce_recovered"."""
+    lines = []
+    fvu = metrics.get("fvu")
+    if isinstance(fvu, (int, float)) and not fvu < 1:  # NaN is flagged too
+        lines.append(f"FVU {fvu:.3f} >= 1: the reconstruction is no better than predicting the mean")
+    recovered = metrics.get("ce_recovered")
+    if isinstance(recovered, (int, float)) and not recovered >= 0:
+        lines.append(f"CE loss recovered {recovered:.3f} < 0: splicing the dictionary in hurts the model more "
+                     f"than zero-ablating the activation")
+    return lines

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from sparsekit import cli
 from sparsekit.analysis.dashboard import dashboard_from_run, dashboard_html, headless_chromium, save_report
@@ -65,11 +66,17 @@ def test_dashboard_in_headless_chromium(browser, tmp_path):
     browser.get(page.as_uri())
     links = browser.find_elements(By.CSS_SELECTOR, "#feature-list a")
     assert [a.text.split()[1] for a in links] == ["#0", "#3", "#5"]
+    # the landing page: the overview and, below it, the first feature with its examples
     assert browser.find_element(By.ID, "overview").is_displayed()
+    first = browser.find_element(By.ID, "f-sae-0")
+    assert first.is_displayed() and first.find_element(By.CSS_SELECTOR, ".example").is_displayed()
+    assert not browser.find_element(By.ID, "f-sae-3").is_displayed()
+    assert "current" in links[0].get_attribute("class") and "current" not in links[1].get_attribute("class")
 
     links[1].click()
     section = browser.find_element(By.ID, "f-sae-3")
     assert section.is_displayed() and not browser.find_element(By.ID, "overview").is_displayed()
+    assert not first.is_displayed()
     example = section.find_element(By.CSS_SELECTOR, ".example")
     spans = example.find_elements(By.CSS_SELECTOR, ".tok")
     assert [s.text for s in spans][1:] == [EVIL[0], EVIL[1], EVIL[2]]   # shown as text
@@ -86,17 +93,54 @@ def test_dashboard_in_headless_chromium(browser, tmp_path):
     assert not errors, json.dumps(errors)
 
 
+def summary_rows(page):
+    start = page.index('<table class="summary">')
+    return page[start:page.index("</table>", start)].split("<tr>")[2:]
+
+
 def test_overview_summarises_every_dictionary_with_metrics():
     with_metrics = dict(report(), metrics={"fvu": 0.25, "l0": 32.0, "ce_recovered": 0.875, "kl": 0.0123,
                                            "dead_frac": 0.5})
     page = dashboard_html({"layer0": with_metrics, "layer<2>": dict(with_metrics, metrics={"fvu": 0.5}),
                            "plain": report()})
-    table = page[page.index('<table class="summary">'):page.index("</table>", page.index('<table class="summary">'))]
-    rows = table.split("<tr>")[2:]
-    assert len(rows) == 2  # "plain" has no metrics: no row
-    assert "<td>0.250</td><td>32.0</td><td>0.875</td><td>0.0123</td><td>0.500</td><td>1 / 3</td>" in rows[0]
+    rows = summary_rows(page)
+    assert len(rows) == 3  # "plain" has no metrics: a row of "?" but its dead counts
+    assert "<td>0.250</td><td>32.0</td><td>0.875</td><td>0.0123</td><td>?</td><td>2 of 8 on 100 tokens</td>" \
+           "<td>1 / 3</td>" in rows[0]
     assert "layer&lt;2&gt;" in rows[1] and rows[1].count("<td>?</td>") == 4
-    assert '<table class="summary">' not in dashboard_html({"plain": report()})
+    assert rows[2].count("<td>?</td>") == 5 and "2 of 8 on 100 tokens" in rows[2]
+
+
+def test_summary_labels_training_dead_and_never_fired_counts_with_what_each_counts_over(tmp_path):
+    """The training's dead fraction (its last metrics.jsonl line: no fire in its dead window) and the
+    report's never-fired count (its evaluation tokens) are different numbers: both shown, each labelled."""
+    n_latents, dead_eval, dead_frac = 2048, int(torch.randint(20, 80, ())), int(torch.randint(1, 15, ())) / 2048
+    rep = dict(report(), n_latents=n_latents, tokens=8255, census=dict(report()["census"], dead=dead_eval))
+    save_report(rep, tmp_path, "sae")
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "metrics.jsonl").write_text(
+        json.dumps({"step": 10, "tokens": 10240, "dead_frac": 0.9}) + "\n" +
+        json.dumps({"step": 290, "tokens": 296960, "dead_frac": dead_frac}) + "\n" + '{"step": 30')  # cut short
+    page = dashboard_from_run(tmp_path).read_text()
+    row = summary_rows(page)[0]
+    assert f"<td>{round(dead_frac * 2048)} of 2,048 (step 290, 296,960 tokens trained)</td>" in row
+    assert f"<td>{dead_eval} of 2,048 on 8,255 tokens</td>" in row
+    assert "dead at end of training (no fire in its last dead-window of training tokens)" in page
+    assert "never fired on the evaluation tokens" in page
+    overview = page[page.index('<section id="overview">'):page.index("</section>")]
+    assert f"never fired on the evaluation tokens: {dead_eval} of 2,048 on 8,255 tokens" in overview
+    # a report that carries its own training block keeps it; a NaN there is refused by name
+    rep["training"] = {"dead_frac": float("nan")}
+    save_report(rep, tmp_path, "sae")
+    with pytest.raises(ValueError, match=r"sae_features\.json\.training\.dead_frac must be a finite number"):
+        dashboard_from_run(tmp_path)
+
+
+def test_the_first_feature_is_in_view_without_script():
+    page = dashboard_html({"sae": report(), "other": report()})
+    sections = page.split('<section class="feature" ')[1:]
+    assert len(sections) == 6
+    assert sections[0].startswith('id="f-sae-0">') and all(' hidden>' in s.split("<h2>")[0] for s in sections[1:])
 
 
 def test_screenshot_shows_the_chosen_feature(tmp_path, capsys):

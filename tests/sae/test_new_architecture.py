@@ -91,7 +91,7 @@ def test_save_load_transcoder_and_export_follow_the_class(registered, tmp_path):
     x = torch.randn(5, 8)
     torch.testing.assert_close(again.reconstruct(x), sae.reconstruct(x))
     with pytest.raises(ValueError, match="'shifted_relu' has no SAELens equivalent"):
-        sae.export_saelens(tmp_path / "saelens")
+        sae.export_saelens(tmp_path / "saelens", hook_name="blocks.0.hook_resid_pre")
 
 
 def test_registering_a_class_that_omits_a_fact_fails_naming_it():

@@ -95,7 +95,7 @@ def test_training_coefficients_come_from_cfg_and_can_be_overridden(tmp_path):
                                                      ("batchtopk", False), ("gated", False)])
 def test_sparsekit_export_then_import_gives_back_the_same_reconstructions(tmp_path, architecture, transcoder):
     sae = make_dictionary(architecture, transcoder, dtype=torch.float64, input_scale=0.6, output_scale=1.9)
-    sae.export_saelens(tmp_path)
+    sae.export_saelens(tmp_path, hook_name="blocks.0.hook_resid_pre")
     back = sparsekit.load_saelens(tmp_path)
     x = 2.0 * torch.randn(40, sae.d_in, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
     torch.testing.assert_close(back.reconstruct(x), sae.reconstruct(x), rtol=1e-10, atol=1e-10)

@@ -64,7 +64,7 @@ def test_save_load_and_the_memory_estimate_count_w_skip(tmp_path):
 def test_a_relu_skip_transcoder_round_trips_through_saelens(tmp_path, scales):
     tc = skip_transcoder("relu")
     tc.input_scale, tc.output_scale = scales
-    tc.export_saelens(tmp_path)
+    tc.export_saelens(tmp_path, hook_name="blocks.0.hook_resid_pre")
     x = 2.0 * torch.randn(30, 10, dtype=torch.float64) + 0.5
     torch.testing.assert_close(sparsekit.load_saelens(tmp_path).reconstruct(x), tc.reconstruct(x), rtol=1e-10, atol=1e-10)
     sae_lens = pytest.importorskip("sae_lens")
@@ -76,7 +76,7 @@ def test_a_relu_skip_transcoder_round_trips_through_saelens(tmp_path, scales):
 
 def test_other_skip_transcoders_are_not_exported_and_latent_sharding_refuses_them(tmp_path):
     with pytest.raises(NotImplementedError, match="skip transcoder is ReLU only"):
-        skip_transcoder("jumprelu").export_saelens(tmp_path)
+        skip_transcoder("jumprelu").export_saelens(tmp_path, hook_name="blocks.0.hook_resid_pre")
     from sparsekit.training.parallel.sharded import LatentShardedTopK
     with pytest.raises(ValueError, match="skip transcoder cannot be latent-sharded"):
         LatentShardedTopK.from_dictionary(skip_transcoder("topk", dtype=torch.float32))

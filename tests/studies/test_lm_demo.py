@@ -69,3 +69,13 @@ def test_bad_demo_arguments_are_refused():
         lm_cli.parse(["--transcoder", "mlp2"])
     with pytest.raises(ValueError, match="resid_offset must be >= 1"):
         lm_demo.transcoder_hooks("resid", 3, 0)
+
+
+def test_lm_demo_help_names_every_default_and_lists_the_transcoder_hooks():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "sparsekit", "lm-demo", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    assert "see above" not in result.stdout and "(default: 300000)" in result.stdout
+    assert "blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out" in result.stdout

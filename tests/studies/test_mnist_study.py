@@ -93,9 +93,12 @@ def test_scan_resumes_without_retraining_and_report_escapes_data(tiny_study, tmp
     evil = dict(summary, claims=[{"claim": "<script>alert(1)</script>", "verdict": "held", "evidence": "a & b"}])
     curves = mnist_study.error_curves(rows, TINY)
     # an empty gallery: the feature analysis (None here) is never read
+    rows[0]["fvu"] = 1.5  # a cell worse than trivial is flagged, the rest are not
     write_report(tmp_path / "r.html", evil, rows, curves, {"topk_auxk": [1] * 10}, None, [])
     text = (tmp_path / "r.html").read_text()
     assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "a &amp; b" in text
+    assert text.count("FVU 1.500 &gt;= 1") == 1 and '<td class="not-held text">FVU 1.500 &gt;= 1</td>' in text
+    assert f"1 of {len(rows)} cells are worse than trivial" in text
 
 
 def test_dead_latent_study_and_claims_follow_their_rules():

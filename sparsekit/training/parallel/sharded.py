@@ -546,7 +546,8 @@ class ShardedTraining(SingleProcess):
         sae.train(was_training)
         counts = self.whole(counts)
         rows = x.shape[0]
-        return {"mse": sq_err / rows, "fvu": sq_err / max(variance, 1e-30), "l0": float(counts.sum()) / rows,
+        fvu = sq_err / max(variance, 1e-30)
+        return {"mse": sq_err / rows, "fvu": fvu, "explained_variance": 1.0 - fvu, "l0": float(counts.sum()) / rows,
                 "fire_counts": counts}
 
 
