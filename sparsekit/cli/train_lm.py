@@ -364,10 +364,12 @@ def evaluate(model, kind: str, sae, held_out: Tensor, settings: dict, special: t
 
 # --- the feature report ------------------------------------------------------------------------------
 
-def write_report(model, kind: str, sae, held_out: Tensor, settings: dict, out: Path, name: str) -> Path | None:
+def write_report(model, kind: str, sae, held_out: Tensor, settings: dict, out: Path, name: str,
+                 training: dict) -> Path | None:
     """The feature report (``lm_features.feature_report``, TransformerLens models) as
     out/<name>_features.json and the dashboard out/dashboard.html; None for a Hugging Face model
-    (feature_report reads TransformerLens hook points)."""
+    (feature_report reads TransformerLens hook points). training: the dashboard's "dead at end of
+    training" ({dead_frac, step, tokens, dead_window_tokens})."""
     if kind != "lens":
         return None
     from sparsekit.analysis.dashboard import dashboard_from_run, save_report
@@ -375,6 +377,7 @@ def write_report(model, kind: str, sae, held_out: Tensor, settings: dict, out: P
 
     hook, input_hook = settings["hook"], settings.get("input_hook")
     report = feature_report(model, sae, held_out, input_hook or hook, output_hook=hook)
+    report["training"] = training
     save_report(report, out, name)
     return dashboard_from_run(out)
 
@@ -415,7 +418,9 @@ def run(settings: dict):
 
     metrics = evaluate(model, kind, trained, held_out, settings, special, cfg.progress)
     name = "transcoder" if d_out is not None else "sae"
-    dashboard = write_report(model, kind, trained, held_out, settings, out, name)
+    end_of_training = {key: result.metrics[key] for key in ("dead_frac", "step", "tokens") if key in result.metrics}
+    dashboard = write_report(model, kind, trained, held_out, settings, out, name,
+                             {**end_of_training, "dead_window_tokens": cfg.dead_window_tokens})
     record = {"model": settings["model"], "hook": hook, "input_hook": input_hook, "dataset": dataset.describe(),
               "context_len": settings["context_len"], "exclude_special_tokens": bool(special),
               "special_ids": list(special), "training": result.metrics, "evaluation": metrics}
@@ -442,11 +447,8 @@ def _summary(settings: dict, what: str, out: Path, metrics: dict, dashboard: Pat
                      f"{metrics['kl']:.4f} nats (zero-ablated {metrics['kl_zero']:.4f})")
     else:
         lines.append(f"  spliced: CE/KL {metrics['splice']}")
-    warnings = []
-    if not metrics["fvu"] < 1:
-        warnings.append(f"FVU {metrics['fvu']:.4f} >= 1: the dictionary explains none of the variance")
-    if "ce_recovered" in metrics and metrics["ce_recovered"] < 0:
-        warnings.append(f"CE loss recovered {metrics['ce_recovered']:.4f} < 0: splicing it in is worse than "
-                        f"zero-ablating the activation")
-    lines += [f"WARNING: {text}; train longer, change the sparsity or check the hook" for text in warnings]
+    from sparsekit.training.metrics import worse_than_trivial
+
+    lines += [f"WARNING: {text}; train longer, change the sparsity or check the hook"
+              for text in worse_than_trivial(metrics)]
     print("\n".join(lines), flush=True)

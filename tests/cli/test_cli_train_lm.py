@@ -58,6 +58,7 @@ def test_one_command_trains_evaluates_and_writes_the_run_folder(world, tmp_path,
     assert {"cfg.json", "sae.safetensors", "metrics.json", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
     loaded = sparsekit.load(out)
     assert (loaded.d_in, loaded.n_latents) == (32, 32)
+    assert loaded.metadata["hook"] == "model.layers.1" and loaded.metadata["dataset"]["paths"] == [str(world / dataset)]
     record = json.loads((out / "metrics.json").read_text())
     evaluation = record["evaluation"]
     assert record["dataset"]["paths"] == [str(world / dataset)] and record["special_ids"]
@@ -155,7 +156,7 @@ def test_summary_warns_when_fvu_is_at_least_1_or_ce_recovered_negative(tmp_path,
                "kl_zero": 0.5}
     train_lm._summary(settings, "SAE", tmp_path, metrics, None, {"tokens": 640})
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
-    assert len(warnings) == 2 and "FVU 1.2500 >= 1" in warnings[0] and "CE loss recovered -0.5000 < 0" in warnings[1]
+    assert len(warnings) == 2 and "FVU 1.250 >= 1" in warnings[0] and "CE loss recovered -0.500 < 0" in warnings[1]
     train_lm._summary(settings, "SAE", tmp_path, {**metrics, "fvu": 0.2, "ce_recovered": 0.9}, None, {"tokens": 640})
     assert "WARNING" not in capsys.readouterr().out
 

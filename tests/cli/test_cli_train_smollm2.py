@@ -35,5 +35,7 @@ def test_smollm2_from_text_to_an_evaluated_dictionary_with_its_dashboard(docs_js
     assert evaluation["ce_zero"] > evaluation["ce_clean"] + 1  # zero-ablating the residual stream is ruinous
     report = json.loads((out / "sae_features.json").read_text())
     assert report["hook"] == "blocks.2.hook_resid_post" and report["features"]
+    assert report["training"]["step"] == 20 and report["training"]["tokens"] == 5120
+    assert "dead at end of training" in (out / "dashboard.html").read_text()
     assert result.sae.metadata["model"] == "smollm2-135m" and result.sae.metadata["exclude_special_tokens"]
     assert "WARNING" not in capsys.readouterr().out
