@@ -14,7 +14,9 @@ concatenated along the feature axis in model order (crosscoder-style inputs).
 
 Activations are captured by forward hooks registered for each forward pass and removed after it;
 the pass stops (by an exception the source catches) once every hooked module has run, so later
-layers cost nothing. Position 0 (BOS, whose activations are outliers) is dropped by default.
+layers cost nothing. Position 0 (BOS, whose activations are outliers) is dropped by default, and
+with ``special_ids`` (e.g. ``text.special_token_ids(tokenizer)``) every position holding one of
+those tokens (EOS or pad between documents, ...) is dropped too, wherever it is in the context.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from torch import Tensor, nn
 
 from sparsekit._util.seeding import permutation
 from sparsekit._util.validate import check_epochs, check_seed, check_state, positive_int, state_int
+
+from .text import check_special_ids, kept_positions
 
 SIDES = ("input", "output")
 
@@ -80,7 +84,8 @@ class HFModuleSource:
     tokens: int64 [N, T] contexts (e.g. ``token_contexts``); path: a module path (see the module
     docstring); target: a second path whose activations become y, for transcoders (both paths are
     captured in the same forward pass). Each iteration runs ``batch_contexts`` contexts and yields
-    x [batch_contexts * T', d] (and y [.., d_y]) with T' = T - 1 when exclude_bos else T.
+    x [rows, d] (and y [rows, d_y]): one row per kept position of the batch_contexts contexts, that is
+    every position but 0 (when exclude_bos) and those whose token is in special_ids (default none).
 
     Contexts are visited in ``permutation(N, seed, epoch)`` order when shuffle, else in order;
     epochs=None repeats forever. State: {"epoch", "position"} (contexts of this epoch consumed),
@@ -89,7 +94,7 @@ class HFModuleSource:
 
     def __init__(self, model: nn.Module, tokens: Tensor, path: str, target: str | None = None,
                  batch_contexts: int = 8, exclude_bos: bool = True, shuffle: bool = False, seed: int = 0,
-                 epochs: int | None = None, dtype: torch.dtype | None = None):
+                 epochs: int | None = None, dtype: torch.dtype | None = None, special_ids=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64 or tokens.numel() == 0:
@@ -99,6 +104,7 @@ class HFModuleSource:
         self.exclude_bos = bool(exclude_bos)
         if self.exclude_bos and tokens.shape[1] < 2:
             raise ValueError(f"tokens has context length {tokens.shape[1]}: exclude_bos needs at least 2 positions")
+        self.special_ids = check_special_ids(special_ids)
         self.model, self.tokens = model.eval(), tokens
         self.paths = [path] + ([target] if target is not None else [])
         self.hooks = []  # (module names, side) for x, then y
@@ -121,7 +127,9 @@ class HFModuleSource:
     def _settings(self) -> dict:
         return {"contexts": self.tokens.shape[0], "context_len": self.tokens.shape[1],
                 "batch_contexts": self.batch_contexts, "shuffle": self.shuffle, "seed": self.seed,
-                "exclude_bos": self.exclude_bos, "paths": list(self.paths)}
+                "exclude_bos": self.exclude_bos, "paths": list(self.paths),
+                # only when set: states saved before special_ids existed still resume
+                **({"special_ids": list(self.special_ids)} if self.special_ids else {})}
 
     def state_dict(self) -> dict:
         return {"kind": "HFModuleSource", "epoch": self.epoch, "position": self.position, **self._settings()}
@@ -150,7 +158,8 @@ class HFModuleSource:
 
     @torch.no_grad()
     def activations(self, input_ids: Tensor) -> list[Tensor]:
-        """Run the model on input_ids [b, T] and return each path's activations [b * T', d]."""
+        """Run the model on input_ids [b, T] and return each path's activations at the kept positions
+        [rows, d] (context-major; see the class docstring)."""
         modules = dict(self.model.named_modules())
         wanted = {(name, side) for names, side in self.hooks for name in names}
         store: dict[tuple[str, str], Tensor] = {}
@@ -180,17 +189,17 @@ class HFModuleSource:
         missing = sorted(key[0] for key in wanted if key not in store)
         if missing:
             raise ValueError(f"modules {missing} did not run in the model's forward pass: nothing to capture there")
-        return [self._rows([store[(name, side)] for name in names], input_ids.shape) for names, side in self.hooks]
+        kept = kept_positions(input_ids, self.special_ids, drop_first=self.exclude_bos)
+        return [self._rows([store[(name, side)] for name in names], kept) for names, side in self.hooks]
 
-    def _rows(self, tensors: list[Tensor], shape) -> Tensor:
-        batch, length = shape
+    def _rows(self, tensors: list[Tensor], keep: Tensor) -> Tensor:
+        batch, length = keep.shape
         flat = []
         for t in tensors:
             if t.dim() < 2 or t.shape[0] != batch or t.shape[1] != length:
                 raise ValueError(f"a hooked activation has shape {tuple(t.shape)}, expected [batch={batch}, "
                                  f"positions={length}, ...]: hook a module that works per position")
-            t = t.reshape(batch, length, -1)
-            flat.append(t[:, 1:] if self.exclude_bos else t)
+            flat.append(t.reshape(batch, length, -1))
         x = torch.cat(flat, -1) if len(flat) > 1 else flat[0]
-        x = x.reshape(-1, x.shape[-1])
+        x = x[keep.to(x.device)]
         return x.to(self.dtype) if self.dtype is not None else x

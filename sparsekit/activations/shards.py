@@ -3,11 +3,16 @@
 Layout (format_version 1)::
 
     manifest.json     {"format": "sparsekit-shards", "format_version": 1, "model": str, "hook": str,
-                       "dtype": "float32"|"float16"|"float64", "d": int, "d_out": int (only with targets),
-                       "tokens": int, "scale": float|null,
+                       "dtype": "float32"|"float16"|"float64"|"bfloat16", "d": int, "d_out": int (only with
+                       targets), "tokens": int, "scale": float|null,
                        "shards": [{"x": "x-00000.npy", "y": "y-00000.npy" (only with targets), "rows": int}, ...]}
     x-00000.npy       inputs  [rows, d]      (C order, the manifest's dtype)
     y-00000.npy       targets [rows, d_out]  (transcoders only)
+
+NumPy has no bfloat16, so a ``bfloat16`` folder holds ``x-00000.safetensors`` (one tensor "x", BF16
+[rows, d]; "y" likewise) instead: half the bytes of float32, values rounded to nearest-even by
+torch. The reader checks each file's header against the manifest before mapping it, maps the data
+as raw 16-bit words and hands out bfloat16 tensors (convert to float32 per batch to train).
 
 Shards hold raw activations; ``scale`` (the factor that makes E||x||^2 = d) is recorded, not applied.
 Every file is written atomically (temporary name, fsync, rename) and the manifest last, so a folder
@@ -34,14 +39,19 @@ from .source import Batch
 FORMAT = "sparsekit-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-DTYPES = ("float16", "float32", "float64")
+DTYPES = ("float16", "float32", "float64", "bfloat16")
+BF16 = "bfloat16"
+_SAFETENSORS_HEADER_LIMIT = 1 << 20  # a shard's header names one tensor: a few hundred bytes
 
 
 # --- writing -------------------------------------------------------------------------------------
 
-def _batch_array(name: str, value, index: int, dtype: np.dtype) -> np.ndarray:
+def _batch_array(name: str, value, index: int, dtype: np.dtype | str) -> np.ndarray:
+    """A batch's x or y as a 2-D array of dtype; for "bfloat16", the bfloat16 bit patterns as uint16."""
     if isinstance(value, Tensor):
         value = value.detach().cpu()
+        if dtype == BF16 and value.is_floating_point() and value.dim() == 2:
+            return value.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
     if not isinstance(value, np.ndarray):
         raise ValueError(f"batch {index}: {name} must be a Tensor or numpy array, got {type(value).__name__}")
@@ -49,11 +59,30 @@ def _batch_array(name: str, value, index: int, dtype: np.dtype) -> np.ndarray:
         raise ValueError(f"batch {index}: {name} must be 2-D [rows, features], got shape {value.shape}")
     if not np.issubdtype(value.dtype, np.floating):
         raise ValueError(f"batch {index}: {name} must be floating-point, got {value.dtype}")
+    if dtype == BF16:
+        return _batch_array(name, torch.from_numpy(np.ascontiguousarray(value)), index, dtype)
     return value.astype(dtype, copy=False)
 
 
-def _shard_names(index: int) -> tuple[str, str]:
-    return f"x-{index:05d}.npy", f"y-{index:05d}.npy"
+def _shard_names(index: int, dtype: str = "float32") -> tuple[str, str]:
+    suffix = "safetensors" if dtype == BF16 else "npy"
+    return f"x-{index:05d}.{suffix}", f"y-{index:05d}.{suffix}"
+
+
+def _bf16_bytes(name: str, bits: np.ndarray) -> bytes:
+    """uint16 bfloat16 bit patterns [rows, d] -> a safetensors file holding them as tensor `name` (BF16)."""
+    from safetensors.torch import save
+
+    tensor = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+    return save({name: tensor})
+
+
+def _save_shard(path: Path, name: str, array: np.ndarray, dtype: str) -> None:
+    if dtype == BF16:
+        data = _bf16_bytes(name, array)
+        atomic_write(path, lambda f: f.write(data))
+    else:
+        atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array)))
 
 
 def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: str = "", dtype: str = "float32",
@@ -67,14 +96,15 @@ def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: 
     directory = Path(directory)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    np_dtype = np.dtype(dtype)
+    np_dtype = dtype if dtype == BF16 else np.dtype(dtype)
     shard_rows = positive_int("shard_rows", shard_rows)
     if scale is not None and (not is_number(scale)
                               or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path = directory / MANIFEST
-    old_files = {p.name for pattern in ("x-*.npy", "y-*.npy") for p in directory.glob(pattern)}
+    old_files = {p.name for pattern in ("x-*.npy", "y-*.npy", "x-*.safetensors", "y-*.safetensors")
+                 for p in directory.glob(pattern)}
     if not overwrite and (manifest_path.exists() or old_files):
         raise FileExistsError(f"{directory} already holds activation shards; pass overwrite=True to replace them")
     manifest_path.unlink(missing_ok=True)
@@ -84,11 +114,11 @@ def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: 
     pending_rows, d, d_out = 0, None, None
 
     def write(xs: np.ndarray, ys: np.ndarray | None) -> None:
-        x_name, y_name = _shard_names(len(shards))
-        atomic_write(directory / x_name, lambda f: np.save(f, np.ascontiguousarray(xs)))
+        x_name, y_name = _shard_names(len(shards), dtype)
+        _save_shard(directory / x_name, "x", xs, dtype)
         entry = {"x": x_name, "rows": int(xs.shape[0])}
         if ys is not None:
-            atomic_write(directory / y_name, lambda f: np.save(f, np.ascontiguousarray(ys)))
+            _save_shard(directory / y_name, "y", ys, dtype)
             entry["y"] = y_name
         shards.append(entry)
 
@@ -204,10 +234,46 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
+def bf16_data_offset(path: Path, name: str, rows: int, width: int) -> int:
+    """Read a bfloat16 shard's safetensors header only: it must hold tensor `name`, BF16 [rows, width],
+    and the file must be long enough; returns the byte offset of its data (ValueError naming the file
+    otherwise; nothing is allocated from what the header claims before it is checked)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                raise ValueError("shorter than a safetensors header")
+            length = int.from_bytes(prefix, "little")
+            if not 2 <= length <= min(_SAFETENSORS_HEADER_LIMIT, size - 8):
+                raise ValueError(f"header length {length} is impossible for a {size}-byte shard")
+            header = json.loads(f.read(length))
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"shard {path} is not a readable bfloat16 .safetensors file ({e})") from None
+    entry = header.get(name) if isinstance(header, dict) else None
+    if not isinstance(entry, dict):
+        raise ValueError(f"shard {path} holds no tensor {name!r}")
+    if entry.get("dtype") != "BF16":
+        raise ValueError(f"shard {path} holds {entry.get('dtype')!r} but the manifest's 'dtype' is bfloat16")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if shape != [rows, width]:
+        raise ValueError(f"shard {path} has shape {shape} but the manifest says [{rows}, {width}]")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
+            and offsets[1] - offsets[0] == rows * width * 2 and offsets[0] >= 0):
+        raise ValueError(f"shard {path}: data_offsets {offsets!r} do not cover {rows} x {width} bfloat16 values")
+    start = 8 + length + offsets[0]
+    if size < start + rows * width * 2:
+        raise ValueError(f"shard {path} is truncated: {size} bytes for {rows} x {width} bfloat16")
+    return start
+
+
 def _check_shard_file(path: Path, rows: int, width: int, dtype: str, width_field: str) -> None:
     """Read the .npy header only: shape, dtype and file length must match the manifest."""
     if not path.is_file():
         raise FileNotFoundError(f"shard {path} listed in {MANIFEST} is missing")
+    if dtype == BF16:
+        bf16_data_offset(path, "y" if width_field == "d_out" else "x", rows, width)
+        return
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -307,16 +373,24 @@ class ShardSource:
             self._maps.move_to_end(shard)
             return self._maps[shard]
         entry = self.shards[shard]
-        x = np.load(self.directory / entry["x"], mmap_mode="r")
-        y = None if self.d_out is None else np.load(self.directory / entry["y"], mmap_mode="r")
+        x = self._map(entry, "x", self.d)
+        y = None if self.d_out is None else self._map(entry, "y", self.d_out)
         self._maps[shard] = (x, y)
         if len(self._maps) > self.buffer_shards + 1:
             self._maps.popitem(last=False)
         return x, y
 
+    def _map(self, entry: dict, key: str, width: int) -> np.ndarray:
+        path = self.directory / entry[key]
+        if self.dtype != BF16:
+            return np.load(path, mmap_mode="r")
+        offset = bf16_data_offset(path, key, entry["rows"], width)
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(entry["rows"], width))
+
     def _read(self, rows: np.ndarray) -> Batch:
-        x = np.empty((rows.shape[0], self.d), dtype=self.dtype)
-        y = None if self.d_out is None else np.empty((rows.shape[0], self.d_out), dtype=self.dtype)
+        stored = np.uint16 if self.dtype == BF16 else self.dtype  # bfloat16: its bit patterns
+        x = np.empty((rows.shape[0], self.d), dtype=stored)
+        y = None if self.d_out is None else np.empty((rows.shape[0], self.d_out), dtype=stored)
         shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
         for shard in np.unique(shard_of):
             where = np.nonzero(shard_of == shard)[0]
@@ -325,6 +399,9 @@ class ShardSource:
             x[where] = x_map[local]
             if y is not None:
                 y[where] = y_map[local]
+        if self.dtype == BF16:
+            x, y = (None if a is None else torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) for a in (x, y))
+            return x if y is None else (x, y)
         return torch.from_numpy(x) if y is None else (torch.from_numpy(x), torch.from_numpy(y))
 
     def __iter__(self) -> Iterator[Batch]:

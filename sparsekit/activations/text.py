@@ -104,3 +104,39 @@ def token_contexts(token_ids, context_len: int, bos_id: int | None, max_contexts
     if bos_id is not None:
         contexts = torch.cat([torch.full((n, 1), int(bos_id), dtype=torch.int64), contexts], dim=1)
     return contexts
+
+
+def special_token_ids(tokenizer) -> tuple[int, ...]:
+    """Every special token id of a Hugging Face tokenizer (BOS, EOS, pad, unk, chat markers, ...),
+    sorted: ``tokenizer.all_special_ids`` plus its bos/eos/pad ids (some tokenizers leave those out)."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if is_int(value):
+            ids.add(int(value))
+    return tuple(sorted(int(i) for i in ids))
+
+
+def check_special_ids(special_ids, argument: str = "special_ids") -> tuple[int, ...]:
+    """None or a collection of non-negative ints -> a sorted tuple of distinct ids (() for None)."""
+    if special_ids is None:
+        return ()
+    if isinstance(special_ids, (str, bytes)) or not hasattr(special_ids, "__iter__"):
+        raise ValueError(f"{argument} must be a collection of token ids (ints) or None, got {special_ids!r}")
+    ids = list(special_ids)
+    if not all(is_int(i) and i >= 0 for i in ids):
+        raise ValueError(f"{argument} must hold non-negative ints (token ids), got {ids!r:.120}")
+    return tuple(sorted({int(i) for i in ids}))
+
+
+def kept_positions(tokens: Tensor, special_ids=(), drop_first: bool = True) -> Tensor:
+    """Which positions of contexts tokens [N, T] give activation rows: bool [N, T]. Position 0 is
+    dropped when drop_first (the BOS a context starts with), and so is every position, anywhere,
+    whose token is one of special_ids (BOS, EOS, pad, ... between documents)."""
+    keep = torch.ones(tokens.shape, dtype=torch.bool)
+    if drop_first:
+        keep[:, 0] = False
+    ids = check_special_ids(special_ids)
+    if ids:
+        keep &= ~torch.isin(tokens.cpu(), torch.tensor(ids, dtype=tokens.dtype))
+    return keep

@@ -1,8 +1,18 @@
-"""`python -m sparsekit train`: train a sparse dictionary on activations stored on disk.
+"""`python -m sparsekit train`: train a sparse dictionary on activations stored on disk, or computed
+from a language model over a text dataset.
 
     python -m sparsekit train --data acts/ --n-latents 4096 --k 32 --checkpoint-dir runs/a
     python -m sparsekit train --config cfg.yaml --lr 1e-3          # flags override the file
     python -m sparsekit train --config cfg.yaml --resume           # continue from runs/a's newest checkpoint
+    python -m sparsekit train --model smollm2-135m --dataset corpus/ --hook blocks.3.hook_resid_post \\
+        --n-latents 4096 --k 32 --total-tokens 2e6 --out runs/l3   # text -> trained, evaluated dictionary
+
+--model/--dataset (instead of --data): smollm2-135m (TransformerLens hook names) or a local Hugging
+Face model folder (dotted module paths, ':input' for what a module receives) run over .txt, .jsonl,
+.parquet files or a datasets.save_to_disk folder, tokenised into --context-len contexts; the first
+--eval-contexts contexts are held out for the final evaluation (CE loss recovered and KL when
+spliced, FVU, L0, dead latents) and the feature report; the run folder --out gets the dictionary,
+metrics.json, <name>_features.json and dashboard.html (sparsekit.cli.train_lm).
 
 --data is a shard folder (manifest.json, see sparsekit.activations.write_shards), a .npy file [N, d],
 or a .safetensors file holding "x" [N, d] (and "y" [N, d_out]: then a transcoder is trained);
@@ -24,27 +34,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import math
 import sys
 from pathlib import Path
 
-PROG = "sparsekit train"
-
-
-
-def architecture_names() -> tuple[str, ...]:
-    """Every registered architecture (sparsekit.sae.registry): --architecture's choices."""
-    from sparsekit.sae import registry
-    return registry.names()
-
-
-def hyperparameter_flags() -> dict:
-    """Dictionary hyperparameter with a flag -> (its spec, the architectures taking it, those requiring it),
-    read from the architectures' classes."""
-    from sparsekit.sae import registry
-    return {name: (spec, *registry.architectures_taking(name))
-            for name, spec in registry.hyperparameters().items() if spec.flag}
+from .train_common import (
+    PROG,
+    AsFloat32,
+    TrainingError,
+    UsageError,
+    architecture_names,
+    hyperparameter_flags,
+    make_dictionary,
+    prepare,
+    train_and_save,
+)
 
 
 def _hyperparameter_option(spec, takes: tuple, needs: tuple) -> "Option":
@@ -54,19 +58,12 @@ def _hyperparameter_option(spec, takes: tuple, needs: tuple) -> "Option":
         text = f"{spec.help} ({', '.join(takes)}; default {spec.default:g})"
     return Option(spec.name, "int" if spec.kind is int else "float", text)
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr and exit status 2."""
-
-
-class TrainingError(Exception):
-    """Training itself failed (diverged, out of memory): one line on stderr and exit status 1."""
-
 
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One setting, given as --flag-name on the command line or flag_name: in the YAML config."""
     name: str
-    kind: str                  # "int" | "float" | "str" | "path" | "bool" | "switch" | "tuple"
+    kind: str                  # "int" | "float" | "str" | "path" | "paths" | "bool" | "switch" | "tuple"
     help: str
     optional: bool = False     # None ("none" on the command line, null in YAML) is allowed
     element: str = "float"     # a tuple's element kind
@@ -97,6 +94,7 @@ def _options() -> list[Option]:
         Option("latent_parallel", "int", "under torchrun: split the latents over this many ranks (topk, batchtopk, "
                                        "relu); the world size must be a multiple, the rest is data parallel "
                                        "(a 2-D mesh; default 1: data parallel only)"),
+        *lm_options(),
     ]
     for field in dataclasses.fields(TrainConfig):
         names = _type_names(field.type)
@@ -148,10 +146,39 @@ def _show(value) -> str:
     return "none" if value is None else str(value)
 
 
+def lm_options() -> list[Option]:
+    """The options of training from a model and a text dataset (--model/--dataset; see train_lm)."""
+    return [
+        Option("model", "str", "instead of --data: a language model to take activations from: smollm2-135m or a "
+                               "local Hugging Face model folder (read offline)"),
+        Option("dataset", "paths", "with --model: text to run it on: .txt, .jsonl and .parquet files, folders of "
+                                   "them, or a folder written by datasets' save_to_disk (one or more)"),
+        Option("hook", "str", "with --model: the activation to train on (a transcoder's target): a TransformerLens "
+                              "hook name for smollm2-135m (blocks.3.hook_resid_post), a module path for a "
+                              "Hugging Face model (model.layers.3.mlp, model.layers.3.mlp:input)"),
+        Option("input_hook", "str", "with --model: a transcoder's input activation (it reads this and predicts "
+                                    "--hook's); implies --transcoder"),
+        Option("text_field", "str", "the field holding the text in .jsonl records, .parquet and datasets columns "
+                                    "(default text)"),
+        Option("document_per_line", "switch", "each non-empty line of a .txt file is a document (default: each file "
+                                              "is one)"),
+        Option("context_len", "int", "tokens per context, BOS first (default 128)"),
+        Option("eval_contexts", "int", "contexts held out (the first ones) for the final evaluation and the feature "
+                                       "report (default 32)"),
+        Option("cache", "path", "cache the training activations as shards in this folder (reused when the model, "
+                                "hooks and text match) instead of streaming them"),
+        Option("cache_dtype", "str", "the cached shards' dtype: float32, float16 or bfloat16 (half the disk; "
+                                     "training converts each batch to float32; default float32)"),
+        Option("exclude_special_tokens", "bool", "drop positions holding a special token (BOS, EOS, pad, ...) "
+                                                 "anywhere in a context from training, evaluation and the report; "
+                                                 "position 0 is always dropped (default on)", default=True),
+    ]
+
+
 # --- converting values -------------------------------------------------------------------------
 
 _EXPECTED = {"int": "an int", "float": "a number", "str": "a string", "path": "a path (string)",
-             "bool": "true or false", "switch": "true or false"}
+             "paths": "a path or a list of paths", "bool": "true or false", "switch": "true or false"}
 
 
 def expected_type(option: Option, yaml: bool) -> str:
@@ -209,6 +236,12 @@ def convert(option: Option, value, where: str, yaml: bool):
             if not isinstance(value, bool):
                 raise TypeError
             return value
+        if option.kind == "paths":
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not items or \
+                    not all(isinstance(item, str) and item.strip() for item in items):
+                raise TypeError
+            return [str(item) for item in items]
         if option.kind == "tuple":
             items = value.split(",") if isinstance(value, str) else value
             if isinstance(items, (int, float)) and not isinstance(items, bool):
@@ -256,6 +289,8 @@ def build_parser(options: list[Option] | None = None) -> argparse.ArgumentParser
         elif option.kind == "bool":
             parser.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction,
                                 help=option.help)
+        elif option.kind == "paths":
+            parser.add_argument(option.flag, dest=option.name, metavar="PATH", nargs="+", help=option.help)
         else:
             metavar = {"int": "N", "float": "X", "path": "PATH", "tuple": "A,B"}.get(option.kind, "NAME")
             parser.add_argument(option.flag, dest=option.name, metavar=metavar, help=option.help)
@@ -309,28 +344,6 @@ def resolve(argv: list[str]) -> dict:
 
 # --- data ------------------------------------------------------------------------------------------
 
-class _AsFloat32:
-    """Wraps an ActivationSource so every batch reaches the trainer as float32 (the dictionary's dtype);
-    the state is the wrapped source's."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __iter__(self):
-        import torch
-
-        for batch in self.source:
-            if isinstance(batch, (tuple, list)):
-                yield tuple(t.to(torch.float32) for t in batch)
-            else:
-                yield batch.to(torch.float32)
-
-    def state_dict(self) -> dict:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state)
-
 
 def open_data(settings: dict, batch_size: int, seed: int):
     """(source, rows, d_in, d_out or None, description) for --data (and --targets)."""
@@ -345,7 +358,7 @@ def open_data(settings: dict, batch_size: int, seed: int):
             raise UsageError("--targets applies only when --data is a .npy file; a shard folder holds its own "
                              "targets (y-*.npy, 'd_out' in manifest.json)")
         source = ShardSource(data, batch_size=batch_size, shuffle=True, seed=seed)
-        wrapped = source if source.dtype == "float32" else _AsFloat32(source)
+        wrapped = source if source.dtype == "float32" else AsFloat32(source)
         kind = f"{len(source.shards)} shard{'s' if len(source.shards) != 1 else ''} in {data}"
         return wrapped, source.tokens, source.d, source.d_out, kind
     loaded = load_activation_file(data)
@@ -378,139 +391,44 @@ def open_data(settings: dict, batch_size: int, seed: int):
 
 # --- the run -----------------------------------------------------------------------------------------
 
-def _check_dictionary(settings: dict) -> None:
-    architecture = settings.setdefault("architecture", "topk")
-    names = architecture_names()
-    if architecture not in names:
-        close = difflib.get_close_matches(architecture, names, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"unknown architecture {architecture!r}{hint}; choose one of {', '.join(names)}")
-    if "n_latents" not in settings:
-        raise UsageError("--n-latents is required: the number of latents in the dictionary (e.g. --n-latents 4096)")
-    if settings["n_latents"] < 1:
-        raise UsageError(f"--n-latents must be a positive int, got {settings['n_latents']}")
-    for name, (_, architectures, requiring) in hyperparameter_flags().items():
-        flag = "--" + name.replace("_", "-")
-        if architecture in requiring and name not in settings:
-            raise UsageError(f"{flag} is required for a {architecture} dictionary")
-        if architecture not in architectures and name in settings:
-            raise UsageError(f"{flag} applies to {' and '.join(architectures)} dictionaries, not {architecture}")
-    if "k" in settings:
-        if settings["k"] < 1:
-            raise UsageError(f"--k must be a positive int, got {settings['k']}")
-        if settings["k"] > settings["n_latents"]:
-            raise UsageError(f"--k {settings['k']} exceeds --n-latents {settings['n_latents']}: a {architecture} "
-                             f"dictionary keeps k of its n_latents latents")
+
+LM_ONLY = ("dataset", "hook", "input_hook", "text_field", "document_per_line", "context_len", "eval_contexts", "cache",
+           "cache_dtype", "exclude_special_tokens")
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def _newest_checkpoint(directory) -> Path | None:
-    from sparsekit.training import checkpoint as ckpt
-
-    found = ckpt.complete_checkpoints(directory)
-    return found[-1] if found else None
-
-
-def _check_resume(path: Path, sae, cfg) -> None:
-    """The newest checkpoint must come from the same dictionary and batching as this run."""
-    try:
-        state = json.loads((path / "state.json").read_text())
-        saved_sae, saved_cfg = dict(state["sae_config"]), dict(state["config"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # unreadable: the trainer skips it (or reports it) itself
-    now = sae.config()
-    differences = [f"{key}={saved_sae.get(key)!r} (this run: {now.get(key)!r})"
-                   for key in sorted(set(saved_sae) | set(now))
-                   if key not in ("input_scale", "output_scale") and saved_sae.get(key) != now.get(key)]
-    differences += [f"{key}={saved_cfg.get(key)!r} (this run: {getattr(cfg, key)!r})"
-                    for key in ("batch_size", "seed") if key in saved_cfg and saved_cfg[key] != getattr(cfg, key)]
-    if differences:
-        raise UsageError(f"--resume: checkpoint {path} was written by a different run: {', '.join(differences)}; "
-                         f"use the same data and settings, or a fresh --checkpoint-dir")
-
-
-def _build(settings: dict, d_in: int, d_out: int | None, device, seed: int):
-    from sparsekit.sae import registry
-
-    architecture = settings["architecture"]
-    kwargs = {name: settings[name] for name in hyperparameter_flags() if name in settings}
-    common = dict(device=device, seed=seed)
-    if d_out is not None:
-        common.update(d_out=d_out, transcoder=True, skip=bool(settings.get("skip")))
-    return registry.get(architecture)(d_in, settings["n_latents"], **kwargs, **common)
-
-
-def _check_memory(settings: dict, cfg, d_in: int, d_out: int | None, device) -> None:
-    """Refuse, before the dictionary is allocated, a run whose estimated memory exceeds what the device has."""
-    from sparsekit.errors import InsufficientMemory
-    from sparsekit.training.memory import check_fits, estimate_training_memory
-
-    estimate = estimate_training_memory(d_in, settings["n_latents"], cfg.batch_size, settings.get("k"),
-                                        settings["architecture"], d_out, eval_tokens=cfg.eval_tokens,
-                                        skip=bool(settings.get("skip")))
-    try:
-        check_fits(estimate, device, what=f"--n-latents {settings['n_latents']} with --batch-size {cfg.batch_size}")
-    except InsufficientMemory as error:
-        raise UsageError(str(error)) from None
+def _check_inputs(settings: dict) -> bool:
+    """--data, or --model with --dataset, and the flags each allows; True for the language-model path."""
+    given = [name for name in ("model", *LM_ONLY) if name in settings]
+    if "data" in settings and given:
+        flags = "/".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(f"--data and {flags} exclude each other: --data trains on stored activations, --model with "
+                         f"--dataset computes them from text")
+    if "data" in settings:
+        if not Path(settings["data"]).exists():
+            raise UsageError(f"--data {settings['data']}: no such file or directory")
+        return False
+    if not given:
+        raise UsageError("no activations given: pass --data PATH (a shard folder, .npy or .safetensors file), or "
+                         "--model with --dataset and --hook, or set 'data:' in the --config file")
+    for name in ("model", "dataset", "hook"):
+        if name not in settings:
+            raise UsageError(f"--{name} is required with --{'dataset' if name == 'model' else 'model'}: "
+                             + {"model": "the language model to run (smollm2-135m or a Hugging Face model folder)",
+                                "dataset": "the text to run it on (.txt, .jsonl, .parquet files or folders)",
+                                "hook": "the activation to train on"}[name])
+    if "targets" in settings:
+        raise UsageError("--targets applies with --data; with --model a transcoder reads --input-hook and predicts "
+                         "--hook")
+    return True
 
 
 def run(argv: list[str]):
     """Parse, check, train, save. Returns (TrainResult, out folder); UsageError on bad input."""
-    from sparsekit.training.config import TrainConfig
-
     settings = resolve(argv)
-
-    if "data" not in settings:
-        raise UsageError("no activations given: pass --data PATH (a shard folder, .npy or .safetensors file) or set "
-                         "'data:' in the --config file")
-    if not Path(settings["data"]).exists():
-        raise UsageError(f"--data {settings['data']}: no such file or directory")
-    _check_dictionary(settings)
-    if settings.get("latent_parallel", 1) < 1:
-        raise UsageError(f"--latent-parallel must be a positive int, got {settings['latent_parallel']}")
-
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {name: value for name, value in settings.items() if name in train_fields}
-    if not any(values.get(name) for name in ("checkpoint_dir", "output_dir")) and "out" not in settings:
-        raise UsageError("nowhere to save the dictionary: pass --out DIR, --checkpoint-dir DIR or --output-dir DIR")
-    resume = settings.get("resume", False)
-    if resume and not values.get("checkpoint_dir"):
-        raise UsageError("--resume needs --checkpoint-dir: the folder whose newest checkpoint to continue from")
-    if values.get("output_dir") is None and values.get("checkpoint_dir") is None:
-        values["output_dir"] = settings["out"]  # metrics.jsonl and the density plot beside the dictionary
-    cfg = TrainConfig(**values)
-    try:
-        cfg.validate()
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if cfg.checkpoint_dir is not None and cfg.checkpoint_every_tokens is None:
-        cfg.checkpoint_every_tokens = max(cfg.batch_size, cfg.total_tokens // 10)
-    out = Path(settings.get("out") or Path(cfg.checkpoint_dir or cfg.output_dir) / "final")
-    for flag, folder in (("--out", out), ("--checkpoint-dir", cfg.checkpoint_dir), ("--output-dir", cfg.output_dir)):
-        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-            raise UsageError(f"{flag} {folder} is a file, not a folder")
-
-    newest = _newest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    if newest is not None and not resume:
-        raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir} already holds checkpoints (newest {newest.name}) "
-                         f"from an earlier run: pass --resume to continue it, or choose another folder")
-    device = _device(settings.get("device", "auto"))
-
+    if _check_inputs(settings):
+        from . import train_lm
+        return train_lm.run(settings)
+    cfg, out, resume, newest, device = prepare(settings)
     try:
         source, rows, d_in, d_out, description = open_data(settings, cfg.batch_size, cfg.seed)
     except (ValueError, OSError) as error:
@@ -525,18 +443,7 @@ def run(argv: list[str]):
         raise UsageError(f"--eval-tokens {cfg.eval_tokens} would hold out all {rows} rows of --data; lower it "
                          f"(e.g. --eval-tokens {rows // 10}) or pass --eval-tokens 0")
 
-    _check_memory(settings, cfg, d_in, d_out, device)
-    try:
-        sae = _build(settings, d_in, d_out, device, cfg.seed)
-        if settings.get("latent_parallel", 1) != 1:
-            from sparsekit.training.parallel.sharded import shard_for_cli
-            sae = shard_for_cli(sae, settings["latent_parallel"])
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if newest is not None:
-        _check_resume(newest, sae, cfg)
-    elif resume:
-        print(f"{PROG}: --resume: no checkpoint in {cfg.checkpoint_dir} yet; starting fresh")
+    sae = make_dictionary(settings, cfg, d_in, d_out, device, newest, resume)
 
     kind = ("skip transcoder" if settings.get("skip") else "transcoder") if d_out is not None else "SAE"
     shape = f"d_in={d_in}" + (f" d_out={d_out}" if d_out is not None else "")
@@ -544,42 +451,7 @@ def run(argv: list[str]):
     print(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
           f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}",
           flush=True)
-    return _train(sae, source, cfg, resume, out)
-
-
-def _train(sae, source, cfg, resume: bool, out: Path):
-    from sparsekit.errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
-    from sparsekit.training.loop import train
-    from sparsekit.training.metrics import METRICS_FILE
-    from sparsekit.training.parallel import data as distributed
-
-    try:
-        result = train(sae, source, cfg, resume=resume)
-        whole = sae.gather() if getattr(sae, "latent_sharded", False) else sae
-        if distributed.current_info().rank == 0:  # under torchrun rank 0 alone writes
-            whole.save(out)
-    except (CheckpointWriteFailed, TrainingDiverged) as error:
-        raise TrainingError(_one_line(error)) from None
-    except (ValueError, OSError, CheckpointDirBusy, InsufficientMemory) as error:
-        raise UsageError(_one_line(error)) from None
-    except RuntimeError as error:  # e.g. out of memory: one line, not a traceback
-        raise TrainingError(f"training failed: {type(error).__name__}: {_one_line(error)}") from None
-    metrics, history = dict(result.metrics), result.history
-    where = "held-out"
-    if "fvu" not in metrics and history:  # no held-out split: the last logged training window
-        metrics.update(fvu=history[-1]["fvu"], l0=history[-1]["l0"])
-        where = "training"
-    formats = {"fvu": ".4f", "l0": ".2f", "dead_frac": ".3f"}
-    parts = [f"{name} {metrics[name]:{spec}}" for name, spec in formats.items() if name in metrics]
-    metrics_at = f"{result.output_dir / METRICS_FILE}" if result.output_dir is not None else "not written"
-    print(f"{PROG}: dictionary saved to {out}; metrics in {metrics_at}; final {where} {', '.join(parts)} "
-          f"after {metrics['step']:,} steps ({metrics['tokens']:,} tokens)", flush=True)
-    return result, out
-
-
-def _one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return train_and_save(sae, source, cfg, resume, out)
 
 
 def main(argv=None) -> None:

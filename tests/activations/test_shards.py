@@ -253,7 +253,7 @@ def test_write_shards_rejects_bad_batches_naming_them(tmp_path, batches, message
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(shard_rows=0), "shard_rows must be a positive int, got 0"),
-    (dict(dtype="bfloat16"), "dtype must be one of float16, float32, float64, got 'bfloat16'"),
+    (dict(dtype="bf16"), "dtype must be one of float16, float32, float64, bfloat16, got .bf16."),
     (dict(scale=float("nan")), "scale must be a positive finite number or None"),
 ])
 def test_write_shards_rejects_bad_arguments_naming_them(tmp_path, kwargs, message):
@@ -295,3 +295,51 @@ def test_load_activation_file_errors_name_the_file_and_what_is_wrong(tmp_path):
     write_shards(tmp_path / "shards", [torch.randn(2, 2)])
     with pytest.raises(ValueError, match="use ShardSource"):
         load_activation_file(tmp_path / "shards")
+
+
+# --- bfloat16 shards ------------------------------------------------------------------------------
+
+def test_bfloat16_shards_take_half_the_disk_and_hold_the_rounded_values(tmp_path):
+    x, y = torch.randn(900, 24) * 3, torch.randn(900, 8)
+    batches = [(x[i:i + 100], y[i:i + 100]) for i in range(0, 900, 100)]
+    write_shards(tmp_path / "f32", batches, shard_rows=400)
+    write_shards(tmp_path / "bf16", batches, dtype="bfloat16", shard_rows=400)
+
+    def size(folder):
+        return sum(p.stat().st_size for p in folder.iterdir() if p.name != "manifest.json")
+
+    assert {p.suffix for p in (tmp_path / "bf16").iterdir()} == {".json", ".safetensors"}
+    assert size(tmp_path / "bf16") < 0.52 * size(tmp_path / "f32")
+    source = ShardSource(tmp_path / "bf16", batch_size=900, shuffle=False, epochs=1)
+    got_x, got_y = next(iter(source))
+    assert got_x.dtype == torch.bfloat16 and source.dtype == "bfloat16"
+    assert torch.equal(got_x, x.to(torch.bfloat16)) and torch.equal(got_y, y.to(torch.bfloat16))
+    assert not torch.equal(got_x.float(), x)  # rounded, not stored exactly
+
+
+def test_bfloat16_shards_shuffle_and_resume_like_npy_shards(tmp_path):
+    x = torch.randn(1000, 6)
+    write_shards(tmp_path, [x], dtype="bfloat16", shard_rows=128)
+    whole = torch.cat(list(ShardSource(tmp_path, batch_size=64, seed=3, epochs=1)))
+    assert sorted(map(tuple, whole.float().tolist())) == sorted(map(tuple, x.to(torch.bfloat16).float().tolist()))
+    first = ShardSource(tmp_path, batch_size=64, seed=3, epochs=1)
+    stream = iter(first)
+    for _ in range(5):
+        next(stream)
+    resumed = ShardSource(tmp_path, batch_size=64, seed=3, epochs=1)
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(torch.cat(list(resumed)), whole[5 * 64:])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:20], "is not a readable bfloat16 .safetensors file|truncated"),
+    (lambda b: (10 ** 12).to_bytes(8, "little") + b[8:], "header length 1000000000000 is impossible"),
+    (lambda b: b.replace(b'"BF16"', b'"F32 "'), "holds 'F32 ' but the manifest's 'dtype' is bfloat16"),
+    (lambda b: b[:-2], "is truncated"),
+])
+def test_damaged_bfloat16_shard_gives_a_clear_error_before_reading(tmp_path, damage, message):
+    write_shards(tmp_path, [torch.randn(40, 4)], dtype="bfloat16")
+    shard = tmp_path / "x-00000.safetensors"
+    shard.write_bytes(damage(shard.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        ShardSource(tmp_path)

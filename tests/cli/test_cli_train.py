@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_lm import make_tiny_lm
 
 import sparsekit
 from sparsekit import TrainConfig
@@ -50,6 +51,12 @@ def make_files(root):
     fake = root / "used_ckpt" / "step_000000001"  # a folder holding an earlier run's checkpoint
     fake.mkdir(parents=True)
     (fake / "state.json").write_text("{}")
+    # --model/--dataset: a tiny random Llama folder and text (tests/cli/test_cli_train_lm.py trains on them)
+    words = "the cat sat on a mat and then the dog ran to the park".split()
+    make_tiny_lm(root / "lm", " ".join(words))
+    (root / "docs.jsonl").write_text("".join(json.dumps({"body": " ".join(words[i:] + words[:i])}) + "\n"
+                                             for i in range(len(words))))
+    (root / "empty.txt").write_text("")
     return root
 
 
@@ -172,6 +179,9 @@ def test_end_to_end_as_a_subprocess(files, tmp_path):
 
 
 BASE = ["--data", "{x}", "--n-latents", "8", "--k", "2", "--out", "{tmp}/out"]
+LM = ["--model", "{root}/lm", "--dataset", "{root}/docs.jsonl", "--hook", "model.layers.0", "--text-field", "body",
+      "--context-len", "16", "--eval-contexts", "4",
+      "--n-latents", "8", "--k", "2", "--out", "{tmp}/out", "--device", "cpu"]
 BAD_INPUTS = [
     # (id, arguments, YAML written to {tmp}/cfg.yaml or None, expected text on stderr)
     ("no data", ["--n-latents", "8", "--k", "2", "--out", "{tmp}/o"], None, "no activations given: pass --data PATH"),
@@ -193,7 +203,7 @@ BAD_INPUTS = [
     ("not a number", BASE + ["--lr", "fast"], None, "--lr must be a number, got 'fast'"),
     ("betas length", BASE + ["--adam-betas", "0.9"], None, "--adam-betas must be 2 comma-separated numbers"),
     ("unknown flag", BASE + ["--n-latent", "4"], None, "unrecognized arguments: --n-latent 4 (--n-latent: did you mean "
-                                                       "--n-latents?)"),
+                                                       "--n-latents"),
     ("validate: batch_size", BASE + ["--batch-size", "0"], None, "TrainConfig.batch_size must be a positive int, got 0"),
     ("validate: total_tokens", BASE + ["--total-tokens", "100", "--batch-size", "128"], None,
      "TrainConfig.total_tokens=100 is less than one batch (batch_size=128)"),
@@ -234,6 +244,39 @@ BAD_INPUTS = [
     ("yaml not a mapping", ["--config", "{tmp}/cfg.yaml"], "- 8\n- 2\n", "expected a mapping of settings"),
     ("yaml value rejected", ["--config", "{tmp}/cfg.yaml", "--out", "{tmp}/o"],
      "data: {x}\nn_latents: 8\nk: 2\nlr_decay_fraction: 2\n", "TrainConfig.lr_decay_fraction must be in [0, 1]"),
+    # --model/--dataset
+    ("--data with --model", BASE + ["--model", "{root}/lm"], None,
+     "--data and --model exclude each other: --data trains on stored activations, --model with --dataset computes "
+     "them from text"),
+    ("--model without --dataset", LM[:2] + LM[4:], None, "--dataset is required with --model"),
+    ("--model unknown", ["--model", "gpt-17", *LM[2:]], None,
+     "--model gpt-17: neither a known model (smollm2-135m) nor a folder"),
+    ("--model not a model folder", ["--model", "{root}/empty_dir", *LM[2:]], None,
+     "--model {root}/empty_dir: the folder has no config.json"),
+    ("dataset file missing", LM[:2] + ["--dataset", "{root}/nope.jsonl"] + LM[4:], None,
+     "--dataset: dataset {root}/nope.jsonl: no such file or directory"),
+    ("dataset of unknown type", LM[:2] + ["--dataset", "{x}"] + LM[4:], None,
+     "--dataset: dataset {x}: unknown file type '.npy'"),
+    ("empty dataset", LM[:2] + ["--dataset", "{root}/empty.txt"] + LM[4:], None,
+     "--dataset {root}/empty.txt holds no text to make one context of --context-len 16 tokens"),
+    ("wrong text field", LM + ["--text-field", "content"], None,
+     "has no text field 'content' (found: body); pass the right one as text_field (--text-field)"),
+    ("unknown hook", LM + ["--hook", "model.layer.0.mlp"], None,
+     "--hook path 'model.layer.0.mlp' matches no module of LlamaForCausalLM; close module names: model.layers.0.mlp"),
+    ("unknown input hook", LM + ["--hook", "model.layers.1", "--input-hook", "model.layers.0.mlpp:input"], None,
+     "--input-hook path 'model.layers.0.mlpp' matches no module"),
+    ("dataset too small", LM + ["--eval-contexts", "1000"], None,
+     "--eval-contexts 1000 holds out the first ones and leaves none to train on"),
+    ("context too short", LM + ["--context-len", "2"], None,
+     "--context-len must be an int >= 3"),
+    ("cache dtype without cache", LM + ["--cache-dtype", "bfloat16"], None,
+     "--cache-dtype applies with --cache DIR"),
+    ("cache dtype unknown", LM + ["--cache", "{tmp}/c", "--cache-dtype", "bf16"], None,
+     "--cache-dtype must be one of float32, float16, bfloat16, got 'bf16'"),
+    ("transcoder without input hook", LM + ["--transcoder"], None,
+     "--transcoder with --model needs --input-hook"),
+    ("targets with --model", LM + ["--targets", "{root}/y.npy"], None,
+     "--targets applies with --data"),
 ]
 
 

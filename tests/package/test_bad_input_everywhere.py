@@ -245,6 +245,19 @@ FLAG_CASES = {
     "--progress": ("=1", "argument --progress/--no-progress: ignored explicit argument '1'"),
     "--config": ("{root}/none.yaml", "--config {root}/none.yaml: no such file"),
     "--latent-parallel": ("0", "--latent-parallel must be a positive int, got 0"),
+    # --model/--dataset and their flags exclude --data (tests/cli/test_cli_train.py's table has their own cases)
+    "--model": ("smollm2-135m", "--data and --model exclude each other"),
+    "--dataset": ("{root}/notes.txt", "--data and --dataset exclude each other"),
+    "--hook": ("blocks.0.hook_resid_post", "--data and --hook exclude each other"),
+    "--input-hook": ("blocks.0.ln2.hook_normalized", "--data and --input-hook exclude each other"),
+    "--text-field": ("body", "--data and --text-field exclude each other"),
+    "--document-per-line": (None, "--data and --document-per-line exclude each other"),
+    "--context-len": ("64", "--data and --context-len exclude each other"),
+    "--eval-contexts": ("8", "--data and --eval-contexts exclude each other"),
+    "--cache": ("{root}/cache", "--data and --cache exclude each other"),
+    "--cache-dtype": ("bfloat16", "--data and --cache-dtype exclude each other"),
+    "--exclude-special-tokens": ("=yes", "argument --exclude-special-tokens/--no-exclude-special-tokens: ignored "
+                                         "explicit argument 'yes'"),
 }
 # Flags whose every value is valid (free-form names) have no bad value to try.
 FREE_FORM_FLAGS = {"--wandb-project", "--wandb-run-name"}
