@@ -8,6 +8,7 @@ implementation runs on each device.
 from . import _moved, ops
 from ._util.version import VERSION
 from .analysis.splice import loss_recovered, splice, zero_ablate
+from .analysis.steering import steer
 from .ops import (
     BatchTopKCodes,
     SparseCodes,
@@ -41,5 +42,5 @@ __all__ = [
     "BatchTopKCodes", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "SparseCodes", "TopKCodes", "TopKSAE", "Transcoder",
     "TrainConfig", "TrainResult", "backends", "batchtopk_encode", "ghost_grad_loss", "jumprelu_encode", "load",
     "load_saelens", "loss_recovered", "ops", "reference", "relu_encode", "relu_encode_adaptive", "sparse_decode",
-    "sparse_decode_coo", "splice", "topk_encode", "train", "zero_ablate",
+    "sparse_decode_coo", "splice", "steer", "topk_encode", "train", "zero_ablate",
 ]
