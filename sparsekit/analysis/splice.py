@@ -47,7 +47,6 @@ from torch import Tensor, nn
 from sparsekit import ops
 from sparsekit.sae.base import SparseDictionary
 
-_RULES = ("clamp", "ablate", "scale", "add")
 _SPELLING = "a finite number (clamp), 'ablate', ('scale', s) or ('add', a)"
 
 
@@ -137,11 +136,10 @@ def edit_codes(sae: SparseDictionary, codes, interventions: dict) -> tuple:
 def _edit(sae: SparseDictionary, codes, edits: list[Edit]) -> tuple:
     """edit_codes with checked edits."""
     values = codes.values if isinstance(codes, tuple) else codes
-    if not edits:
-        empty = values.new_zeros(_batch_size(sae, codes), 0)
-        return codes, empty, empty
     latents = torch.tensor([e.latent for e in edits], dtype=torch.long, device=values.device)
     old = _latent_codes(sae, codes, latents)
+    if not edits:
+        return codes, old, old
     new = torch.stack([_rule(e, old[:, j]) for j, e in enumerate(edits)], dim=1)
     if isinstance(codes, ops.TopKCodes):
         kept = codes.values.masked_fill(torch.isin(codes.indices, latents), 0)
@@ -161,14 +159,6 @@ def _edit(sae: SparseDictionary, codes, edits: list[Edit]) -> tuple:
         edited = codes.clone()
         edited[:, latents] = new
     return edited, old, new
-
-
-def _batch_size(sae: SparseDictionary, codes) -> int:
-    if isinstance(codes, ops.TopKCodes):
-        return codes.values.shape[0]
-    if isinstance(codes, (ops.BatchTopKCodes, ops.SparseCodes)):
-        return sae._coo_batch_size(codes)
-    return codes.shape[0]
 
 
 def _rule(edit: Edit, old: Tensor) -> Tensor:
@@ -220,6 +210,7 @@ def _apply(sae: SparseDictionary, x: Tensor, width: int, what: str, edits: list[
         edited = sae.output(_edit(sae, codes, edits)[0], scaled) if edits else clean
         if target is None:
             return (edited / sae.output_scale).reshape(*leading, sae.d_out).to(device=out_device, dtype=out_dtype)
+        # reconstruct + (target - reconstruct) with the edit, written so that no edit leaves target exact
         change = ((edited - clean) / sae.output_scale).reshape(*leading, sae.d_out)
     return target + change.to(device=out_device, dtype=out_dtype)
 
