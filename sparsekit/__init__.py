@@ -8,6 +8,7 @@ implementation runs on each device.
 from . import _moved, ops
 from ._util.version import VERSION
 from .analysis.splice import loss_recovered, splice, zero_ablate
+from .analysis.steering import steer
 from .ops import (
     BatchTopKCodes,
     SparseCodes,
@@ -56,5 +57,5 @@ __all__ = [
     "TrainConfig", "TrainResult", "backends", "batchtopk_encode", "export_dictionary_learning", "export_sparsify",
     "ghost_grad_loss", "jumprelu_encode", "load", "load_dictionary_learning", "load_saelens", "load_sparsify",
     "loss_recovered", "push_to_hub", "ops", "reference", "relu_encode", "relu_encode_adaptive", "sparse_decode",
-    "sparse_decode_coo", "splice", "topk_encode", "train", "zero_ablate",
+    "sparse_decode_coo", "splice", "steer", "topk_encode", "train", "zero_ablate",
 ]
