@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.validate import is_int
-from sparsekit.activations.store import check_contexts, check_hooks, hook_activations, stop_layer
+from sparsekit.activations.store import check_contexts, check_hooks, hook_activations, resolve_special_ids, stop_layer
+from sparsekit.activations.text import kept_positions
 from sparsekit.analysis.top_examples import Histograms, LatentStats, TokenSums, TopContexts, positive_codes
 from sparsekit.sae.base import SparseDictionary
 
@@ -113,23 +114,33 @@ def token_shares(acts: Tensor, tokens: Tensor) -> Tensor:
     return torch.where(total > 0, per_token.max(0).values / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
-def codes_by_batch(model, sae: SparseDictionary, tokens: Tensor, hook: str, batch_contexts: int = 16):
+def codes_by_batch(model, sae: SparseDictionary, tokens: Tensor, hook: str, batch_contexts: int = 16,
+                   special_ids=()):
     """The dictionary's positive codes on tokens [N, T], batch_contexts contexts at a time: yields
     (first context of the batch, values [E] float32, rows [E], latents [E] int64), a row being a token
     of the batch at positions 1..T-1 in context-major order (row r: context first + r // (T - 1),
     position 1 + r % (T - 1)). Memory per batch: the entries and one [rows, n_latents] code block
-    (``top_examples.positive_codes``), never [N, T, n_latents]. The dictionary is in eval mode
+    (``top_examples.positive_codes``), never [N, T, n_latents]. Entries at positions holding one of
+    ``special_ids`` (resolved as in ``sparsekit.activations.store``: "tokenizer" for the model's
+    tokenizer's) are left out; the row numbering is unchanged. The dictionary is in eval mode
     throughout and given back in its mode."""
     if not isinstance(batch_contexts, int) or isinstance(batch_contexts, bool) or batch_contexts < 1:
         raise ValueError(f"batch_contexts must be a positive int, got {batch_contexts!r}")
     names = check_hooks(model, hook)
     stop = stop_layer(model, names)
+    special = resolve_special_ids(model, special_ids)
     was_training = sae.training
     sae.eval()
     try:
         for start in range(0, tokens.shape[0], batch_contexts):
-            x = hook_activations(model, tokens[start:start + batch_contexts], names, stop)[0]
-            yield (start, *positive_codes(sae, x.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype) * sae.input_scale))
+            batch = tokens[start:start + batch_contexts]
+            x = hook_activations(model, batch, names, stop)[0]
+            values, rows, latents = positive_codes(sae, x.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype) * sae.input_scale)
+            if special:
+                kept_rows = kept_positions(batch, special)[:, 1:].reshape(-1).to(rows.device)
+                mine = kept_rows[rows]
+                values, rows, latents = values[mine], rows[mine], latents[mine]
+            yield start, values, rows, latents
     finally:
         sae.train(was_training)
 
@@ -150,7 +161,7 @@ def single_token_ratios(model, sae: SparseDictionary, hook: str, token_ids: Tens
 @torch.no_grad()
 def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, output_hook: str | None = None,
                    max_features: int | None = 200, examples: int = 8, window: int = 12, logit_top: int = 8,
-                   bins: int = 20, batch_contexts: int = 16) -> dict:
+                   bins: int = 20, batch_contexts: int = 16, special_ids="tokenizer") -> dict:
     """Everything the dashboard shows, as a JSON-able dict.
 
     tokens [N, T]: held-out contexts (BOS first). hook: the dictionary's input hook; output_hook:
@@ -161,7 +172,9 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
     that activation, ties to the lower context; the `window` tokens on each side, every token with
     its activation), logit effects, its token share (which sets its census kind) and the
     [BOS, token] ratio. Census: single-token vs context-dependent counts among the reported features,
-    and dead = latents that never fired on these N * (T - 1) tokens ("dead_over" says so).
+    and dead = latents that never fired on these tokens ("dead_over" says so). Tokens: positions 1..T-1
+    except those holding a special token (``special_ids``, default "tokenizer": the model's tokenizer's
+    BOS, EOS, pad, ...; None: only position 0 is left out), as in training.
 
     Streamed in two passes over batches of batch_contexts contexts (``codes_by_batch``), never a
     [N, T, n_latents] tensor: the first counts fires, sums, maxima and keeps each latent's top
@@ -180,9 +193,10 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
         raise ValueError(f"max_features must be None or a non-negative int, got {max_features!r}")
     n_contexts, length = tokens.shape
     per_context = length - 1
-    n_tokens = n_contexts * per_context
+    special = resolve_special_ids(model, special_ids)
+    n_tokens = int(kept_positions(tokens, special).sum())
     stats, top = LatentStats(sae.n_latents), TopContexts(sae.n_latents, examples)
-    for start, values, rows, latents in codes_by_batch(model, sae, tokens, hook, batch_contexts):
+    for start, values, rows, latents in codes_by_batch(model, sae, tokens, hook, batch_contexts, special):
         stats.add(values, latents)
         top.add(values, latents, start + rows // per_context, 1 + rows % per_context)
     fires = stats.fires
@@ -190,7 +204,8 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
     alive = torch.nonzero(fires > 0)[:, 0]
     order = alive[torch.argsort(density[alive], descending=True, stable=True)]
     chosen = order if max_features is None else order[:max_features]
-    hist, shares, windows = _second_pass(model, sae, tokens, hook, chosen, stats, top, window, bins, batch_contexts)
+    hist, shares, windows = _second_pass(model, sae, tokens, hook, chosen, stats, top, window, bins, batch_contexts,
+                                         special)
     logits = logit_effects(model, sae, output_hook or hook, chosen.tolist(), logit_top) or {}
     bos_id = int(tokens[0, 0])
     features = []
@@ -227,7 +242,7 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
             "contexts": n_contexts, "context_len": length, "census": census, "features": features}
 
 
-def _second_pass(model, sae, tokens, hook, chosen, stats, top, window, bins, batch_contexts):
+def _second_pass(model, sae, tokens, hook, chosen, stats, top, window, bins, batch_contexts, special):
     """The chosen features' histograms, token shares [m] and example windows [m, examples, 2 * window + 1]
     (activation at window offset o of example j: position lo + o, lo = max(1, max position - window))."""
     m, examples, per_context = chosen.numel(), top.values.shape[1], tokens.shape[1] - 1
@@ -241,7 +256,7 @@ def _second_pass(model, sae, tokens, hook, chosen, stats, top, window, bins, bat
     starts = (top.positions[chosen] - window).clamp_min(1)                   # [m, examples]
     shown = torch.zeros(tokens.shape[0] + 1, dtype=torch.bool)
     shown[example_contexts.reshape(-1)] = True                               # -1 (empty) lands on the spare end
-    for start, values, rows, latents in codes_by_batch(model, sae, tokens, hook, batch_contexts):
+    for start, values, rows, latents in codes_by_batch(model, sae, tokens, hook, batch_contexts, special):
         slots = slot_of[latents]
         mine = slots >= 0
         values, rows, slots = values[mine], rows[mine], slots[mine]

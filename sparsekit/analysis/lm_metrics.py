@@ -13,8 +13,9 @@ spliced pass per dictionary (the activation at ``hook`` replaced by the dictiona
 or for a transcoder by its prediction from the clean activation at ``input_hook``, which runs before
 ``hook`` and so is the same in the spliced pass). Every intervened pass restarts at the block of its
 hook from the clean ``blocks.L.hook_resid_pre`` (``start_at_layer``; the blocks before it are
-unchanged by the intervention). Position 0 (BOS) is left clean in both interventions, as it was
-excluded from training; losses are next-token cross-entropies over the predictions made at
+unchanged by the intervention). Position 0 (BOS) and every special token (EOS, pad, ... anywhere:
+``special_ids``) are left clean in both interventions and out of FVU/L0, as they were excluded from
+training; losses are next-token cross-entropies over the predictions made at
 positions 1..T-2 (the ones an intervention can change).
 CE loss recovered = (L_zero - L_splice) / (L_zero - L_clean) (``sparsekit.loss_recovered``);
 KL = mean over those positions of KL(clean || spliced) in nats; kl_zero the same for zero-ablation.
@@ -33,7 +34,8 @@ from typing import Mapping, NamedTuple
 import torch
 from torch import Tensor
 
-from sparsekit.activations.store import check_contexts, check_hooks, flatten_positions
+from sparsekit.activations.store import check_contexts, check_hooks, flatten_positions, resolve_special_ids
+from sparsekit.activations.text import kept_positions
 from sparsekit.sae.base import SparseDictionary
 
 from .splice import loss_recovered
@@ -138,14 +140,17 @@ class _Totals:
 
 @torch.no_grad()
 def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch_contexts: int = 8,
-                     progress: bool = False) -> dict[str, dict]:
+                     progress: bool = False, special_ids="tokenizer") -> dict[str, dict]:
     """Every dictionary's metrics on the same tokens [N, T] (contexts starting with BOS; T >= 3), with
     the clean pass and each hook's zero-ablated pass shared: {name: {"ce_clean", "ce_splice", "ce_zero",
     "ce_recovered", "kl", "kl_zero", "fvu", "l0", "dead_frac", "dense_frac", "tokens"} and the same under
     SAELens's names (``with_saelens_names``)}.
 
     splices: {name: Splice(sae, hook, input_hook=None)} (see the module docstring). Activations
-    [b, pos, heads, d_head] are flattened. progress: a tqdm bar with tokens/s.
+    [b, pos, heads, d_head] are flattened. progress: a tqdm bar with tokens/s. special_ids: positions
+    holding these tokens (default "tokenizer": the model's tokenizer's BOS, EOS, pad, ...; None: position
+    0 only) are left clean in every intervention and left out of FVU, L0 and dead counts, as they are
+    left out of training (``sparsekit.activations.store``).
     """
     tokens = check_contexts(tokens)
     if tokens.shape[1] < 3:
@@ -153,6 +158,7 @@ def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch
     if not isinstance(batch_contexts, int) or batch_contexts < 1:
         raise ValueError(f"batch_contexts must be a positive int, got {batch_contexts!r}")
     splices = _check_splices(model, splices)
+    special = resolve_special_ids(model, special_ids)
     zero_hooks = sorted({s.hook for s in splices.values()})
     starts = {hook: restart_layer(model, hook) for hook in zero_hooks}
     recorded = sorted({n for s in splices.values() for n in (s.hook, s.input_hook) if n is not None} |
@@ -172,6 +178,7 @@ def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch
     try:
         for first in range(0, tokens.shape[0], batch_contexts):
             batch = tokens[first:first + batch_contexts].to(model.cfg.device)
+            keep = kept_positions(batch, special).to(batch.device)  # [b, T]: False at 0 and special tokens
             seen: dict[str, Tensor] = {}
 
             def record(act, hook):
@@ -184,11 +191,12 @@ def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch
             ce["clean"] += float(_next_token_losses(clean_lp, batch).sum())
 
             def intervened(key: str, hook: str, replace) -> None:
-                """One pass with ``replace(act) -> new`` at hook (position 0 kept clean): its CE and KL."""
+                """One pass with ``replace(act) -> new`` at hook (position 0 and special tokens kept clean):
+                its CE and KL."""
                 def swap(act, hook):
                     new = replace(act).reshape(act.shape)
-                    new[:, 0] = act[:, 0]
-                    return new
+                    clean = ~keep.reshape(*keep.shape, *([1] * (act.ndim - 2)))
+                    return torch.where(clean, act, new)
 
                 layer = starts[hook]
                 if layer is None:
@@ -207,8 +215,8 @@ def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch
                 source = seen[s.input_hook] if s.input_hook is not None else None
                 intervened(f"splice:{name}", s.hook,
                            lambda act, s=s, source=source: _reconstruct(s.sae, act if source is None else source))
-                stats[name].add(s.sae, flatten_positions(seen[s.input_hook or s.hook])[:, 1:],
-                                flatten_positions(seen[s.hook])[:, 1:])
+                stats[name].add(s.sae, flatten_positions(seen[s.input_hook or s.hook])[keep],
+                                flatten_positions(seen[s.hook])[keep])
             count += batch.shape[0] * (batch.shape[1] - 2)
             if bar is not None:
                 bar.update(batch.numel())
@@ -227,7 +235,7 @@ def evaluate_splices(model, tokens: Tensor, splices: Mapping[str, Splice], batch
 
 
 def lm_splice_metrics(model, tokens: Tensor, hook: str, sae: SparseDictionary, input_hook: str | None = None,
-                      batch_contexts: int = 8, progress: bool = False) -> dict:
+                      batch_contexts: int = 8, progress: bool = False, special_ids="tokenizer") -> dict:
     """One dictionary's clean / spliced / zero-ablated CE, ce_recovered, kl, kl_zero, fvu, l0, dead_frac,
     dense_frac on tokens [N, T] (contexts starting with BOS; T >= 3); see ``evaluate_splices``.
 
@@ -236,4 +244,5 @@ def lm_splice_metrics(model, tokens: Tensor, hook: str, sae: SparseDictionary, i
     """
     if not isinstance(sae, SparseDictionary):
         raise ValueError(f"sae must be a sparsekit dictionary, got {type(sae).__name__}")
-    return evaluate_splices(model, tokens, {"sae": Splice(sae, hook, input_hook)}, batch_contexts, progress)["sae"]
+    return evaluate_splices(model, tokens, {"sae": Splice(sae, hook, input_hook)}, batch_contexts, progress,
+                            special_ids)["sae"]

@@ -347,11 +347,12 @@ def evaluate(model, kind: str, sae, held_out: Tensor, settings: dict, special: t
     metrics = {"contexts": int(held_out.shape[0]), **reconstruction_metrics(sae, rows, progress)}
     if kind == "lens":
         from sparsekit.analysis.lm_metrics import Splice, evaluate_splices
-        spliced = evaluate_splices(model, held_out, {"sae": Splice(sae, hook, input_hook)}, progress=progress)["sae"]
+        spliced = evaluate_splices(model, held_out, {"sae": Splice(sae, hook, input_hook)}, progress=progress,
+                                   special_ids=special)["sae"]
         metrics.update({key: spliced[key] for key in ("ce_clean", "ce_splice", "ce_zero", "ce_recovered", "kl",
                                                       "kl_zero")})
-        metrics["splice"] = ("analysis.lm_metrics.evaluate_splices: every position but 0 replaced; CE/KL over the "
-                             "predictions at positions 1..T-2")
+        metrics["splice"] = ("analysis.lm_metrics.evaluate_splices: kept positions replaced (position 0 and special "
+                             "tokens clean); CE/KL over the predictions at positions 1..T-2")
         return metrics
     try:
         metrics.update(hf_splice_metrics(model, held_out, sae, hook, input_hook, special, progress=progress))
@@ -365,7 +366,7 @@ def evaluate(model, kind: str, sae, held_out: Tensor, settings: dict, special: t
 # --- the feature report ------------------------------------------------------------------------------
 
 def write_report(model, kind: str, sae, held_out: Tensor, settings: dict, out: Path, name: str,
-                 training: dict) -> Path | None:
+                 training: dict, special: tuple = ()) -> Path | None:
     """The feature report (``lm_features.feature_report``, TransformerLens models) as
     out/<name>_features.json and the dashboard out/dashboard.html; None for a Hugging Face model
     (feature_report reads TransformerLens hook points). training: the dashboard's "dead at end of
@@ -376,7 +377,7 @@ def write_report(model, kind: str, sae, held_out: Tensor, settings: dict, out: P
     from sparsekit.analysis.lm_features import feature_report
 
     hook, input_hook = settings["hook"], settings.get("input_hook")
-    report = feature_report(model, sae, held_out, input_hook or hook, output_hook=hook)
+    report = feature_report(model, sae, held_out, input_hook or hook, output_hook=hook, special_ids=special)
     report["training"] = training
     save_report(report, out, name)
     return dashboard_from_run(out)
@@ -420,7 +421,7 @@ def run(settings: dict):
     name = "transcoder" if d_out is not None else "sae"
     end_of_training = {key: result.metrics[key] for key in ("dead_frac", "step", "tokens") if key in result.metrics}
     dashboard = write_report(model, kind, trained, held_out, settings, out, name,
-                             {**end_of_training, "dead_window_tokens": cfg.dead_window_tokens})
+                             {**end_of_training, "dead_window_tokens": cfg.dead_window_tokens}, special)
     record = {"model": settings["model"], "hook": hook, "input_hook": input_hook, "dataset": dataset.describe(),
               "context_len": settings["context_len"], "exclude_special_tokens": bool(special),
               "special_ids": list(special), "training": result.metrics, "evaluation": metrics}
