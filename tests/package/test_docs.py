@@ -31,6 +31,9 @@ RUN = {
     ("docs/interop.md", "Weights & Biases"): "tests/package/test_docs_interop.py",
 }
 NOT_RUN = {
+    ("README.md", "Share, steer"):
+        "needs a trained run folder, a model and the Hub; each call runs in a test: tests/sae/test_sharing_doc.py "
+        "(load, push_to_hub, the exports), tests/analysis/test_splice.py and test_steering.py (splice, steer)",
     ("docs/studies.md", "Language models: SmolLM2-135M, offline"):
         "loads SmolLM2-135M and trains on 300k tokens (minutes on 2 cores); make demo-lm runs the same "
         "pipeline, tests/studies/test_lm_pipeline.py its parts on a tiny model",
