@@ -316,8 +316,8 @@ def _checkpoint_due(run: Run) -> bool:
 
 def finish(run: Run) -> TrainResult:
     """Close the progress bar; the final metrics (step, tokens, dead fraction, and the held-out
-    mse, fvu, l0 and dense fraction when there is a held-out split), the density plot, the
-    tracker's summary. Returns the TrainResult."""
+    mse, fvu, l0, dense and never-fired fractions when there is a held-out split), the density plot,
+    the tracker's summary. Returns the TrainResult."""
     run.progress.close()
     state = run.state
     metrics = {"step": state.step, "tokens": state.tokens,
@@ -326,17 +326,21 @@ def finish(run: Run) -> TrainResult:
         held_out, density = _evaluate_held_out(run)
         metrics.update(held_out)
         if run.output_dir is not None:
-            density_plot(density, run.output_dir / DENSITY_PLOT, state.sae)
+            density_plot(density, run.output_dir / DENSITY_PLOT, state.sae,
+                         dead_in_training=round(metrics["dead_frac"] * state.sae.n_latents))
     run.tracking.finish(metrics, [run.output_dir / DENSITY_PLOT] if run.output_dir is not None else [])
     record_training(state.sae, state.tokens, state.config.normalize_inputs, metrics)
     return TrainResult(state.sae, metrics, run.history, run.output_dir)
 
 
 def _evaluate_held_out(run: Run) -> tuple[dict, Tensor]:
-    """(mse, fvu, l0, dense_frac) on the held-out split, and each latent's firing density there [n]."""
+    """(mse, fvu, l0, dense_frac, never_fired_frac) on the held-out split, and each latent's firing
+    density there [n]. never_fired_frac counts latents silent on these held-out tokens: not the same
+    as dead_frac, which counts latents silent over the last dead_window_tokens of training."""
     state, sae, device = run.state, run.state.sae, run.device
     ev = run.context.evaluate(sae, state.eval_x.to(device) * sae.input_scale,
                               state.eval_y.to(device) * sae.output_scale if state.eval_y is not None else None,
                               state.config.batch_size)
     density = ev.pop("fire_counts").double() / state.eval_x.shape[0]
-    return {**ev, "dense_frac": float((density > DENSE_THRESHOLD).float().mean())}, density
+    return {**ev, "dense_frac": float((density > DENSE_THRESHOLD).float().mean()),
+            "never_fired_frac": float((density == 0).float().mean())}, density

@@ -110,8 +110,10 @@ def restore_history(output_dir: Path | None, step: int) -> list[dict]:
     return kept
 
 
-def density_plot(density: Tensor, path: Path, sae: SparseDictionary) -> None:
-    """Histogram of log10 feature density [n] on the held-out split (dead latents counted apart)."""
+def density_plot(density: Tensor, path: Path, sae: SparseDictionary, dead_in_training: int | None = None) -> None:
+    """Histogram of log10 feature density [n] on the held-out split; the title counts the latents that
+    never fired there and, given dead_in_training, those dead by the training window (two different
+    counts over different tokens, each labelled)."""
     try:
         from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left as it is
     except ImportError:  # pragma: no cover - matplotlib is a dependency
@@ -125,7 +127,10 @@ def density_plot(density: Tensor, path: Path, sae: SparseDictionary) -> None:
     ax.set_xlabel("log10 feature density (fraction of held-out tokens)")
     ax.set_ylabel("latents")
     dead = int((density == 0).sum())
-    ax.set_title(f"{sae.architecture}: {sae.n_latents} latents, {dead} never fired on the held-out split")
+    title = f"{sae.architecture}: {sae.n_latents} latents, {dead} never fired on the held-out split"
+    if dead_in_training is not None:
+        title += f"\n{dead_in_training} dead by the training window (no fire in its last dead_window_tokens)"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

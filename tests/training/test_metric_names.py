@@ -35,3 +35,18 @@ def test_training_metric_lines_carry_explained_variance():
 def test_worse_than_trivial_flags_fvu_of_one_and_negative_ce_recovered(metrics, flagged):
     lines = worse_than_trivial(metrics)
     assert [line.split(":")[0] for line in lines] == flagged
+
+
+def test_final_metrics_count_never_fired_on_held_out_apart_from_dead_by_the_window(tmp_path):
+    sae = sparsekit.TopKSAE(8, 64, 2)
+    with torch.no_grad():
+        sae.b_enc[32:] = -1e4  # half the latents can never fire
+    x = torch.randn(4096, 8)
+    cfg = sparsekit.TrainConfig(batch_size=256, total_tokens=512, eval_tokens=1024, lr=1e-9, progress=False,
+                                dead_window_tokens=10**9, output_dir=str(tmp_path))
+    result = sparsekit.train(sae, x, cfg)
+    held_out = x[:1024] * result.sae.input_scale
+    fires = result.sae.fire_counts(result.sae.encode(held_out))
+    assert result.metrics["never_fired_frac"] == pytest.approx(float((fires == 0).float().mean()))
+    assert result.metrics["never_fired_frac"] >= 0.5
+    assert result.metrics["dead_frac"] == 0.0  # the window (10**9 tokens) has not elapsed: nothing counts as dead

@@ -120,7 +120,8 @@ def test_finish_reports_held_out_metrics_plots_and_hands_the_final_metrics_to_th
     while run.state.step < run.total_steps:
         loop.take_step(run)
     result = loop.finish(run)
-    assert set(result.metrics) == {"step", "tokens", "dead_frac", "mse", "fvu", "explained_variance", "l0", "dense_frac"}
+    assert set(result.metrics) == {"step", "tokens", "dead_frac", "mse", "fvu", "explained_variance", "l0", "dense_frac",
+                                   "never_fired_frac"}
     assert result.metrics["step"] == 10 and result.output_dir == tmp_path and result.sae is run.state.sae
     assert (tmp_path / DENSITY_PLOT).is_file()
     assert summary == {f"final/{key}": value for key, value in result.metrics.items()}
