@@ -54,7 +54,7 @@ from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.validate import is_int
 
 from . import registry
-from .files import WEIGHTS_FILE, read_json_object
+from .files import WEIGHTS_FILE, check_tensors, read_json_object
 from .metadata import check_metadata
 from .transcoder import Transcoder
 
@@ -293,16 +293,7 @@ def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) ->
     if architecture == "gated":
         del expected["b_enc"]
         expected.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
-    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: tensors do not match SAELens architecture {architecture!r}: "
-                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    for name, shape in expected.items():
-        tensor = weights[name]
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, cfg.json implies {shape}")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise ValueError(f"{weights_path}: {name} must hold finite floating-point values")
+    check_tensors(weights, expected, weights_path, f"SAELens architecture {architecture!r} (cfg.json)")
     return {name: t.double() for name, t in weights.items()}
 
 

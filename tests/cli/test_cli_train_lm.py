@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from helpers.lm_cases import axis_dictionary
 from tiny_lm import make_tiny_lm
 
 import sparsekit
@@ -114,14 +115,7 @@ def test_no_exclude_special_tokens_keeps_the_document_separators(world, tmp_path
 
 def identity_sae(d):
     """relu(x) - relu(-x) = x exactly: splicing it in changes nothing."""
-    sae = sparsekit.ReLUSAE(d, 2 * d, l1_coeff=1.0)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
+    return axis_dictionary(d)
 
 
 @pytest.mark.parametrize("hook", ["model.layers.0.mlp", "model.layers.1:input"])

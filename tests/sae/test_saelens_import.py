@@ -126,7 +126,7 @@ def test_foreign_and_broken_folders_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="normalize_activations='layer_norm'"):
         sparsekit.load_saelens(folder)
     rewrite(d_sae=41)
-    with pytest.raises(ValueError, match=r"W_enc has shape \(10, 40\), cfg.json implies \(10, 41\)"):
+    with pytest.raises(ValueError, match=r"W_enc has shape \(10, 40\), expected \(10, 41\)"):
         sparsekit.load_saelens(folder)
     rewrite(dtype="int8")
     with pytest.raises(ValueError, match="dtype 'int8' is not a floating-point torch dtype"):
