@@ -17,7 +17,26 @@ class CheckpointDirBusy(RuntimeError):
 
 
 class CheckpointWriteFailed(OSError):
-    """Writing a checkpoint failed (a full disk, say); nothing written before was touched."""
+    """Writing a checkpoint failed (a full disk, say), whatever raised it (an OSError, or
+    safetensors' own SafetensorError): the half-written folder was removed and nothing written
+    before was touched. ``errno`` is the cause's (ENOSPC for a full disk), or None when it had none."""
+
+    def __init__(self, errno: int | None, message: str):
+        super().__init__(errno, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NoValidCheckpoint(ValueError):
+    """A resume found checkpoints, but none of them valid (each one's reason is in the message,
+    which also says how to start over): it stops rather than silently start from the beginning."""
+
+
+class SymlinkRefused(ValueError):
+    """A symbolic link inside a run folder (a checkpoint or output folder): sparsekit never reads or
+    writes through one; the message names the link."""
 
 
 class InsufficientMemory(MemoryError):
