@@ -1,4 +1,7 @@
-"""The exceptions a training run stops with, each carrying what to do next in its message."""
+"""The exceptions a training run stops with, each carrying what to do next in its message.
+
+(``SymlinkRefused``, for a symbolic link inside a run folder, lives beside the code that raises it,
+in ``sparsekit._util.atomic``: the two bottom layers do not import each other.)"""
 from __future__ import annotations
 
 
@@ -33,10 +36,6 @@ class NoValidCheckpoint(ValueError):
     """A resume found checkpoints, but none of them valid (each one's reason is in the message,
     which also says how to start over): it stops rather than silently start from the beginning."""
 
-
-class SymlinkRefused(ValueError):
-    """A symbolic link inside a run folder (a checkpoint or output folder): sparsekit never reads or
-    writes through one; the message names the link."""
 
 
 class InsufficientMemory(MemoryError):

@@ -14,7 +14,11 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from sparsekit.errors import SymlinkRefused
+
+class SymlinkRefused(ValueError):
+    """A symbolic link inside a run folder (a checkpoint or output folder): sparsekit never reads or
+    writes through one; the message names the link."""
+
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 where the platform lacks it (Windows): lstat checks instead
 O_BINARY = getattr(os, "O_BINARY", 0)

@@ -36,9 +36,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsekit._util.atomic import fsync_path, read_file_nofollow, refuse_symlinks, symlink_refused, write_new_file
+from sparsekit._util.atomic import (
+    SymlinkRefused,
+    fsync_path,
+    read_file_nofollow,
+    refuse_symlinks,
+    symlink_refused,
+    write_new_file,
+)
 from sparsekit._util.log import logger
-from sparsekit.errors import CheckpointWriteFailed, NoValidCheckpoint, SymlinkRefused, TrainingDiverged
+from sparsekit.errors import CheckpointWriteFailed, NoValidCheckpoint, TrainingDiverged
 from sparsekit.ops import checks
 
 STATE_TENSORS = "state.safetensors"
@@ -118,7 +125,7 @@ STATE_SCHEMA = {  # state.json: field -> its check (RunState.checkpoint_json wri
 REQUIRED_TENSORS = ("tokens_since_fired", "window_counts")
 
 
-def _state_digest(state: dict) -> str:
+def state_digest(state: dict) -> str:
     """SHA-256 of state.json's fields but state_sha256, as canonical JSON (sorted keys, no spaces)."""
     body = {k: v for k, v in state.items() if k != "state_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -140,7 +147,7 @@ def check_state(state, where) -> None:
     if state["tokens"] != state["step"] * state["config"]["batch_size"]:
         raise ValueError(f"{where}: tokens={state['tokens']} is not step={state['step']} times "
                          f"batch_size={state['config']['batch_size']}")
-    if _state_digest(state) != state["state_sha256"]:
+    if state_digest(state) != state["state_sha256"]:
         raise ValueError(f"{where}: its fields do not match their checksum state_sha256 (edited or damaged)")
 
 
@@ -189,7 +196,7 @@ def write(directory, step: int, tensors: dict, state: dict, keep: int = 2) -> Pa
         save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp / STATE_TENSORS))
         state = json.loads(json.dumps({**state, "step": step, "tensors_sha256": _sha256(tmp / STATE_TENSORS),
                                        "format": FORMAT}))  # the form it is read back in
-        state["state_sha256"] = _state_digest(state)
+        state["state_sha256"] = state_digest(state)
         check_state(state, f"checkpoint {final.name}'s state.json")
         write_new_file(tmp / STATE_JSON, json.dumps(state, indent=1).encode())
         for name in (STATE_TENSORS, STATE_JSON):

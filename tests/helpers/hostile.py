@@ -70,7 +70,7 @@ def rewrite_state(path, edit, rechecksum: bool) -> None:
     state = json.loads(state_file.read_text())
     edit(state)
     if rechecksum and isinstance(state, dict):
-        state["state_sha256"] = ckpt._state_digest(state)
+        state["state_sha256"] = ckpt.state_digest(state)
     state_file.write_text(json.dumps(state, indent=1))
 
 
