@@ -1,4 +1,7 @@
-"""The exceptions a training run stops with, each carrying what to do next in its message."""
+"""The exceptions a training run stops with, each carrying what to do next in its message.
+
+(``SymlinkRefused``, for a symbolic link inside a run folder, lives beside the code that raises it,
+in ``sparsekit._util.atomic``: the two bottom layers do not import each other.)"""
 from __future__ import annotations
 
 
@@ -17,7 +20,22 @@ class CheckpointDirBusy(RuntimeError):
 
 
 class CheckpointWriteFailed(OSError):
-    """Writing a checkpoint failed (a full disk, say); nothing written before was touched."""
+    """Writing a checkpoint failed (a full disk, say), whatever raised it (an OSError, or
+    safetensors' own SafetensorError): the half-written folder was removed and nothing written
+    before was touched. ``errno`` is the cause's (ENOSPC for a full disk), or None when it had none."""
+
+    def __init__(self, errno: int | None, message: str):
+        super().__init__(errno, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NoValidCheckpoint(ValueError):
+    """A resume found checkpoints, but none of them valid (each one's reason is in the message,
+    which also says how to start over): it stops rather than silently start from the beginning."""
+
 
 
 class InsufficientMemory(MemoryError):

@@ -9,10 +9,14 @@ A checkpoint (``checkpoint.write``: the folder, its files and checksum) holds th
   ``carry.y`` (rows read but not yet trained on), the last four only when present;
 - state.json: tokens, config (the TrainConfig), sae_config, input_scale, output_scale,
   source_state, generator (resampling's generator), optimizer_groups, log_window (the metric
-  window's attributes), and from ``checkpoint.write`` step and tensors_sha256.
+  window's attributes), and from ``checkpoint.write`` step, tensors_sha256, format and
+  state_sha256 (the checksum of the other fields); ``checkpoint.STATE_SCHEMA`` checks each field's
+  type before a resume uses it.
 
 ``write_checkpoint(state, context)`` writes one (every rank calls it); ``RunState.restore`` loads
-one back into a run started with the same dictionary and settings.
+one back into a run started with the same dictionary and settings. ``RunState.initial`` refuses
+(SymlinkRefused) a checkpoint or output folder holding a symbolic link, before the run writes
+anything there.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sparsekit._util.atomic import refuse_symlinks
 from sparsekit.sae.base import SparseDictionary
 
 from . import checkpoint as ckpt
@@ -55,7 +60,11 @@ class RunState:
     @classmethod
     def initial(cls, sae: SparseDictionary, source, config: TrainConfig, tracked_latents: int) -> "RunState":
         """The state before the first step: nothing read, Adam fresh, every counter zero.
-        tracked_latents: how many latents this rank counts (the parallel context's tracked_latents)."""
+        tracked_latents: how many latents this rank counts (the parallel context's tracked_latents).
+        SymlinkRefused if config's checkpoint_dir or output_dir holds a symbolic link."""
+        for folder in (config.checkpoint_dir, config.output_dir):
+            if folder is not None:
+                refuse_symlinks(folder)
         from sparsekit.activations import as_source  # here: `import sparsekit` leaves the sources unloaded
 
         src = as_source(source, batch_size=config.batch_size)
