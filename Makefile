@@ -24,7 +24,7 @@ SYSTEM_PACKAGES := chromium chromium-driver python3-doc
 # Only here: the library itself leaves the caller's environment alone. Set it yourself to override.
 export OMP_WAIT_POLICY ?= passive
 
-.PHONY: test test-latest fuzz demo demo-lm bench bench-lm bench-ops bench-gpu bench-distributed bench-peers bench-portable \
+.PHONY: test adversarial test-latest fuzz demo demo-lm bench bench-lm bench-ops bench-gpu bench-distributed bench-peers bench-portable \
 	setup system-packages lock wheel clean
 
 setup: $(INSTALLED)
@@ -70,6 +70,11 @@ test-latest: system-packages
 
 test: $(INSTALLED) system-packages
 	$(PY) -m pytest -q --durations=15 tests
+
+# The hostile-world cases alone (tests/adversarial/: disk full, forged or corrupt run state, planted
+# links); make test runs them too.
+adversarial: $(INSTALLED) system-packages
+	$(PY) -m pytest -q --durations=10 tests/adversarial
 
 # 1,000 fresh random cases per op per backend (cpp, cpp with the bf16-screened TopK/BatchTopK
 # encoders forced on, and Triton: interpreted without a GPU) against

@@ -9,6 +9,7 @@ itself a link is refused too. ``refuse_symlinks`` checks a whole run folder befo
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -79,6 +80,19 @@ def open_new(path) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_BINARY, 0o644)
     except FileExistsError:
         if _is_link(path):
+            raise symlink_refused(path) from None
+        raise
+
+
+def open_nofollow(path, flags: int, mode: int = 0o644) -> int:
+    """os.open(path, flags | O_NOFOLLOW): a file descriptor, never through a link (SymlinkRefused
+    where path is one; an lstat check first where the platform has no O_NOFOLLOW)."""
+    if not O_NOFOLLOW and _is_link(path):
+        raise symlink_refused(path)
+    try:
+        return os.open(path, flags | O_NOFOLLOW | O_BINARY, mode)
+    except OSError as error:
+        if error.errno == errno.ELOOP or _is_link(path):
             raise symlink_refused(path) from None
         raise
 

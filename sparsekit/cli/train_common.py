@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from pathlib import Path
 
 PROG = "sparsekit train"
@@ -105,12 +104,22 @@ def newest_checkpoint(directory) -> Path | None:
 
 
 def check_resume(path: Path, sae, cfg) -> None:
-    """The newest checkpoint must come from the same dictionary and batching as this run."""
-    try:
-        state = json.loads((path / "state.json").read_text())
-        saved_sae, saved_cfg = dict(state["sae_config"]), dict(state["config"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # unreadable: the trainer skips it (or reports it) itself
+    """The checkpoint a resume will start from (the newest valid one at or below ``path``, as the
+    trainer picks it) must come from the same dictionary and batching as this run."""
+    from sparsekit.training import checkpoint as ckpt
+
+    for candidate in reversed(ckpt.complete_checkpoints(path.parent)):
+        if candidate.name > path.name:
+            continue
+        try:
+            state = ckpt.verify(candidate)
+            saved_sae, saved_cfg = dict(state["sae_config"]), dict(state["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # invalid: the trainer skips it (and says so), or stops if none is valid
+        path = candidate
+        break
+    else:
+        return
     now = sae.config()
     differences = [f"{key}={saved_sae.get(key)!r} (this run: {now.get(key)!r})"
                    for key in sorted(set(saved_sae) | set(now))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from sparsekit._util.atomic import open_nofollow
 from sparsekit.errors import CheckpointDirBusy, TrainingDiverged
 from sparsekit.ops import checks
 from sparsekit.sae.base import SparseDictionary
@@ -47,7 +48,7 @@ def _holder_line() -> bytes:
 @contextlib.contextmanager
 def _flock(directory: Path, path: Path):
     """The exclusive flock on directory/.lock, which also names its holder."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)  # a planted .lock link is refused, its target untouched
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

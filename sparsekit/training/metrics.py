@@ -4,12 +4,14 @@ metric lines (``MetricWindow``), the JSON-lines log (``METRICS_FILE``) and the f
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from sparsekit._util.atomic import open_nofollow
 from sparsekit.sae.base import SparseDictionary
 
 METRICS_FILE = "metrics.jsonl"
@@ -85,12 +87,13 @@ class MetricWindow:
 def start_metrics_file(output_dir: Path) -> None:
     """An empty METRICS_FILE in output_dir (created if needed): a fresh run's log."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / METRICS_FILE).write_text("")
+    os.close(open_nofollow(output_dir / METRICS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
 
 
 def append_metrics(output_dir: Path, record: dict) -> None:
     """One metric line at the end of output_dir's METRICS_FILE."""
-    with open(output_dir / METRICS_FILE, "a") as handle:
+    fd = open_nofollow(output_dir / METRICS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # never through a link
+    with os.fdopen(fd, "w") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
@@ -106,7 +109,9 @@ def restore_history(output_dir: Path | None, step: int) -> list[dict]:
             continue  # a line cut short by the crash
         if record.get("step", 0) <= step:
             kept.append(record)
-    (output_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    fd = open_nofollow(output_dir / METRICS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 

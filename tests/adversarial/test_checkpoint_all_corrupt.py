@@ -94,7 +94,7 @@ def test_invalid_checkpoints_with_higher_steps_never_cost_the_valid_ones(templat
     for step in (8, 10):
         ckpt.verify(run / f"step_{step:09d}")
     resumed = hostile.train(run, SEED, resume=True)
-    assert f"resumed from {run / 'step_000000010'}" in capsys.readouterr().out
+    assert f"resumed from {run / 'step_000000010'}" in capsys.readouterr().err
     assert hostile.same_parameters(resumed.sae, template[1]) and resumed.metrics["step"] == 10
 
 

@@ -102,7 +102,7 @@ def test_a_safetensors_enospc_mid_run_stops_cleanly_and_resume_ends_bit_identica
     assert hostile.steps_in(run) == written and hostile.leftovers(run) == []
     monkeypatch.undo()
     resumed = hostile.train(run, SEED, resume=True)
-    assert f"resumed from {run / f'step_{written[-1]:09d}'}" in capsys.readouterr().out
+    assert f"resumed from {run / f'step_{written[-1]:09d}'}" in capsys.readouterr().err
     assert hostile.same_parameters(resumed.sae, template[1]), f"seed {SEED}"
 
 

@@ -191,6 +191,6 @@ def test_the_cli_resumes_from_the_previous_checkpoint_when_the_newest_has_a_wron
     assert second.returncode == 0, second.stderr
     assert "Traceback" not in second.stderr and "skipping invalid checkpoint" in second.stderr
     assert f"step_{found[-1]:09d}/state.json: field 'tokens' must be a non-negative int" in second.stderr
-    assert f"resumed from {tmp_path / 'ckpt' / f'step_{found[-2]:09d}'}" in second.stdout
+    assert f"resumed from {tmp_path / 'ckpt' / f'step_{found[-2]:09d}'}" in second.stderr
     loaded = sparsekit.load(tmp_path / "out")
     assert all(torch.isfinite(p).all() for p in loaded.parameters())

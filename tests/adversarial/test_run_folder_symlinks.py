@@ -144,8 +144,6 @@ def test_a_run_folder_that_is_itself_a_link_is_allowed_and_resumes_exactly(tmp_p
     assert hostile.same_parameters(resumed.sae, reference.sae) and hostile.steps_in(real) == [8, 10]
 
 
-@pytest.mark.xfail(strict=True, reason="sparsekit/training/guards.py opens .lock with O_CREAT and truncates it before "
-                                       "any check of the folder runs; needs O_NOFOLLOW there (reported, not owned here)")
 def test_a_lock_file_planted_as_a_link_never_has_its_target_overwritten(tmp_path, victim):
     run = tmp_path / "run"
     plant(run / ".lock", victim, "file")

@@ -290,3 +290,18 @@ def test_bad_input_exits_2_with_one_clear_line(files, tmp_path, capsys, args, co
     err = capsys.readouterr().err
     assert err.startswith("sparsekit train: ") and err.count("\n") == 1, err
     assert expected.format(**names) in err, err
+
+
+def test_resume_past_a_forged_newest_checkpoint_uses_the_newest_valid_one(files, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    args = ["--data", files / "x.npy", "--n-latents", 32, "--k", 3, "--checkpoint-dir", ckpt, *QUICK]
+    assert call(*args) == 0
+    newest = ckpt / "step_000000010"
+    state = json.loads((newest / "state.json").read_text())
+    state["sae_config"]["n_latents"] = 64  # as if written by another run; its own checksum is now stale
+    (newest / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert call(*args, "--resume", "--out", tmp_path / "resumed") == 0
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "step_000000010" in captured.err
+    assert f"resumed from {ckpt / 'step_000000009'}" in captured.err

@@ -3,6 +3,10 @@ redirected the usual way, and handed to the application's handlers when it confi
 import subprocess
 import sys
 
+import pytest
+
+from sparsekit.errors import NoValidCheckpoint
+
 
 def run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -35,5 +39,6 @@ def test_corrupt_checkpoint_is_reported_as_a_warning(tmp_path, capsys):
     bad = tmp_path / f"{checkpoint.PREFIX}000000001"
     bad.mkdir()
     (bad / checkpoint.STATE_JSON).write_text("{not json")
-    assert checkpoint.latest(tmp_path) is None
-    assert "sparsekit: skipping corrupt checkpoint" in capsys.readouterr().err
+    with pytest.raises(NoValidCheckpoint, match="none of the 1 checkpoint"):
+        checkpoint.latest(tmp_path)
+    assert "sparsekit: skipping invalid checkpoint" in capsys.readouterr().err

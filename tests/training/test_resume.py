@@ -14,7 +14,7 @@ WORKER = Path(__file__).parents[1] / "helpers" / "resume_worker.py"
 
 
 def _run(directory, *flags, wait=True):
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), str(WORKER.parents[2])])}  # this tree's code
     process = subprocess.Popen([sys.executable, str(WORKER), str(directory), *flags], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
