@@ -29,6 +29,7 @@ Not covered: sizes past 2**31 (Triton passes those as i64, a variant of its own)
 exactly 1 (Triton makes them constants; the discovery shapes avoid them).
 
 Usage: python bench/aot_compile.py [--quick] [--workers N] [--json PATH] [--output auto|PATH]
+       python bench/aot_compile.py --report-from PATH   (judge a saved --json report again)
 """
 from __future__ import annotations
 
