@@ -24,7 +24,7 @@ SYSTEM_PACKAGES := chromium chromium-driver python3-doc
 # Only here: the library itself leaves the caller's environment alone. Set it yourself to override.
 export OMP_WAIT_POLICY ?= passive
 
-.PHONY: test adversarial test-latest fuzz demo demo-lm bench bench-lm bench-ops bench-gpu bench-distributed bench-peers bench-portable \
+.PHONY: test adversarial test-latest fuzz demo demo-lm bench bench-lm bench-ops bench-gpu gpu-check bench-distributed bench-peers bench-portable \
 	setup system-packages lock wheel clean
 
 setup: $(INSTALLED)
@@ -111,6 +111,14 @@ bench-ops: $(INSTALLED)
 # plain torch and F.embedding_bag; table last, JSON in bench/results/. Exits 2 without a CUDA device.
 bench-gpu: $(INSTALLED)
 	$(PY) bench/gpu.py
+
+# No GPU needed: every Triton kernel variant the launchers produce (found by running the ops under the
+# interpreter with launches captured; every autotune config) compiled for sm_80 and sm_90 by Triton's
+# own ptxas, one process per core. Prints kernel, dtype, config, target, registers, spills, shared
+# memory and tensor-core use, writes the table to bench/results/<date>-aot-compile.md, and fails on a
+# compile error, shared memory over the limit or spills in a hot kernel. make test runs its quick part.
+gpu-check: $(INSTALLED)
+	$(PY) bench/aot_compile.py --output auto
 
 # Data-parallel and latent-sharded training, 1 vs 2 gloo ranks on the CPU; bytes per step by formula.
 bench-distributed: $(INSTALLED)
