@@ -33,11 +33,12 @@ FACTS = ("architecture", "hyperparameter_specs", "code_kind", "batch_by_latent_b
 class Hyperparameter:
     """One architecture-specific constructor argument: ``sparsekit train --<name>`` and a cfg.json key."""
     name: str
-    kind: type           # int, float or bool
+    kind: type           # int, float, bool or tuple
     help: str
     required: bool = True
     default: object = None
     flag: bool = True    # False: a constructor argument only, not a `sparsekit train` flag
+    element: type | None = None  # a tuple's element type (int or float): `--name 128,512,2048`
 
 
 def register(cls: type) -> type:

@@ -20,6 +20,8 @@ Architectures (sparsekit -> SAELens):
   jumprelu  -> "jumprelu", threshold = exp(log_threshold)          -> "jumprelu_transcoder"
   batchtopk -> "jumprelu", every latent's threshold = the learned global inference threshold
                                                                    -> "jumprelu_transcoder"
+  matryoshka_batchtopk -> "jumprelu" the same way (SAELens's inference save of a Matryoshka
+               BatchTopK dictionary; the prefix widths matter only in training) -> "jumprelu_transcoder"
   gated     -> "gated": b_enc as b_gate, plus r_mag and b_mag (the magnitude path's bias folded
                like b_enc's: b_mag' = b_mag - c @ (W_enc exp(r_mag)))   transcoder -> none in 6.x
   a ReLU skip transcoder (skip=True) -> "skip_transcoder" with W_skip' = (s_in / s_out) W_skip^T
@@ -175,12 +177,14 @@ def export_saelens(sae, directory, metadata: dict | None = None, hook_name: str 
 # --- import: SAELens 6.x folders -> sparsekit dictionaries ---------------------------------------
 
 # SAELens architecture -> (sparsekit architecture, transcoder?). "batchtopk" is what SAELens's
-# BatchTopKTrainingSAE.save_model writes (its inference save is "jumprelu").
+# BatchTopKTrainingSAE.save_model writes, "matryoshka_batchtopk" its Matryoshka subclass's (their
+# inference saves are "jumprelu").
 SAELENS_IMPORTS = {
     "standard": ("relu", False),
     "topk": ("topk", False),
     "jumprelu": ("jumprelu", False),
     "batchtopk": ("batchtopk", False),
+    "matryoshka_batchtopk": ("matryoshka_batchtopk", False),
     "gated": ("gated", False),
     "transcoder": ("relu", True),
     "jumprelu_transcoder": ("jumprelu", True),
@@ -199,6 +203,8 @@ def load_saelens(directory, dtype: torch.dtype | None = None, device=None, **hyp
     Architectures: "standard" -> ReLUSAE (decoder_norm_penalty=True: SAELens leaves decoder norms
     free and weights its L1 by them), "topk" -> TopKSAE, "jumprelu" -> JumpReLUSAE,
     "batchtopk" (a BatchTopKTrainingSAE's save_model) -> BatchTopKSAE with its learned threshold,
+    "matryoshka_batchtopk" (a MatryoshkaBatchTopKTrainingSAE's save_model) -> MatryoshkaBatchTopKSAE
+    with its threshold and matryoshka_widths,
     "transcoder" / "jumprelu_transcoder" -> Transcoder. Weights are folded exactly (in float64):
     ``rescale_acts_by_decoder_norm`` moves the decoder norms into the encoder; without
     ``apply_b_dec_to_input`` the b_dec that sparsekit subtracts from inputs is added back into
@@ -286,7 +292,7 @@ def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) ->
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
     if architecture in ("jumprelu", "jumprelu_transcoder"):
         expected["threshold"] = (d_sae,)
-    if architecture == "batchtopk":
+    if architecture in ("batchtopk", "matryoshka_batchtopk"):
         expected["topk_threshold"] = ()
     if architecture == "skip_transcoder":
         expected["W_skip"] = (d_out, d_in)
@@ -365,4 +371,6 @@ def _saelens_hyperparameters(architecture: str, config: dict) -> dict:
     k = config.get("k")
     if not is_int(k) or not 1 <= k <= config["d_sae"]:
         raise ValueError(f"SAELens {config['architecture']!r} cfg.json needs k in [1, d_sae={config['d_sae']}], got {k!r}")
+    if architecture == "matryoshka_batchtopk":  # checked by the constructor: strictly increasing, ending at d_sae
+        return {"k": k, "matryoshka_widths": details.get("matryoshka_widths")}
     return {"k": k}

@@ -84,7 +84,7 @@ def test_the_memory_estimate_reads_the_declared_buffers(registered):
 def test_save_load_transcoder_and_export_follow_the_class(registered, tmp_path):
     tc = Transcoder(8, 32, 4, architecture="shifted_relu", l1_coeff=1e-3, shift=0.1)
     assert type(tc) is ShiftedReLUSAE and tc.transcoder and tc.d_out == 4
-    with pytest.raises(ValueError, match="k applies to topk/batchtopk transcoders"):
+    with pytest.raises(ValueError, match="k applies to topk/batchtopk/matryoshka_batchtopk transcoders"):
         Transcoder(8, 32, 4, k=2, architecture="shifted_relu", l1_coeff=1e-3, shift=0.1)
     sae = ShiftedReLUSAE(8, 32, l1_coeff=1e-3, shift=0.1)
     again = sparsekit.load(sae.save(tmp_path / "sae"))
