@@ -120,6 +120,8 @@ class Bench:
         except self.torch.cuda.OutOfMemoryError:
             self.torch.cuda.empty_cache()
             return None, "out of memory"
+        except NotImplementedError as error:  # e.g. torch's embedding_bag backward has no bfloat16 CUDA kernel
+            return None, f"not implemented in torch: {str(error)[:80]}"
 
 
 def _ratio(a, b):
@@ -326,14 +328,6 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if has_cuda else "cpu")
     bench = Bench(torch, device, 1 if args.tiny and not has_cuda else args.repeats)
     dtypes = ["fp32"] if args.tiny and not has_cuda else args.dtype_list
-    rows: list[Row] = []
-    for shape in args.shape_list:
-        for dtype_name in dtypes:
-            print(f"measuring B={shape[0]} d={shape[1]} n={shape[2]} k={shape[3]} {dtype_name} ...", file=sys.stderr,
-                  flush=True)
-            rows.extend(bench_shape(bench, shape, dtype_name))
-            if has_cuda:
-                torch.cuda.empty_cache()
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if has_cuda else f"CPU ({platform.processor() or 'unknown'}), "
@@ -345,7 +339,19 @@ def main(argv=None) -> int:
     path = Path(args.json) if args.json else (
         Path(__file__).parent / "results" / f"gpu-{meta['date'][:10]}{'-tiny' if args.tiny else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    rows: list[Row] = []
+    for shape in args.shape_list:
+        for dtype_name in dtypes:
+            print(f"measuring B={shape[0]} d={shape[1]} n={shape[2]} k={shape[3]} {dtype_name} ...", file=sys.stderr,
+                  flush=True)
+            started = time.perf_counter()
+            rows.extend(bench_shape(bench, shape, dtype_name))
+            if has_cuda:
+                torch.cuda.empty_cache()
+            # Written after every shape and dtype, so a run stopped part-way keeps what it measured.
+            path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+            print(f"  done in {time.perf_counter() - started:.1f} s (compiles and autotuning included)", file=sys.stderr,
+                  flush=True)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; JSON: {path}")
     print("rate: encoders count their GEMM's FLOPs, ghost grads its five |D|-wide GEMMs; decoders count bytes moved.")
     print("vs floor: x the cuBLAS GEMM's time (lower is better) or the fraction of copy bandwidth (higher is better);")

@@ -111,12 +111,25 @@ def test_triton_topk_ties_go_to_the_lower_index(monkeypatch):
         monkeypatch.setenv("SPARSEKIT_BACKEND", "torch")
         ref_values, ref_indices = sparsekit.topk_encode(*args, k)
         assert torch.equal(indices, ref_indices), k
-        assert torch.equal(values, ref_values), k
+        same_values(values, ref_values, k)
         batch_codes = sparsekit.batchtopk_encode(*args, k)
         monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
         triton_codes = sparsekit.batchtopk_encode(*args, k)
         for got, expected in zip(triton_codes, batch_codes):
-            assert torch.equal(got, expected), k
+            if got.is_floating_point():
+                same_values(got, expected, k)
+            else:
+                assert torch.equal(got, expected), k
+
+
+def same_values(got, expected, k):
+    """Bitwise under the interpreter (one float32 evaluation order); on a GPU the compiled GEMM and
+    cuBLAS round differently (FMA, summation order), so the pre-activations agree to rounding there:
+    the selection (indices, checked exactly) is what the ties decide."""
+    if got.is_cuda:
+        torch.testing.assert_close(got, expected, msg=lambda m: f"k={k}: {m}")
+    else:
+        assert torch.equal(got, expected), k
 
 
 def test_triton_topk_selects_on_gaps_of_one_ulp(monkeypatch):
@@ -175,11 +188,12 @@ def test_triton_deterministic_encoder_gradients_are_repeatable(monkeypatch):
 
 def test_triton_ops_run_through_their_custom_ops(monkeypatch):
     monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
-    x = torch.randn(4, 3, requires_grad=True)
-    values, _ = sparsekit.topk_encode(x, torch.randn(3, 6), torch.randn(6), 2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the interpreter
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    values, _ = sparsekit.topk_encode(x, torch.randn(3, 6, device=device), torch.randn(6, device=device), 2)
     assert "topk_encode_triton" in type(values.grad_fn).__name__
-    y = sparsekit.sparse_decode(values, torch.zeros(4, 2, dtype=torch.int64) + torch.tensor([0, 1]),
-                                torch.randn(6, 3), torch.zeros(3))
+    y = sparsekit.sparse_decode(values, torch.tensor([[0, 1]] * 4, device=device),
+                                torch.randn(6, 3, device=device), torch.zeros(3, device=device))
     assert "sparse_decode_triton" in type(y.grad_fn).__name__
 
 
