@@ -28,6 +28,7 @@ from .sae import (
     BatchTopKSAE,
     GatedSAE,
     JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
     ReLUSAE,
     TopKSAE,
     Transcoder,
@@ -53,7 +54,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BatchTopKCodes", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "SparseCodes", "TopKCodes", "TopKSAE", "Transcoder",
+    "BatchTopKCodes", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "ReLUSAE", "SparseCodes", "TopKCodes",
+    "TopKSAE", "Transcoder",
     "TrainConfig", "TrainResult", "backends", "batchtopk_encode", "export_dictionary_learning", "export_sparsify",
     "ghost_grad_loss", "jumprelu_encode", "load", "load_dictionary_learning", "load_saelens", "load_sparsify",
     "loss_recovered", "push_to_hub", "ops", "reference", "relu_encode", "relu_encode_adaptive", "sparse_decode",

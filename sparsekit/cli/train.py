@@ -56,6 +56,8 @@ def _hyperparameter_option(spec, takes: tuple, needs: tuple) -> "Option":
         text = f"{spec.help} ({', '.join(takes)}); required for {'it' if len(takes) == 1 else 'them'}"
     else:
         text = f"{spec.help} ({', '.join(takes)}; default {spec.default:g})"
+    if spec.kind is tuple:
+        return Option(spec.name, "tuple", text, element="int" if spec.element is int else "float")
     return Option(spec.name, "int" if spec.kind is int else "float", text)
 
 

@@ -7,6 +7,8 @@ import dataclasses
 import difflib
 from pathlib import Path
 
+from sparsekit._util.words import joined
+
 PROG = "sparsekit train"
 
 
@@ -71,7 +73,7 @@ def check_dictionary(settings: dict) -> None:
         if architecture in requiring and name not in settings:
             raise UsageError(f"{flag} is required for a {architecture} dictionary")
         if architecture not in architectures and name in settings:
-            raise UsageError(f"{flag} applies to {' and '.join(architectures)} dictionaries, not {architecture}")
+            raise UsageError(f"{flag} applies to {joined(architectures)} dictionaries, not {architecture}")
     if "k" in settings:
         if settings["k"] < 1:
             raise UsageError(f"--k must be a positive int, got {settings['k']}")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.log import logger
+from sparsekit._util.words import joined
 from sparsekit.errors import SourceExhausted
 from sparsekit.sae import registry
 from sparsekit.sae.base import SparseDictionary
@@ -134,7 +135,7 @@ def _checked_config(sae, config: TrainConfig | None, resume: bool) -> TrainConfi
         raise ValueError(f"sae must be a sparsekit dictionary, got {type(sae).__name__}")
     sparse_coded = [name for name, cls in registry.ARCHITECTURES.items() if cls.code_kind != "dense"]
     if "auxk" in cfg.strategies() and sae.architecture not in sparse_coded:  # AuxK picks from k-sparse codes
-        raise ValueError(f"dead_strategy 'auxk' needs a {' or '.join(sparse_coded)} dictionary, not {sae.architecture!r}")
+        raise ValueError(f"dead_strategy 'auxk' needs a {joined(sparse_coded, 'or')} dictionary, not {sae.architecture!r}")
     if resume and cfg.checkpoint_dir is None:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir")
     return cfg

@@ -277,11 +277,6 @@ def test_trained_on_planted_features_every_prefix_reconstructs_better_the_wider_
     assert fvus[0] < plain_fvus[0], (fvus, plain_fvus)
 
 
-CLI_CHANGE = ("sparsekit/cli/train.py's _hyperparameter_option must map a tuple Hyperparameter to Option(name, 'tuple', "
-              "text, element=...): until then --matryoshka-widths parses as a number")
-
-
-@pytest.mark.xfail(strict=True, reason=CLI_CHANGE)
 def test_the_cli_trains_it_from_comma_separated_widths(tmp_path, capsys):
     from sparsekit.cli.train import main
     x = torch.randn(1024, 8, generator=torch.Generator().manual_seed(fresh_seed())).numpy()

@@ -152,7 +152,7 @@ def test_bad_sources_are_refused_clearly():
         train(sae, poisoned, cfg)
     with pytest.raises(ValueError, match="ran out after"):
         train(sae, [torch.randn(32, 8)] * 2, cfg)
-    with pytest.raises(ValueError, match="auxk' needs a topk or batchtopk"):
+    with pytest.raises(ValueError, match="auxk' needs a topk, batchtopk or matryoshka_batchtopk"):
         train(sparsekit.ReLUSAE(8, 16, 1e-3), torch.randn(256, 8), TrainConfig(dead_strategy="auxk", progress=False))
 
 
