@@ -42,6 +42,33 @@ def configs(hopper: list[dict], small: dict, warps: tuple[int, ...] = (4, 8), st
     return out
 
 
+def prune_oversized(**size_of_block: str):
+    """An ``early_config_prune`` for ``triton.autotune``: drop the configs whose tiles overshoot the
+    problem, e.g. ``prune_oversized(BLOCK_M="M", BLOCK_N="N")``. A config stays when each named block
+    is at most the next power of two of its size argument (or the list's smallest value of that block);
+    when none stays, the config with the smallest tile does. Every config computes the same sums in
+    the same order (see above), so pruning changes which configs are compiled and timed, not results:
+    on an H200, a 13 x 29 GEMM spent 50-109 s compiling and timing all eight Hopper configs, 128 x 256
+    tiles included (bench/results/2026-12-04-nvidia-h200.md); an autotune key that changes re-tunes."""
+
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        smallest = {block: min(c.kwargs[block] for c in configs) for block in size_of_block}
+        limits = {block: max(triton.next_power_of_2(max(int(named_args[size]), 1)), smallest[block])
+                  for block, size in size_of_block.items()}
+        kept = [c for c in configs if all(c.kwargs[block] <= limit for block, limit in limits.items())]
+        if kept:
+            return kept
+
+        def tile(config):
+            area = 1
+            for block in size_of_block:
+                area *= config.kwargs[block]
+            return area
+        return [min(configs, key=tile)]
+
+    return prune
+
+
 def fixed(gpu: dict, small: dict) -> dict:
     """Meta-parameters of a kernel that is not autotuned (its summation order must not change)."""
     return dict(small if INTERPRETING else gpu)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRETING, check_dtype, configs, dot_precision, upcast_inputs
+from ._config import INTERPRETING, check_dtype, configs, dot_precision, prune_oversized, upcast_inputs
 
 EPILOGUES = {"none": 0, "relu": 1, "jumprelu": 2, "exp": 3, "mul": 4}
 
@@ -43,7 +43,8 @@ def _block_k(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 64
 
 
-@triton.autotune(configs=configs(_HOPPER, _SMALL), key=["M", "N", "K", "EPILOGUE", "HAS_BIAS"])
+@triton.autotune(configs=configs(_HOPPER, _SMALL), key=["M", "N", "K", "EPILOGUE", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": prune_oversized(BLOCK_M="M", BLOCK_N="N")})
 @triton.jit
 def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_ptr,
                  M, N, K, stride_am, stride_ak, stride_bk, stride_bn,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import configs, fixed
+from ._config import configs, fixed, prune_oversized
 
 _SEGMENT_HOPPER = [
     dict(BLOCK_S=1, BLOCK_D=256, num_warps=2),
@@ -31,7 +31,8 @@ _SEGMENT_HOPPER = [
 
 
 # Each segment is summed entry by entry in a loop, so no config changes the order of a sum.
-@triton.autotune(configs=configs(_SEGMENT_HOPPER, dict(BLOCK_S=4, BLOCK_D=16)), key=["S", "D", "OUT_SEG_FASTEST"])
+@triton.autotune(configs=configs(_SEGMENT_HOPPER, dict(BLOCK_S=4, BLOCK_D=16)), key=["S", "D", "OUT_SEG_FASTEST"],
+                 prune_configs_by={"early_config_prune": prune_oversized(BLOCK_S="S", BLOCK_D="D")})
 @triton.jit
 def _segment_sum_kernel(ptr_ptr, idx_ptr, w_ptr, dense_ptr, bias_ptr, out_ptr, sums_ptr, S, D,
                         stride_dense_row, stride_dense_col, stride_out_seg, stride_out_col,
@@ -79,7 +80,8 @@ _SCATTER_HOPPER = [
 
 
 @triton.autotune(configs=configs(_SCATTER_HOPPER, dict(BLOCK_E=8, BLOCK_D=16)), key=["E", "D"],
-                 reset_to_zero=["out_ptr", "sums_ptr"])
+                 reset_to_zero=["out_ptr", "sums_ptr"],
+                 prune_configs_by={"early_config_prune": prune_oversized(BLOCK_E="E", BLOCK_D="D")})
 @triton.jit
 def _scatter_add_kernel(seg_ptr, idx_ptr, w_ptr, dense_ptr, out_ptr, sums_ptr, E, D,
                         stride_dense_row, stride_dense_col, stride_out_seg, stride_out_col,
