@@ -123,7 +123,11 @@ def use_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
         return True
     batch, d = x.shape
     n = W_enc.shape[1]
-    return x.is_cuda and n >= SCREEN_MIN_N_OVER_K * k and 2.0 * batch * d * n >= SCREEN_MIN_FLOP
+    return _on_cuda(x) and n >= SCREEN_MIN_N_OVER_K * k and 2.0 * batch * d * n >= SCREEN_MIN_FLOP
+
+
+def _on_cuda(x: Tensor) -> bool:
+    return x.is_cuda
 
 
 def _gamma(count: int, unit: float) -> float:
