@@ -10,7 +10,7 @@ contiguous in a's dtype. Tiles accumulate in float32. Epilogues (applied to pre 
 - ``mul``       pre * aux[row, col] (the ghost-grads backward: grad_pre = (grad_g @ V.T) * exp(pre))
 - ``screen``    the bf16 screen's bounds (``screen.py``): out = pre - margin, and pre - margin's upper twin
                 pre + margin stored in ``pre``, margin[r, c] = aux[0, r] * threshold[0, c]
-                + aux[1, r] * threshold[1, c] + SCREEN_REL * (|pre| + |bias[c]|) + aux[2, r]
+                + aux[1, r] * threshold[1, c] + SCREEN_REL * |pre| + aux[2, r]
 
 Used by topk_encode/batchtopk_encode (pre-activations, then selection), relu_encode,
 jumprelu_encode, the dense encoders' backward GEMMs and the ghost-grads term.
@@ -100,16 +100,13 @@ def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_pt
     elif EPILOGUE == 4:
         acc = acc * tl.load(aux_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
     elif EPILOGUE == 5:
-        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         coef_err = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
         coef_w = tl.load(aux_ptr + M + rows, mask=row_ok, other=0.0)
         floor = tl.load(aux_ptr + 2 * M + rows, mask=row_ok, other=0.0)
         err_norm = tl.load(threshold_ptr + cols, mask=col_ok, other=0.0)
         w_norm = tl.load(threshold_ptr + N + cols, mask=col_ok, other=0.0)
         margin = (coef_err[:, None] * err_norm[None, :] + coef_w[:, None] * w_norm[None, :]
-                  + SCREEN_REL * (tl.abs(acc) + tl.abs(bias)[None, :]) + floor[:, None])
+                  + SCREEN_REL * tl.abs(acc) + floor[:, None])
         tl.store(pre_ptr + out_offsets, acc + margin, mask=out_mask)
         acc = acc - margin
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -60,7 +60,7 @@ The epilogue's a = fl(S + b) is one IEEE float32 add (CUDA cores, round to neare
 (flushed products and sums), ||x|| <= ||x'|| + ||dx||, ||w|| <= ||w'|| + ||dw||, and
 |R - (D + b)| <= u |R|. Summing (i)-(iv):
 
-    |R - a| <= coef_err ||dw|| + coef_w ||w'|| + rel (|a| + |b|) + floor,
+    |R - a| <= coef_err ||dw|| + coef_w ||w'|| + rel |a| + floor,
     coef_err = (||x'|| + ||dx||) (1 + gamma(d, u)),
     coef_w   = ||dx|| + gamma(4d, 2^-23) ||x'|| + gamma(d, u) (||x'|| + ||dx||),
 
@@ -153,11 +153,11 @@ def column_norms(W_enc: Tensor) -> Tensor:
     return torch.stack([(W_enc.double() - rounded).norm(dim=0), rounded.norm(dim=0)]).float()
 
 
-def screen_bounds(a: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """Plain torch, the screen epilogue's arithmetic: a [B, n] float32, b_enc [n], rows [3, B]
+def screen_bounds(a: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain torch, the screen epilogue's arithmetic: a [B, n] float32, rows [3, B]
     (row_coefficients), cols [2, n] (column_norms) -> (a - margin, a + margin), each [B, n]."""
     margin = (rows[0, :, None] * cols[0][None, :] + rows[1, :, None] * cols[1][None, :]
-              + REL * (a.abs() + b_enc.abs()[None, :]) + rows[2, :, None])
+              + REL * a.abs() + rows[2, :, None])
     return a - margin, a + margin
 
 
@@ -169,7 +169,7 @@ def bounds(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor] | N
     if perturb is None:
         lower, upper = gemm(x_bf16, W_bf16, b_enc, "screen", threshold=cols, aux=rows)
     else:
-        lower, upper = screen_bounds(perturb(gemm(x_bf16, W_bf16, b_enc, out_dtype=torch.float32)), b_enc, rows, cols)
+        lower, upper = screen_bounds(perturb(gemm(x_bf16, W_bf16, b_enc, out_dtype=torch.float32)), rows, cols)
     if not bool(torch.isfinite(lower).all() & torch.isfinite(upper).all()):
         return None
     return lower, upper
@@ -248,7 +248,7 @@ def _bounds_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, 
     a = x.bfloat16().float() @ W_enc.bfloat16().float() + b_enc  # exact products, float32 sums
     if perturb is not None:
         a = perturb(a)
-    lower, upper = screen_bounds(a, b_enc, row_coefficients(x), column_norms(W_enc))
+    lower, upper = screen_bounds(a, row_coefficients(x), column_norms(W_enc))
     if not bool(torch.isfinite(lower).all() & torch.isfinite(upper).all()):
         return None
     return lower, upper

@@ -146,7 +146,7 @@ def adversarial_gemm(x, W, b, k):
     """A screen GEMM result that errs by (all but 1e-3 of) the full bound, against the selection:
     each row's k largest recomputed values R pushed down, every other entry pushed up."""
     R = every_recomputed(x, W, b)
-    lower, upper = screen.screen_bounds(R, b, screen.row_coefficients(x), screen.column_norms(W))
+    lower, upper = screen.screen_bounds(R, screen.row_coefficients(x), screen.column_norms(W))
     margin = (upper - lower) / 2
     top = torch.zeros_like(R, dtype=torch.bool).scatter_(1, R.topk(k, dim=1).indices, True)
     return torch.where(top, R - 0.999 * margin, R + 0.999 * margin), R
@@ -188,8 +188,8 @@ def test_the_bound_holds_on_adversarial_dynamic_range():
     R = every_recomputed(x, W, b)
     assert torch.all(lower <= R) and torch.all(R <= upper)
     assert torch.all(lower.double() <= exact) and torch.all(exact <= upper.double())
-    plain = screen.screen_bounds(x.bfloat16().float() @ W.bfloat16().float() + b, b,
-                                 screen.row_coefficients(x), screen.column_norms(W))
+    plain = screen.screen_bounds(x.bfloat16().float() @ W.bfloat16().float() + b, screen.row_coefficients(x),
+                                 screen.column_norms(W))
     # The fused epilogue computes what screen_bounds does (a itself may differ by its float32 roundings).
     margin, a = (upper - lower) / 2, (upper + lower) / 2
     slack = 0.01 * margin + 2.0**-22 * a.abs()
