@@ -117,7 +117,9 @@ def screen_mode() -> str:
 def use_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
     """Whether a TopK/BatchTopK encoder of x [B, d] with W_enc [d, n] and k per row is screened."""
     mode = screen_mode()
-    if mode == "off" or x.dtype != torch.float32 or W_enc.dtype != torch.float32 or x.shape[1] >= MAX_D:
+    if mode == "off" or x.dtype != torch.float32 or W_enc.dtype != torch.float32:
+        return False
+    if not 0 < x.shape[1] < MAX_D or x.shape[0] == 0 or W_enc.shape[1] == 0:  # empty: nothing to screen
         return False
     if mode == "on":
         return True

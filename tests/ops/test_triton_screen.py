@@ -289,11 +289,14 @@ def test_on_a_gpu_the_screen_matches_the_unscreened_float32_path_and_its_bound_h
     clear = (sorted_pre[:, k - 1] - sorted_pre[:, k]) > 1e-4  # rows whose k-th value stands clear
     want = pre.topk(k, dim=1).indices.sort(dim=1).values
     assert torch.equal(top_on.indices.sort(dim=1).values[clear], want[clear])
-    assert torch.equal(top_on.indices[clear], top_off.indices[clear])
+    assert torch.equal(top_on.indices.sort(dim=1).values[clear], top_off.indices.sort(dim=1).values[clear])
     torch.testing.assert_close(top_on.values, top_off.values, rtol=1e-5, atol=1e-5)
-    assert (batch_on.rows == batch_off.rows).float().mean() > 0.999
-    # The bound on the tensor cores' own rounding, with a large dynamic range.
-    x = x * torch.logspace(-20, 20, batch, device="cuda")[:, None]
-    lower, upper = screen.bounds(x, W, b)
-    exact = x.double() @ W.double() + b.double()
-    assert torch.all(lower.double() <= exact) and torch.all(exact <= upper.double())
+    flat_on, flat_off = batch_on.rows * n + batch_on.cols, batch_off.rows * n + batch_off.cols
+    assert torch.isin(flat_on, flat_off).float().mean() > 0.999  # all but float32 near-ties
+    # The bound on the tensor cores' own rounding: a large dynamic range, and all-positive products
+    # (no cancellation: truncation errors all of one sign, the accumulation's worst case).
+    scaled = x * torch.logspace(-20, 20, batch, device="cuda")[:, None]
+    for xs, Ws in ((scaled, W), (x.abs(), W.abs())):
+        lower, upper = screen.bounds(xs, Ws, b)
+        exact = xs.double() @ Ws.double() + b.double()
+        assert torch.all(lower.double() <= exact) and torch.all(exact <= upper.double())
