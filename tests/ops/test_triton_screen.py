@@ -198,6 +198,49 @@ def test_the_bound_holds_on_adversarial_dynamic_range():
     assert torch.all((upper.double() - lower.double()) / 2 <= 2.0**-6 * scale)
 
 
+def truncating_tensor_core_gemm(x: torch.Tensor, W: torch.Tensor, block: int) -> torch.Tensor:
+    """bf16(x) @ bf16(W) [B, n] as Fasi et al. (2021) measured NVIDIA tensor cores sum in float32:
+    per step, `block` exact products and the accumulator aligned to the largest addend's exponent
+    with the bits below its 24th truncated, summed, and the sum truncated (not rounded) to 24 bits."""
+    products = x.bfloat16().double()[:, :, None] * W.bfloat16().double()[None, :, :]  # exact
+    acc = torch.zeros(x.shape[0], W.shape[1], dtype=torch.float64)
+
+    def truncate(v, exponent):
+        quantum = torch.exp2(exponent - 23)
+        return torch.trunc(v / quantum) * quantum
+
+    for start in range(0, x.shape[1], block):
+        addends = torch.cat([acc[:, None, :], products[:, start:start + block, :]], dim=1)
+        largest = addends.abs().amax(dim=1, keepdim=True)
+        exponent = torch.floor(torch.log2(largest.clamp_min(2.0**-126)))
+        total = truncate(addends, exponent).sum(dim=1)
+        acc = truncate(total, torch.floor(torch.log2(total.abs().clamp_min(2.0**-126))))
+    return acc.float()
+
+
+@pytest.mark.parametrize("block", [1, 8, 16])
+def test_the_bound_covers_a_truncating_tensor_core_and_the_selection_stays_exact(block, monkeypatch):
+    """The worst accumulation the bound claims to cover, emulated: all-positive products (every
+    truncation errs the same way) on d=256; the screen fed this GEMM still selects exactly."""
+    gen = fresh_generator()
+    batch, d, n, k = 6, 256, 96, 8
+    x = torch.rand(batch, d, generator=gen) + 0.5
+    W = torch.rand(d, n, generator=gen) * torch.logspace(-3, 3, n)[None, :]
+    b = torch.randn(n, generator=gen)
+    a = truncating_tensor_core_gemm(x, W, block) + b
+    lower, upper = screen.screen_bounds(a, screen.row_coefficients(x), screen.column_norms(W))
+    exact = x.double() @ W.double() + b.double()
+    R = every_recomputed(x, W, b)
+    assert torch.all(lower <= R) and torch.all(R <= upper)
+    assert torch.all(lower.double() <= exact) and torch.all(exact <= upper.double())
+    sum_error = (a.double() - b.double() - x.bfloat16().double() @ W.bfloat16().double()).abs()
+    assert sum_error.max() > 0  # the emulation truncates: it is not float64 in disguise
+    monkeypatch.setattr(screen, "perturb", lambda _: a)
+    values, indices = screen.topk_encode_screened(x, W, b, k)
+    want = R.topk(k, dim=1)
+    assert torch.equal(indices, want.indices) and torch.equal(values, torch.relu(want.values))
+
+
 def test_screened_topk_on_gaussian_data_recomputes_few_candidates(screen_on):
     """The screen's point: a few times k candidates per row, not n (d=64, n=1024, k=16)."""
     gen = fresh_generator()
