@@ -1,16 +1,13 @@
 """Tiled GEMM with a fused epilogue: out = epilogue(a @ b + bias), the encoders' workhorse.
 
 a [M, K] and b [K, N] may be any strided views (W_enc.t(), x.t(): no copies); out [M, N] is
-contiguous in a's dtype. Tiles accumulate in float32. Epilogues (applied to pre = a @ b + bias):
+contiguous in a's dtype (or float32). Tiles accumulate in float32. Epilogues (applied to pre = a @ b + bias):
 
 - ``none``      pre
 - ``relu``      relu(pre)
 - ``jumprelu``  pre * (pre > threshold[col]), also storing pre itself (the threshold's gradient needs it)
 - ``exp``       exp(pre) (the ghost-grads pre-activations)
 - ``mul``       pre * aux[row, col] (the ghost-grads backward: grad_pre = (grad_g @ V.T) * exp(pre))
-- ``screen``    the bf16 screen's bounds (``screen.py``): out = pre - margin, and pre - margin's upper twin
-                pre + margin stored in ``pre``, margin[r, c] = aux[0, r] * threshold[0, c]
-                + aux[1, r] * threshold[1, c] + SCREEN_REL * |pre| + aux[2, r]
 
 Used by topk_encode/batchtopk_encode (pre-activations, then selection), relu_encode,
 jumprelu_encode, the dense encoders' backward GEMMs and the ghost-grads term.
@@ -23,9 +20,7 @@ import triton.language as tl
 
 from ._config import INTERPRETING, check_dtype, configs, dot_precision, prune_oversized, upcast_inputs
 
-EPILOGUES = {"none": 0, "relu": 1, "jumprelu": 2, "exp": 3, "mul": 4, "screen": 5}
-# The screen epilogue's relative term (screen.py derives it): float32 roundings of pre and of pre -+ margin.
-SCREEN_REL = tl.constexpr(2.0**-20)
+EPILOGUES = {"none": 0, "relu": 1, "jumprelu": 2, "exp": 3, "mul": 4}
 
 # Configs differ only in output tiling, warps and stages; BLOCK_K (the order in which each output
 # element sums over K) is chosen by dtype in the launcher, so autotuning never changes results.
@@ -99,16 +94,6 @@ def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_pt
         acc = tl.exp(acc)
     elif EPILOGUE == 4:
         acc = acc * tl.load(aux_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
-    elif EPILOGUE == 5:
-        coef_err = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
-        coef_w = tl.load(aux_ptr + M + rows, mask=row_ok, other=0.0)
-        floor = tl.load(aux_ptr + 2 * M + rows, mask=row_ok, other=0.0)
-        err_norm = tl.load(threshold_ptr + cols, mask=col_ok, other=0.0)
-        w_norm = tl.load(threshold_ptr + N + cols, mask=col_ok, other=0.0)
-        margin = (coef_err[:, None] * err_norm[None, :] + coef_w[:, None] * w_norm[None, :]
-                  + SCREEN_REL * tl.abs(acc) + floor[:, None])
-        tl.store(pre_ptr + out_offsets, acc + margin, mask=out_mask)
-        acc = acc - margin
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -116,24 +101,23 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epi
          threshold: torch.Tensor | None = None, aux: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None):
     """epilogue(a @ b + bias): a [M, K], b [K, N], bias [N] -> [M, N] contiguous, in out_dtype
-    (default a's dtype; float32 keeps a 16-bit GEMM's float32 accumulator as it is).
+    (default a's dtype; float32 keeps a 16-bit GEMM's float32 accumulator as it is: the bf16 screen).
 
     ``threshold`` [N] (already exp(log_threshold)) for ``jumprelu``, which returns (out, pre);
-    ``aux`` [M, N] for ``mul``; for ``screen`` (returns (lower, upper), float32) ``threshold`` is
-    [2, N] (the columns' error and rounded norms) and ``aux`` [3, M] (the rows' coefficients and floor).
+    ``aux`` [M, N] for ``mul``.
     """
     check_dtype(a, b)
     M, K = a.shape
     N = b.shape[1]
     code = EPILOGUES[epilogue]
-    out = torch.empty((M, N), dtype=torch.float32 if code == 5 else out_dtype or a.dtype, device=a.device)
-    pre = torch.empty_like(out) if code in (2, 5) else out
-    if code in (2, 5):
+    out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
+    pre = torch.empty_like(out) if code == 2 else out
+    if code == 2:
         threshold = threshold.contiguous()
-    if code in (4, 5):
+    if code == 4:
         aux = aux.contiguous()
     if M == 0 or N == 0:
-        return (out, pre) if code in (2, 5) else out
+        return (out, pre) if code == 2 else out
     if K == 0:  # tl.dot needs at least one K tile; an empty sum is zero
         a = a.new_zeros(M, 1)
         b = b.new_zeros(1, N)
@@ -147,4 +131,4 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epi
                        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                        HAS_BIAS=bias is not None, EPILOGUE=code, UPCAST=upcast_inputs(a.dtype),
                        PRECISION=dot_precision(a.dtype), BLOCK_K=_block_k(a.dtype))
-    return (out, pre) if code in (2, 5) else out
+    return (out, pre) if code == 2 else out

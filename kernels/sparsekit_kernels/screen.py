@@ -6,19 +6,29 @@ float32 GEMM the float32 encoders use (no tensor cores). Its result is not the f
 lies within a bound computed entry by entry from the norms of the rows of x, the columns of W_enc
 and their bf16 rounding errors (derived below). So, for x [B, d], W_enc [d, n], b_enc [n]:
 
-1. one GEMM (``gemm.py``, epilogue ``screen``) of x' = bf16(x) [B, d] and W' = bf16(W_enc)
-   [d, n] on the tensor cores, accumulating in float32, adds b_enc and writes per entry the lower
-   and upper bounds ``lower = a - margin``, ``upper = a + margin`` [B, n] (float32) of the value R
-   the recompute (step 3) would give, where a = fl(x' . w' + b);
-2. TopK: per row, the k-th largest lower bound t_r (the radix select of ``select.py``) and the
-   candidates, every entry with upper >= t_r. BatchTopK: t = the B*k-th largest lower bound over
-   the batch (and the float32 path runs instead unless t > 0, as relu's zeros would then take part);
-3. the candidates' pre-activations recomputed in float32 from x and W_enc^T, one fixed summation
-   order (``sparse.sampled_dot``: chunks of BLOCK_D summed in a fixed tree, then in sequence), plus
-   b_enc: R [E];
-4. the selection among the candidates, by R, ties to the lower index (TopK: the row's radix select
-   on the candidates padded with -inf, in column order; BatchTopK: the flat radix select over the
+1. one GEMM (``gemm.py``, float32 output) of x' = bf16(x) [B, d] and W' = bf16(W_enc) [d, n] on
+   the tensor cores, accumulating in float32, plus b_enc: a [B, n] float32;
+2. coarse candidates, one margin M_r per row (the columns' largest norms, |a| bounded per row;
+   ``row_margins``), so the pass over [B, n] is one comparison against a per-row threshold. TopK:
+   a_k = the row's k-th largest a (the radix select of ``select.py``); every entry with
+   a >= a_k - 2 M_r. BatchTopK: t_c = the B*k-th largest of fl(a - M_r) over the batch (radix
+   select); every entry with a >= t_c - M_r (and the float32 path runs instead unless t_c > 0, as
+   relu's zeros would then take part);
+3. fine candidates, among the coarse ones, with each entry's own bounds lower/upper = a -+ margin
+   (``screen_bounds``, float64): TopK per row t_r = the k-th largest lower bound, BatchTopK t = the
+   B*k-th over the batch; every entry with upper >= t. The coarse set holds all of them: each
+   lower bound is >= a - M_r, so t_r >= a_k - M_r (t >= t_c), and upper >= t then gives
+   a >= t - margin >= a_k - 2 M_r (a >= t_c - M_r);
+4. the fine candidates' pre-activations recomputed in float32 from x and W_enc^T, one fixed
+   summation order (``sparse.sampled_dot``: chunks of BLOCK_D summed in a fixed tree, then in
+   sequence), plus b_enc: R [E];
+5. the selection among them, by R, ties to the lower index (TopK: the row's radix select on the
+   candidates padded with -inf, in column order; BatchTopK: the flat radix select over the
    candidates in row-major order).
+
+A first version fused the per-entry bounds into the GEMM's epilogue (two float32 outputs, four
+norm vectors): compiled for sm_90 it needed twice the plain GEMM's registers and spilled up to
+1.9 KB per thread on the large tiles, so the per-entry work moved to the sparse coarse set.
 
 Why this is exact: every entry satisfies lower <= R <= upper (below). The k largest R of a row are
 each >= the k-th largest R >= the k-th largest lower bound t_r (k entries have R >= lower >= t_r),
@@ -64,19 +74,19 @@ The epilogue's a = fl(S + b) is one IEEE float32 add (CUDA cores, round to neare
     coef_err = (||x'|| + ||dx||) (1 + gamma(d, u)),
     coef_w   = ||dx|| + gamma(4d, 2^-23) ||x'|| + gamma(d, u) (||x'|| + ||dx||),
 
-per row (coef_err, coef_w) and per column (||dw||, ||w'||). The norms are computed in float64
-(no square under- or overflows) and rounded to float32; the coefficients carry a 1.0625 safety
-factor that covers those roundings, the u |R| term's margin part and the epilogue's own float32
-arithmetic; rel = 2^-20 covers (iii), u |R|'s |a| part and the rounding of a -+ margin (each at most
-u (|a| + margin)); floor = (4d + 16) 2^-126 covers every flushed product and sum and each
-coefficient product that underflows. Non-finite bounds (bf16 overflow near float32's maximum, a
-norm past float32) send the call to the float32 path, as does d >= 2^20 (gamma's premise).
+per row (coef_err, coef_w) and per column (||dw||, ||w'||). The norms and the bounds are computed
+in float64 (no square under- or overflows; a -+ margin rounds by ~2^-53); the coefficients carry a
+1.0625 safety factor that covers those roundings and the u |R| term's margin part; rel = 2^-20
+covers (iii) and u |R|'s |a| part; floor = (4d + 16) 2^-126 covers every flushed product and sum.
+The coarse margin M_r adds room for the float32 rounding of a - M_r. A non-finite a (bf16
+overflows near float32's maximum) sends the call to the float32 path, as does d >= 2^20
+(gamma's premise).
 
 The crossover is **unmeasured on a GPU**: ``auto`` screens float32 encoders on CUDA when
 n >= SCREEN_MIN_N_OVER_K * k and the GEMM is at least SCREEN_MIN_FLOP, figures carried over from
 the CPU screen's measured crossover (``sparsekit.ops.cpu.screen``); the first GPU run should time
-both paths at bench/gpu.py's shapes and set them. The screen syncs with the host twice per call
-(the candidate count, BatchTopK's threshold check).
+both paths at bench/gpu.py's shapes and set them. The screen syncs with the host a few times per
+call (the finiteness check, the candidate counts, BatchTopK's threshold check).
 
 SPARSEKIT_GPU_BF16_SCREEN=auto (default) | on | off: ``on`` screens every float32 TopK and
 BatchTopK encoder on the Triton path (tests; CPU tensors under the interpreter too), ``off`` never.
@@ -89,14 +99,14 @@ import os
 import torch
 from torch import Tensor
 
-from .gemm import SCREEN_REL, gemm
+from .gemm import gemm
 from .select import batch_topk, topk_rows
 from .sparse import sampled_dot
 
 SCREEN_MIN_FLOP = 2**30  # ~1.07 GFLOP: unmeasured on a GPU (see above)
 SCREEN_MIN_N_OVER_K = 64
 SAFETY = 1.0625
-REL = float(SCREEN_REL.value)
+REL = 2.0**-20
 MAX_D = 2**20
 
 stats = {"calls": 0, "rows": 0, "candidates": 0}  # running totals, for benchmarks and tests
@@ -137,7 +147,8 @@ def _gamma(count: int, unit: float) -> float:
 
 
 def row_coefficients(x: Tensor) -> Tensor:
-    """x [B, d] float32 -> [3, B] float32: per row coef_err, coef_w and the floor (module docstring)."""
+    """x [B, d] float32 -> [4, B] float64: per row coef_err, coef_w, the floor (module docstring)
+    and ||x'||."""
     d = x.shape[1]
     rounded = x.bfloat16().double()
     x_norm = rounded.norm(dim=1)
@@ -146,35 +157,56 @@ def row_coefficients(x: Tensor) -> Tensor:
     coef_err = SAFETY * (x_norm + err_norm) * (1.0 + g_dot)
     coef_w = SAFETY * (err_norm + g_gemm * x_norm + g_dot * (x_norm + err_norm))
     floor = torch.full_like(x_norm, (4 * d + 16) * 2.0**-126)
-    return torch.stack([coef_err, coef_w, floor]).float()
+    return torch.stack([coef_err, coef_w, floor, x_norm])
 
 
 def column_norms(W_enc: Tensor) -> Tensor:
-    """W_enc [d, n] float32 -> [2, n] float32: per column ||dw|| and ||w'|| (w' = bf16(w), dw = w - w')."""
+    """W_enc [d, n] float32 -> [2, n] float64: per column ||dw|| and ||w'|| (w' = bf16(w), dw = w - w')."""
     rounded = W_enc.bfloat16().double()
-    return torch.stack([(W_enc.double() - rounded).norm(dim=0), rounded.norm(dim=0)]).float()
+    return torch.stack([(W_enc.double() - rounded).norm(dim=0), rounded.norm(dim=0)])
 
 
 def screen_bounds(a: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """Plain torch, the screen epilogue's arithmetic: a [B, n] float32, rows [3, B]
-    (row_coefficients), cols [2, n] (column_norms) -> (a - margin, a + margin), each [B, n]."""
-    margin = (rows[0, :, None] * cols[0][None, :] + rows[1, :, None] * cols[1][None, :]
-              + REL * a.abs() + rows[2, :, None])
+    """Per entry, in float64: a (the screen GEMM's, float32), rows [4, ...] and cols [2, ...]
+    broadcastable to it (row_coefficients, column_norms) -> (a - margin, a + margin), a's shape."""
+    a = a.double()
+    margin = rows[0] * cols[0] + rows[1] * cols[1] + REL * a.abs() + rows[2]
     return a - margin, a + margin
 
 
+def row_margins(rows: Tensor, cols: Tensor, b_enc: Tensor) -> Tensor:
+    """[B] float64 margins M_r >= every margin of row r (screen_bounds), with room for the float32
+    rounding of a - M_r: the columns' largest norms, and |a| <= (1 + gamma(4d, 2^-23)) ||x'|| max ||w'||
+    + max |b| (+ its rounding). rows [4, B] (row_coefficients), cols [2, n] (column_norms), b_enc [n]."""
+    largest = cols.amax(dim=1) if cols.shape[1] else cols.new_zeros(2)
+    bias = float(b_enc.abs().max()) if b_enc.numel() else 0.0
+    a_max = (1.0 + 2.0**-20) * (rows[3] * largest[1] * 2.0 + bias)  # gamma(4d, 2^-23) < 1: d < 2^20
+    margin = rows[0] * largest[0] + rows[1] * largest[1] + REL * a_max + rows[2]
+    return (margin + 2.0**-22 * (a_max + margin)) * (1.0 + 2.0**-20)
+
+
+def _float32_at_most(t: Tensor) -> Tensor:
+    """float64 -> the largest float32 values <= t."""
+    down = t.float()
+    return torch.where(down.double() > t, torch.nextafter(down, torch.full_like(down, float("-inf"))), down)
+
+
+def screen_gemm(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor | None:
+    """a = fl(bf16(x) @ bf16(W_enc) + b_enc) [B, n] float32 on the tensor cores (float32 accumulation);
+    None when a is not finite (bf16 overflow)."""
+    a = gemm(x.bfloat16(), W_enc.bfloat16(), b_enc, out_dtype=torch.float32)
+    if perturb is not None:
+        a = perturb(a)
+    return a if bool(torch.isfinite(a).all()) else None
+
+
 def bounds(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(lower, upper) [B, n] float32 bounds of every recomputed pre-activation, from one bf16 GEMM
-    with float32 accumulation; None when a bound is not finite."""
-    rows, cols = row_coefficients(x), column_norms(W_enc)
-    x_bf16, W_bf16 = x.bfloat16(), W_enc.bfloat16()
-    if perturb is None:
-        lower, upper = gemm(x_bf16, W_bf16, b_enc, "screen", threshold=cols, aux=rows)
-    else:
-        lower, upper = screen_bounds(perturb(gemm(x_bf16, W_bf16, b_enc, out_dtype=torch.float32)), rows, cols)
-    if not bool(torch.isfinite(lower).all() & torch.isfinite(upper).all()):
+    """Every entry's (lower, upper) [B, n] float64 bounds on its recomputed pre-activation (tests;
+    the screen itself bounds only the coarse candidates entry by entry); None as screen_gemm."""
+    a = screen_gemm(x, W_enc, b_enc)
+    if a is None:
         return None
-    return lower, upper
+    return screen_bounds(a, row_coefficients(x)[:, :, None], column_norms(W_enc)[:, None, :])
 
 
 def recompute(x: Tensor, W_t: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -190,7 +222,7 @@ def _count(rows: int, candidates: int) -> None:
 
 
 def _padded_rows(values: Tensor, rows: Tensor, cols: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-    """Candidates in row-major order (values, rows, cols [E]) -> per row, in column order, padded
+    """Entries in row-major order (values, rows, cols [E]) -> per row, in column order, padded
     with -inf: (values [B, C], cols [B, C]), C the largest count."""
     counts = torch.bincount(rows, minlength=batch)
     width = int(counts.max()) if rows.numel() else 0
@@ -203,22 +235,37 @@ def _padded_rows(values: Tensor, rows: Tensor, cols: Tensor, batch: int) -> tupl
     return padded, padded_cols
 
 
+def _fine_bounds(a: Tensor, row_coefs: Tensor, col_norms: Tensor, rows: Tensor, cols: Tensor):
+    """Coarse candidates (rows, cols [E]) -> their per-entry (lower, upper) [E] float64."""
+    return screen_bounds(a[rows, cols], row_coefs[:, rows], col_norms[:, cols])
+
+
 def topk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """The float32 top-k of relu(x @ W_enc + b_enc) per row, screened by a bf16 GEMM.
     x [B, d], W_enc [d, n], b_enc [n] float32 -> (values [B, k] descending, indices [B, k] int64),
-    ties to the lower index; None when the float32 path must run (a bound is not finite)."""
+    ties to the lower index; None when the float32 path must run (bf16 overflow)."""
     x, W_enc, b_enc = x.detach().contiguous(), W_enc.detach(), b_enc.detach().contiguous()
-    found = bounds(x, W_enc, b_enc)
-    if found is None:
+    batch = x.shape[0]
+    a = screen_gemm(x, W_enc, b_enc)
+    if a is None:
         return None
-    lower, upper = found
-    _, top = topk_rows(lower, k)
-    threshold = lower.gather(1, top).amin(dim=1)  # the k-th largest lower bound per row
-    rows, cols = torch.nonzero(upper >= threshold[:, None], as_tuple=True)
+    row_coefs, col_norms = row_coefficients(x), column_norms(W_enc)
+    # Coarse: one margin per row. The k-th largest a, a_k, less M_r bounds the k-th largest R from
+    # below, so every candidate has a >= a_k - 2 M_r.
+    _, top = topk_rows(a, k)
+    a_k = a.gather(1, top).amin(dim=1).double()
+    coarse = a >= _float32_at_most(a_k - 2.0 * row_margins(row_coefs, col_norms, b_enc))[:, None]
+    rows, cols = torch.nonzero(coarse, as_tuple=True)
+    # Fine: per entry, among the coarse ones (which hold every entry the fine test could keep).
+    lower, upper = _fine_bounds(a, row_coefs, col_norms, rows, cols)
+    padded_lower, _ = _padded_rows(lower, rows, cols, batch)
+    threshold = padded_lower.topk(k, dim=1).values[:, -1]
+    keep = upper >= threshold[rows]
+    rows, cols = rows[keep], cols[keep]
     exact = recompute(x, W_enc.t().contiguous(), b_enc, rows, cols)
-    padded, padded_cols = _padded_rows(exact, rows, cols, x.shape[0])
+    padded, padded_cols = _padded_rows(exact, rows, cols, batch)
     values, slots = topk_rows(padded, k)
-    _count(x.shape[0], rows.numel())
+    _count(batch, rows.numel())
     return values, padded_cols.gather(1, slots)
 
 
@@ -226,18 +273,24 @@ def batchtopk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor,
                               k: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """BatchTopK screened by a bf16 GEMM: the B*k largest of relu(x @ W_enc + b_enc), exact
     float32, ties to the lower flat index, as flat COO in row-major order (values, rows, cols, each
-    [B*k]); None when the float32 path must run (a bound is not finite, or the B*k-th largest lower
-    bound is not positive)."""
+    [B*k]); None when the float32 path must run (bf16 overflow, or the B*k-th largest lower bound
+    is not positive)."""
     x, W_enc, b_enc = x.detach().contiguous(), W_enc.detach(), b_enc.detach().contiguous()
     m = x.shape[0] * k
-    found = bounds(x, W_enc, b_enc)
-    if found is None:
+    a = screen_gemm(x, W_enc, b_enc)
+    if a is None:
         return None
-    lower, upper = found
-    threshold = batch_topk(lower, m)[0].amin()
-    if not bool(threshold > 0):
+    row_coefs, col_norms = row_coefficients(x), column_norms(W_enc)
+    margins = row_margins(row_coefs, col_norms, b_enc)
+    # Coarse: fl(a - M_r) <= every lower bound; its m-th largest t_c; candidates have a >= t_c - M_r.
+    coarse_floor = batch_topk(a - margins.float()[:, None], m)[0].amin().double()
+    if not bool(coarse_floor > 0):
         return None
-    rows, cols = torch.nonzero(upper >= threshold, as_tuple=True)
+    rows, cols = torch.nonzero(a >= _float32_at_most(coarse_floor - margins)[:, None], as_tuple=True)
+    lower, upper = _fine_bounds(a, row_coefs, col_norms, rows, cols)
+    threshold = lower.topk(m).values[-1]
+    keep = upper >= threshold
+    rows, cols = rows[keep], cols[keep]
     exact = recompute(x, W_enc.t().contiguous(), b_enc, rows, cols)
     values, _, slots = batch_topk(exact[None, :], m)
     _count(x.shape[0], rows.numel())
@@ -246,14 +299,20 @@ def batchtopk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor,
 
 # --- the reference: the same screened selection in plain torch ----------------------------------
 
-def _bounds_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor] | None:
+def _candidates_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int | None, m: int | None):
+    """Every entry's bounds (no coarse stage) -> candidates (rows, cols), row-major; None as the fast path."""
     a = x.bfloat16().float() @ W_enc.bfloat16().float() + b_enc  # exact products, float32 sums
     if perturb is not None:
         a = perturb(a)
-    lower, upper = screen_bounds(a, row_coefficients(x), column_norms(W_enc))
-    if not bool(torch.isfinite(lower).all() & torch.isfinite(upper).all()):
+    if not bool(torch.isfinite(a).all()):
         return None
-    return lower, upper
+    lower, upper = screen_bounds(a, row_coefficients(x)[:, :, None], column_norms(W_enc)[:, None, :])
+    if k is not None:
+        return torch.nonzero(upper >= lower.topk(k, dim=1).values[:, -1:], as_tuple=True)
+    threshold = lower.flatten().topk(m).values[-1]
+    if not bool(threshold > 0):
+        return None
+    return torch.nonzero(upper >= threshold, as_tuple=True)
 
 
 def _recompute_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -264,20 +323,17 @@ def topk_encode_screened_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor,
                                    k: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """topk_encode_screened in plain torch -> (values [B, k], indices [B, k], candidates per row [B]),
     or None where the fast path gives None."""
-    found = _bounds_reference(x, W_enc, b_enc)
+    found = _candidates_reference(x, W_enc, b_enc, k, None)
     if found is None:
         return None
-    lower, upper = found
-    threshold = lower.topk(k, dim=1).values[:, -1]
-    rows, cols = torch.nonzero(upper >= threshold[:, None], as_tuple=True)
+    rows, cols = found
     exact = _recompute_reference(x, W_enc, b_enc, rows, cols)
     # Order: value descending, then column ascending (rows, cols are row-major already).
     order = torch.sort(exact, descending=True, stable=True).indices
     order = order[torch.sort(rows[order], stable=True).indices]
     counts = torch.bincount(rows, minlength=x.shape[0])
     starts = torch.cumsum(counts, 0) - counts
-    first_k = (order.new_tensor(range(k))[None, :] + starts[:, None]).flatten()
-    kept = order[first_k]
+    kept = order[(torch.arange(k)[None, :] + starts[:, None]).flatten()]
     return torch.relu(exact[kept]).view(-1, k), cols[kept].view(-1, k), counts
 
 
@@ -285,14 +341,10 @@ def batchtopk_encode_screened_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor,
                                         k: int) -> tuple[Tensor, Tensor, Tensor, int] | None:
     """batchtopk_encode_screened in plain torch -> (values, rows, cols [B*k] flat order, candidates)."""
     m = x.shape[0] * k
-    found = _bounds_reference(x, W_enc, b_enc)
+    found = _candidates_reference(x, W_enc, b_enc, None, m)
     if found is None:
         return None
-    lower, upper = found
-    threshold = lower.flatten().topk(m).values[-1]
-    if not bool(threshold > 0):
-        return None
-    rows, cols = torch.nonzero(upper >= threshold, as_tuple=True)
+    rows, cols = found
     exact = _recompute_reference(x, W_enc, b_enc, rows, cols)
     kept = torch.sort(torch.sort(exact, descending=True, stable=True).indices[:m]).values
     return exact[kept], rows[kept], cols[kept], rows.numel()
