@@ -222,7 +222,12 @@ def _to_float(value):
 
 def convert(option: Option, value, where: str, yaml: bool):
     """A command-line string or a YAML value -> the option's type; UsageError naming `where` otherwise.
-    (PyYAML reads 3e-4 as a string, so numbers are accepted as strings in YAML too.)"""
+    (PyYAML reads 3e-4 as a string, so numbers are accepted as strings in YAML too.) Integers must fit
+    in 64 bits."""
+    return _checked_ints(option, _converted(option, value, where, yaml), where, value)
+
+
+def _converted(option: Option, value, where: str, yaml: bool):
     if option.optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
         return None
     try:
@@ -257,6 +262,18 @@ def convert(option: Option, value, where: str, yaml: bool):
     except (TypeError, ValueError, OverflowError):
         pass
     raise UsageError(f"{where} must be {expected_type(option, yaml)}, got {value!r}")
+
+
+INT_LIMIT = 2**63  # every count, size and seed goes into a 64-bit integer somewhere (torch, NumPy, C++)
+
+
+def _checked_ints(option: Option, result, where: str, value):
+    """``result`` unchanged when each of its ints fits in 64 bits; UsageError naming ``where`` otherwise
+    (a 24-digit --seed overflowed inside torch, a --total-tokens 1e300 planned a loop it never left)."""
+    items = result if isinstance(result, tuple) else (result,)
+    if any(isinstance(item, int) and not -INT_LIMIT < item < INT_LIMIT for item in items):
+        raise UsageError(f"{where} must fit in a signed 64-bit integer (below 2**63), got {value!r}")
+    return result
 
 
 # --- the command line and the config file --------------------------------------------------------

@@ -91,6 +91,9 @@ def choose_device(name: str):
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # meta holds no data; mps, xpu, ...: no kernels of ours
+        raise UsageError(f"--device {name}: sparsekit trains on cpu or cuda, not {device.type}; "
+                         "use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
