@@ -24,9 +24,11 @@ bytes that must cross HBM at least once, so every figure is a lower bound on tim
 gathers miss in L2 moves up to B·k rows instead (2x-4x more at the bench's shapes). fp32 GEMMs run
 on the FMA units (IEEE float32, TF32 off: the default); bf16 on the tensor cores.
 
-Two designs are shown for the encoder: ``as built`` (GEMM writes pre, selection reads it five times)
-and ``fused`` (a running top-k in the GEMM's epilogue, not built: pre never reaches HBM), which is
-what the step would need to approach the GEMM.
+Three designs are shown for the encoder: ``as built`` (GEMM writes pre, selection reads it five
+times), ``fused`` (a running top-k in the GEMM's epilogue, not built: pre never reaches HBM), and, for
+float32, the bf16 screen as built (``screen.py``: a bf16 GEMM writing float32 a, six passes over a,
+the candidates recomputed in float32; candidates per row as measured where ``SCREEN_CANDIDATES`` has
+the shape, else assumed 4k).
 """
 from __future__ import annotations
 
@@ -59,8 +61,39 @@ class Kernel:
         return "compute" if self.flops / self.peak >= self.bytes / self.bandwidth else "memory"
 
 
-def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100", fused: bool = False) -> list[Kernel]:
-    """Every kernel of one forward + backward TopK step, in order. dtype: "fp32" or "bf16"."""
+# Candidates per row the bf16 screen recomputes in float32 (Gaussian data; the GPU screen's plain-torch
+# reference, same bound as the kernels: docs/backends.md), by (d, n, k); other shapes assume 4k.
+SCREEN_CANDIDATES = {(768, 32768, 32): 66.0, (2048, 131072, 64): 270.0}
+
+
+def screen_candidates(d: int, n: int, k: int) -> tuple[float, bool]:
+    """(candidates per row, measured?) for the bf16 screen at this shape."""
+    if (d, n, k) in SCREEN_CANDIDATES:
+        return SCREEN_CANDIDATES[(d, n, k)], True
+    return min(4.0 * k, n), False
+
+
+def screen_kernels(B: int, d: int, n: int, k: int, card: str = "h100") -> list[Kernel]:
+    """The float32 TopK encoder through the bf16 screen as built (kernels/sparsekit_kernels/screen.py):
+    bf16 GEMM with float32 output a, the row's k-th largest a (radix select: 5 passes), one comparison
+    pass for the coarse candidates, and c candidates per row recomputed in float32."""
+    spec = CARDS[card]
+    c, _ = screen_candidates(d, n, k)
+    codes = B * k * (4 + INDEX_BYTES)
+    return [
+        Kernel("bf16 screen GEMM (float32 a)", 2.0 * B * d * n, 2 * (B * d + d * n) + 4 * B * n, spec["bf16"],
+               spec["hbm"]),
+        Kernel("screen: k-th largest a + coarse pass (6 passes over a)", 0.0, 6 * 4 * B * n, spec["fp32"],
+               spec["hbm"]),
+        Kernel(f"screen: {c:.0f} candidates/row recomputed in fp32", 2.0 * B * c * d,
+               B * c * (4 + INDEX_BYTES) + min(B * c, n) * d * 4 + B * d * 4 + codes, spec["fp32"], spec["hbm"]),
+    ]
+
+
+def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100", fused: bool = False,
+                 screened: bool = False) -> list[Kernel]:
+    """Every kernel of one forward + backward TopK step, in order. dtype: "fp32" or "bf16";
+    ``screened``: the float32 encoder through the bf16 screen; ``fused``: top-k in the GEMM epilogue."""
     spec = CARDS[card]
     s = 4 if dtype == "fp32" else 2
     gemm_peak = spec["fp32"] if dtype == "fp32" else spec["bf16"]
@@ -70,7 +103,9 @@ def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
     weight_rows = min(B * k, n) * d * s  # the distinct rows of W_dec (or columns of W_enc) the codes touch
     batch_rows = B * d * s               # x or grad_y, each row used by its k entries
     kernels = []
-    if fused:
+    if screened:
+        kernels += screen_kernels(B, d, n, k, card)
+    elif fused:
         kernels.append(Kernel("encoder GEMM + fused top-k (not built)", 2.0 * B * d * n,
                               B * d * s + d * n * s + codes, gemm_peak, bw))
     else:
@@ -138,6 +173,14 @@ def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = 
             fused = step_kernels(B, d, n, k, dtype, card, fused=True)
             add("= TopK step, top-k fused into the GEMM (not built)", sum(c.flops for c in fused),
                 sum(c.bytes for c in fused), sum(c.seconds for c in fused), "sum")
+            if dtype == "fp32":
+                screened = step_kernels(B, d, n, k, dtype, card, screened=True)
+                for kern in screened[:3]:
+                    add(kern.name, kern.flops, kern.bytes, kern.seconds, kern.limit)
+                measured_c = screen_candidates(d, n, k)[1]
+                add(f"= TopK step, fp32 through the bf16 screen ({'measured' if measured_c else 'assumed'} "
+                    "candidates)", sum(c.flops for c in screened), sum(c.bytes for c in screened),
+                    sum(c.seconds for c in screened), "sum")
     return rows
 
 

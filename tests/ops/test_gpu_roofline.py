@@ -72,3 +72,15 @@ def test_predict_refuses_a_file_that_is_not_a_bench_report(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"bench/gpu.py: --measured {path}: not a bench/gpu.py JSON report")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("shape", [(4096, 768, 32768, 32), (8192, 2048, 131072, 64), (16384, 4096, 262144, 128)])
+def test_the_screened_float32_step_is_bounded_by_the_bf16_gemm_not_the_fma_units(shape):
+    B, d, n, k = shape
+    screened = gpu_roofline.step_kernels(B, d, n, k, "fp32", "h100", screened=True)
+    plain = gpu_roofline.step_kernels(B, d, n, k, "fp32", "h100")
+    assert screened[0].peak == gpu_roofline.CARDS["h100"]["bf16"] and screened[0].flops == 2.0 * B * d * n
+    assert sum(kern.seconds for kern in screened) < sum(kern.seconds for kern in plain)
+    assert sum(kern.seconds for kern in screened) > gpu_roofline.bf16_gemm_bound(B, d, n, "h100")
+    candidates, measured = gpu_roofline.screen_candidates(d, n, k)
+    assert k <= candidates <= n and measured == ((d, n, k) in gpu_roofline.SCREEN_CANDIDATES)
