@@ -27,10 +27,12 @@ import json
 from pathlib import Path
 
 from sparsekit._util.atomic import atomic_write_bytes
+from sparsekit._util.bounded import load_json
 from sparsekit._util.extras import require
 from sparsekit._util.validate import is_int, is_number
 
 REPORT_SUFFIX = "features.json"
+REPORT_MAX_BYTES = 2**30  # a report keeps top examples per feature: tens of MB for 65k latents
 DASHBOARD_FILE = "dashboard.html"
 
 _STYLE = """
@@ -345,8 +347,8 @@ def read_reports(run_dir) -> dict:
     reports = {}
     for f in files:
         try:
-            reports[f.name[:-len(REPORT_SUFFIX) - 1]] = json.loads(f.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
+            reports[f.name[:-len(REPORT_SUFFIX) - 1]] = load_json(f, REPORT_MAX_BYTES, what="feature report")
+        except ValueError as error:
             raise ValueError(f"{f} is not a JSON feature report: {error}") from None
     for name, report in reports.items():
         if isinstance(report, dict) and "training" not in report:

@@ -38,6 +38,8 @@ import math
 import sys
 from pathlib import Path
 
+from sparsekit._util.bounded import load_yaml
+
 from .train_common import (
     PROG,
     AsFloat32,
@@ -316,6 +318,9 @@ def build_parser(options: list[Option] | None = None) -> argparse.ArgumentParser
     return parser
 
 
+CONFIG_MAX_BYTES = 2**20  # a config of settings is a few hundred bytes
+
+
 def read_config(path: str, options: dict[str, Option]) -> dict:
     """The YAML file's settings, checked: unknown keys and wrong types name the key."""
     import yaml
@@ -324,14 +329,16 @@ def read_config(path: str, options: dict[str, Option]) -> dict:
     if not file.is_file():
         raise UsageError(f"--config {path}: {'is a directory' if file.is_dir() else 'no such file'}")
     try:
-        loaded = yaml.safe_load(file.read_text())
+        loaded = load_yaml(file, max_bytes=CONFIG_MAX_BYTES)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UsageError(f"{path}: not valid YAML: {problem}{line}") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise UsageError(f"--config {path}: cannot read it ({error})") from None
+    except ValueError as error:  # too large, not UTF-8, anchors/aliases, nested too deep
+        raise UsageError(f"--config {error}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

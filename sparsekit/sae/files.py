@@ -1,21 +1,23 @@
 """A saved dictionary's folder: its file names, and the checked JSON and tensor readers every format shares."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from sparsekit._util.bounded import load_json
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 
 
+CONFIG_MAX_BYTES = 16 * 2**20  # a dictionary's cfg.json is a few KB; SAELens's and sparsify's too
+
+
 def read_json_object(config_path: Path) -> dict:
-    """A JSON file that must hold an object (cfg.json); anything else is a ValueError naming the file."""
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    """A JSON file that must hold an object (cfg.json), at most 16 MiB and 64 levels deep; anything
+    else is a ValueError naming the file."""
+    config = load_json(config_path, CONFIG_MAX_BYTES, what="config")
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     return config
