@@ -25,7 +25,7 @@ from sparsekit._util.validate import is_number
 
 from . import hub, registry
 from .dictionary_learning_format import DL_WEIGHTS_FILE, load_dictionary_learning
-from .files import CONFIG_FILE, WEIGHTS_FILE, read_json_object
+from .files import CONFIG_FILE, WEIGHTS_FILE, check_claims, read_json_object, read_weights_header
 from .metadata import layout, read_stamp, stamp
 from .saelens import SAELENS_WEIGHTS_FILE, load_saelens
 from .sparsify_format import load_sparsify
@@ -89,20 +89,20 @@ def load_folder(directory: Path, device=None):
     if layout(config) == "sparsify":
         return load_sparsify(directory, device=device)
     config, metadata = read_stamp(config, config_path)
+    # validate, then allocate: the header (checked against the file's size) must carry cfg.json's
+    # sizes before a dictionary of those sizes is built, and every tensor's name, shape and dtype
+    # before a byte of data is read
+    header = read_weights_header(weights_path)
+    d_in = config.get("d_in")
+    check_claims(config_path, weights_path, header, [("d_in", d_in, "W_enc", 0),
+                                                     ("n_latents", config.get("n_latents"), "W_enc", 1),
+                                                     ("d_out", config.get("d_out", d_in), "W_dec", 1)])
     sae = _build(config, config_path, device)
-    state = _read_weights(weights_path, device)
     expected = dict(sae.state_dict())
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: tensors do not match {sae.architecture!r}: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
+    _check_header(header, expected, sae.architecture, weights_path)
+    state = _read_weights(weights_path, device)
     for name in expected:  # in parameter order: W_enc first
         tensor = state[name]
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, cfg.json implies "
-                             f"{tuple(expected[name].shape)}")
-        if tensor.dtype != expected[name].dtype:
-            raise ValueError(f"{weights_path}: {name} is {tensor.dtype}, cfg.json's dtype implies {expected[name].dtype}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{weights_path}: {name} holds non-finite values (NaN or inf)")
     sae.load_state_dict(state)
@@ -140,6 +140,21 @@ def _build(config: dict, config_path: Path, device):
             raise ValueError(f"{config_path}: field {key}={value!r} is not valid for {architecture!r} "
                              f"(expected a value like {rebuilt[key]!r})")
     return sae
+
+
+def _check_header(header: dict, expected: dict, architecture: str, weights_path: Path) -> None:
+    """The file's tensors, from its header, against the built dictionary's: names, shapes, dtypes."""
+    missing, unexpected = set(expected) - set(header), set(header) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: tensors do not match {architecture!r}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)[:16]}")
+    for name, tensor in expected.items():  # in parameter order: W_enc first
+        entry = header[name]
+        if entry.shape != tuple(tensor.shape):
+            raise ValueError(f"{weights_path}: {name} has shape {entry.shape}, cfg.json implies {tuple(tensor.shape)}")
+        if entry.torch_dtype_name != str(tensor.dtype).removeprefix("torch."):
+            raise ValueError(f"{weights_path}: {name} is {entry.torch_dtype_name} ({entry.dtype}), cfg.json's dtype "
+                             f"implies {str(tensor.dtype).removeprefix('torch.')}")
 
 
 def _read_weights(weights_path: Path, device) -> dict:
