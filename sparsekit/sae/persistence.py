@@ -24,6 +24,7 @@ from sparsekit._util.extras import MissingExtra
 from sparsekit._util.validate import is_number
 
 from . import hub, registry
+from .allocation import check_bytes
 from .dictionary_learning_format import DL_WEIGHTS_FILE, load_dictionary_learning
 from .files import CONFIG_FILE, WEIGHTS_FILE, check_claims, read_json_object, read_weights_header
 from .metadata import layout, read_stamp, stamp
@@ -100,6 +101,7 @@ def load_folder(directory: Path, device=None):
     sae = _build(config, config_path, device)
     expected = dict(sae.state_dict())
     _check_header(header, expected, sae.architecture, weights_path)
+    check_bytes(sum(entry.nbytes for entry in header.values()), device, f"reading {weights_path}")
     state = _read_weights(weights_path, device)
     for name in expected:  # in parameter order: W_enc first
         tensor = state[name]

@@ -299,13 +299,16 @@ def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) ->
     layout = f"SAELens architecture {architecture!r} (cfg.json)"
     sizes = ", ".join(f"{key}={config[key]}" for key in ("d_in", "d_sae", "d_out") if key in config)
     # validate, then allocate: the header's shapes must be cfg.json's before a byte is read
-    check_header(read_weights_header(weights_path), expected, weights_path, layout, claimed_by=f"cfg.json's {sizes}")
+    header = read_weights_header(weights_path)
+    check_header(header, expected, weights_path, layout, claimed_by=f"cfg.json's {sizes}")
+    elements = sum(math.prod(entry.shape) for entry in header.values())
+    check_bytes(sum(entry.nbytes for entry in header.values()) + 2 * 8 * elements, "cpu",
+                f"reading and folding {weights_path} (its tensors, then two float64 copies)")
     try:
         weights = load_file(str(weights_path))
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
     check_tensors(weights, expected, weights_path, layout)
-    check_bytes(2 * sum(8 * t.numel() for t in weights.values()), "cpu", f"folding {weights_path}'s weights in float64")
     return {name: t.double() for name, t in weights.items()}
 
 

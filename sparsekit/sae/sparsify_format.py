@@ -33,6 +33,7 @@ from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.validate import is_int
 
 from . import registry
+from .allocation import check_bytes
 from .files import CONFIG_FILE, WEIGHTS_FILE, check_header, check_tensors, read_json_object, read_weights_header
 from .metadata import check_metadata
 from .transcoder import Transcoder
@@ -56,8 +57,10 @@ def load_sparsify(directory, dtype: torch.dtype | None = None, device=None):
         expected["W_skip"] = (d_in, d_in)
     layout = f"sparsify's layout for this cfg.json (d_in={d_in}, {n} latents)"
     # validate, then allocate: the header's shapes must be cfg.json's before a byte is read
-    check_header(read_weights_header(weights_path), expected, weights_path, layout,
+    header = read_weights_header(weights_path)
+    check_header(header, expected, weights_path, layout,
                  claimed_by=f"{config_path.name}'s d_in={d_in}, {config['latents_from']}")
+    check_bytes(sum(entry.nbytes for entry in header.values()), "cpu", f"reading {weights_path}")
     try:
         tensors = load_file(str(weights_path))
     except Exception as error:  # safetensors raises its own error types for corrupt files
