@@ -21,9 +21,13 @@ limit that does not apply. Nothing here imports torch (a leaf every layer may us
 from __future__ import annotations
 
 import os
-import resource
 from pathlib import Path
 from typing import NamedTuple
+
+try:
+    import resource
+except ImportError:  # Windows: no rlimits
+    resource = None
 
 UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a huge page-aligned number (9223372036854771712)
 
@@ -100,6 +104,8 @@ def cgroup_limits(root="/") -> list[Limit]:
 
 def address_space_limit(root="/") -> Limit | None:
     """``ulimit -v``: RLIMIT_AS's soft limit minus the address space mapped now (VmSize); None when unlimited."""
+    if resource is None or not hasattr(resource, "RLIMIT_AS"):
+        return None
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY:
         return None

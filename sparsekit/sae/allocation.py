@@ -46,9 +46,14 @@ def available(device) -> tuple[int, str] | None:
     return None if limit is None else (limit.available, limit.source)
 
 
+SMALL = 16 * 2**20  # below this, no limit is read: any process that got this far can hold it
+
+
 def check_bytes(needed: int, device, what: str, advice: str = "lower n_latents", detail: str = "") -> None:
     """InsufficientMemory when ``needed`` bytes exceed what ``device`` has available; the message
     says ``what`` needs them (``detail``: of what they are made) and which limit refused them."""
+    if needed <= SMALL:
+        return
     found = available(device)
     if found is None or needed <= found[0]:
         return

@@ -33,7 +33,7 @@ GIB = 1024 ** 3
 # The TopK CPU step's measured extras (docs/reliability.md): one more parameter-sized set for the
 # update's temporaries (measured 1.06x), [B, d] buffers (measured 9.5), and a runtime allowance
 # (measured 13 MiB at one thread) plus each thread's encoder tile.
-TOPK_CPU_UPDATE_SCRATCH = 1.25
+TOPK_CPU_UPDATE_SCRATCH = 1.35
 TOPK_CPU_ACTIVATION_BUFFERS = 12
 TOPK_CPU_RUNTIME = 24 * 2**20
 TOPK_CPU_TILE_PER_THREAD = 2 * 2**20
