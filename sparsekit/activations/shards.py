@@ -38,11 +38,12 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.atomic import atomic_write, fsync_path
+from sparsekit._util.bounded import load_json
 from sparsekit._util.seeding import permutation
 from sparsekit._util.validate import check_epochs, check_seed, check_state, is_int, is_number, positive_int, state_int
 from sparsekit.ops import checks
 
-from .npy import npy_header
+from .npy import npy_header, read_npy
 from .source import Batch
 
 FORMAT = "sparsekit-shards"
@@ -51,40 +52,46 @@ MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32", "float64", "bfloat16")
 BF16 = "bfloat16"
 _SAFETENSORS_HEADER_LIMIT = 1 << 20  # a shard's header names one tensor: a few hundred bytes
+MANIFEST_MAX_BYTES = 256 << 20  # a million shards take about 60 MB
 
 
 # --- writing -------------------------------------------------------------------------------------
 
-def _batch_array(name: str, value, index: int, dtype: np.dtype | str) -> np.ndarray:
-    """A batch's x or y as a 2-D array of dtype; for "bfloat16", the bfloat16 bit patterns as uint16."""
+def _batch_array(name: str, value, index: int, dtype: np.dtype | str, place: Callable[[int], str]) -> np.ndarray:
+    """A batch's x or y as a 2-D array of dtype; for "bfloat16", the bfloat16 bit patterns as uint16.
+    Refuses NaN and Inf, and values the conversion to dtype would turn into inf (float16 beyond
+    65,504, say); place(row) names the shard file and row a batch row would be written to."""
     if isinstance(value, Tensor):
         value = value.detach().cpu()
-        if dtype == BF16 and value.is_floating_point() and value.dim() == 2:
-            finite = torch.isfinite(value).all(dim=1)
-            if not bool(finite.all()):
-                row = int((~finite).nonzero()[0, 0])
-                raise ValueError(f"batch {index}: {name} row {row} holds NaN or Inf; activations must be finite")
-            return value.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        value = (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
     if not isinstance(value, np.ndarray):
         raise ValueError(f"batch {index}: {name} must be a Tensor or numpy array, got {type(value).__name__}")
     if value.ndim != 2:
         raise ValueError(f"batch {index}: {name} must be 2-D [rows, features], got shape {value.shape}")
     if not np.issubdtype(value.dtype, np.floating):
         raise ValueError(f"batch {index}: {name} must be floating-point, got {value.dtype}")
-    finite = np.isfinite(value)
+    finite = np.isfinite(value).all(axis=1)
     if not finite.all():
-        row = int(np.argwhere(~finite.all(axis=1))[0, 0])
-        raise ValueError(f"batch {index}: {name} row {row} holds NaN or Inf; activations must be finite")
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"batch {index}: {name} row {row} holds NaN or Inf; activations must be finite "
+                         f"({place(row)})")
     if dtype == BF16:
-        return _batch_array(name, torch.from_numpy(np.ascontiguousarray(value)), index, dtype)
-    if np.dtype(dtype) == np.float16 and value.size:
+        stored = torch.from_numpy(np.ascontiguousarray(value)).to(torch.bfloat16)
+        finite = torch.isfinite(stored).all(dim=1).numpy()
+        converted = stored.view(torch.int16).numpy().view(np.uint16)
+    else:
+        with np.errstate(over="ignore"):  # overflow is refused below, with the row and the shard
+            converted = value.astype(dtype, copy=False)
+        finite = np.isfinite(converted).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
         largest = float(np.abs(value).max())
-        if largest > float(np.finfo(np.float16).max):
-            raise ValueError(f"batch {index}: {name} holds {largest:.6g}, beyond float16's largest finite value "
-                             f"65504: it would be stored as inf. Write dtype='bfloat16' (float32's range in 16 bits) "
-                             f"or float32")
-    return value.astype(dtype, copy=False)
+        limit = float(torch.finfo(torch.bfloat16).max if dtype == BF16 else np.finfo(dtype).max)
+        wider = "dtype='bfloat16' (float32's range in 16 bits) or 'float32'" if dtype == "float16" else "dtype='float64'"
+        kind = BF16 if dtype == BF16 else np.dtype(dtype).name
+        raise ValueError(f"batch {index}: {name} holds {largest:.6g} (row {row}), beyond {kind}'s largest finite "
+                         f"value {limit:.6g}: it would be stored as inf ({place(row)}). Write {wider}")
+    return converted
 
 
 def _shard_names(index: int, dtype: str = "float32") -> tuple[str, str]:
@@ -162,14 +169,21 @@ def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: 
 
     try:
         for index, batch in enumerate(batches):
+            first = sum(s["rows"] for s in shards) + pending_rows  # the folder's row this batch's row 0 becomes
+
+            def place(key: int, row: int, first: int = first) -> str:
+                shard, local = divmod(first + row, shard_rows)
+                return f"shard {directory / _shard_names(shard, dtype)[key]}, row {local}"
+
             if isinstance(batch, (tuple, list)):
                 if len(batch) != 2:
                     raise ValueError(f"batch {index}: expected x or (x, y), got a sequence of {len(batch)} items")
-                x, y = _batch_array("x", batch[0], index, np_dtype), _batch_array("y", batch[1], index, np_dtype)
+                x = _batch_array("x", batch[0], index, np_dtype, lambda row: place(0, row))
+                y = _batch_array("y", batch[1], index, np_dtype, lambda row: place(1, row))
                 if y.shape[0] != x.shape[0]:
                     raise ValueError(f"batch {index}: y has {y.shape[0]} rows but x has {x.shape[0]}")
             else:
-                x, y = _batch_array("x", batch, index, np_dtype), None
+                x, y = _batch_array("x", batch, index, np_dtype, lambda row: place(0, row)), None
             if d is None:
                 d, d_out = x.shape[1], None if y is None else y.shape[1]
             if x.shape[1] != d:
@@ -213,10 +227,7 @@ def read_manifest(directory) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {directory}: not an activation shard folder (see write_shards)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    manifest = load_json(path, MANIFEST_MAX_BYTES, what="manifest")  # size and nesting bounded before parsing
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
 
@@ -591,10 +602,7 @@ def load_activation_file(path) -> Tensor | tuple[Tensor, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"activation file {path} does not exist")
     if path.suffix == ".npy":
-        try:
-            tensors = {"x": torch.from_numpy(np.load(path))}
-        except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path} is not a readable .npy file ({e})") from None
+        tensors = {"x": torch.from_numpy(read_npy(path, "activation file"))}  # header checked before allocating
     elif path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -140,7 +140,7 @@ def edit_manifest(directory, **changes):
 
 def test_corrupt_manifest_gives_clear_error(shard_dir):
     (shard_dir / MANIFEST).write_text('{"format_version": 1, "d": ')
-    with pytest.raises(ValueError, match=r"manifest.json: malformed JSON"):
+    with pytest.raises(ValueError, match=r"manifest.json is not valid JSON"):
         ShardSource(shard_dir)
 
 
