@@ -16,6 +16,7 @@ import numpy as np
 
 from sparsekit._util.validate import is_int
 
+HEADER_LIMIT = 10_000  # numpy's own max_header_size: np.save writes a few hundred bytes
 _READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _PARSE_ERRORS = (ValueError, OSError, EOFError, SyntaxError, TypeError, RecursionError, MemoryError)
 
@@ -51,7 +52,16 @@ def npy_header(handle, path, what: str = "file") -> NpyLayout:
         reader = _READERS.get(version)
         if reader is None:
             raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are)")
-        shape, fortran_order, dtype = reader(handle)
+        start = handle.tell()
+        width = 2 if version == (1, 0) else 4
+        length_bytes = handle.read(width)
+        if len(length_bytes) < width:
+            raise ValueError("it ends inside its header")
+        length = int.from_bytes(length_bytes, "little")
+        if length > HEADER_LIMIT:  # numpy would read (and allocate) the whole claimed length first
+            raise ValueError(f"its header claims {length:,} bytes, more than the {HEADER_LIMIT:,} a .npy header may have")
+        handle.seek(start)
+        shape, fortran_order, dtype = reader(handle, max_header_size=HEADER_LIMIT)
         offset = handle.tell()
     except _PARSE_ERRORS as error:
         raise ValueError(f"{what} {path} is not a readable .npy file ({_first_line(error)})") from None

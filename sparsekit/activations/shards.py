@@ -350,16 +350,29 @@ class _ShardFile:
 
     def __init__(self, path: Path, offset: int, row_bytes: int, identity: tuple):
         self.path, self.offset, self.row_bytes, self.identity = path, offset, row_bytes, identity
-        self.handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed with the object: the LRU drops it)
-        self.check("when opened for reading")
+        try:
+            self.handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed with the object: the LRU drops it)
+        except FileNotFoundError:
+            self.changed(None, "when opened for reading")
+        self.changed(_identity(os.fstat(self.handle.fileno())), "when opened for reading")
 
     def check(self, when: str) -> None:
-        """ShardChanged unless the open file is still the one first checked (same inode, size, mtime)."""
-        found = _identity(os.fstat(self.handle.fileno()))
-        if found == self.identity:
+        """ShardChanged unless the shard's name still leads to the file first checked (same inode,
+        size and modification time): not truncated, grown, rewritten, replaced or deleted."""
+        try:
+            found = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            found = None
+        self.changed(found, when)
+
+    def changed(self, now: tuple | None, when: str) -> None:
+        """ShardChanged saying how identity `now` (None: no file) differs from the first one, if it does."""
+        before = self.identity
+        if now == before:
             return
-        before, now = self.identity, found
-        if now[:2] != before[:2]:
+        if now is None:
+            what = "disappeared"
+        elif now[:2] != before[:2]:
             what = "was replaced by another file"
         elif now[2] < before[2]:
             what = f"shrank from {before[2]:,} to {now[2]:,} bytes"
@@ -513,13 +526,8 @@ class ShardSource:
         return files
 
     def _open_file(self, name: str, width: int) -> _ShardFile:
-        path = self.directory / name
         offset, identity = self._files[name]
-        try:
-            return _ShardFile(path, offset, width * self._itemsize, identity)
-        except FileNotFoundError:
-            raise ShardChanged(path, f"shard {path} disappeared while training read it: restore the folder as "
-                                     f"write_shards wrote it (or rewrite it) and resume from the last checkpoint") from None
+        return _ShardFile(self.directory / name, offset, width * self._itemsize, identity)
 
     @property
     def _itemsize(self) -> int:

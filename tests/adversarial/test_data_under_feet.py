@@ -31,8 +31,9 @@ def test_a_source_of_endless_empty_batches_stops_with_one_line_not_a_hang(first)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     empty_from = 2 if first else 1
-    assert last == (f"sparsekit.errors.SourceStalled: the source yielded {EMPTY_BATCHES_IN_A_ROW} empty batches in a row (batches "
-                    f"{empty_from} to {empty_from + EMPTY_BATCHES_IN_A_ROW - 1}): it stalled; a source must yield rows")
+    assert last == (f"sparsekit.errors.SourceStalled: the source yielded {EMPTY_BATCHES_IN_A_ROW} empty batches in a "
+                    f"row (batches {empty_from} to {empty_from + EMPTY_BATCHES_IN_A_ROW - 1}): it stalled; a source "
+                    f"must yield rows")
 
 
 def test_empty_batches_between_real_ones_are_skipped_and_train_as_without_them():
