@@ -390,19 +390,26 @@ class _ShardFile:
         src, dst = local[order], where[order]
         breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
         firsts = np.concatenate(([0], breaks))
-        counts = np.diff(np.concatenate((firsts, [src.shape[0]])))
+        ends = np.concatenate((breaks, [src.shape[0]]))
         rb, fd = self.row_bytes, self.handle.fileno()
-        for offset, row, count in zip((self.offset + src[firsts].astype(np.int64) * rb).tolist(),
-                                      dst[firsts].tolist(), counts.tolist()):
-            start, stop = row * rb, (row + count) * rb
-            while start < stop:
-                got = _pread_into(fd, out[start:stop], offset)
-                if got <= 0:
-                    self.check("reading rows")  # names how it changed when it can
-                    raise ShardChanged(self.path, f"shard {self.path} ended at byte {offset:,} while training read "
-                                                  f"it: it shrank; restore the folder as write_shards wrote it (or "
-                                                  f"rewrite it) and resume from the last checkpoint")
-                start, offset = start + got, offset + got
+        offsets = (self.offset + src[firsts].astype(np.int64) * rb).tolist()
+        starts, stops = (dst[firsts] * rb).tolist(), ((dst[firsts] + ends - firsts) * rb).tolist()
+        for offset, start, stop in zip(offsets, starts, stops):  # the hot loop: one system call a run
+            if _preadv(fd, [out[start:stop]], offset) != stop - start:
+                self._read_rest(out, start, stop, offset)
+
+    def _read_rest(self, out: memoryview, start: int, stop: int, offset: int) -> None:
+        """Read out[start:stop] from `offset` after a short read: retried while the file gives bytes;
+        ShardChanged when it ends first (it shrank between the last check and the read)."""
+        fd = self.handle.fileno()
+        while start < stop:
+            got = _preadv(fd, [out[start:stop]], offset)
+            if got <= 0:
+                self.check("reading rows")  # names how it changed when it can
+                raise ShardChanged(self.path, f"shard {self.path} ended at byte {offset:,} while training read "
+                                              f"it: it shrank; restore the folder as write_shards wrote it (or "
+                                              f"rewrite it) and resume from the last checkpoint")
+            start, offset = start + got, offset + got
 
 
 def _identity(stat: os.stat_result) -> tuple:
@@ -410,13 +417,12 @@ def _identity(stat: os.stat_result) -> tuple:
 
 
 if hasattr(os, "preadv"):
-    def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
-        return os.preadv(fd, [buffer], offset)
+    _preadv = os.preadv
 else:  # Windows: seek and read (a shard's handle is used by one thread)
-    def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    def _preadv(fd: int, buffers: list, offset: int) -> int:
         os.lseek(fd, offset, os.SEEK_SET)
-        data = os.read(fd, len(buffer))
-        buffer[:len(data)] = data
+        data = os.read(fd, len(buffers[0]))
+        buffers[0][:len(data)] = data
         return len(data)
 
 
