@@ -222,8 +222,28 @@ def _giant_constructors():
     }
 
 
+def _sizes_by_dtype():
+    """cfg.json sizes the weights do not hold, in float32 and bfloat16 (the old path built the
+    dictionary at cfg.json's sizes first): name -> (writer, expected, fragments)."""
+    def write(folder, field, value, dtype):
+        dtype = getattr(torch, dtype)
+        sae = sparsekit.Transcoder(8, 16, 6, k=2, dtype=dtype) if field == "d_out" else sparsekit.TopKSAE(8, 16, k=2,
+                                                                                                          dtype=dtype)
+        sae.save(folder)
+        edit_json(folder / "cfg.json", **{field: value})
+
+    cases = {}
+    for field, value in (("n_latents", 10**11), ("d_in", 10**10), ("d_out", 10**12), ("n_latents", 2**40)):
+        for dtype in ("float32", "bfloat16"):
+            tensor = "W_dec" if field == "d_out" else "W_enc"
+            cases[f"{dtype} {field}={value}"] = (
+                lambda f, field=field, value=value, dtype=dtype: write(f, field, value, dtype), "ValueError",
+                [f"cfg.json: {field}={value} does not match", f"sae.safetensors, whose {tensor} has shape"])
+    return cases
+
+
 GROUPS = {"sparsekit files": _hostile_sparsekit_files, "other files": _hostile_other_files,
-          "constructors": _giant_constructors}
+          "sizes by dtype": _sizes_by_dtype, "constructors": _giant_constructors}
 
 
 def _child(group: str, directory: str, seed: int) -> None:
@@ -267,6 +287,24 @@ def test_a_hostile_size_is_refused_before_it_is_allocated_in_a_capped_child(outc
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     assert "\n" not in message and "Traceback" not in message
+
+
+def test_sizes_that_fit_but_disagree_are_refused_naming_the_field(tmp_path):
+    sae = sparsekit.TopKSAE(8, 16, k=2)
+    sae.save(tmp_path / "sae")
+    n_latents = random.choice([8, 12, 20])
+    edit_json(tmp_path / "sae" / "cfg.json", n_latents=n_latents)
+    with pytest.raises(ValueError, match=rf"cfg.json: n_latents={n_latents} does not match .* whose W_enc has shape "
+                                         rf"\(8, 16\) \(the field implies \(8, {n_latents}\)\)"):
+        sparsekit.load(tmp_path / "sae")
+
+
+def test_a_true_dictionary_still_loads_identically(tmp_path):
+    sae = sparsekit.TopKSAE(8, 16, k=2, seed=hostile.fresh_seed())
+    sae.save(tmp_path / "sae")
+    loaded = sparsekit.load(tmp_path / "sae")
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
 
 
 # --- the memory limits: fake /proc and /sys trees ------------------------------------------------------
