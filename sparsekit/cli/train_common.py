@@ -154,7 +154,7 @@ def check_memory(settings: dict, cfg, d_in: int, d_out: int | None, device) -> N
 
     estimate = estimate_training_memory(d_in, settings["n_latents"], cfg.batch_size, settings.get("k"),
                                         settings["architecture"], d_out, eval_tokens=cfg.eval_tokens,
-                                        skip=bool(settings.get("skip")))
+                                        skip=bool(settings.get("skip")), device=device)
     try:
         check_fits(estimate, device, what=f"--n-latents {settings['n_latents']} with --batch-size {cfg.batch_size}")
     except InsufficientMemory as error:

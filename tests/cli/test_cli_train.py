@@ -235,7 +235,7 @@ BAD_INPUTS = [
     ("bad device", BASE + ["--device", "toaster"], None, "--device 'toaster' is not a device"),
     ("cannot fit in memory", BASE[:2] + ["--n-latents", "100000000000", "--k", "2", "--eval-tokens", "0", "--out",
                                          "{tmp}/o"], None,
-     "--n-latents 100000000000 with --batch-size 4096 needs about 1.58e+06 GiB (parameters 1.23e+04 GiB, "
+     "--n-latents 100000000000 with --batch-size 4096 needs about 6.8e+04 GiB (parameters 1.23e+04 GiB, "
      "adam_moments 2.46e+04 GiB"),
     ("folder without manifest", ["--data", "{root}/empty_dir", *BASE[2:]], None, "no manifest.json in"),
     ("unknown file type", ["--data", "{root}/notes.txt", *BASE[2:]], None, "unknown activation file type '.txt'"),
