@@ -6,6 +6,56 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sparsekit._util.bounded import RefusedFile, check_path_length
+
+INT64_MAX = (1 << 63) - 1  # every int a flag takes must fit torch's and numpy's int64
+INT64_DIGITS = len(str(INT64_MAX))
+
+
+class IntBeyond64Bits(ValueError):
+    """An int flag's value outside +-INT64_MAX; the message describes the value (the flag is added
+    by the caller)."""
+
+
+def check_int64(flag: str, value: int) -> int:
+    """value, if it fits in a signed 64-bit int; IntBeyond64Bits otherwise (before any library sees
+    it and fails with "Overflow when unpacking long long", or a loop runs 10**22 steps)."""
+    if -INT64_MAX - 1 <= value <= INT64_MAX:
+        return value
+    digits = len(str(abs(value))) if abs(value) < 10 ** 60 else None
+    raise IntBeyond64Bits(str(value) if digits is not None and digits <= 30 else "an integer of that many digits")
+
+
+def quoted(value, width: int = 60) -> str:
+    """repr(value) for a message, cut to about `width` characters (a bad value may be a megabyte)."""
+    text = repr(value) if not isinstance(value, (list, dict, tuple)) or len(value) < 100 else type(value).__name__
+    return text if len(text) <= width else f"{text[:width - 5]}...{text[-2:]}"
+
+
+def int64(text: str) -> int:
+    """An argument type: an int that fits in 64 bits."""
+    digits = text.strip().lstrip("+-").replace("_", "").lstrip("0")
+    if digits.isdigit() and len(digits) > INT64_DIGITS:
+        raise argparse.ArgumentTypeError(f"an integer of {len(digits):,} digits does not fit in 64 bits "
+                                         f"(an int must lie within +-{INT64_MAX:,})")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {quoted(text)}") from None
+    try:
+        return check_int64("", value)
+    except IntBeyond64Bits as error:
+        raise argparse.ArgumentTypeError(f"{error} does not fit in 64 bits (an int must lie within "
+                                         f"+-{INT64_MAX:,})") from None
+
+
+def path_arg(text: str) -> str:
+    """An argument type: a path a file system could hold (``check_path_length``)."""
+    try:
+        return check_path_length(text)
+    except RefusedFile as error:
+        raise argparse.ArgumentTypeError(error.reason) from None
+
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser that reports a bad argument as `prog: error: message` and exits 2."""
@@ -24,8 +74,8 @@ def fraction(text: str) -> float:
 
 
 def positive(text: str) -> int:
-    """An argument type: an int >= 1."""
-    value = int(text)
+    """An argument type: an int >= 1 that fits in 64 bits."""
+    value = int64(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
     return value

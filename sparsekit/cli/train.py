@@ -38,6 +38,9 @@ import math
 import sys
 from pathlib import Path
 
+from sparsekit._util.bounded import CONFIG_LIMIT, RefusedFile, check_path_length, load_yaml
+
+from .parser import INT64_DIGITS, INT64_MAX, IntBeyond64Bits, check_int64, quoted
 from .train_common import (
     PROG,
     AsFloat32,
@@ -202,6 +205,9 @@ def _to_int(value):
         return int(value)
     if isinstance(value, str):
         text = value.strip()
+        digits = text.lstrip("+-").replace("_", "").lstrip("0")
+        if digits.isdigit() and len(digits) > INT64_DIGITS:  # before int(): Python refuses over 4,300 digits
+            raise IntBeyond64Bits(f"an integer of {len(digits):,} digits")
         try:
             return int(text)
         except ValueError:
@@ -222,41 +228,58 @@ def _to_float(value):
 
 def convert(option: Option, value, where: str, yaml: bool):
     """A command-line string or a YAML value -> the option's type; UsageError naming `where` otherwise.
-    (PyYAML reads 3e-4 as a string, so numbers are accepted as strings in YAML too.)"""
+    (PyYAML reads 3e-4 as a string, so numbers are accepted as strings in YAML too.) Every int must fit
+    in 64 bits and every path on a file system (``check_int64``, ``check_path_length``), so such values
+    are refused here, with their flag or key named, before anything uses them."""
     if option.optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
         return None
     try:
-        if option.kind == "int":
-            return _to_int(value)
-        if option.kind == "float":
-            return _to_float(value)
-        if option.kind in ("str", "path"):
-            if not isinstance(value, str) or (option.kind == "path" and not value.strip()):
-                raise TypeError
-            return value
-        if option.kind in ("bool", "switch"):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if option.kind == "paths":
-            items = [value] if isinstance(value, str) else value
-            if not isinstance(items, (list, tuple)) or not items or \
-                    not all(isinstance(item, str) and item.strip() for item in items):
-                raise TypeError
-            return [str(item) for item in items]
-        if option.kind == "tuple":
-            items = value.split(",") if isinstance(value, str) else value
-            if isinstance(items, (int, float)) and not isinstance(items, bool):
-                items = [items]
-            if not isinstance(items, (list, tuple)) or not items:
-                raise TypeError
-            result = tuple((_to_int if option.element == "int" else _to_float)(item) for item in items)
-            if option.length is not None and len(result) != option.length:
-                raise TypeError
-            return result
+        result = _converted(option, value)
+        if option.kind == "int" or (option.kind == "tuple" and option.element == "int"):
+            for number in (result if option.kind == "tuple" else (result,)):
+                check_int64(where, number)
+        if option.kind in ("path", "paths"):
+            for path in (result if option.kind == "paths" else (result,)):
+                check_path_length(path, where)
+        return result
+    except (IntBeyond64Bits, RefusedFile) as error:
+        raise UsageError(str(error) if isinstance(error, RefusedFile) else f"{where}: {error} does not fit in 64 "
+                         f"bits (an int must lie within +-{INT64_MAX:,})") from None
     except (TypeError, ValueError, OverflowError):
         pass
-    raise UsageError(f"{where} must be {expected_type(option, yaml)}, got {value!r}")
+    raise UsageError(f"{where} must be {expected_type(option, yaml)}, got {quoted(value)}")
+
+
+def _converted(option: Option, value):
+    if option.kind == "int":
+        return _to_int(value)
+    if option.kind == "float":
+        return _to_float(value)
+    if option.kind in ("str", "path"):
+        if not isinstance(value, str) or (option.kind == "path" and not value.strip()):
+            raise TypeError
+        return value
+    if option.kind in ("bool", "switch"):
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if option.kind == "paths":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items or \
+                not all(isinstance(item, str) and item.strip() for item in items):
+            raise TypeError
+        return [str(item) for item in items]
+    if option.kind == "tuple":
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (int, float)) and not isinstance(items, bool):
+            items = [items]
+        if not isinstance(items, (list, tuple)) or not items:
+            raise TypeError
+        result = tuple((_to_int if option.element == "int" else _to_float)(item) for item in items)
+        if option.length is not None and len(result) != option.length:
+            raise TypeError
+        return result
+    raise TypeError
 
 
 # --- the command line and the config file --------------------------------------------------------
@@ -300,21 +323,19 @@ def build_parser(options: list[Option] | None = None) -> argparse.ArgumentParser
 
 
 def read_config(path: str, options: dict[str, Option]) -> dict:
-    """The YAML file's settings, checked: unknown keys and wrong types name the key."""
-    import yaml
-
+    """The YAML file's settings, checked: unknown keys and wrong types name the key. The file is read
+    through ``sparsekit._util.bounded.load_yaml``: at most CONFIG_LIMIT bytes, no aliases, no deep
+    nesting."""
     file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--config {path}: {'is a directory' if file.is_dir() else 'no such file'}")
     try:
-        loaded = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UsageError(f"{path}: not valid YAML: {problem}{line}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--config {path}: cannot read it ({error})") from None
+        check_path_length(path, "--config")
+        if not file.exists() or file.is_dir():  # a pipe or a device is refused by load_yaml
+            raise UsageError(f"--config {path}: {'is a directory' if file.is_dir() else 'no such file'}")
+        loaded = load_yaml(file, CONFIG_LIMIT)
+    except RefusedFile as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise UsageError(f"--config {path}: cannot read it ({error.strerror or error})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -325,8 +346,8 @@ def read_config(path: str, options: dict[str, Option]) -> dict:
         if name not in options:
             close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(options)}"
-            raise UsageError(f"{path}: unknown key {key!r}{hint}")
-        settings[name] = convert(options[name], value, f"{path}: {key!r}", yaml=True)
+            raise UsageError(f"{path}: unknown key {quoted(key)}{hint}")
+        settings[name] = convert(options[name], value, f"{path}: {quoted(key)}", yaml=True)
     return settings
 
 
