@@ -160,14 +160,15 @@ def _bounded_loader(max_depth: int):
             if self.check_event(yaml.AliasEvent):
                 mark = self.peek_event().start_mark
                 raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", mark)
-            self.depth += 1
+            collection = self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent)
+            self.depth += collection  # containers only, as check_depth counts them
             try:
                 if self.depth > max_depth:
                     raise yaml.composer.ComposerError(None, None, f"nested more than {max_depth} deep",
                                                       self.peek_event().start_mark)
                 return super().compose_node(parent, index)
             finally:
-                self.depth -= 1
+                self.depth -= collection
 
     return BoundedLoader
 

@@ -196,6 +196,9 @@ def expected_type(option: Option, yaml: bool) -> str:
     return text + (" or none" if option.optional else "")
 
 
+STR_LIMIT = 4096  # characters in a string option (architecture, device, hook, model and run names)
+
+
 def _to_int(value):
     if isinstance(value, bool):
         raise TypeError
@@ -241,6 +244,9 @@ def convert(option: Option, value, where: str, yaml: bool):
         if option.kind in ("path", "paths"):
             for path in (result if option.kind == "paths" else (result,)):
                 check_path_length(path, where)
+        if option.kind == "str" and len(result) > STR_LIMIT:  # a name, never a document
+            raise UsageError(f"{where}: a string of {len(result):,} characters is longer than any value it takes "
+                             f"(at most {STR_LIMIT:,})")
         return result
     except (IntBeyond64Bits, RefusedFile) as error:
         raise UsageError(str(error) if isinstance(error, RefusedFile) else f"{where}: {error} does not fit in 64 "

@@ -66,7 +66,7 @@ def check_dictionary(settings: dict) -> None:
     if architecture not in names:
         close = difflib.get_close_matches(architecture, names, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"unknown architecture {architecture!r}{hint}; choose one of {', '.join(names)}")
+        raise UsageError(f"unknown architecture {quoted(architecture)}{hint}; choose one of {', '.join(names)}")
     if "n_latents" not in settings:
         raise UsageError("--n-latents is required: the number of latents in the dictionary (e.g. --n-latents 4096)")
     if settings["n_latents"] < 1:
