@@ -9,7 +9,7 @@ import sys
 from sparsekit._util.bounded import RefusedFile, check_path_length
 
 INT64_MAX = (1 << 63) - 1  # every int a flag takes must fit torch's and numpy's int64
-INT64_DIGITS = len(str(INT64_MAX))
+SHOWN_DIGITS = 40          # a bad int up to this many digits is quoted in the message; a longer one is counted
 
 
 class IntBeyond64Bits(ValueError):
@@ -17,13 +17,27 @@ class IntBeyond64Bits(ValueError):
     by the caller)."""
 
 
-def check_int64(flag: str, value: int) -> int:
+def too_many_digits(text: str) -> IntBeyond64Bits | None:
+    """The error for an int written with more than SHOWN_DIGITS digits (checked before int(), which
+    refuses over 4,300 digits with its own message), else None."""
+    digits = text.strip().lstrip("+-").replace("_", "").lstrip("0")
+    if digits.isdigit() and len(digits) > SHOWN_DIGITS:
+        return IntBeyond64Bits(f"an integer of {len(digits):,} digits")
+    return None
+
+
+def check_int64(value: int) -> int:
     """value, if it fits in a signed 64-bit int; IntBeyond64Bits otherwise (before any library sees
     it and fails with "Overflow when unpacking long long", or a loop runs 10**22 steps)."""
     if -INT64_MAX - 1 <= value <= INT64_MAX:
         return value
-    digits = len(str(abs(value))) if abs(value) < 10 ** 60 else None
-    raise IntBeyond64Bits(str(value) if digits is not None and digits <= 30 else "an integer of that many digits")
+    digits = len(str(abs(value)))
+    raise IntBeyond64Bits(str(value) if digits <= SHOWN_DIGITS else f"an integer of {digits:,} digits")
+
+
+def beyond_64_bits(where: str, error: IntBeyond64Bits) -> str:
+    """The message for `where` (a flag or a config key) holding the value `error` describes."""
+    return f"{where}: {error} does not fit in 64 bits (an int must lie within +-{INT64_MAX:,})"
 
 
 def quoted(value, width: int = 60) -> str:
@@ -34,19 +48,17 @@ def quoted(value, width: int = 60) -> str:
 
 def int64(text: str) -> int:
     """An argument type: an int that fits in 64 bits."""
-    digits = text.strip().lstrip("+-").replace("_", "").lstrip("0")
-    if digits.isdigit() and len(digits) > INT64_DIGITS:
-        raise argparse.ArgumentTypeError(f"an integer of {len(digits):,} digits does not fit in 64 bits "
-                                         f"(an int must lie within +-{INT64_MAX:,})")
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {quoted(text)}") from None
-    try:
-        return check_int64("", value)
+        error = too_many_digits(text)
+        if error is not None:
+            raise error
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {quoted(text)}") from None
+        return check_int64(value)
     except IntBeyond64Bits as error:
-        raise argparse.ArgumentTypeError(f"{error} does not fit in 64 bits (an int must lie within "
-                                         f"+-{INT64_MAX:,})") from None
+        raise argparse.ArgumentTypeError(beyond_64_bits("", error)[2:]) from None
 
 
 def path_arg(text: str) -> str:

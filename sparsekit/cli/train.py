@@ -40,7 +40,7 @@ from pathlib import Path
 
 from sparsekit._util.bounded import CONFIG_LIMIT, RefusedFile, check_path_length, load_yaml
 
-from .parser import INT64_DIGITS, INT64_MAX, IntBeyond64Bits, check_int64, quoted
+from .parser import IntBeyond64Bits, beyond_64_bits, check_int64, quoted, too_many_digits
 from .train_common import (
     PROG,
     AsFloat32,
@@ -208,9 +208,9 @@ def _to_int(value):
         return int(value)
     if isinstance(value, str):
         text = value.strip()
-        digits = text.lstrip("+-").replace("_", "").lstrip("0")
-        if digits.isdigit() and len(digits) > INT64_DIGITS:  # before int(): Python refuses over 4,300 digits
-            raise IntBeyond64Bits(f"an integer of {len(digits):,} digits")
+        too_long = too_many_digits(text)  # before int(), which refuses over 4,300 digits
+        if too_long is not None:
+            raise too_long
         try:
             return int(text)
         except ValueError:
@@ -240,7 +240,7 @@ def convert(option: Option, value, where: str, yaml: bool):
         result = _converted(option, value)
         if option.kind == "int" or (option.kind == "tuple" and option.element == "int"):
             for number in (result if option.kind == "tuple" else (result,)):
-                check_int64(where, number)
+                check_int64(number)
         if option.kind in ("path", "paths"):
             for path in (result if option.kind == "paths" else (result,)):
                 check_path_length(path, where)
@@ -248,9 +248,10 @@ def convert(option: Option, value, where: str, yaml: bool):
             raise UsageError(f"{where}: a string of {len(result):,} characters is longer than any value it takes "
                              f"(at most {STR_LIMIT:,})")
         return result
-    except (IntBeyond64Bits, RefusedFile) as error:
-        raise UsageError(str(error) if isinstance(error, RefusedFile) else f"{where}: {error} does not fit in 64 "
-                         f"bits (an int must lie within +-{INT64_MAX:,})") from None
+    except IntBeyond64Bits as error:
+        raise UsageError(beyond_64_bits(where, error)) from None
+    except RefusedFile as error:
+        raise UsageError(str(error)) from None
     except (TypeError, ValueError, OverflowError):
         pass
     raise UsageError(f"{where} must be {expected_type(option, yaml)}, got {quoted(value)}")
