@@ -52,11 +52,7 @@ def int64(text: str) -> int:
         error = too_many_digits(text)
         if error is not None:
             raise error
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int, got {quoted(text)}") from None
-        return check_int64(value)
+        return check_int64(int(text))  # a ValueError: argparse's "invalid <type> value: 'x'"
     except IntBeyond64Bits as error:
         raise argparse.ArgumentTypeError(beyond_64_bits("", error)[2:]) from None
 
