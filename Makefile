@@ -24,7 +24,7 @@ SYSTEM_PACKAGES := chromium chromium-driver python3-doc
 # Only here: the library itself leaves the caller's environment alone. Set it yourself to override.
 export OMP_WAIT_POLICY ?= passive
 
-.PHONY: test adversarial test-latest fuzz demo demo-lm bench bench-lm bench-ops bench-gpu gpu-check bench-distributed bench-peers bench-portable \
+.PHONY: test adversarial test-latest fuzz demo demo-lm bench bench-lm bench-ops bench-gpu bench-gpu-predict gpu-check bench-distributed bench-peers bench-portable \
 	setup system-packages lock wheel clean
 
 setup: $(INSTALLED)
@@ -111,6 +111,11 @@ bench-ops: $(INSTALLED)
 # plain torch and F.embedding_bag; table last, JSON in bench/results/. Exits 2 without a CUDA device.
 bench-gpu: $(INSTALLED)
 	$(PY) bench/gpu.py
+
+# No GPU needed: every kernel's and the TopK step's roofline bound (bytes, FLOPs, H100 datasheet peaks),
+# beside the first H200 run's measured times.
+bench-gpu-predict: $(INSTALLED)
+	$(PY) bench/gpu.py --predict --card h200 --measured bench/results/2026-12-04-nvidia-h200-gpu.json
 
 # No GPU needed: every Triton kernel variant the launchers produce (found by running the ops under the
 # interpreter with launches captured; every autotune config) compiled for sm_80 and sm_90 by Triton's

@@ -6,7 +6,8 @@ where the compiler needs ``JITFunction``s, so discovery and compilation cannot s
 
 1. **Discover** (one subprocess, ``TRITON_INTERPRET=1``): every op runs through the op door
    (``SPARSEKIT_BACKEND=triton``), forward and backward, on small aligned and ragged shapes, in
-   float32 (IEEE and TF32), bfloat16 and float16, with deterministic and atomic sparse gradients,
+   float32 (IEEE and TF32; TopK and BatchTopK also through the bf16 screen), bfloat16 and float16,
+   with deterministic and atomic sparse gradients,
    while every kernel launch is captured. The launchers are made to choose as they do on a GPU
    (``_config.INTERPRETING = False`` before the kernel modules load: the Hopper autotune lists,
    GPU block sizes, 16-bit tiles fed to ``tl.dot`` as they are). Each launch's signature,
@@ -354,6 +355,14 @@ def discover(quick: bool) -> list[Variant]:
                 for deterministic in ("1", "0"):
                     os.environ["SPARSEKIT_DETERMINISTIC"] = deterministic
                     run_every_op(dtype, shape, seed)
+        # float32 TopK/BatchTopK through the bf16 screen too (its GEMM epilogue, the candidates' kernels)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        os.environ["SPARSEKIT_GPU_BF16_SCREEN"] = "on"
+        try:
+            for shape in shapes:
+                run_every_op(torch.float32, shape, len(settings))
+        finally:
+            del os.environ["SPARSEKIT_GPU_BF16_SCREEN"]
     variants = list(recorder.variants.values())
     return quick_selection(variants) if quick else variants
 

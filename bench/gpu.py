@@ -52,6 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, from fp32, bf16")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--json", default=None, help="where to write the JSON (default bench/results/gpu-<date>.json)")
+    parser.add_argument("--predict", action="store_true",
+                        help="no GPU needed: print the roofline bound of every kernel and of a TopK step "
+                             "(bench/gpu_roofline.py) at the shapes and dtypes asked for")
+    parser.add_argument("--card", default="h100", choices=("h100", "h200"),
+                        help="datasheet peaks for --predict (default h100)")
+    parser.add_argument("--measured", default=None,
+                        help="with --predict: a bench/gpu.py JSON report whose times go beside the bounds")
     args = parser.parse_args(argv)
     try:
         args.shape_list = ([tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes
@@ -307,8 +314,29 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def predict(args) -> int:
+    """--predict: the roofline table, with measured times from --measured beside it."""
+    import gpu_roofline
+
+    measured = None
+    if args.measured:
+        try:
+            measured = gpu_roofline.measured_seconds(json.loads(Path(args.measured).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"bench/gpu.py: --measured {args.measured}: not a bench/gpu.py JSON report ({error})", file=sys.stderr)
+            return 2
+    spec = gpu_roofline.CARDS[args.card]
+    print(f"Roofline bounds on {spec['name']}: HBM {spec['hbm'] / 1e12:.2f} TB/s, bf16 {spec['bf16'] / 1e12:.0f} "
+          f"TFLOP/s, fp32 FMA {spec['fp32'] / 1e12:.0f} TFLOP/s. 'x bf16 GEMM': the bound over the bf16 encoder "
+          "GEMM's (issue 20's target for the step: <= 1.5).")
+    print(gpu_roofline.table(gpu_roofline.prediction_rows(args.shape_list, args.dtype_list, args.card, measured)))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.predict:
+        return predict(args)
     import torch
 
     has_cuda = torch.cuda.is_available()

@@ -2,6 +2,8 @@
 
 - ``topk_encode_triton``:      GEMM + bias (gemm.py), per-row radix top-k (select.py), ReLU.
 - ``batchtopk_encode_triton``: GEMM + bias, global radix selection of the B*k largest relu(pre).
+  Both, in float32, may instead take the bf16 screen (``screen.py``, SPARSEKIT_GPU_BF16_SCREEN):
+  the same codes from a tensor-core GEMM and an exact float32 recompute of a few candidates.
 - ``relu_encode_triton`` / ``jumprelu_encode_triton``: GEMM with the activation fused in its epilogue.
 
 Backward: the sparse encoders go through the B*k kept entries only (``sparse_encoder_backward_triton``:
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from sparsekit.ops.autograd import register_batchtopk, register_jumprelu, register_relu, register_topk
 
+from . import screen
 from ._config import fixed
 from .gemm import gemm
 from .select import batch_topk, topk_rows
@@ -77,6 +80,10 @@ def _sparse_backward(ctx, grad_kept: Tensor, rows: Tensor, cols: Tensor, x: Tens
 @torch.library.custom_op("sparsekit::topk_encode_triton", mutates_args=())
 def topk_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """x [B, d], W_enc [d, n], b_enc [n] -> values [B, k] (descending), indices [B, k] int64."""
+    if screen.use_screen(x, W_enc, k):
+        screened = screen.topk_encode_screened(x, W_enc, b_enc, k)
+        if screened is not None:
+            return screened
     return topk_rows(gemm(x, W_enc, b_enc), k)
 
 
@@ -88,6 +95,10 @@ register_topk(topk_encode_triton, _sparse_backward)
 @torch.library.custom_op("sparsekit::batchtopk_encode_triton", mutates_args=())
 def batchtopk_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """-> values, rows, cols, each [B*k], flat (row-major) order; ties: lower flat index."""
+    if screen.use_screen(x, W_enc, k):
+        screened = screen.batchtopk_encode_screened(x, W_enc, b_enc, k)
+        if screened is not None:
+            return screened
     return batch_topk(gemm(x, W_enc, b_enc), x.shape[0] * k)
 
 

@@ -1,7 +1,7 @@
 """Tiled GEMM with a fused epilogue: out = epilogue(a @ b + bias), the encoders' workhorse.
 
 a [M, K] and b [K, N] may be any strided views (W_enc.t(), x.t(): no copies); out [M, N] is
-contiguous in a's dtype. Tiles accumulate in float32. Epilogues (applied to pre = a @ b + bias):
+contiguous in a's dtype (or float32). Tiles accumulate in float32. Epilogues (applied to pre = a @ b + bias):
 
 - ``none``      pre
 - ``relu``      relu(pre)
@@ -98,8 +98,10 @@ def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_pt
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epilogue: str = "none",
-         threshold: torch.Tensor | None = None, aux: torch.Tensor | None = None):
-    """epilogue(a @ b + bias): a [M, K], b [K, N], bias [N] -> [M, N] contiguous, a's dtype.
+         threshold: torch.Tensor | None = None, aux: torch.Tensor | None = None,
+         out_dtype: torch.dtype | None = None):
+    """epilogue(a @ b + bias): a [M, K], b [K, N], bias [N] -> [M, N] contiguous, in out_dtype
+    (default a's dtype; float32 keeps a 16-bit GEMM's float32 accumulator as it is: the bf16 screen).
 
     ``threshold`` [N] (already exp(log_threshold)) for ``jumprelu``, which returns (out, pre);
     ``aux`` [M, N] for ``mul``.
@@ -108,7 +110,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epi
     M, K = a.shape
     N = b.shape[1]
     code = EPILOGUES[epilogue]
-    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
     pre = torch.empty_like(out) if code == 2 else out
     if code == 2:
         threshold = threshold.contiguous()

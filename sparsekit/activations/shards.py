@@ -51,6 +51,10 @@ def _batch_array(name: str, value, index: int, dtype: np.dtype | str) -> np.ndar
     if isinstance(value, Tensor):
         value = value.detach().cpu()
         if dtype == BF16 and value.is_floating_point() and value.dim() == 2:
+            finite = torch.isfinite(value).all(dim=1)
+            if not bool(finite.all()):
+                row = int((~finite).nonzero()[0, 0])
+                raise ValueError(f"batch {index}: {name} row {row} holds NaN or Inf; activations must be finite")
             return value.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
         value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
     if not isinstance(value, np.ndarray):
@@ -59,8 +63,18 @@ def _batch_array(name: str, value, index: int, dtype: np.dtype | str) -> np.ndar
         raise ValueError(f"batch {index}: {name} must be 2-D [rows, features], got shape {value.shape}")
     if not np.issubdtype(value.dtype, np.floating):
         raise ValueError(f"batch {index}: {name} must be floating-point, got {value.dtype}")
+    finite = np.isfinite(value)
+    if not finite.all():
+        row = int(np.argwhere(~finite.all(axis=1))[0, 0])
+        raise ValueError(f"batch {index}: {name} row {row} holds NaN or Inf; activations must be finite")
     if dtype == BF16:
         return _batch_array(name, torch.from_numpy(np.ascontiguousarray(value)), index, dtype)
+    if np.dtype(dtype) == np.float16 and value.size:
+        largest = float(np.abs(value).max())
+        if largest > float(np.finfo(np.float16).max):
+            raise ValueError(f"batch {index}: {name} holds {largest:.6g}, beyond float16's largest finite value "
+                             f"65504: it would be stored as inf. Write dtype='bfloat16' (float32's range in 16 bits) "
+                             f"or float32")
     return value.astype(dtype, copy=False)
 
 

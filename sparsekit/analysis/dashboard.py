@@ -27,11 +27,12 @@ import json
 from pathlib import Path
 
 from sparsekit._util.atomic import atomic_write_bytes
-from sparsekit._util.bounded import LINE_LIMIT, REPORT_LIMIT, RefusedFile, load_json, parse_json
+from sparsekit._util.bounded import LINE_LIMIT, load_json, parse_json
 from sparsekit._util.extras import require
 from sparsekit._util.validate import is_int, is_number
 
 REPORT_SUFFIX = "features.json"
+REPORT_MAX_BYTES = 2**30  # a report keeps top examples per feature: tens of MB for 65k latents
 DASHBOARD_FILE = "dashboard.html"
 
 _STYLE = """
@@ -331,8 +332,8 @@ def training_dead(log) -> dict | None:
         if len(line) > LINE_LIMIT:
             continue  # no metric line is that long
         try:
-            record = parse_json(line, str(log))
-        except RefusedFile:  # cut short by a crash, garbage, nested too deep
+            record = parse_json(line, log)
+        except ValueError:  # RefusedFile: cut short by a crash, garbage, nested too deep
             continue
         if isinstance(record, dict) and is_number(record.get("dead_frac")):
             return {key: record[key] for key in ("dead_frac", "step", "tokens") if is_number(record.get(key))}
@@ -340,8 +341,8 @@ def training_dead(log) -> dict | None:
 
 
 def read_reports(run_dir) -> dict:
-    """{name: report} from every RUN_DIR/<name>_features.json, each read under REPORT_LIMIT bytes and
-    MAX_DEPTH nesting (``sparsekit._util.bounded.load_json``) and checked (``check_report``); a
+    """{name: report} from every RUN_DIR/<name>_features.json, each read under REPORT_MAX_BYTES and
+    64 levels of nesting (``sparsekit._util.bounded.load_json``) and checked (``check_report``); a
     report without a "training" block gets one from RUN_DIR/<name>/metrics.jsonl when that exists."""
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob(f"*_{REPORT_SUFFIX}"))
@@ -351,10 +352,9 @@ def read_reports(run_dir) -> dict:
     reports = {}
     for f in files:
         try:
-            reports[f.name[:-len(REPORT_SUFFIX) - 1]] = load_json(f, REPORT_LIMIT)
-        except RefusedFile as error:
-            reason = error.reason[3:] if error.reason.startswith("is ") else error.reason
-            raise ValueError(f"{f} is not a JSON feature report: {reason}") from None
+            reports[f.name[:-len(REPORT_SUFFIX) - 1]] = load_json(f, REPORT_MAX_BYTES, what="feature report")
+        except ValueError as error:  # RefusedFile: not a regular file, too large, not UTF-8, too deep
+            raise ValueError(f"{f} is not a JSON feature report: {error}") from None
         except OSError as error:
             raise ValueError(f"{f} is unreadable: {error.strerror or error}") from None
     for name, report in reports.items():

@@ -38,7 +38,7 @@ import math
 import sys
 from pathlib import Path
 
-from sparsekit._util.bounded import CONFIG_LIMIT, RefusedFile, check_path_length, load_yaml
+from sparsekit._util.bounded import RefusedFile, check_path_length, load_yaml
 
 from .parser import IntBeyond64Bits, beyond_64_bits, check_int64, quoted, too_many_digits
 from .train_common import (
@@ -329,20 +329,30 @@ def build_parser(options: list[Option] | None = None) -> argparse.ArgumentParser
     return parser
 
 
+CONFIG_MAX_BYTES = 2**20  # a config of settings is a few hundred bytes
+
+
 def read_config(path: str, options: dict[str, Option]) -> dict:
     """The YAML file's settings, checked: unknown keys and wrong types name the key. The file is read
-    through ``sparsekit._util.bounded.load_yaml``: at most CONFIG_LIMIT bytes, no aliases, no deep
-    nesting."""
+    through ``sparsekit._util.bounded.load_yaml``: a regular file of at most CONFIG_MAX_BYTES, no
+    anchors or aliases, no deep nesting."""
+    import yaml
+
     file = Path(path)
     try:
         check_path_length(path, "--config")
         if not file.exists() or file.is_dir():  # a pipe or a device is refused by load_yaml
             raise UsageError(f"--config {path}: {'is a directory' if file.is_dir() else 'no such file'}")
-        loaded = load_yaml(file, CONFIG_LIMIT)
-    except RefusedFile as error:
-        raise UsageError(str(error)) from None
+        loaded = load_yaml(file, max_bytes=CONFIG_MAX_BYTES)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"{path}: not valid YAML: {problem}{line}") from None
     except OSError as error:
         raise UsageError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    except ValueError as error:  # RefusedFile: too long a path, not a file, too large, not UTF-8, anchors, depth
+        raise UsageError(str(error) if str(error).startswith("--config") else f"--config {error}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

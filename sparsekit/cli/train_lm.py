@@ -168,7 +168,7 @@ def special_ids_for(settings: dict, tokenizer, newest) -> tuple[int, ...]:
     if newest is not None:
         try:
             from sparsekit.training.checkpoint import STATE_JSON, STATE_JSON_LIMIT
-            state = load_json(Path(newest) / STATE_JSON, STATE_JSON_LIMIT).get("source_state", {})
+            state = load_json(Path(newest) / STATE_JSON, STATE_JSON_LIMIT, what="run state").get("source_state", {})
         except (OSError, ValueError, AttributeError):  # a RefusedFile (too big, too deep) is a ValueError
             state = {}
         state = state if isinstance(state, dict) else {}

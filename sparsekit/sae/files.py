@@ -11,9 +11,13 @@ CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 
 
+CONFIG_MAX_BYTES = 16 * 2**20  # a dictionary's cfg.json is a few KB; SAELens's and sparsify's too
+
+
 def read_json_object(config_path: Path) -> dict:
-    """A JSON file that must hold an object (cfg.json); anything else is a ValueError naming the file."""
-    config = load_json(config_path)  # bounded: size, nesting; a RefusedFile (ValueError) naming the file
+    """A JSON file that must hold an object (cfg.json), at most 16 MiB and 64 levels deep; anything
+    else is a ValueError naming the file."""
+    config = load_json(config_path, CONFIG_MAX_BYTES, what="config")
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     return config

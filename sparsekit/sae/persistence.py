@@ -17,11 +17,12 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.extras import MissingExtra
-from sparsekit._util.validate import is_number
+from sparsekit._util.validate import is_int, is_number
 
 from . import hub, registry
 from .dictionary_learning_format import DL_WEIGHTS_FILE, load_dictionary_learning
@@ -89,6 +90,7 @@ def load_folder(directory: Path, device=None):
     if layout(config) == "sparsify":
         return load_sparsify(directory, device=device)
     config, metadata = read_stamp(config, config_path)
+    _check_sizes_fit_the_weights(config, config_path, weights_path)
     sae = _build(config, config_path, device)
     state = _read_weights(weights_path, device)
     expected = dict(sae.state_dict())
@@ -108,6 +110,32 @@ def load_folder(directory: Path, device=None):
     sae.load_state_dict(state)
     sae.metadata = metadata
     return sae.eval()
+
+
+def _check_sizes_fit_the_weights(config: dict, config_path: Path, weights_path: Path) -> None:
+    """Validate before allocating: every architecture's W_enc holds d_in x n_latents values and its
+    W_dec n_latents x d_out, so sizes whose matrices would not fit in the weights file are refused
+    before the dictionary is built (a cfg.json asking for 10^11 latents used to start a 6.4 TB
+    allocation). Fields that are not positive ints are left to _build's checks."""
+    try:  # the header only (names, dtypes, shapes, offsets): nothing of the data is read yet
+        with safe_open(str(weights_path), framework="pt") as weights:
+            weights.keys()
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    sizes = {key: config.get(key) for key in ("d_in", "n_latents", "d_out")}
+    if sizes["d_out"] is None:
+        sizes["d_out"] = sizes["d_in"]
+    if not all(is_int(value) and value > 0 for value in sizes.values()):
+        return
+    dtype = getattr(torch, config.get("dtype", "float32"), None) if isinstance(config.get("dtype", "float32"), str) \
+        else None
+    itemsize = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
+    largest = max(sizes["d_in"], sizes["d_out"]) * sizes["n_latents"] * itemsize
+    held = weights_path.stat().st_size
+    if largest > held:
+        raise ValueError(f"{config_path}: d_in={sizes['d_in']}, n_latents={sizes['n_latents']}, "
+                         f"d_out={sizes['d_out']} need a {largest:,}-byte matrix, but {weights_path} holds "
+                         f"{held:,} bytes: the sizes do not match the weights (nothing was allocated)")
 
 
 def _build(config: dict, config_path: Path, device):

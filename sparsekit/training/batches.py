@@ -11,6 +11,10 @@ from torch import Tensor
 from sparsekit.errors import SourceExhausted
 from sparsekit.ops import checks
 
+# A source may yield an empty batch now and then (a filter that dropped every row); this many in a
+# row is a source that has stalled, and training stops with a line saying so instead of hanging.
+EMPTY_BATCHES_IN_A_ROW = 1000
+
 
 class Batches:
     """Re-chunks a source's batches (any size) into batches of exactly batch_size rows; the
@@ -24,6 +28,7 @@ class Batches:
         self.carry_y: Tensor | None = None
         self.iterator = None
         self.chunks_read = 0
+        self.empty_in_a_row = 0
 
     def _next_chunk(self):
         if self.iterator is None:
@@ -45,8 +50,19 @@ class Batches:
                 shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
                 raise ValueError(f"source batch {self.chunks_read}: y must be [rows={x.shape[0]}, d_out={self.d_out}], "
                                  f"got {shape}")
-        if not checks.all_finite(x.contiguous()) or (y is not None and not checks.all_finite(y.contiguous())):
-            raise ValueError(f"source batch {self.chunks_read} contains NaN or Inf")
+        if x.shape[0] == 0:
+            self.empty_in_a_row += 1
+            if self.empty_in_a_row >= EMPTY_BATCHES_IN_A_ROW:
+                raise ValueError(f"the source yielded {self.empty_in_a_row} empty batches in a row (batches "
+                                 f"{self.chunks_read - self.empty_in_a_row + 1} to {self.chunks_read}): it stalled; "
+                                 "a source must yield rows")
+        else:
+            self.empty_in_a_row = 0
+        for name, value in (("x", x), ("y", y)):
+            if value is not None and not checks.all_finite(value.contiguous()):
+                rows = (~torch.isfinite(value)).any(dim=1).nonzero().flatten()
+                more = f" (and {rows.numel() - 1} more rows)" if rows.numel() > 1 else ""
+                raise ValueError(f"source batch {self.chunks_read}: {name} row {int(rows[0])}{more} contains NaN or Inf")
         return x, (y if self.needs_target else None)
 
     def take(self, rows: int) -> tuple[Tensor, Tensor | None]:
@@ -56,6 +72,8 @@ class Batches:
         have = 0 if self.carry_x is None else self.carry_x.shape[0]
         while have < rows:
             x, y = self._next_chunk()
+            if x.shape[0] == 0:
+                continue
             xs.append(x)
             if y is not None:
                 ys.append(y)

@@ -102,13 +102,16 @@ def restore_history(output_dir: Path | None, step: int) -> list[dict]:
     if output_dir is None or not (output_dir / METRICS_FILE).is_file():
         return []
     kept = []
-    for line in (output_dir / METRICS_FILE).read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the crash
-        if record.get("step", 0) <= step:
-            kept.append(record)
+    with open(output_dir / METRICS_FILE, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a line cut short by the crash, or not ours
+            step_of_record = record.get("step", 0) if isinstance(record, dict) else None
+            if isinstance(step_of_record, (int, float)) and not isinstance(step_of_record, bool) \
+                    and step_of_record <= step:
+                kept.append(record)
     fd = open_nofollow(output_dir / METRICS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "w") as handle:
         handle.write("".join(json.dumps(r) + "\n" for r in kept))

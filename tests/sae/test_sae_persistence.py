@@ -99,7 +99,7 @@ BAD_FILES = {
     "no weights": (lambda d: (d / "sae.safetensors").unlink(), FileNotFoundError, "sae.safetensors",
                    ["does not exist"]),
     "cfg not JSON": (rewrite("cfg.json", lambda b: b"{architecture: topk"), ValueError, "cfg.json", ["not valid JSON"]),
-    "cfg not UTF-8": (rewrite("cfg.json", lambda b: b"\xff\xfe"), ValueError, "cfg.json", ["not valid JSON"]),
+    "cfg not UTF-8": (rewrite("cfg.json", lambda b: b"\xff\xfe"), ValueError, "cfg.json", ["is not UTF-8 text"]),
     "cfg a list": (rewrite("cfg.json", lambda b: b"[]"), ValueError, "cfg.json", ["JSON object"]),
     "unknown architecture": (edit_config(architecture="sparse"), ValueError, "cfg.json", ["architecture", "'sparse'"]),
     "architecture missing": (edit_config(architecture=...), ValueError, "cfg.json", ["architecture", "None"]),

@@ -148,7 +148,7 @@ def test_bad_sources_are_refused_clearly():
         train(sae, [torch.randn(32, 9)] * 10, cfg)
     poisoned = [torch.randn(32, 8) for _ in range(10)]
     poisoned[3][5, 2] = float("nan")
-    with pytest.raises(ValueError, match="source batch 4 contains NaN"):
+    with pytest.raises(ValueError, match="source batch 4: x row 5 contains NaN"):
         train(sae, poisoned, cfg)
     with pytest.raises(ValueError, match="ran out after"):
         train(sae, [torch.randn(32, 8)] * 2, cfg)

@@ -1,0 +1,350 @@
+"""Exact float32 TopK and BatchTopK selection from a bfloat16 tensor-core GEMM (the GPU twin of
+``sparsekit.ops.cpu.screen``).
+
+An H100 runs a bf16 GEMM with float32 accumulation at ~990 dense TFLOP/s against ~67 for the IEEE
+float32 GEMM the float32 encoders use (no tensor cores). Its result is not the float32 one, but it
+lies within a bound computed entry by entry from the norms of the rows of x, the columns of W_enc
+and their bf16 rounding errors (derived below). So, for x [B, d], W_enc [d, n], b_enc [n]:
+
+1. one GEMM (``gemm.py``, float32 output) of x' = bf16(x) [B, d] and W' = bf16(W_enc) [d, n] on
+   the tensor cores, accumulating in float32, plus b_enc: a [B, n] float32;
+2. coarse candidates, one margin M_r per row (the columns' largest norms, |a| bounded per row;
+   ``row_margins``), so the pass over [B, n] is one comparison against a per-row threshold. TopK:
+   a_k = the row's k-th largest a (the radix select of ``select.py``); every entry with
+   a >= a_k - 2 M_r. BatchTopK: t_c = the B*k-th largest of fl(a - M_r) over the batch (radix
+   select); every entry with a >= t_c - M_r (and the float32 path runs instead unless t_c > 0, as
+   relu's zeros would then take part);
+3. fine candidates, among the coarse ones, with each entry's own bounds lower/upper = a -+ margin
+   (``screen_bounds``, float64): TopK per row t_r = the k-th largest lower bound, BatchTopK t = the
+   B*k-th over the batch; every entry with upper >= t. The coarse set holds all of them: each
+   lower bound is >= a - M_r, so t_r >= a_k - M_r (t >= t_c), and upper >= t then gives
+   a >= t - margin >= a_k - 2 M_r (a >= t_c - M_r);
+4. the fine candidates' pre-activations recomputed in float32 from x and W_enc^T, one fixed
+   summation order (``sparse.sampled_dot``: chunks of BLOCK_D summed in a fixed tree, then in
+   sequence), plus b_enc: R [E];
+5. the selection among them, by R, ties to the lower index (TopK: the row's radix select on the
+   candidates padded with -inf, in column order; BatchTopK: the flat radix select over the
+   candidates in row-major order).
+
+A first version fused the per-entry bounds into the GEMM's epilogue (two float32 outputs, four
+norm vectors): compiled for sm_90 it needed twice the plain GEMM's registers and spilled up to
+1.9 KB per thread on the large tiles, so the per-entry work moved to the sparse coarse set.
+
+Why this is exact: every entry satisfies lower <= R <= upper (below). The k largest R of a row are
+each >= the k-th largest R >= the k-th largest lower bound t_r (k entries have R >= lower >= t_r),
+so each has upper >= R >= t_r and is a candidate; an entry that is not a candidate has
+R <= upper < t_r <= the k-th largest R, strictly below every selected value, so it cannot take
+part in a tie either. The selection among the candidates is therefore the selection over all n
+entries of R, value for value and index for index. R is a float32 dot product in its own fixed
+order, as the float32 GEMM has its own: on data where float32 is exact (integers) the two agree
+bit for bit; elsewhere they differ by float32 roundings (see tests/ops/test_triton_screen.py).
+
+**The bound.** Write x' = bf16(x), dx = x - x' (round to nearest: dx is exact in float32), and
+w', dw likewise for a column w of W_enc; ||.|| is the Euclidean norm; u = 2^-24. Exactly,
+x.w = x'.w' + x'.dw + dx.w, so by Cauchy-Schwarz
+
+    (i)   |x.w - x'.w'| <= ||x'|| ||dw|| + ||dx|| (||w'|| + ||dw||).
+
+The GEMM's sum S of the d products x'_i w'_i. bf16 has 8 significand bits, so each product has
+at most 16 and is exact in float32 (24 bits; the tensor cores' products are exact: Fasi, Higham,
+Mikaitis and Pranesh 2021, "Numerical behavior of NVIDIA tensor cores", PeerJ Computer Science
+7:e330), except below float32's normal range, where a flushed product errs by < 2^-126. The
+accumulation is where tensor cores differ from IEEE: Fasi et al. measured (V100, T4, A100) that a
+tensor core adds a block of m products and the float32 accumulator in one step, aligning every
+addend's significand to the largest one's exponent and *truncating* what falls off (no guard
+bits), then normalising the sum with truncation, not rounding. Take any such block of at most
+m + 1 addends a_j: each alignment errs by < 2^-23 max|a_j| and the normalisation by
+< 2^-23 |sum|, so the block returns sum a_j + delta, |delta| <= (m + 2) 2^-23 sum |a_j|: the
+model fl(sum a_j) = sum a_j (1 + theta_j), |theta_j| <= (m + 2) 2^-23, for an addition of any
+arity (m = 1 is a plain two-term truncating add, counted pessimistically as 3 2^-23). A product
+meets one block, and the accumulator then at most ceil(d/m) - 1 more, in whatever order the GEMM
+tiles K (split-K, BLOCK_K, the instruction's k) and for any block size m >= 1 (hardware with
+extra alignment bits, or true rounding, only errs less). With ceil(d/m) (m + 2) <= 4d:
+
+    (ii)  |S - x'.w'| <= gamma(4d, 2^-23) ||x'|| ||w'|| + d 2^-126,
+          gamma(N, v) = N v / (1 - N v),  using sum |x'_i w'_i| <= ||x'|| ||w'||.
+
+The epilogue's a = fl(S + b) is one IEEE float32 add (CUDA cores, round to nearest):
+(iii) |a - (S + b)| <= 2u |a|. The recompute R = fl(D + b), D a float32 dot product in any order
+(round to nearest; products may be fused): (iv) |D - x.w| <= gamma(d, u) ||x|| ||w|| + 2d 2^-126
+(flushed products and sums), ||x|| <= ||x'|| + ||dx||, ||w|| <= ||w'|| + ||dw||, and
+|R - (D + b)| <= u |R|. Summing (i)-(iv):
+
+    |R - a| <= coef_err ||dw|| + coef_w ||w'|| + rel |a| + floor,
+    coef_err = (||x'|| + ||dx||) (1 + gamma(d, u)),
+    coef_w   = ||dx|| + gamma(4d, 2^-23) ||x'|| + gamma(d, u) (||x'|| + ||dx||),
+
+per row (coef_err, coef_w) and per column (||dw||, ||w'||). The norms and the bounds are computed
+in float64 (no square under- or overflows; a -+ margin rounds by ~2^-53); the coefficients carry a
+1.0625 safety factor that covers those roundings and the u |R| term's margin part; rel = 2^-20
+covers (iii) and u |R|'s |a| part; floor = (4d + 16) 2^-126 covers every flushed product and sum.
+The coarse margin M_r adds room for the float32 rounding of a - M_r. A non-finite a (bf16
+overflows near float32's maximum) sends the call to the float32 path, as does d >= 2^20
+(gamma's premise).
+
+The crossover is **unmeasured on a GPU**: ``auto`` screens float32 encoders on CUDA when
+n >= SCREEN_MIN_N_OVER_K * k and the GEMM is at least SCREEN_MIN_FLOP, figures carried over from
+the CPU screen's measured crossover (``sparsekit.ops.cpu.screen``); the first GPU run should time
+both paths at bench/gpu.py's shapes and set them. The screen syncs with the host a few times per
+call (the finiteness check, the candidate counts, BatchTopK's threshold check).
+
+SPARSEKIT_GPU_BF16_SCREEN=auto (default) | on | off: ``on`` screens every float32 TopK and
+BatchTopK encoder on the Triton path (tests; CPU tensors under the interpreter too), ``off`` never.
+The backward is unchanged: the codes (indices, values) are the float32 path's.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .gemm import gemm
+from .select import batch_topk, topk_rows
+from .sparse import sampled_dot
+
+SCREEN_MIN_FLOP = 2**30  # ~1.07 GFLOP: unmeasured on a GPU (see above)
+SCREEN_MIN_N_OVER_K = 64
+SAFETY = 1.0625
+REL = 2.0**-20
+MAX_D = 2**20
+
+stats = {"calls": 0, "rows": 0, "candidates": 0}  # running totals, for benchmarks and tests
+
+# Test hook: when set, called as perturb(a) on the screen GEMM's a = fl(x' . W' + b) [B, n]
+# (float32) and its result used in place of a, the bounds then computed in plain torch
+# (screen_bounds). Tests inject a GEMM that errs by the full bound this way.
+perturb = None
+
+
+def screen_mode() -> str:
+    mode = os.environ.get("SPARSEKIT_GPU_BF16_SCREEN", "auto").strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise RuntimeError(f"SPARSEKIT_GPU_BF16_SCREEN={mode!r} is not 'auto', 'on' or 'off'")
+    return mode
+
+
+def use_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
+    """Whether a TopK/BatchTopK encoder of x [B, d] with W_enc [d, n] and k per row is screened."""
+    mode = screen_mode()
+    if mode == "off" or x.dtype != torch.float32 or W_enc.dtype != torch.float32:
+        return False
+    if not 0 < x.shape[1] < MAX_D or x.shape[0] == 0 or W_enc.shape[1] == 0:  # empty: nothing to screen
+        return False
+    if mode == "on":
+        return True
+    batch, d = x.shape
+    n = W_enc.shape[1]
+    return _on_cuda(x) and n >= SCREEN_MIN_N_OVER_K * k and 2.0 * batch * d * n >= SCREEN_MIN_FLOP
+
+
+def _on_cuda(x: Tensor) -> bool:
+    return x.is_cuda
+
+
+def _gamma(count: int, unit: float) -> float:
+    return count * unit / (1.0 - count * unit)
+
+
+def row_coefficients(x: Tensor) -> Tensor:
+    """x [B, d] float32 -> [4, B] float64: per row coef_err, coef_w, the floor (module docstring)
+    and ||x'||."""
+    d = x.shape[1]
+    rounded = x.bfloat16().double()
+    x_norm = rounded.norm(dim=1)
+    err_norm = (x.double() - rounded).norm(dim=1)
+    g_dot, g_gemm = _gamma(d, 2.0**-24), _gamma(4 * d, 2.0**-23)
+    coef_err = SAFETY * (x_norm + err_norm) * (1.0 + g_dot)
+    coef_w = SAFETY * (err_norm + g_gemm * x_norm + g_dot * (x_norm + err_norm))
+    floor = torch.full_like(x_norm, (4 * d + 16) * 2.0**-126)
+    return torch.stack([coef_err, coef_w, floor, x_norm])
+
+
+def column_norms(W_enc: Tensor) -> Tensor:
+    """W_enc [d, n] float32 -> [2, n] float64: per column ||dw|| and ||w'|| (w' = bf16(w), dw = w - w')."""
+    rounded = W_enc.bfloat16().double()
+    return torch.stack([(W_enc.double() - rounded).norm(dim=0), rounded.norm(dim=0)])
+
+
+def screen_bounds(a: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Per entry, in float64: a (the screen GEMM's, float32), rows [4, ...] and cols [2, ...]
+    broadcastable to it (row_coefficients, column_norms) -> (a - margin, a + margin), a's shape."""
+    a = a.double()
+    margin = rows[0] * cols[0] + rows[1] * cols[1] + REL * a.abs() + rows[2]
+    return a - margin, a + margin
+
+
+def row_margins(rows: Tensor, cols: Tensor, b_enc: Tensor) -> Tensor:
+    """[B] float64 margins M_r >= every margin of row r (screen_bounds), with room for the float32
+    rounding of a - M_r: the columns' largest norms, and |a| <= (1 + gamma(4d, 2^-23)) ||x'|| max ||w'||
+    + max |b| (+ its rounding). rows [4, B] (row_coefficients), cols [2, n] (column_norms), b_enc [n]."""
+    largest = cols.amax(dim=1) if cols.shape[1] else cols.new_zeros(2)
+    bias = float(b_enc.abs().max()) if b_enc.numel() else 0.0
+    a_max = (1.0 + 2.0**-20) * (rows[3] * largest[1] * 2.0 + bias)  # gamma(4d, 2^-23) < 1: d < 2^20
+    margin = rows[0] * largest[0] + rows[1] * largest[1] + REL * a_max + rows[2]
+    return (margin + 2.0**-22 * (a_max + margin)) * (1.0 + 2.0**-20)
+
+
+def _float32_at_most(t: Tensor) -> Tensor:
+    """float64 -> the largest float32 values <= t."""
+    down = t.float()
+    return torch.where(down.double() > t, torch.nextafter(down, torch.full_like(down, float("-inf"))), down)
+
+
+def screen_gemm(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor | None:
+    """a = fl(bf16(x) @ bf16(W_enc) + b_enc) [B, n] float32 on the tensor cores (float32 accumulation);
+    None when a is not finite (bf16 overflow)."""
+    a = gemm(x.bfloat16(), W_enc.bfloat16(), b_enc, out_dtype=torch.float32)
+    if perturb is not None:
+        a = perturb(a)
+    return a if bool(torch.isfinite(a).all()) else None
+
+
+def bounds(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Every entry's (lower, upper) [B, n] float64 bounds on its recomputed pre-activation (tests;
+    the screen itself bounds only the coarse candidates entry by entry); None as screen_gemm."""
+    a = screen_gemm(x, W_enc, b_enc)
+    if a is None:
+        return None
+    return screen_bounds(a, row_coefficients(x)[:, :, None], column_norms(W_enc)[:, None, :])
+
+
+def recompute(x: Tensor, W_t: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """R [E] = x[rows[e]] . W_t[cols[e]] + b_enc[cols[e]] in float32, one fixed summation order.
+    x [B, d], W_t [n, d] (W_enc transposed, contiguous), rows/cols [E] int64."""
+    return sampled_dot(rows, cols, x, W_t) + b_enc[cols]
+
+
+def _count(rows: int, candidates: int) -> None:
+    stats["calls"] += 1
+    stats["rows"] += rows
+    stats["candidates"] += candidates
+
+
+def _padded_rows(values: Tensor, rows: Tensor, cols: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Entries in row-major order (values, rows, cols [E]) -> per row, in column order, padded
+    with -inf: (values [B, C], cols [B, C]), C the largest count."""
+    counts = torch.bincount(rows, minlength=batch)
+    width = int(counts.max()) if rows.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    padded = values.new_full((batch, width), float("-inf"))
+    padded_cols = cols.new_zeros((batch, width))
+    padded[rows, slot] = values
+    padded_cols[rows, slot] = cols
+    return padded, padded_cols
+
+
+def _fine_bounds(a: Tensor, row_coefs: Tensor, col_norms: Tensor, rows: Tensor, cols: Tensor):
+    """Coarse candidates (rows, cols [E]) -> their per-entry (lower, upper) [E] float64."""
+    return screen_bounds(a[rows, cols], row_coefs[:, rows], col_norms[:, cols])
+
+
+def topk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """The float32 top-k of relu(x @ W_enc + b_enc) per row, screened by a bf16 GEMM.
+    x [B, d], W_enc [d, n], b_enc [n] float32 -> (values [B, k] descending, indices [B, k] int64),
+    ties to the lower index; None when the float32 path must run (bf16 overflow)."""
+    x, W_enc, b_enc = x.detach().contiguous(), W_enc.detach(), b_enc.detach().contiguous()
+    batch = x.shape[0]
+    a = screen_gemm(x, W_enc, b_enc)
+    if a is None:
+        return None
+    row_coefs, col_norms = row_coefficients(x), column_norms(W_enc)
+    # Coarse: one margin per row. The k-th largest a, a_k, less M_r bounds the k-th largest R from
+    # below, so every candidate has a >= a_k - 2 M_r.
+    _, top = topk_rows(a, k)
+    a_k = a.gather(1, top).amin(dim=1).double()
+    coarse = a >= _float32_at_most(a_k - 2.0 * row_margins(row_coefs, col_norms, b_enc))[:, None]
+    rows, cols = torch.nonzero(coarse, as_tuple=True)
+    # Fine: per entry, among the coarse ones (which hold every entry the fine test could keep).
+    lower, upper = _fine_bounds(a, row_coefs, col_norms, rows, cols)
+    padded_lower, _ = _padded_rows(lower, rows, cols, batch)
+    threshold = padded_lower.topk(k, dim=1).values[:, -1]
+    keep = upper >= threshold[rows]
+    rows, cols = rows[keep], cols[keep]
+    exact = recompute(x, W_enc.t().contiguous(), b_enc, rows, cols)
+    padded, padded_cols = _padded_rows(exact, rows, cols, batch)
+    values, slots = topk_rows(padded, k)
+    _count(batch, rows.numel())
+    return values, padded_cols.gather(1, slots)
+
+
+def batchtopk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor,
+                              k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """BatchTopK screened by a bf16 GEMM: the B*k largest of relu(x @ W_enc + b_enc), exact
+    float32, ties to the lower flat index, as flat COO in row-major order (values, rows, cols, each
+    [B*k]); None when the float32 path must run (bf16 overflow, or the B*k-th largest lower bound
+    is not positive)."""
+    x, W_enc, b_enc = x.detach().contiguous(), W_enc.detach(), b_enc.detach().contiguous()
+    m = x.shape[0] * k
+    a = screen_gemm(x, W_enc, b_enc)
+    if a is None:
+        return None
+    row_coefs, col_norms = row_coefficients(x), column_norms(W_enc)
+    margins = row_margins(row_coefs, col_norms, b_enc)
+    # Coarse: fl(a - M_r) <= every lower bound; its m-th largest t_c; candidates have a >= t_c - M_r.
+    coarse_floor = batch_topk(a - margins.float()[:, None], m)[0].amin().double()
+    if not bool(coarse_floor > 0):
+        return None
+    rows, cols = torch.nonzero(a >= _float32_at_most(coarse_floor - margins)[:, None], as_tuple=True)
+    lower, upper = _fine_bounds(a, row_coefs, col_norms, rows, cols)
+    threshold = lower.topk(m).values[-1]
+    keep = upper >= threshold
+    rows, cols = rows[keep], cols[keep]
+    exact = recompute(x, W_enc.t().contiguous(), b_enc, rows, cols)
+    values, _, slots = batch_topk(exact[None, :], m)
+    _count(x.shape[0], rows.numel())
+    return values, rows[slots], cols[slots]
+
+
+# --- the reference: the same screened selection in plain torch ----------------------------------
+
+def _candidates_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int | None, m: int | None):
+    """Every entry's bounds (no coarse stage) -> candidates (rows, cols), row-major; None as the fast path."""
+    a = x.bfloat16().float() @ W_enc.bfloat16().float() + b_enc  # exact products, float32 sums
+    if perturb is not None:
+        a = perturb(a)
+    if not bool(torch.isfinite(a).all()):
+        return None
+    lower, upper = screen_bounds(a, row_coefficients(x)[:, :, None], column_norms(W_enc)[:, None, :])
+    if k is not None:
+        return torch.nonzero(upper >= lower.topk(k, dim=1).values[:, -1:], as_tuple=True)
+    threshold = lower.flatten().topk(m).values[-1]
+    if not bool(threshold > 0):
+        return None
+    return torch.nonzero(upper >= threshold, as_tuple=True)
+
+
+def _recompute_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    return (x[rows] * W_enc.t()[cols]).sum(dim=1) + b_enc[cols]
+
+
+def topk_encode_screened_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor,
+                                   k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """topk_encode_screened in plain torch -> (values [B, k], indices [B, k], candidates per row [B]),
+    or None where the fast path gives None."""
+    found = _candidates_reference(x, W_enc, b_enc, k, None)
+    if found is None:
+        return None
+    rows, cols = found
+    exact = _recompute_reference(x, W_enc, b_enc, rows, cols)
+    # Order: value descending, then column ascending (rows, cols are row-major already).
+    order = torch.sort(exact, descending=True, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]
+    counts = torch.bincount(rows, minlength=x.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    kept = order[(torch.arange(k)[None, :] + starts[:, None]).flatten()]
+    return torch.relu(exact[kept]).view(-1, k), cols[kept].view(-1, k), counts
+
+
+def batchtopk_encode_screened_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor,
+                                        k: int) -> tuple[Tensor, Tensor, Tensor, int] | None:
+    """batchtopk_encode_screened in plain torch -> (values, rows, cols [B*k] flat order, candidates)."""
+    m = x.shape[0] * k
+    found = _candidates_reference(x, W_enc, b_enc, None, m)
+    if found is None:
+        return None
+    rows, cols = found
+    exact = _recompute_reference(x, W_enc, b_enc, rows, cols)
+    kept = torch.sort(torch.sort(exact, descending=True, stable=True).indices[:m]).values
+    return exact[kept], rows[kept], cols[kept], rows.numel()
