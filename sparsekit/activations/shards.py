@@ -1,4 +1,4 @@
-"""Activations on disk: a folder of ``.npy`` shards plus ``manifest.json``, memory-mapped on read.
+"""Activations on disk: a folder of ``.npy`` shards plus ``manifest.json``, read row by row with file reads.
 
 Layout (format_version 1)::
 
@@ -11,8 +11,14 @@ Layout (format_version 1)::
 
 NumPy has no bfloat16, so a ``bfloat16`` folder holds ``x-00000.safetensors`` (one tensor "x", BF16
 [rows, d]; "y" likewise) instead: half the bytes of float32, values rounded to nearest-even by
-torch. The reader checks each file's header against the manifest before mapping it, maps the data
-as raw 16-bit words and hands out bfloat16 tensors (convert to float32 per batch to train).
+torch. The reader checks each file's header against the manifest before reading it, reads the data
+as raw 16-bit words and hands out bfloat16 tensors (the trainer widens them to the dictionary's dtype).
+
+Reading never memory-maps a shard: a mapped file that shrinks (truncated, or rewritten in place)
+kills the process with SIGBUS at the next touched page, which no Python code can catch. Rows are
+read with ``os.preadv`` into the batch instead (one call per run of adjacent rows; a shrunken file
+is a short read), and each file's inode, size and modification time are checked before every batch
+that reads it: a shard that changed under a running source is ``ShardChanged``, naming the file.
 
 Shards hold raw activations; ``scale`` (the factor that makes E||x||^2 = d) is recorded, not applied.
 Every file is written atomically (temporary name, fsync, rename) and the manifest last, so a folder
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -31,9 +38,12 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.atomic import atomic_write, fsync_path
+from sparsekit._util.bounded import load_json
 from sparsekit._util.seeding import permutation
 from sparsekit._util.validate import check_epochs, check_seed, check_state, is_int, is_number, positive_int, state_int
+from sparsekit.ops import checks
 
+from .npy import npy_header, read_npy
 from .source import Batch
 
 FORMAT = "sparsekit-shards"
@@ -42,40 +52,46 @@ MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32", "float64", "bfloat16")
 BF16 = "bfloat16"
 _SAFETENSORS_HEADER_LIMIT = 1 << 20  # a shard's header names one tensor: a few hundred bytes
+MANIFEST_MAX_BYTES = 256 << 20  # a million shards take about 60 MB
 
 
 # --- writing -------------------------------------------------------------------------------------
 
-def _batch_array(name: str, value, index: int, dtype: np.dtype | str) -> np.ndarray:
-    """A batch's x or y as a 2-D array of dtype; for "bfloat16", the bfloat16 bit patterns as uint16."""
+def _batch_array(name: str, value, index: int, dtype: np.dtype | str, place: Callable[[int], str]) -> np.ndarray:
+    """A batch's x or y as a 2-D array of dtype; for "bfloat16", the bfloat16 bit patterns as uint16.
+    Refuses NaN and Inf, and values the conversion to dtype would turn into inf (float16 beyond
+    65,504, say); place(row) names the shard file and row a batch row would be written to."""
     if isinstance(value, Tensor):
         value = value.detach().cpu()
-        if dtype == BF16 and value.is_floating_point() and value.dim() == 2:
-            finite = torch.isfinite(value).all(dim=1)
-            if not bool(finite.all()):
-                row = int((~finite).nonzero()[0, 0])
-                raise ValueError(f"batch {index}: {name} row {row} holds NaN or Inf; activations must be finite")
-            return value.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        value = (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
     if not isinstance(value, np.ndarray):
         raise ValueError(f"batch {index}: {name} must be a Tensor or numpy array, got {type(value).__name__}")
     if value.ndim != 2:
         raise ValueError(f"batch {index}: {name} must be 2-D [rows, features], got shape {value.shape}")
     if not np.issubdtype(value.dtype, np.floating):
         raise ValueError(f"batch {index}: {name} must be floating-point, got {value.dtype}")
-    finite = np.isfinite(value)
+    finite = np.isfinite(value).all(axis=1)
     if not finite.all():
-        row = int(np.argwhere(~finite.all(axis=1))[0, 0])
-        raise ValueError(f"batch {index}: {name} row {row} holds NaN or Inf; activations must be finite")
+        row = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"batch {index}: {name} row {row} holds NaN or Inf; activations must be finite "
+                         f"({place(row)})")
     if dtype == BF16:
-        return _batch_array(name, torch.from_numpy(np.ascontiguousarray(value)), index, dtype)
-    if np.dtype(dtype) == np.float16 and value.size:
+        stored = torch.from_numpy(np.ascontiguousarray(value)).to(torch.bfloat16)
+        finite = torch.isfinite(stored).all(dim=1).numpy()
+        converted = stored.view(torch.int16).numpy().view(np.uint16)
+    else:
+        with np.errstate(over="ignore"):  # overflow is refused below, with the row and the shard
+            converted = value.astype(dtype, copy=False)
+        finite = np.isfinite(converted).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
         largest = float(np.abs(value).max())
-        if largest > float(np.finfo(np.float16).max):
-            raise ValueError(f"batch {index}: {name} holds {largest:.6g}, beyond float16's largest finite value "
-                             f"65504: it would be stored as inf. Write dtype='bfloat16' (float32's range in 16 bits) "
-                             f"or float32")
-    return value.astype(dtype, copy=False)
+        limit = float(torch.finfo(torch.bfloat16).max if dtype == BF16 else np.finfo(dtype).max)
+        wider = "dtype='bfloat16' (float32's range in 16 bits) or 'float32'" if dtype == "float16" else "dtype='float64'"
+        kind = BF16 if dtype == BF16 else np.dtype(dtype).name
+        raise ValueError(f"batch {index}: {name} holds {largest:.6g} (row {row}), beyond {kind}'s largest finite "
+                         f"value {limit:.6g}: it would be stored as inf ({place(row)}). Write {wider}")
+    return converted
 
 
 def _shard_names(index: int, dtype: str = "float32") -> tuple[str, str]:
@@ -153,14 +169,21 @@ def write_shards(directory, batches: Iterable[Batch], *, model: str = "", hook: 
 
     try:
         for index, batch in enumerate(batches):
+            first = sum(s["rows"] for s in shards) + pending_rows  # the folder's row this batch's row 0 becomes
+
+            def place(key: int, row: int, first: int = first) -> str:
+                shard, local = divmod(first + row, shard_rows)
+                return f"shard {directory / _shard_names(shard, dtype)[key]}, row {local}"
+
             if isinstance(batch, (tuple, list)):
                 if len(batch) != 2:
                     raise ValueError(f"batch {index}: expected x or (x, y), got a sequence of {len(batch)} items")
-                x, y = _batch_array("x", batch[0], index, np_dtype), _batch_array("y", batch[1], index, np_dtype)
+                x = _batch_array("x", batch[0], index, np_dtype, lambda row: place(0, row))
+                y = _batch_array("y", batch[1], index, np_dtype, lambda row: place(1, row))
                 if y.shape[0] != x.shape[0]:
                     raise ValueError(f"batch {index}: y has {y.shape[0]} rows but x has {x.shape[0]}")
             else:
-                x, y = _batch_array("x", batch, index, np_dtype), None
+                x, y = _batch_array("x", batch, index, np_dtype, lambda row: place(0, row)), None
             if d is None:
                 d, d_out = x.shape[1], None if y is None else y.shape[1]
             if x.shape[1] != d:
@@ -204,10 +227,7 @@ def read_manifest(directory) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {directory}: not an activation shard folder (see write_shards)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    manifest = load_json(path, MANIFEST_MAX_BYTES, what="manifest")  # size and nesting bounded before parsing
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
 
@@ -281,39 +301,148 @@ def bf16_data_offset(path: Path, name: str, rows: int, width: int) -> int:
     return start
 
 
-def _check_shard_file(path: Path, rows: int, width: int, dtype: str, width_field: str) -> None:
-    """Read the .npy header only: shape, dtype and file length must match the manifest."""
+def shard_data_offset(path: Path, rows: int, width: int, dtype: str, key: str = "x") -> int:
+    """Check shard `path`'s header against the manifest (rows x width of dtype, C order, and the
+    file holding exactly those bytes) without reading its rows; the byte offset where they start."""
     if not path.is_file():
         raise FileNotFoundError(f"shard {path} listed in {MANIFEST} is missing")
     if dtype == BF16:
-        bf16_data_offset(path, "y" if width_field == "d_out" else "x", rows, width)
-        return
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f".npy format version {version} is not supported; write_shards writes 1.0")
-            shape, _, found = read_header(f)
-            header_end = f.tell()
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"shard {path} is not a readable .npy file ({e})") from None
-    if len(shape) != 2:
-        raise ValueError(f"shard {path} has shape {shape}; expected 2-D [rows, {width_field}]")
-    if shape[1] != width:
-        raise ValueError(f"shard {path} has {shape[1]} columns but the manifest's {width_field!r} is {width}")
-    if found != np.dtype(dtype):
-        raise ValueError(f"shard {path} holds {found} but the manifest's 'dtype' is {dtype}")
-    if shape[0] != rows:
-        raise ValueError(f"shard {path} has {shape[0]} rows but the manifest's 'rows' says {rows}")
-    if path.stat().st_size < header_end + rows * width * found.itemsize:
-        raise ValueError(f"shard {path} is truncated: {path.stat().st_size} bytes for {rows} x {width} {dtype}")
+        return bf16_data_offset(path, key, rows, width)
+    width_field = "d_out" if key == "y" else "d"
+    with open(path, "rb") as handle:
+        layout = npy_header(handle, path, "shard")
+    if len(layout.shape) != 2:
+        raise ValueError(f"shard {path} has shape {layout.shape}; expected 2-D [rows, {width_field}]")
+    if layout.shape[1] != width:
+        raise ValueError(f"shard {path} has {layout.shape[1]} columns but the manifest's {width_field!r} is {width}")
+    if layout.dtype != np.dtype(dtype):
+        raise ValueError(f"shard {path} holds {layout.dtype} but the manifest's 'dtype' is {dtype}")
+    if layout.shape[0] != rows:
+        raise ValueError(f"shard {path} has {layout.shape[0]} rows but the manifest's 'rows' says {rows}")
+    if layout.fortran_order and rows > 1 and width > 1:
+        raise ValueError(f"shard {path} is stored in Fortran order; shards are C order (rows contiguous), as "
+                         f"write_shards writes them")
+    layout.check_size(path, "shard")
+    return layout.offset
+
+
+class ShardChanged(ValueError):
+    """A shard changed on disk while a ShardSource was reading it: it shrank, or was rewritten or
+    replaced since the source checked it. ``path`` is the shard's file. (Reads go through ``pread``,
+    never a memory map, so a shrinking file is this error, not a SIGBUS that kills the process.)"""
+
+    def __init__(self, path, message: str):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+class NonFiniteActivations(ValueError):
+    """A shard holds NaN or Inf: ``path`` is the shard's file and ``row`` the row (0-based) in it."""
+
+    def __init__(self, path, row: int, message: str):
+        super().__init__(message)
+        self.path, self.row = Path(path), row
+
+
+class _ShardFile:
+    """One shard file open for positional reads: its rows start at ``offset`` and are
+    ``row_bytes`` long; ``identity`` (device, inode, size, mtime) as first checked."""
+
+    def __init__(self, path: Path, offset: int, row_bytes: int, identity: tuple):
+        self.path, self.offset, self.row_bytes, self.identity = path, offset, row_bytes, identity
+        try:
+            self.handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed with the object: the LRU drops it)
+        except FileNotFoundError:
+            self.changed(None, "when opened for reading")
+        self.changed(_identity(os.fstat(self.handle.fileno())), "when opened for reading")
+
+    def check(self, when: str) -> None:
+        """ShardChanged unless the shard's name still leads to the file first checked (same inode,
+        size and modification time): not truncated, grown, rewritten, replaced or deleted."""
+        try:
+            found = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            found = None
+        self.changed(found, when)
+
+    def changed(self, now: tuple | None, when: str) -> None:
+        """ShardChanged saying how identity `now` (None: no file) differs from the first one, if it does."""
+        before = self.identity
+        if now == before:
+            return
+        if now is None:
+            what = "disappeared"
+        elif now[:2] != before[:2]:
+            what = "was replaced by another file"
+        elif now[2] < before[2]:
+            what = f"shrank from {before[2]:,} to {now[2]:,} bytes"
+        elif now[2] > before[2]:
+            what = f"grew from {before[2]:,} to {now[2]:,} bytes"
+        else:
+            what = "was rewritten (its modification time changed)"
+        raise ShardChanged(self.path, f"shard {self.path} {what} while training read it ({when}): restore the folder "
+                                      f"as write_shards wrote it (or rewrite it) and resume from the last checkpoint")
+
+    def read_rows(self, local: np.ndarray, out: memoryview, where: np.ndarray) -> None:
+        """Rows `local` of this shard into rows `where` of out (the batch's bytes, row_bytes a row),
+        in ascending file order, one read per run of rows adjacent both here and in out."""
+        order = np.argsort(local, kind="stable")
+        src, dst = local[order], where[order]
+        breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+        firsts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [src.shape[0]]))
+        rb, fd = self.row_bytes, self.handle.fileno()
+        offsets = (self.offset + src[firsts].astype(np.int64) * rb).tolist()
+        starts, stops = (dst[firsts] * rb).tolist(), ((dst[firsts] + ends - firsts) * rb).tolist()
+        for offset, start, stop in zip(offsets, starts, stops):  # the hot loop: one system call a run
+            if _preadv(fd, [out[start:stop]], offset) != stop - start:
+                self._read_rest(out, start, stop, offset)
+
+    def _read_rest(self, out: memoryview, start: int, stop: int, offset: int) -> None:
+        """Read out[start:stop] from `offset` after a short read: retried while the file gives bytes;
+        ShardChanged when it ends first (it shrank between the last check and the read)."""
+        fd = self.handle.fileno()
+        while start < stop:
+            got = _preadv(fd, [out[start:stop]], offset)
+            if got <= 0:
+                self.check("reading rows")  # names how it changed when it can
+                raise ShardChanged(self.path, f"shard {self.path} ended at byte {offset:,} while training read "
+                                              f"it: it shrank; restore the folder as write_shards wrote it (or "
+                                              f"rewrite it) and resume from the last checkpoint")
+            start, offset = start + got, offset + got
+
+
+def _identity(stat: os.stat_result) -> tuple:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+if hasattr(os, "preadv"):
+    _preadv = os.preadv
+else:  # Windows: seek and read (a shard's handle is used by one thread)
+    def _preadv(fd: int, buffers: list, offset: int) -> int:
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, len(buffers[0]))
+        buffers[0][:len(data)] = data
+        return len(data)
+
+
+def _row_finite(array: np.ndarray, dtype: str) -> np.ndarray:
+    """[rows] bool: the row holds no NaN or Inf (array: a batch as read, bfloat16 as its bit patterns)."""
+    if dtype == BF16:
+        return ((array & 0x7F80) != 0x7F80).all(axis=1)
+    return np.isfinite(array).all(axis=1)
+
+
+def _all_finite(array: np.ndarray, dtype: str) -> bool:
+    if dtype in ("float32", "float64"):
+        return checks.all_finite(torch.from_numpy(array))
+    return bool(_row_finite(array, dtype).all())
 
 
 class ShardSource:
     """An ActivationSource over a shard folder: x [b, d] or (x [b, d], y [b, d_out]) batches in the
-    stored dtype, read from memory-mapped shards (only the rows a batch needs are read).
+    stored dtype, read with positional file reads (only the rows a batch needs; never a memory map,
+    so a shard truncated under a running source is a ``ShardChanged`` error, not a SIGBUS).
 
     Each epoch visits every row once. With shuffle, the shard order is permuted by (seed, epoch),
     consecutive groups of buffer_shards shards form windows, and the rows of each window are
@@ -321,6 +450,11 @@ class ShardSource:
     Without shuffle, rows come in manifest order. Batches span windows and shards; the last batch
     of an epoch is smaller. epochs=None repeats forever. State: {"epoch", "position"} plus settings.
     Attributes: manifest, d, d_out, dtype, tokens, scale.
+
+    Data under your feet: each shard's header, size, inode and modification time are checked when
+    the source is made and before every batch that reads it; a shard that changed raises
+    ``ShardChanged`` naming it, and a row holding NaN or Inf raises ``NonFiniteActivations``
+    naming the shard file and the row.
     """
 
     def __init__(self, directory, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
@@ -336,16 +470,19 @@ class ShardSource:
         self.d, self.d_out, self.dtype = m["d"], m.get("d_out"), m["dtype"]
         self.tokens, self.scale = m["tokens"], m["scale"]
         self.shards = m["shards"]
+        self._files: dict[str, tuple[int, tuple]] = {}  # file name -> (data offset, identity when checked)
         for shard in self.shards:
-            _check_shard_file(self.directory / shard["x"], shard["rows"], self.d, self.dtype, "d")
-            if self.d_out is not None:
-                _check_shard_file(self.directory / shard["y"], shard["rows"], self.d_out, self.dtype, "d_out")
+            for key, width in (("x", self.d), ("y", self.d_out)):
+                if width is not None:
+                    path = self.directory / shard[key]
+                    offset = shard_data_offset(path, shard["rows"], width, self.dtype, key)
+                    self._files[shard[key]] = (offset, _identity(path.stat()))
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])  # [n_shards + 1] global row starts
         self.epoch = 0
         self.position = 0
         self._windows: tuple[int, np.ndarray, list[np.ndarray]] | None = None  # (epoch, starts, shard groups)
         self._window_order: tuple[int, int, np.ndarray] | None = None  # (epoch, window, global rows)
-        self._maps: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+        self._open_files: OrderedDict[int, tuple[_ShardFile, _ShardFile | None]] = OrderedDict()
 
     # --- the epoch's order of global row ids ---------------------------------------------------
 
@@ -381,42 +518,64 @@ class ShardSource:
 
     # --- reading rows ----------------------------------------------------------------------------
 
-    def _open(self, shard: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Memory maps of a shard's x (and y), a few kept open (each holds a file descriptor)."""
-        if shard in self._maps:
-            self._maps.move_to_end(shard)
-            return self._maps[shard]
+    def _open(self, shard: int) -> tuple[_ShardFile, _ShardFile | None]:
+        """A shard's x (and y) files open for reading, a few kept open (each holds a file descriptor)."""
+        if shard in self._open_files:
+            self._open_files.move_to_end(shard)
+            return self._open_files[shard]
         entry = self.shards[shard]
-        x = self._map(entry, "x", self.d)
-        y = None if self.d_out is None else self._map(entry, "y", self.d_out)
-        self._maps[shard] = (x, y)
-        if len(self._maps) > self.buffer_shards + 1:
-            self._maps.popitem(last=False)
-        return x, y
+        files = tuple(None if width is None else self._open_file(entry[key], width)
+                      for key, width in (("x", self.d), ("y", self.d_out)))
+        self._open_files[shard] = files
+        if len(self._open_files) > self.buffer_shards + 1:
+            self._open_files.popitem(last=False)
+        return files
 
-    def _map(self, entry: dict, key: str, width: int) -> np.ndarray:
-        path = self.directory / entry[key]
-        if self.dtype != BF16:
-            return np.load(path, mmap_mode="r")
-        offset = bf16_data_offset(path, key, entry["rows"], width)
-        return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(entry["rows"], width))
+    def _open_file(self, name: str, width: int) -> _ShardFile:
+        offset, identity = self._files[name]
+        return _ShardFile(self.directory / name, offset, width * self._itemsize, identity)
+
+    @property
+    def _itemsize(self) -> int:
+        return 2 if self.dtype == BF16 else np.dtype(self.dtype).itemsize
 
     def _read(self, rows: np.ndarray) -> Batch:
         stored = np.uint16 if self.dtype == BF16 else self.dtype  # bfloat16: its bit patterns
         x = np.empty((rows.shape[0], self.d), dtype=stored)
         y = None if self.d_out is None else np.empty((rows.shape[0], self.d_out), dtype=stored)
+        x_bytes = memoryview(x.reshape(-1).view(np.uint8))
+        y_bytes = None if y is None else memoryview(y.reshape(-1).view(np.uint8))
         shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        for shard in np.unique(shard_of):
+        for shard in np.unique(shard_of).tolist():
             where = np.nonzero(shard_of == shard)[0]
             local = rows[where] - self.offsets[shard]
-            x_map, y_map = self._open(int(shard))
-            x[where] = x_map[local]
-            if y is not None:
-                y[where] = y_map[local]
+            for file, out in zip(self._open(shard), (x_bytes, y_bytes)):
+                if file is not None:
+                    file.check("before reading a batch")
+                    file.read_rows(local, out, where)
+        for key, array in (("x", x), ("y", y)):
+            if array is not None and not _all_finite(array, self.dtype):
+                self._refuse_nonfinite(key, array, rows, shard_of)
         if self.dtype == BF16:
             x, y = (None if a is None else torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) for a in (x, y))
             return x if y is None else (x, y)
         return torch.from_numpy(x) if y is None else (torch.from_numpy(x), torch.from_numpy(y))
+
+    def _refuse_nonfinite(self, key: str, array: np.ndarray, rows: np.ndarray, shard_of: np.ndarray) -> None:
+        """NonFiniteActivations naming the shard file and row of the batch's first non-finite row
+        (of those in the lowest such file row)."""
+        bad = np.flatnonzero(~_row_finite(array, self.dtype))
+        shard = shard_of[bad]
+        local = rows[bad] - self.offsets[shard]
+        first = np.lexsort((local, shard))[0]
+        shard, row = int(shard[first]), int(local[first])
+        values = array[bad[first]]
+        if self.dtype == BF16:
+            values = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float().numpy()
+        column = int(np.flatnonzero(~np.isfinite(values))[0])
+        path = self.directory / self.shards[shard][key]
+        raise NonFiniteActivations(path, row, f"shard {path} row {row} holds {values[column]} (column {column}): "
+                                              f"activations must be finite; rewrite the shards without it")
 
     def __iter__(self) -> Iterator[Batch]:
         while self.epochs is None or self.epoch < self.epochs:
@@ -457,10 +616,7 @@ def load_activation_file(path) -> Tensor | tuple[Tensor, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"activation file {path} does not exist")
     if path.suffix == ".npy":
-        try:
-            tensors = {"x": torch.from_numpy(np.load(path))}
-        except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path} is not a readable .npy file ({e})") from None
+        tensors = {"x": torch.from_numpy(read_npy(path, "activation file"))}  # header checked before allocating
     elif path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -387,10 +387,10 @@ def resolve(argv: list[str]) -> dict:
 
 def open_data(settings: dict, batch_size: int, seed: int):
     """(source, rows, d_in, d_out or None, description) for --data (and --targets)."""
-    import numpy as np
     import torch
 
     from sparsekit.activations import ShardSource, TensorSource, load_activation_file
+    from sparsekit.activations.npy import read_npy
 
     data, targets = Path(settings["data"]), settings.get("targets")
     if data.is_dir():
@@ -413,9 +413,9 @@ def open_data(settings: dict, batch_size: int, seed: int):
         if not target_path.is_file():
             raise UsageError(f"--targets {targets}: no such file")
         try:
-            array = np.load(target_path)
-        except (ValueError, OSError, EOFError) as error:
-            raise UsageError(f"--targets {targets} is not a readable .npy file ({error})") from None
+            array = read_npy(target_path, "--targets")  # its header checked against the file before allocating
+        except (ValueError, OSError) as error:
+            raise UsageError(str(error)) from None
         if array.ndim != 2 or array.dtype.kind != "f" or array.shape[0] == 0:
             raise UsageError(f"--targets {targets} must be a non-empty 2-D floating-point array [N, d_out], got "
                              f"shape {array.shape} {array.dtype}")

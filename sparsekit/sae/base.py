@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from sparsekit import ops
 from sparsekit._util.validate import is_int, positive_int
 
+from .allocation import check_dictionary_memory
 from .hub import push_to_hub
 from .persistence import save_dictionary
 from .registry import Hyperparameter
@@ -98,6 +99,10 @@ class SparseDictionary(nn.Module):
         factory = dict(dtype=_floating_dtype(dtype), device=_device(device))
         if seed is not None and (not is_int(seed) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        # validate, then allocate: a size this host or device cannot hold is refused before one byte
+        check_dictionary_memory(type(self).__name__, self.d_in, self.n_latents, self.d_out, self.transcoder,
+                                skip is True and self.transcoder, type(self).parameters_per_latent, factory["dtype"],
+                                factory["device"])
         gen = torch.Generator(device="cpu")
         if seed is not None:
             gen.manual_seed(seed)

@@ -39,6 +39,7 @@ import torch
 from sparsekit._util.atomic import atomic_write, atomic_write_bytes
 
 from . import registry
+from .allocation import check_bytes
 from .files import check_tensors, read_json_object
 from .metadata import check_metadata
 
@@ -80,8 +81,16 @@ def load_dictionary_learning(directory, dtype: torch.dtype | None = None, device
     dict_class = trainer["dict_class"]
     state = _read_state(weights_path)
     d, n = _dimensions(state, dict_class, weights_path)
+    for field, value in (("activation_dim", d), ("dict_size", n)):  # the trainer's record, when it has one
+        claimed = trainer.get(field)
+        if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed != value:
+            raise ValueError(f"{config_path}: trainer.{field}={claimed} does not match {weights_path}, whose "
+                             f"encoder holds {field}={value}")
     expected, integer = _expected(dict_class, d, n)
     check_tensors(state, expected, weights_path, f"dictionary_learning's {dict_class}", integer=integer)
+    # the tensors are still mapped from the file: the float64 copies below are the first allocation
+    check_bytes(2 * sum(8 * t.numel() for name, t in state.items() if name not in integer), "cpu",
+                f"folding {weights_path}'s weights in float64")
     weights = {name: t.double() for name, t in state.items() if name not in integer}
     dtype = dtype or state["W_enc" if dict_class == "JumpReluAutoEncoder" else "encoder.weight"].dtype
     architecture = DL_CLASSES[dict_class]

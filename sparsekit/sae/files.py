@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from sparsekit._util.bounded import load_json
+from sparsekit._util.safetensors_header import read_header
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -45,3 +46,51 @@ def check_tensors(tensors: dict, expected: dict, where, layout: str, integer: tu
             raise ValueError(f"{where}: {name} must be floating point, got {tensor.dtype}")
         elif not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{where}: {name} holds non-finite values (NaN or inf)")
+
+
+def read_weights_header(weights_path: Path) -> dict:
+    """The safetensors header of ``weights_path`` ({name: TensorEntry}), checked against the file's
+    size before any tensor is read (sparsekit._util.safetensors_header); ValueError naming the file."""
+    try:
+        return read_header(weights_path)
+    except OSError as error:
+        raise ValueError(f"{weights_path} cannot be read: {error.strerror or error}") from None
+
+
+def check_header(header: dict, expected: dict, where, layout: str, integer: tuple = (), claimed_by: str = "") -> None:
+    """``check_tensors`` on a safetensors header, before a byte of data is read or a dictionary
+    built: exactly ``expected``'s names (name -> shape), each of that shape and floating point (the
+    names in ``integer``: integer). ``claimed_by`` names where the expected shapes come from
+    (cfg.json's fields); ValueError naming ``where``, the tensor and that source otherwise."""
+    source = f" from {claimed_by}" if claimed_by else ""
+    missing, unexpected = set(expected) - set(header), set(header) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{where}: tensors do not match {layout}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(map(str, unexpected))[:16]}")
+    for name, shape in expected.items():
+        entry = header[name]
+        if tuple(entry.shape) != tuple(shape):
+            raise ValueError(f"{where}: {name} has shape {tuple(entry.shape)}, expected {tuple(shape)}{source}")
+        if name in integer:
+            if entry.is_floating_point or entry.dtype in ("BOOL", "C64"):
+                raise ValueError(f"{where}: {name} must hold an integer, got {entry.dtype}")
+        elif not entry.is_floating_point:
+            raise ValueError(f"{where}: {name} must be floating point, got {entry.dtype}")
+
+
+def check_claims(config_path: Path, weights_path: Path, header: dict, claims) -> None:
+    """cfg.json's sizes against the tensors that carry them, before anything of those sizes is built:
+    ``claims`` is (field, value, tensor name, axis) tuples; a field whose value is not an int is left
+    to the constructor's own check. ValueError naming both files, the field and the tensor otherwise."""
+    for field, value, name, axis in claims:
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        entry = header.get(name)
+        if entry is None or len(entry.shape) <= axis:
+            shape = None if entry is None else tuple(entry.shape)
+            raise ValueError(f"{weights_path}: {name} {'is missing' if entry is None else f'has shape {shape}'}, "
+                             f"so {config_path}'s {field}={value} cannot be checked against it")
+        if entry.shape[axis] != value:
+            implied = tuple(value if i == axis else extent for i, extent in enumerate(entry.shape))
+            raise ValueError(f"{config_path}: {field}={value} does not match {weights_path}, whose {name} has "
+                             f"shape {tuple(entry.shape)} (the field implies {implied})")

@@ -17,16 +17,16 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.extras import MissingExtra
-from sparsekit._util.validate import is_int, is_number
+from sparsekit._util.validate import is_number
 
 from . import hub, registry
+from .allocation import check_bytes
 from .dictionary_learning_format import DL_WEIGHTS_FILE, load_dictionary_learning
-from .files import CONFIG_FILE, WEIGHTS_FILE, read_json_object
+from .files import CONFIG_FILE, WEIGHTS_FILE, check_claims, read_json_object, read_weights_header
 from .metadata import layout, read_stamp, stamp
 from .saelens import SAELENS_WEIGHTS_FILE, load_saelens
 from .sparsify_format import load_sparsify
@@ -90,52 +90,26 @@ def load_folder(directory: Path, device=None):
     if layout(config) == "sparsify":
         return load_sparsify(directory, device=device)
     config, metadata = read_stamp(config, config_path)
-    _check_sizes_fit_the_weights(config, config_path, weights_path)
+    # validate, then allocate: the header (checked against the file's size) must carry cfg.json's
+    # sizes before a dictionary of those sizes is built, and every tensor's name, shape and dtype
+    # before a byte of data is read
+    header = read_weights_header(weights_path)
+    d_in = config.get("d_in")
+    check_claims(config_path, weights_path, header, [("d_in", d_in, "W_enc", 0),
+                                                     ("n_latents", config.get("n_latents"), "W_enc", 1),
+                                                     ("d_out", config.get("d_out", d_in), "W_dec", 1)])
     sae = _build(config, config_path, device)
-    state = _read_weights(weights_path, device)
     expected = dict(sae.state_dict())
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: tensors do not match {sae.architecture!r}: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
+    _check_header(header, expected, sae.architecture, weights_path)
+    check_bytes(sum(entry.nbytes for entry in header.values()), device, f"reading {weights_path}")
+    state = _read_weights(weights_path, device)
     for name in expected:  # in parameter order: W_enc first
         tensor = state[name]
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, cfg.json implies "
-                             f"{tuple(expected[name].shape)}")
-        if tensor.dtype != expected[name].dtype:
-            raise ValueError(f"{weights_path}: {name} is {tensor.dtype}, cfg.json's dtype implies {expected[name].dtype}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{weights_path}: {name} holds non-finite values (NaN or inf)")
     sae.load_state_dict(state)
     sae.metadata = metadata
     return sae.eval()
-
-
-def _check_sizes_fit_the_weights(config: dict, config_path: Path, weights_path: Path) -> None:
-    """Validate before allocating: every architecture's W_enc holds d_in x n_latents values and its
-    W_dec n_latents x d_out, so sizes whose matrices would not fit in the weights file are refused
-    before the dictionary is built (a cfg.json asking for 10^11 latents used to start a 6.4 TB
-    allocation). Fields that are not positive ints are left to _build's checks."""
-    try:  # the header only (names, dtypes, shapes, offsets): nothing of the data is read yet
-        with safe_open(str(weights_path), framework="pt") as weights:
-            weights.keys()
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    sizes = {key: config.get(key) for key in ("d_in", "n_latents", "d_out")}
-    if sizes["d_out"] is None:
-        sizes["d_out"] = sizes["d_in"]
-    if not all(is_int(value) and value > 0 for value in sizes.values()):
-        return
-    dtype = getattr(torch, config.get("dtype", "float32"), None) if isinstance(config.get("dtype", "float32"), str) \
-        else None
-    itemsize = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
-    largest = max(sizes["d_in"], sizes["d_out"]) * sizes["n_latents"] * itemsize
-    held = weights_path.stat().st_size
-    if largest > held:
-        raise ValueError(f"{config_path}: d_in={sizes['d_in']}, n_latents={sizes['n_latents']}, "
-                         f"d_out={sizes['d_out']} need a {largest:,}-byte matrix, but {weights_path} holds "
-                         f"{held:,} bytes: the sizes do not match the weights (nothing was allocated)")
 
 
 def _build(config: dict, config_path: Path, device):
@@ -168,6 +142,21 @@ def _build(config: dict, config_path: Path, device):
             raise ValueError(f"{config_path}: field {key}={value!r} is not valid for {architecture!r} "
                              f"(expected a value like {rebuilt[key]!r})")
     return sae
+
+
+def _check_header(header: dict, expected: dict, architecture: str, weights_path: Path) -> None:
+    """The file's tensors, from its header, against the built dictionary's: names, shapes, dtypes."""
+    missing, unexpected = set(expected) - set(header), set(header) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: tensors do not match {architecture!r}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)[:16]}")
+    for name, tensor in expected.items():  # in parameter order: W_enc first
+        entry = header[name]
+        if entry.shape != tuple(tensor.shape):
+            raise ValueError(f"{weights_path}: {name} has shape {entry.shape}, cfg.json implies {tuple(tensor.shape)}")
+        if entry.torch_dtype_name != str(tensor.dtype).removeprefix("torch."):
+            raise ValueError(f"{weights_path}: {name} is {entry.torch_dtype_name} ({entry.dtype}), cfg.json's dtype "
+                             f"implies {str(tensor.dtype).removeprefix('torch.')}")
 
 
 def _read_weights(weights_path: Path, device) -> dict:

@@ -56,7 +56,8 @@ from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.validate import is_int
 
 from . import registry
-from .files import WEIGHTS_FILE, check_tensors, read_json_object
+from .allocation import check_bytes
+from .files import WEIGHTS_FILE, check_header, check_tensors, read_json_object, read_weights_header
 from .metadata import check_metadata
 from .transcoder import Transcoder
 
@@ -282,10 +283,6 @@ def _read_saelens_config(config_path: Path) -> dict:
 
 def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) -> dict:
     from safetensors.torch import load_file
-    try:
-        weights = load_file(str(weights_path))
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
     architecture = config["architecture"]
     d_in, d_sae = config["d_in"], config["d_sae"]
     d_out = config.get("d_out", d_in) if transcoder else d_in
@@ -299,7 +296,19 @@ def _read_saelens_weights(weights_path: Path, config: dict, transcoder: bool) ->
     if architecture == "gated":
         del expected["b_enc"]
         expected.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
-    check_tensors(weights, expected, weights_path, f"SAELens architecture {architecture!r} (cfg.json)")
+    layout = f"SAELens architecture {architecture!r} (cfg.json)"
+    sizes = ", ".join(f"{key}={config[key]}" for key in ("d_in", "d_sae", "d_out") if key in config)
+    # validate, then allocate: the header's shapes must be cfg.json's before a byte is read
+    header = read_weights_header(weights_path)
+    check_header(header, expected, weights_path, layout, claimed_by=f"cfg.json's {sizes}")
+    elements = sum(math.prod(entry.shape) for entry in header.values())
+    check_bytes(sum(entry.nbytes for entry in header.values()) + 2 * 8 * elements, "cpu",
+                f"reading and folding {weights_path} (its tensors, then two float64 copies)")
+    try:
+        weights = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    check_tensors(weights, expected, weights_path, layout)
     return {name: t.double() for name, t in weights.items()}
 
 

@@ -33,7 +33,8 @@ from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
 from sparsekit._util.validate import is_int
 
 from . import registry
-from .files import CONFIG_FILE, WEIGHTS_FILE, check_tensors, read_json_object
+from .allocation import check_bytes
+from .files import CONFIG_FILE, WEIGHTS_FILE, check_header, check_tensors, read_json_object, read_weights_header
 from .metadata import check_metadata
 from .transcoder import Transcoder
 
@@ -51,14 +52,20 @@ def load_sparsify(directory, dtype: torch.dtype | None = None, device=None):
             raise FileNotFoundError(f"{path} does not exist: is {directory} a folder sparsify's save_to_disk wrote?")
     config = _read_config(config_path)
     d_in, n, k = config["d_in"], config["n"], config["k"]
+    expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+    if config["skip_connection"]:
+        expected["W_skip"] = (d_in, d_in)
+    layout = f"sparsify's layout for this cfg.json (d_in={d_in}, {n} latents)"
+    # validate, then allocate: the header's shapes must be cfg.json's before a byte is read
+    header = read_weights_header(weights_path)
+    check_header(header, expected, weights_path, layout,
+                 claimed_by=f"{config_path.name}'s d_in={d_in}, {config['latents_from']}")
+    check_bytes(sum(entry.nbytes for entry in header.values()), "cpu", f"reading {weights_path}")
     try:
         tensors = load_file(str(weights_path))
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
-    expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
-    if config["skip_connection"]:
-        expected["W_skip"] = (d_in, d_in)
-    check_tensors(tensors, expected, weights_path, f"sparsify's layout for this cfg.json (d_in={d_in}, {n} latents)")
+    check_tensors(tensors, expected, weights_path, layout)
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{weights_path}: tensors must share one dtype, got {sorted(map(str, dtypes))}")
@@ -105,7 +112,8 @@ def _read_config(config_path: Path) -> dict:
         raise ValueError(f"{config_path}: a sparsify SAE with a skip connection (skip_connection=true, transcode=false) "
                          f"has no sparsekit equivalent: sparsekit's skip path is for transcoders")
     metadata = check_metadata(config.get("metadata", {}), f"{config_path}: metadata")
-    return {"d_in": d_in, "n": n, "k": k, **flags, "metadata": metadata}
+    latents_from = f"num_latents={num_latents}" if num_latents else f"expansion_factor={expansion}"
+    return {"d_in": d_in, "n": n, "k": k, **flags, "metadata": metadata, "latents_from": latents_from}
 
 
 def export_sparsify(sae, directory) -> Path:

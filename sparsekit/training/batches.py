@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from sparsekit.errors import SourceExhausted
+from sparsekit.errors import SourceExhausted, SourceStalled
 from sparsekit.ops import checks
 
 # A source may yield an empty batch now and then (a filter that dropped every row); this many in a
@@ -19,11 +19,18 @@ EMPTY_BATCHES_IN_A_ROW = 1000
 class Batches:
     """Re-chunks a source's batches (any size) into batches of exactly batch_size rows; the
     rows left over between chunks (carry_x [r, d_in], carry_y [r, d_out]) are part of the
-    checkpointed state."""
+    checkpointed state.
 
-    def __init__(self, source, batch_size: int, d_in: int, d_out: int | None, needs_target: bool):
+    A batch stored in a narrower float type than the dictionary's (float16 or bfloat16 shards into a
+    float32 dictionary) is widened to it here, exactly, so a 16-bit shard folder trains the same
+    through ``sparsekit.train`` and ``sparsekit train``; a wider one is left for the dictionary to
+    refuse (narrowing would lose precision silently)."""
+
+    def __init__(self, source, batch_size: int, d_in: int, d_out: int | None, needs_target: bool,
+                 dtype: torch.dtype | None = None):
         self.source, self.batch_size = source, batch_size
         self.d_in, self.d_out, self.needs_target = d_in, d_out, needs_target
+        self.dtype = dtype  # the dictionary's: narrower float batches (16-bit shards) are widened to it
         self.carry_x: Tensor | None = None
         self.carry_y: Tensor | None = None
         self.iterator = None
@@ -50,10 +57,11 @@ class Batches:
                 shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
                 raise ValueError(f"source batch {self.chunks_read}: y must be [rows={x.shape[0]}, d_out={self.d_out}], "
                                  f"got {shape}")
+        x, y = self._widen(x), self._widen(y)
         if x.shape[0] == 0:
             self.empty_in_a_row += 1
             if self.empty_in_a_row >= EMPTY_BATCHES_IN_A_ROW:
-                raise ValueError(f"the source yielded {self.empty_in_a_row} empty batches in a row (batches "
+                raise SourceStalled(f"the source yielded {self.empty_in_a_row} empty batches in a row (batches "
                                  f"{self.chunks_read - self.empty_in_a_row + 1} to {self.chunks_read}): it stalled; "
                                  "a source must yield rows")
         else:
@@ -64,6 +72,11 @@ class Batches:
                 more = f" (and {rows.numel() - 1} more rows)" if rows.numel() > 1 else ""
                 raise ValueError(f"source batch {self.chunks_read}: {name} row {int(rows[0])}{more} contains NaN or Inf")
         return x, (y if self.needs_target else None)
+
+    def _widen(self, t: Tensor | None) -> Tensor | None:
+        if t is None or self.dtype is None or t.dtype == self.dtype or t.dtype.itemsize >= self.dtype.itemsize:
+            return t
+        return t.to(self.dtype)
 
     def take(self, rows: int) -> tuple[Tensor, Tensor | None]:
         """The next `rows` rows: x [rows, d_in] and y [rows, d_out] (None unless a target is needed)."""

@@ -68,7 +68,7 @@ class RunState:
         from sparsekit.activations import as_source  # here: `import sparsekit` leaves the sources unloaded
 
         src = as_source(source, batch_size=config.batch_size)
-        batches = Batches(src, config.batch_size, sae.d_in, sae.d_out, sae.transcoder)
+        batches = Batches(src, config.batch_size, sae.d_in, sae.d_out, sae.transcoder, dtype=sae.W_enc.dtype)
         optimizer = adam(sae, config)
         tracker = DeadLatentTracker(tracked_latents, config.dead_window_tokens)
         generator = torch.Generator().manual_seed(config.seed)

@@ -31,8 +31,9 @@ def test_a_source_of_endless_empty_batches_stops_with_one_line_not_a_hang(first)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     empty_from = 2 if first else 1
-    assert last == (f"ValueError: the source yielded {EMPTY_BATCHES_IN_A_ROW} empty batches in a row (batches "
-                    f"{empty_from} to {empty_from + EMPTY_BATCHES_IN_A_ROW - 1}): it stalled; a source must yield rows")
+    assert last == (f"sparsekit.errors.SourceStalled: the source yielded {EMPTY_BATCHES_IN_A_ROW} empty batches in a "
+                    f"row (batches {empty_from} to {empty_from + EMPTY_BATCHES_IN_A_ROW - 1}): it stalled; a source "
+                    f"must yield rows")
 
 
 def test_empty_batches_between_real_ones_are_skipped_and_train_as_without_them():
@@ -74,8 +75,9 @@ def test_a_non_finite_row_is_named_by_batch_and_row(which, bad):
 def test_float16_shards_refuse_values_float16_would_store_as_inf(tmp_path, largest):
     x = torch.randn(64, 8)
     x[17, 3] = largest * random.choice([1, -1])
-    with pytest.raises(ValueError, match=r"batch 0: x holds .* beyond float16's largest finite value 65504: it would "
-                                         r"be stored as inf. Write dtype='bfloat16'"):
+    with pytest.raises(ValueError, match=r"^batch 0: x holds .* \(row 17\), beyond float16's largest finite value 65504: "
+                                         r"it would be stored as inf \(shard .*x-00000.npy, row 17\)\. Write "
+                                         r"dtype='bfloat16'"):
         write_shards(tmp_path / "shards", [x], dtype="float16")
     assert not list((tmp_path / "shards").glob("x-*"))
 
