@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from sparsekit._util.atomic import atomic_write_bytes
-from sparsekit._util.bounded import load_json
+from sparsekit._util.bounded import LINE_LIMIT, load_json, parse_json
 from sparsekit._util.extras import require
 from sparsekit._util.validate import is_int, is_number
 
@@ -319,17 +319,21 @@ TRAINING_LOG_TAIL = 1 << 16  # bytes read from the end of a training log
 
 def training_dead(log) -> dict | None:
     """The last line of a training's metrics.jsonl as {"dead_frac", "step", "tokens"} (None when the
-    file is missing or its last line is not such a record). Only the file's last 64 KiB are read."""
+    file is missing or its last line is not such a record). Only the file's last 64 KiB are read, and
+    each line through ``sparsekit._util.bounded.parse_json`` (lines that are not such a record, too
+    long or nested too deep are passed over)."""
     log = Path(log)
     if not log.is_file():
         return None
     with open(log, "rb") as handle:
         handle.seek(max(0, log.stat().st_size - TRAINING_LOG_TAIL))
-        lines = handle.read().decode("utf-8", errors="replace").splitlines()
+        lines = handle.read(TRAINING_LOG_TAIL).decode("utf-8", errors="replace").splitlines()
     for line in reversed(lines):
+        if len(line) > LINE_LIMIT:
+            continue  # no metric line is that long
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = parse_json(line, log)
+        except ValueError:  # RefusedFile: cut short by a crash, garbage, nested too deep
             continue
         if isinstance(record, dict) and is_number(record.get("dead_frac")):
             return {key: record[key] for key in ("dead_frac", "step", "tokens") if is_number(record.get(key))}
@@ -337,7 +341,8 @@ def training_dead(log) -> dict | None:
 
 
 def read_reports(run_dir) -> dict:
-    """{name: report} from every RUN_DIR/<name>_features.json, each checked (``check_report``); a
+    """{name: report} from every RUN_DIR/<name>_features.json, each read under REPORT_MAX_BYTES and
+    64 levels of nesting (``sparsekit._util.bounded.load_json``) and checked (``check_report``); a
     report without a "training" block gets one from RUN_DIR/<name>/metrics.jsonl when that exists."""
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob(f"*_{REPORT_SUFFIX}"))
@@ -348,8 +353,10 @@ def read_reports(run_dir) -> dict:
     for f in files:
         try:
             reports[f.name[:-len(REPORT_SUFFIX) - 1]] = load_json(f, REPORT_MAX_BYTES, what="feature report")
-        except ValueError as error:
+        except ValueError as error:  # RefusedFile: not a regular file, too large, not UTF-8, too deep
             raise ValueError(f"{f} is not a JSON feature report: {error}") from None
+        except OSError as error:
+            raise ValueError(f"{f} is unreadable: {error.strerror or error}") from None
     for name, report in reports.items():
         if isinstance(report, dict) and "training" not in report:
             training = training_dead(run_dir / name / TRAINING_LOG)

@@ -9,6 +9,7 @@ from sparsekit.studies import synthetic
 from sparsekit.studies.synthetic import run_synthetic
 
 from .mnist import main as mnist_main
+from .parser import OneLineParser, int64
 
 MNIST_OUT = "runs/mnist-demo"
 
@@ -22,11 +23,11 @@ def main(argv=None) -> None:
 
 
 def synthetic_main(argv) -> None:
-    parser = argparse.ArgumentParser(prog="sparsekit demo --synthetic", description=synthetic.__doc__,
+    parser = OneLineParser(prog="sparsekit demo --synthetic", description=synthetic.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=6_000_000,
+    parser.add_argument("--tokens", type=int64, default=6_000_000,
                         help="training tokens (default 6,000,000: about a minute on 2 cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int64, default=0)
     parser.add_argument("--output-dir", default="demo-output", help="metrics.jsonl and feature_density.png go here")
     args = parser.parse_args(argv)
     if args.tokens < 1024:

@@ -10,7 +10,7 @@ from sparsekit.studies.mnist_scan import GRIDS
 from sparsekit.studies.mnist_study import StudyConfig, print_summary, run_study
 from sparsekit.toys.mnist_mlp import MLPConfig
 
-from .parser import OneLineParser, positive
+from .parser import OneLineParser, int64, positive
 
 
 def parser(prog: str = "sparsekit mnist", default_out: str | None = None) -> argparse.ArgumentParser:
@@ -21,10 +21,10 @@ def parser(prog: str = "sparsekit mnist", default_out: str | None = None) -> arg
     p.add_argument("--out", default=default_out, help="output folder (default runs/mnist-<scan>)")
     p.add_argument("--hidden", type=positive, default=64, help="MLP width (default 64)")
     p.add_argument("--depth", type=positive, default=1, help="MLP hidden layers (default 1)")
-    p.add_argument("--layer", type=int, default=-1, help="hidden layer to decompose, 0-based; -1 = last (default)")
+    p.add_argument("--layer", type=int64, default=-1, help="hidden layer to decompose, 0-based; -1 = last (default)")
     p.add_argument("--epochs", type=positive, default=10, help="MLP training epochs (default 10)")
     p.add_argument("--steps", type=positive, default=None, help="training steps per dictionary (default: the grid's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the MLP and the dictionaries (default 0)")
+    p.add_argument("--seed", type=int64, default=0, help="seed of the MLP and the dictionaries (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="a progress bar per dictionary too")
     return p

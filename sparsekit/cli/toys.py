@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .parser import OneLineParser, fraction, list_commands_if_asked, non_negative, positive
+from .parser import OneLineParser, fraction, int64, list_commands_if_asked, non_negative, positive
 
 TOYS = {"attention": "mix n_true attention heads into n_heads with one matrix M (sparsekit.toys.attention_superposition)",
         "sparse-base": "1-layer char transformer with L1 on its MLP: facets and magnitude codes (sparsekit.toys.sparse_base_*)"}
@@ -43,7 +43,7 @@ def attention_main(argv) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ov-density", type=fraction, default=defaults.ov_density,
                         help=f"fraction of nonzero OV entries (default {defaults.ov_density})")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int64, default=defaults.seed)
     parser.add_argument("--steps", type=positive, default=defaults.steps)
     parser.add_argument("--out", default="runs/toys/attention", help="output folder (default runs/toys/attention)")
     parser.add_argument("--sweep", action="store_true", help="sweep OV density over --densities and --seeds seeds")
@@ -105,7 +105,7 @@ def sparse_base_main(argv) -> None:
                         help=f"training tokens (default {defaults.tokens})")
     parser.add_argument("--d-mlp", type=positive, default=defaults.d_mlp)
     parser.add_argument("--d-model", type=positive, default=defaults.d_model)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int64, default=defaults.seed)
     parser.add_argument("--contexts", type=positive, default=600,
                         help="held-out contexts to analyse (default 600, 63 positions each)")
     parser.add_argument("--min-fires", type=positive, default=50,

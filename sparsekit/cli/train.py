@@ -38,8 +38,9 @@ import math
 import sys
 from pathlib import Path
 
-from sparsekit._util.bounded import load_yaml
+from sparsekit._util.bounded import RefusedFile, check_path_length, load_yaml
 
+from .parser import IntBeyond64Bits, beyond_64_bits, check_int64, quoted, too_many_digits
 from .train_common import (
     PROG,
     AsFloat32,
@@ -195,6 +196,9 @@ def expected_type(option: Option, yaml: bool) -> str:
     return text + (" or none" if option.optional else "")
 
 
+STR_LIMIT = 4096  # characters in a string option (architecture, device, hook, model and run names)
+
+
 def _to_int(value):
     if isinstance(value, bool):
         raise TypeError
@@ -204,6 +208,9 @@ def _to_int(value):
         return int(value)
     if isinstance(value, str):
         text = value.strip()
+        too_long = too_many_digits(text)  # before int(), which refuses over 4,300 digits
+        if too_long is not None:
+            raise too_long
         try:
             return int(text)
         except ValueError:
@@ -224,58 +231,62 @@ def _to_float(value):
 
 def convert(option: Option, value, where: str, yaml: bool):
     """A command-line string or a YAML value -> the option's type; UsageError naming `where` otherwise.
-    (PyYAML reads 3e-4 as a string, so numbers are accepted as strings in YAML too.) Integers must fit
-    in 64 bits."""
-    return _checked_ints(option, _converted(option, value, where, yaml), where, value)
-
-
-def _converted(option: Option, value, where: str, yaml: bool):
+    (PyYAML reads 3e-4 as a string, so numbers are accepted as strings in YAML too.) Every int must fit
+    in 64 bits and every path on a file system (``check_int64``, ``check_path_length``), so such values
+    are refused here, with their flag or key named, before anything uses them."""
     if option.optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
         return None
     try:
-        if option.kind == "int":
-            return _to_int(value)
-        if option.kind == "float":
-            return _to_float(value)
-        if option.kind in ("str", "path"):
-            if not isinstance(value, str) or (option.kind == "path" and not value.strip()):
-                raise TypeError
-            return value
-        if option.kind in ("bool", "switch"):
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if option.kind == "paths":
-            items = [value] if isinstance(value, str) else value
-            if not isinstance(items, (list, tuple)) or not items or \
-                    not all(isinstance(item, str) and item.strip() for item in items):
-                raise TypeError
-            return [str(item) for item in items]
-        if option.kind == "tuple":
-            items = value.split(",") if isinstance(value, str) else value
-            if isinstance(items, (int, float)) and not isinstance(items, bool):
-                items = [items]
-            if not isinstance(items, (list, tuple)) or not items:
-                raise TypeError
-            result = tuple((_to_int if option.element == "int" else _to_float)(item) for item in items)
-            if option.length is not None and len(result) != option.length:
-                raise TypeError
-            return result
+        result = _converted(option, value)
+        if option.kind == "int" or (option.kind == "tuple" and option.element == "int"):
+            for number in (result if option.kind == "tuple" else (result,)):
+                check_int64(number)
+        if option.kind in ("path", "paths"):
+            for path in (result if option.kind == "paths" else (result,)):
+                check_path_length(path, where)
+        if option.kind == "str" and len(result) > STR_LIMIT:  # a name, never a document
+            raise UsageError(f"{where}: a string of {len(result):,} characters is longer than any value it takes "
+                             f"(at most {STR_LIMIT:,})")
+        return result
+    except IntBeyond64Bits as error:
+        raise UsageError(beyond_64_bits(where, error)) from None
+    except RefusedFile as error:
+        raise UsageError(str(error)) from None
     except (TypeError, ValueError, OverflowError):
         pass
-    raise UsageError(f"{where} must be {expected_type(option, yaml)}, got {value!r}")
+    raise UsageError(f"{where} must be {expected_type(option, yaml)}, got {quoted(value)}")
 
 
-INT_LIMIT = 2**63  # every count, size and seed goes into a 64-bit integer somewhere (torch, NumPy, C++)
-
-
-def _checked_ints(option: Option, result, where: str, value):
-    """``result`` unchanged when each of its ints fits in 64 bits; UsageError naming ``where`` otherwise
-    (a 24-digit --seed overflowed inside torch, a --total-tokens 1e300 planned a loop it never left)."""
-    items = result if isinstance(result, tuple) else (result,)
-    if any(isinstance(item, int) and not -INT_LIMIT < item < INT_LIMIT for item in items):
-        raise UsageError(f"{where} must fit in a signed 64-bit integer (below 2**63), got {value!r}")
-    return result
+def _converted(option: Option, value):
+    if option.kind == "int":
+        return _to_int(value)
+    if option.kind == "float":
+        return _to_float(value)
+    if option.kind in ("str", "path"):
+        if not isinstance(value, str) or (option.kind == "path" and not value.strip()):
+            raise TypeError
+        return value
+    if option.kind in ("bool", "switch"):
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if option.kind == "paths":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items or \
+                not all(isinstance(item, str) and item.strip() for item in items):
+            raise TypeError
+        return [str(item) for item in items]
+    if option.kind == "tuple":
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (int, float)) and not isinstance(items, bool):
+            items = [items]
+        if not isinstance(items, (list, tuple)) or not items:
+            raise TypeError
+        result = tuple((_to_int if option.element == "int" else _to_float)(item) for item in items)
+        if option.length is not None and len(result) != option.length:
+            raise TypeError
+        return result
+    raise TypeError
 
 
 # --- the command line and the config file --------------------------------------------------------
@@ -322,13 +333,16 @@ CONFIG_MAX_BYTES = 2**20  # a config of settings is a few hundred bytes
 
 
 def read_config(path: str, options: dict[str, Option]) -> dict:
-    """The YAML file's settings, checked: unknown keys and wrong types name the key."""
+    """The YAML file's settings, checked: unknown keys and wrong types name the key. The file is read
+    through ``sparsekit._util.bounded.load_yaml``: a regular file of at most CONFIG_MAX_BYTES, no
+    anchors or aliases, no deep nesting."""
     import yaml
 
     file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--config {path}: {'is a directory' if file.is_dir() else 'no such file'}")
     try:
+        check_path_length(path, "--config")
+        if not file.exists() or file.is_dir():  # a pipe or a device is refused by load_yaml
+            raise UsageError(f"--config {path}: {'is a directory' if file.is_dir() else 'no such file'}")
         loaded = load_yaml(file, max_bytes=CONFIG_MAX_BYTES)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
@@ -336,9 +350,9 @@ def read_config(path: str, options: dict[str, Option]) -> dict:
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UsageError(f"{path}: not valid YAML: {problem}{line}") from None
     except OSError as error:
-        raise UsageError(f"--config {path}: cannot read it ({error})") from None
-    except ValueError as error:  # too large, not UTF-8, anchors/aliases, nested too deep
-        raise UsageError(f"--config {error}") from None
+        raise UsageError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    except ValueError as error:  # RefusedFile: too long a path, not a file, too large, not UTF-8, anchors, depth
+        raise UsageError(str(error) if str(error).startswith("--config") else f"--config {error}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -349,8 +363,8 @@ def read_config(path: str, options: dict[str, Option]) -> dict:
         if name not in options:
             close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
             hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(options)}"
-            raise UsageError(f"{path}: unknown key {key!r}{hint}")
-        settings[name] = convert(options[name], value, f"{path}: {key!r}", yaml=True)
+            raise UsageError(f"{path}: unknown key {quoted(key)}{hint}")
+        settings[name] = convert(options[name], value, f"{path}: {quoted(key)}", yaml=True)
     return settings
 
 

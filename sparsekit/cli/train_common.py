@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 
 from sparsekit._util.words import joined
+
+from .parser import quoted
 
 PROG = "sparsekit train"
 
@@ -63,7 +66,7 @@ def check_dictionary(settings: dict) -> None:
     if architecture not in names:
         close = difflib.get_close_matches(architecture, names, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"unknown architecture {architecture!r}{hint}; choose one of {', '.join(names)}")
+        raise UsageError(f"unknown architecture {quoted(architecture)}{hint}; choose one of {', '.join(names)}")
     if "n_latents" not in settings:
         raise UsageError("--n-latents is required: the number of latents in the dictionary (e.g. --n-latents 4096)")
     if settings["n_latents"] < 1:
@@ -82,23 +85,34 @@ def check_dictionary(settings: dict) -> None:
                              f"dictionary keeps k of its n_latents latents")
 
 
+DEVICE_FORM = re.compile(r"(auto|cpu|cuda)(:[0-9]{1,18})?")
+
+
 def choose_device(name: str):
+    """--device's torch.device, refused up front (UsageError naming the flag) unless this machine can
+    train on it: auto, cpu, or cuda / cuda:N with CUDA available and N below its device count. Other
+    torch device types (meta holds no data, mps, xla, ...) are not ones sparsekit trains on."""
     import torch
 
-    if name == "auto":
+    shown = name if isinstance(name, str) and len(name) <= 40 and name.isprintable() else quoted(name, 40)
+    form = DEVICE_FORM.fullmatch(name.strip()) if isinstance(name, str) else None
+    if form is None:  # meta (holds no data), mps, xla, ...: torch knows them, sparsekit does not train there
+        raise UsageError(f"--device {quoted(name, 40)} is not a device; use auto, cpu, cuda or cuda:N")
+    kind, index = form.group(1), int(form.group(2)[1:]) if form.group(2) else None
+    if kind == "auto":
+        if index is not None:
+            raise UsageError(f"--device {shown}: auto takes no index; use auto, cpu, cuda or cuda:N")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):  # meta holds no data; mps, xpu, ...: no kernels of ours
-        raise UsageError(f"--device {name}: sparsekit trains on cpu or cuda, not {device.type}; "
-                         "use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    if kind == "cpu":
+        if index not in (None, 0):
+            raise UsageError(f"--device {shown}: there is one CPU device; use --device cpu")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {shown}: CUDA is not available on this machine; use --device cpu")
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise UsageError(f"--device {shown}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index) if index is not None else torch.device("cuda")
 
 
 def newest_checkpoint(directory) -> Path | None:

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sparsekit._util.bounded import load_json
+
 from .train_common import PROG, AsFloat32, UsageError, hyperparameter_flags, make_dictionary, one_line, prepare, train_and_save
 
 CONTEXT_LEN, EVAL_CONTEXTS = 128, 32
@@ -165,9 +167,11 @@ def special_ids_for(settings: dict, tokenizer, newest) -> tuple[int, ...]:
         return ()
     if newest is not None:
         try:
-            state = json.loads((Path(newest) / "state.json").read_text()).get("source_state", {})
-        except (OSError, ValueError, AttributeError):
+            from sparsekit.training.checkpoint import STATE_JSON, STATE_JSON_LIMIT
+            state = load_json(Path(newest) / STATE_JSON, STATE_JSON_LIMIT, what="run state").get("source_state", {})
+        except (OSError, ValueError, AttributeError):  # a RefusedFile (too big, too deep) is a ValueError
             state = {}
+        state = state if isinstance(state, dict) else {}
         if state.get("kind") == "LMActivationSource" and "special_ids" not in state:
             return ()
     return special_token_ids(tokenizer)
