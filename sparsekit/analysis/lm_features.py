@@ -14,7 +14,9 @@ folded in; its per-token normalisation is ignored, as usual for direct logit att
 ``model`` is a TransformerLens ``HookedTransformer`` (hooks: hook names) or a Hugging Face causal LM
 seen as ``lm_models.HFModel(model, tokenizer)`` (hooks: module paths, ``:input`` allowed); every
 function reads it only through ``lm_models`` (activations at a hook, directions to logits, token
-strings), so the report and the dashboard are the same for both. The census asks, per feature, how much its firing is about one token:
+strings), so the report and the dashboard are the same for both.
+
+The census asks, per feature, how much its firing is about one token:
 its token share is the fraction of its total activation (over the evaluation tokens) that falls on
 its single most-activating token id; a share of at least 0.5 counts the feature as single-token,
 below as context-dependent. The report also keeps the older probe, the activation on [BOS, its top

@@ -370,9 +370,10 @@ def evaluate(model, kind: str, sae, held_out: Tensor, settings: dict, special: t
 # --- the feature report ------------------------------------------------------------------------------
 
 def write_report(model, tokenizer, sae, held_out: Tensor, settings: dict, out: Path, name: str,
-                 training: dict, special: tuple = (), metrics: dict | None = None) -> Path:
+                 training: dict, special: tuple = (), metrics: dict | None = None) -> tuple[Path, dict]:
     """The feature report (``lm_features.feature_report`` on the held-out contexts) as
-    out/<name>_features.json and the dashboard out/dashboard.html -> the dashboard's path. model: the
+    out/<name>_features.json and the dashboard out/dashboard.html -> (the dashboard's path, the report's
+    census: features, dead, reported, single_token, context). model: the
     HookedTransformer or the transformers model (with its tokenizer), both read through
     ``analysis.lm_models`` (top contexts from the hook's activations, logit effects through the
     unembedding). training: the dashboard's "dead at end of training" ({dead_frac, step, tokens,
@@ -389,7 +390,7 @@ def write_report(model, tokenizer, sae, held_out: Tensor, settings: dict, out: P
         report["metrics"] = {key: value for key, value in metrics.items()  # NaN (CE recovered undefined) left out
                              if isinstance(value, (int, float)) and math.isfinite(value)}
     save_report(report, out, name)
-    return dashboard_from_run(out)
+    return dashboard_from_run(out), report["census"]
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -429,23 +430,27 @@ def run(settings: dict):
     metrics = evaluate(model, kind, trained, held_out, settings, special, cfg.progress)
     name = "transcoder" if d_out is not None else "sae"
     end_of_training = {key: result.metrics[key] for key in ("dead_frac", "step", "tokens") if key in result.metrics}
-    dashboard = write_report(model, tokenizer, trained, held_out, settings, out, name,
+    dashboard, census = write_report(model, tokenizer, trained, held_out, settings, out, name,
                              {**end_of_training, "dead_window_tokens": cfg.dead_window_tokens}, special, metrics)
     record = {"model": settings["model"], "hook": hook, "input_hook": input_hook, "dataset": dataset.describe(),
               "context_len": settings["context_len"], "exclude_special_tokens": bool(special),
               "special_ids": list(special), "training": result.metrics, "evaluation": metrics}
     from sparsekit._util.atomic import atomic_write_bytes
     atomic_write_bytes(out / METRICS_JSON, (json.dumps(record, indent=1, default=str) + "\n").encode())
-    _summary(settings, what, out, metrics, dashboard, result.metrics)
+    _summary(settings, what, out, metrics, dashboard, result.metrics, census)
     return result, out
 
 
-def _summary(settings: dict, what: str, out: Path, metrics: dict, dashboard: Path, trained: dict) -> None:
+def _summary(settings: dict, what: str, out: Path, metrics: dict, dashboard: Path, trained: dict,
+             census: dict | None = None) -> None:
     dataset = " ".join(settings["dataset"])
     lines = [f"{PROG}: trained a {settings['architecture']} {what} on {settings['model']} "
              f"{settings.get('input_hook') + ' -> ' if settings.get('input_hook') else ''}{settings['hook']} over "
              f"{trained.get('tokens', 0):,} tokens of {dataset}",
-             f"  dictionary: {out} (sparsekit.load); metrics: {out / METRICS_JSON}; dashboard: {dashboard}",
+             f"  dictionary: {out} (sparsekit.load); metrics: {out / METRICS_JSON}; dashboard: {dashboard}"
+             + (f" ({census['reported']} features shown: {census['single_token']} single-token, {census['context']} "
+                f"context-dependent; {census['dead']} of {census['features']} never fired on the held-out tokens)"
+                if census else ""),
              f"  held out ({metrics['contexts']} contexts, {metrics['tokens']:,} tokens): FVU {metrics['fvu']:.4f} "
              f"(explained variance {metrics['explained_variance']:.4f}), L0 {metrics['l0']:.2f}, dead latents "
              f"{metrics['dead_latents']} of {metrics['n_latents']}"]

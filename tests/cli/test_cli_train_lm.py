@@ -196,8 +196,11 @@ def test_a_hugging_face_model_gets_the_dashboard_with_contexts_and_logits_from_t
     run(["--model", str(world / "model"), "--dataset", str(world / "txt"), "--hook", "model.layers.0", "--out",
          str(out), *QUICK])
     assert {"sae_features.json", "dashboard.html"} <= {p.name for p in out.iterdir()}
-    assert f"dashboard: {out / 'dashboard.html'}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     report = json.loads((out / "sae_features.json").read_text())
+    census = report["census"]
+    assert (f"dashboard: {out / 'dashboard.html'} ({census['reported']} features shown: {census['single_token']} "
+            f"single-token, {census['context']} context-dependent; {census['dead']} of 32 never fired") in printed
     evaluation = json.loads((out / "metrics.json").read_text())["evaluation"]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(world / "model", local_files_only=True).eval()
