@@ -17,6 +17,7 @@ COMMANDS = {
     "lm-demo": "SmolLM2-135M: cache early-layer activations, train an SAE and a transcoder (--transcoder "
                "mlp|resid|attn; --layers 0,2,4: per-layer SAEs), CE/KL, dashboard",
     "dashboard": "write RUN_DIR/dashboard.html (static feature dashboard) from RUN_DIR/*_features.json",
+    "lm-study": "SmolLM2-135M studies of the note's claims: `lm-study dead-latents` (dead fraction vs size per remedy)",
 }
 
 
@@ -83,6 +84,9 @@ def run_command(command: str, rest: list) -> None:
     elif command == "lm-demo":
         from .lm import main as lm_demo_main
         lm_demo_main(rest)
+    elif command == "lm-study":
+        from .lm_study import main as lm_study_main
+        lm_study_main(rest)
     elif command == "backends":
         from sparsekit.ops.backend import backends
         print(backends())
