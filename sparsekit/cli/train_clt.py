@@ -69,6 +69,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--epochs", type=count, default=1, help="passes over the cached training rows")
     p.add_argument("--batch-size", type=count, default=1024, help="rows per training step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (warm-up 5%%, decay over the last 20%%)")
+    p.add_argument("--aux-coeff", type=float, default=1 / 32,
+                   help="AuxK's weight for latents dead over the last half of training or 100k tokens (0: off)")
     p.add_argument("--context-len", type=count, default=128, help="tokens per context, BOS first")
     p.add_argument("--corpus", choices=CORPORA, default="shakespeare", help="built-in text")
     p.add_argument("--cache", type=path_arg, default=None, help="activation cache folder (default RUN/acts)")
@@ -83,6 +85,8 @@ def parse(argv) -> argparse.Namespace:
         p.error(f"--k {args.k} exceeds --latents-per-layer {args.latents_per_layer}")
     if args.context_len < 3:
         p.error(f"--context-len must be >= 3 (BOS, one input, one predicted token), got {args.context_len}")
+    if not args.aux_coeff >= 0:
+        p.error(f"--aux-coeff must be a number >= 0, got {args.aux_coeff}")
     if not args.lr > 0:
         p.error(f"--lr must be a positive number, got {args.lr}")
     return args
@@ -148,7 +152,7 @@ def main(argv=None) -> None:
           f"{args.k} per layer, reach {args.reach or 'all later layers'}, {total:,} tokens "
           f"({pairs.tokens:,} cached x {args.epochs} epochs), batch {args.batch_size}")
     result = train_clt(clt, pairs, total, lr=args.lr, eval_pairs=(x_eval, y_eval), progress=progress,
-                       dead_window_tokens=min(100_000, total // 2))
+                       dead_window_tokens=min(100_000, total // 2), aux_coeff=args.aux_coeff)
     clt.metadata = {"model": "smollm2-135m", "hooks": "blocks.l.ln2.hook_normalized -> blocks.l.hook_mlp_out",
                     "layers": args.layers, "corpus": args.corpus, "context_len": args.context_len,
                     "tokens_trained": result["tokens"],

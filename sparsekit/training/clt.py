@@ -8,8 +8,10 @@ The step: per-layer normalisation (``init_from_sample`` on the first batch: E||x
 E||y_l||^2 = d_out, b_in and b_dec from the means), the CLT's forward (one fused TopK encode and
 one sparse decode over its stacked decoder per layer, through ``sparsekit.ops``), the objective
 sum_l MSE_l, Adam with a linear warm-up and a linear decay to zero over the last 20%, and the
-unit-norm decoder's projection and renormalisation. Dead latents are counted (no fire in the
-last ``dead_window_tokens``), not revived: no AuxK yet.
+unit-norm decoder's projection and renormalisation. Dead latents (no fire in the last
+``dead_window_tokens``) get AuxK (Gao et al. 2024) per layer: layer l's dead latents, top-k_aux of
+them per row, reconstruct the residual of all l's targets through l's stacked decoder (the trainer's
+``dead_latents.auxk_loss`` on that layer's slice), weighted by aux_coeff (1/32) and summed over layers.
 
 ``time_steps`` measures a training step (forward, backward, Adam, decoder constraints) of any
 dictionary on one batch: the CLT against a plain transcoder at equal total latents.
@@ -25,6 +27,38 @@ from torch import Tensor
 
 from sparsekit._util.validate import positive_int
 from sparsekit.sae.clt import CrossLayerTranscoder
+
+from .dead_latents import auxk_loss
+
+
+class _LayerSlice:
+    """What ``auxk_loss`` reads of a dictionary, for one layer of a CLT: W_enc [d_in, n], the folded
+    encoder bias, the stacked decoder W_dec [n, span * d_out] and a zero b_dec."""
+
+    def __init__(self, clt: CrossLayerTranscoder, layer: int):
+        n = clt.latents_per_layer
+        self.W_enc, self.W_dec = clt.encoder(layer), clt.decoder(layer)
+        self.b_enc, self.b_in = clt.b_enc[layer * n:(layer + 1) * n], clt.b_in[layer]
+        self.b_dec = clt.W_dec.new_zeros(self.W_dec.shape[1])
+
+    def encoder_bias(self, latents: Tensor) -> Tensor:
+        return self.b_enc[latents] - self.b_in @ self.W_enc[:, latents]
+
+
+def clt_auxk_loss(clt: CrossLayerTranscoder, x: Tensor, residual: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    """Sum over layers of AuxK's normalised MSE: layer l's dead latents (dead: bool [n_latents],
+    layer-major) encode x_l - b_in[l] (x [B, L, d_in]) and reconstruct the detached residual
+    [B, L, d_out] of l's targets l .. l + span(l) - 1. Zero when nothing is dead."""
+    total = x.new_zeros(())
+    n = clt.latents_per_layer
+    for layer in range(clt.n_layers):
+        latents = dead[layer * n:(layer + 1) * n].nonzero().flatten().to(x.device)
+        if latents.numel() == 0:
+            continue
+        span = clt.spans[layer]
+        target = residual[:, layer:layer + span].reshape(x.shape[0], span * clt.d_out)
+        total = total + auxk_loss(_LayerSlice(clt, layer), x[:, layer], target, latents, k_aux)
+    return total
 
 
 def fvu_per_layer(y_hat: Tensor, y: Tensor) -> Tensor:
@@ -77,10 +111,12 @@ def _lr_factor(tokens: int, total: int, warmup: int, decay_fraction: float) -> f
 
 def train_clt(clt: CrossLayerTranscoder, source, total_tokens: int, lr: float = 1e-3, eval_pairs=None,
               lr_warmup_tokens: int | None = None, lr_decay_fraction: float = 0.2, dead_window_tokens: int = 100_000,
-              log_every: int = 20, progress: bool = True, log: Callable[[dict], None] | None = None) -> dict:
+              aux_k: int | None = None, aux_coeff: float = 1 / 32, log_every: int = 20, progress: bool = True,
+              log: Callable[[dict], None] | None = None) -> dict:
     """Train ``clt`` on ``source`` (an iterable of raw (x [b, L, d_in], y [b, L, d_out]) batches, e.g.
     ``activations.layers.LayerPairSource``) for total_tokens rows; evaluate on eval_pairs (raw
     (x [N, L, d_in], y [N, L, d_out])) at the end. lr_warmup_tokens: default 5% of total_tokens.
+    aux_k: AuxK's k_aux (None: d_in // 2); aux_coeff 0 turns AuxK off.
     log: called every log_every steps with {step, tokens, lr, loss, fvu (per layer, this batch)}.
     Returns {"tokens", "steps", "seconds", "tokens_per_s", "dead_frac" (per layer, by the window),
     "history" (the logged dicts), "eval" (evaluate_clt's figures, when eval_pairs is given)}."""
@@ -88,6 +124,7 @@ def train_clt(clt: CrossLayerTranscoder, source, total_tokens: int, lr: float = 
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < math.inf):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     warmup = total_tokens // 20 if lr_warmup_tokens is None else lr_warmup_tokens
+    k_aux = max(1, clt.d_in // 2) if aux_k is None else positive_int("aux_k", aux_k)
     clt.train()
     optimizer = torch.optim.Adam(clt.parameters(), lr=lr)
     since_fired = torch.zeros(clt.n_latents, dtype=torch.int64)
@@ -110,7 +147,13 @@ def train_clt(clt: CrossLayerTranscoder, source, total_tokens: int, lr: float = 
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(tokens, total_tokens, warmup, lr_decay_fraction)
                 out = clt(x, y)
-                out.losses["mse"].backward()
+                loss = out.losses["mse"]
+                dead = since_fired >= dead_window_tokens
+                aux = None
+                if aux_coeff > 0 and bool(dead.any()):
+                    aux = aux_coeff * clt_auxk_loss(clt, x, (y - out.y_hat).detach(), dead, k_aux)
+                    loss = loss + aux
+                loss.backward()
                 clt.remove_parallel_decoder_grad()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -125,6 +168,8 @@ def train_clt(clt: CrossLayerTranscoder, source, total_tokens: int, lr: float = 
                 if steps % log_every == 0 or tokens >= total_tokens:
                     entry = {"step": steps, "tokens": tokens, "lr": optimizer.param_groups[0]["lr"],
                              "loss": float(out.losses["mse"].detach()),
+                             "aux_loss": 0.0 if aux is None else float(aux.detach()),
+                             "dead_frac": float(dead.double().mean()),
                              "fvu": fvu_per_layer(out.y_hat.detach(), y).tolist()}
                     history.append(entry)
                     if bar is not None:

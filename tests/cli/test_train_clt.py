@@ -27,6 +27,7 @@ def test_layer_ranges_and_counts_parse():
     (["--train-tokens", "1.5"], "expected a positive whole count, got '1.5'"),
     (["--k", "64", "--latents-per-layer", "32"], "--k 64 exceeds --latents-per-layer 32"),
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--aux-coeff", "-1"], "--aux-coeff must be a number >= 0, got -1.0"),
 ])
 def test_bad_flags_are_one_line_with_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -200,3 +200,36 @@ def test_clt_explains_cross_layer_targets_that_per_layer_transcoders_cannot():
     assert fvu[None][0] < 0.75 and fvu[1][0] < 0.75, (fvu, seed)
     assert fvu[None][1] < fvu[1][1] and fvu[None][2] < fvu[1][2], (fvu, seed)
     assert evaluate_clt(clt, *held_out)["l0"] == pytest.approx([3, 3, 3], abs=0.01)
+
+
+def test_auxk_of_a_one_layer_clt_is_the_transcoders_and_reaches_only_dead_latents():
+    from sparsekit.training.clt import clt_auxk_loss
+    from sparsekit.training.dead_latents import auxk_loss
+    seed = fresh_seed()
+    clt = random_clt(seed, n_layers=1)
+    tc = Transcoder(D_IN, N, D_OUT, k=K, dtype=torch.float64)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(tc, name).copy_(getattr(clt, name))
+        tc.b_in.copy_(clt.b_in[0])
+    x, residual = batch(seed, n_layers=1)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:5]] = True
+    got = clt_auxk_loss(clt, x, residual, dead, k_aux=2)
+    torch.testing.assert_close(got, auxk_loss(tc, x[:, 0], residual[:, 0], dead.nonzero().flatten(), 2))
+    got.backward()
+    assert clt.W_enc.grad[:, ~dead].abs().sum() == 0 and clt.W_enc.grad[:, dead].abs().sum() > 0
+    assert clt_auxk_loss(clt, x, residual, torch.zeros(N, dtype=torch.bool), 2) == 0
+
+
+def test_auxk_reaches_every_target_of_a_layers_dead_latents():
+    from sparsekit.training.clt import clt_auxk_loss
+    clt = random_clt(fresh_seed())
+    x, residual = batch(2)
+    dead = torch.zeros(L * N, dtype=torch.bool)
+    dead[3] = dead[N + 4] = True  # one dead latent in layers 0 and 1
+    clt_auxk_loss(clt, x, residual, dead, k_aux=1).backward()
+    rows = clt.W_dec.grad.abs().sum(-1)
+    touched = {int(r) for r in rows.nonzero().flatten()}
+    # latent 3 of layer 0 owns rows 3 * 3 .. 3 * 3 + 2 (three targets); latent 4 of layer 1 two rows after layer 0's block
+    assert touched == {9, 10, 11, clt.row_starts[1] + 8, clt.row_starts[1] + 9}
