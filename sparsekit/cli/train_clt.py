@@ -76,7 +76,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--cache", type=path_arg, default=None, help="activation cache folder (default RUN/acts)")
     p.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="float32", help="cached activations' dtype")
     p.add_argument("--compare-steps", type=int64, default=0,
-                   help="also time this many steps of the CLT, the PLTs and a plain transcoder (0: skip)")
+                   help="also time this many steps each of the CLT, the PLTs and a plain transcoder, taking turns (0: skip)")
     p.add_argument("--seed", type=int64, default=0, help="initialisation and shuffle seed")
     p.add_argument("--out", type=path_arg, default="runs/clt", help="run folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -103,10 +103,9 @@ def step_comparison(clt, x, y, steps: int, seed: int) -> dict:
     plain = Transcoder(clt.d_in, L * n, clt.d_out, k=L * k, seed=seed)
     copy = CrossLayerTranscoder(clt.d_in, L * n, n_layers=L, k_per_layer=k, reach=clt.reach, seed=seed)
     copy.load_state_dict(clt.state_dict())
-    figures = {"batch": int(x.shape[0]), "steps": steps,
-               "clt_s": time_steps(copy, x, y, steps),
-               "plt_s": time_steps(plts, x, y, steps),
-               "plain_transcoder_s": time_steps(plain, x[:, 0].contiguous(), y[:, 0].contiguous(), steps),
+    medians = time_steps({"clt_s": (copy, x, y), "plt_s": (plts, x, y),
+                          "plain_transcoder_s": (plain, x[:, 0].contiguous(), y[:, 0].contiguous())}, steps)
+    figures = {"batch": int(x.shape[0]), "steps": steps, **medians,
                "plain_transcoder": f"TopK transcoder, n_latents={L * n}, k={L * k}, one layer"}
     return figures
 

@@ -205,21 +205,27 @@ class CrossLayerTranscoder(nn.Module):
         indices within the layer (0 .. n - 1)."""
         self._check_stack("x", x, self.d_in)
         n = self.latents_per_layer
-        return [ops.topk_encode(x[:, layer], self.encoder(layer), self.b_enc[layer * n:(layer + 1) * n],
-                                self.k_per_layer, pre_bias=self.b_in[layer]) for layer in range(self.n_layers)]
+        # one split per parameter: its backward writes the gradient in one pass, where L slices would
+        # each add a zero-filled gradient of the whole parameter
+        encoders, biases = self.W_enc.split(n, dim=1), self.b_enc.split(n)
+        return [ops.topk_encode(x[:, layer], encoders[layer], biases[layer], self.k_per_layer,
+                                pre_bias=self.b_in[layer]) for layer in range(self.n_layers)]
 
     def decode(self, codes: list) -> Tensor:
         """One TopKCodes per layer -> y_hat [B, L, d_out]: layer l's codes decoded once through its
         stacked decoder into all its span(l) targets, then summed per target, plus b_dec."""
         if not isinstance(codes, (list, tuple)) or len(codes) != self.n_layers:
             raise ValueError(f"codes must be a list of {self.n_layers} TopKCodes (one per layer)")
-        batch = codes[0].values.shape[0]
-        y_hat = self.b_dec.unsqueeze(0).repeat(batch, 1, 1)
+        batch, n, L = codes[0].values.shape[0], self.latents_per_layer, self.n_layers
+        blocks = self.W_dec.split([n * span for span in self.spans])  # one split: see encode
+        y_hat = self.b_dec.expand(batch, L, self.d_out)
         for layer, (values, indices) in enumerate(codes):
             span = self.spans[layer]
             zero = self.W_dec.new_zeros(span * self.d_out)
-            written = ops.sparse_decode(values, indices, self.decoder(layer), zero)  # [B, span * d_out]
-            y_hat[:, layer:layer + span] += written.view(batch, span, self.d_out)
+            decoder = blocks[layer].view(n, span * self.d_out)
+            written = ops.sparse_decode(values, indices, decoder, zero)  # [B, span * d_out]
+            # out of place: padded to all L targets (in-place slice updates cost a full copy each in backward)
+            y_hat = y_hat + nn.functional.pad(written.view(batch, span, self.d_out), (0, 0, layer, L - layer - span))
         return y_hat
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> CLTOutput:

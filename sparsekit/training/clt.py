@@ -192,21 +192,24 @@ def train_clt(clt: CrossLayerTranscoder, source, total_tokens: int, lr: float = 
     return result
 
 
-def time_steps(model, x: Tensor, y: Tensor, steps: int = 5, warmup: int = 1) -> float:
-    """Median seconds of one training step of ``model`` (a CrossLayerTranscoder or any transcoder
-    SparseDictionary) on the normalised batch (x, y): forward, backward, Adam, the decoder's
-    projection and renormalisation. The model's parameters change (it trains on the batch)."""
+def time_steps(runs: dict, steps: int = 5, warmup: int = 1) -> dict:
+    """Median seconds of one training step per entry of ``runs`` ({name: (model, x, y)}: a
+    CrossLayerTranscoder or any transcoder SparseDictionary and its normalised batch): forward,
+    backward, Adam, the decoder's projection and renormalisation. The models take turns, step by
+    step, so a machine whose load changes slows them alike. The models' parameters change (they
+    train on their batch). -> {name: seconds}."""
     steps, warmup = positive_int("steps", steps), max(0, int(warmup))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    times = []
+    optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-4) for name, (model, _, _) in runs.items()}
+    times: dict = {name: [] for name in runs}
     for i in range(warmup + steps):
-        start = time.perf_counter()
-        out = model(x, y)
-        sum(out.losses.values()).backward()
-        model.remove_parallel_decoder_grad()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.normalize_decoder()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, (model, x, y) in runs.items():
+            start = time.perf_counter()
+            out = model(x, y)
+            sum(out.losses.values()).backward()
+            model.remove_parallel_decoder_grad()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            model.normalize_decoder()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
