@@ -10,8 +10,8 @@ Over L consecutive layers (``first_layer`` .. ``first_layer + L - 1``), with n l
 
 The activation is TopK per layer (Gao et al. 2024), not the JumpReLU + tanh sparsity penalty of
 Ameisen et al. 2025: TopK fixes L0 per layer, needs no penalty schedule, and runs on sparsekit's
-fused TopK encoder and sparse decoder (TopK CLTs are also trained by e.g. CLT-Forge and EleutherAI's
-sparsify, whose ``--coalesce_topk`` variants follow the same recipe).
+fused TopK encoder and sparse decoder (TopK CLTs are also trained elsewhere, e.g. by EleutherAI's
+clt-training, a sparsify fork, and crosscode's TopkCrossLayerTranscoder).
 
 The stacked decoder: layer l's decoders to its ``span(l) = min(reach, L - l)`` targets are one
 matrix W_dec_l [n, span(l) * d_out] (row i = latent i's decoder to target l, then l + 1, ...), so a
