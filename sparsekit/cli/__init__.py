@@ -16,6 +16,7 @@ COMMANDS = {
     "toys": "toy studies: `toys attention` (attention-head superposition), `toys sparse-base` (L1-sparse 1-layer LMs)",
     "lm-demo": "SmolLM2-135M: cache early-layer activations, train an SAE and a transcoder (--transcoder "
                "mlp|resid|attn; --layers 0,2,4: per-layer SAEs), CE/KL, dashboard",
+    "train-clt": "SmolLM2-135M: a cross-layer transcoder over consecutive layers (--layers 3-8), per-layer FVU",
     "dashboard": "write RUN_DIR/dashboard.html (static feature dashboard) from RUN_DIR/*_features.json",
     "lm-study": "SmolLM2-135M studies of the note's claims: `lm-study dead-latents` (dead fraction vs size per remedy)",
 }
@@ -78,6 +79,9 @@ def run_command(command: str, rest: list) -> None:
     elif command == "toys":
         from .toys import main as toys_main
         toys_main(rest)
+    elif command == "train-clt":
+        from .train_clt import main as train_clt_main
+        train_clt_main(rest)
     elif command == "dashboard":
         from .dashboard import main as dashboard_main
         dashboard_main(rest)

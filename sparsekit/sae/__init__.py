@@ -21,9 +21,10 @@ from .relu import ReLUSAE
 from .jumprelu import JumpReLUSAE
 from .gated import GatedSAE
 from .matryoshka import MatryoshkaBatchTopKSAE
+from .clt import CrossLayerTranscoder
 # isort: on
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "Hyperparameter", "JumpReLUSAE", "MatryoshkaBatchTopKSAE",
-           "ReLUSAE", "SAEOutput", "SparseDictionary", "TopKSAE", "Transcoder", "export_dictionary_learning",
-           "export_saelens", "export_sparsify", "geometric_median", "load", "load_dictionary_learning", "load_saelens",
-           "load_sparsify", "push_to_hub", "register"]
+__all__ = ["ARCHITECTURES", "BatchTopKSAE", "CrossLayerTranscoder", "GatedSAE", "Hyperparameter", "JumpReLUSAE",
+           "MatryoshkaBatchTopKSAE", "ReLUSAE", "SAEOutput", "SparseDictionary", "TopKSAE", "Transcoder",
+           "export_dictionary_learning", "export_saelens", "export_sparsify", "geometric_median", "load",
+           "load_dictionary_learning", "load_saelens", "load_sparsify", "push_to_hub", "register"]
