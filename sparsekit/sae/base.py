@@ -82,6 +82,7 @@ class SparseDictionary(nn.Module):
     hyperparameter_specs: tuple[Hyperparameter, ...] = ()
     code_kind = "dense"                    # what encode returns while training: "topk", "batchtopk", "dense"
     batch_by_latent_buffers = 1            # [B, n]-sized tensors one training step holds at once
+    trained_by_train = True                # sparsekit.train trains it (registry.trainable)
     parameters_per_latent = 0              # parameters beyond W_enc, b_enc, W_dec (JumpReLU: its threshold)
     saelens_architecture: str | None = None             # SAELens 6.x's name for it (None: no equivalent)
     saelens_transcoder_architecture: str | None = None  # ... and for it as a transcoder

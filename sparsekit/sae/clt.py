@@ -84,6 +84,7 @@ class CrossLayerTranscoder(nn.Module):
     parameters_per_latent = 0
     saelens_architecture = None
     saelens_transcoder_architecture = None
+    trained_by_train = False  # its own trainer: sparsekit.training.clt.train_clt
     unit_norm_decoder = True
     transcoder = True
     skip = False

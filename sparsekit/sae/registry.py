@@ -11,7 +11,10 @@ whose class declares, once, every fact the other layers read:
 - ``batch_by_latent_buffers``: [B, n]-sized tensors one training step holds at once (the memory
   estimate); ``parameters_per_latent``: parameters beyond the shared W_enc/b_enc/W_dec ones;
 - ``saelens_architecture`` / ``saelens_transcoder_architecture``: the SAELens 6.x names it exports
-  as (None: not exportable).
+  as (None: not exportable);
+- ``trained_by_train``: whether ``sparsekit.train`` (and ``sparsekit train``) trains it; False for a
+  dictionary with its own trainer (the cross-layer transcoder: ``sparsekit train-clt``), which the
+  trainer's and constructors' lists of choices then leave out.
 
 ``register`` refuses a class that does not name its own architecture. The other facts default to
 SparseDictionary's (no hyperparameters, dense codes, one [B, n] buffer, no SAELens equivalent), so
@@ -26,7 +29,7 @@ import difflib
 ARCHITECTURES: dict[str, type] = {}
 CODE_KINDS = ("topk", "batchtopk", "dense")
 FACTS = ("architecture", "hyperparameter_specs", "code_kind", "batch_by_latent_buffers", "parameters_per_latent",
-         "saelens_architecture", "saelens_transcoder_architecture")
+         "saelens_architecture", "saelens_transcoder_architecture", "trained_by_train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +63,11 @@ def register(cls: type) -> type:
 def names() -> tuple[str, ...]:
     """Every registered architecture, in registration order."""
     return tuple(ARCHITECTURES)
+
+
+def trainable() -> tuple[str, ...]:
+    """The architectures ``sparsekit.train`` trains, in registration order."""
+    return tuple(name for name, cls in ARCHITECTURES.items() if cls.trained_by_train)
 
 
 def get(name) -> type:

@@ -18,7 +18,7 @@ def Transcoder(d_in: int, n_latents: int, d_out: int, k: int | None = None, arch
     k is required for "topk"/"batchtopk"; pass l1_coeff (relu) or l0_coeff (jumprelu) as keywords.
     """
     if architecture not in registry.ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {', '.join(sorted(registry.ARCHITECTURES))}, got {architecture!r}")
+        raise ValueError(f"architecture must be one of {', '.join(sorted(registry.trainable()))}, got {architecture!r}")
     cls = registry.get(architecture)
     takes_k, _ = registry.architectures_taking("k")
     if architecture in takes_k:

@@ -133,7 +133,7 @@ def _checked_config(sae, config: TrainConfig | None, resume: bool) -> TrainConfi
     cfg.validate()
     if not isinstance(sae, SparseDictionary) and not getattr(sae, "latent_sharded", False):
         raise ValueError(f"sae must be a sparsekit dictionary, got {type(sae).__name__}")
-    sparse_coded = [name for name, cls in registry.ARCHITECTURES.items() if cls.code_kind != "dense"]
+    sparse_coded = [name for name in registry.trainable() if registry.ARCHITECTURES[name].code_kind != "dense"]
     if "auxk" in cfg.strategies() and sae.architecture not in sparse_coded:  # AuxK picks from k-sparse codes
         raise ValueError(f"dead_strategy 'auxk' needs a {joined(sparse_coded, 'or')} dictionary, not {sae.architecture!r}")
     if resume and cfg.checkpoint_dir is None:

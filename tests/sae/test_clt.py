@@ -228,6 +228,8 @@ def test_auxk_reaches_every_target_of_a_layers_dead_latents():
     x, residual = batch(2)
     dead = torch.zeros(L * N, dtype=torch.bool)
     dead[3] = dead[N + 4] = True  # one dead latent in layers 0 and 1
+    with torch.no_grad():  # positive pre-activations: each is its layer's AuxK pick with a nonzero gradient
+        clt.b_enc[dead] = 100.0
     clt_auxk_loss(clt, x, residual, dead, k_aux=1).backward()
     rows = clt.W_dec.grad.abs().sum(-1)
     touched = {int(r) for r in rows.nonzero().flatten()}
