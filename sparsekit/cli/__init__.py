@@ -1,4 +1,4 @@
-"""The `sparsekit` command line: `python -m sparsekit train|demo|mnist|backends|toys`, `--version`."""
+"""The `sparsekit` command line: `python -m sparsekit train|demo|mnist|backends|toys|tune`, `--version`."""
 from __future__ import annotations
 
 import os
@@ -17,6 +17,7 @@ COMMANDS = {
     "lm-demo": "SmolLM2-135M: cache early-layer activations, train an SAE and a transcoder (--transcoder "
                "mlp|resid|attn; --layers 0,2,4: per-layer SAEs), CE/KL, dashboard",
     "dashboard": "write RUN_DIR/dashboard.html (static feature dashboard) from RUN_DIR/*_features.json",
+    "tune": "measure this CPU's crossovers (OpenBLAS, bf16 screen) and cache them; --quick, --show, --reset",
 }
 
 
@@ -83,6 +84,9 @@ def run_command(command: str, rest: list) -> None:
     elif command == "lm-demo":
         from .lm import main as lm_demo_main
         lm_demo_main(rest)
+    elif command == "tune":
+        from .tune import main as tune_main
+        tune_main(rest)
     elif command == "backends":
         from sparsekit.ops.backend import backends
         print(backends())
