@@ -1,8 +1,9 @@
-"""`sparsekit tune`: measure this machine's CPU crossovers and cache them (sparsekit.ops.cpu.tuning);
+"""`sparsekit tune`: measure this machine's CPU crossovers (sparsekit.ops.cpu.tuner) and cache them
+(sparsekit.ops.cpu.tuning);
 `--show` prints what is in effect, `--reset` deletes the cache (the defaults apply again)."""
 from __future__ import annotations
 
-from sparsekit.ops.cpu import tuning
+from sparsekit.ops.cpu import tuner, tuning
 
 from .parser import OneLineParser
 
@@ -25,7 +26,7 @@ def main(argv) -> None:
             print(f"deleted {path}: the default crossovers apply" if path else
                   f"no tuning cache for this machine ({tuning.cache_path()}): the defaults already apply")
         else:
-            result = tuning.tune(quick=args.quick, progress=not args.no_progress)
+            result = tuner.tune(quick=args.quick, progress=not args.no_progress)
             path = tuning.save(result)
             print(f"measured in {result['seconds']:.1f} s{' (--quick)' if args.quick else ''}; wrote {path}")
     except OSError as error:  # a cache folder that cannot be written or read

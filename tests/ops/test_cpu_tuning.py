@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sparsekit.ops.cpu import gemm, tuning
+from sparsekit.ops.cpu import gemm, tuner, tuning
 
 OTHER = {"parallel_min_flop": 0, "screen_min_flop": 3, "screen_min_n_over_k": 7, "screen_rows": 64}
 DEFAULTS = lambda: {name: tuning.default(name) for name in tuning.KNOBS}  # noqa: E731
@@ -99,14 +99,14 @@ def test_a_pinned_value_out_of_range_is_refused_by_name(cache):
     ([(1, 11, 10), (4, 11, 10), (16, 10, 10)], 1000),     # no win (a tie is none): the larger of default and 2 x 16
 ])
 def test_the_crossover_is_where_the_new_path_wins_at_every_larger_size(times, expected):
-    assert tuning.crossover(times, default=1000 if expected == 1000 else 500) == expected
+    assert tuner.crossover(times, default=1000 if expected == 1000 else 500) == expected
 
 
 def test_the_crossover_keeps_the_default_where_it_lies_outside_what_was_measured():
-    assert tuning.crossover([(8, 5, 10), (16, 5, 10)], default=2) == 2       # won everywhere, default lower
-    assert tuning.crossover([(8, 11, 10), (16, 11, 10)], default=10) == 32   # lost everywhere, default inside
+    assert tuner.crossover([(8, 5, 10), (16, 5, 10)], default=2) == 2       # won everywhere, default lower
+    assert tuner.crossover([(8, 11, 10), (16, 11, 10)], default=10) == 32   # lost everywhere, default inside
 
 
 def test_the_fastest_choice_keeps_the_default_unless_another_beats_it_by_the_margin():
-    assert tuning.fastest({256: 0.99, 1024: 1.0}, keep=1024) == 1024
-    assert tuning.fastest({256: 0.9, 1024: 1.0}, keep=1024) == 256
+    assert tuner.fastest({256: 0.99, 1024: 1.0}, keep=1024) == 1024
+    assert tuner.fastest({256: 0.9, 1024: 1.0}, keep=1024) == 256
