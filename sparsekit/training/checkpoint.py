@@ -126,10 +126,13 @@ def _log_window(value):
 
 
 def _cpu_paths(value):
+    def in_range(name, v):  # a knob this version knows within its range; any other name: any int >= 0
+        knob = tuning.KNOBS.get(name)
+        return type(v) is int and (knob.low <= v <= knob.high if knob else v >= 0)
     ok = (isinstance(value, dict) and isinstance(value.get("values"), dict)
-          and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value["values"].items())
+          and all(isinstance(k, str) and in_range(k, v) for k, v in value["values"].items())
           and isinstance(value.get("source"), str) and (value.get("isa") is None or isinstance(value["isa"], str)))
-    return None if ok else "an object with values (names to non-negative ints), a string source and isa"
+    return None if ok else "an object with values (each knob's name to an int in its range), a string source and isa"
 
 
 STATE_SCHEMA = {  # state.json: field -> its check (RunState.checkpoint_json writes all but the last four)

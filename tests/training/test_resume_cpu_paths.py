@@ -110,12 +110,13 @@ def test_a_checkpoint_without_recorded_paths_resumes_on_the_defaults(cache, tmp_
     assert tuning.in_effect() == {name: tuning.default(name) for name in tuning.KNOBS}
 
 
-def test_recorded_paths_of_the_wrong_type_make_the_checkpoint_invalid(cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("knob, bad", [("parallel_min_flop", "fast"), ("screen_rows", 0), ("screen_rows", 2**40)])
+def test_recorded_paths_of_the_wrong_type_or_range_make_the_checkpoint_invalid(cache, tmp_path, monkeypatch, knob, bad):
     x = torch.randn(BATCH * (STEPS + 2), D)
     killed_after_first_checkpoint(x, tmp_path / "run", monkeypatch)
     folder = ckpt.checkpoint_folders(tmp_path / "run")[0]
     state = ckpt.verify(folder)
-    state["cpu_paths"]["values"]["parallel_min_flop"] = "fast"
+    state["cpu_paths"]["values"][knob] = bad
     state["state_sha256"] = ckpt.state_digest(state)
     (folder / ckpt.STATE_JSON).write_text(json.dumps(state))
     with pytest.raises(ValueError, match="field 'cpu_paths' must be an object with values"):
