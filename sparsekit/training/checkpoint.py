@@ -131,8 +131,11 @@ def _cpu_paths(value):
         return type(v) is int and (knob.low <= v <= knob.high if knob else v >= 0)
     ok = (isinstance(value, dict) and isinstance(value.get("values"), dict)
           and all(isinstance(k, str) and in_range(k, v) for k, v in value["values"].items())
-          and isinstance(value.get("source"), str) and (value.get("isa") is None or isinstance(value["isa"], str)))
-    return None if ok else "an object with values (each knob's name to an int in its range), a string source and isa"
+          and isinstance(value.get("source"), str) and (value.get("isa") is None or isinstance(value["isa"], str))
+          and isinstance(value.get("forced", {}), dict)
+          and all(isinstance(k, str) and isinstance(v, str) for k, v in value.get("forced", {}).items()))
+    return None if ok else ("an object with values (each knob's name to an int in its range), a string source and "
+                            "isa, and forced (names to strings)")
 
 
 STATE_SCHEMA = {  # state.json: field -> its check (RunState.checkpoint_json writes all but the last four)
@@ -430,8 +433,9 @@ def latest(directory) -> tuple[Path, dict, dict] | None:
 def reuse_cpu_paths(path: Path, state: dict) -> None:
     """Pin the CPU crossovers checkpoint ``path`` recorded (its state.json ``state``; none recorded:
     the defaults) for the rest of this process (``tuning.unpin`` undoes it), saying so when they
-    differ from what this machine would choose, and warning when the C++ kernels' ISA level differs
-    (that one cannot change in a running process: the last bits may then differ)."""
+    differ from what this machine would choose; warn when SPARSEKIT_CPU_GEMM / SPARSEKIT_BF16_SCREEN
+    or the C++ kernels' ISA level differ (the environment's choices, and the level cannot change in a
+    running process: the last bits may then differ)."""
     recorded = state.get("cpu_paths") or {}
     tuning.unpin()
     own = tuning.in_effect()  # what this machine would choose: its cache's values, else the defaults
@@ -440,11 +444,19 @@ def reuse_cpu_paths(path: Path, state: dict) -> None:
         changed = ", ".join(f"{name} {values[name]} (here {own[name]})" for name in values if values[name] != own[name])
         logger.info("resuming with the CPU crossovers checkpoint %s recorded, not this machine's: %s", path.name,
                     changed)
+    if "forced" in recorded and recorded["forced"] != tuning.forced():
+        logger.warning("checkpoint %s was written with %s, this process has %s: the resumed run may take other CPU "
+                       "paths than its first steps, and its last bits may differ from an uninterrupted one",
+                       path.name, _settings(recorded["forced"]), _settings(tuning.forced()))
     from sparsekit.ops.backend import CPP_ISA
     if "isa" in recorded and recorded["isa"] != CPP_ISA:
         logger.warning("checkpoint %s was written by the %s C++ kernels, this process runs %s: the resumed run's "
                        "last bits may differ from an uninterrupted one (SPARSEKIT_ISA=%s reproduces them)",
                        path.name, recorded["isa"], CPP_ISA, recorded["isa"])
+
+
+def _settings(variables: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(variables.items())) or "no SPARSEKIT_CPU_GEMM or SPARSEKIT_BF16_SCREEN"
 
 
 def generator_state(generator: torch.Generator) -> list[int]:

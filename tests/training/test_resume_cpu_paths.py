@@ -121,3 +121,14 @@ def test_recorded_paths_of_the_wrong_type_or_range_make_the_checkpoint_invalid(c
     (folder / ckpt.STATE_JSON).write_text(json.dumps(state))
     with pytest.raises(ValueError, match="field 'cpu_paths' must be an object with values"):
         ckpt.verify(folder)
+
+
+def test_a_resume_under_another_forced_path_is_warned_about(cache, tmp_path, monkeypatch, capsys):
+    x = torch.randn(BATCH * (STEPS + 2), D)
+    killed_after_first_checkpoint(x, tmp_path / "run", monkeypatch)
+    monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "torch")
+    capsys.readouterr()
+    ckpt.latest(tmp_path / "run")
+    warning = capsys.readouterr().err
+    assert "was written with no SPARSEKIT_CPU_GEMM or SPARSEKIT_BF16_SCREEN, this process has " \
+           "SPARSEKIT_CPU_GEMM=torch" in warning

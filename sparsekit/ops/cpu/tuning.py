@@ -108,11 +108,20 @@ def source() -> str:
     return f"tuned ({cache_path()})" if _cached_values() else "defaults (no tuning cache for this machine)"
 
 
+FORCING = ("SPARSEKIT_CPU_GEMM", "SPARSEKIT_BF16_SCREEN")  # set, these choose a path over any crossover
+
+
+def forced() -> dict[str, str]:
+    """The FORCING variables that are set, with their values."""
+    return {name: os.environ[name].strip().lower() for name in FORCING if os.environ.get(name, "").strip()}
+
+
 def record() -> dict:
-    """What a checkpoint records about the CPU paths: the values in effect, their source and the
-    C++ kernels' ISA level (which also decides summation orders, and cannot change in a process)."""
+    """What a checkpoint records about the CPU paths: the values in effect, their source, the
+    variables forcing a path, and the C++ kernels' ISA level (which also decides summation orders,
+    and cannot change in a process)."""
     from sparsekit.ops.backend import CPP_ISA
-    return {"values": in_effect(), "source": source(), "isa": CPP_ISA}
+    return {"values": in_effect(), "source": source(), "forced": forced(), "isa": CPP_ISA}
 
 
 def pin(values: dict | None, where: str) -> dict[str, int]:
