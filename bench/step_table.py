@@ -286,9 +286,12 @@ def numpy_blas() -> str:
 def cpu_paths_line() -> str:
     """The CPU crossovers in effect (sparsekit.ops.cpu.tuning) and where they come from: `sparsekit tune`'s
     cache for this machine, or the defaults."""
-    from sparsekit.ops.cpu import tuning
+    from sparsekit.ops.backend import CPP_ISA
+    from sparsekit.ops.cpu import gemm, screen, tuning
     values = ", ".join(f"{name} = {value:,}" for name, value in tuning.in_effect().items())
-    return f"- CPU paths chosen ({tuning.source()}): {values}"
+    kind = (f"{CPP_ISA} kernels, {'native' if screen.cpu_has_native_bf16() else 'no native'} bf16, NumPy's OpenBLAS "
+            f"{'controllable' if gemm.openblas_available() else 'not found'}")
+    return f"- machine kind: {kind}; CPU paths chosen ({tuning.source()}): {values}"
 
 
 def environment_lines(shapes: Shapes, threads: int, rounds: int, load_before: float, others_share: float,
