@@ -23,6 +23,16 @@ with its own parameters and optimizer state:
 - plain dense torch and a sparsify-style step (torch.topk encoder + ``F.embedding_bag`` decode,
   written here from the algorithm sparsify's documentation describes, no sparsify code):
   bench/step_table.py's steps (fused Adam, no decoder constraint).
+- EleutherAI sparsify (``eai-sparsify``, imported unchanged): its ``SparseCoder`` (SparseCoderConfig
+  with num_latents n and k, the rest at its defaults) stepped as its ``Trainer`` steps it:
+  ``set_decoder_norm_to_unit_norm``, forward, loss = fvu + auxk_loss + multi_topk_fvu / 8 (its
+  trainer's formula; both extra terms 0 here), backward,
+  ``remove_gradient_parallel_to_decoder_directions``, its optimizer's step and zero_grad. Two rows:
+  its default optimizer (``signum``: schedulefree's ScheduleFreeWrapper around its SignSGD, momentum
+  0.95, its lr rule 5e-3 / sqrt(n / 2^14)) and ``adam`` (torch.optim.Adam as its trainer builds it
+  without bitsandbytes, lr 2e-4 / sqrt(n / 2^14)). Its decoder is its eager one
+  (``SPARSIFY_DISABLE_TRITON=1``, set here when there is no GPU: its Triton decoder needs one).
+  Skipped, with a line saying so, when the package is not importable.
 - SAELens: its ``TopKTrainingSAE`` with its defaults (only d_in, d_sae and k set) stepped by its own
   ``SAETrainer.step`` (training_forward_pass, backward, clip to 1.0, Adam, LR scheduler); once with
   no dead latents and once with AuxK active: 10% of latents marked dead through the trainer's
@@ -37,6 +47,7 @@ exponent of a log-log fit for each axis.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -68,6 +79,7 @@ TARGET_PEAK_RSS_GIB = 1.1
 LINEAR_TOLERANCE = 0.15  # a fitted exponent within 1 +- this counts as linear
 
 SAELENS_VARIANTS = ("saelens_topk", "saelens_topk_auxk")
+SPARSIFY_VARIANTS = ("sparsify_real", "sparsify_real_adam")
 ROW_LABELS = {
     "gemm_torch": "encoder GEMM: torch.matmul(x, W_enc, out=)",
     "gemm_numpy": "encoder GEMM: numpy.matmul (OpenBLAS), out=",
@@ -82,6 +94,8 @@ ROW_LABELS = {
     "sparsekit_topk_ghost": "sparsekit TopK + ghost grads, {dead} dead",
     "torch_dense": "plain torch TopK step (dense codes @ W_dec)",
     "sparsify_style": "sparsify-style TopK step (torch.topk + F.embedding_bag; written here, not sparsify code)",
+    "sparsify_real": "EleutherAI sparsify {sparsify} SparseCoder, eager decode, its default optimizer (signum)",
+    "sparsify_real_adam": "EleutherAI sparsify {sparsify} SparseCoder, eager decode, its adam optimizer",
     "saelens_topk": "SAELens {version} TopKTrainingSAE + SAETrainer.step (defaults)",
     "saelens_topk_auxk": "SAELens {version} TopK, AuxK active ({dead} dead)",
 }
@@ -307,6 +321,62 @@ class SAELensStep:
         self.aux_loss = float(torch.as_tensor(out.losses.get("auxiliary_reconstruction_loss", 0.0)).detach())
 
 
+# --- EleutherAI sparsify ----------------------------------------------------------------------
+
+SPARSIFY_IMPORT_ERROR = ""
+
+
+def sparsify_version() -> str | None:
+    """eai-sparsify's version, or None when its ``sparsify`` cannot be imported (the rows are then
+    skipped). Another PyPI package is also imported as ``sparsify``: only one with SparseCoder counts."""
+    global SPARSIFY_IMPORT_ERROR
+    if not torch.cuda.is_available():  # its own switch: with Triton installed it would pick the Triton decoder,
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # which needs a GPU; eager = F.embedding_bag
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        with contextlib.redirect_stdout(sys.stderr):  # its import prints which decoder it chose
+            import sparsify
+            from sparsify import SparseCoder, SparseCoderConfig  # noqa: F401
+            from sparsify.sign_sgd import SignSGD  # noqa: F401
+        try:
+            return version("eai-sparsify")
+        except PackageNotFoundError:  # a source checkout on sys.path
+            return f"{sparsify.__version__} (source, {Path(sparsify.__file__).parent})"
+    except Exception as error:  # ImportError, PackageNotFoundError, a broken dependency
+        SPARSIFY_IMPORT_ERROR = f"{type(error).__name__}: {error}"
+        return None
+
+
+class SparsifyStep:
+    """One training step of eai-sparsify's SparseCoder, as its Trainer takes it (module docstring)."""
+
+    def __init__(self, shapes: Shapes, optimizer: str = "signum"):
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        self.x = make_inputs(shapes)[0]
+        torch.manual_seed(0)  # sparsify initialises from torch's global generator
+        self.sae = SparseCoder(shapes.d, SparseCoderConfig(num_latents=shapes.n, k=shapes.k), device="cpu",
+                               dtype=torch.float32)
+        scale = (shapes.n / 2**14) ** 0.5
+        if optimizer == "signum":
+            from schedulefree import ScheduleFreeWrapper
+            from sparsify.sign_sgd import SignSGD
+            self.optimizer = ScheduleFreeWrapper(SignSGD([dict(params=self.sae.parameters(), lr=5e-3 / scale)]),
+                                                 momentum=0.95)
+            self.optimizer.train()
+        else:
+            self.optimizer = torch.optim.Adam([dict(params=self.sae.parameters(), lr=2e-4 / scale)])
+
+    def __call__(self) -> None:
+        self.sae.set_decoder_norm_to_unit_norm()
+        out = self.sae(self.x)
+        (out.fvu + out.auxk_loss + out.multi_topk_fvu / 8).backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
 # --- the variants ------------------------------------------------------------------------------
 
 def build_step(variant: str, shapes: Shapes, dead_fraction: float):
@@ -321,6 +391,8 @@ def build_step(variant: str, shapes: Shapes, dead_fraction: float):
         "sparsekit_topk_ghost": lambda: TrainerStep("topk", shapes, remedy="ghost", dead_fraction=dead_fraction),
         "torch_dense": lambda: make_step("dense", shapes),
         "sparsify_style": lambda: make_step("sparsify", shapes),
+        "sparsify_real": lambda: SparsifyStep(shapes),
+        "sparsify_real_adam": lambda: SparsifyStep(shapes, "adam"),
         "saelens_topk": lambda: SAELensStep(shapes),
         "saelens_topk_auxk": lambda: SAELensStep(shapes, dead_fraction),
     }
@@ -375,12 +447,14 @@ def header_lines(args, shapes: Shapes, now, load_before: float, others_share: fl
         f"- shapes: {shapes}; encoder GEMM = 2*B*d*n = {gflop:.1f} GFLOP; dead latents in the AuxK/ghost rows: "
         f"{args.dead_fraction:.0%}",
         *environment_lines(shapes, args.threads, args.rounds, load_before, others_share,
-                           f" (commit {source_revision()}), sae_lens {version or 'not installed'}"),
+                           f" (commit {source_revision()}), sae_lens {version or 'not installed'}, eai-sparsify "
+                           f"{getattr(args, 'sparsify_version', None) or 'not installed'}"),
     ]
 
 
 def row_label(name: str, args, version: str | None, steps: dict) -> str:
-    label = ROW_LABELS[name].format(dead=f"{args.dead_fraction:.0%}", version=version)
+    label = ROW_LABELS[name].format(dead=f"{args.dead_fraction:.0%}", version=version,
+                                    sparsify=getattr(args, "sparsify_version", None))
     l0 = getattr(steps.get(name), "l0", None)
     if name == "sparsekit_relu_l1" and l0:
         label += f" (measured L0 {l0[0]:.1f} at the first step, {l0[-1]:.1f} at the last)"
@@ -464,6 +538,9 @@ NOTES = [
     "- plain torch and sparsify-style: bench/step_table.py's steps: encode, decode, MSE, backward, "
     "torch.optim.Adam(fused=True), no decoder constraint. The sparsify-style step is written here from the "
     "algorithm sparsify's documentation describes (fused encoder + F.embedding_bag decode), not sparsify's code.",
+    "- EleutherAI sparsify: eai-sparsify's own SparseCoder, SignSGD (and schedulefree's wrapper) imported unchanged "
+    "and stepped as its Trainer steps them (see the module docstring); the bench replicates only the trainer's "
+    "order of calls, not its activation hooks or data loading.",
     "- SAELens: TopKTrainingSAE(TopKTrainingSAEConfig(d_in, d_sae, k)) with every other setting at its default "
     "(rescale_acts_by_decoder_norm, dense TopK activations, aux_loss_coefficient 1), stepped by "
     "SAETrainer.step (lr 3e-4, constant schedule; its Adam, clip to 1.0, dead-neuron bookkeeping); AuxK is active "
@@ -550,12 +627,20 @@ def main() -> None:
     now = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()[0]
     version = saelens_version()
-    variants = [v for v in STEP_VARIANTS if version is not None or v not in SAELENS_VARIANTS]
-    skip_line = None
+    sparsify = sparsify_version()
+    args.sparsify_version = sparsify
+    variants = [v for v in STEP_VARIANTS if (version is not None or v not in SAELENS_VARIANTS)
+                and (sparsify is not None or v not in SPARSIFY_VARIANTS)]
+    skip_lines = []
     if version is None:
-        skip_line = (f"SKIPPED: the SAELens rows ({', '.join(SAELENS_VARIANTS)}): sae_lens is not importable "
-                     f"({SAELENS_IMPORT_ERROR}); install the bench extra: pip install -e '.[bench]'")
-        print(skip_line, file=sys.stderr)
+        skip_lines.append(f"SKIPPED: the SAELens rows ({', '.join(SAELENS_VARIANTS)}): sae_lens is not importable "
+                          f"({SAELENS_IMPORT_ERROR}); install the bench extra: pip install -e '.[bench]'")
+    if sparsify is None:
+        skip_lines.append(f"SKIPPED: the EleutherAI sparsify rows ({', '.join(SPARSIFY_VARIANTS)}): eai-sparsify is "
+                          f"not importable ({SPARSIFY_IMPORT_ERROR}); pip install 'eai-sparsify>=1.3,<1.4' "
+                          f"(pinned in requirements/lock.txt)")
+    for line in skip_lines:
+        print(line, file=sys.stderr)
 
     rss_variants = {"all": ["baseline"] + (["baseline_saelens"] if version else []) + variants,
                     "topk": ["baseline", "sparsekit_topk"], "none": []}[args.rss]
@@ -578,8 +663,8 @@ def main() -> None:
 
     gflop = 2 * shapes.batch * shapes.d * shapes.n / 1e9
     lines = header_lines(args, shapes, now, load_before, others_share, version) + [""]
-    if skip_line:
-        lines += [f"**{skip_line}**", ""]
+    for line in skip_lines:
+        lines += [f"**{line}**", ""]
     lines += table_lines(medians, times, peaks, args, version, steps, gflop)
     lines += target_lines(medians, peaks, shapes, args) + NOTES
     del fns, steps

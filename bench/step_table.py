@@ -283,6 +283,17 @@ def numpy_blas() -> str:
         return "unknown BLAS"
 
 
+def cpu_paths_line() -> str:
+    """The CPU crossovers in effect (sparsekit.ops.cpu.tuning) and where they come from: `sparsekit tune`'s
+    cache for this machine, or the defaults."""
+    from sparsekit.ops.backend import CPP_ISA
+    from sparsekit.ops.cpu import gemm, screen, tuning
+    values = ", ".join(f"{name} = {value:,}" for name, value in tuning.in_effect().items())
+    kind = (f"{CPP_ISA} kernels, {'native' if screen.cpu_has_native_bf16() else 'no native'} bf16, NumPy's OpenBLAS "
+            f"{'controllable' if gemm.openblas_available() else 'not found'}")
+    return f"- machine kind: {kind}; CPU paths chosen ({tuning.source()}): {values}"
+
+
 def environment_lines(shapes: Shapes, threads: int, rounds: int, load_before: float, others_share: float,
                       versions_suffix: str = "") -> list[str]:
     """The machine, thread, version, backend and load lines every CPU bench table starts with
@@ -300,6 +311,7 @@ def environment_lines(shapes: Shapes, threads: int, rounds: int, load_before: fl
         f"sparsekit {sparsekit.__version__}{versions_suffix}",
         f"- sparsekit.backends() = {sparsekit.backends()}; sparsekit TopK encoder GEMM: "
         f"{topk_encoder_gemm(shapes)}; finite checks {checks}",
+        cpu_paths_line(),
         f"- {rounds} rounds, round-robin, one warm-up call each; times are medians (min-max alongside)",
         f"- other processes used {others_share:.0%} of the CPU while the rows were timed"
         f" (load average before the run: {load_before:.2f})"

@@ -1,4 +1,4 @@
-"""The `sparsekit` command line: `python -m sparsekit train|demo|mnist|backends|toys`, `--version`."""
+"""The `sparsekit` command line: `python -m sparsekit train|demo|mnist|backends|toys|tune`, `--version`."""
 from __future__ import annotations
 
 import os
@@ -19,6 +19,7 @@ COMMANDS = {
     "train-clt": "SmolLM2-135M: a cross-layer transcoder over consecutive layers (--layers 3-8), per-layer FVU",
     "dashboard": "write RUN_DIR/dashboard.html (static feature dashboard) from RUN_DIR/*_features.json",
     "lm-study": "SmolLM2-135M studies of the note's claims: `lm-study dead-latents` (dead fraction vs size per remedy)",
+    "tune": "measure this CPU's crossovers (OpenBLAS, bf16 screen) and cache them; --quick, --show, --reset",
 }
 
 
@@ -91,6 +92,9 @@ def run_command(command: str, rest: list) -> None:
     elif command == "lm-study":
         from .lm_study import main as lm_study_main
         lm_study_main(rest)
+    elif command == "tune":
+        from .tune import main as tune_main
+        tune_main(rest)
     elif command == "backends":
         from sparsekit.ops.backend import backends
         print(backends())

@@ -21,6 +21,13 @@ are deleted: an invalid one never counts as kept, and nothing above the step jus
 Old checkpoints are renamed away before they are deleted, so a kill during the deletion cannot leave
 half of one under a checkpoint's name. Symbolic links inside the checkpoint folder are refused
 (SymlinkRefused), never followed.
+
+Each state.json also records the CPU paths the run chose (``cpu_paths``: the crossovers of
+``sparsekit.ops.cpu.tuning`` in effect, their source and the C++ kernels' ISA level), because
+different paths sum in different orders. ``latest`` pins them for the rest of the process, so a
+resumed run takes the paths its first steps took, bit-identical even when `sparsekit tune` changed
+this machine's cache in between (a checkpoint without the field was written when the defaults were
+all there was: those are pinned).
 """
 from __future__ import annotations
 
@@ -44,9 +51,11 @@ from sparsekit._util.atomic import (
     symlink_refused,
     write_new_file,
 )
+from sparsekit._util.bounded import parse_json
 from sparsekit._util.log import logger
 from sparsekit.errors import CheckpointWriteFailed, NoValidCheckpoint, TrainingDiverged
 from sparsekit.ops import checks
+from sparsekit.ops.cpu import tuning
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -116,12 +125,26 @@ def _log_window(value):
     return None
 
 
+def _cpu_paths(value):
+    def in_range(name, v):  # a knob this version knows within its range; any other name: any int >= 0
+        knob = tuning.KNOBS.get(name)
+        return type(v) is int and (knob.low <= v <= knob.high if knob else v >= 0)
+    ok = (isinstance(value, dict) and isinstance(value.get("values"), dict)
+          and all(isinstance(k, str) and in_range(k, v) for k, v in value["values"].items())
+          and isinstance(value.get("source"), str) and (value.get("isa") is None or isinstance(value["isa"], str))
+          and isinstance(value.get("forced", {}), dict)
+          and all(isinstance(k, str) and isinstance(v, str) for k, v in value.get("forced", {}).items()))
+    return None if ok else ("an object with values (each knob's name to an int in its range), a string source and "
+                            "isa, and forced (names to strings)")
+
+
 STATE_SCHEMA = {  # state.json: field -> its check (RunState.checkpoint_json writes all but the last four)
     "tokens": _count, "config": _config, "sae_config": _mapping, "input_scale": _scale, "output_scale": _scale,
     "source_state": _source_state, "generator": _generator, "optimizer_groups": _groups, "log_window": _log_window,
     "step": _count, "tensors_sha256": _sha, "format": lambda v: None if v == FORMAT else f"{FORMAT}",
     "state_sha256": _sha,
 }
+OPTIONAL_SCHEMA = {"cpu_paths": _cpu_paths}  # added by ``write`` since the tuning cache; absent in older checkpoints
 REQUIRED_TENSORS = ("tokens_since_fired", "window_counts")
 
 
@@ -133,8 +156,8 @@ def state_digest(state: dict) -> str:
 
 def check_state(state, where) -> None:
     """ValueError naming `where` (a state.json) and the first field that is missing, of the wrong
-    type or inconsistent: every STATE_SCHEMA field, tokens = step * batch_size, and the
-    self-checksum state_sha256."""
+    type or inconsistent: every STATE_SCHEMA field, an OPTIONAL_SCHEMA field when present,
+    tokens = step * batch_size, and the self-checksum state_sha256."""
     if not isinstance(state, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(state).__name__}")
     for key, check in STATE_SCHEMA.items():
@@ -142,6 +165,10 @@ def check_state(state, where) -> None:
             hint = " (written before sparsekit checksummed state.json: start that run over)" if key == "format" else ""
             raise ValueError(f"{where}: missing field {key!r}{hint}")
         expected = check(state[key])
+        if expected is not None:
+            raise ValueError(f"{where}: field {key!r} must be {expected}, got {_short(state[key])}")
+    for key, check in OPTIONAL_SCHEMA.items():
+        expected = check(state[key]) if key in state else None
         if expected is not None:
             raise ValueError(f"{where}: field {key!r} must be {expected}, got {_short(state[key])}")
     if state["tokens"] != state["step"] * state["config"]["batch_size"]:
@@ -195,7 +222,7 @@ def write(directory, step: int, tensors: dict, state: dict, keep: int = 2) -> Pa
         created = True
         save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(tmp / STATE_TENSORS))
         state = json.loads(json.dumps({**state, "step": step, "tensors_sha256": _sha256(tmp / STATE_TENSORS),
-                                       "format": FORMAT}))  # the form it is read back in
+                                       "format": FORMAT, "cpu_paths": tuning.record()}))  # as it is read back
         state["state_sha256"] = state_digest(state)
         check_state(state, f"checkpoint {final.name}'s state.json")
         write_new_file(tmp / STATE_JSON, json.dumps(state, indent=1).encode())
@@ -341,10 +368,7 @@ def verify(path) -> dict:
         raise ValueError(f"{state_file} is missing") from None
     except OSError as error:
         raise ValueError(f"{state_file} is unreadable: {error.strerror or error}") from None
-    try:
-        state = json.loads(text)
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{state_file} is not valid JSON: {type(error).__name__}: {_short(str(error))}") from None
+    state = parse_json(text, state_file)  # RefusedFile (a ValueError) for text that is not JSON or nests too deep
     check_state(state, state_file)
     if state["step"] != step_of(path):
         raise ValueError(f"{state_file}: step={state['step']} but the folder is {path.name}")
@@ -376,6 +400,8 @@ def read(path) -> tuple[dict, dict]:
 
 def latest(directory) -> tuple[Path, dict, dict] | None:
     """The newest valid checkpoint in directory as (path, tensors, state), or None when it holds none.
+    The CPU paths it recorded are pinned for this process (``reuse_cpu_paths``): the resume this
+    is for then sums as the run did before it stopped.
 
     An invalid checkpoint is skipped for the one before it, with a warning naming its file and the
     reason. Checkpoints present but none valid: NoValidCheckpoint (resuming would silently start
@@ -394,6 +420,7 @@ def latest(directory) -> tuple[Path, dict, dict] | None:
             logger.warning("skipping invalid checkpoint, falling back to the one before: %s", error)
             reasons.append(str(error))
             continue
+        reuse_cpu_paths(path, state)
         return path, tensors, state
     if folders:
         raise NoValidCheckpoint(
@@ -401,6 +428,35 @@ def latest(directory) -> tuple[Path, dict, dict] | None:
             f"to start over, move or delete the step_* folders there (or choose another checkpoint_dir) and run "
             f"without resume")
     return None
+
+
+def reuse_cpu_paths(path: Path, state: dict) -> None:
+    """Pin the CPU crossovers checkpoint ``path`` recorded (its state.json ``state``; none recorded:
+    the defaults) for the rest of this process (``tuning.unpin`` undoes it), saying so when they
+    differ from what this machine would choose; warn when SPARSEKIT_CPU_GEMM / SPARSEKIT_BF16_SCREEN
+    or the C++ kernels' ISA level differ (the environment's choices, and the level cannot change in a
+    running process: the last bits may then differ)."""
+    recorded = state.get("cpu_paths") or {}
+    tuning.unpin()
+    own = tuning.in_effect()  # what this machine would choose: its cache's values, else the defaults
+    values = tuning.pin(recorded.get("values"), f"checkpoint {path.name}")
+    if own != values:
+        changed = ", ".join(f"{name} {values[name]} (here {own[name]})" for name in values if values[name] != own[name])
+        logger.info("resuming with the CPU crossovers checkpoint %s recorded, not this machine's: %s", path.name,
+                    changed)
+    if "forced" in recorded and recorded["forced"] != tuning.forced():
+        logger.warning("checkpoint %s was written with %s, this process has %s: the resumed run may take other CPU "
+                       "paths than its first steps, and its last bits may differ from an uninterrupted one",
+                       path.name, _settings(recorded["forced"]), _settings(tuning.forced()))
+    from sparsekit.ops.backend import CPP_ISA
+    if "isa" in recorded and recorded["isa"] != CPP_ISA:
+        logger.warning("checkpoint %s was written by the %s C++ kernels, this process runs %s: the resumed run's "
+                       "last bits may differ from an uninterrupted one (SPARSEKIT_ISA=%s reproduces them)",
+                       path.name, recorded["isa"], CPP_ISA, recorded["isa"])
+
+
+def _settings(variables: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(variables.items())) or "no SPARSEKIT_CPU_GEMM or SPARSEKIT_BF16_SCREEN"
 
 
 def generator_state(generator: torch.Generator) -> list[int]:

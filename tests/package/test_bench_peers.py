@@ -1,6 +1,6 @@
 """bench/peers.py (make bench-peers) at tiny shapes and one round: every row of the peer table, the
-targets section, the scaling table, the SAELens skip line when sae_lens cannot be imported, and
-clear refusals of bad arguments."""
+targets section, the scaling table, the machine kind and CPU paths chosen, the SAELens and EleutherAI
+sparsify skip lines when they cannot be imported, and clear refusals of bad arguments."""
 import os
 import re
 import subprocess
@@ -14,7 +14,8 @@ ROWS = ["encoder GEMM: torch.matmul", "encoder GEMM: numpy.matmul", "encoder GEM
         "sparsekit TopK step (default backend)", "sparsekit TopK step, float32 encoder GEMM",
         "sparsekit.train() per step", "sparsekit TopK step, reference path", "sparsekit BatchTopK step",
         "sparsekit ReLU+L1 step", "sparsekit TopK + AuxK, 10% dead", "sparsekit TopK + ghost grads, 10% dead",
-        "plain torch TopK step", "sparsify-style TopK step", "SAELens", "SAELens"]
+        "plain torch TopK step", "sparsify-style TopK step", "EleutherAI sparsify", "EleutherAI sparsify",
+        "SAELens", "SAELens"]
 TARGETS = ["TopK step <= 1.0x torch encoder GEMM", "TopK step <= 1.3x fastest GEMM",
            "AuxK with 10% dead <= 1.15x plain TopK step", "ghost grads with 10% dead <= 1.15x plain TopK step",
            "ReLU+L1 step at L0 ~ 8 <= 1.5x torch encoder GEMM", "peak RSS of the TopK step <= 1.1 GiB"]
@@ -48,6 +49,7 @@ def test_peers_table_has_every_row_the_targets_and_the_scaling_table(tmp_path):
     text = result.stdout
     assert out.read_text() == text  # --output writes what was printed
 
+    assert "- machine kind: " in text and "CPU paths chosen (" in text
     rows = _table_rows(text, "| row |")
     assert len(rows) == len(ROWS)
     for cells, start in zip(rows, ROWS):
@@ -81,16 +83,19 @@ def test_peers_table_has_every_row_the_targets_and_the_scaling_table(tmp_path):
         assert re.search(rf"^- {axis}: step ~ {axis}\^-?[\d.]+", text, re.M), axis
 
 
-def test_peers_without_sae_lens_says_the_saelens_rows_are_skipped(tmp_path):
-    fake = tmp_path / "sae_lens"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("raise ImportError('simulated: sae_lens is not installed')\n")
+def test_peers_without_sae_lens_or_sparsify_says_their_rows_are_skipped(tmp_path):
+    for package in ("sae_lens", "sparsify"):  # sparsify: another PyPI package of that name, without SparseCoder
+        (tmp_path / package).mkdir()
+    (tmp_path / "sae_lens" / "__init__.py").write_text("raise ImportError('simulated: sae_lens is not installed')\n")
+    (tmp_path / "sparsify" / "__init__.py").write_text('"""not eai-sparsify"""\n')
     result = _peers(*TINY, "--rss", "none", "--no-trainer-check", pythonpath=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SKIPPED: the SAELens rows" in result.stdout and "simulated: sae_lens is not installed" in result.stdout
     assert "pip install -e '.[bench]'" in result.stdout
+    assert "SKIPPED: the EleutherAI sparsify rows" in result.stdout and "cannot import name 'SparseCoder'" in result.stdout
     rows = [cells[0] for cells in _table_rows(result.stdout, "| row |")]
-    assert not any("SAELens" in row for row in rows) and len(rows) == len(ROWS) - 3  # no cross-check row either
+    assert not any("SAELens" in row or "EleutherAI" in row for row in rows)
+    assert len(rows) == len(ROWS) - 5  # no cross-check row either
     assert "peak RSS of the TopK step <= 1.1 GiB: not measured" in result.stdout
 
 

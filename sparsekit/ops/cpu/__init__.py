@@ -13,7 +13,7 @@ not reach the module that uses it: patch it there).
 """
 from __future__ import annotations
 
-MODULES = ("decode", "encode", "gemm", "ghost", "isa", "screen", "sparse")  # this package's, never looked up
+MODULES = ("decode", "encode", "gemm", "ghost", "isa", "screen", "sparse", "tuner", "tuning")  # this package's, never looked up
 
 
 def __getattr__(name: str):

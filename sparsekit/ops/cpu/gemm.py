@@ -20,7 +20,8 @@ threadpoolctl missing), or for float dtypes OpenBLAS does not run, the tiles run
 the calling thread.
 
 SPARSEKIT_CPU_GEMM=auto (default) | numpy | torch picks the library (auto: OpenBLAS when it can
-be controlled and the GEMM is not tiny, torch otherwise).
+be controlled and the GEMM reaches the crossover ``tuning.chosen("parallel_min_flop")``, torch
+otherwise: PARALLEL_MIN_FLOP below unless `sparsekit tune` measured this machine's).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import tuning
 
 
 def numpy_view(t: Tensor) -> np.ndarray:
@@ -72,8 +75,10 @@ def _find_openblas():
     return controller.select(filepath=chosen[0].filepath)
 
 
-PARALLEL_MIN_FLOP = 2**33  # ~8.6 GFLOP: measured crossover on the 2-core EPYC (topk_encode at
-# B=2048, d=256, n=8192 took 66 ms either way; at 1024 x 256 x 4096, 27 ms on the pool vs 20 ms)
+# The default crossover (sparsekit.ops.cpu.tuning's "parallel_min_flop"), ~8.6 GFLOP: measured on
+# the 2-core EPYC (topk_encode at B=2048, d=256, n=8192 took 66 ms either way; at 1024 x 256 x 4096,
+# 27 ms on the pool vs 20 ms).
+PARALLEL_MIN_FLOP = 2**33
 
 _openblas = None
 _openblas_searched = False
@@ -102,13 +107,13 @@ def openblas_available() -> bool:
 
 def gemm_library(flop: float = float("inf")) -> str:
     """The library that runs the encoder's row-tile GEMMs: "numpy" (OpenBLAS, one thread per
-    tile) under SPARSEKIT_CPU_GEMM=auto for a GEMM of at least PARALLEL_MIN_FLOP ``flop``
-    when NumPy's OpenBLAS can be controlled, or "torch"."""
+    tile) under SPARSEKIT_CPU_GEMM=auto for a GEMM of at least the "parallel_min_flop" crossover
+    (``tuning.chosen``) ``flop`` when NumPy's OpenBLAS can be controlled, or "torch"."""
     name = os.environ.get("SPARSEKIT_CPU_GEMM", "auto").strip().lower()
     if name not in ("auto", "numpy", "torch"):
         raise RuntimeError(f"SPARSEKIT_CPU_GEMM={name!r} is not 'auto', 'numpy' or 'torch'")
     if name == "auto":  # tiny GEMMs stay on torch: a thread pool's hand-off would dominate them
-        return "numpy" if flop >= PARALLEL_MIN_FLOP and openblas_available() else "torch"
+        return "numpy" if flop >= tuning.chosen("parallel_min_flop") and openblas_available() else "torch"
     if name == "numpy" and not openblas_available():
         raise RuntimeError("SPARSEKIT_CPU_GEMM=numpy but NumPy's OpenBLAS was not found in this process")
     return name

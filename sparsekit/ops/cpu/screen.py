@@ -20,9 +20,11 @@ what oneDNN documents for bf16 matmul: products summed in float32 and the result
 nearest; tests/ops/test_cpu_screen.py checks it on the machine that runs the suite.
 
 SPARSEKIT_BF16_SCREEN=auto (default) | on | off. auto: float32 GEMMs of at least
-SCREEN_MIN_FLOP (TopK and BatchTopK: with n >= SCREEN_MIN_N_OVER_K * k), on a CPU whose flags
+screen_min_flop (TopK and BatchTopK: with n >= screen_min_n_over_k * k), on a CPU whose flags
 include avx512_bf16 or amx_bf16 (read from /proc/cpuinfo; elsewhere bf16 is emulated and slower
-than float32). on: always for float32 (tests use it on any CPU). off: never.
+than float32). on: always for float32 (tests use it on any CPU). off: never. Those crossovers and
+the rows per bf16 GEMM block (screen_rows) are ``tuning.chosen``'s: this machine's when `sparsekit
+tune` measured them, else the defaults below.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ from torch import Tensor
 
 from sparsekit.ops.backend import _C
 
+from . import tuning
 from .gemm import scratch
 
+# The defaults of sparsekit.ops.cpu.tuning's screen_min_flop, screen_min_n_over_k and screen_rows.
 # The crossover, measured on the 2-core AVX-512 EPYC (topk_encode, screened / float32 time):
 # 1.1-2.1x slower at 0.27 GFLOP (B=128, d=256, n=4096; B=64, d=512, n=4096), 0.71x at 0.54 GFLOP
 # (B=256, d=256, n=4096), 0.64-0.68x from 2 to 34 GFLOP.
@@ -79,8 +83,9 @@ def use_screen(x: Tensor, W_enc: Tensor, k: int | None = None) -> bool:
         return False
     if mode == "on":
         return True
-    large = 2.0 * x.shape[0] * x.shape[1] * W_enc.shape[1] >= SCREEN_MIN_FLOP
-    return large and (k is None or W_enc.shape[1] >= SCREEN_MIN_N_OVER_K * k) and cpu_has_native_bf16()
+    large = 2.0 * x.shape[0] * x.shape[1] * W_enc.shape[1] >= tuning.chosen("screen_min_flop")
+    return (large and (k is None or W_enc.shape[1] >= tuning.chosen("screen_min_n_over_k") * k)
+            and cpu_has_native_bf16())
 
 
 def _prepare(x: Tensor, W_enc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -101,13 +106,14 @@ def _bf16(t: Tensor, purpose: str) -> Tensor:
 
 
 def _bf16_gemm_blocks(x_bf16: Tensor, W_bf16: Tensor, out: Tensor | None = None):
-    """For each block of at most SCREEN_ROWS rows: Q = x_bf16[start:stop] @ W_bf16 (bf16 bits,
+    """For each block of at most screen_rows rows (``tuning.chosen``): Q = x_bf16[start:stop] @ W_bf16 (bf16 bits,
     [stop - start, n]), yielded as (start, stop, Q). Q is a reused block-sized buffer, or the rows
     [start, stop) of out [B, n] (int16), which then holds every block."""
     batch, n = x_bf16.shape[0], W_bf16.shape[1]
-    Q_bits = out if out is not None else scratch(min(batch, SCREEN_ROWS), n, torch.int16, "bf16 pre-activations")
-    for start in range(0, batch, SCREEN_ROWS):
-        stop = min(batch, start + SCREEN_ROWS)
+    block = tuning.chosen("screen_rows")
+    Q_bits = out if out is not None else scratch(min(batch, block), n, torch.int16, "bf16 pre-activations")
+    for start in range(0, batch, block):
+        stop = min(batch, start + block)
         Q = Q_bits[start:stop] if out is not None else Q_bits[: stop - start]
         torch.mm(x_bf16[start:stop], W_bf16, out=Q.view(torch.bfloat16))
         yield start, stop, Q
