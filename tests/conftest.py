@@ -10,7 +10,21 @@ try:
 except ImportError:  # pragma: no cover - torch is a hard dependency
     pass
 
+import tempfile
+
 import pytest
+
+# The suite never reads a developer's `sparsekit tune` cache: the crossovers are the defaults unless a
+# test writes its own cache (sparsekit.ops.cpu.tuning).
+os.environ["SPARSEKIT_TUNING_CACHE"] = tempfile.mkdtemp(prefix="sparsekit-tuning-")
+
+
+@pytest.fixture(autouse=True)
+def _crossovers_unpinned_after_each_test():
+    """A test that resumed a run (which pins its checkpoint's CPU crossovers) leaves none pinned."""
+    yield
+    from sparsekit.ops.cpu import tuning
+    tuning.unpin()
 
 
 @pytest.fixture

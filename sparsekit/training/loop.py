@@ -25,6 +25,7 @@ from torch import Tensor
 from sparsekit._util.log import logger
 from sparsekit._util.words import joined
 from sparsekit.errors import SourceExhausted
+from sparsekit.ops.cpu import tuning
 from sparsekit.sae import registry
 from sparsekit.sae.base import SparseDictionary
 from sparsekit.sae.metadata import record_training
@@ -60,8 +61,11 @@ def train(sae: SparseDictionary, source, config: TrainConfig | None = None, resu
     complete checkpoint there (a fresh start if there is none) and ends exactly where an
     uninterrupted run ends. Under torchrun, an error on one rank stops every rank with it.
     """
-    with failures_propagated():
-        return _train(sae, source, config, resume)
+    try:
+        with failures_propagated():
+            return _train(sae, source, config, resume)
+    finally:
+        tuning.unpin()  # a resume pinned its checkpoint's CPU crossovers for this run only
 
 
 def _train(sae, source, config: TrainConfig | None, resume: bool) -> TrainResult:
