@@ -47,9 +47,11 @@ from .train_common import (
     TrainingError,
     UsageError,
     architecture_names,
+    failure_line,
     hyperparameter_flags,
     make_dictionary,
     prepare,
+    say,
     train_and_save,
 )
 
@@ -488,9 +490,8 @@ def run(argv: list[str]):
     kind = ("skip transcoder" if settings.get("skip") else "transcoder") if d_out is not None else "SAE"
     shape = f"d_in={d_in}" + (f" d_out={d_out}" if d_out is not None else "")
     hyper = " ".join(f"{name}={settings[name]}" for name in hyperparameter_flags() if name in settings)
-    print(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
-          f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}",
-          flush=True)
+    say(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
+        f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}")
     return train_and_save(sae, source, cfg, resume, out)
 
 
@@ -499,12 +500,12 @@ def main(argv=None) -> None:
     try:
         run(argv)
     except UsageError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print(failure_line(error), file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print(failure_line(error), file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with the same command and --resume (checkpoints need "
-              f"--checkpoint-dir)", file=sys.stderr)
+        say(f"{PROG}: interrupted; continue with the same command and --resume (checkpoints need "
+            f"--checkpoint-dir)", sys.stderr)  # every rank got the signal: rank 0 says it once
         raise SystemExit(130) from None
