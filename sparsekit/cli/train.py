@@ -43,7 +43,6 @@ from sparsekit._util.bounded import RefusedFile, check_path_length, load_yaml
 from .parser import IntBeyond64Bits, beyond_64_bits, check_int64, quoted, too_many_digits
 from .train_common import (
     PROG,
-    AsFloat32,
     TrainingError,
     UsageError,
     architecture_names,
@@ -399,10 +398,9 @@ def open_data(settings: dict, batch_size: int, seed: int):
         if targets is not None:
             raise UsageError("--targets applies only when --data is a .npy file; a shard folder holds its own "
                              "targets (y-*.npy, 'd_out' in manifest.json)")
-        source = ShardSource(data, batch_size=batch_size, shuffle=True, seed=seed)
-        wrapped = source if source.dtype == "float32" else AsFloat32(source)
+        source = ShardSource(data, batch_size=batch_size, shuffle=True, seed=seed)  # 16-bit batches: the trainer widens them
         kind = f"{len(source.shards)} shard{'s' if len(source.shards) != 1 else ''} in {data}"
-        return wrapped, source.tokens, source.d, source.d_out, kind
+        return source, source.tokens, source.d, source.d_out, kind
     loaded = load_activation_file(data)
     x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
     if targets is not None:
