@@ -213,10 +213,10 @@ def test_an_absurd_path_to_load_is_one_line_naming_the_argument(saved, where):
         outcome = forked.run(sparsekit.load, str(saved) + "/x" * RNG.randrange(2100, 10_000))
         words = ("directory: the path is", "bytes long; a path must be under 4,096 bytes")
     elif where == "one name":
-        outcome = forked.run(sparsekit.load, saved / ("n" * RNG.randrange(256, 5000)))
+        outcome = forked.run(sparsekit.load, saved / ("n" * RNG.randrange(256, 2000)))
         words = ("directory: a folder or file name in the path is", "names are at most 255 bytes")
     else:
-        outcome = forked.run(functools.partial(sparsekit.load, saved, subfolder="s" * RNG.randrange(256, 5000)))
+        outcome = forked.run(functools.partial(sparsekit.load, saved, subfolder="s" * RNG.randrange(256, 2000)))
         words = ("a folder or file name in the path is", "names are at most 255 bytes")
     refused(outcome, *words)
 
