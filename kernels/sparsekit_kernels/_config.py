@@ -69,6 +69,20 @@ def prune_oversized(**size_of_block: str):
     return prune
 
 
+def size_bucket(size: int) -> int:
+    """The autotune key for a size: its next power of two. Triton's autotuner re-tunes (compiling and
+    timing every config) for each new key; keyed on exact sizes, every new batch size or dead-latent
+    count did (27 autotunes, 202 s, in the first H200 bench: bench/results/2026-12-04-nvidia-h200.md).
+    Sizes within a factor of two share a config; ``prune_oversized`` prunes by the same power of two."""
+    return triton.next_power_of_2(max(int(size), 1))
+
+
+def layout_code(*unit_strides: bool) -> int:
+    """An autotune key for the operands' layout: bit i set when operand i is contiguous along the
+    dimension the kernel reads fastest (a transposed operand wants other tiles)."""
+    return sum(1 << i for i, contiguous in enumerate(unit_strides) if contiguous)
+
+
 def fixed(gpu: dict, small: dict) -> dict:
     """Meta-parameters of a kernel that is not autotuned (its summation order must not change)."""
     return dict(small if INTERPRETING else gpu)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRETING, check_dtype, configs, dot_precision, prune_oversized, upcast_inputs
+from ._config import INTERPRETING, check_dtype, configs, dot_precision, layout_code, prune_oversized, size_bucket, upcast_inputs
 
 EPILOGUES = {"none": 0, "relu": 1, "jumprelu": 2, "exp": 3, "mul": 4}
 
@@ -43,11 +43,13 @@ def _block_k(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 64
 
 
-@triton.autotune(configs=configs(_HOPPER, _SMALL), key=["M", "N", "K", "EPILOGUE", "HAS_BIAS"],
+# Keyed on size buckets, layout and precision (dtypes join the key by themselves), not exact sizes.
+@triton.autotune(configs=configs(_HOPPER, _SMALL),
+                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "PRECISION", "EPILOGUE", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": prune_oversized(BLOCK_M="M", BLOCK_N="N")})
 @triton.jit
 def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_ptr,
-                 M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 M, N, K, stride_am, stride_ak, stride_bk, stride_bn, M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
                  HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
@@ -129,6 +131,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epi
     _gemm_kernel[grid](a, b, bias if bias is not None else out, threshold if threshold is not None else out,
                        aux if aux is not None else out, out, pre,
                        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                       size_bucket(M), size_bucket(N), size_bucket(K), layout_code(a.stride(1) == 1, b.stride(1) == 1),
                        HAS_BIAS=bias is not None, EPILOGUE=code, UPCAST=upcast_inputs(a.dtype),
                        PRECISION=dot_precision(a.dtype), BLOCK_K=_block_k(a.dtype))
     return (out, pre) if code == 2 else out

@@ -333,7 +333,7 @@ def topk_encode_screened_reference(x: Tensor, W_enc: Tensor, b_enc: Tensor,
     order = order[torch.sort(rows[order], stable=True).indices]
     counts = torch.bincount(rows, minlength=x.shape[0])
     starts = torch.cumsum(counts, 0) - counts
-    kept = order[(torch.arange(k)[None, :] + starts[:, None]).flatten()]
+    kept = order[(torch.arange(k, device=x.device)[None, :] + starts[:, None]).flatten()]
     return torch.relu(exact[kept]).view(-1, k), cols[kept].view(-1, k), counts
 
 

@@ -123,7 +123,7 @@ def _batch_histogram_kernel(pre_ptr, total, state_ptr, hist_ptr, SHIFT: tl.const
     key, valid = _flat_keys(pre_ptr, offsets, total)
     prefix = tl.load(state_ptr).to(tl.uint32)
     hist = _digit_histogram(key, valid, prefix, SHIFT, FIRST)
-    tl.atomic_add(hist_ptr + tl.arange(0, 256), hist.to(tl.int64))
+    tl.atomic_add(hist_ptr + tl.arange(0, 256), hist.to(tl.int64), sem="relaxed")  # read by the next launch
 
 
 @triton.jit

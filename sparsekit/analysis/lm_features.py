@@ -7,9 +7,16 @@ histograms, density, logit effects, a per-layer census, and a search over prompt
 A feature's activation on a token is its code value for that token's activation (the dictionary's
 own input scaling applied; BOS positions excluded). Logit effects read the feature's decoder
 direction through what writes it into the residual stream (identity for residual/MLP-out/attention-
-out hooks, ``W_out`` for ``mlp.hook_post``, ``W_O`` for ``attn.hook_z``) and then ``W_U`` (the final
-norm's scale is folded into W_U by fold_ln; its per-token normalisation is ignored, as usual for
-direct logit attribution). The census asks, per feature, how much its firing is about one token:
+out hooks, ``W_out`` for ``mlp.hook_post``, ``W_O`` for ``attn.hook_z``; on a Hugging Face model the
+linear layer whose input the path names) and then the unembedding (``W_U``, the final norm's scale
+folded in; its per-token normalisation is ignored, as usual for direct logit attribution).
+
+``model`` is a TransformerLens ``HookedTransformer`` (hooks: hook names) or a Hugging Face causal LM
+seen as ``lm_models.HFModel(model, tokenizer)`` (hooks: module paths, ``:input`` allowed); every
+function reads it only through ``lm_models`` (activations at a hook, directions to logits, token
+strings), so the report and the dashboard are the same for both.
+
+The census asks, per feature, how much its firing is about one token:
 its token share is the fraction of its total activation (over the evaluation tokens) that falls on
 its single most-activating token id; a share of at least 0.5 counts the feature as single-token,
 below as context-dependent. The report also keeps the older probe, the activation on [BOS, its top
@@ -24,20 +31,17 @@ is the reference the tests compare the stream with.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor
 
 from sparsekit._util.validate import is_int
-from sparsekit.activations.store import check_contexts, check_hooks, hook_activations, resolve_special_ids, stop_layer
+from sparsekit.activations.store import check_contexts, resolve_special_ids
 from sparsekit.activations.text import kept_positions
+from sparsekit.analysis.lm_models import as_lm
 from sparsekit.analysis.top_examples import Histograms, LatentStats, TokenSums, TopContexts, positive_codes
 from sparsekit.sae.base import SparseDictionary
 
 SINGLE_TOKEN_SHARE = 0.5
-_MLP_POST = re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$")
-_HOOK_Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
 
 
 @torch.no_grad()
@@ -48,15 +52,15 @@ def feature_activations(model, sae: SparseDictionary, tokens: Tensor, hook: str,
     N * T * n_latents floats: pass as many contexts as that allows.
     """
     tokens = check_contexts(tokens)
-    names = check_hooks(model, hook)
-    stop = stop_layer(model, names)
+    lm = as_lm(model)
+    lm.check_hook(hook)
     out = torch.zeros(tokens.shape[0], tokens.shape[1], sae.n_latents)
     was_training = sae.training
     sae.eval()
     try:
         for start in range(0, tokens.shape[0], batch_contexts):
             batch = tokens[start:start + batch_contexts]
-            x = hook_activations(model, batch, names, stop)[0]
+            x = lm.activations(batch, hook)
             codes = sae.dense_codes(sae.encode(x.to(sae.W_enc.dtype) * sae.input_scale)).float().cpu()
             out[start:start + batch.shape[0], 1:] = codes.reshape(batch.shape[0], tokens.shape[1] - 1, -1)
     finally:
@@ -66,42 +70,33 @@ def feature_activations(model, sae: SparseDictionary, tokens: Tensor, hook: str,
 
 def residual_directions(model, hook: str, directions: Tensor) -> Tensor | None:
     """Decoder directions [m, d_out] as they enter the residual stream [m, d_model], or None when
-    hook's output is not written there by a known matrix."""
-    d_model = model.cfg.d_model
-    mlp, z = _MLP_POST.match(hook), _HOOK_Z.match(hook)
-    if mlp:
-        return directions @ model.blocks[int(mlp.group(1))].mlp.W_out.detach()
-    if z:
-        W_O = model.blocks[int(z.group(1))].attn.W_O.detach()  # [heads, d_head, d_model]
-        return directions @ W_O.reshape(-1, d_model)
-    if directions.shape[1] == d_model:
-        return directions
-    return None
+    hook's output is not written there by a known matrix (``lm_models``: LensModel, HFModel)."""
+    return as_lm(model).residual_directions(hook, directions)
 
 
 @torch.no_grad()
 def logit_effects(model, sae: SparseDictionary, hook: str, features, top: int = 10) -> dict | None:
-    """Per feature: the `top` tokens its decoder direction promotes and suppresses most through W_U,
-    {feature: {"promoted": [(token, value)], "suppressed": [(token, value)]}} (None: not a residual writer).
-    hook: where the dictionary writes (an SAE's hook, a transcoder's output hook)."""
+    """Per feature: the `top` tokens its decoder direction promotes and suppresses most through the
+    unembedding, {feature: {"promoted": [(token, value)], "suppressed": [(token, value)]}} (None: not a
+    residual writer). hook: where the dictionary writes (an SAE's hook, a transcoder's output hook)."""
+    lm = as_lm(model)
     features = [int(f) for f in features]
-    directions = residual_directions(model, hook, sae.W_dec.detach()[features].float())
+    directions = lm.residual_directions(hook, sae.W_dec.detach()[features].float())
     if directions is None or not features:
         return None
-    logits = directions @ model.W_U.detach().float()
+    logits = lm.unembed(directions)
     values_up, ids_up = logits.topk(top, dim=1)
     values_down, ids_down = (-logits).topk(top, dim=1)
     result = {}
     for row, feature in enumerate(features):
         result[feature] = {
-            "promoted": [(token_string(model, int(i)), float(v)) for i, v in zip(ids_up[row], values_up[row])],
-            "suppressed": [(token_string(model, int(i)), -float(v)) for i, v in zip(ids_down[row], values_down[row])]}
+            "promoted": [(lm.token_string(int(i)), float(v)) for i, v in zip(ids_up[row], values_up[row])],
+            "suppressed": [(lm.token_string(int(i)), -float(v)) for i, v in zip(ids_down[row], values_down[row])]}
     return result
 
 
 def token_string(model, token_id: int) -> str:
-    tokenizer = getattr(model, "tokenizer", None)
-    return tokenizer.decode([token_id]) if tokenizer is not None else f"<{token_id}>"
+    return as_lm(model).token_string(token_id)
 
 
 def token_shares(acts: Tensor, tokens: Tensor) -> Tensor:
@@ -126,15 +121,15 @@ def codes_by_batch(model, sae: SparseDictionary, tokens: Tensor, hook: str, batc
     throughout and given back in its mode."""
     if not isinstance(batch_contexts, int) or isinstance(batch_contexts, bool) or batch_contexts < 1:
         raise ValueError(f"batch_contexts must be a positive int, got {batch_contexts!r}")
-    names = check_hooks(model, hook)
-    stop = stop_layer(model, names)
-    special = resolve_special_ids(model, special_ids)
+    lm = as_lm(model)
+    lm.check_hook(hook)
+    special = resolve_special_ids(lm, special_ids)
     was_training = sae.training
     sae.eval()
     try:
         for start in range(0, tokens.shape[0], batch_contexts):
             batch = tokens[start:start + batch_contexts]
-            x = hook_activations(model, batch, names, stop)[0]
+            x = lm.activations(batch, hook)
             values, rows, latents = positive_codes(sae, x.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype) * sae.input_scale)
             if special:
                 kept_rows = kept_positions(batch, special)[:, 1:].reshape(-1).to(rows.device)
@@ -164,6 +159,8 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
                    bins: int = 20, batch_contexts: int = 16, special_ids="tokenizer") -> dict:
     """Everything the dashboard shows, as a JSON-able dict.
 
+    model: a HookedTransformer, or ``lm_models.HFModel(model, tokenizer)`` for a transformers causal
+    LM (a bare transformers model works too, its tokens then shown as ``<id>``).
     tokens [N, T]: held-out contexts (BOS first). hook: the dictionary's input hook; output_hook:
     where it writes (default hook; a transcoder's target). Features: the alive ones, densest first
     (ties: lower id), at most max_features. Per feature: density (fraction of tokens where it fires),
@@ -191,6 +188,7 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
         raise ValueError(f"window must be a non-negative int, got {window!r}")
     if max_features is not None and (not is_int(max_features) or max_features < 0):
         raise ValueError(f"max_features must be None or a non-negative int, got {max_features!r}")
+    model = as_lm(model)
     n_contexts, length = tokens.shape
     per_context = length - 1
     special = resolve_special_ids(model, special_ids)
@@ -218,7 +216,7 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
                 break
             lo, hi = max(1, position - window), min(length, position + window + 1)
             rows.append({"context": context, "max_position": position - lo, "max_act": float(top.values[feature, j]),
-                         "tokens": [token_string(model, int(t)) for t in tokens[context, lo:hi]],
+                         "tokens": [model.token_string(int(t)) for t in tokens[context, lo:hi]],
                          "acts": [round(float(a), 4) for a in windows[slot, j, :hi - lo]]})
         top_token_ids.append(int(tokens[int(top.contexts[feature, 0]), int(top.positions[feature, 0])]))
         top_values.append(rows[0]["max_act"])
@@ -237,7 +235,7 @@ def feature_report(model, sae: SparseDictionary, tokens: Tensor, hook: str, outp
               "dead_over": f"never fired on these {n_tokens} evaluation tokens", "reported": len(features),
               "single_token": sum(f["kind"] == "single-token" for f in features),
               "context": sum(f["kind"] == "context" for f in features)}
-    return {"model": str(getattr(model.cfg, "model_name", "")), "hook": hook, "output_hook": output_hook or hook,
+    return {"model": model.name, "hook": hook, "output_hook": output_hook or hook,
             "architecture": sae.architecture, "n_latents": sae.n_latents, "tokens": n_tokens,
             "contexts": n_contexts, "context_len": length, "census": census, "features": features}
 
@@ -280,9 +278,10 @@ def find_features(model, sae: SparseDictionary, hook: str, texts, threshold: flo
     hook: the dictionary's input hook."""
     if isinstance(texts, str) or not texts or not all((isinstance(t, str) and t) or isinstance(t, Tensor) for t in texts):
         raise ValueError("texts must be a non-empty list of non-empty strings (or 1-D token tensors, BOS first)")
+    model = as_lm(model)
     maxima = []
     for text in texts:
-        tokens = model.to_tokens(text, prepend_bos=True) if isinstance(text, str) else text.reshape(1, -1).long()
+        tokens = model.to_tokens(text) if isinstance(text, str) else text.reshape(1, -1).long()
         if tokens.shape[1] < 2:
             raise ValueError(f"texts: {text!r} tokenises to nothing")
         stats = LatentStats(sae.n_latents)

@@ -21,12 +21,13 @@ positions only; position 0 and special tokens stay clean), against zero-ablating
 forward hooks here, when the hook path names one module). The run folder --out holds the dictionary
 (``sae.save``: cfg.json with ``sae.metadata`` naming the model, hooks, dataset, context length and
 the special-token setting), metrics.jsonl from training, metrics.json, the feature report
-``<name>_features.json`` and ``dashboard.html``.
+``<name>_features.json`` and ``dashboard.html`` (for either kind of model: ``analysis.lm_models``).
 """
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from sparsekit._util.bounded import load_json
 
-from .train_common import PROG, AsFloat32, UsageError, hyperparameter_flags, make_dictionary, one_line, prepare, train_and_save
+from .train_common import PROG, UsageError, hyperparameter_flags, make_dictionary, one_line, prepare, train_and_save
 
 CONTEXT_LEN, EVAL_CONTEXTS = 128, 32
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
@@ -187,8 +188,7 @@ def training_source(model, training: Tensor, hooks: tuple, settings: dict, cfg, 
             shards = cache_activations(model, training, hooks, settings["cache"], batch_size=cfg.batch_size,
                                        dtype=settings.get("cache_dtype", "float32"), progress=cfg.progress,
                                        special_ids=special, seed=cfg.seed, shuffle=True, epochs=None)
-            source = shards if shards.dtype == "float32" else AsFloat32(shards)
-            return source, shards.tokens, shards.d, shards.d_out
+            return shards, shards.tokens, shards.d, shards.d_out  # 16-bit batches: the trainer widens them
         source = LMActivationSource(model, training, hooks, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                                     epochs=None, special_ids=special)
         return source, source.rows, source.d, source.d_out
@@ -369,22 +369,28 @@ def evaluate(model, kind: str, sae, held_out: Tensor, settings: dict, special: t
 
 # --- the feature report ------------------------------------------------------------------------------
 
-def write_report(model, kind: str, sae, held_out: Tensor, settings: dict, out: Path, name: str,
-                 training: dict, special: tuple = ()) -> Path | None:
-    """The feature report (``lm_features.feature_report``, TransformerLens models) as
-    out/<name>_features.json and the dashboard out/dashboard.html; None for a Hugging Face model
-    (feature_report reads TransformerLens hook points). training: the dashboard's "dead at end of
-    training" ({dead_frac, step, tokens, dead_window_tokens})."""
-    if kind != "lens":
-        return None
+def write_report(model, tokenizer, sae, held_out: Tensor, settings: dict, out: Path, name: str,
+                 training: dict, special: tuple = (), metrics: dict | None = None) -> tuple[Path, dict]:
+    """The feature report (``lm_features.feature_report`` on the held-out contexts) as
+    out/<name>_features.json and the dashboard out/dashboard.html -> (the dashboard's path, the report's
+    census: features, dead, reported, single_token, context). model: the
+    HookedTransformer or the transformers model (with its tokenizer), both read through
+    ``analysis.lm_models`` (top contexts from the hook's activations, logit effects through the
+    unembedding). training: the dashboard's "dead at end of training" ({dead_frac, step, tokens,
+    dead_window_tokens}); metrics: the held-out evaluation, for the summary row (FVU, L0, CE, KL)."""
     from sparsekit.analysis.dashboard import dashboard_from_run, save_report
     from sparsekit.analysis.lm_features import feature_report
+    from sparsekit.analysis.lm_models import as_lm
 
     hook, input_hook = settings["hook"], settings.get("input_hook")
-    report = feature_report(model, sae, held_out, input_hook or hook, output_hook=hook, special_ids=special)
+    report = feature_report(as_lm(model, tokenizer), sae, held_out, input_hook or hook, output_hook=hook,
+                            special_ids=special)
     report["training"] = training
+    if metrics is not None:
+        report["metrics"] = {key: value for key, value in metrics.items()  # NaN (CE recovered undefined) left out
+                             if isinstance(value, (int, float)) and math.isfinite(value)}
     save_report(report, out, name)
-    return dashboard_from_run(out)
+    return dashboard_from_run(out), report["census"]
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -424,25 +430,27 @@ def run(settings: dict):
     metrics = evaluate(model, kind, trained, held_out, settings, special, cfg.progress)
     name = "transcoder" if d_out is not None else "sae"
     end_of_training = {key: result.metrics[key] for key in ("dead_frac", "step", "tokens") if key in result.metrics}
-    dashboard = write_report(model, kind, trained, held_out, settings, out, name,
-                             {**end_of_training, "dead_window_tokens": cfg.dead_window_tokens}, special)
+    dashboard, census = write_report(model, tokenizer, trained, held_out, settings, out, name,
+                             {**end_of_training, "dead_window_tokens": cfg.dead_window_tokens}, special, metrics)
     record = {"model": settings["model"], "hook": hook, "input_hook": input_hook, "dataset": dataset.describe(),
               "context_len": settings["context_len"], "exclude_special_tokens": bool(special),
               "special_ids": list(special), "training": result.metrics, "evaluation": metrics}
     from sparsekit._util.atomic import atomic_write_bytes
     atomic_write_bytes(out / METRICS_JSON, (json.dumps(record, indent=1, default=str) + "\n").encode())
-    _summary(settings, what, out, metrics, dashboard, result.metrics)
+    _summary(settings, what, out, metrics, dashboard, result.metrics, census)
     return result, out
 
 
-def _summary(settings: dict, what: str, out: Path, metrics: dict, dashboard: Path | None, trained: dict) -> None:
+def _summary(settings: dict, what: str, out: Path, metrics: dict, dashboard: Path, trained: dict,
+             census: dict | None = None) -> None:
     dataset = " ".join(settings["dataset"])
     lines = [f"{PROG}: trained a {settings['architecture']} {what} on {settings['model']} "
              f"{settings.get('input_hook') + ' -> ' if settings.get('input_hook') else ''}{settings['hook']} over "
              f"{trained.get('tokens', 0):,} tokens of {dataset}",
-             f"  dictionary: {out} (sparsekit.load); metrics: {out / METRICS_JSON}; dashboard: "
-             + (str(dashboard) if dashboard else "not written (feature reports read TransformerLens hook points: "
-                                                 "smollm2-135m)"),
+             f"  dictionary: {out} (sparsekit.load); metrics: {out / METRICS_JSON}; dashboard: {dashboard}"
+             + (f" ({census['reported']} features shown: {census['single_token']} single-token, {census['context']} "
+                f"context-dependent; {census['dead']} of {census['features']} never fired on the held-out tokens)"
+                if census else ""),
              f"  held out ({metrics['contexts']} contexts, {metrics['tokens']:,} tokens): FVU {metrics['fvu']:.4f} "
              f"(explained variance {metrics['explained_variance']:.4f}), L0 {metrics['l0']:.2f}, dead latents "
              f"{metrics['dead_latents']} of {metrics['n_latents']}"]

@@ -36,7 +36,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lm")
     docs = documents(60, seed=int(torch.randint(0, 10 ** 6, ())))
-    make_tiny_lm(root / "model", " ".join(WORDS))
+    make_tiny_lm(root / "model", " ".join(WORDS), random_norms=True)
     (root / "txt").mkdir()
     for i, doc in enumerate(docs):
         (root / "txt" / f"{i:03d}.txt").write_text(doc)
@@ -181,3 +181,60 @@ def test_a_checkpoint_whose_source_recorded_no_special_ids_resumes_with_position
     assert train_lm.special_ids_for(settings, Tokenizer(), tmp_path) == (0, 1, 2, 5)
     assert train_lm.special_ids_for(settings, Tokenizer(), None) == (0, 1, 2, 5)
     assert train_lm.special_ids_for({"exclude_special_tokens": False}, Tokenizer(), None) == ()
+
+
+def test_a_hugging_face_model_gets_the_dashboard_with_contexts_and_logits_from_the_model(world, tmp_path, capsys):
+    """The run folder of `--model <HF folder>` holds the feature report and dashboard.html; every number in
+    the report is recomputed here from the model itself: codes from layer 0's hidden states at the kept
+    positions of the held-out contexts, logit effects as (W_dec * final norm weight) @ lm_head^T."""
+    import html
+
+    from sparsekit.activations.datasets import TextDataset, iter_contexts, take_contexts
+    from sparsekit.activations.text import kept_positions, special_token_ids
+
+    out = tmp_path / "run"
+    run(["--model", str(world / "model"), "--dataset", str(world / "txt"), "--hook", "model.layers.0", "--out",
+         str(out), *QUICK])
+    assert {"sae_features.json", "dashboard.html"} <= {p.name for p in out.iterdir()}
+    printed = capsys.readouterr().out
+    report = json.loads((out / "sae_features.json").read_text())
+    census = report["census"]
+    assert (f"dashboard: {out / 'dashboard.html'} ({census['reported']} features shown: {census['single_token']} "
+            f"single-token, {census['context']} context-dependent; {census['dead']} of 32 never fired") in printed
+    evaluation = json.loads((out / "metrics.json").read_text())["evaluation"]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(world / "model", local_files_only=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(world / "model", local_files_only=True)
+    sae = sparsekit.load(out)
+    held_out = take_contexts(iter_contexts(TextDataset(world / "txt"), tokenizer, 16), count=4)
+    keep = kept_positions(held_out, special_token_ids(tokenizer))
+    with torch.no_grad():
+        hidden = model(held_out, output_hidden_states=True).hidden_states[1]          # layer 0's output
+        codes = sae.dense_codes(sae.encode(hidden[keep] * sae.input_scale)).float()   # [kept, n_latents]
+        effects = (sae.W_dec * model.model.norm.weight) @ model.lm_head.weight.T       # [n_latents, vocab]
+    assert report["model"] == str(world / "model") and report["hook"] == "model.layers.0"
+    assert report["tokens"] == codes.shape[0] == evaluation["tokens"]
+    assert report["metrics"]["fvu"] == pytest.approx(evaluation["fvu"])
+    assert report["features"] and report["census"]["dead"] == int((codes.max(0).values == 0).sum())
+    for feature in report["features"]:
+        column = codes[:, feature["id"]]
+        assert feature["density"] == pytest.approx(float((column > 0).double().mean()))
+        assert feature["max_act"] == pytest.approx(float(column.max()), rel=1e-5)
+        assert feature["examples"][0]["max_act"] == pytest.approx(float(column.max()), rel=1e-5)
+        values, ids = effects[feature["id"]].topk(len(feature["logits"]["promoted"]))
+        assert [token for token, _ in feature["logits"]["promoted"]] == [tokenizer.decode([int(i)]) for i in ids]
+        assert [v for _, v in feature["logits"]["promoted"]] == pytest.approx(values.tolist(), rel=1e-5)
+
+    page = (out / "dashboard.html").read_text()
+    sections = page.split('<section class="feature" ')[1:]
+    assert len(sections) == len(report["features"])
+    first = report["features"][0]
+    assert sections[0].startswith(f'id="f-sae-{first["id"]}">')                       # the landing page shows it
+    assert all(' hidden>' in s.split("<h2>")[0] for s in sections[1:])
+    for feature, section in zip(report["features"], sections):
+        for example in feature["examples"]:
+            assert all(html.escape(token) in section for token in example["tokens"])    # the contexts
+        for token, _ in feature["logits"]["promoted"] + feature["logits"]["suppressed"]:
+            assert html.escape(repr(token)) in section                                    # the logit tokens
+    assert "<eos>" not in page and "<bos>" not in page                                  # token text is escaped
+    assert f"{evaluation['fvu']:.3f}" in page[:page.index('<section class="feature"')]  # the summary row

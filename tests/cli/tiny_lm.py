@@ -7,9 +7,12 @@ from pathlib import Path
 SPECIAL = ("<unk>", "<pad>", "<bos>", "<eos>")
 
 
-def make_tiny_lm(folder: Path, text: str, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+def make_tiny_lm(folder: Path, text: str, seed: int = 0, hidden: int = 32, layers: int = 2,
+                 random_norms: bool = False) -> Path:
     """folder <- config.json, model weights and tokenizer files of a random LlamaForCausalLM
-    (hidden size `hidden`, `layers` layers) whose vocabulary is text's words plus SPECIAL."""
+    (hidden size `hidden`, `layers` layers) whose vocabulary is text's words plus SPECIAL.
+    random_norms: every RMSNorm weight drawn from [0.5, 1.5] instead of ones (so folding the final
+    norm into the unembedding changes which tokens a direction promotes)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -25,6 +28,12 @@ def make_tiny_lm(folder: Path, text: str, seed: int = 0, hidden: int = 32, layer
                          max_position_embeddings=256, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     folder = Path(folder)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    model = LlamaForCausalLM(config).eval()
+    if random_norms:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    parameter.copy_(torch.rand_like(parameter) + 0.5)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -24,7 +24,7 @@ def _bench(*args, tmp_path=None):
 
 def test_gpu_bench_runs_every_row_on_tiny_shapes(tmp_path):
     out = tmp_path / "bench.json"
-    result = _bench("--tiny", "--shapes", "6:5:40:3", "--repeats", "1", "--json", str(out))
+    result = _bench("--tiny", "--shapes", "6:5:40:3", "--dtypes", "fp32", "--repeats", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]

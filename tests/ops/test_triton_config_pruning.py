@@ -47,3 +47,38 @@ def test_when_no_config_fits_the_smallest_tile_stays(sizes):
                          ids=lambda k: k.base_fn.__name__ if hasattr(k, "base_fn") else str(k))
 def test_every_autotuned_kernel_prunes(kernel):
     assert kernel.early_config_prune is not None
+
+
+def autotune_keys(monkeypatch, autotuner, launch) -> list:
+    """The key each launch of ``autotuner`` tunes under (its key names' values, as Triton's Autotuner
+    reads them from the launch's arguments), for the launches ``launch()`` makes."""
+    seen, run = [], autotuner.run
+
+    def recording_run(*args, **kwargs):
+        named = dict(zip(autotuner.arg_names, args), **kwargs)
+        seen.append(tuple(named[name] for name in autotuner.keys))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(autotuner, "run", recording_run)
+    launch()
+    return seen
+
+
+def test_gemms_of_sizes_within_a_power_of_two_share_one_autotune_key(monkeypatch):
+    import torch
+    a, b = torch.randn(200, 24), torch.randn(24, 40)
+    keys = autotune_keys(monkeypatch, gemm._gemm_kernel,
+                         lambda: [gemm.gemm(a[:rows], b) for rows in (65, 100, 120, 129)])
+    assert keys[0] == keys[1] == keys[2] != keys[3]  # 65..128 share the bucket 128; 129 starts the next
+
+
+def test_a_transposed_operand_tunes_under_its_own_key(monkeypatch):
+    import torch
+    a, b = torch.randn(32, 24), torch.randn(40, 24)
+    keys = autotune_keys(monkeypatch, gemm._gemm_kernel, lambda: [gemm.gemm(a, b.t()), gemm.gemm(a, b.t().contiguous())])
+    assert keys[0] != keys[1]
+
+
+def test_autotune_keys_name_no_exact_size():
+    for kernel in (gemm._gemm_kernel, sparse._segment_sum_kernel, sparse._scatter_add_kernel):
+        assert not {"M", "N", "K", "S", "D", "E"} & set(kernel.keys), kernel.keys

@@ -207,6 +207,8 @@ def test_triton_takes_16_bit_inputs_and_accumulates_in_float32(dtype, monkeypatc
     x, W, b = (torch.randint(-3, 4, s, generator=gen).to(dtype) for s in ((B, d), (d, n), (n,)))
     W_dec, b_dec = torch.randn(n, d, generator=gen).to(dtype), torch.randn(d, generator=gen).to(dtype)
     grad_y = torch.randn(B, d, generator=gen).to(dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the interpreter
+    x, W, b, W_dec, b_dec, grad_y = (t.to(device) for t in (x, W, b, W_dec, b_dec, grad_y))
     monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
     values, indices = sparsekit.topk_encode(x, W, b, k)
     batch_codes = sparsekit.batchtopk_encode(x, W, b, k)

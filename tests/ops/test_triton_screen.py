@@ -1,5 +1,6 @@
 """The bf16-screened TopK/BatchTopK encoders on the Triton path (kernels/sparsekit_kernels/screen.py):
-the float32 selection from a bf16 GEMM, under Triton's interpreter on CPU tensors (tests/conftest.py)
+the float32 selection from a bf16 GEMM, under Triton's interpreter on CPU tensors (tests/conftest.py),
+or natively on CUDA tensors where a GPU exists (inputs are drawn on the CPU and moved: `on_device`),
 with the screen forced on, against float64, the unscreened path and the plain-torch reference;
 the bound itself on adversarial data and against a GEMM that errs by all of it (a test hook).
 The last test runs natively where CUDA exists (tensor cores truncate; the interpreter does not)."""
@@ -14,6 +15,14 @@ from sparsekit.kernels import screen
 def screen_on(monkeypatch):
     monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
     monkeypatch.setenv("SPARSEKIT_GPU_BF16_SCREEN", "on")
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter
+
+
+def on_device(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors where the Triton kernels run them: CUDA where it exists, else the CPU (interpreter)."""
+    return tuple(t.to(DEVICE) for t in tensors)
 
 
 def fresh_generator() -> torch.Generator:
@@ -37,6 +46,7 @@ def test_screened_topk_selects_what_float64_selects(batch, d, n, k, screen_on):
     x = torch.randn(batch, d, generator=gen) + 1.0
     W = torch.randn(d, n, generator=gen) / d**0.5
     b = torch.randn(n, generator=gen) * 0.1
+    x, W, b = on_device(x, W, b)
     before = dict(screen.stats)
     got = ops.topk_encode(x, W, b, k)
     assert calls_made(before) == 1
@@ -53,6 +63,7 @@ def test_screened_batchtopk_selects_what_float64_selects(batch, d, n, k, screen_
     x = torch.randn(batch, d, generator=gen) + 1.0
     W = torch.randn(d, n, generator=gen) / d**0.5
     b = torch.randn(n, generator=gen) * 0.1 + 0.5  # enough positive pre-activations for the screen
+    x, W, b = on_device(x, W, b)
     before = dict(screen.stats)
     got = ops.batchtopk_encode(x, W, b, k)
     assert calls_made(before) == 1
@@ -81,6 +92,7 @@ def test_screened_selection_on_exact_integer_ties_equals_the_unscreened_path_bit
     gen = fresh_generator()
     x, W, b = integer_case(gen, 11, 24, 150, duplicates=40)
     b[:40] = 10_000_000.0  # the duplicated columns lead every row: the selection is made among ties
+    x, W, b = on_device(x, W, b)
     before = dict(screen.stats)
     got = getattr(ops, encode)(x, W, b, 6)
     assert calls_made(before) == 1
@@ -90,7 +102,7 @@ def test_screened_selection_on_exact_integer_ties_equals_the_unscreened_path_bit
     for name in got._fields:
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     if encode == "topk_encode":  # ties go to the lower index: the first six duplicated columns
-        assert torch.equal(got.indices, torch.arange(6).expand(11, 6))
+        assert torch.equal(got.indices, torch.arange(6, device=DEVICE).expand(11, 6))
 
 
 @pytest.mark.parametrize("encode", ["topk_encode", "batchtopk_encode"])
@@ -102,6 +114,7 @@ def test_screened_selection_orders_integer_near_ties_bf16_cannot_tell_apart(enco
     # about as much as the columns differ, so bf16 alone orders them wrongly.
     W = torch.randint(1000, 1500, (d, 1), generator=gen).float() + torch.randint(-3, 4, (d, n), generator=gen).float()
     b = torch.full((n,), 100_000.0)
+    x, W, b = on_device(x, W, b)
     pre = x.double() @ W.double() + b.double()
     bf16_pre = x.bfloat16().double() @ W.bfloat16().double() + b.double()
     assert not torch.equal(pre.topk(5, dim=1).indices, bf16_pre.topk(5, dim=1).indices)  # bf16 alone errs
@@ -119,8 +132,9 @@ def test_screened_topk_separates_pre_activations_closer_than_bf16_can_tell(scree
     base = torch.randn(d, generator=gen)
     W = torch.randn(d, n, generator=gen) * 0.01
     W[:, :60] = base[:, None] * (1.0 + 1e-5 * torch.randperm(60, generator=gen).float())[None, :]
-    got = ops.topk_encode(x, W, torch.zeros(n), k)
-    assert torch.equal(got.indices.sort(dim=1).values, float64_topk_sets(x, W, torch.zeros(n), k))
+    x, W, b = on_device(x, W, torch.zeros(n))
+    got = ops.topk_encode(x, W, b, k)
+    assert torch.equal(got.indices.sort(dim=1).values, float64_topk_sets(x, W, b, k))
 
 
 def near_tie_case(gen):
@@ -131,7 +145,7 @@ def near_tie_case(gen):
     base = torch.ones(d) + 0.1 * torch.randn(d, generator=gen)
     W = torch.randn(d, n, generator=gen) * 0.02
     W[:, :60] = base[:, None] * (1.0 + 1e-5 * torch.randperm(60, generator=gen).float())[None, :]
-    return x, W, torch.randn(n, generator=gen) * 1e-3
+    return on_device(x, W, torch.randn(n, generator=gen) * 1e-3)
 
 
 def dense_bounds(a, x, W):
@@ -142,8 +156,8 @@ def dense_bounds(a, x, W):
 def every_recomputed(x, W, b):
     """R [B, n]: the screen's float32 recompute at every entry."""
     batch, n = x.shape[0], W.shape[1]
-    rows = torch.arange(batch).repeat_interleave(n)
-    cols = torch.arange(n).repeat(batch)
+    rows = torch.arange(batch, device=x.device).repeat_interleave(n)
+    cols = torch.arange(n, device=x.device).repeat(batch)
     return screen.recompute(x, W.t().contiguous(), b, rows, cols).view(batch, n)
 
 
@@ -168,8 +182,8 @@ def test_screen_selects_exactly_when_the_gemm_errs_by_the_full_bound(screen_on, 
     assert torch.equal(indices, want.indices) and torch.equal(values, torch.relu(want.values))
     # The reference recomputes in torch's summation order: exact against its own recompute.
     batch, n = R.shape
-    R_ref = screen._recompute_reference(x, W, b, torch.arange(batch).repeat_interleave(n),
-                                        torch.arange(n).repeat(batch)).view(batch, n)
+    R_ref = screen._recompute_reference(x, W, b, torch.arange(batch, device=DEVICE).repeat_interleave(n),
+                                        torch.arange(n, device=DEVICE).repeat(batch)).view(batch, n)
     assert torch.equal(screen.topk_encode_screened_reference(x, W, b, k)[1], R_ref.topk(k, dim=1).indices)
     # The test has teeth: with the margin halved, the same GEMM error changes the selection.
     monkeypatch.setattr(screen, "SAFETY", screen.SAFETY / 2)
@@ -188,6 +202,7 @@ def test_the_bound_holds_on_adversarial_dynamic_range():
     x[0] = 1.0 + 2.0**-8  # halfway between two bf16 values: ties to even
     W[:, 0] = -(1.0 + 3 * 2.0**-8)
     b = torch.randn(n, generator=gen) * torch.logspace(-30, 6, n)
+    x, W, b = on_device(x, W, b)
     lower, upper = screen.bounds(x, W, b)
     exact = x.double() @ W.double() + b.double()
     R = every_recomputed(x, W, b)
@@ -205,7 +220,7 @@ def truncating_tensor_core_gemm(x: torch.Tensor, W: torch.Tensor, block: int) ->
     per step, `block` exact products and the accumulator aligned to the largest addend's exponent
     with the bits below its 24th truncated, summed, and the sum truncated (not rounded) to 24 bits."""
     products = x.bfloat16().double()[:, :, None] * W.bfloat16().double()[None, :, :]  # exact
-    acc = torch.zeros(x.shape[0], W.shape[1], dtype=torch.float64)
+    acc = torch.zeros(x.shape[0], W.shape[1], dtype=torch.float64, device=x.device)
 
     def truncate(v, exponent):
         quantum = torch.exp2(exponent - 23)
@@ -230,6 +245,7 @@ def test_the_bound_covers_a_truncating_tensor_core_and_the_selection_stays_exact
     W = torch.rand(d, n, generator=gen) * torch.logspace(-3, 3, n)[None, :]
     b = torch.randn(n, generator=gen)
     a = truncating_tensor_core_gemm(x, W, block) + b
+    x, W, b, a = on_device(x, W, b, a)
     lower, upper = dense_bounds(a, x, W)
     exact = x.double() @ W.double() + b.double()
     R = every_recomputed(x, W, b)
@@ -246,9 +262,10 @@ def test_the_bound_covers_a_truncating_tensor_core_and_the_selection_stays_exact
 def test_screened_topk_on_gaussian_data_recomputes_few_candidates(screen_on):
     """The screen's point: a few times k candidates per row, not n (d=64, n=1024, k=16)."""
     gen = fresh_generator()
-    x, W = torch.randn(16, 64, generator=gen), torch.randn(64, 1024, generator=gen) / 8
+    x, W, b = on_device(torch.randn(16, 64, generator=gen), torch.randn(64, 1024, generator=gen) / 8,
+                        torch.zeros(1024))
     before = dict(screen.stats)
-    ops.topk_encode(x, W, torch.zeros(1024), 16)
+    ops.topk_encode(x, W, b, 16)
     per_row = (screen.stats["candidates"] - before["candidates"]) / (screen.stats["rows"] - before["rows"])
     print(f"candidates per row: {per_row:.1f} (k=16, n=1024)")
     assert 16 <= per_row <= 4 * 16
@@ -259,6 +276,7 @@ def test_screened_batchtopk_falls_back_when_too_few_pre_activations_are_positive
     x, W = torch.randn(6, 8, generator=gen), torch.randn(8, 100, generator=gen) * 0.1
     b = torch.full((100,), -3.0)
     b[:5] = 3.0  # 30 positive entries < B*k = 60: relu's zeros take part, the float32 path decides
+    x, W, b = on_device(x, W, b)
     before = dict(screen.stats)
     got = ops.batchtopk_encode(x, W, b, 10)
     assert calls_made(before) == 0
@@ -273,9 +291,10 @@ def test_screened_topk_falls_back_when_bf16_overflows(screen_on):
     gen = fresh_generator()
     x, W = torch.randn(3, 8, generator=gen), torch.randn(8, 50, generator=gen)
     x[1, 2] = 3.4e38  # bf16 rounds it to infinity
-    assert screen.topk_encode_screened(x, W, torch.zeros(50), 4) is None
+    x, W, b = on_device(x, W, torch.zeros(50))
+    assert screen.topk_encode_screened(x, W, b, 4) is None
     before = dict(screen.stats)
-    got = ops.topk_encode(x, W, torch.zeros(50), 4)
+    got = ops.topk_encode(x, W, b, 4)
     assert calls_made(before) == 0 and torch.isfinite(got.values[0]).all()
 
 
@@ -284,12 +303,13 @@ def test_screened_gradients_are_the_unscreened_paths(encode, screen_on, monkeypa
     gen = fresh_generator()
     x, W, b = integer_case(gen, 5, 16, 90, duplicates=0)
     b = b.abs() + 100_000.0
+    x, W, b = on_device(x, W, b)
     leaves = [t.clone().requires_grad_() for t in (x, W, b)]
 
     def grads():
         codes = getattr(ops, encode)(*leaves, 4)
-        return torch.autograd.grad((codes.values * torch.arange(codes.values.numel()).view_as(codes.values)).sum(),
-                                   leaves)
+        weights = torch.arange(codes.values.numel(), device=DEVICE).view_as(codes.values)
+        return torch.autograd.grad((codes.values * weights).sum(), leaves)
 
     got = grads()
     monkeypatch.setenv("SPARSEKIT_GPU_BF16_SCREEN", "off")
