@@ -37,29 +37,6 @@ class TrainingError(Exception):
     """Training itself failed (diverged, out of memory): one line on stderr and exit status 1."""
 
 
-class AsFloat32:
-    """Wraps an ActivationSource so every batch reaches the trainer as float32 (the dictionary's dtype);
-    the state is the wrapped source's."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __iter__(self):
-        import torch
-
-        for batch in self.source:
-            if isinstance(batch, (tuple, list)):
-                yield tuple(t.to(torch.float32) for t in batch)
-            else:
-                yield batch.to(torch.float32)
-
-    def state_dict(self) -> dict:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state)
-
-
 def check_dictionary(settings: dict) -> None:
     architecture = settings.setdefault("architecture", "topk")
     names = architecture_names()
