@@ -43,13 +43,14 @@ from sparsekit._util.bounded import RefusedFile, check_path_length, load_yaml
 from .parser import IntBeyond64Bits, beyond_64_bits, check_int64, quoted, too_many_digits
 from .train_common import (
     PROG,
-    AsFloat32,
     TrainingError,
     UsageError,
     architecture_names,
+    failure_line,
     hyperparameter_flags,
     make_dictionary,
     prepare,
+    say,
     train_and_save,
 )
 
@@ -397,10 +398,9 @@ def open_data(settings: dict, batch_size: int, seed: int):
         if targets is not None:
             raise UsageError("--targets applies only when --data is a .npy file; a shard folder holds its own "
                              "targets (y-*.npy, 'd_out' in manifest.json)")
-        source = ShardSource(data, batch_size=batch_size, shuffle=True, seed=seed)
-        wrapped = source if source.dtype == "float32" else AsFloat32(source)
+        source = ShardSource(data, batch_size=batch_size, shuffle=True, seed=seed)  # 16-bit batches: the trainer widens them
         kind = f"{len(source.shards)} shard{'s' if len(source.shards) != 1 else ''} in {data}"
-        return wrapped, source.tokens, source.d, source.d_out, kind
+        return source, source.tokens, source.d, source.d_out, kind
     loaded = load_activation_file(data)
     x, y = loaded if isinstance(loaded, tuple) else (loaded, None)
     if targets is not None:
@@ -488,9 +488,8 @@ def run(argv: list[str]):
     kind = ("skip transcoder" if settings.get("skip") else "transcoder") if d_out is not None else "SAE"
     shape = f"d_in={d_in}" + (f" d_out={d_out}" if d_out is not None else "")
     hyper = " ".join(f"{name}={settings[name]}" for name in hyperparameter_flags() if name in settings)
-    print(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
-          f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}",
-          flush=True)
+    say(f"{PROG}: {settings['architecture']} {kind} {shape} n_latents={sae.n_latents} {hyper} on {rows:,} rows "
+        f"from {description}; {cfg.total_tokens // cfg.batch_size:,} steps of {cfg.batch_size} on {device}")
     return train_and_save(sae, source, cfg, resume, out)
 
 
@@ -499,12 +498,12 @@ def main(argv=None) -> None:
     try:
         run(argv)
     except UsageError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print(failure_line(error), file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
+        print(failure_line(error), file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with the same command and --resume (checkpoints need "
-              f"--checkpoint-dir)", file=sys.stderr)
+        say(f"{PROG}: interrupted; continue with the same command and --resume (checkpoints need "
+            f"--checkpoint-dir)", sys.stderr)  # every rank got the signal: rank 0 says it once
         raise SystemExit(130) from None

@@ -37,29 +37,6 @@ class TrainingError(Exception):
     """Training itself failed (diverged, out of memory): one line on stderr and exit status 1."""
 
 
-class AsFloat32:
-    """Wraps an ActivationSource so every batch reaches the trainer as float32 (the dictionary's dtype);
-    the state is the wrapped source's."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __iter__(self):
-        import torch
-
-        for batch in self.source:
-            if isinstance(batch, (tuple, list)):
-                yield tuple(t.to(torch.float32) for t in batch)
-            else:
-                yield batch.to(torch.float32)
-
-    def state_dict(self) -> dict:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state)
-
-
 def check_dictionary(settings: dict) -> None:
     architecture = settings.setdefault("architecture", "topk")
     names = architecture_names()
@@ -225,7 +202,7 @@ def make_dictionary(settings: dict, cfg, d_in: int, d_out: int | None, device, n
     if newest is not None:
         check_resume(newest, sae, cfg)
     elif resume:
-        print(f"{PROG}: --resume: no checkpoint in {cfg.checkpoint_dir} yet; starting fresh")
+        say(f"{PROG}: --resume: no checkpoint in {cfg.checkpoint_dir} yet; starting fresh")
     return sae
 
 
@@ -233,12 +210,12 @@ def train_and_save(sae, source, cfg, resume: bool, out: Path, quiet: bool = Fals
     from sparsekit.errors import CheckpointDirBusy, CheckpointWriteFailed, InsufficientMemory, TrainingDiverged
     from sparsekit.training.loop import train
     from sparsekit.training.metrics import METRICS_FILE
-    from sparsekit.training.parallel import data as distributed
+    from sparsekit.training.parallel import ranks
 
     try:
         result = train(sae, source, cfg, resume=resume)
         whole = sae.gather() if getattr(sae, "latent_sharded", False) else sae
-        if distributed.current_info().rank == 0:  # under torchrun rank 0 alone writes
+        if ranks.speaks():  # under torchrun rank 0 alone writes (and says so)
             whole.save(out)
     except (CheckpointWriteFailed, TrainingDiverged) as error:
         raise TrainingError(one_line(error)) from None
@@ -255,9 +232,27 @@ def train_and_save(sae, source, cfg, resume: bool, out: Path, quiet: bool = Fals
     parts = [f"{name} {metrics[name]:{spec}}" for name, spec in formats.items() if name in metrics]
     metrics_at = f"{result.output_dir / METRICS_FILE}" if result.output_dir is not None else "not written"
     if not quiet:
-        print(f"{PROG}: dictionary saved to {out}; metrics in {metrics_at}; final {where} {', '.join(parts)} "
-              f"after {metrics['step']:,} steps ({metrics['tokens']:,} tokens)", flush=True)
+        say(f"{PROG}: dictionary saved to {out}; metrics in {metrics_at}; final {where} {', '.join(parts)} "
+            f"after {metrics['step']:,} steps ({metrics['tokens']:,} tokens)")
     return result, out
+
+
+def say(line: str, stream=None) -> None:
+    """Print a line about the whole run (to stream, default stdout): under torchrun from rank 0 alone,
+    once for the run."""
+    from sparsekit.training.parallel import ranks
+
+    if ranks.speaks():
+        print(line, file=stream, flush=True)
+
+
+def failure_line(error: BaseException) -> str:
+    """The one stderr line for an error that stops the command: under torchrun it names the failing rank
+    ("sparsekit train: rank 1 of 2: ..."), since every rank that fails prints its own."""
+    from sparsekit.training.parallel import ranks
+
+    text, prefix = str(error), ranks.rank_prefix()
+    return f"{PROG}: {text if text.startswith(prefix) else prefix + text}"
 
 
 def one_line(error: BaseException) -> str:

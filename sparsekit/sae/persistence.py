@@ -20,13 +20,22 @@ import torch
 from safetensors.torch import load_file
 
 from sparsekit._util.atomic import atomic_save_tensors, atomic_write_bytes
+from sparsekit._util.bounded import check_path_length
 from sparsekit._util.extras import MissingExtra
 from sparsekit._util.validate import is_number
 
 from . import hub, registry
 from .allocation import check_bytes
 from .dictionary_learning_format import DL_WEIGHTS_FILE, load_dictionary_learning
-from .files import CONFIG_FILE, WEIGHTS_FILE, check_claims, read_json_object, read_weights_header
+from .files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_claims,
+    check_layout,
+    check_regular_file,
+    read_json_object,
+    read_weights_header,
+)
 from .metadata import layout, read_stamp, stamp
 from .saelens import SAELENS_WEIGHTS_FILE, load_saelens
 from .sparsify_format import load_sparsify
@@ -55,6 +64,7 @@ def load(directory, device=None, *, revision: str | None = None, subfolder: str 
     layouts. Errors name the file and field."""
     if not isinstance(directory, (str, os.PathLike)):
         raise ValueError(f"directory must be a path (str or os.PathLike), got {directory!r}")
+    check_path_length(directory, "directory")  # RefusedFile: one line, not an OSError from the first stat
     path = Path(directory)
     if not path.exists() and hub.looks_like_repo_id(directory):
         try:
@@ -64,6 +74,7 @@ def load(directory, device=None, *, revision: str | None = None, subfolder: str 
                                     f"read ({missing})") from None
     elif subfolder is not None:
         path = path / hub.checked_subfolder(subfolder)
+        check_path_length(path, "directory / subfolder")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory: expected one written by sae.save()")
     return load_folder(path, device)
@@ -83,9 +94,8 @@ def load_folder(directory: Path, device=None):
             raise FileNotFoundError(f"{directory} holds dictionaries in folders ({', '.join(inside[:8])}"
                                     f"{', ...' if len(inside) > 8 else ''}), none of its own: pass subfolder= "
                                     f"or that folder's path")
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: is {directory} a directory written by sae.save()?")
+    for path in (config_path, weights_path):  # a pipe or a device under either name is refused by name
+        check_regular_file(path, f"is {directory} a directory written by sae.save()?")
     config = read_json_object(config_path)
     if layout(config) == "sparsify":
         return load_sparsify(directory, device=device)
@@ -146,14 +156,11 @@ def _build(config: dict, config_path: Path, device):
 
 def _check_header(header: dict, expected: dict, architecture: str, weights_path: Path) -> None:
     """The file's tensors, from its header, against the built dictionary's: names, shapes, dtypes."""
-    missing, unexpected = set(expected) - set(header), set(header) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: tensors do not match {architecture!r}: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)[:16]}")
-    for name, tensor in expected.items():  # in parameter order: W_enc first
+    check_layout({name: entry.shape for name, entry in header.items()},
+                 {name: tuple(tensor.shape) for name, tensor in expected.items()},  # in parameter order: W_enc first
+                 weights_path, repr(architecture), claimed_by="cfg.json")
+    for name, tensor in expected.items():
         entry = header[name]
-        if entry.shape != tuple(tensor.shape):
-            raise ValueError(f"{weights_path}: {name} has shape {entry.shape}, cfg.json implies {tuple(tensor.shape)}")
         if entry.torch_dtype_name != str(tensor.dtype).removeprefix("torch."):
             raise ValueError(f"{weights_path}: {name} is {entry.torch_dtype_name} ({entry.dtype}), cfg.json's dtype "
                              f"implies {str(tensor.dtype).removeprefix('torch.')}")

@@ -26,6 +26,7 @@ from sparsekit.sae.base import SparseDictionary
 from . import checkpoint as ckpt
 from . import memory
 from .config import TrainConfig
+from .parallel import ranks
 
 try:
     import fcntl
@@ -104,15 +105,6 @@ def checkpoint_dir_lock(directory):
         yield path
 
 
-def _is_secondary_rank() -> bool:
-    """True on ranks other than 0 (RANK from torchrun, or an initialised process group): rank 0 owns the folder."""
-    if os.environ.get("RANK", "0").strip() not in ("", "0"):  # torchrun, before the group is set up
-        return True
-    distributed = getattr(torch, "distributed", None)
-    return bool(distributed is not None and distributed.is_available() and distributed.is_initialized()
-                and distributed.get_rank() != 0)
-
-
 def guard_run(train):
     """Decorator for sparsekit.train: checks the memory a run needs before it allocates the
     optimizer and buffers, and holds the checkpoint folder's lock while it runs."""
@@ -130,7 +122,7 @@ def guard_run(train):
         memory.check_fits(memory.estimate_for(sae, config), sae.W_enc.device, already_allocated=params,
                           what=f"training this {sae.architecture} dictionary (n_latents={sae.n_latents}, "
                                f"batch_size={config.batch_size})")
-        if config.checkpoint_dir is None or _is_secondary_rank():
+        if config.checkpoint_dir is None or not ranks.speaks():  # rank 0 owns the folder
             return train(*args, **kwargs)
         with checkpoint_dir_lock(config.checkpoint_dir):
             return train(*args, **kwargs)

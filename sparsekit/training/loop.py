@@ -110,6 +110,9 @@ def start(sae, source, config: TrainConfig | None = None, resume: bool = False) 
     device = sae.W_enc.device
     # Data parallel under torchrun, or a latent-sharded dictionary (rank 0 writes); nothing extra otherwise.
     context = training_context(sae, cfg, repr((dataclasses.asdict(cfg), sae.config(), resume)))
+    report = context.describe(sae)
+    if report is not None and context.is_writer:
+        logger.info("%s", report)
     state = RunState.initial(sae, source, cfg, context.tracked_latents(sae))
     output_dir = Path(cfg.output_dir or cfg.checkpoint_dir) if (cfg.output_dir or cfg.checkpoint_dir) else None
     if not context.is_writer:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from .parallel import ranks
+
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -60,16 +62,10 @@ class WandbTracker:
         self.run.finish()
 
 
-def _other_rank() -> bool:
-    """True in a torch.distributed run on every rank but 0 (only rank 0 reports)."""
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
-
-
 def start_tracking(cfg, sae, output_dir: Path | None, resume: bool = False):
     """The tracker train() reports to: a WandbTracker when cfg.wandb_project is set (on rank 0 of a
     distributed run), else a NullTracker."""
-    if not cfg.wandb_project or _other_rank():
+    if not cfg.wandb_project or not ranks.speaks():  # rank 0 alone reports
         return NullTracker()
     if not isinstance(cfg.wandb_project, str):
         raise ValueError(f"TrainConfig.wandb_project must be a string or None, got {cfg.wandb_project!r}")

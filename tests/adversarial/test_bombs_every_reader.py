@@ -1,7 +1,7 @@
-"""Issue 21, class 7: bombs and giants, at every reader (tests/adversarial/test_bombs.py has the
-first cases). YAML aliases (billion laughs) and deep nesting in a
-`sparsekit train --config` file; deep, huge or malformed JSON in a dictionary's cfg.json, a feature
-report or a metrics.jsonl; files that are pipes or devices; absurd path lengths. Every reader goes
+"""Issue 21, class 7: bombs and giants, at every reader. YAML aliases (billion laughs) and deep
+nesting in a `sparsekit train --config` file; deep, huge or malformed JSON in a dictionary's cfg.json,
+a feature report or a metrics.jsonl (read by the dashboard, and on resume); files that are pipes or
+devices; absurd path lengths (`sparsekit.load`'s directory too). Every reader goes
 through ``sparsekit._util.bounded`` and each case must end in one clear line naming the file or flag:
 no traceback, no memory blow-up, no stall.
 
@@ -9,6 +9,7 @@ Each case runs in a forked child under a memory cap (the parent's address space 
 timeout (tests/helpers/forked.py): an unrefused bomb dies there, failing the case, instead of taking
 the machine. Depths, sizes and contents are drawn from a fresh seed, named when a case fails."""
 import ast
+import functools
 import json
 import os
 import random
@@ -21,17 +22,13 @@ from sparsekit._util import bounded
 from sparsekit.analysis.dashboard import REPORT_MAX_BYTES, save_report, training_dead
 from sparsekit.cli.train import CONFIG_MAX_BYTES
 from sparsekit.sae.files import CONFIG_MAX_BYTES as CFG_JSON_MAX_BYTES
+from sparsekit.training.metrics import METRICS_FILE, restore_history
 
 SEED = hostile.fresh_seed()
 RNG = random.Random(SEED)
 
 
-def one_line(outcome, code="2") -> str:
-    """The single stderr line of a CLI run that exited with `code` and printed no traceback."""
-    assert outcome.status == "exit" and outcome.value == code, f"seed {SEED}: {outcome}"
-    err = outcome.stderr
-    assert err.count("\n") == 1 and "Traceback" not in err and len(err) < 1500, f"seed {SEED}: {err!r}"
-    return err
+one_line = functools.partial(forked.one_line, seed=SEED)  # the stderr line of a CLI run that exited
 
 
 def refused(outcome, *words) -> str:
@@ -72,14 +69,6 @@ def sparse_file(path, size: int):
     return path
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    import numpy as np
-    folder = tmp_path_factory.mktemp("data")
-    np.save(folder / "x.npy", np.random.default_rng(SEED).standard_normal((128, 8)).astype("float32"))
-    return folder / "x.npy"
-
-
 def train_with_config(data, tmp_path, text: str | bytes):
     config = tmp_path / "cfg.yaml"
     (config.write_bytes if isinstance(text, bytes) else config.write_text)(text)
@@ -101,6 +90,9 @@ YAML_BOMBS = {
     "a 100,000-character key": ("? " + "x" * 100_000 + "\n: 1\n", "unknown key 'xxxxxxxx"),
     "a 100,000-character value": ("architecture: " + "y" * 100_000 + "\n",
                                   "'architecture': a string of 100,000 characters is longer than"),
+    "one anchor on a real setting": ("n_latents: 8\ndata: &d /tmp/x.npy\n",
+                                     "line 2: YAML anchors (&d) are not accepted here"),
+    "3 MiB written out": ("# " + "x" * (3 << 20) + "\nn_latents: 8\n", "larger than the 1,048,576 allowed"),
 }
 
 
@@ -177,6 +169,7 @@ CFG_BOMBS = {
     "a field deep inside the object": (lambda r: '{"architecture": "topk", "metadata": ' + nested_json(70, r) + "}",
                                        "JSON nested 71 levels deep, more than the 64 allowed"),
     "cut short": (lambda r: '{"architecture": "topk", "d_in": 8, "n_lat', "is not valid JSON: Unterminated string"),
+    "nested one past the limit": (lambda r: nested_json(65, r), "JSON nested 65 levels deep, more than the 64 allowed"),
 }
 
 
@@ -193,14 +186,39 @@ def test_a_cfg_json_over_the_size_limit_is_refused_before_it_is_read(saved):
     refused(forked.run(sparsekit.load, saved), str(saved / "cfg.json"), f"config of {size:,} bytes is larger than")
 
 
-def test_a_cfg_json_that_is_a_pipe_is_refused_without_waiting(saved):
-    (saved / "cfg.json").unlink()
-    os.mkfifo(saved / "cfg.json")  # no writer ever comes: a blocking open would wait forever
-    outcome = forked.run(sparsekit.load, saved)
-    # sparsekit.load asks for a regular file before it opens one; the bounded reader refuses one too
-    assert outcome.status == "raised" and outcome.kind in ("FileNotFoundError", "RefusedFile"), outcome
-    assert "cfg.json" in outcome.value
-    refused(forked.run(bounded.load_json, saved / "cfg.json", 1024), "cfg.json: JSON file is not a regular file")
+def test_a_sparse_17_mib_cfg_json_is_refused_without_reading_a_byte(saved, monkeypatch):
+    sparse_file(saved / "cfg.json", 17 << 20)  # a hole: nothing is written, reading it would allocate 17 MiB
+    reads = []
+    real_read = bounded.os.read
+    monkeypatch.setattr(bounded.os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    with pytest.raises(bounded.RefusedFile, match="config of 17,825,792 bytes is larger than the 16,777,216 allowed"):
+        sparsekit.load(saved)
+    assert reads == [], "the size is refused from fstat, before any read"
+
+
+@pytest.mark.parametrize("name", ["cfg.json", "sae.safetensors"])
+def test_a_dictionary_file_that_is_a_pipe_is_refused_by_name_without_waiting(saved, name):
+    (saved / name).unlink()
+    os.mkfifo(saved / name)  # no writer ever comes: a blocking open would wait forever
+    # before: "cfg.json does not exist: is ... a directory written by sae.save()?" for a file that exists
+    refused(forked.run(sparsekit.load, saved), f"{saved / name} is a pipe, socket or device, not a regular file")
+    if name == "cfg.json":
+        refused(forked.run(bounded.load_json, saved / name, 1024), "cfg.json: JSON file is not a regular file")
+
+
+@pytest.mark.parametrize("where", ["the whole path", "one name", "the subfolder"])
+def test_an_absurd_path_to_load_is_one_line_naming_the_argument(saved, where):
+    # before: OSError [Errno 36] File name too long, from the first stat
+    if where == "the whole path":
+        outcome = forked.run(sparsekit.load, str(saved) + "/x" * RNG.randrange(2100, 10_000))
+        words = ("directory: the path is", "bytes long; a path must be under 4,096 bytes")
+    elif where == "one name":
+        outcome = forked.run(sparsekit.load, saved / ("n" * RNG.randrange(256, 2000)))
+        words = ("directory: a folder or file name in the path is", "names are at most 255 bytes")
+    else:
+        outcome = forked.run(functools.partial(sparsekit.load, saved, subfolder="s" * RNG.randrange(256, 2000)))
+        words = ("a folder or file name in the path is", "names are at most 255 bytes")
+    refused(outcome, *words)
 
 
 # --- sparsekit dashboard: *_features.json and metrics.jsonl ----------------------------------------
@@ -252,6 +270,12 @@ def test_a_feature_report_under_the_cap_but_over_memory_is_one_line(tmp_path):
     sparse_file(tmp_path / "sae_features.json", RNG.randrange(700 << 20, REPORT_MAX_BYTES))
     err = one_line(forked.cli("dashboard", tmp_path), code="1")
     assert "is not a JSON feature report" in err and "does not fit in this process's memory" in err, err
+
+
+def test_a_feature_report_that_is_no_object_stops_the_dashboard_in_one_line(tmp_path):
+    (tmp_path / "sae_features.json").write_text(json.dumps([RNG.random() for _ in range(RNG.randrange(1, 50))]))
+    err = one_line(forked.cli("dashboard", tmp_path), code="1")
+    assert f"{tmp_path / 'sae_features.json'} must be a JSON object, got list" in err, err
 
 
 def test_a_feature_report_that_is_a_pipe_is_refused_without_waiting(tmp_path):
@@ -309,7 +333,35 @@ def test_the_dashboard_passes_over_a_hostile_training_log(tmp_path):
     assert outcome.status == "returned" and (tmp_path / "dashboard.html").is_file(), f"seed {SEED}: {outcome}"
 
 
+HOSTILE_METRIC_LINES = ["[" * 100_000, '{"step": "ten"}', "[1, 2]", '"a string"', "null", '{"step": true}',
+                        '{"step": 1e999}', "\udcff garbage", '{"step": ' + "9" * 5000 + "}"]
+
+
+def test_resume_skips_every_hostile_metrics_line_and_keeps_the_good_ones(tmp_path):
+    good = [{"step": s, "fvu": 0.5} for s in (2, 4, 6, 8)]
+    lines = [json.dumps(r) for r in good]
+    for bad in HOSTILE_METRIC_LINES:  # at fresh random places among the good lines
+        lines.insert(RNG.randrange(len(lines) + 1), bad)
+    (tmp_path / METRICS_FILE).write_text("\n".join(lines) + "\n", errors="surrogateescape")
+    outcome = forked.run(restore_history, tmp_path, 6)
+    assert outcome.status == "returned" and ast.literal_eval(outcome.value) == good[:3], f"seed {SEED}: {outcome}"
+    assert (tmp_path / METRICS_FILE).read_text().splitlines() == [json.dumps(r) for r in good[:3]]
+
+
 # --- the loader itself ----------------------------------------------------------------------------
+
+def test_the_nesting_depth_ignores_brackets_inside_strings():
+    for _ in range(20):
+        depth = RNG.randrange(1, 30)
+        value = {"s": "".join(RNG.choice('[]{}"\\x') for _ in range(50))}  # brackets, quotes, escapes
+        for _ in range(depth - 1):
+            value = [value]
+        text = json.dumps(value)
+        assert bounded.nesting_depth(text) == depth, f"seed {SEED}: {text}"
+        assert bounded.parse_json(text, "x", max_depth=depth) == value
+        with pytest.raises(bounded.RefusedFile, match=f"JSON nested {depth} levels deep"):
+            bounded.parse_json(text, "x", max_depth=depth - 1)
+
 
 def test_fresh_random_json_nesting_is_refused_exactly_past_the_limit():
     rng = random.Random(SEED)

@@ -8,6 +8,7 @@ Each case runs in a forked child under a memory cap and a timeout (tests/helpers
 value that slipped through and started a 10**22-step run ends as a failed case, not a hung suite;
 two cases run the real `python -m sparsekit` in a child process (tests/helpers/hostile.py).
 Values beyond 64 bits are drawn from a fresh seed, named when a case fails."""
+import functools
 import random
 
 import pytest
@@ -29,22 +30,7 @@ def beyond_64_bits(rng: random.Random) -> int:
     return magnitude if rng.random() < 0.7 else -magnitude - 1
 
 
-def one_line(outcome, *words) -> str:
-    """The single stderr line of a CLI run that exited 2 and printed no traceback, holding `words`."""
-    assert outcome.status == "exit" and outcome.value == "2", f"seed {SEED}: {outcome}"
-    err = outcome.stderr
-    assert err.count("\n") == 1 and "Traceback" not in err and len(err) < 400, f"seed {SEED}: {err!r}"
-    for word in words:
-        assert word in err, f"seed {SEED}: {word!r} not in {err!r}"
-    return err
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    import numpy as np
-    folder = tmp_path_factory.mktemp("data")
-    np.save(folder / "x.npy", np.random.default_rng(SEED).standard_normal((128, 8)).astype("float32"))
-    return folder / "x.npy"
+one_line = functools.partial(forked.one_line, seed=SEED, max_len=400)  # the stderr line of an exit-2 run
 
 
 def train(data, out, *extra):

@@ -5,7 +5,8 @@ Scenarios (each rank writes OUT/<name>_rank<r>.safetensors and .json):
   parity   data-parallel TopK and BatchTopK runs (float64) for comparison with one process, and
            five steps of a latent-sharded TopK SAE (LatentShardedTopK) and its AuxK gradients, and
            sparsekit.train on latent shards of the SHARDED_TRAIN_CASES (checkpoints every 2 steps),
-           then the resume scenario's runs
+           the PARITY_CASES for PRECISION_STEPS in float64 and float32, then the resume scenario's runs
+  precision  the PARITY_CASES for PRECISION_STEPS (or argv[3]) steps in float64 and float32
   resume   an uninterrupted run, and one stopped mid-way (every rank's source fails at the same
            batch) then resumed from rank 0's checkpoint in the same processes; the same stop and
            resume with a latent-sharded dictionary
@@ -43,6 +44,8 @@ def planted_rows(rows: int = 2048, seed: int = 0) -> torch.Tensor:
 PLANTED_DEAD = [0, 1, 2, 45, 46, 47]  # latents that cannot fire, on both halves (shards) of the dictionary
 PARITY_CASES = ("topk", "batchtopk", "topk-auxk", "batchtopk-auxk", "relu-ghost")
 SHARDED_TRAIN_CASES = ("topk-auxk", "batchtopk", "relu-ghost")
+PRECISION_STEPS = 25  # the PARITY_CASES run longer, in float64 and float32: how far apart do W ranks and one process end?
+PRECISION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 MESH_CASES = ("topk-auxk", "batchtopk-auxk", "relu-ghost")
@@ -58,23 +61,24 @@ def shard_of(sae, mesh=None):
     return cls.from_dictionary(sae, group=mesh.latent_group, data_group=mesh.data_group)
 
 
-def make_case(name: str, directory: str | None = None, resume_every: int | None = None):
-    """(sae, source, TrainConfig) of a named case (PARITY_CASES); float64 so the comparison can be
-    tight. Six latents cannot fire and count as dead after two steps, so AuxK and ghost grads act
-    in steps 3 to 5."""
+def make_case(name: str, directory: str | None = None, resume_every: int | None = None,
+              dtype: torch.dtype = torch.float64, steps: int = STEPS):
+    """(sae, source, TrainConfig) of a named case (PARITY_CASES); float64 by default so the comparison
+    can be tight (float32 for PRECISION_CASES). Six latents cannot fire and count as dead after two
+    steps, so AuxK and ghost grads act from step 3 on."""
     architecture, _, remedy = name.partition("-")
     if architecture == "relu":
-        sae = sparsekit.ReLUSAE(D_IN, N_LATENTS, l1_coeff=1e-2, dtype=torch.float64, seed=1)
+        sae = sparsekit.ReLUSAE(D_IN, N_LATENTS, l1_coeff=1e-2, dtype=dtype, seed=1)
     else:
         sae = {"topk": sparsekit.TopKSAE, "batchtopk": sparsekit.BatchTopKSAE}[architecture](
-            D_IN, N_LATENTS, k=K, dtype=torch.float64, seed=1)
+            D_IN, N_LATENTS, k=K, dtype=dtype, seed=1)
     with torch.no_grad():  # latents that cannot fire: the dead counters have something to count
         sae.b_enc[PLANTED_DEAD] = -5.0
-    cfg = sparsekit.TrainConfig(batch_size=BATCH, lr=3e-3, total_tokens=BATCH * STEPS, eval_tokens=128,
+    cfg = sparsekit.TrainConfig(batch_size=BATCH, lr=3e-3, total_tokens=BATCH * steps, eval_tokens=128,
                                 log_every=1, dead_window_tokens=2 * BATCH, progress=False, lr_decay_fraction=0.4,
                                 checkpoint_dir=directory, checkpoint_every_tokens=resume_every,
                                 dead_strategy=remedy or "none", aux_k=4, aux_coeff=0.5)
-    source = TensorSource(planted_rows(), batch_size=50, shuffle=True, seed=3)
+    source = TensorSource(planted_rows().to(dtype), batch_size=50, shuffle=True, seed=3)
     return sae, source, cfg
 
 
@@ -222,6 +226,14 @@ def resume_runs(out: Path, rank: int) -> None:
     save(out, "sharded_resumed", rank, shard.gather(), result)
 
 
+def precision_runs(out: Path, rank: int, steps: int = PRECISION_STEPS) -> None:
+    """The PARITY_CASES trained for `steps` steps in float64 and in float32."""
+    for dtype_name, dtype in PRECISION_DTYPES.items():
+        for name in PARITY_CASES:
+            sae, source, cfg = make_case(name, dtype=dtype, steps=steps)
+            save(out, f"precision_{dtype_name}_{name}", rank, sae, sparsekit.train(sae, source, cfg))
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -250,7 +262,10 @@ def main() -> None:
             shard = shard_of(sae)
             result = sparsekit.train(shard, source, cfg)
             save(out, f"sharded_train_{name}", rank, shard.gather(), result)
+        precision_runs(out, rank)
         resume_runs(out, rank)
+    elif scenario == "precision":  # with a third argument: the number of steps (measuring longer runs)
+        precision_runs(out, rank, int(sys.argv[3]) if len(sys.argv) > 3 else PRECISION_STEPS)
     elif scenario == "resume":
         resume_runs(out, rank)
     elif scenario == "mesh":

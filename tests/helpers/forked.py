@@ -1,8 +1,11 @@
 """A case run in a forked child under a memory cap and a timeout, for the bomb and CLI-edge tests
-(tests/adversarial/test_bombs.py, test_cli_edges.py). A fork shares the parent's imports, so a case
+(tests/adversarial/test_bombs_every_reader.py, test_cli_edges.py). A fork shares the parent's imports, so a case
 costs milliseconds rather than a fresh interpreter's seconds; the cap is the parent's address space
 plus HEADROOM, so a bomb that expands (a billion-laughs document, a file read whole) dies with
-MemoryError in the child instead of taking the machine with it."""
+MemoryError in the child instead of taking the machine with it.
+
+Never train in a forked child once OpenMP has run in the parent (the child can deadlock in the
+parent's thread pool): a case that trains runs in a fresh interpreter (``hostile.run_capped``)."""
 from __future__ import annotations
 
 import contextlib
@@ -82,3 +85,15 @@ def cli(*argv: str, timeout: float = TIMEOUT) -> Outcome:
     """`python -m sparsekit *argv` as sparsekit.cli.main runs it, in a forked child."""
     from sparsekit import cli as sparsekit_cli
     return run(sparsekit_cli.main, [str(a) for a in argv], timeout=timeout)
+
+
+def one_line(outcome: Outcome, *words: str, code: str = "2", seed: int | None = None, max_len: int = 1500) -> str:
+    """The single stderr line of a CLI run that exited with ``code`` and printed no traceback, holding
+    every one of ``words``; ``seed`` (the test module's fresh seed) is named when it is not."""
+    where = f"seed {seed}: " if seed is not None else ""
+    assert outcome.status == "exit" and outcome.value == code, f"{where}{outcome}"
+    err = outcome.stderr
+    assert err.count("\n") == 1 and "Traceback" not in err and len(err) < max_len, f"{where}{err!r}"
+    for word in words:
+        assert word in err, f"{where}{word!r} not in {err!r}"
+    return err

@@ -19,6 +19,12 @@ from sparsekit.training.parallel import data as distributed
 
 WORKER = Path(__file__).parents[1] / "helpers" / "distributed_worker.py"
 WORLD = 2
+# How far a 2-rank run may end from one process, relative to each tensor's largest entry: the ranks
+# sum the same numbers in another order (each rank's block, then the all-reduce). Measured on the
+# PARITY_CASES (docs/reliability.md, class 10): at most 8.5e-16 in float64 and 3.7e-7 in float32
+# after 300 steps; the bounds leave room for another machine's rounding.
+FLOAT64_BOUND = 1e-12
+FLOAT32_BOUND = 2e-6
 
 
 def free_port() -> int:
@@ -86,7 +92,8 @@ def test_two_ranks_match_one_process(parity_run, name):
     sae, result = single_process(name)
     reference = {k: v.detach() for k, v in sae.state_dict().items()}
     for rank in range(WORLD):
-        assert_parameters_match(reference, load_file(str(parity_run / f"{name}_rank{rank}.safetensors")))
+        assert_parameters_match(reference, load_file(str(parity_run / f"{name}_rank{rank}.safetensors")),
+                                rtol=FLOAT64_BOUND)
     moved = (reference["W_enc"] - worker.make_case(name)[0].W_enc.detach()).abs().max()
     assert moved > 1e-4, "training must have changed the parameters for the comparison to mean anything"
     if "-" in name:
@@ -94,6 +101,40 @@ def test_two_ranks_match_one_process(parity_run, name):
         assert aux[:2] == [0.0, 0.0] and all(value > 0 for value in aux[2:]), aux
         logged = json.loads((parity_run / f"{name}_rank0.json").read_text())["history"]
         assert [r["aux_loss"] for r in logged] == pytest.approx(aux, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", sorted(worker.PRECISION_DTYPES))
+@pytest.mark.parametrize("name", worker.PARITY_CASES)
+def test_longer_runs_end_as_one_process_up_to_summation_order_in_float64_and_float32(parity_run, name, dtype):
+    bound = {"float64": FLOAT64_BOUND, "float32": FLOAT32_BOUND}[dtype]
+    sae, source, cfg = worker.make_case(name, dtype=worker.PRECISION_DTYPES[dtype], steps=worker.PRECISION_STEPS)
+    result = sparsekit.train(sae, source, cfg)
+    reference = {k: v.detach() for k, v in sae.state_dict().items()}
+    for rank in range(WORLD):
+        got = load_file(str(parity_run / f"precision_{dtype}_{name}_rank{rank}.safetensors"))
+        assert all(t.dtype == worker.PRECISION_DTYPES[dtype] for t in got.values())
+        assert_parameters_match(reference, got, rtol=bound)
+    logged = json.loads((parity_run / f"precision_{dtype}_{name}_rank0.json").read_text())
+    assert len(logged["history"]) == worker.PRECISION_STEPS
+    for key in ("mse", "fvu", "l0"):
+        assert logged["metrics"][key] == pytest.approx(result.metrics[key], rel=bound, abs=1e-30), key
+
+
+def test_only_rank_0_speaks_and_it_reports_what_ran(parity_run):
+    # every train call of the parity launch: data parallel, latent sharded, with remedies, resumed
+    rank0, rank1 = ((parity_run / f"rank{rank}.log").read_text() for rank in range(WORLD))
+    assert rank1.splitlines() == ["rank 1 done"], "rank 1 said something of its own (only the worker's last line)"
+    reports = [line for line in rank0.splitlines() if "world size" in line]
+    runs = len(worker.PARITY_CASES) * (1 + len(worker.PRECISION_DTYPES)) + len(worker.REMEDY_CASES)
+    data_parallel = [line for line in reports if line.startswith("sparsekit: data parallel, world size 2 (gloo, cpu)")]
+    assert len(data_parallel) >= runs, reports
+    assert all(f"global batch {worker.BATCH} rows a step, per-rank batch {worker.BATCH // WORLD};" in line
+               and "every rank reads the whole stream" in line for line in data_parallel)
+    sharded = [line for line in reports if line.startswith("sparsekit: latent sharded, world size 2 (gloo, cpu)")]
+    assert len(sharded) >= len(worker.SHARDED_TRAIN_CASES), reports
+    assert all(f"each rank holds {worker.N_LATENTS // WORLD} of the {worker.N_LATENTS} latents" in line
+               and f"per-rank batch {worker.BATCH} " in line for line in sharded)
+    assert rank0.count("resumed from") == 2, "the two resumed runs say so once each, on rank 0"
 
 
 @pytest.mark.parametrize("name", ["topk", "batchtopk"])
@@ -196,7 +237,7 @@ def test_train_on_a_two_by_two_mesh_matches_one_process(mesh_run, name, tmp_path
 
 def test_two_rank_run_stopped_and_resumed_matches_an_uninterrupted_one(parity_run):
     tmp_path = parity_run  # the parity launch ran the resume scenario's runs too
-    assert "resumed from" in (tmp_path / "rank1.log").read_text(), "every rank resumes from rank 0's checkpoint"
+    assert "resumed from" in (tmp_path / "rank0.log").read_text(), "rank 0 says the run resumed"
     assert sorted(p.name for p in (tmp_path / "stopped").glob("step_*")) == ["step_000000004", "step_000000005"]
     whole = load_file(str(tmp_path / "whole_rank0.safetensors"))
     for rank in range(WORLD):
@@ -259,6 +300,20 @@ def test_communication_volume_formula():
     assert batch["total"] > topk["total"]
 
 
+def assert_said_once_by_rank_0(output: str, out: Path, mode: str, per_rank_batch: str) -> None:
+    """Rank 0's output of a 2-rank `sparsekit train`: one line each for the start, what ran, the save and the final metrics."""
+    lines = output.replace("\r", "\n").splitlines()
+    saved = [line for line in lines if "saved to" in line]
+    assert len(saved) == 1 and saved[0].startswith(f"sparsekit train: dictionary saved to {out};"), lines
+    assert (out / "sae.safetensors").is_file() and (out / "cfg.json").is_file(), "the line claims a save rank 0 made"
+    assert sum("final held-out fvu" in line for line in lines) == 1, lines
+    assert sum(" steps of 64 on cpu" in line for line in lines) == 1, lines
+    report = [line for line in lines if "world size" in line]
+    assert len(report) == 1 and report[0].startswith(f"sparsekit: {mode}, world size 2 (gloo, cpu)"), lines
+    assert "global batch 64 rows a step" in report[0] and per_rank_batch in report[0], report
+    assert "every rank reads the whole stream" in report[0], report
+
+
 def test_torchrun_launches_the_train_command_on_two_ranks_data_parallel_or_latent_sharded(tmp_path):
     import numpy as np
 
@@ -269,19 +324,29 @@ def test_torchrun_launches_the_train_command_on_two_ranks_data_parallel_or_laten
              "--total-tokens", "640", "--eval-tokens", "256", "--device", "cpu", "--no-progress", "--log-every", "2"]
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEKIT_DIST_TIMEOUT_S": "60"}
-    launched = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "sparsekit", "train",
-                               *flags, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                              timeout=180)
+    # with the progress bar, each rank's stdout and stderr in its own file (--redirects 3)
+    launched = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--log-dir",
+                               str(tmp_path / "logs"), "--redirects", "3", "-m", "sparsekit", "train",
+                               *[flag for flag in flags if flag != "--no-progress"], "--out", str(tmp_path / "two")],
+                              env=env, capture_output=True, text=True, timeout=180)
     assert launched.returncode == 0, launched.stdout + launched.stderr
+    said = {(rank, stream): "".join(p.read_text() for p in (tmp_path / "logs").glob(f"*/attempt_0/{rank}/{stream}.log"))
+            for rank in range(WORLD) for stream in ("stdout", "stderr")}
+    assert said[1, "stdout"] == said[1, "stderr"] == "", f"rank 1 spoke: {said}"
+    assert_said_once_by_rank_0(said[0, "stdout"] + said[0, "stderr"], tmp_path / "two", "data parallel",
+                               f"per-rank batch {64 // WORLD};")
+    assert "sparsekit train: 100%" in said[0, "stderr"], "rank 0 shows the progress bar"
     # the same command latent-sharded, started as torchrun starts its workers (without the agent)
     results, _ = launch("", tmp_path, command=["-m", "sparsekit", "train", *flags, "--latent-parallel", "2",
                                                 "--out", str(tmp_path / "sharded")])
     for code, output in results:
         assert code == 0, output
+    assert results[1][1] == "", f"rank 1 spoke: {results[1][1]}"
+    assert_said_once_by_rank_0(results[0][1], tmp_path / "sharded", "latent sharded", "per-rank batch 64 ")
     sparsekit_main(["train", *flags, "--out", str(tmp_path / "one")])
     one = load_file(str(tmp_path / "one" / "sae.safetensors"))
     for run in ("two", "sharded"):  # data parallel, latent sharded
-        assert_parameters_match(one, load_file(str(tmp_path / run / "sae.safetensors")), rtol=1e-5)  # float32
+        assert_parameters_match(one, load_file(str(tmp_path / run / "sae.safetensors")), rtol=FLOAT32_BOUND)
     lines = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
              for run in ("one", "two", "sharded")}
     for run in ("two", "sharded"):
@@ -304,3 +369,38 @@ def test_latent_parallel_without_torchrun_is_a_usage_error(tmp_path, monkeypatch
                         "--latent-parallel", "2", "--out", str(tmp_path / "out")])
     assert stopped.value.code == 2
     assert "missing RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT" in capsys.readouterr().err
+
+
+def test_other_ranks_log_only_errors_each_naming_its_rank(monkeypatch, capsys):
+    from sparsekit._util.log import logger
+    from sparsekit.training.parallel import ranks
+
+    ranks.quiet_other_ranks()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    logger.info("resumed from somewhere")
+    logger.warning("skipping invalid checkpoint")  # the shared run's: rank 0 says it
+    logger.error("failed here")
+    assert capsys.readouterr().err.splitlines() == ["sparsekit: rank 1 of 2: failed here"]
+    monkeypatch.setenv("RANK", "0")
+    logger.info("resumed from somewhere")
+    assert capsys.readouterr().err == "sparsekit: resumed from somewhere\n"
+    monkeypatch.setenv("WORLD_SIZE", "not a number")
+    assert ranks.rank_and_world() == (0, 1) and ranks.speaks() and ranks.rank_prefix() == ""
+
+
+def test_a_failing_rank_names_itself_in_the_cli_line_and_only_rank_0_says_the_rest(monkeypatch, capsys):
+    from sparsekit.cli.train_common import failure_line, say
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    say("sparsekit train: dictionary saved to nowhere")
+    assert capsys.readouterr().out == ""
+    assert failure_line(ValueError("--data x.npy: no such file")) == "sparsekit train: rank 1 of 2: --data x.npy: no such file"
+    already = "rank 1 of 2: training diverged at step 2"  # TrainingDiverged names the rank itself
+    assert failure_line(RuntimeError(already)) == f"sparsekit train: {already}"
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    say("sparsekit train: dictionary saved to out")
+    assert capsys.readouterr().out == "sparsekit train: dictionary saved to out\n"
+    assert failure_line(ValueError("bad")) == "sparsekit train: bad"

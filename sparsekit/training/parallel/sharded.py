@@ -459,7 +459,16 @@ class ShardedTraining(SingleProcess):
         self.group = sae.group
         self.rank, self.world_size = sae.rank, sae.world_size
         self.is_writer = self.rank == 0
+        self.batch_size = config.batch_size
         check_same_everywhere((config.batch_size, fingerprint), self.group)
+
+    def describe(self, sae) -> str:
+        """What ran: world size, backend and device, the shards, the batch each rank computes on."""
+        return (f"latent sharded, world size {self.world_size} ({dist.get_backend(self.group)}, {sae.W_enc.device}): "
+                f"each rank holds {sae.n_local:,} of the {sae.n_latents:,} latents (rank r: latents "
+                f"[{sae.n_local:,}r, {sae.n_local:,}(r+1))); global batch {self.batch_size:,} rows a step, "
+                f"per-rank batch {self.batch_size:,} (every rank reads the whole stream and computes on the whole "
+                f"batch); rank 0 gathers the shards and alone writes checkpoints, metrics and the dictionary")
 
     def tracked_latents(self, sae) -> int:
         return sae.n_local
@@ -592,6 +601,16 @@ class MeshTraining(ShardedTraining):
         super().__init__(sae, config, fingerprint)
         self.data = DataParallel(config.batch_size, fingerprint, group=sae.data_group)
         self.is_writer = dist.get_rank() == 0
+
+    def describe(self, sae) -> str:
+        """What ran: the mesh's two sizes, backend and device, the shards, the global and per-rank batch."""
+        data, rows = self.data.world_size, self.batch_size // self.data.world_size
+        return (f"2-D mesh, world size {dist.get_world_size()} ({dist.get_backend()}, {sae.W_enc.device}): "
+                f"{self.world_size} latent shards x {data} data-parallel replicas; each rank holds {sae.n_local:,} of "
+                f"the {sae.n_latents:,} latents; global batch {self.batch_size:,} rows a step, per-rank batch "
+                f"{rows:,} (every rank reads the whole stream and computes on its data group's block of each batch: "
+                f"data rank d: rows [{rows:,}d, {rows:,}(d+1))); rank 0 gathers the shards and alone writes "
+                f"checkpoints, metrics and the dictionary")
 
     def local_rows(self, t: Tensor | None) -> Tensor | None:
         return self.data.local_rows(t)

@@ -17,6 +17,10 @@ class SingleProcess:
 
     rank, world_size, is_writer = 0, 1, True
 
+    def describe(self, sae) -> str | None:
+        """What ran where, for rank 0's report at the start of a multi-rank run (None: one process)."""
+        return None
+
     def local_rows(self, t: Tensor | None) -> Tensor | None:
         return t
 
