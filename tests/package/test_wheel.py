@@ -66,18 +66,20 @@ def test_the_portable_wheel_installs_outside_the_repo_and_trains(tmp_path):
     assert any(re.fullmatch(r"sparsekit\.libs/libgomp.*\.so.*", name) for name in names), names  # OpenMP inside
     assert "sparsekit/kernels/encode.py" in names and not any(name.startswith("kernels/") for name in names)
 
+    # Without PYTHONPATH throughout: one pointing at a checkout (its sparsekit.egg-info) makes pip
+    # think sparsekit is installed already, so it skips the wheel and the import then fails.
+    env = {k: v for k, v in os.environ.items() if k not in ("SPARSEKIT_ISA", "SPARSEKIT_BACKEND", "PYTHONPATH")}
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], timeout=300)
+    _run([sys.executable, "-m", "venv", str(venv)], env=env, timeout=300)
     python = venv / "bin" / "python"
     pip = [str(python), "-m", "pip", "install", "-q", "-c", str(LOCK)]
-    _run(pip + ["torch"], timeout=900)  # the locked CPU torch first
-    _run(pip + [str(wheel)], timeout=900)
+    _run(pip + ["torch"], env=env, timeout=900)  # the locked CPU torch first
+    _run(pip + [str(wheel)], env=env, timeout=900)
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     script = outside / "train_tiny.py"
     script.write_text(TRAIN_OUTSIDE)
-    env = {k: v for k, v in os.environ.items() if k not in ("SPARSEKIT_ISA", "SPARSEKIT_BACKEND", "PYTHONPATH")}
     for level in backend.CPU_ISA_LEVELS:  # the best (chosen by itself), then each lower one, forced
         run_env = dict(env, SPARSEKIT_ISA=level) if level != backend.CPU_ISA_LEVELS[0] else env
         report = _run([str(python), str(script)], cwd=outside, env=run_env, timeout=600).stdout
