@@ -3,7 +3,11 @@
 attention: the attention-head superposition toy, one run or a sweep. One run writes m_columns.png (the
 columns of the learned mixing matrix M) and summary.json (M, losses,
 column norms, the features represented and the angles between them). --sweep trains --seeds seeds at
-each OV density and adds sweep.csv and sweep.png (features represented vs OV density).
+each OV density and adds sweep.csv and sweep.png (features represented vs OV density). --phase runs the
+phase scan instead (sparsekit.studies.attention_phase: heads per learned head, true-head activity,
+pattern sparsity, importance, resid, d_model and T, at sparse and dense OV, then a refinement with a
+longer cosine schedule; resumable) and writes phase.jsonl, phase.csv, phase.png, phase_summary.json and
+the verdict; --quick is a seconds-long version of it.
 
 sparse-base: trains (or loads from the cache) a 1-layer character-level transformer with an L1 penalty
 on its MLP activations, standard or cut residual, analyses every neuron that fires on held-out text and
@@ -56,9 +60,18 @@ def attention_main(argv) -> None:
     parser.add_argument("--n-heads", type=positive, default=defaults.n_heads)
     parser.add_argument("--threshold", type=float, default=defaults.threshold,
                         help=f"column norm above which a feature counts as represented (default {defaults.threshold})")
+    parser.add_argument("--phase", action="store_true",
+                        help="the phase scan (about 15 min on 2 idle cores; resumes from --out/phase.jsonl)")
+    parser.add_argument("--quick", action="store_true", help="with --phase: a tiny design that runs in seconds")
+    parser.add_argument("--workers", type=positive, default=2,
+                        help="with --phase: processes running toy runs side by side (default 2)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"argument --seed: expected a non-negative int, got {args.seed}")
+    if args.quick and not args.phase:
+        parser.error("argument --quick: only with --phase")
+    if args.phase:
+        return phase_main(args)
     try:
         cfg = AttentionToyConfig(ov_density=args.ov_density, seed=args.seed, steps=args.steps, p_active=args.p_active,
                                  n_true=args.n_true, n_heads=args.n_heads, threshold=args.threshold)
@@ -85,6 +98,19 @@ def attention_main(argv) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     written = ('m_columns.png', 'summary.json', 'sweep.csv', 'sweep.png')
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.name in written))} to {out}/")
+
+
+def phase_main(args) -> None:
+    from sparsekit.studies.attention_phase import DESIGNS, run_phase, verdict_lines
+
+    design = DESIGNS["quick" if args.quick else "full"]
+    out = Path(args.out)
+    summary = run_phase(out, design, workers=args.workers)
+    for line in verdict_lines(summary):
+        print(line)
+    print(f"{summary['runs']} runs ({summary['run_seconds']:.0f} s of run time) in {summary['wall_seconds']:.0f} s "
+          f"wall with {args.workers} worker(s); refined: {'; '.join(summary['refined'])}")
+    print(f"wrote phase.jsonl, phase.csv, phase.png, phase_summary.json to {out}/")
 
 
 def sparse_base_main(argv) -> None:

@@ -151,6 +151,15 @@ def test_importance_decay_scales_head_h_by_decay_to_the_h():
 def test_cosine_schedule_trains_and_bad_knobs_are_refused_by_name():
     result = train_mixing(AttentionToyConfig(steps=200, schedule="cosine", seed=fresh_seed()), progress=False)
     assert result["loss"] < result["loss_M_zero"]
-    for field, bad in (("resid", "uniform"), ("schedule", "step"), ("p_head", 0.0), ("importance_decay", 1.5)):
+    for field, bad in (("resid", "uniform"), ("schedule", "step"), ("ov_norm", "unit"), ("p_head", 0.0),
+                       ("importance_decay", 1.5)):
         with pytest.raises(ValueError, match=field):
             AttentionToyConfig(**{field: bad})
+
+
+def test_equal_ov_norm_gives_every_head_the_expected_norm_on_the_same_support():
+    seed = fresh_seed()
+    drawn = sparse_ov(AttentionToyConfig(seed=seed, ov_density=0.05, d_model=8))
+    equal = sparse_ov(AttentionToyConfig(seed=seed, ov_density=0.05, d_model=8, ov_norm="equal"))
+    torch.testing.assert_close(equal.flatten(1).norm(dim=1), torch.full((5,), math.sqrt(8)))
+    assert torch.equal(equal != 0, drawn != 0)
