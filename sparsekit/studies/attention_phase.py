@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sparsekit._util.atomic import atomic_write_bytes
-from sparsekit._util.validate import positive_int
+from sparsekit._util.validate import is_int, positive_int
 from sparsekit.toys.attention_superposition import AttentionToyConfig, train_mixing
 
 # knob -> levels; the first level is the base cell's
@@ -98,6 +98,10 @@ class PhaseDesign:
     def __post_init__(self):
         for name in ("coarse_cells", "seeds", "steps", "batch", "long_factor"):
             positive_int(name, getattr(self, name))
+        for name in ("refine_closest", "refine_opposite"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if self.seeds < 2:
             raise ValueError(f"seeds must be at least 2 (the rule compares seed means), got {self.seeds}")
         if len(self.densities) < 2 or list(self.densities) != sorted(set(self.densities)):

@@ -89,6 +89,7 @@ def test_coarse_cells_are_base_then_one_factor_at_a_time_then_distinct_seeded_dr
     assert all(sum(c[k] != base[k] for k in KNOBS) >= 2 for c in cells[1 + one_factor:])
     assert len({json.dumps(c, sort_keys=True) for c in cells}) == len(cells)
     assert coarse_cells(design) == cells
+    assert coarse_cells(PhaseDesign(coarse_cells=12)) == cells[:12]  # a smaller scan reuses the same runs
     assert coarse_cells(PhaseDesign(design_seed=1)) != cells
 
 
@@ -147,7 +148,9 @@ def test_cli_phase_quick_prints_the_verdict(tmp_path, capsys):
     assert (tmp_path / "phase_summary.json").is_file()
 
 
-def test_cli_quick_without_phase_is_one_line_and_exit_2():
-    done = subprocess.run([sys.executable, "-m", "sparsekit", "toys", "attention", "--quick"],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--phase" in done.stderr
+def test_cli_phase_flags_without_phase_or_out_of_range_are_one_line_and_exit_2():
+    for bad, said in ((["--quick"], "--phase"), (["--cells", "3"], "--phase"),
+                      (["--phase", "--refine", "-1"], "refine_closest")):
+        done = subprocess.run([sys.executable, "-m", "sparsekit", "toys", "attention", *bad],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and said in done.stderr
