@@ -3,7 +3,11 @@
 attention: the attention-head superposition toy, one run or a sweep. One run writes m_columns.png (the
 columns of the learned mixing matrix M) and summary.json (M, losses,
 column norms, the features represented and the angles between them). --sweep trains --seeds seeds at
-each OV density and adds sweep.csv and sweep.png (features represented vs OV density).
+each OV density and adds sweep.csv and sweep.png (features represented vs OV density). --phase runs the
+phase scan instead (sparsekit.studies.attention_phase: heads per learned head, true-head activity,
+pattern sparsity, importance, resid, d_model and T, at sparse and dense OV, then a refinement with a
+longer cosine schedule; resumable) and writes phase.jsonl, phase.csv, phase.png, phase_summary.json and
+the verdict; --quick is a seconds-long version of it.
 
 sparse-base: trains (or loads from the cache) a 1-layer character-level transformer with an L1 penalty
 on its MLP activations, standard or cut residual, analyses every neuron that fires on held-out text and
@@ -47,7 +51,8 @@ def attention_main(argv) -> None:
     parser.add_argument("--steps", type=positive, default=defaults.steps)
     parser.add_argument("--out", default="runs/toys/attention", help="output folder (default runs/toys/attention)")
     parser.add_argument("--sweep", action="store_true", help="sweep OV density over --densities and --seeds seeds")
-    parser.add_argument("--seeds", type=positive, default=3, help="seeds per density in --sweep (default 3)")
+    parser.add_argument("--seeds", type=positive, default=None,
+                        help="seeds per density in --sweep and per OV density in --phase (default 3)")
     parser.add_argument("--densities", type=_densities, default=SWEEP_DENSITIES,
                         help=f"comma-separated OV densities for --sweep (default {','.join(map(str, SWEEP_DENSITIES))})")
     parser.add_argument("--p-active", type=fraction, default=defaults.p_active,
@@ -56,9 +61,27 @@ def attention_main(argv) -> None:
     parser.add_argument("--n-heads", type=positive, default=defaults.n_heads)
     parser.add_argument("--threshold", type=float, default=defaults.threshold,
                         help=f"column norm above which a feature counts as represented (default {defaults.threshold})")
+    parser.add_argument("--phase", action="store_true",
+                        help="the phase scan (about 15 min on 2 idle cores; resumes from --out/phase.jsonl)")
+    parser.add_argument("--quick", action="store_true", help="with --phase: a tiny design that runs in seconds")
+    parser.add_argument("--workers", type=positive, default=2,
+                        help="with --phase: processes running toy runs side by side (default 2)")
+    parser.add_argument("--cells", type=positive, default=None,
+                        help="with --phase: coarse cells (default 50; a prefix of the same cells, so runs are reused)")
+    parser.add_argument("--refine", type=int64, default=None,
+                        help="with --phase: cells refined for being closest to the note's picture (default 3)")
+    parser.add_argument("--refine-opposite", type=int64, default=None,
+                        help="with --phase: cells refined for the strongest opposite trend (default 1)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"argument --seed: expected a non-negative int, got {args.seed}")
+    phase_only = {"--quick": args.quick, "--cells": args.cells, "--refine": args.refine,
+                  "--refine-opposite": args.refine_opposite}
+    for flag, value in phase_only.items():
+        if value not in (None, False) and not args.phase:
+            parser.error(f"argument {flag}: only with --phase")
+    if args.phase:
+        return phase_main(args, parser)
     try:
         cfg = AttentionToyConfig(ov_density=args.ov_density, seed=args.seed, steps=args.steps, p_active=args.p_active,
                                  n_true=args.n_true, n_heads=args.n_heads, threshold=args.threshold)
@@ -77,7 +100,7 @@ def attention_main(argv) -> None:
           f"represented (norm > {cfg.threshold:g}); norms {' '.join(f'{n:.2f}' for n in result['norms'])}; "
           f"angles {angles}; loss {result['loss']:.4f} (M = 0: {result['loss_M_zero']:.4f})")
     if args.sweep:
-        rows = sweep(cfg, densities=args.densities, seeds=args.seeds)
+        rows = sweep(cfg, densities=args.densities, seeds=args.seeds or 3)
         summary["sweep"] = write_sweep(rows, out / "sweep.csv", out / "sweep.png", cfg.n_true)
         for s in summary["sweep"]:
             print(f"ov_density={s['ov_density']:g}: features represented mean {s['mean']:.2f} "
@@ -85,6 +108,27 @@ def attention_main(argv) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     written = ('m_columns.png', 'summary.json', 'sweep.csv', 'sweep.png')
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.name in written))} to {out}/")
+
+
+def phase_main(args, parser) -> None:
+    from dataclasses import replace
+
+    from sparsekit.studies.attention_phase import DESIGNS, run_phase, verdict_lines
+
+    design = DESIGNS["quick" if args.quick else "full"]
+    changes = {"coarse_cells": args.cells, "seeds": args.seeds, "refine_closest": args.refine,
+               "refine_opposite": args.refine_opposite}
+    try:
+        design = replace(design, **{k: v for k, v in changes.items() if v is not None})
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out)
+    summary = run_phase(out, design, workers=args.workers)
+    for line in verdict_lines(summary):
+        print(line)
+    print(f"{summary['runs']} runs ({summary['run_seconds']:.0f} s of run time) in {summary['wall_seconds']:.0f} s "
+          f"wall with {args.workers} worker(s); refined: {'; '.join(summary['refined'])}")
+    print(f"wrote phase.jsonl, phase.csv, phase.png, phase_summary.json to {out}/")
 
 
 def sparse_base_main(argv) -> None:

@@ -113,3 +113,53 @@ def test_cli_rejects_a_bad_flag_with_one_line_and_exit_2():
                               capture_output=True, text=True)
         assert done.returncode == 2
         assert len(done.stderr.strip().splitlines()) == 1 and "error" in done.stderr
+
+
+def test_key_sampling_picks_the_same_keys_as_an_argsort_of_the_same_uniforms():
+    seed = fresh_seed()
+    for keys in (1, 3):
+        cfg = AttentionToyConfig(n_true=3, n_tokens=6, batch=16, pattern_keys=keys, seed=seed)
+        patterns, _ = sample_batch(cfg, torch.Generator().manual_seed(seed))
+        uniforms = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+        expected = torch.zeros(16, 3, 6, 6).scatter_(-1, uniforms.argsort(-1)[..., :keys], 1.0 / keys)
+        active = (patterns.sum(-1, keepdim=True) > 0).float()
+        torch.testing.assert_close(patterns, expected * active)
+
+
+def test_p_head_switches_whole_patterns_off_at_its_rate():
+    cfg = AttentionToyConfig(n_true=5, batch=2000, p_head=0.3, p_active=1.0, seed=fresh_seed())
+    patterns, _ = sample_batch(cfg, torch.Generator().manual_seed(fresh_seed()))
+    on_rows = (patterns.sum(-1) > 0)  # [B, H, T]
+    assert torch.all(on_rows.all(-1) | ~on_rows.any(-1))  # a head is on at every query or at none
+    assert 0.26 < on_rows.all(-1).float().mean() < 0.34
+
+
+def test_onehot_resid_has_one_token_per_position_with_unit_second_moment():
+    cfg = AttentionToyConfig(d_model=16, batch=64, resid="onehot", seed=fresh_seed())
+    _, resid = sample_batch(cfg, torch.Generator().manual_seed(fresh_seed()))
+    assert torch.all((resid != 0).sum(-1) == 1) and torch.all(resid.sum(-1) == 4.0)
+    assert resid.pow(2).mean().item() == pytest.approx(1.0)
+
+
+def test_importance_decay_scales_head_h_by_decay_to_the_h():
+    seed = fresh_seed()
+    plain = sparse_ov(AttentionToyConfig(seed=seed))
+    decayed = sparse_ov(AttentionToyConfig(seed=seed, importance_decay=0.7))
+    torch.testing.assert_close(decayed, plain * (0.7 ** torch.arange(5.0))[:, None, None])
+
+
+def test_cosine_schedule_trains_and_bad_knobs_are_refused_by_name():
+    result = train_mixing(AttentionToyConfig(steps=200, schedule="cosine", seed=fresh_seed()), progress=False)
+    assert result["loss"] < result["loss_M_zero"]
+    for field, bad in (("resid", "uniform"), ("schedule", "step"), ("ov_norm", "unit"), ("p_head", 0.0),
+                       ("importance_decay", 1.5)):
+        with pytest.raises(ValueError, match=field):
+            AttentionToyConfig(**{field: bad})
+
+
+def test_equal_ov_norm_gives_every_head_the_expected_norm_on_the_same_support():
+    seed = fresh_seed()
+    drawn = sparse_ov(AttentionToyConfig(seed=seed, ov_density=0.05, d_model=8))
+    equal = sparse_ov(AttentionToyConfig(seed=seed, ov_density=0.05, d_model=8, ov_norm="equal"))
+    torch.testing.assert_close(equal.flatten(1).norm(dim=1), torch.full((5,), math.sqrt(8)))
+    assert torch.equal(equal != 0, drawn != 0)
