@@ -16,7 +16,8 @@ What each kernel moves (B rows, d = d_in, n latents, k active, s bytes per eleme
   (entries sorted by latent, then each latent's rows of grad_y summed; n·d·s written, zero rows
   included);
 - encoder backward: grad W_enc = x^T·S (as grad W_dec, over rows of x) and grad x = S·W_enc^T (the
-  columns of W_enc the codes name; the strided gather reads 8-16x more today, issue 20 point 3);
+  columns of W_enc the codes name, gathered as rows of one transposed contiguous copy of W_enc: the
+  copy's two passes over n·d are counted; reading the columns in place read 8-16x more, issue 20 point 3);
 - the MSE and its gradient: a few passes over [B, d].
 
 Gathered rows count once each (min(B·k, n) rows of W_dec or W_enc, B rows of x or grad_y): the
@@ -120,6 +121,7 @@ def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
                4 * B * k * 2 * INDEX_BYTES + batch_rows + n * d * s, fma_peak, bw),
         Kernel("encoder bwd: grad W_enc, b_enc (segment sum)", 2.0 * B * k * d, batch_rows + d * n * s + n * s,
                fma_peak, bw),
+        Kernel("encoder bwd: W_enc transposed copy", 0.0, 2 * n * d * s, fma_peak, bw),
         Kernel("encoder bwd: grad x (gathered W_enc columns)", 2.0 * B * k * d, codes + weight_rows + batch_rows,
                fma_peak, bw),
     ]
