@@ -25,3 +25,13 @@ def test_ruff_with_our_settings_refuses_a_relative_import_out_of_a_package(tmp_p
     (package / "escape.py").write_text("from ..other import thing\n\nprint(thing)\n")
     result = ruff("--config", str(ROOT / "pyproject.toml"), str(package / "escape.py"), cwd=tmp_path)
     assert result.returncode == 1 and "TID252" in result.stdout, result.stdout + result.stderr
+
+
+def test_no_two_test_files_share_a_basename():
+    # The test folders have no __init__.py, so pytest imports each test file by its basename: a second
+    # tests/<dir>/test_x.py stops the whole collection ("import file mismatch").
+    seen: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path.relative_to(ROOT)} and {seen[path.name].relative_to(ROOT)} share a name"
+        seen[path.name] = path
+    assert len(seen) > 100
