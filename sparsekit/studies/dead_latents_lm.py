@@ -259,11 +259,10 @@ def plot(rows: list[dict], path: Path) -> None:
     """Dead fraction vs size, and held-out FVU vs alive latents, one line per remedy."""
     if not rows:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left as it is
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    left, right = figure.subplots(1, 2)
     for remedy in REMEDIES:
         cells = _by_size(rows, remedy)
         if not cells:
@@ -277,4 +276,3 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)

@@ -54,6 +54,12 @@ rows = [{"ov_density": d, "seed": s, "n_represented": s + 1, "loss": 0.1, "loss_
 write_sweep(rows, out / "sweep.csv", out / "sweep.png", n_true=5)
 pngs["m_columns"], pngs["sweep"] = str(out / "m_columns.png"), str(out / "sweep.png")
 
+# Study: dead latents vs dictionary size.
+from sparsekit.studies.dead_latents_lm import plot as plot_dead_latents
+plot_dead_latents([{"remedy": r, "n_latents": n, "dead_frac_train": 0.1, "alive": n - 1, "fvu": 0.3}
+                   for r in ("none", "ghost") for n in (64, 128)], out / "dead_latents.png")
+pngs["dead_latents"] = str(out / "dead_latents.png")
+
 # Toy: sparse base model report (overview, facets, magnitude).
 from sparsekit.toys.sparse_base_model import SparseBaseConfig, train_sparse_base
 from sparsekit.toys.sparse_base_neurons import analyse_model, collect
@@ -78,7 +84,7 @@ def test_every_plot_leaves_the_callers_backend_alone_and_writes_its_png(tmp_path
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["backend"] == "svg"
     assert report["pyplot_imported"] is False
-    assert len(report["pngs"]) == 10
+    assert len(report["pngs"]) == 11
     for name, path in report["pngs"].items():
         data = Path(path).read_bytes()
         assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n"), name
