@@ -32,9 +32,11 @@ from .sae import (
     ReLUSAE,
     TopKSAE,
     Transcoder,
+    export_circuit_tracer,
     export_dictionary_learning,
     export_sparsify,
     load,
+    load_circuit_tracer,
     load_dictionary_learning,
     load_saelens,
     load_sparsify,
@@ -56,8 +58,9 @@ def __getattr__(name: str):
 __all__ = [
     "BatchTopKCodes", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "ReLUSAE", "SparseCodes", "TopKCodes",
     "TopKSAE", "Transcoder",
-    "TrainConfig", "TrainResult", "backends", "batchtopk_encode", "export_dictionary_learning", "export_sparsify",
-    "ghost_grad_loss", "jumprelu_encode", "load", "load_dictionary_learning", "load_saelens", "load_sparsify",
+    "TrainConfig", "TrainResult", "backends", "batchtopk_encode", "export_circuit_tracer", "export_dictionary_learning",
+    "export_sparsify", "ghost_grad_loss", "jumprelu_encode", "load", "load_circuit_tracer", "load_dictionary_learning",
+    "load_saelens", "load_sparsify",
     "loss_recovered", "push_to_hub", "ops", "reference", "relu_encode", "relu_encode_adaptive", "sparse_decode",
     "sparse_decode_coo", "splice", "steer", "topk_encode", "train", "zero_ablate",
 ]

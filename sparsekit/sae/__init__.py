@@ -5,6 +5,7 @@ Adding an architecture is one module here (a SparseDictionary subclass declaring
 ``@register``) plus its import below and its tests.
 """
 from .base import SAEOutput, SparseDictionary, geometric_median
+from .circuit_tracer_format import export_circuit_tracer, load_circuit_tracer
 from .dictionary_learning_format import export_dictionary_learning, load_dictionary_learning
 from .hub import push_to_hub
 from .persistence import load
@@ -26,5 +27,5 @@ from .clt import CrossLayerTranscoder
 
 __all__ = ["ARCHITECTURES", "BatchTopKSAE", "CrossLayerTranscoder", "GatedSAE", "Hyperparameter", "JumpReLUSAE",
            "MatryoshkaBatchTopKSAE", "ReLUSAE", "SAEOutput", "SparseDictionary", "TopKSAE", "Transcoder",
-           "export_dictionary_learning", "export_saelens", "export_sparsify", "geometric_median", "load",
-           "load_dictionary_learning", "load_saelens", "load_sparsify", "push_to_hub", "register"]
+           "export_circuit_tracer", "export_dictionary_learning", "export_saelens", "export_sparsify", "geometric_median", "load",
+           "load_circuit_tracer", "load_dictionary_learning", "load_saelens", "load_sparsify", "push_to_hub", "register"]

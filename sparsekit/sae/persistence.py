@@ -3,8 +3,9 @@
 ``save_dictionary`` writes sae.safetensors and cfg.json (the format stamp, ``sae.config()`` and
 ``sae.metadata``: sparsekit.sae.metadata). ``load`` reads a local folder or a Hugging Face Hub repo
 (sparsekit.sae.hub) and tells the layouts apart by their files: a sparsekit or sparsify folder
-(both cfg.json + sae.safetensors; cfg.json says which), SAELens (sae_weights.safetensors) or
-dictionary_learning (ae.pt + config.json), each read by its importer.
+(both cfg.json + sae.safetensors; cfg.json says which), SAELens (sae_weights.safetensors),
+dictionary_learning (ae.pt + config.json) or circuit-tracer (config.yaml + layer_0.safetensors or
+W_enc_0.safetensors: a list of per-layer Transcoders, or a CLT), each read by its importer.
 
 Files are written to a temporary name, fsynced and renamed, so a crash never leaves a half-written
 dictionary under the real name.
@@ -26,6 +27,7 @@ from sparsekit._util.validate import is_number
 
 from . import hub, registry
 from .allocation import check_bytes
+from .circuit_tracer_format import is_circuit_tracer_folder, load_circuit_tracer
 from .dictionary_learning_format import DL_WEIGHTS_FILE, load_dictionary_learning
 from .files import (
     CONFIG_FILE,
@@ -87,6 +89,8 @@ def load_folder(directory: Path, device=None):
         return load_dictionary_learning(directory, device=device)
     if (directory / SAELENS_WEIGHTS_FILE).is_file() and not weights_path.is_file():
         return load_saelens(directory, device=device)
+    if is_circuit_tracer_folder(directory) and not weights_path.is_file():  # a list of Transcoders, or a CLT
+        return load_circuit_tracer(directory, device=device)
     if not config_path.is_file() and not weights_path.is_file():
         inside = sorted(p.name for p in directory.iterdir()
                         if p.is_dir() and ((p / CONFIG_FILE).is_file() or (p / DL_WEIGHTS_FILE).is_file()))
