@@ -103,11 +103,11 @@ def main(argv=None) -> None:
     if not (run / "clt").is_dir():
         raise SystemExit(f"sparsekit graph: error: {run / 'clt'} does not exist: train one with `sparsekit train-clt "
                          f"--out {run}`")
-    import sparsekit
     from sparsekit.activations.lm import load_lm
     from sparsekit.sae import CrossLayerTranscoder
+    from sparsekit.sae.persistence import load
 
-    clt = sparsekit.load(run / "clt")
+    clt = load(run / "clt")
     if not isinstance(clt, CrossLayerTranscoder):
         raise SystemExit(f"sparsekit graph: error: {run / 'clt'} holds a {type(clt).__name__}, not a cross-layer "
                          f"transcoder")
