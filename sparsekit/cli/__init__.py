@@ -17,6 +17,7 @@ COMMANDS = {
     "lm-demo": "SmolLM2-135M: cache early-layer activations, train an SAE and a transcoder (--transcoder "
                "mlp|resid|attn; --layers 0,2,4: per-layer SAEs), CE/KL, dashboard",
     "train-clt": "SmolLM2-135M: a cross-layer transcoder over consecutive layers (--layers 3-8), per-layer FVU",
+    "graph": "the attribution graph of a prompt under a train-clt run's CLT: graph.json and graph.html (--run runs/clt)",
     "dashboard": "write RUN_DIR/dashboard.html (static feature dashboard) from RUN_DIR/*_features.json",
     "lm-study": "SmolLM2-135M studies of the note's claims: `lm-study dead-latents` (dead fraction vs size per remedy)",
     "tune": "measure this CPU's crossovers (OpenBLAS, bf16 screen) and cache them; --quick, --show, --reset",
@@ -83,6 +84,9 @@ def run_command(command: str, rest: list) -> None:
     elif command == "train-clt":
         from .train_clt import main as train_clt_main
         train_clt_main(rest)
+    elif command == "graph":
+        from .graph import main as graph_main
+        graph_main(rest)
     elif command == "dashboard":
         from .dashboard import main as dashboard_main
         dashboard_main(rest)

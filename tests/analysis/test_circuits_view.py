@@ -1,0 +1,74 @@
+"""The attribution graph's static HTML view in a real headless Chromium (as tests/analysis/test_dashboard.py):
+it loads without console errors, draws every node and edge, clicking a node shows its details and
+edges, and token text such as <script> is shown, never run."""
+import json
+import shutil
+
+import pytest
+import torch
+from helpers.lm_cases import random_contexts, tiny_transformer
+
+from sparsekit.analysis.circuits import attribute, graph_to_json, prune
+from sparsekit.analysis.circuits.view import graph_html, write_graph_html
+from sparsekit.analysis.dashboard import headless_chromium
+from sparsekit.sae.clt import CrossLayerTranscoder
+
+EVIL = "<script>window.__pwned = 1</script>"
+
+
+def pruned_graph_json():
+    model = tiny_transformer(3, seed=2)
+    clt = CrossLayerTranscoder(16, 2 * 16, n_layers=2, k_per_layer=3, first_layer=1, seed=1)
+    with torch.no_grad():
+        clt.b_enc.fill_(0.5)
+    graph = attribute(model, clt, random_contexts(1, 6, seed=4)[0], max_logits=3, special_ids=None, progress=False)
+    data = graph_to_json(prune(graph, max_nodes=25))
+    data["tokens"][2] = EVIL
+    for node in data["nodes"]:
+        if node["position"] == 2:
+            node["token"] = EVIL
+    return data
+
+
+def test_graph_html_embeds_escaped_json():
+    data = pruned_graph_json()
+    page = graph_html(data)
+    assert "<script>window.__pwned" not in page and page.count("<script") == 2
+    start = page.index('id="graph-data">') + len('id="graph-data">')
+    assert json.loads(page[start:page.index("</script>", start)]) == data
+    with pytest.raises(ValueError, match="graph must be a Graph"):
+        graph_html({"nodes": []})
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        pytest.fail("headless Chromium tests need Debian's chromium and chromium-driver "
+                    "(apt-get install -y chromium chromium-driver; .ci/run installs them)")
+    driver = headless_chromium(tmp_path_factory.mktemp("chromium-profile"))
+    yield driver
+    driver.quit()
+
+
+def test_graph_view_in_headless_chromium(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    data = pruned_graph_json()
+    page = write_graph_html(data, tmp_path / "graph.html")
+    browser.get(page.as_uri())
+    circles = browser.find_elements(By.CSS_SELECTOR, "circle.node")
+    assert len(circles) == len(data["nodes"])
+    assert len(browser.find_elements(By.CSS_SELECTOR, "path.edge")) == len(data["edges"])
+    axis = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "text.axis")]
+    assert f"2: {EVIL}" in axis  # shown as text
+    assert browser.execute_script("return window.__pwned === undefined")
+    # click the strongest edge's target: its details and that edge among its inputs
+    target = data["edges"][0]["target"]
+    index = [node["id"] for node in data["nodes"]].index(target)
+    browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))",
+                           browser.find_element(By.ID, f"node-{index}"))
+    assert browser.find_element(By.ID, "details-title").text == target
+    assert "selected" in browser.find_element(By.ID, f"node-{index}").get_attribute("class")
+    rows = browser.find_elements(By.CSS_SELECTOR, "table.strongest-inputs tr")
+    assert rows and rows[0].text.split()[0] == data["edges"][0]["source"]
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, json.dumps(errors)
