@@ -116,10 +116,7 @@ def main(argv=None) -> None:
     build_graph(model, clt, args.prompt, out, args.node_threshold, args.edge_threshold, args.max_nodes,
                 args.max_logits, args.logit_prob, args.batch_size, progress=not args.no_progress)
     if args.replacement_eval:
-        from sparsekit.analysis.circuits import replacement_ce_kl
+        from sparsekit.analysis.circuits import replacement_ce_kl, replacement_summary
         figures = replacement_ce_kl(model, clt, held_out_contexts(model, run), progress=not args.no_progress)
         (out / "replacement.json").write_text(json.dumps(figures, indent=1) + "\n")
-        print(f"replacement (CLT on layers {figures['layers'][0]}-{figures['layers'][-1]} at once, no error terms) on "
-              f"{figures['tokens']:,} held-out tokens: CE {figures['ce_replacement']:.4f} (clean {figures['ce_clean']:.4f}, "
-              f"those MLPs zero-ablated {figures['ce_zero']:.4f}; recovered {figures['ce_recovered']:.3f}), "
-              f"KL {figures['kl']:.4f} nats (zero-ablated {figures['kl_zero']:.4f})")
+        print(replacement_summary(figures))

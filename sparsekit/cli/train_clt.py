@@ -141,7 +141,6 @@ def main(argv=None) -> None:
     pairs = cache_layer_pairs(model, tokens[eval_contexts:], args.layers, cache / "train", batch_size=args.batch_size,
                               dtype=args.cache_dtype, progress=progress, seed=args.seed, epochs=args.epochs)
     timings["load_and_cache_s"] = time.perf_counter() - started
-    del model
     x_eval, y_eval = (torch.cat(parts) for parts in zip(*held_out))
     L = len(args.layers)
     clt = CrossLayerTranscoder(pairs.d_in, L * args.latents_per_layer, pairs.d_out, n_layers=L, k_per_layer=args.k,
@@ -159,6 +158,9 @@ def main(argv=None) -> None:
     clt.save(out / "clt")
     metrics = {key: value for key, value in result.items() if key != "history"}
     metrics["settings"] = {k: v for k, v in vars(args).items()}
+    # The replacement model: the CLT in place of every covered MLP at once, CE/KL on the held-out contexts.
+    from sparsekit.analysis.circuits import replacement_ce_kl, replacement_summary
+    metrics["replacement"] = replacement_ce_kl(model, clt, tokens[:eval_contexts], progress=progress)
     if args.compare_steps > 0:
         x, y = clt.scale_batch(x_eval[:args.batch_size], y_eval[:args.batch_size])
         metrics["step_comparison"] = step_comparison(clt, x, y, args.compare_steps, args.seed)
@@ -175,4 +177,5 @@ def main(argv=None) -> None:
         c = metrics["step_comparison"]
         print(f"step times on a batch of {c['batch']} (median of {c['steps']}): CLT {c['clt_s']:.3f} s, "
               f"PLTs {c['plt_s']:.3f} s, plain transcoder ({c['plain_transcoder']}) {c['plain_transcoder_s']:.3f} s")
+    print(replacement_summary(metrics["replacement"]))
     print(f"saved {out / 'clt'} and {out / 'metrics.json'}")

@@ -12,7 +12,15 @@ one's CE/KL; ``attribution``: direct effects; ``pruning``: influence, pruning, t
 """
 from .attribution import Graph, attribute
 from .pruning import graph_to_json, influence, prune, write_graph_json
-from .replacement import Features, PromptRecord, active_features, record_prompt, replacement_ce_kl, replacement_forward
+from .replacement import (
+                          Features,
+                          PromptRecord,
+                          active_features,
+                          record_prompt,
+                          replacement_ce_kl,
+                          replacement_forward,
+                          replacement_summary,
+)
 
 __all__ = ["Features", "Graph", "PromptRecord", "active_features", "attribute", "graph_to_json", "influence", "prune",
-           "record_prompt", "replacement_ce_kl", "replacement_forward", "write_graph_json"]
+           "record_prompt", "replacement_ce_kl", "replacement_forward", "replacement_summary", "write_graph_json"]

@@ -318,3 +318,12 @@ def replacement_forward(model, clt: CrossLayerTranscoder, prompt, special_ids="t
         logits, _ = replacement.forward(replacement.activations[None], replacement.errors()[None],
                                         replacement.record.resid0[None])
     return logits[0]
+
+
+def replacement_summary(figures: dict) -> str:
+    """One line saying what ``replacement_ce_kl`` measured (its dict), for the command lines."""
+    layers = figures["layers"]
+    return (f"replacement (CLT on layers {layers[0]}-{layers[-1]} at once, no error terms) on {figures['tokens']:,} "
+            f"held-out tokens: CE {figures['ce_replacement']:.4f} (clean {figures['ce_clean']:.4f}, those MLPs "
+            f"zero-ablated {figures['ce_zero']:.4f}; recovered {figures['ce_recovered']:.3f}), KL {figures['kl']:.4f} "
+            f"nats (zero-ablated {figures['kl_zero']:.4f})")
