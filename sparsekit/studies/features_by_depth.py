@@ -639,7 +639,7 @@ def summary_markdown(plan: DepthPlan, model: str, rows: list[dict], found: dict[
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Four panels against layer: single-token, context-dependence, coherence, density."""
+    """Four panels against layer: single-token, context-dependence, coherence, density (and the dead fraction)."""
     if not rows:
         return
     import matplotlib
@@ -655,14 +655,17 @@ def plot(rows: list[dict], path: Path) -> None:
                                       ("context_dependent_frac", "context-dependent fraction"))),
               ("logit-effect coherence", (("coherent_frac", "coherent fraction"), ("median_hit_rate", "median hit rate"),
                                           ("median_base_rate", "median base rate"))),
-              ("density", (("median_density", "median density (alive)"), ("dead_frac_eval", "dead fraction (census)"))))
+              ("density", (("median_density", "median density (alive)"),)))
     for axis, (title, series) in zip(axes, panels):
         for key, label in series:
             axis.plot(layer, [r.get(key, math.nan) for r in rows], marker="o", label=label)
         axis.set(title=title, xlabel="layer")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="upper left")
     axes[3].set_yscale("log")
+    dead = axes[3].twinx()                 # linear: a dead fraction of 0 has no place on a log axis
+    dead.plot(layer, [r.get("dead_frac_eval", math.nan) for r in rows], marker="s", color="tab:red")
+    dead.set_ylabel("dead fraction (never fired on the census tokens)", color="tab:red", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
