@@ -489,8 +489,9 @@ def run_study(plan: DepthPlan, model, out, contexts: Tensor | None = None, progr
     if todo:
         started = time.perf_counter()
         kwargs = dict(batch_size=plan.batch_size, dtype=plan.cache_dtype, progress=progress)
-        caches["train"] = cache_layer_activations(model, train_contexts, hooks, out / "acts" / "train", **kwargs)
-        caches["eval"] = cache_layer_activations(model, eval_contexts, hooks, out / "acts" / "eval", **kwargs)
+        for part, part_contexts in (("train", train_contexts), ("eval", eval_contexts)):
+            folder = f"{part}-{part_contexts.shape[0]}x{plan.context_len}-{plan.corpus}-{plan.cache_dtype}"
+            caches[part] = cache_layer_activations(model, part_contexts, hooks, out / "acts" / folder, **kwargs)
         print(f"[depth] activations at {len(hooks)} layers for {train_contexts.shape[0] + n_eval} contexts: "
               f"{time.perf_counter() - started:.0f} s (reused when cached)", flush=True)
     layout = census_rows(eval_contexts, resolve_special_ids(model, "tokenizer"))

@@ -221,6 +221,11 @@ def test_a_bad_plan_is_refused_naming_the_setting(changes, named):
         tiny_plan(layers=(0, 3)).check(3)
 
 
+def test_the_command_refuses_a_layer_beyond_smollm2_in_one_line_before_loading_it():
+    with pytest.raises(SystemExit, match="lm-study depth: layers must be below the model's n_layers=30"):
+        lm_study.main(["depth", "--layers", "0,30"])
+
+
 def test_the_command_line_builds_the_depth_plan():
     plan = lm_study.depth_plan_from(lm_study.parse_depth(["--layers", "0,10,20", "--n-latents", "2048"]))
     assert (plan.layers, plan.n_latents, plan.hook(10)) == ((0, 10, 20), 2048, "blocks.10.hook_resid_post")
