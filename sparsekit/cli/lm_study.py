@@ -1,5 +1,5 @@
-"""`python -m sparsekit lm-study dead-latents`: the LM studies of the research note's claims
-(sparsekit.studies.dead_latents_lm; docs/studies.md)."""
+"""`python -m sparsekit lm-study dead-latents|depth`: the LM studies of the research note's claims
+(sparsekit.studies.dead_latents_lm, sparsekit.studies.features_by_depth; docs/studies.md)."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +7,12 @@ import argparse
 import torch
 
 from sparsekit.studies.dead_latents_lm import REMEDIES, DeadLatentPlan, run_scan
+from sparsekit.studies.features_by_depth import SITES, DepthPlan
 
 from .parser import OneLineParser, int64
 
-STUDIES = {"dead-latents": "dead fraction, FVU and CE/KL vs dictionary size under each dead-latent remedy"}
+STUDIES = {"dead-latents": "dead fraction, FVU and CE/KL vs dictionary size under each dead-latent remedy",
+           "depth": "one SAE per layer; single-token, context-dependence, logit coherence and density vs depth"}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -69,6 +71,36 @@ def plan_from(args) -> DeadLatentPlan:
                           dead_window_tokens=args.dead_window_tokens, corpus=args.corpus)
 
 
+def parse_depth(argv) -> argparse.Namespace:
+    from sparsekit.studies import features_by_depth
+    summary, rest = features_by_depth.__doc__.split("\n\n", 1)
+    defaults = DepthPlan()
+    p = OneLineParser(prog="sparsekit lm-study depth", description=summary, epilog=rest, formatter_class=_Formatter)
+    p.add_argument("--out", default="runs/features-by-depth", help="study folder (a second run resumes it)")
+    p.add_argument("--layers", type=_int_list, default=defaults.layers, help="blocks to read, comma-separated")
+    p.add_argument("--site", choices=SITES, default=defaults.site, help="the hook read in each block")
+    p.add_argument("--n-latents", type=int64, default=defaults.n_latents, help="dictionary width (every layer)")
+    p.add_argument("--k", type=int64, default=defaults.k, help="active latents per token (TopK)")
+    p.add_argument("--train-tokens", type=int64, default=defaults.train_tokens, help="tokens cached and trained on per layer")
+    p.add_argument("--eval-tokens", type=int64, default=defaults.eval_tokens, help="held-out tokens for the census")
+    p.add_argument("--batch-size", type=int64, default=defaults.batch_size, help="tokens per step")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    p.add_argument("--corpus", default=defaults.corpus, help="built-in text: shakespeare or python-docs")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run in minutes: n=1024, k=16, 32,768 training and 8,192 census tokens")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_latents, args.k, args.train_tokens, args.eval_tokens = 1024, 16, 32_768, 8192
+        args.batch_size = min(args.batch_size, 1024)
+    return args
+
+
+def depth_plan_from(args) -> DepthPlan:
+    return DepthPlan(layers=tuple(args.layers), site=args.site, n_latents=args.n_latents, k=args.k,
+                     train_tokens=args.train_tokens, eval_tokens=args.eval_tokens, batch_size=args.batch_size,
+                     lr=args.lr, corpus=args.corpus, dashboard_contexts=16 if args.quick else DepthPlan.dashboard_contexts)
+
+
 def main(argv=None) -> None:
     argv = list(argv or [])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STUDIES:
@@ -77,12 +109,19 @@ def main(argv=None) -> None:
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"sparsekit lm-study: unknown study {argv[0]!r}; choose one of {', '.join(STUDIES)}")
         return
-    args = parse_dead_latents(argv[1:])
-    plan = plan_from(args)
+    from sparsekit.activations.lm import SMOLLM2, SMOLLM2_CONFIG, load_lm
+    if argv[0] == "depth":
+        from sparsekit.studies.features_by_depth import run_study
+        args = parse_depth(argv[1:])
+        plan = depth_plan_from(args)
+        checks, run = (lambda: plan.check(SMOLLM2_CONFIG["n_layers"])), (lambda model: run_study(plan, model, args.out))
+    else:
+        args = parse_dead_latents(argv[1:])
+        plan = plan_from(args)
+        checks, run = plan.check, (lambda model: run_scan(plan, model, args.out))
     try:
-        plan.check()
+        checks()
     except ValueError as error:
-        raise SystemExit(f"sparsekit lm-study dead-latents: {error}") from None
-    from sparsekit.activations.lm import SMOLLM2, load_lm
+        raise SystemExit(f"sparsekit lm-study {argv[0]}: {error}") from None
     torch.manual_seed(0)
-    run_scan(plan, load_lm(SMOLLM2), args.out)
+    run(load_lm(SMOLLM2))
