@@ -112,6 +112,14 @@ def step_comparison(clt, x, y, steps: int, seed: int) -> dict:
 
 def main(argv=None) -> None:
     args = parse(argv or [])
+    try:
+        run(args)
+    except ValueError as error:  # a cache folder holding other activations, a bad setting: one line, no traceback
+        raise SystemExit(f"sparsekit train-clt: error: {error}") from None
+
+
+def run(args) -> None:
+    """The command, once its flags parsed (see the module docstring)."""
     from sparsekit.activations.layers import cache_layer_pairs
     from sparsekit.activations.lm import load_lm
     from sparsekit.activations.store import corpus_contexts
