@@ -643,13 +643,12 @@ def plot(rows: list[dict], path: Path) -> None:
     """Four panels against layer: single-token, context-dependence, coherence, density (and the dead fraction)."""
     if not rows:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left as it is
 
     rows = sorted(rows, key=lambda r: r["layer"])
     layer = [r["layer"] for r in rows]
-    figure, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    figure = Figure(figsize=(16, 3.8))
+    axes = figure.subplots(1, 4)
     panels = (("single-token", (("single_token_frac", "single-token fraction"), ("median_token_share", "median top-set share"),
                                 ("median_next_share", "median next-token share"))),
               ("context-dependence", (("median_context_dependence", "median context-dependence"),
@@ -669,4 +668,3 @@ def plot(rows: list[dict], path: Path) -> None:
     dead.set_ylabel("dead fraction (never fired on the census tokens)", color="tab:red", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)

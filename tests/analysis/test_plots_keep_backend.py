@@ -59,6 +59,10 @@ from sparsekit.studies.dead_latents_lm import plot as plot_dead_latents
 plot_dead_latents([{"remedy": r, "n_latents": n, "dead_frac_train": 0.1, "alive": n - 1, "fvu": 0.3}
                    for r in ("none", "ghost") for n in (64, 128)], out / "dead_latents.png")
 pngs["dead_latents"] = str(out / "dead_latents.png")
+from sparsekit.studies.features_by_depth import plot as plot_depth
+plot_depth([{"layer": l, "single_token_frac": 0.5, "median_context_dependence": 0.4, "coherent_frac": 0.1,
+             "median_density": 0.01, "dead_frac_eval": 0.0} for l in (0, 5)], out / "features_by_depth.png")
+pngs["features_by_depth"] = str(out / "features_by_depth.png")
 
 # Toy: sparse base model report (overview, facets, magnitude).
 from sparsekit.toys.sparse_base_model import SparseBaseConfig, train_sparse_base
@@ -84,7 +88,7 @@ def test_every_plot_leaves_the_callers_backend_alone_and_writes_its_png(tmp_path
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["backend"] == "svg"
     assert report["pyplot_imported"] is False
-    assert len(report["pngs"]) == 11
+    assert len(report["pngs"]) == 12
     for name, path in report["pngs"].items():
         data = Path(path).read_bytes()
         assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n"), name
