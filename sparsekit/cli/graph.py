@@ -18,6 +18,8 @@ import json
 import re
 from pathlib import Path
 
+from sparsekit._util.atomic import atomic_write_bytes
+
 from .parser import OneLineParser, int64, path_arg
 
 
@@ -65,7 +67,7 @@ def build_graph(model, clt, prompt, out: Path, node_threshold: float = 0.8, edge
                 max_nodes: int = 100, max_logits: int = 10, logit_prob: float = 0.95, batch_size: int = 32,
                 progress: bool = True, special_ids="tokenizer") -> dict:
     """Attribute, prune, write out/graph.json and out/graph.html, print what was kept -> the JSON."""
-    from sparsekit.analysis.circuits import attribute, graph_to_json, prune
+    from sparsekit.analysis.circuits import attribute, graph_to_json, prune, write_graph_json
     from sparsekit.analysis.circuits.view import write_graph_html
 
     graph = attribute(model, clt, prompt, max_logits=max_logits, logit_prob=logit_prob, batch_size=batch_size,
@@ -73,7 +75,7 @@ def build_graph(model, clt, prompt, out: Path, node_threshold: float = 0.8, edge
     pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold, max_nodes=max_nodes)
     data = graph_to_json(pruned)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "graph.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_graph_json(pruned, out / "graph.json")  # atomically: a killed run leaves no half-written graph
     write_graph_html(data, out / "graph.html", title=f"attribution graph: {''.join(graph.tokens)}")
     s = pruned.settings
     kinds = [node["kind"] for node in data["nodes"]]
@@ -118,5 +120,5 @@ def main(argv=None) -> None:
     if args.replacement_eval:
         from sparsekit.analysis.circuits import replacement_ce_kl, replacement_summary
         figures = replacement_ce_kl(model, clt, held_out_contexts(model, run), progress=not args.no_progress)
-        (out / "replacement.json").write_text(json.dumps(figures, indent=1) + "\n")
+        atomic_write_bytes(out / "replacement.json", (json.dumps(figures, indent=1) + "\n").encode())
         print(replacement_summary(figures))
