@@ -30,7 +30,6 @@ The rules, fixed before any result was seen (``verdicts``):
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -45,6 +44,8 @@ from sparsekit._util.atomic import atomic_write_bytes
 from sparsekit.sae import TopKSAE
 from sparsekit.training.config import TrainConfig
 from sparsekit.training.loop import train
+
+from .tables import markdown_table, write_rows_csv
 
 REMEDIES = ("none", "resample", "ghost", "auxk")
 RESULT = "result.json"
@@ -156,22 +157,13 @@ def run_scan(plan: DeadLatentPlan, model, out, contexts: torch.Tensor | None = N
         print(f"[dead-latents] {number}/{len(cells)} {remedy} n={size}: dead {row['dead_frac_train']:.3f}, "
               f"FVU {row['fvu']:.4f}, CE recovered {row['ce_recovered']:.4f}, {row['seconds_per_step']:.3f} s/step",
               flush=True)
-    write_csv(rows, out / "scan.csv")
+    write_rows_csv(rows, out / "scan.csv")
     found = verdicts(rows)
     (out / "summary.md").write_text(summary_markdown(plan, name, rows, found))
     plot(rows, out / "dead_latents.png")
     for line in found.values():
         print(f"[dead-latents] {line}")
     return rows
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    if not rows:
-        return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _by_size(rows: list[dict], remedy: str) -> list[dict]:
@@ -248,9 +240,7 @@ def summary_markdown(plan: DeadLatentPlan, model: str, rows: list[dict], found: 
              f"TopK SAEs (k={plan.k}), {plan.train_tokens:,} training tokens each (batch {plan.batch_size}, "
              f"lr {plan.lr}), dead = no firing in the last {plan.dead_window_tokens:,} training tokens; FVU, L0, "
              f"CE loss recovered and KL on {plan.eval_tokens:,} held-out tokens.", "",
-             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in sorted(rows, key=lambda r: (r["n_latents"], REMEDIES.index(r["remedy"]))):
-        lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
+             *markdown_table(sorted(rows, key=lambda r: (r["n_latents"], REMEDIES.index(r["remedy"]))), columns)]
     lines += ["", *[f"- {line}" for line in found.values()], ""]
     return "\n".join(lines)
 

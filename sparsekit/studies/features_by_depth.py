@@ -86,6 +86,8 @@ from sparsekit.sae import TopKSAE
 from sparsekit.training.config import TrainConfig
 from sparsekit.training.loop import train
 
+from .tables import markdown_table, write_rows_csv
+
 RESULT = "result.json"
 SINGLE_TOKEN_SHARE = 0.5
 CONTEXT_DEPENDENT = 0.5
@@ -531,7 +533,7 @@ def run_study(plan: DepthPlan, model, out, contexts: Tensor | None = None, progr
         report_path = out / "dashboard" / f"{report_name}_features.json"
         if report_path.is_file():
             reports[report_name] = json.loads(report_path.read_text())
-    write_csv(rows, out / "depth.csv")
+    write_rows_csv(rows, out / "depth.csv")
     found = verdicts(rows, n_layers)
     (out / "summary.md").write_text(summary_markdown(plan, name, rows, found))
     plot(rows, out / "features_by_depth.png")
@@ -552,15 +554,6 @@ def _trained(plan: DepthPlan, source, folder: Path, progress: bool):
     save_dictionary(sae, folder / "sae")
     atomic_write_bytes(folder / "trained.json", json.dumps(trained).encode())
     return sae, trained
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    if not rows:
-        return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 # --- the verdicts ------------------------------------------------------------------------------------
@@ -632,9 +625,7 @@ def summary_markdown(plan: DepthPlan, model: str, rows: list[dict], found: dict[
              f"{plan.train_tokens:,} training tokens each (the same for every layer; batch {plan.batch_size}, "
              f"lr {plan.lr}); census on {plan.eval_tokens:,} held-out tokens: top sets of {plan.top_n}, promoted "
              f"sets of {plan.promoted_k} (rules: sparsekit/studies/features_by_depth.py).", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for row in sorted(rows, key=lambda r: r["layer"]):
-        lines.append("| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |")
+             *markdown_table(sorted(rows, key=lambda r: r["layer"]), COLUMNS)]
     lines += ["", *[f"- {line}" for line in found.values()], ""]
     return "\n".join(lines)
 
