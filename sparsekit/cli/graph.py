@@ -74,6 +74,8 @@ def parse(argv) -> argparse.Namespace:
     for name in ("context_tokens", "validate_edges"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.select is not None and args.screenshot is None:
+        p.error("--select names the node --screenshot shows selected: pass --screenshot PNG too")
     if args.max_nodes <= args.max_logits:
         p.error(f"--max-nodes {args.max_nodes} must exceed --max-logits {args.max_logits}")
     return args

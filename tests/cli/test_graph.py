@@ -29,7 +29,8 @@ def test_graph_flags_and_missing_run_get_one_line(tmp_path, capsys):
     for flag, value, message in [("--validate-edges", "-1", "--validate-edges must be >= 0"),
                                  ("--context-tokens", "-5", "--context-tokens must be >= 0"),
                                  ("--examples", "0", "--examples must be >= 1"),
-                                 ("--validate-sources", "errors", "invalid choice")]:
+                                 ("--validate-sources", "errors", "invalid choice"),
+                                 ("--select", "f:L3:p1:#54", "pass --screenshot PNG too")]:
         with pytest.raises(SystemExit):
             cli.main(["graph", "Hi", flag, value])
         assert message in capsys.readouterr().err

@@ -22,7 +22,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sparsekit import ops
 from sparsekit._util.atomic import atomic_write_bytes
 from sparsekit._util.bounded import load_json
 from sparsekit._util.validate import positive_int
@@ -33,7 +32,7 @@ from sparsekit.analysis.top_examples import TopContexts
 from sparsekit.sae.clt import CrossLayerTranscoder
 
 from .attribution import token_strings
-from .replacement import check_model_and_clt, scaled_inputs
+from .replacement import check_model_and_clt, clt_pass, encode_layer
 
 
 class ContextTable(NamedTuple):
@@ -60,7 +59,6 @@ def table_key(clt: CrossLayerTranscoder, tokens: Tensor, examples: int, special:
             "special_ids": list(special)}
 
 
-@torch.no_grad()
 def top_contexts(model, clt: CrossLayerTranscoder, tokens: Tensor, examples: int = 5, batch_contexts: int = 8,
                  special_ids="tokenizer", progress: bool = False) -> ContextTable:
     """Every feature's ``examples`` best contexts in tokens [N, T] (module docstring)."""
@@ -73,13 +71,7 @@ def top_contexts(model, clt: CrossLayerTranscoder, tokens: Tensor, examples: int
     top = TopContexts(n * L, examples)
     keep = kept_positions(tokens, special)
     stop = clt.layers()[-1] + 1
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=tokens.numel(), unit="tok", unit_scale=True, dynamic_ncols=True, desc="top contexts")
-    was_training = clt.training
-    clt.eval()
-    try:
+    with clt_pass(clt, progress, tokens.numel(), "tok", "top contexts", unit_scale=True) as advance, torch.no_grad():
         for first in range(0, tokens.shape[0], batch_contexts):
             batch = tokens[first:first + batch_contexts]
             _, cache = model.run_with_cache(batch.to(model.cfg.device), stop_at_layer=stop,
@@ -87,18 +79,12 @@ def top_contexts(model, clt: CrossLayerTranscoder, tokens: Tensor, examples: int
             rows = keep[first:first + batch.shape[0]].nonzero()                     # [R, 2]: context, position
             for layer, m in enumerate(clt.layers()):
                 x = cache[mlp_hooks(m)[0]][rows[:, 0].to(model.cfg.device), rows[:, 1].to(model.cfg.device)]
-                codes = ops.topk_encode(scaled_inputs(clt, x, layer), clt.encoder(layer),
-                                        clt.b_enc[layer * n:(layer + 1) * n], clt.k_per_layer, pre_bias=clt.b_in[layer])
+                codes = encode_layer(clt, x, layer)
                 row, slot = (codes.values > 0).nonzero(as_tuple=True)
                 row = row.cpu()
                 top.add(codes.values[row, slot].float().cpu(), codes.indices[row, slot].cpu() + layer * n,
                         first + rows[row, 0], rows[row, 1])
-            if bar is not None:
-                bar.update(batch.numel())
-    finally:
-        clt.train(was_training)
-        if bar is not None:
-            bar.close()
+            advance(batch.numel())
     return ContextTable(tokens.cpu(), top.values, top.contexts, top.positions,
                         table_key(clt, tokens, examples, special))
 

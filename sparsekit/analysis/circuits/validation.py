@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sparsekit import ops
 from sparsekit._util.atomic import atomic_write_bytes
 from sparsekit._util.validate import positive_int
 from sparsekit.activations.layers import mlp_hooks
@@ -41,7 +40,7 @@ from sparsekit.sae.clt import CrossLayerTranscoder
 
 from .attribution import Graph
 from .pruning import node_id
-from .replacement import Replacement, mlp_out_hook, record_prompt, scaled_inputs
+from .replacement import Replacement, clt_pass, decode_layer, encode_layer, mlp_out_hook, record_prompt
 
 MODES = ("frozen_linear", "frozen", "unfrozen")
 MODE_TITLES = {"frozen_linear": "frozen replacement, other features held (the graph's linear model)",
@@ -111,7 +110,6 @@ def _frozen_recomputed(rep: Replacement, ab: _Ablations, stop: int | None) -> di
     (TopK; the copies' zeroed features held at 0), errors ab.errors, embeddings ab.resid0 ->
     {CLT layer: MLP input [B, T, d_in]}."""
     clt, model = rep.clt, rep.model
-    n, d = clt.latents_per_layer, clt.d_out
     B, T = ab.resid0.shape[:2]
     keep = rep.keep[None]                                                      # [1, T, 1]
     frozen = rep.record.frozen
@@ -120,17 +118,14 @@ def _frozen_recomputed(rep: Replacement, ab: _Ablations, stop: int | None) -> di
 
     def encode(act, hook, layer):
         captured[layer] = act
-        codes = ops.topk_encode(scaled_inputs(clt, act.reshape(B * T, -1), layer), clt.encoder(layer),
-                                clt.b_enc[layer * n:(layer + 1) * n], clt.k_per_layer, pre_bias=clt.b_in[layer])
+        codes = encode_layer(clt, act.reshape(B * T, -1), layer)
         values = codes.values.clone()
         for b, zeroed_layer, position, latent in ab.zeroed:
             if zeroed_layer == layer:
                 row = b * T + position
                 values[row] = torch.where(codes.indices[row] == latent, torch.zeros_like(values[row]), values[row])
-        span = clt.spans[layer]
-        written = ops.sparse_decode(values, codes.indices, clt.decoder(layer), clt.W_dec.new_zeros(span * d))
-        written = written.view(B, T, span, d)
-        for offset in range(span):
+        written = decode_layer(clt, values, codes.indices, layer).view(B, T, -1, clt.d_out)
+        for offset in range(clt.spans[layer]):
             pending[layer + offset] = pending.get(layer + offset, 0) + written[:, :, offset]
 
     def write(act, hook, m):
@@ -230,32 +225,20 @@ def validate_edges(model, clt: CrossLayerTranscoder, prompt, graph: Graph, n_edg
     modes = MODES if unfrozen else MODES[:2]
     feats, M = rep.features, model.cfg.n_layers
     measured = {mode: torch.zeros(targets.shape[0], dtype=torch.float64) for mode in modes}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=targets.shape[0] * len(modes), unit="edge", dynamic_ncols=True, desc="edge validation")
-    was_training = clt.training
-    clt.eval()
-    try:
-        with torch.no_grad():
-            for first in range(0, targets.shape[0], batch_size):
-                t, s = targets[first:first + batch_size], sources[first:first + batch_size]
-                layer, position, latent = feats.layer[t], feats.position[t], feats.latent[t]
-                stop = clt.first_layer + int(layer.max()) + 1
-                stop = stop if stop < M else None
-                ablated = _Ablations(rep, graph, s)
-                clean = _Ablations(rep, graph, torch.zeros(0, dtype=torch.int64))
-                for mode in modes:
-                    after = rep.preactivation(_measure(mode, rep, ablated, stop), layer, position, latent)
-                    base = {k: v.expand(t.shape[0], *v.shape[1:]) for k, v in _measure(mode, rep, clean, stop).items()}
-                    before = rep.preactivation(base, layer, position, latent)
-                    measured[mode][first:first + t.shape[0]] = (after - before).double().cpu()
-                    if bar is not None:
-                        bar.update(t.shape[0])
-    finally:
-        clt.train(was_training)
-        if bar is not None:
-            bar.close()
+    with clt_pass(clt, progress, targets.shape[0] * len(modes), "edge", "edge validation") as advance, torch.no_grad():
+        for first in range(0, targets.shape[0], batch_size):
+            t, s = targets[first:first + batch_size], sources[first:first + batch_size]
+            layer, position, latent = feats.layer[t], feats.position[t], feats.latent[t]
+            stop = clt.first_layer + int(layer.max()) + 1
+            stop = stop if stop < M else None
+            ablated = _Ablations(rep, graph, s)
+            clean = _Ablations(rep, graph, torch.zeros(0, dtype=torch.int64))
+            for mode in modes:
+                after = rep.preactivation(_measure(mode, rep, ablated, stop), layer, position, latent)
+                base = {k: v.expand(t.shape[0], *v.shape[1:]) for k, v in _measure(mode, rep, clean, stop).items()}
+                before = rep.preactivation(base, layer, position, latent)
+                measured[mode][first:first + t.shape[0]] = (after - before).double().cpu()
+                advance(t.shape[0])
     weights = graph.adjacency[targets, sources]
     predicted = -weights
     kinds = [graph.nodes[s]["kind"] for s in sources.tolist()]
