@@ -7,9 +7,14 @@ Reads RUN/clt (``sparsekit.load``), runs the frozen replacement model on the pro
 computes every direct effect into the active features and the most likely next tokens' logits
 (``sparsekit.analysis.circuits.attribute``), prunes by influence (``prune``: --node-threshold 0.8,
 --edge-threshold 0.98, at most --max-nodes 100) and writes OUT/graph.json and OUT/graph.html (OUT
-defaults to RUN/graphs/<prompt, shortened>). --replacement-eval also measures CE/KL when the CLT
-replaces all its MLPs at once on the run's held-out contexts (its metrics.json's corpus,
-context_len and eval_tokens), written to OUT/replacement.json.
+defaults to RUN/graphs/<prompt, shortened>). A feature's details in the view hold its logit effects
+and its top activating contexts from one pass over the first --context-tokens tokens of the run's
+corpus (held-out contexts first), cached in RUN/top_contexts.json. --validate-edges N measures N
+edges by intervention (``circuits.validation``) into OUT/validation.json and OUT/validation.png.
+--replacement-eval also measures CE/KL when the CLT replaces all its MLPs at once on the run's
+held-out contexts (its metrics.json's corpus, context_len and eval_tokens), written to
+OUT/replacement.json. --screenshot PNG saves the page in headless Chromium with the most
+influential feature (or --select NODE_ID) selected.
 """
 from __future__ import annotations
 
@@ -47,13 +52,30 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int64, default=32, help="targets per backward pass")
     p.add_argument("--replacement-eval", action="store_true",
                    help="also CE/KL of the CLT replacing all its MLPs at once, on the run's held-out contexts")
+    p.add_argument("--context-tokens", type=int64, default=4096,
+                   help="tokens of the run's corpus searched for each feature's top contexts (0: none)")
+    p.add_argument("--examples", type=int64, default=5, help="top contexts shown per feature")
+    p.add_argument("--validate-edges", type=int64, default=0, metavar="N",
+                   help="measure N edges by intervention (each sampled feature's strongest upstream node zeroed)")
+    p.add_argument("--validate-sources", choices=("any", "feature"), default="any",
+                   help="the upstream node of a validated edge: the strongest of any kind, or the strongest feature")
+    p.add_argument("--seed", type=int64, default=0, help="seed of the edge sample")
+    p.add_argument("--screenshot", type=path_arg, default=None, metavar="PNG",
+                   help="save graph.html in headless Chromium, the most influential feature selected")
+    p.add_argument("--select", default=None, metavar="NODE_ID",
+                   help="the node --screenshot shows selected (an id from graph.json, e.g. f:L3:p1:#54)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.prompt.strip():
         p.error("the prompt is empty")
-    for name in ("max_nodes", "max_logits", "batch_size"):
+    for name in ("max_nodes", "max_logits", "batch_size", "examples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("context_tokens", "validate_edges"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.select is not None and args.screenshot is None:
+        p.error("--select names the node --screenshot shows selected: pass --screenshot PNG too")
     if args.max_nodes <= args.max_logits:
         p.error(f"--max-nodes {args.max_nodes} must exceed --max-logits {args.max_logits}")
     return args
@@ -65,17 +87,28 @@ def slug(prompt: str) -> str:
 
 def build_graph(model, clt, prompt, out: Path, node_threshold: float = 0.8, edge_threshold: float = 0.98,
                 max_nodes: int = 100, max_logits: int = 10, logit_prob: float = 0.95, batch_size: int = 32,
-                progress: bool = True, special_ids="tokenizer") -> dict:
-    """Attribute, prune, write out/graph.json and out/graph.html, print what was kept -> the JSON."""
-    from sparsekit.analysis.circuits import attribute, graph_to_json, prune, write_graph_json
+                progress: bool = True, special_ids="tokenizer", contexts=None, validate_edges: int = 0,
+                seed: int = 0, validate_sources: str = "any") -> dict:
+    """Attribute, prune, write out/graph.json and out/graph.html, print what was kept -> the JSON.
+    contexts: a ``circuits.contexts.ContextTable`` whose windows the features' details show;
+    validate_edges > 0: that many edges measured by intervention (sources: "any" kind or "feature"
+    only), written to out/validation.json and out/validation.png, the figures printed."""
+    from sparsekit.analysis.circuits import attribute, graph_to_json, prune
     from sparsekit.analysis.circuits.view import write_graph_html
 
     graph = attribute(model, clt, prompt, max_logits=max_logits, logit_prob=logit_prob, batch_size=batch_size,
                       special_ids=special_ids, progress=progress)
     pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold, max_nodes=max_nodes)
     data = graph_to_json(pruned)
+    if contexts is not None:
+        from sparsekit.analysis.circuits.contexts import context_windows
+        for node in data["nodes"]:
+            if node["kind"] == "feature":
+                node["contexts"] = context_windows(contexts, model, node["layer"] - clt.first_layer, node["latent"])
+        data["settings"]["contexts"] = {"contexts": contexts.tokens.shape[0], "context_len": contexts.tokens.shape[1]}
     out.mkdir(parents=True, exist_ok=True)
-    write_graph_json(pruned, out / "graph.json")  # atomically: a killed run leaves no half-written graph
+    # atomically: a killed run leaves no half-written graph
+    atomic_write_bytes(out / "graph.json", (json.dumps(data, indent=1) + "\n").encode())
     write_graph_html(data, out / "graph.html", title=f"attribution graph: {''.join(graph.tokens)}")
     s = pruned.settings
     kinds = [node["kind"] for node in data["nodes"]]
@@ -87,7 +120,43 @@ def build_graph(model, clt, prompt, out: Path, node_threshold: float = 0.8, edge
           f"{kinds.count('logit')} logits), {s['edges_kept']} edges, {s['influence_kept']:.1%} of the influence kept")
     print("logits: " + ", ".join(f"{n['token']!r} {n['probability']:.3f}" for n in data["nodes"] if n["kind"] == "logit"))
     print(f"wrote {out / 'graph.json'} and {out / 'graph.html'}")
+    if validate_edges > 0:
+        from sparsekit.analysis.circuits.validation import SOURCE_KINDS, validation_summary, write_validation
+        from sparsekit.analysis.circuits.validation import validate_edges as validate
+        kinds = SOURCE_KINDS if validate_sources == "any" else ("feature",)
+        result = validate(model, clt, prompt, graph, validate_edges, seed=seed, source_kinds=kinds,
+                          batch_size=batch_size, special_ids=special_ids, progress=progress)
+        paths = write_validation(result, out)
+        print(validation_summary(result))
+        print(f"wrote {paths[0]} and {paths[1]}")
     return data
+
+
+def corpus_head(model, run: Path, tokens: int):
+    """The first contexts of the run's corpus holding at least ``tokens`` tokens past BOS (its held-out
+    contexts come first), cut as train-clt cut them (its metrics.json settings)."""
+    from sparsekit.activations.store import corpus_contexts
+    settings = json.loads((run / "metrics.json").read_text())["settings"]
+    count = -(-tokens // (settings["context_len"] - 1))
+    return corpus_contexts(model, settings["corpus"], settings["context_len"], count)
+
+
+def screenshot(data: dict, page: Path, png: Path, select: str | None = None) -> str | None:
+    """page in headless Chromium with node ``select`` (default: the most influential feature) selected,
+    saved to png -> that node's id."""
+    from urllib.parse import quote
+
+    from sparsekit.analysis.dashboard import save_screenshot
+    features = [n for n in data["nodes"] if n["kind"] == "feature"]
+    chosen = max(features, key=lambda n: n.get("influence") or 0.0)["id"] if features else None
+    if select is not None:
+        if select not in {n["id"] for n in data["nodes"]}:
+            raise SystemExit(f"sparsekit graph: error: --select {select!r} is not a node of the pruned graph "
+                             f"(see the ids in graph.json)")
+        chosen = select
+    width = min(2400, max(1280, 60 + 150 * len(data["tokens"]) + 20 + 360))
+    save_screenshot(page, png, fragment=quote(chosen, safe="") if chosen else "", window=(width, 900))
+    return chosen
 
 
 def held_out_contexts(model, run: Path):
@@ -113,12 +182,28 @@ def main(argv=None) -> None:
     if not isinstance(clt, CrossLayerTranscoder):
         raise SystemExit(f"sparsekit graph: error: {run / 'clt'} holds a {type(clt).__name__}, not a cross-layer "
                          f"transcoder")
+    if args.context_tokens > 0 and not (run / "metrics.json").is_file():
+        raise SystemExit(f"sparsekit graph: error: {run / 'metrics.json'} does not exist (the run's corpus "
+                         f"settings): pass --context-tokens 0 for a graph without top contexts")
     model = load_lm()
     out = Path(args.out) if args.out else run / "graphs" / slug(args.prompt)
-    build_graph(model, clt, args.prompt, out, args.node_threshold, args.edge_threshold, args.max_nodes,
-                args.max_logits, args.logit_prob, args.batch_size, progress=not args.no_progress)
+    progress = not args.no_progress
+    contexts = None
+    if args.context_tokens > 0:
+        from sparsekit.analysis.circuits.contexts import cached_top_contexts
+        tokens = corpus_head(model, run, args.context_tokens)
+        contexts, cached = cached_top_contexts(model, clt, tokens, run / "top_contexts.json", args.examples,
+                                               progress=progress)
+        print(f"top contexts: {tokens.shape[0]} contexts x {tokens.shape[1]} tokens of the run's corpus "
+              f"({'read from' if cached else 'computed, cached in'} {run / 'top_contexts.json'})")
+    data = build_graph(model, clt, args.prompt, out, args.node_threshold, args.edge_threshold, args.max_nodes,
+                       args.max_logits, args.logit_prob, args.batch_size, progress=progress, contexts=contexts,
+                       validate_edges=args.validate_edges, seed=args.seed, validate_sources=args.validate_sources)
     if args.replacement_eval:
         from sparsekit.analysis.circuits import replacement_ce_kl, replacement_summary
-        figures = replacement_ce_kl(model, clt, held_out_contexts(model, run), progress=not args.no_progress)
+        figures = replacement_ce_kl(model, clt, held_out_contexts(model, run), progress=progress)
         atomic_write_bytes(out / "replacement.json", (json.dumps(figures, indent=1) + "\n").encode())
         print(replacement_summary(figures))
+    if args.screenshot:
+        chosen = screenshot(data, out / "graph.html", Path(args.screenshot), args.select)
+        print(f"wrote {args.screenshot} (graph.html in headless Chromium, {chosen or 'no feature'} selected)")

@@ -294,6 +294,11 @@ def test_prune_keeps_every_logit_within_max_nodes_and_writes_json(model, tmp_pat
     feature = next(node for node in data["nodes"] if node["kind"] == "feature")
     assert {"layer", "position", "token", "latent", "activation", "influence"} <= set(feature)
     assert len(feature["top_tokens"]) == 3
+    # logit effects: the summed decoder output through W_U, largest and smallest first
+    effect = pruned.directions[next(n["feature"] for n in pruned.nodes if n["kind"] == "feature")] @ pruned.unembed
+    assert [value for _, value in feature["promoted"]] == pytest.approx(effect.topk(5).values.tolist())
+    assert [value for _, value in feature["suppressed"]] == pytest.approx((-effect).topk(5).values.neg().tolist())
+    assert feature["top_tokens"] == [token for token, _ in feature["promoted"][:3]]
     assert data == graph_to_json(pruned)
 
 

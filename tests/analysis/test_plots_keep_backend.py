@@ -64,6 +64,14 @@ plot_depth([{"layer": l, "single_token_frac": 0.5, "median_context_dependence": 
              "median_density": 0.01, "dead_frac_eval": 0.0} for l in (0, 5)], out / "features_by_depth.png")
 pngs["features_by_depth"] = str(out / "features_by_depth.png")
 
+# Circuits: the edge-validation scatter.
+from sparsekit.analysis.circuits.validation import validation_plot
+edges = [{"source_kind": kind, "predicted": float(i), "frozen": 0.9 * i, "unfrozen": 0.5 * i}
+         for i, kind in enumerate(["feature", "error", "embedding", "error"])]
+figures = {mode: {"pearson": 1.0, "spearman": 1.0, "slope": 0.9, "count": 4} for mode in ("frozen", "unfrozen")}
+validation_plot({"edges": edges, "figures": figures}, out / "validation.png")
+pngs["validation"] = str(out / "validation.png")
+
 # Toy: sparse base model report (overview, facets, magnitude).
 from sparsekit.toys.sparse_base_model import SparseBaseConfig, train_sparse_base
 from sparsekit.toys.sparse_base_neurons import analyse_model, collect
@@ -88,7 +96,7 @@ def test_every_plot_leaves_the_callers_backend_alone_and_writes_its_png(tmp_path
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["backend"] == "svg"
     assert report["pyplot_imported"] is False
-    assert len(report["pngs"]) == 12
+    assert len(report["pngs"]) == 13
     for name, path in report["pngs"].items():
         data = Path(path).read_bytes()
         assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n"), name

@@ -8,7 +8,8 @@
 
 ``replacement``: the frozen replacement (reproduces the real logits on its prompt) and the unfrozen
 one's CE/KL; ``attribution``: direct effects; ``pruning``: influence, pruning, the graph's JSON;
-``view``: the static HTML view of a pruned graph.
+``view``: the static HTML view of a pruned graph; ``contexts``: features' top activating contexts
+for the view; ``validation``: edges validated by intervention (``validate_edges``).
 """
 from .attribution import Graph, attribute
 from .pruning import graph_to_json, influence, prune, write_graph_json

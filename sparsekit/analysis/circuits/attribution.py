@@ -29,7 +29,7 @@ from torch import Tensor
 from sparsekit._util.validate import positive_int
 from sparsekit.sae.clt import CrossLayerTranscoder
 
-from .replacement import Replacement, record_prompt
+from .replacement import Replacement, clt_pass, record_prompt
 
 KINDS = ("feature", "error", "embedding", "logit")
 
@@ -109,13 +109,7 @@ def attribute(model, clt: CrossLayerTranscoder, prompt, logit_tokens=None, max_l
     for kind in ("feature", "logit"):
         mine = [t for t in targets if t[0] == kind]
         chunks += [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(targets), unit="target", dynamic_ncols=True, desc=f"attribution ({N} nodes)")
-    was_training = clt.training
-    clt.eval()
-    try:
+    with clt_pass(clt, progress, len(targets), "target", f"attribution ({N} nodes)") as advance:
         for chunk in chunks:
             B = len(chunk)
             index = torch.tensor([i for _, i in chunk], dtype=torch.int64)
@@ -142,12 +136,7 @@ def attribute(model, clt: CrossLayerTranscoder, prompt, logit_tokens=None, max_l
                 if x_grad is not None:
                     adjacency[rows, embed_start:logit_start] = (x_grad * resid0).sum(-1).double().cpu()
                 values[rows] = value.detach().double().cpu()
-            if bar is not None:
-                bar.update(B)
-    finally:
-        clt.train(was_training)
-        if bar is not None:
-            bar.close()
+            advance(B)
     tokens = token_strings(model, record.tokens)
     nodes = []
     for i in range(F):

@@ -108,30 +108,41 @@ def node_id(node: dict) -> str:
 
 
 @torch.no_grad()
-def top_tokens(graph: Graph, feature: int, k: int = 3) -> list[str]:
-    """The k tokens a feature's summed decoder output raises most through the unembedding directly."""
+def logit_effects(graph: Graph, feature: int, k: int = 5) -> dict:
+    """A feature's summed decoder output through the unembedding directly (W_U, the final norm's scale
+    folded in; its per-token normalisation left out) -> {"promoted": [[token, effect]] (k largest),
+    "suppressed": [[token, effect]] (k smallest)}; empty lists without directions or an unembedding."""
     if graph.directions is None or graph.unembed is None:
-        return []
+        return {"promoted": [], "suppressed": []}
     W_U = graph.unembed
     effect = graph.directions[feature].to(W_U.dtype) @ W_U
-    ids = effect.topk(min(k, effect.numel())).indices.tolist()
+    k = min(k, effect.numel())
     tokenizer = graph.token_text
-    return [tokenizer.decode([i]) if tokenizer is not None else f"#{i}" for i in ids]
+
+    def named(ids, values):
+        return [[tokenizer.decode([i]) if tokenizer is not None else f"#{i}", float(v)] for i, v in zip(ids, values)]
+
+    up, down = effect.topk(k), effect.topk(k, largest=False)
+    return {"promoted": named(up.indices.tolist(), up.values.tolist()),
+            "suppressed": named(down.indices.tolist(), down.values.tolist())}
 
 
 def _finite(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-def graph_to_json(graph: Graph, top_k: int = 3) -> dict:
+def graph_to_json(graph: Graph, top_k: int = 3, logit_k: int = 5) -> dict:
     """{"tokens", "nodes": [{id, kind, layer, position, token, latent, activation, influence,
-    top_tokens, ...}], "edges": [{source, target, weight}] (strongest first), "settings"}."""
+    top_tokens (top_k), promoted and suppressed (logit_k: ``logit_effects``), ...}],
+    "edges": [{source, target, weight}] (strongest first), "settings"}."""
     ids = [node_id(node) for node in graph.nodes]
     nodes = []
     for node, nid in zip(graph.nodes, ids):
         entry = {"id": nid, **{key: _finite(value) for key, value in node.items() if key != "feature"}}
         if node["kind"] == "feature":
-            entry["top_tokens"] = top_tokens(graph, node["feature"], top_k)
+            effects = logit_effects(graph, node["feature"], max(top_k, logit_k))
+            entry["top_tokens"] = [token for token, _ in effects["promoted"][:top_k]]
+            entry["promoted"], entry["suppressed"] = effects["promoted"][:logit_k], effects["suppressed"][:logit_k]
         nodes.append(entry)
     targets, sources = graph.adjacency.nonzero(as_tuple=True)
     edges = [{"source": ids[s], "target": ids[t], "weight": float(graph.adjacency[t, s])}

@@ -23,6 +23,7 @@ clean model and against zero-ablating the same MLPs.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -122,16 +123,47 @@ def scaled_inputs(clt: CrossLayerTranscoder, x: Tensor, layer: int) -> Tensor:
     return (x.to(clt.W_enc.dtype) * clt.layer_input_scale[layer] * clt.input_scale)
 
 
+def encode_layer(clt: CrossLayerTranscoder, x: Tensor, layer: int) -> ops.TopKCodes:
+    """Layer ``layer``'s raw MLP inputs x [B, d_in] -> its TopK codes (values [B, k], indices [B, k]
+    within the layer)."""
+    n = clt.latents_per_layer
+    return ops.topk_encode(scaled_inputs(clt, x, layer), clt.encoder(layer), clt.b_enc[layer * n:(layer + 1) * n],
+                           clt.k_per_layer, pre_bias=clt.b_in[layer])
+
+
+def decode_layer(clt: CrossLayerTranscoder, values: Tensor, indices: Tensor, layer: int) -> Tensor:
+    """Layer ``layer``'s codes (values, indices [B, k]) -> what they write, no bias, in the CLT's
+    normalised scale: [B, span, d_out], span the later layers it reaches (``clt.spans[layer]``)."""
+    span = clt.spans[layer]
+    written = ops.sparse_decode(values, indices, clt.decoder(layer), clt.W_dec.new_zeros(span * clt.d_out))
+    return written.view(-1, span, clt.d_out)
+
+
+@contextmanager
+def clt_pass(clt: CrossLayerTranscoder, progress: bool, total: int, unit: str, desc: str, unit_scale: bool = False):
+    """The CLT in eval mode (given back in its mode) and a progress bar of total units when progress
+    -> a function advancing the bar by n (a no-op without one)."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit=unit, unit_scale=unit_scale, dynamic_ncols=True, desc=desc)
+    was_training = clt.training
+    clt.eval()
+    try:
+        yield (lambda n: None) if bar is None else bar.update
+    finally:
+        clt.train(was_training)
+        if bar is not None:
+            bar.close()
+
+
 @torch.no_grad()
 def active_features(clt: CrossLayerTranscoder, record: PromptRecord) -> Features:
     """Every (layer, position, latent) with a positive TopK value at a covered position of the prompt."""
     found = []
     positions = record.keep.nonzero().flatten()
     for layer in range(clt.n_layers):
-        x = scaled_inputs(clt, record.mlp_in[layer][positions.to(record.mlp_in.device)], layer)
-        n = clt.latents_per_layer
-        codes = ops.topk_encode(x, clt.encoder(layer), clt.b_enc[layer * n:(layer + 1) * n], clt.k_per_layer,
-                                pre_bias=clt.b_in[layer])
+        codes = encode_layer(clt, record.mlp_in[layer][positions.to(record.mlp_in.device)], layer)
         rows, slots = (codes.values > 0).nonzero(as_tuple=True)
         for row, slot in zip(rows.tolist(), slots.tolist()):
             found.append((layer, int(positions[row]), int(codes.indices[row, slot]), float(codes.values[row, slot])))
@@ -250,16 +282,10 @@ def replacement_ce_kl(model, clt: CrossLayerTranscoder, tokens: Tensor, batch_co
     if not isinstance(batch_contexts, int) or batch_contexts < 1:
         raise ValueError(f"batch_contexts must be a positive int, got {batch_contexts!r}")
     special = resolve_special_ids(model, special_ids)
-    layers, n, d = clt.layers(), clt.latents_per_layer, clt.d_out
-    was_training = clt.training
-    clt.eval()
+    layers = clt.layers()
     totals = {"clean": 0.0, "replacement": 0.0, "zero": 0.0, "kl": 0.0, "kl_zero": 0.0}
     count = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=tokens.numel(), unit="tok", unit_scale=True, dynamic_ncols=True, desc="replacement CE/KL")
-    try:
+    with clt_pass(clt, progress, tokens.numel(), "tok", "replacement CE/KL", unit_scale=True) as advance:
         for first in range(0, tokens.shape[0], batch_contexts):
             batch = tokens[first:first + batch_contexts].to(model.cfg.device)
             keep = kept_positions(batch, special).to(batch.device)[..., None]
@@ -267,12 +293,9 @@ def replacement_ce_kl(model, clt: CrossLayerTranscoder, tokens: Tensor, batch_co
 
             def encode(act, hook, layer):
                 rows = act.reshape(-1, act.shape[-1])
-                codes = ops.topk_encode(scaled_inputs(clt, rows, layer), clt.encoder(layer),
-                                        clt.b_enc[layer * n:(layer + 1) * n], clt.k_per_layer, pre_bias=clt.b_in[layer])
-                span = clt.spans[layer]
-                written = ops.sparse_decode(codes.values, codes.indices, clt.decoder(layer),
-                                            clt.W_dec.new_zeros(span * d)).view(-1, span, d)
-                for offset in range(span):
+                codes = encode_layer(clt, rows, layer)
+                written = decode_layer(clt, codes.values, codes.indices, layer)
+                for offset in range(clt.spans[layer]):
                     pending[layer + offset] = pending.get(layer + offset, 0) + written[:, offset]
 
             def replace(act, hook, layer):
@@ -298,12 +321,7 @@ def replacement_ce_kl(model, clt: CrossLayerTranscoder, tokens: Tensor, batch_co
             totals["kl"] += float((clean_p * (clean_lp - replaced_lp)).sum())
             totals["kl_zero"] += float((clean_p * (clean_lp - zero_lp)).sum())
             count += batch.shape[0] * (batch.shape[1] - 2)
-            if bar is not None:
-                bar.update(batch.numel())
-    finally:
-        clt.train(was_training)
-        if bar is not None:
-            bar.close()
+            advance(batch.numel())
     clean, replaced, zeroed = (totals[key] / count for key in ("clean", "replacement", "zero"))
     return {"ce_clean": clean, "ce_replacement": replaced, "ce_zero": zeroed,
             "ce_recovered": loss_recovered(clean, replaced, zeroed), "kl": totals["kl"] / count,

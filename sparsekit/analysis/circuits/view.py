@@ -3,8 +3,11 @@
 Nodes sit in a grid, prompt positions left to right and layers bottom to top (embeddings at the
 bottom, logits at the top); nodes sharing a cell sit side by side. Edges are drawn with widths by
 |weight| (blue: positive, red: negative). Clicking a node shows its details (kind, layer, position,
-token, latent, activation, influence, the tokens it raises through the unembedding) and its
-strongest incoming and outgoing edges. The graph's JSON (``pruning.graph_to_json``) is embedded in a
+token, latent, activation, influence), its strongest incoming and outgoing edges and, for a feature,
+its logit effects (the tokens it promotes and suppresses through the unembedding) and its top
+activating contexts (``contexts.context_windows``, when the graph's JSON holds them; the active token
+highlighted). A URL fragment naming a node id (``graph.html#f%3AL4%3Ap5%3A%23123``) opens the page
+with that node selected. The graph's JSON (``pruning.graph_to_json``) is embedded in a
 ``<script type="application/json">`` block with every ``<`` escaped; every string reaches the page
 through ``textContent``, so token text such as ``<script>`` is shown, never run.
 """
@@ -28,6 +31,10 @@ body { font-family: system-ui, sans-serif; margin: 0; display: flex; height: 100
 .edge { fill: none; opacity: 0.55; } .label { font-size: 10px; pointer-events: none; }
 .axis { font-size: 11px; fill: #555; }
 table { border-collapse: collapse; } td { padding: 1px 6px; border-bottom: 1px solid #eee; }
+.context { font-family: ui-monospace, monospace; font-size: 12px; white-space: pre-wrap; margin: 3px 0;
+  padding: 2px 4px; background: #fafafa; border-left: 3px solid #f0c36d; }
+.context .active { background: #f0c36d; font-weight: bold; }
+.context .value { color: #777; font-family: system-ui, sans-serif; font-size: 11px; }
 """
 
 SCRIPT = r"""(() => {
@@ -75,6 +82,48 @@ function row(table, key, value) {
   tr.append(a, b); table.appendChild(tr);
 }
 function fmt(v) { return typeof v === 'number' ? (Number.isInteger(v) ? String(v) : v.toPrecision(4)) : String(v); }
+function visible(tok) { return tok.replace(/\n/g, '\u21b5').replace(/\t/g, '\u2192'); }
+function logitTable(n) {
+  const h4 = document.createElement('h4'); h4.textContent = 'logit effects (through the unembedding)';
+  details.appendChild(h4);
+  const t = document.createElement('table'); t.className = 'logit-effects';
+  const head = document.createElement('tr');
+  for (const label of ['promotes', '', 'suppresses', '']) {
+    const th = document.createElement('th'); th.textContent = label; head.appendChild(th);
+  }
+  t.appendChild(head);
+  const rows = Math.max(n.promoted.length, n.suppressed.length);
+  for (let i = 0; i < rows; i++) {
+    const tr = document.createElement('tr');
+    for (const [list, cls] of [[n.promoted, 'promoted'], [n.suppressed, 'suppressed']]) {
+      const a = document.createElement('td'), b = document.createElement('td');
+      if (list[i]) { a.textContent = visible(list[i][0]); b.textContent = fmt(list[i][1]); }
+      a.className = cls; tr.append(a, b);
+    }
+    t.appendChild(tr);
+  }
+  details.appendChild(t);
+}
+function contexts(n) {
+  const h4 = document.createElement('h4'); h4.textContent = 'top activating contexts';
+  details.appendChild(h4);
+  const box = document.createElement('div'); box.id = 'top-contexts'; details.appendChild(box);
+  if (!n.contexts || !n.contexts.length) {
+    const p = document.createElement('p'); p.className = 'no-contexts';
+    p.textContent = n.contexts ? 'never fired in the contexts pass' : 'no contexts pass in this graph';
+    box.appendChild(p); return;
+  }
+  n.contexts.forEach(c => {
+    const div = document.createElement('div'); div.className = 'context';
+    c.tokens.forEach((tok, i) => {
+      const span = document.createElement('span'); span.textContent = visible(tok);
+      if (i === c.active) { span.className = 'active'; span.title = fmt(c.value); }
+      div.appendChild(span);
+    });
+    const v = document.createElement('span'); v.className = 'value'; v.textContent = '  ' + fmt(c.value);
+    div.appendChild(v); box.appendChild(div);
+  });
+}
 function show(n) {
   document.querySelectorAll('.node.selected').forEach(c => c.classList.remove('selected'));
   document.getElementById('node-' + nodes.indexOf(n)).classList.add('selected');
@@ -86,6 +135,8 @@ function show(n) {
   }
   if (n.top_tokens) row(table, 'raises (unembedding)', n.top_tokens.join(' | '));
   details.appendChild(table);
+  if (n.promoted) logitTable(n);
+  if (n.kind === 'feature') contexts(n);
   for (const [title, mine, other] of [['strongest inputs', 'target', 'source'], ['strongest outputs', 'source', 'target']]) {
     const h4 = document.createElement('h4'); h4.textContent = title; details.appendChild(h4);
     const t = document.createElement('table'); t.className = title.replace(' ', '-');
@@ -103,6 +154,12 @@ nodes.forEach((n, i) => {
   svg.appendChild(el('text', {x: x, y: y - r - 2, class: 'label', 'text-anchor': 'middle'}, label));
 });
 document.getElementById('canvas').appendChild(svg);
+const wanted = decodeURIComponent(location.hash.slice(1));
+const first = nodes.find(n => n.id === wanted);
+if (first) {
+  show(first);
+  document.getElementById('node-' + nodes.indexOf(first)).scrollIntoView({block: 'center', inline: 'center'});
+}
 })();
 """
 
