@@ -18,6 +18,8 @@ that step's tensors through the custom op (``sparsekit.ops.cpu``) or the torch c
   (``sampled_dense_dot_cpu``) and grad W_dec (``coo_t_times_dense_cpu``) each alone and both
   fused as the step runs them (``sparse_decode_backward_cpu``), and the encoder backward's grad
   W_enc / b_enc (``coo_t_times_dense_cpu``, transposed output);
+- a reference beside them, not part of the step: the decode's gathers through torch's
+  ``F.embedding_bag`` (this machine's rate for the same row gathers in another library's kernel);
 - the optimizer's passes: the decoder-gradient projection, ``clip_grad_norm_``, the trainer's
   fused Adam, the decoder renormalisation.
 
@@ -26,8 +28,10 @@ output written once, a gathered row counted at each gather; int64 indices), the 
 achieved GB/s, and that as a share of two streaming rates timed in the same interleaved rounds: a
 torch ``copy_`` between two buffers larger than the L3 cache (bytes read + bytes written) and a
 read-only ``sum`` over one of them. A share above 1 means the pass found its data in cache (the
-gathers reuse rows). Each timed call repeats a short pass until it lasts ~30 ms; medians of
-interleaved rounds (bench/_timing.py), the share of the CPU other processes took meanwhile beside.
+gathers reuse rows). The last column is the pass's floor if every array it gathers from came from
+memory once (the rest from cache) at the copy rate: how far a reordered or fused pass could go.
+Each timed call repeats a short pass until it lasts ~30 ms; medians of interleaved rounds
+(bench/_timing.py), the share of the CPU other processes took meanwhile beside.
 """
 from __future__ import annotations
 
@@ -95,21 +99,27 @@ STREAM_MIN_BYTES = 128 * 2**20
 
 @dataclass
 class Pass:
-    """One timed pass: a row of the table. ``terms`` are (expression in B, d, n, k, C, P, R,
-    what it counts) and sum to the minimum bytes; ``fn`` runs it once."""
+    """One timed pass: a row of the table. ``terms`` are (expression in B, d, n, k, C, P, R, S,
+    what it counts) and sum to the minimum bytes; a gathered term carries a third expression, the
+    size of the array it gathers from (its bytes when each row came from memory once). ``fn`` runs
+    the pass once."""
     name: str
     label: str
     op: str
-    terms: tuple[tuple[str, str], ...]
+    terms: tuple[tuple[str, ...], ...]
     fn: Callable[[], object]
-    kind: str = "pass"  # "pass", "compute" (bound by FLOP, not bytes) or "stream" (a reference rate)
+    # "pass"; "compute" (bound by FLOP, not bytes); "stream" (a reference rate); "reference" (not in the step)
+    kind: str = "pass"
 
     def formula(self) -> str:
-        return " + ".join(f"{expr} {what}" for expr, what in self.terms)
+        return " + ".join(f"{term[0]} {term[1]}" + (f" ({term[2]} once)" if len(term) > 2 else "")
+                          for term in self.terms)
 
-    def bytes(self, sizes: dict[str, int]) -> int:
+    def bytes(self, sizes: dict[str, int], once: bool = False) -> int:
+        """The minimum bytes; with ``once``, each gathered array counted once instead of per gather."""
         # The expressions are this module's own constants over the names in sizes.
-        return sum(int(eval(expr, {"__builtins__": {}}, sizes)) for expr, _ in self.terms)
+        return sum(int(eval(term[2] if once and len(term) > 2 else term[0], {"__builtins__": {}}, sizes))
+                   for term in self.terms)
 
 
 @dataclass
@@ -221,7 +231,7 @@ def encoder_passes(t: dict, shapes: Shapes) -> tuple[list[Pass], dict[str, int],
              "torch.mm per block", (("2*B*d*n", "FLOP, not bytes (compute-bound)"),),
              lambda: [None for _ in cpu_screen._bf16_gemm_blocks(x_bf16, W_bf16)], "compute"),
         Pass("select", "selection after the GEMM: bf16 bound, candidates, float32 recompute, top-k",
-             "_C.topk_screened per block", (("B*n*2", "bf16 pre-activations read"), ("C*d*4", "W_enc^T rows gathered"),
+             "_C.topk_screened per block", (("B*n*2", "bf16 pre-activations read"), ("C*d*4", "W_enc^T rows gathered", "n*d*4"),
                                             ("B*d*4", "x read"), ("B*k*12", "codes written")),
              select),
     ], {"C": candidates[0]}, True
@@ -233,22 +243,23 @@ def sparse_passes(t: dict, shapes: Shapes) -> list[Pass]:
     values, rows, cols, grad_y = t["values"], t["rows"], t["cols"], t["grad_y"]
     return [
         Pass("decode", "sparse decode: y = codes @ W_dec + b_dec", "sparse_decode_cpu",
-             (("B*k*d*4", "W_dec rows gathered"), ("B*k*12", "codes read"), ("B*d*4", "y written")),
+             (("B*k*d*4", "W_dec rows gathered", "n*d*4"), ("B*k*12", "codes read"), ("B*d*4", "y written")),
              lambda: cpu_decode.sparse_decode_cpu(values, rows, cols, W_dec, b_dec, shapes.batch)),
         Pass("decode_grad_values", "decode backward, grad values alone: grad_y[b] . W_dec[j]",
-             "sampled_dense_dot_cpu", (("B*k*d*4", "W_dec rows gathered"), ("B*d*4", "grad_y read"),
+             "sampled_dense_dot_cpu", (("B*k*d*4", "W_dec rows gathered", "n*d*4"), ("B*d*4", "grad_y read"),
                                        ("B*k*8", "indices read"), ("B*k*4", "grad values written")),
              lambda: cpu_sparse.sampled_dense_dot_cpu(rows, cols, grad_y, W_dec)),
         Pass("decode_grad_W_dec", "decode backward, grad W_dec alone: codes^T @ grad_y", "coo_t_times_dense_cpu",
-             (("B*k*d*4", "grad_y rows gathered"), ("B*k*12", "codes read"), ("n*d*4", "grad W_dec written")),
+             (("B*k*d*4", "grad_y rows gathered", "B*d*4"), ("B*k*12", "codes read"),
+              ("n*d*4", "grad W_dec written")),
              lambda: cpu_sparse.coo_t_times_dense_cpu(values, rows, cols, grad_y, shapes.n, False)),
         Pass("decode_backward", "decode backward as the step runs it: both gradients, one pass over the latents",
-             "sparse_decode_backward_cpu", (("B*k*d*4", "grad_y rows gathered"), ("n*d*4", "W_dec read"),
+             "sparse_decode_backward_cpu", (("B*k*d*4", "grad_y rows gathered", "B*d*4"), ("n*d*4", "W_dec read"),
                                             ("B*k*12", "codes read"), ("B*k*4", "grad values written"),
                                             ("n*d*4", "grad W_dec written")),
              lambda: cpu_decode.sparse_decode_backward_cpu(values, rows, cols, grad_y, W_dec)),
         Pass("encoder_grad_W_enc", "encoder backward: grad W_enc = (x - b_dec)^T S, grad b_enc = S^T 1",
-             "coo_t_times_dense_cpu, transposed out", (("B*k*d*4", "x - b_dec rows gathered"),
+             "coo_t_times_dense_cpu, transposed out", (("B*k*d*4", "x - b_dec rows gathered", "B*d*4"),
                                                        ("B*k*12", "kept gradients read"),
                                                        ("d*n*4", "grad W_enc written"), ("n*4", "grad b_enc")),
              lambda: cpu_sparse.coo_t_times_dense_cpu(t["grad_kept"], rows, cols, t["centered"], shapes.n, True)),
@@ -293,13 +304,25 @@ def stream_passes() -> tuple[list[Pass], int]:
     ], size
 
 
+def gather_reference(t: dict, shapes: Shapes) -> Pass:
+    """The decode's gathers done by torch (F.embedding_bag, weighted sum): this machine's rate for
+    the same B*k row gathers from W_dec through another library's kernel, beside the decode's."""
+    W_dec = t["sae"].W_dec.detach()
+    indices, values = t["cols"].view(shapes.batch, shapes.k), t["values"].view(shapes.batch, shapes.k)
+    return Pass("gather_torch", "reference: the decode's gathers by torch, F.embedding_bag(mode='sum')",
+                "torch.nn.functional.embedding_bag",
+                (("B*k*d*4", "W_dec rows gathered", "n*d*4"), ("B*k*12", "codes read"), ("B*d*4", "y written")),
+                lambda: torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum"),
+                "reference")
+
+
 def measure_passes(shapes: Shapes, rounds: int) -> PassResults:
     """Every pass and both streaming rates, each timed in ``rounds`` interleaved rounds."""
     load_before = os.getloadavg()[0]
     t = step_tensors(shapes)
     encoder, extra, screened = encoder_passes(t, shapes)
     streams, stream_size = stream_passes()
-    passes = streams + encoder + sparse_passes(t, shapes) + optimizer_passes(t, shapes)
+    passes = streams + encoder + sparse_passes(t, shapes) + [gather_reference(t, shapes)] + optimizer_passes(t, shapes)
     sizes = {"B": shapes.batch, "d": shapes.d, "n": shapes.n, "k": shapes.k, "S": stream_size,
              "R": shapes.n * shapes.d, "P": sum(p.numel() for p in t["sae"].parameters()), **extra}
     fns, repeats = {}, {}
@@ -317,23 +340,24 @@ def measure_passes(shapes: Shapes, rounds: int) -> PassResults:
 # --- reporting ----------------------------------------------------------------------------------
 
 PASS_TABLE_HEADER = ("| pass | op timed | minimum bytes (formula) | MB | median ms | min-max ms | GB/s "
-                     "| x copy rate | x read rate |")
+                     "| x copy rate | x read rate | ms at copy rate, each array once |")
 
 
 def pass_table_lines(r: PassResults) -> list[str]:
     """The Markdown table, one row per pass, the streaming rates first."""
     copy_rate, read_rate = r.rate("stream_copy"), r.rate("stream_read")
-    lines = [PASS_TABLE_HEADER, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [PASS_TABLE_HEADER, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in r.passes:
         seconds, (low, high) = r.seconds[p.name], r.spread[p.name]
         timing = f"{seconds * 1e3:.2f} | {low * 1e3:.2f}-{high * 1e3:.2f}"
         if p.kind == "compute":
             gflop = p.bytes(r.sizes) / 1e9
-            lines.append(f"| {p.label} | `{p.op}` | {p.formula()} | | {timing} | {gflop / seconds:.0f} GFLOP/s | | |")
+            lines.append(f"| {p.label} | `{p.op}` | {p.formula()} | | {timing} | {gflop / seconds:.0f} GFLOP/s | | | |")
             continue
         megabytes, rate = p.bytes(r.sizes) / 1e6, r.rate(p.name)
+        floor = p.bytes(r.sizes, once=True) / (copy_rate * 1e9)
         lines.append(f"| {p.label} | `{p.op}` | {p.formula()} | {megabytes:.1f} | {timing} | {rate:.1f} "
-                     f"| {rate / copy_rate:.2f} | {rate / read_rate:.2f} |")
+                     f"| {rate / copy_rate:.2f} | {rate / read_rate:.2f} | {floor * 1e3:.2f} |")
     return lines
 
 
@@ -351,7 +375,7 @@ def summary_lines(r: PassResults, step_seconds: float | None = None) -> list[str
     if not r.screened:
         lines.append("No bf16 screen at these shapes on this CPU (screen.use_screen): the selection runs fused into "
                      "the float32 GEMM's tiles and is not timed apart.")
-    step_names = [p.name for p in r.passes if p.kind != "stream"
+    step_names = [p.name for p in r.passes if p.kind in ("pass", "compute")
                   and p.name not in ("decode_grad_values", "decode_grad_W_dec")]
     total = sum(r.seconds[name] for name in step_names)
     sparse = sum(r.seconds[name] for name in ("decode", "decode_backward", "encoder_grad_W_enc"))
@@ -385,7 +409,8 @@ def section_lines(r: PassResults, step_seconds: float | None = None, machine_lin
 def profile_lines(shapes: Shapes, steps: int, rows: int = 25) -> list[str]:
     """torch.profiler over ``steps`` TopK training steps (bench/peers.py's TrainerStep, after two
     warm-up steps): the ops with the most self time, per step. The C++ kernels called inside a
-    custom op count as that op's self time."""
+    custom op count as that op's self time; a custom op with autograd shows its forward as
+    ``GeneratedBackwardFor_<op>_default`` (torch's wrapper) and its backward with ``Backward`` after."""
     from peers import TrainerStep
     from torch.profiler import ProfilerActivity, profile
     step = TrainerStep("topk", shapes)

@@ -27,12 +27,13 @@ TARGETS = ["TopK step <= 1.0x torch encoder GEMM", "TopK step <= 0.8x torch enco
 # encoder's rows depend on whether the bf16 screen runs), and the four sparse passes, whose byte
 # formulas count the gathered rows.
 PASS_COLUMNS = ["pass", "op timed", "minimum bytes (formula)", "MB", "median ms", "min-max ms", "GB/s",
-                "x copy rate", "x read rate"]
+                "x copy rate", "x read rate", "ms at copy rate, each array once"]
 STREAM_ROWS = ["streaming copy", "streaming read"]
 SCREEN_ROWS = ["screen: operands packed", "screen: bf16 encoder GEMM", "selection after the GEMM"]
 FLOAT32_ROWS = ["encoder forward: float32 GEMM"]
 SPARSE_ROWS = ["sparse decode", "decode backward, grad values alone", "decode backward, grad W_dec alone",
                "decode backward as the step runs it", "encoder backward"]
+GATHER_ROWS = ["reference: the decode's gathers by torch"]
 OPTIMIZER_ROWS = ["decoder gradient", "clip_grad_norm_", "Adam step", "decoder rows renormalised"]
 
 
@@ -71,7 +72,7 @@ def _check_pass_table(text: str, encoder_rows: list[str]) -> list[list[str]]:
     section = text.split("## The TopK step's passes against memory bandwidth")[1]
     assert _header_cells(section, "| pass |") == PASS_COLUMNS
     rows = _table_rows(section, "| pass |")
-    expected = STREAM_ROWS + encoder_rows + SPARSE_ROWS + OPTIMIZER_ROWS
+    expected = STREAM_ROWS + encoder_rows + SPARSE_ROWS + GATHER_ROWS + OPTIMIZER_ROWS
     assert len(rows) == len(expected), [cells[0] for cells in rows]
     for cells, start in zip(rows, expected):
         assert cells[0].startswith(start), (cells[0], start)
@@ -79,16 +80,20 @@ def _check_pass_table(text: str, encoder_rows: list[str]) -> list[list[str]]:
         low, high = (float(v) for v in cells[5].split("-"))
         assert 0 < low <= float(cells[4]) <= high
         if "FLOP" in cells[2]:  # a compute-bound row gives GFLOP/s, no bandwidth share
-            assert cells[6].endswith("GFLOP/s") and cells[3] == cells[7] == cells[8] == ""
+            assert cells[6].endswith("GFLOP/s") and cells[3] == cells[7] == cells[8] == cells[9] == ""
         else:
             assert float(cells[3]) > 0 and float(cells[6]) > 0 and float(cells[7]) > 0 and float(cells[8]) > 0
+            assert float(cells[9]) >= 0
     by_start = dict(zip(expected, rows))
     assert float(by_start["streaming copy"][7]) == 1.0 and float(by_start["streaming read"][8]) == 1.0
     for name in SPARSE_ROWS:
-        assert "B*k*d*4" in by_start[name][2] and "gathered" in by_start[name][2], by_start[name][2]
+        assert re.search(r"B\*k\*d\*4 [^+]* rows gathered \((n|B)\*d\*4 once\)", by_start[name][2]), by_start[name][2]
     assert re.search(r"Streaming rates of this run: copy [\d.]+ GB/s \(read \+ write\), read [\d.]+ GB/s", section)
     assert re.search(r"^- other processes used \d+% of the CPU while the passes were timed", section, re.M)
-    assert re.search(r"^Sum of the passes the step runs \(.+\): [\d.]+ ms", section, re.M)
+    summed = re.search(r"^Sum of the passes the step runs \((.+)\): [\d.]+ ms", section, re.M).group(1).split(", ")
+    # The step's passes only: the fused decode backward, not its halves timed alone or the torch reference.
+    assert "decode_backward" in summed and "encoder_grad_W_enc" in summed and "adam" in summed
+    assert not {"decode_grad_values", "decode_grad_W_dec", "gather_torch", "stream_copy"} & set(summed), summed
     return rows
 
 
