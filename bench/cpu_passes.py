@@ -47,17 +47,13 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import pin_thread_env, time_with_cpu_share  # noqa: E402
+from _timing import add_shape_arguments, pin_thread_env, time_with_cpu_share  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes (B=512, d=128, n=4096, k=16)")
-    parser.add_argument("--batch", type=int, help="rows per step B (default 4096, 512 with --quick)")
-    parser.add_argument("--d-in", type=int, help="input width d (default 512, 128 with --quick)")
-    parser.add_argument("--n-latents", type=int, help="latents n (default 16384, 4096 with --quick)")
-    parser.add_argument("--k", type=int, help="active latents per row k (default 32, 16 with --quick)")
+    add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5, or 3 with --quick)")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads for torch, OpenBLAS and sparsekit._C (default 2)")

@@ -64,6 +64,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
+    add_shape_arguments,
     backend_forced_to,
     env_set,
     output_path,
@@ -115,11 +116,7 @@ RSS_VARIANTS = ("baseline",) + STEP_VARIANTS  # baseline: imports and x, no step
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes (B=512, d=128, n=4096, k=16)")
-    parser.add_argument("--batch", type=int, help="rows per step B (default 4096, 512 with --quick)")
-    parser.add_argument("--d-in", type=int, help="input width d (default 512, 128 with --quick)")
-    parser.add_argument("--n-latents", type=int, help="latents n (default 16384, 4096 with --quick)")
-    parser.add_argument("--k", type=int, help="active latents per row k (default 32, 16 with --quick)")
+    add_shape_arguments(parser)
     parser.add_argument("--dead-fraction", type=float, default=0.10,
                         help="share of latents dead in the first AuxK / ghost rows (default 0.10)")
     parser.add_argument("--dead-fraction-high", type=float, default=0.50,
