@@ -1,5 +1,6 @@
 """sparsekit's training steps side by side with SAELens, a sparsify-style baseline and plain torch,
-as ratios to the encoder GEMM of the same run, and the issue-10 targets checked (CPU).
+as ratios to the encoder GEMM of the same run; issues 10 and 25's targets; the TopK step pass by
+pass against memory bandwidth (CPU).
 
     .venv/bin/python bench/peers.py                   # B=4096, d=512, n=16384, k=32, float32
     .venv/bin/python bench/peers.py --quick           # small shapes, for iteration
