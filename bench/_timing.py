@@ -34,6 +34,16 @@ def pin_thread_env(threads: int) -> None:
         os.environ[var] = str(threads)
 
 
+def add_shape_arguments(parser) -> None:
+    """--quick, --batch, --d-in, --n-latents and --k on an argparse parser (bench/peers.py's and
+    bench/cpu_passes.py's; step_table.shapes_from reads them)."""
+    parser.add_argument("--quick", action="store_true", help="small shapes (B=512, d=128, n=4096, k=16)")
+    parser.add_argument("--batch", type=int, help="rows per step B (default 4096, 512 with --quick)")
+    parser.add_argument("--d-in", type=int, help="input width d (default 512, 128 with --quick)")
+    parser.add_argument("--n-latents", type=int, help="latents n (default 16384, 4096 with --quick)")
+    parser.add_argument("--k", type=int, help="active latents per row k (default 32, 16 with --quick)")
+
+
 def time_round_robin(fns: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each fn: one warm-up call each, then ``rounds`` rounds in which every
     fn runs once; each round starts one fn later than the previous so no fn always follows the same one."""

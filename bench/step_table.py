@@ -107,6 +107,17 @@ FULL = Shapes(batch=4096, d=512, n=16384, k=32)
 QUICK = Shapes(batch=512, d=128, n=4096, k=16)
 
 
+def shapes_from(args: argparse.Namespace) -> Shapes:
+    """The shapes of --quick (or the full ones), each overridden by --batch, --d-in, --n-latents and
+    --k where given (bench/peers.py's and bench/cpu_passes.py's options); exits when k > n."""
+    base = QUICK if args.quick else FULL
+    shapes = Shapes(batch=args.batch or base.batch, d=args.d_in or base.d, n=args.n_latents or base.n,
+                    k=args.k or base.k)
+    if shapes.k > shapes.n:
+        sys.exit(f"--k={shapes.k} exceeds --n-latents={shapes.n}")
+    return shapes
+
+
 def pin_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     if _C is not None:
