@@ -20,9 +20,9 @@ n=131072, k=64 (bench/results/2026-12-04-nvidia-h200.md). Here:
    the selection over all n (the union of per-tile top-k holds the global top-k). With KT smaller, a
    row is exact when every tile's next key is below the row's k-th selected key (every true top-k
    entry has a key >= the true k-th, which is >= the candidates' k-th, so it was listed); the rows
-   where a tile overflowed (its next key above that k-th key; rare: KT is chosen so that a tile holds
-   more than KT of a row's top k with a small Poisson tail probability) are computed again with 4x
-   KT, up to min(k, BLOCK_N), which needs no check. The values are the same in the rerun: each
+   where a tile overflowed (its next key above that k-th key; rare: ``choose_kt`` picks KT so that
+   about 1% of the rows of unstructured data overflow) are computed again with 4x KT, up to
+   min(k, BLOCK_N), which needs no check. The values are the same in the rerun: each
    entry's dot product is the same sums in the same order whichever rows share its tile.
 
 **Keys.** A value v (x's dtype, widened to float32: exact) maps to the 32-bit key whose unsigned
@@ -33,7 +33,8 @@ then lower column), every real key differs, and an exhausted tile's filler (u = 
 real one.
 
 Cost per tile entry: the GEMM's 2d FLOPs on the tensor cores (16-bit inputs) plus ~6 integer
-operations per round on the CUDA cores, (KT + 1) rounds; the memory traffic is x, W_enc and
+instructions per round on the CUDA cores (the sm_90 PTX of a round: 2 compares, 2 selects, a max and
+a min per entry), (KT + 1) rounds; the memory traffic is x, W_enc and
 B * tiles_n * (KT + 1) * 8 bytes of keys instead of pre (B * n * s bytes written, 5x read). The
 overflow check and any rerun sync with the host once per call.
 
@@ -65,6 +66,7 @@ _HOPPER = {torch.float32: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=
 _SMALL = dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1)  # as gemm.py's under the interpreter
 
 AUTO_MAX_KT = 16
+OVERFLOWING_ROWS = 0.01  # the share of rows choose_kt lets overflow (and run again), on unstructured data
 
 stats = {"calls": 0, "rows": 0, "overflow_rows": 0}  # running totals, for benchmarks and tests
 
@@ -135,13 +137,23 @@ def tile_config(dtype: torch.dtype) -> dict:
     return dict(_SMALL if INTERPRETING else _HOPPER[dtype])
 
 
-def choose_kt(n: int, k: int, block_n: int) -> int:
-    """Candidates kept per row and tile. A row's top k fall into a tile of block_n of its n columns
-    about Poisson(lam), lam = k * block_n / n, on unstructured data; KT = lam + 4 sqrt(lam) + 2
-    (at least 4) leaves an overflow (rerun) to a small tail: at lam = 1/16 (k = 64, n = 131072,
-    block_n = 128), P(more than 4) is ~8e-9 per tile and row. Capped by min(k, block_n): exact alone."""
+def choose_kt(n: int, k: int, block_n: int, overflowing_rows: float = OVERFLOWING_ROWS) -> int:
+    """Candidates kept per row and tile: the smallest KT for which, on unstructured data, at most
+    ``overflowing_rows`` of the rows have a tile holding more than KT of the row's top k (those rows
+    run again). A row's top k fall into one of its tiles about Poisson(lam), lam = k * block_n / n,
+    so a row overflows with probability ~ tiles * P(Poisson(lam) > KT). At B=8192 d=2048 n=131072
+    k=64 (block_n = 128, lam = 1/16, 1024 tiles): KT = 3 (~0.2% of rows; KT = 2 would rerun ~4%).
+    Capped by min(k, block_n), which is exact alone."""
+    cap = min(k, block_n)
     lam = k * block_n / n
-    return max(1, min(k, block_n, max(4, math.ceil(lam + 4.0 * math.sqrt(lam) + 2.0))))
+    tiles = -(-n // block_n)
+    term = cdf = math.exp(-lam)
+    for kt in range(1, cap):
+        term *= lam / kt
+        cdf += term
+        if tiles * max(0.0, 1.0 - cdf) <= overflowing_rows:
+            return kt
+    return cap
 
 
 def topk_mode() -> str:
