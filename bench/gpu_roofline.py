@@ -48,8 +48,9 @@ from dataclasses import dataclass
 # Datasheet peaks (dense, no sparsity): NVIDIA H100 SXM5 and H200 SXM; the H200 has the H100's
 # compute and HBM3e at 4.8 TB/s. Measured on one H200 here (2026-12-04): bf16 cuBLAS 671 TFLOP/s at
 # B=4096, d=768, n=32768; copy 4.21 TB/s.
-# int32: 32-bit integer compare/min/max at 64 per clock per SM (CUDA C++ Programming Guide, arithmetic
-# instruction throughput, compute capability 9.0) x 132 SMs x 1.98 GHz: the fused epilogue's rounds.
+# int32: the fused epilogue's integer compares, selects, min and max, assumed at 64 per clock per SM
+# (half the float32 lane rate; the CUDA programming guide's throughput table, not checked here)
+# x 132 SMs x 1.98 GHz. The first GPU run tells (bench/gpu_fused_check.sh).
 CARDS = {
     "h100": dict(name="H100 SXM (datasheet)", hbm=3.35e12, bf16=989e12, tf32=494e12, fp32=67e12, int32=16.7e12),
     "h200": dict(name="H200 SXM (datasheet)", hbm=4.8e12, bf16=989e12, tf32=494e12, fp32=67e12, int32=16.7e12),

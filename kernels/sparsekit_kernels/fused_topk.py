@@ -26,7 +26,7 @@ n=131072, k=64 (bench/results/2026-12-04-nvidia-h200.md). Here:
    entry's dot product is the same sums in the same order whichever rows share its tile.
 
 **Keys.** A value v (x's dtype, widened to float32: exact) maps to the 32-bit key whose unsigned
-order is the float order (``select._sortable_key``: -0.0 counts as +0.0), ``u``; an entry outside
+order is the float order (``select.sortable_key``: -0.0 counts as +0.0), ``u``; an entry outside
 the matrix (ragged edges) or already taken gets u = 0, below every real key (u(-inf) = 0x007FFFFF).
 The candidate key is ``(u - 2^31) * 2^32 + (2^32 - 1 - column)`` as int64: its order is (value,
 then lower column), every real key differs, and an exhausted tile's filler (u = 0) lies below every
@@ -55,8 +55,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._config import INTERPRETING, check_dtype, dot_precision, upcast_inputs
-from .gemm import _block_k
-from .select import _sortable_key
+from .gemm import block_k
+from .select import sortable_key
 
 # One config per dtype, not autotuned: the candidate buffer's width (tiles_n * KT) depends on
 # BLOCK_N, and a fixed tile keeps the values equal to a rerun's. Unmeasured on a GPU (see bench/gpu.py).
@@ -120,7 +120,7 @@ def _gemm_topk_kernel(a_ptr, b_ptr, bias_ptr, keys_ptr, next_ptr, M, N, K,
 
     # pre as the unfused path stores it (x's dtype), as an order-preserving key; 0 off the matrix.
     value = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
-    key = tl.where(row_ok[:, None] & col_ok[None, :], _sortable_key(value), 0)
+    key = tl.where(row_ok[:, None] & col_ok[None, :], sortable_key(value), 0)
     local = tl.arange(0, BLOCK_N)
     first_col = pid_n.to(tl.int64) * BLOCK_N
     out = keys_ptr + rows * (tiles_n * KT) + pid_n * KT
@@ -192,7 +192,7 @@ def candidate_keys(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, kt: int,
                             following if following is not None else keys, M, N, K,
                             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
                             KT=kt, NEXT=with_next, HAS_BIAS=b_enc is not None, UPCAST=upcast_inputs(x.dtype),
-                            PRECISION=dot_precision(x.dtype), BLOCK_K=_block_k(x.dtype), **meta)
+                            PRECISION=dot_precision(x.dtype), BLOCK_K=block_k(x.dtype), **meta)
     return keys, following
 
 

@@ -37,7 +37,9 @@ _HOPPER = [
 _SMALL = dict(BLOCK_M=16, BLOCK_N=32)
 
 
-def _block_k(dtype: torch.dtype) -> int:
+def block_k(dtype: torch.dtype) -> int:
+    """The K step of every tile for this dtype (the order each output element sums in): fixed per dtype,
+    so no config changes a result's bits; the fused TopK (fused_topk.py) takes the same."""
     if INTERPRETING:
         return 16
     return 32 if dtype == torch.float32 else 64
@@ -133,5 +135,5 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epi
                        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                        size_bucket(M), size_bucket(N), size_bucket(K), layout_code(a.stride(1) == 1, b.stride(1) == 1),
                        HAS_BIAS=bias is not None, EPILOGUE=code, UPCAST=upcast_inputs(a.dtype),
-                       PRECISION=dot_precision(a.dtype), BLOCK_K=_block_k(a.dtype))
+                       PRECISION=dot_precision(a.dtype), BLOCK_K=block_k(a.dtype))
     return (out, pre) if code == 2 else out
