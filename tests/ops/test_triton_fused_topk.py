@@ -39,7 +39,9 @@ def tile_m(dtype) -> int:
 
 
 def unfused(x, W, b, k):
-    return topk_rows(gemm(x, W, b), k)
+    """The unfused path (GEMM writing pre, radix select) at the fused kernel's tile config: the same
+    sums in the same order, so the same bits (autotuning might pick another tile on a GPU)."""
+    return topk_rows(gemm(x, W, b, tile=fused_topk.tile_config(x.dtype)), k)
 
 
 def assert_same_codes(got, want, what=""):
