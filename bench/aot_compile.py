@@ -7,7 +7,8 @@ where the compiler needs ``JITFunction``s, so discovery and compilation cannot s
 1. **Discover** (one subprocess, ``TRITON_INTERPRET=1``): every op runs through the op door
    (``SPARSEKIT_BACKEND=triton``), forward and backward, on small aligned and ragged shapes, in
    float32 (IEEE and TF32; TopK and BatchTopK also through the bf16 screen), bfloat16 and float16,
-   with deterministic and atomic sparse gradients,
+   with deterministic and atomic sparse gradients, and TopK fused at an n where it checks overflows
+   and unfused (SPARSEKIT_GPU_TOPK=unfused),
    while every kernel launch is captured. The launchers are made to choose as they do on a GPU
    (``_config.INTERPRETING = False`` before the kernel modules load: the Hopper autotune lists,
    GPU block sizes, 16-bit tiles fed to ``tl.dot`` as they are). Each launch's signature,
@@ -59,7 +60,7 @@ TARGETS = {"sm_80": (80, 163 * 1024), "sm_90": (90, 227 * 1024)}
 # costs every step. The rest run once per step on tiny data (_batch_choose_kernel: one program
 # over 256 counters) or only with ghost grads on (the two row kernels over [B, d]).
 HOT_KERNELS = frozenset({
-    "gemm._gemm_kernel", "select._row_topk_kernel", "select._batch_histogram_kernel",
+    "gemm._gemm_kernel", "fused_topk._gemm_topk_kernel", "select._row_topk_kernel", "select._batch_histogram_kernel",
     "select._batch_count_kernel", "select._batch_compact_kernel", "sparse._segment_sum_kernel",
     "sparse._scatter_add_kernel", "sparse._sampled_dot_kernel", "encode._dense_grad_kernel",
 })
@@ -341,6 +342,8 @@ def discover(quick: bool) -> list[Variant]:
 
     import torch
 
+    import sparsekit
+
     config = importlib.import_module(f"{KERNEL_PACKAGE}._config")
     config.INTERPRETING = False  # the launchers choose as on a GPU; the interpreter still runs them
     recorder = LaunchRecorder()
@@ -363,6 +366,17 @@ def discover(quick: bool) -> list[Variant]:
                 run_every_op(torch.float32, shape, len(settings))
         finally:
             del os.environ["SPARSEKIT_GPU_BF16_SCREEN"]
+        # The fused TopK's overflow-checked variant (NEXT=1, KT < k: n large next to k * BLOCK_N), and
+        # the unfused TopK (GEMM, then the row radix select) that SPARSEKIT_GPU_TOPK=unfused keeps.
+        for seed, (dtype, _) in enumerate(settings):
+            gen = torch.Generator().manual_seed(seed)
+            x, W_enc, b_enc = (torch.randn(*size, generator=gen).to(dtype) for size in ((16, 32), (32, 4096), (4096,)))
+            sparsekit.topk_encode(x, W_enc, b_enc, 16)
+            os.environ["SPARSEKIT_GPU_TOPK"] = "unfused"
+            try:
+                sparsekit.topk_encode(x, W_enc, b_enc, 16)
+            finally:
+                del os.environ["SPARSEKIT_GPU_TOPK"]
     variants = list(recorder.variants.values())
     return quick_selection(variants) if quick else variants
 

@@ -11,6 +11,11 @@ it measures, in one run on one device:
 - the same work done the plain torch way (dense ``x @ W`` + ``torch.topk``; a dense decode of
   scattered codes) and, for decoders and the step, the sparsify-style ``F.embedding_bag`` decode.
 
+TopK is timed in each design the Triton path has, as separate rows: the default (bf16: top-k fused into
+the GEMM's epilogue, ``fused_topk.py``; fp32: the bf16 screen where its crossover takes it), fused with
+the screen off (fp32), and unfused (SPARSEKIT_GPU_TOPK=unfused: the GEMM writes pre, radix select);
+``--topk-only`` times only those rows and the floors.
+
 Targets (issue 5, H100/H200): TopK step <= 1.3x the cuBLAS encoder GEMM; sparse decode >= 70% of
 the measured copy bandwidth. Prints a table last and writes JSON (``--json``).
 
@@ -20,6 +25,7 @@ shapes instead, on CPU tensors under Triton's interpreter when there is no GPU (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -31,7 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import backend_forced_to  # noqa: E402
+from _timing import backend_forced_to, env_set  # noqa: E402
+from gpu_roofline import STEP_FUSED, STEP_UNFUSED, TOPK_FUSED, TOPK_UNFUSED  # noqa: E402
 
 GPU_SHAPES = [  # (B, d, n, k)
     (4096, 768, 32768, 32),
@@ -51,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated B:d:n:k shapes (default: the three GPU shapes)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, from fp32, bf16")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--topk-only", action="store_true",
+                        help="only the floors and the TopK rows (encode and step, every design)")
     parser.add_argument("--json", default=None, help="where to write the JSON (default bench/results/gpu-<date>.json)")
     parser.add_argument("--predict", action="store_true",
                         help="no GPU needed: print the roofline bound of every kernel and of a TopK step "
@@ -135,7 +144,15 @@ def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
+def _design(topk: str):
+    """SPARSEKIT_GPU_TOPK=topk with the bf16 screen off, for the duration: one TopK design alone."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(env_set("SPARSEKIT_GPU_TOPK", topk))
+    stack.enter_context(env_set("SPARSEKIT_GPU_BF16_SCREEN", "off"))
+    return stack
+
+
+def bench_shape(bench: Bench, shape, dtype_name: str, topk_only: bool = False) -> list[Row]:
     import torch
     import torch.nn.functional as F
 
@@ -173,15 +190,29 @@ def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
     add("device copy (floor)", copy_s, "", copy_bw, "GB/s", 1.0, "copy BW")
     del src, dst
 
-    def encoder_row(name, sparsekit_fn, torch_fn):
-        with backend_forced_to("triton"):
+    def encoder_row(name, sparsekit_fn, torch_fn, design=None):
+        from sparsekit.kernels import fused_topk
+
+        before = dict(fused_topk.stats)
+        with backend_forced_to("triton"), (_design(design) if design else contextlib.nullcontext()):
             seconds, note = bench.try_time(sparsekit_fn)
-        torch_s, torch_note = bench.try_time(torch_fn)
+        fused_rows = fused_topk.stats["rows"] - before["rows"]
+        if fused_rows and not note:  # the fused TopK ran: how many rows overflowed a tile and ran again
+            note = f"fused: {100 * (fused_topk.stats['overflow_rows'] - before['overflow_rows']) / fused_rows:.2g}% rows rerun"
+        torch_s, torch_note = torch_fn if isinstance(torch_fn, tuple) else bench.try_time(torch_fn)
         add(name, seconds, note or torch_note, gemm_flops / seconds / 1e12 if seconds else None, "TFLOP/s",
             _ratio(seconds, gemm_s), "x GEMM", _ratio(seconds, torch_s))
+        return torch_s, torch_note
 
-    encoder_row("topk_encode fwd", lambda: sparsekit.topk_encode(x, W_enc, b_enc, k),
-                lambda: torch.addmm(b_enc, x, W_enc).topk(k, dim=-1))
+    def topk_fn():
+        return sparsekit.topk_encode(x, W_enc, b_enc, k)
+
+    torch_topk = encoder_row("topk_encode fwd", topk_fn, lambda: torch.addmm(b_enc, x, W_enc).topk(k, dim=-1))
+    if dtype_name == "fp32":
+        encoder_row(TOPK_FUSED, topk_fn, torch_topk, "fused")
+    encoder_row(TOPK_UNFUSED, topk_fn, torch_topk, "unfused")
+    if topk_only:
+        return rows + step_rows(bench, x, W_enc, b_enc, W_dec, b_dec, k, gemm_s, label, dtype_name)
     encoder_row("batchtopk_encode fwd", lambda: sparsekit.batchtopk_encode(x, W_enc, b_enc, k),
                 lambda: torch.addmm(b_enc, x, W_enc).relu_().flatten().topk(batch * k))
     encoder_row("relu_encode fwd", lambda: sparsekit.relu_encode(x, W_enc, b_enc),
@@ -263,7 +294,23 @@ def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
         ghost_flops / ghost_s / 1e12 if ghost_s else None, "TFLOP/s", _ratio(ghost_s, gemm_s), "x GEMM",
         _ratio(ghost_s, ghost_torch_s))
 
-    # A full TopK step: encode, decode, MSE, backward to every parameter (no optimizer).
+    return rows + step_rows(bench, x, W_enc, b_enc, W_dec, b_dec, k, gemm_s, label, dtype_name)
+
+
+def step_rows(bench: Bench, x, W_enc, b_enc, W_dec, b_dec, k: int, gemm_s, label: str, dtype_name: str) -> list[Row]:
+    """A full TopK step (encode, decode, MSE, backward to every parameter; no optimizer) in each design,
+    beside the plain torch step and the F.embedding_bag one."""
+    import torch
+    import torch.nn.functional as F
+
+    import sparsekit
+
+    rows: list[Row] = []
+
+    def add(name, seconds, note, vs_torch, vs_bag):
+        rows.append(Row(name, label, dtype_name, seconds, None, "", _ratio(seconds, gemm_s), "x GEMM", vs_torch,
+                        vs_bag, note))
+
     params = [p.detach().clone().requires_grad_() for p in (W_enc, b_enc, W_dec, b_dec)]
 
     def step_sparsekit():
@@ -285,12 +332,14 @@ def bench_shape(bench: Bench, shape, dtype_name: str) -> list[Row]:
         y = F.embedding_bag(i, Wd, per_sample_weights=v.relu(), mode="sum") + bd
         (y - x).float().pow(2).sum(-1).mean().backward()
 
-    with backend_forced_to("triton"):
-        step_s, note = bench.try_time(step_sparsekit)
     dense_s, dense_note = bench.try_time(step_dense)
     bag_s, bag_note = bench.try_time(step_bag)
-    add("TopK step (encode+decode+MSE+backward)", step_s, note or dense_note or bag_note,
-        vs_floor=_ratio(step_s, gemm_s), floor="x GEMM", vs_torch=_ratio(step_s, dense_s), vs_bag=_ratio(step_s, bag_s))
+    designs = [("TopK step (encode+decode+MSE+backward)", None)]
+    designs += [(STEP_FUSED, "fused")] if dtype_name == "fp32" else []
+    for name, design in designs + [(STEP_UNFUSED, "unfused")]:
+        with backend_forced_to("triton"), (_design(design) if design else contextlib.nullcontext()):
+            step_s, note = bench.try_time(step_sparsekit)
+        add(name, step_s, note or dense_note or bag_note, _ratio(step_s, dense_s), _ratio(step_s, bag_s))
     return rows
 
 
@@ -373,7 +422,7 @@ def main(argv=None) -> int:
             print(f"measuring B={shape[0]} d={shape[1]} n={shape[2]} k={shape[3]} {dtype_name} ...", file=sys.stderr,
                   flush=True)
             started = time.perf_counter()
-            rows.extend(bench_shape(bench, shape, dtype_name))
+            rows.extend(bench_shape(bench, shape, dtype_name, args.topk_only))
             if has_cuda:
                 torch.cuda.empty_cache()
             # Written after every shape and dtype, so a run stopped part-way keeps what it measured.

@@ -8,9 +8,10 @@ with the bound of the bf16 encoder GEMM alone (issue 20's yardstick: step <= 1.5
 
 What each kernel moves (B rows, d = d_in, n latents, k active, s bytes per element, 8 per int64 index):
 
-- encoder GEMM ``pre = x @ W_enc + b_enc``: 2·B·d·n FLOPs; reads x and W_enc, writes pre [B, n];
-- TopK/BatchTopK selection (``select.py``, radix select): four 8-bit histogram passes and one
-  compaction pass, each reading pre: 5·B·n·s, then writes B·k values and indices;
+- encoder GEMM ``pre = x @ W_enc + b_enc``: 2·B·d·n FLOPs; reads x and W_enc; unfused, writes pre
+  [B, n] and the TopK selection (``select.py``, radix select: four 8-bit histogram passes and one
+  compaction pass) reads it 5 times, then writes B·k values and indices; fused, writes
+  B·tiles·(KT+1) int64 keys (tiles = n / 128), which the merge reads once;
 - sparse decode ``codes @ W_dec + b_dec``: reads the codes and the rows of W_dec they name, writes [B, d];
 - decode backward: grad values (B·k dot products: grad_y and the gathered rows again) and grad W_dec
   (entries sorted by latent, then each latent's rows of grad_y summed; n·d·s written, zero rows
@@ -25,24 +26,40 @@ bytes that must cross HBM at least once, so every figure is a lower bound on tim
 gathers miss in L2 moves up to B·k rows instead (2x-4x more at the bench's shapes). fp32 GEMMs run
 on the FMA units (IEEE float32, TF32 off: the default); bf16 on the tensor cores.
 
-Three designs are shown for the encoder: ``as built`` (GEMM writes pre, selection reads it five
-times), ``fused`` (a running top-k in the GEMM's epilogue, not built: pre never reaches HBM), and, for
-float32, the bf16 screen as built (``screen.py``: a bf16 GEMM writing float32 a, six passes over a,
-the candidates recomputed in float32; candidates per row as measured where ``SCREEN_CANDIDATES`` has
-the shape, else assumed 4k).
+The encoder comes in the designs the Triton path has (``SPARSEKIT_GPU_TOPK``,
+``SPARSEKIT_GPU_BF16_SCREEN``): ``fused`` (the default for 16-bit inputs, ``fused_topk.py``): the GEMM
+keeps each tile's KT (+1) largest keys per row (KT from ``fused_topk.choose_kt`` at the GPU tile,
+BLOCK_N = 128), so pre [B, n] never reaches HBM; its epilogue's integer work (~6 instructions per
+entry and round, KT + 1 rounds, read off the sm_90 PTX) is its own row, bounded by the CUDA cores'
+integer rate and counted after the GEMM (it may overlap other tiles' MMAs: then the step's bound is
+lower by up to that row); then the merge reads the keys once, and the rows that overflow (the
+expected share on unstructured data) run again with 4x KT. ``unfused`` (SPARSEKIT_GPU_TOPK=unfused):
+the GEMM writes pre, the radix selection reads it five times. ``screened``: the float32 encoder
+through the bf16 screen (``screen.py``: a bf16 GEMM writing float32 a, six passes over a, the
+candidates recomputed in float32; candidates per row as measured where ``SCREEN_CANDIDATES`` has the
+shape, else assumed 4k), the default for float32 CUDA tensors at these shapes. "as built" is each
+dtype's default path: fused for bf16, screened for fp32 (where the screen's crossover takes it).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Datasheet peaks (dense, no sparsity): NVIDIA H100 SXM5 and H200 SXM; the H200 has the H100's
 # compute and HBM3e at 4.8 TB/s. Measured on one H200 here (2026-12-04): bf16 cuBLAS 671 TFLOP/s at
 # B=4096, d=768, n=32768; copy 4.21 TB/s.
+# int32: the fused epilogue's integer compares, selects, min and max, assumed at 64 per clock per SM
+# (half the float32 lane rate; the CUDA programming guide's throughput table, not checked here)
+# x 132 SMs x 1.98 GHz. The first GPU run tells (bench/gpu_fused_check.sh).
 CARDS = {
-    "h100": dict(name="H100 SXM (datasheet)", hbm=3.35e12, bf16=989e12, tf32=494e12, fp32=67e12),
-    "h200": dict(name="H200 SXM (datasheet)", hbm=4.8e12, bf16=989e12, tf32=494e12, fp32=67e12),
+    "h100": dict(name="H100 SXM (datasheet)", hbm=3.35e12, bf16=989e12, tf32=494e12, fp32=67e12, int32=16.7e12),
+    "h200": dict(name="H200 SXM (datasheet)", hbm=4.8e12, bf16=989e12, tf32=494e12, fp32=67e12, int32=16.7e12),
 }
 INDEX_BYTES = 8
+KEY_BYTES = 8           # the fused kernel's int64 candidate keys
+FUSED_BLOCK_N = 128     # its GPU tile width (fused_topk._HOPPER)
+EPILOGUE_OPS_PER_ROUND = 6  # per tile entry: 2 compares, 2 selects, a max, a min (sm_90 PTX of a round)
+EPILOGUE_OPS_KEY = 6        # per tile entry: the rounding to x's dtype and the order-preserving key
 
 
 @dataclass
@@ -91,10 +108,59 @@ def screen_kernels(B: int, d: int, n: int, k: int, card: str = "h100") -> list[K
     ]
 
 
-def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100", fused: bool = False,
-                 screened: bool = False) -> list[Kernel]:
-    """Every kernel of one forward + backward TopK step, in order. dtype: "fp32" or "bf16";
-    ``screened``: the float32 encoder through the bf16 screen; ``fused``: top-k in the GEMM epilogue."""
+def fused_kt(n: int, k: int) -> tuple[int, float]:
+    """(KT, expected share of rows that overflow and run again) of the fused TopK at the GPU tile,
+    on unstructured data (Poisson, as ``fused_topk.choose_kt``, which picks KT)."""
+    from sparsekit.kernels.fused_topk import choose_kt
+
+    kt = choose_kt(n, k, FUSED_BLOCK_N)
+    if kt >= min(k, FUSED_BLOCK_N):
+        return kt, 0.0
+    lam = k * FUSED_BLOCK_N / n
+    term = cdf = math.exp(-lam)
+    for j in range(1, kt + 1):
+        term *= lam / j
+        cdf += term
+    return kt, min(1.0, -(-n // FUSED_BLOCK_N) * max(0.0, 1.0 - cdf))
+
+
+def fused_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100") -> list[Kernel]:
+    """The TopK encoder with the selection fused into the GEMM (kernels/sparsekit_kernels/fused_topk.py)."""
+    spec = CARDS[card]
+    s = 4 if dtype == "fp32" else 2
+    gemm_peak = spec["fp32"] if dtype == "fp32" else spec["bf16"]
+    kt, rerun = fused_kt(n, k)
+    tiles = -(-n // FUSED_BLOCK_N)
+    next_keys = 0 if rerun == 0.0 and kt >= min(k, FUSED_BLOCK_N) else 1
+    keys = B * tiles * (kt + next_keys) * KEY_BYTES
+    codes = B * k * (s + INDEX_BYTES)
+    epilogue_ops = B * n * (EPILOGUE_OPS_PER_ROUND * (kt + next_keys) + EPILOGUE_OPS_KEY)
+    rerun_kt = min(k, FUSED_BLOCK_N, 4 * kt)
+    rerun_ops = rerun * B * n * (EPILOGUE_OPS_PER_ROUND * rerun_kt + EPILOGUE_OPS_KEY)
+    return [
+        Kernel(f"encoder GEMM + top-{kt} per tile (fused; writes keys)", 2.0 * B * d * n,
+               B * d * s + d * n * s + keys, gemm_peak, spec["hbm"]),
+        Kernel(f"fused epilogue: {kt + next_keys} max rounds per tile (int32 ops)", epilogue_ops, 0.0, spec["int32"],
+               spec["hbm"]),
+        Kernel("fused: merge of the keys (top-k per row, overflow check)", 0.0, keys + codes, spec["fp32"], spec["hbm"]),
+        Kernel(f"fused: overflowed rows run again ({100 * rerun:.2g}% expected)", rerun * 2.0 * B * d * n + rerun_ops,
+               rerun * (B * d * s + d * n * s + B * tiles * rerun_kt * KEY_BYTES), gemm_peak, spec["hbm"]),
+    ]
+
+
+def default_encoder(d: int, n: int, k: int, B: int, dtype: str) -> str:
+    """The TopK encoder design the Triton path takes by default (auto): the bf16 screen for float32
+    where its crossover takes it (screen.use_screen's rule), else fused."""
+    if dtype == "fp32" and n >= 64 * k and 2.0 * B * d * n >= 2**30:
+        return "screened"
+    return "fused"
+
+
+def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
+                 encoder: str = "fused") -> list[Kernel]:
+    """Every kernel of one forward + backward TopK step, in order. dtype: "fp32" or "bf16"; encoder:
+    "fused" (top-k in the GEMM epilogue), "unfused" (GEMM writes pre, radix select) or "screened"
+    (the float32 encoder through the bf16 screen)."""
     spec = CARDS[card]
     s = 4 if dtype == "fp32" else 2
     gemm_peak = spec["fp32"] if dtype == "fp32" else spec["bf16"]
@@ -104,15 +170,16 @@ def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
     weight_rows = min(B * k, n) * d * s  # the distinct rows of W_dec (or columns of W_enc) the codes touch
     batch_rows = B * d * s               # x or grad_y, each row used by its k entries
     kernels = []
-    if screened:
+    if encoder == "screened":
         kernels += screen_kernels(B, d, n, k, card)
-    elif fused:
-        kernels.append(Kernel("encoder GEMM + fused top-k (not built)", 2.0 * B * d * n,
-                              B * d * s + d * n * s + codes, gemm_peak, bw))
-    else:
+    elif encoder == "fused":
+        kernels += fused_kernels(B, d, n, k, dtype, card)
+    elif encoder == "unfused":
         kernels.append(Kernel("encoder GEMM (writes pre)", 2.0 * B * d * n, B * d * s + d * n * s + B * n * s,
                               gemm_peak, bw))
         kernels.append(Kernel("top-k selection (5 passes over pre)", 0.0, 5 * B * n * s + codes, fma_peak, bw))
+    else:
+        raise ValueError(f"encoder must be 'fused', 'unfused' or 'screened', got {encoder!r}")
     kernels += [
         Kernel("sparse decode", 2.0 * B * k * d, codes + weight_rows + batch_rows, fma_peak, bw),
         Kernel("MSE + its gradient", 4.0 * B * d, 3 * batch_rows, fma_peak, bw),
@@ -134,55 +201,59 @@ def bf16_gemm_bound(B: int, d: int, n: int, card: str = "h100") -> float:
     return Kernel("bf16 GEMM", 2.0 * B * d * n, 2 * (B * d + d * n + B * n), spec["bf16"], spec["hbm"]).seconds
 
 
-# bench/gpu.py rows whose measured time a sum of predicted kernels bounds.
-MEASURED_AS = {
-    "topk_encode fwd": ("encoder GEMM (writes pre)", "top-k selection (5 passes over pre)"),
-    "sparse_decode fwd": ("sparse decode",),
-    "sparse_decode fwd+bwd (deterministic)": ("sparse decode", "decode bwd: grad values",
-                                              "decode bwd: grad W_dec (sort + segment sum)"),
-}
+ENCODER_PARTS = 4  # the fused encoder's rows (fused_kernels); unfused: 2; screened: 3
 STEP = "TopK step (encode+decode+MSE+backward)"
+# bench/gpu.py's rows for the non-default designs (SPARSEKIT_GPU_TOPK=unfused or fused, screen off).
+TOPK_UNFUSED = "topk_encode fwd, unfused (GEMM writes pre + radix select)"
+TOPK_FUSED = "topk_encode fwd, fused (screen off)"
+STEP_UNFUSED = "TopK step, unfused (GEMM writes pre + radix select)"
+STEP_FUSED = "TopK step, fused (screen off)"
+
+
+def _encoder_part(kernels: list[Kernel], encoder: str) -> list[Kernel]:
+    return kernels[:{"fused": ENCODER_PARTS, "unfused": 2, "screened": 3}[encoder]]
 
 
 def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = None) -> list[dict]:
-    """One dict per kernel, per bench row it bounds, and per step (as built and fused): shape, dtype,
-    name, GFLOP, MB, bound_us, limit, x_bf16_gemm (bound / the bf16 GEMM's bound), and measured_us
-    with measured_over_bound where ``measured`` ({(shape label, dtype, name): seconds}) has it."""
+    """One dict per kernel of the default ("as built") step, per bench row a sum of them bounds, and
+    per step design (as built, fused, unfused, screened): shape, dtype, name, GFLOP, MB, bound_us,
+    limit, x_bf16_gemm (bound / the bf16 GEMM's bound), and measured_us with measured_over_bound where
+    ``measured`` ({(shape label, dtype, bench row name): seconds}) has it."""
     measured = measured or {}
     rows = []
     for B, d, n, k in shapes:
         label = f"B={B} d={d} n={n} k={k}"
         yardstick = bf16_gemm_bound(B, d, n, card)
         for dtype in dtypes:
-            kernels = step_kernels(B, d, n, k, dtype, card)
-            by_name = {kern.name: kern for kern in kernels}
-
-            def add(name, flops, nbytes, seconds, limit, bench_name=None):
+            def add(name, kernels, bench_name=None, limit="sum"):
+                seconds = sum(c.seconds for c in kernels)
                 got = measured.get((label, dtype, bench_name or name))
-                rows.append(dict(shape=label, dtype=dtype, name=name, gflop=flops / 1e9, mb=nbytes / 1e6,
-                                 bound_us=seconds * 1e6, limit=limit, x_bf16_gemm=seconds / yardstick,
-                                 measured_us=got * 1e6 if got else None,
+                rows.append(dict(shape=label, dtype=dtype, name=name, gflop=sum(c.flops for c in kernels) / 1e9,
+                                 mb=sum(c.bytes for c in kernels) / 1e6, bound_us=seconds * 1e6, limit=limit,
+                                 x_bf16_gemm=seconds / yardstick, measured_us=got * 1e6 if got else None,
                                  measured_over_bound=got / seconds if got else None))
 
-            for kern in kernels:
-                add(kern.name, kern.flops, kern.bytes, kern.seconds, kern.limit)
-            for bench_name, parts in MEASURED_AS.items():
-                chosen = [by_name[p] for p in parts]
-                add(f"= {bench_name}", sum(c.flops for c in chosen), sum(c.bytes for c in chosen),
-                    sum(c.seconds for c in chosen), "sum", bench_name)
-            add(f"= {STEP}, as built", sum(c.flops for c in kernels), sum(c.bytes for c in kernels),
-                sum(c.seconds for c in kernels), "sum", STEP)
-            fused = step_kernels(B, d, n, k, dtype, card, fused=True)
-            add("= TopK step, top-k fused into the GEMM (not built)", sum(c.flops for c in fused),
-                sum(c.bytes for c in fused), sum(c.seconds for c in fused), "sum")
-            if dtype == "fp32":
-                screened = step_kernels(B, d, n, k, dtype, card, screened=True)
-                for kern in screened[:3]:
-                    add(kern.name, kern.flops, kern.bytes, kern.seconds, kern.limit)
-                measured_c = screen_candidates(d, n, k)[1]
-                add(f"= TopK step, fp32 through the bf16 screen ({'measured' if measured_c else 'assumed'} "
-                    "candidates)", sum(c.flops for c in screened), sum(c.bytes for c in screened),
-                    sum(c.seconds for c in screened), "sum")
+            default = default_encoder(d, n, k, B, dtype)
+            designs = {encoder: step_kernels(B, d, n, k, dtype, card, encoder)
+                       for encoder in ("fused", "unfused") + (("screened",) if dtype == "fp32" else ())}
+            built = designs[default]
+            for kern in built:
+                add(kern.name, [kern], limit=kern.limit)
+            add("= topk_encode fwd", _encoder_part(built, default), "topk_encode fwd")
+            add("= sparse_decode fwd", built[-7:-6], "sparse_decode fwd")
+            add("= sparse_decode fwd+bwd (deterministic)", [built[-7], built[-5], built[-4]],
+                "sparse_decode fwd+bwd (deterministic)")
+            design = default
+            if default == "screened":
+                design = f"bf16 screen, {'measured' if screen_candidates(d, n, k)[1] else 'assumed'} candidates"
+            add(f"= {STEP}, as built ({design})", built, STEP)
+            if default != "fused":
+                add(f"= {TOPK_FUSED}", _encoder_part(designs["fused"], "fused"), TOPK_FUSED)
+                add(f"= {STEP_FUSED}", designs["fused"], STEP_FUSED)
+            add(f"= {TOPK_UNFUSED}", _encoder_part(designs["unfused"], "unfused"), TOPK_UNFUSED)
+            add(f"= {STEP_UNFUSED}", designs["unfused"], STEP_UNFUSED)
+            if dtype == "fp32" and default != "screened":
+                add("= TopK step, fp32 through the bf16 screen", designs["screened"])
     return rows
 
 

@@ -4,6 +4,7 @@ Modules, each a kernel beside its launcher and the custom ops / autograd that us
 
 - ``gemm``    tiled GEMM with bias and a fused epilogue (ReLU, JumpReLU, exp, multiply)
 - ``select``  radix top-k selection per row (TopK) and over the batch (BatchTopK)
+- ``fused_topk``  TopK with the selection fused into the GEMM's epilogue (pre never written)
 - ``sparse``  sparse products: gathered decode, sampled dot products, segment sums / atomics
 - ``encode``  topk / batchtopk / relu / jumprelu encoders as custom ops, their backward
 - ``decode``  sparse_decode (TopK and COO codes) as a custom op, its backward

@@ -2,7 +2,7 @@
 
 The interpreter runs a kernel launch by patching ``triton.language`` (every builtin replaced by a
 NumPy-backed one) for the launch's duration. It also re-patches on every call of a nested
-``@triton.jit`` helper (``select._sortable_key``, ``_digit_histogram``, ...), once per program and
+``@triton.jit`` helper (``select.sortable_key``, ``_digit_histogram``, ...), once per program and
 loop iteration, although the enclosing launch has already patched the same modules: each such call
 walks ``inspect.getmembers`` over four packages (about 1 ms) and finds nothing left to patch. On
 the small cases the tests run that is about half of all the time spent (measured on the TopK

@@ -1,6 +1,7 @@
 """The encoders on the Triton path, as torch.library custom ops with autograd (namespace ``sparsekit``).
 
-- ``topk_encode_triton``:      GEMM + bias (gemm.py), per-row radix top-k (select.py), ReLU.
+- ``topk_encode_triton``:      the GEMM with the per-row top-k fused into its epilogue (fused_topk.py;
+  SPARSEKIT_GPU_TOPK), or GEMM + bias (gemm.py), then per-row radix top-k (select.py), ReLU.
 - ``batchtopk_encode_triton``: GEMM + bias, global radix selection of the B*k largest relu(pre).
   Both, in float32, may instead take the bf16 screen (``screen.py``, SPARSEKIT_GPU_BF16_SCREEN):
   the same codes from a tensor-core GEMM and an exact float32 recompute of a few candidates.
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from sparsekit.ops.autograd import register_batchtopk, register_jumprelu, register_relu, register_topk
 
-from . import screen
+from . import fused_topk, screen
 from ._config import fixed
 from .gemm import gemm
 from .select import batch_topk, topk_rows
@@ -89,6 +90,8 @@ def topk_encode_triton(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple
         screened = screen.topk_encode_screened(x, W_enc, b_enc, k)
         if screened is not None:
             return screened
+    if fused_topk.use_fused(x, W_enc, k):
+        return fused_topk.topk_encode_fused(x, W_enc, b_enc, k)
     return topk_rows(gemm(x, W_enc, b_enc), k)
 
 

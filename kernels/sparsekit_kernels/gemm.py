@@ -37,7 +37,9 @@ _HOPPER = [
 _SMALL = dict(BLOCK_M=16, BLOCK_N=32)
 
 
-def _block_k(dtype: torch.dtype) -> int:
+def block_k(dtype: torch.dtype) -> int:
+    """The K step of every tile for this dtype (the order each output element sums in): fixed per dtype,
+    so no config changes a result's bits; the fused TopK (fused_topk.py) takes the same."""
     if INTERPRETING:
         return 16
     return 32 if dtype == torch.float32 else 64
@@ -101,12 +103,13 @@ def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_pt
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epilogue: str = "none",
          threshold: torch.Tensor | None = None, aux: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None):
+         out_dtype: torch.dtype | None = None, tile: dict | None = None):
     """epilogue(a @ b + bias): a [M, K], b [K, N], bias [N] -> [M, N] contiguous, in out_dtype
     (default a's dtype; float32 keeps a 16-bit GEMM's float32 accumulator as it is: the bf16 screen).
 
     ``threshold`` [N] (already exp(log_threshold)) for ``jumprelu``, which returns (out, pre);
-    ``aux`` [M, N] for ``mul``.
+    ``aux`` [M, N] for ``mul``. ``tile``: BLOCK_M, BLOCK_N, num_warps, num_stages to run instead of
+    autotuning (comparisons at one tile config, e.g. against the fused TopK's).
     """
     check_dtype(a, b)
     M, K = a.shape
@@ -128,10 +131,11 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epi
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _gemm_kernel[grid](a, b, bias if bias is not None else out, threshold if threshold is not None else out,
+    kernel = _gemm_kernel if tile is None else _gemm_kernel.fn  # .fn: the kernel without its autotuner
+    kernel[grid](a, b, bias if bias is not None else out, threshold if threshold is not None else out,
                        aux if aux is not None else out, out, pre,
                        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                        size_bucket(M), size_bucket(N), size_bucket(K), layout_code(a.stride(1) == 1, b.stride(1) == 1),
                        HAS_BIAS=bias is not None, EPILOGUE=code, UPCAST=upcast_inputs(a.dtype),
-                       PRECISION=dot_precision(a.dtype), BLOCK_K=_block_k(a.dtype))
+                       PRECISION=dot_precision(a.dtype), BLOCK_K=block_k(a.dtype), **(tile or {}))
     return (out, pre) if code == 2 else out

@@ -1,6 +1,7 @@
 """Top-k selection by radix select on the pre-activations: per row (TopK) and over the batch (BatchTopK).
 
-Design (a clear two-pass encoder, chosen over a running top-k fused into the GEMM's epilogue):
+Design (a clear two-pass encoder; TopK now runs fused into the GEMM by default, ``fused_topk.py``,
+and this is its SPARSEKIT_GPU_TOPK=unfused path, BatchTopK's and the bf16 screen's selection):
 pass 1 is the GEMM with the bias fused (``gemm.py``), writing pre [B, n] once; pass 2 selects.
 Selection maps each value to a 32-bit key whose unsigned order is the float order (-0.0 counts
 as +0.0), then finds the k-th largest key 8 bits at a time: four histogram passes over the
@@ -8,9 +9,8 @@ candidates whose higher digits match the prefix found so far, then one compactio
 every key above the threshold and, of the keys equal to it, the first ones in index order (the
 tie rule: lower index wins). Selected entries come out in index order; ``topk_rows`` then sorts
 the k of each row (stable, descending) to the contract's order. Cost: the GEMM, plus reading pre
-five times with no [B, n] scratch beyond pre itself. A running top-k in the GEMM epilogue would
-skip writing pre, at the price of merging sorted k-lists per tile; that is the next step if the
-GPU benchmark shows selection dominating.
+five times with no [B, n] scratch beyond pre itself (the H200 showed it dominating in bf16: the
+reason for ``fused_topk.py``).
 
 Keys and histograms are exact integers, so both selections are deterministic.
 """
@@ -24,7 +24,7 @@ from ._config import check_dtype, fixed
 
 
 @triton.jit
-def _sortable_key(value):
+def sortable_key(value):
     """float32 -> uint32 whose unsigned order is the float order; -0.0 maps like +0.0."""
     bits = (value + 0.0).to(tl.uint32, bitcast=True)
     return tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
@@ -66,7 +66,7 @@ def _row_topk_kernel(pre_ptr, out_pre_ptr, out_idx_ptr, n, k, BLOCK_N: tl.conste
         hist = tl.zeros((256,), dtype=tl.int32)
         for start in range(0, n, BLOCK_N):
             valid = (start + offs) < n
-            key = _sortable_key(tl.load(base + start + offs, mask=valid, other=0.0).to(tl.float32))
+            key = sortable_key(tl.load(base + start + offs, mask=valid, other=0.0).to(tl.float32))
             hist += _digit_histogram(key, valid, prefix, 24 - 8 * p, p == 0)
         digit, above = _choose_digit(hist, remaining)
         remaining -= above
@@ -77,7 +77,7 @@ def _row_topk_kernel(pre_ptr, out_pre_ptr, out_idx_ptr, n, k, BLOCK_N: tl.conste
     for start in range(0, n, BLOCK_N):
         valid = (start + offs) < n
         value = tl.load(base + start + offs, mask=valid, other=0.0)
-        key = _sortable_key(value.to(tl.float32))
+        key = sortable_key(value.to(tl.float32))
         equal = valid & (key == prefix)
         equal_rank = equal_seen + tl.cumsum(equal.to(tl.int32), 0) - equal.to(tl.int32)
         take = (valid & (key > prefix)) | (equal & (equal_rank < remaining))
@@ -112,7 +112,7 @@ def _flat_keys(pre_ptr, offsets, total):
     """Keys of relu(pre) at flat offsets (BatchTopK ranks activations, so every negative is 0)."""
     valid = offsets < total
     value = tl.load(pre_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-    return _sortable_key(tl.maximum(value, 0.0)), valid
+    return sortable_key(tl.maximum(value, 0.0)), valid
 
 
 @triton.jit

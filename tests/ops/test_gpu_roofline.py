@@ -20,28 +20,52 @@ def random_shape(seed):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_the_step_bound_is_at_least_its_encoder_gemm_and_the_fused_design_never_exceeds_it(seed):
+def test_the_step_bound_is_at_least_its_encoder_gemm_and_fusing_the_selection_never_exceeds_the_unfused_one(seed):
     B, d, n, k = random_shape(seed)
     for dtype in ("fp32", "bf16"):
-        built = gpu_roofline.step_kernels(B, d, n, k, dtype, "h100")
-        fused = gpu_roofline.step_kernels(B, d, n, k, dtype, "h100", fused=True)
-        gemm = built[0]
-        assert gemm.flops == 2.0 * B * d * n
-        assert sum(kern.seconds for kern in built) > gemm.seconds
-        assert sum(kern.seconds for kern in fused) <= sum(kern.seconds for kern in built)
-    bf16_gemm = gpu_roofline.step_kernels(B, d, n, k, "bf16", "h100")[0]
+        unfused = gpu_roofline.step_kernels(B, d, n, k, dtype, "h100", "unfused")
+        fused = gpu_roofline.step_kernels(B, d, n, k, dtype, "h100", "fused")
+        for design in (unfused, fused):
+            gemm = design[0]
+            assert gemm.flops == 2.0 * B * d * n
+            assert sum(kern.seconds for kern in design) > gemm.seconds
+        # Where auto takes the fused kernel (KT <= 16 of 128 columns), its keys are fewer bytes than
+        # pre, and the merge reads them once where the selection reads pre five times.
+        if gpu_roofline.fused_kt(n, k)[0] <= 16:
+            assert fused[0].bytes < unfused[0].bytes and fused[2].bytes < unfused[1].bytes
+    bf16_gemm = gpu_roofline.step_kernels(B, d, n, k, "bf16", "h100", "unfused")[0]
     assert gpu_roofline.bf16_gemm_bound(B, d, n, "h100") == pytest.approx(bf16_gemm.seconds)
 
 
+@pytest.mark.parametrize("shape", [(4096, 768, 32768, 32), (8192, 2048, 131072, 64), (16384, 4096, 262144, 128)])
+def test_the_fused_encoder_is_priced_with_its_epilogue_rounds_and_expected_reruns(shape):
+    B, d, n, k = shape
+    kt, rerun = gpu_roofline.fused_kt(n, k)
+    assert 1 <= kt < k and 0 < rerun <= 0.01
+    gemm, epilogue, merge, again = gpu_roofline.fused_kernels(B, d, n, k, "bf16", "h100")
+    tiles = -(-n // gpu_roofline.FUSED_BLOCK_N)
+    assert merge.bytes == B * tiles * (kt + 1) * 8 + B * k * (2 + 8)
+    assert epilogue.flops == B * n * (6 * (kt + 1) + 6) and epilogue.peak == gpu_roofline.CARDS["h100"]["int32"]
+    assert again.flops == pytest.approx(rerun * 2.0 * B * d * n + rerun * B * n * (6 * min(k, 128, 4 * kt) + 6))
+
+
+def test_the_default_design_follows_the_screen_rule_for_float32_and_is_fused_otherwise():
+    assert gpu_roofline.default_encoder(2048, 131072, 64, 8192, "fp32") == "screened"
+    assert gpu_roofline.default_encoder(2048, 131072, 64, 8192, "bf16") == "fused"
+    assert gpu_roofline.default_encoder(64, 1000, 32, 16, "fp32") == "fused"  # n < 64 k: no screen
+    with pytest.raises(ValueError, match="encoder must be"):
+        gpu_roofline.step_kernels(16, 8, 64, 4, "bf16", "h100", "sideways")
+
+
 def test_a_gemm_bound_is_its_flops_over_the_peak_when_compute_limits():
-    kern = gpu_roofline.step_kernels(16384, 4096, 262144, 128, "bf16", "h100")[0]
+    kern = gpu_roofline.step_kernels(16384, 4096, 262144, 128, "bf16", "h100", "unfused")[0]
     assert kern.limit == "compute"
     assert kern.seconds == pytest.approx(2 * 16384 * 4096 * 262144 / 989e12)
 
 
 def test_the_h200_bounds_memory_kernels_lower_than_the_h100_and_compute_kernels_the_same():
-    h100 = {kern.name: kern for kern in gpu_roofline.step_kernels(4096, 768, 32768, 32, "bf16", "h100")}
-    h200 = {kern.name: kern for kern in gpu_roofline.step_kernels(4096, 768, 32768, 32, "bf16", "h200")}
+    h100 = {kern.name: kern for kern in gpu_roofline.step_kernels(4096, 768, 32768, 32, "bf16", "h100", "unfused")}
+    h200 = {kern.name: kern for kern in gpu_roofline.step_kernels(4096, 768, 32768, 32, "bf16", "h200", "unfused")}
     assert h200["sparse decode"].seconds == pytest.approx(h100["sparse decode"].seconds * 3.35 / 4.8)
     assert h200["encoder GEMM (writes pre)"].seconds == h100["encoder GEMM (writes pre)"].seconds
 
@@ -77,8 +101,8 @@ def test_predict_refuses_a_file_that_is_not_a_bench_report(tmp_path):
 @pytest.mark.parametrize("shape", [(4096, 768, 32768, 32), (8192, 2048, 131072, 64), (16384, 4096, 262144, 128)])
 def test_the_screened_float32_step_is_bounded_by_the_bf16_gemm_not_the_fma_units(shape):
     B, d, n, k = shape
-    screened = gpu_roofline.step_kernels(B, d, n, k, "fp32", "h100", screened=True)
-    plain = gpu_roofline.step_kernels(B, d, n, k, "fp32", "h100")
+    screened = gpu_roofline.step_kernels(B, d, n, k, "fp32", "h100", "screened")
+    plain = gpu_roofline.step_kernels(B, d, n, k, "fp32", "h100", "unfused")
     assert screened[0].peak == gpu_roofline.CARDS["h100"]["bf16"] and screened[0].flops == 2.0 * B * d * n
     assert sum(kern.seconds for kern in screened) < sum(kern.seconds for kern in plain)
     assert sum(kern.seconds for kern in screened) > gpu_roofline.bf16_gemm_bound(B, d, n, "h100")

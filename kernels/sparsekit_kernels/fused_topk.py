@@ -1,0 +1,243 @@
+"""TopK with the selection fused into the encoder GEMM's epilogue: pre [B, n] never reaches memory.
+
+The unfused path (``gemm.py`` then ``select.py``) writes pre = x @ W_enc + b_enc [B, n] and reads it
+five times to select; on an H200 that made the bf16 TopK step 6.65x the bf16 GEMM at B=8192, d=2048,
+n=131072, k=64 (bench/results/2026-12-04-nvidia-h200.md). Here:
+
+1. ``_gemm_topk_kernel``: each program computes a [BLOCK_M, BLOCK_N] tile of pre exactly as
+   ``gemm._gemm_kernel`` does (same loads, BLOCK_K, tl.dot precision, float32 accumulator, bias add,
+   rounding to x's dtype: on the same tile config the values are the unfused path's bit for bit).
+   Instead of storing the tile it keeps, per row, the tile's KT largest entries as int64 keys
+   (below) in a candidate buffer [B, tiles_n * KT], and, unless KT covers the whole selection, the
+   tile's next largest key, its (KT+1)-th, in next [B, tiles_n]. Each of the KT (+1) rounds takes
+   the row's largest key (a max over the tile's columns), then the lowest column holding it (a min),
+   and removes that one entry.
+2. The merge: ``torch.topk`` of each row's candidate keys gives the k largest, already in the
+   contract's order (descending value, ties to the lower index), from which values and indices are
+   decoded exactly.
+3. Exactness. A tile's entries that are not among its candidates all have keys <= its next key.
+   With KT >= min(k, BLOCK_N) every tile lists all the entries it could contribute, so the merge is
+   the selection over all n (the union of per-tile top-k holds the global top-k). With KT smaller, a
+   row is exact when every tile's next key is below the row's k-th selected key (every true top-k
+   entry has a key >= the true k-th, which is >= the candidates' k-th, so it was listed); the rows
+   where a tile overflowed (its next key above that k-th key; rare: ``choose_kt`` picks KT so that
+   about 1% of the rows of unstructured data overflow) are computed again with 4x KT, up to
+   min(k, BLOCK_N), which needs no check. The values are the same in the rerun: each
+   entry's dot product is the same sums in the same order whichever rows share its tile.
+
+**Keys.** A value v (x's dtype, widened to float32: exact) maps to the 32-bit key whose unsigned
+order is the float order (``select.sortable_key``: -0.0 counts as +0.0), ``u``; an entry outside
+the matrix (ragged edges) or already taken gets u = 0, below every real key (u(-inf) = 0x007FFFFF).
+The candidate key is ``(u - 2^31) * 2^32 + (2^32 - 1 - column)`` as int64: its order is (value,
+then lower column), every real key differs, and an exhausted tile's filler (u = 0) lies below every
+real one.
+
+Cost per tile entry: the GEMM's 2d FLOPs on the tensor cores (16-bit inputs) plus ~6 integer
+instructions per round on the CUDA cores (the sm_90 PTX of a round: 2 compares, 2 selects, a max and
+a min per entry), (KT + 1) rounds; the memory traffic is x, W_enc and
+B * tiles_n * (KT + 1) * 8 bytes of keys instead of pre (B * n * s bytes written, 5x read). The
+overflow check and any rerun sync with the host once per call.
+
+Selection: SPARSEKIT_GPU_TOPK=auto (default) | fused | unfused. ``auto`` takes this path when its KT
+is at most ``AUTO_MAX_KT`` (else the per-entry rounds cost more than writing pre: unmeasured, from
+the operation count), ``fused`` always, ``unfused`` never (the GEMM + radix select of ``select.py``,
+kept for comparison: ``bench/gpu.py`` times both). Float32 calls that the bf16 screen takes
+(``screen.py``) stay screened.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._config import INTERPRETING, check_dtype, dot_precision, upcast_inputs
+from .gemm import block_k
+from .select import sortable_key
+
+# One config per dtype, not autotuned: the candidate buffer's width (tiles_n * KT) depends on
+# BLOCK_N, and a fixed tile keeps the values equal to a rerun's. Unmeasured on a GPU (see bench/gpu.py).
+_HOPPER = {torch.float32: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+           torch.bfloat16: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+           torch.float16: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)}
+_SMALL = dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1)  # as gemm.py's under the interpreter
+
+AUTO_MAX_KT = 16
+OVERFLOWING_ROWS = 0.01  # the share of rows choose_kt lets overflow (and run again), on unstructured data
+
+stats = {"calls": 0, "rows": 0, "overflow_rows": 0}  # running totals, for benchmarks and tests
+
+
+@triton.jit
+def _take_largest(key, local, first_col):
+    """One round: per row of key [BM, BN] (uint32, 0 = empty), the largest key's int64 candidate key
+    (ties: the lowest column) [BM], and key with that one entry removed."""
+    best = tl.max(key, axis=1)
+    at = tl.min(tl.where(key == best[:, None], local[None, :], 2147483647), axis=1)
+    key = tl.where(local[None, :] == at[:, None], 0, key)
+    signed = (best ^ 0x80000000).to(tl.int32, bitcast=True).to(tl.int64)
+    column = first_col + at.to(tl.int64)
+    return (signed << 32) + (tl.full((), 4294967295, tl.int64) - column), key
+
+
+@triton.jit
+def _gemm_topk_kernel(a_ptr, b_ptr, bias_ptr, keys_ptr, next_ptr, M, N, K,
+                      stride_am, stride_ak, stride_bk, stride_bn,
+                      KT: tl.constexpr, NEXT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
+    # The tile of pre: gemm._gemm_kernel's launch order, loads, K loop and bias add, unchanged.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + (k0 + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    # pre as the unfused path stores it (x's dtype), as an order-preserving key; 0 off the matrix.
+    value = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
+    key = tl.where(row_ok[:, None] & col_ok[None, :], sortable_key(value), 0)
+    local = tl.arange(0, BLOCK_N)
+    first_col = pid_n.to(tl.int64) * BLOCK_N
+    out = keys_ptr + rows * (tiles_n * KT) + pid_n * KT
+    for r in range(KT):
+        candidate, key = _take_largest(key, local, first_col)
+        tl.store(out + r, candidate, mask=row_ok)
+    if NEXT:
+        candidate, key = _take_largest(key, local, first_col)
+        tl.store(next_ptr + rows * tiles_n + pid_n, candidate, mask=row_ok)
+
+
+def tile_config(dtype: torch.dtype) -> dict:
+    """The fused kernel's launch config for inputs of this dtype: BLOCK_M, BLOCK_N, num_warps, num_stages."""
+    return dict(_SMALL if INTERPRETING else _HOPPER[dtype])
+
+
+def choose_kt(n: int, k: int, block_n: int, overflowing_rows: float = OVERFLOWING_ROWS) -> int:
+    """Candidates kept per row and tile: the smallest KT for which, on unstructured data, at most
+    ``overflowing_rows`` of the rows have a tile holding more than KT of the row's top k (those rows
+    run again). A row's top k fall into one of its tiles about Poisson(lam), lam = k * block_n / n,
+    so a row overflows with probability ~ tiles * P(Poisson(lam) > KT). At B=8192 d=2048 n=131072
+    k=64 (block_n = 128, lam = 1/16, 1024 tiles): KT = 3 (~0.2% of rows; KT = 2 would rerun ~4%).
+    Capped by min(k, block_n), which is exact alone."""
+    cap = min(k, block_n)
+    lam = k * block_n / n
+    tiles = -(-n // block_n)
+    term = cdf = math.exp(-lam)
+    for kt in range(1, cap):
+        term *= lam / kt
+        cdf += term
+        if tiles * max(0.0, 1.0 - cdf) <= overflowing_rows:
+            return kt
+    return cap
+
+
+def topk_mode() -> str:
+    mode = os.environ.get("SPARSEKIT_GPU_TOPK", "auto").strip().lower()
+    if mode not in ("auto", "fused", "unfused"):
+        raise RuntimeError(f"SPARSEKIT_GPU_TOPK={mode!r} is not 'auto', 'fused' or 'unfused'")
+    return mode
+
+
+def use_fused(x: Tensor, W_enc: Tensor, k: int) -> bool:
+    """Whether topk_encode of x [B, d] with W_enc [d, n] runs fused (SPARSEKIT_GPU_TOPK, above)."""
+    mode = topk_mode()
+    if mode == "unfused" or x.shape[0] == 0 or W_enc.shape[1] == 0:
+        return False
+    if mode == "fused":
+        return True
+    block_n = tile_config(x.dtype)["BLOCK_N"]
+    return choose_kt(W_enc.shape[1], k, block_n) <= AUTO_MAX_KT
+
+
+def candidate_keys(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, kt: int,
+                   with_next: bool) -> tuple[Tensor, Tensor | None]:
+    """x [B, d], W_enc [d, n] (any strides), b_enc [n] -> (keys [B, tiles_n * kt] int64, each tile's
+    kt largest per row in order; next [B, tiles_n] int64, each tile's (kt+1)-th, or None)."""
+    check_dtype(x, W_enc)
+    M, K = x.shape
+    N = W_enc.shape[1]
+    meta = tile_config(x.dtype)
+    tiles_n = triton.cdiv(N, meta["BLOCK_N"])
+    keys = torch.empty((M, tiles_n * kt), dtype=torch.int64, device=x.device)
+    following = torch.empty((M, tiles_n), dtype=torch.int64, device=x.device) if with_next else None
+    if K == 0:  # tl.dot needs one K tile; an empty sum is zero
+        x, W_enc, K = x.new_zeros(M, 1), W_enc.new_zeros(1, N), 1
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * tiles_n,)
+    _gemm_topk_kernel[grid](x, W_enc, b_enc if b_enc is not None else keys, keys,
+                            following if following is not None else keys, M, N, K,
+                            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+                            KT=kt, NEXT=with_next, HAS_BIAS=b_enc is not None, UPCAST=upcast_inputs(x.dtype),
+                            PRECISION=dot_precision(x.dtype), BLOCK_K=block_k(x.dtype), **meta)
+    return keys, following
+
+
+def decode_keys(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Candidate keys (any shape, int64) -> (their values in dtype, their columns int64), exactly."""
+    unsigned = (keys >> 32) + 2**31                      # the 32-bit order key u, in [0, 2^32)
+    bits = torch.where(unsigned >= 2**31, unsigned - 2**31, 2**32 - 1 - unsigned)
+    values = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    columns = 2**32 - 1 - (keys & (2**32 - 1))
+    return values.to(dtype), columns
+
+
+def _select(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, kt: int, exact_kt: int) -> Tensor:
+    """The k largest candidate keys per row [B, k], descending; rows whose tiles overflowed are
+    selected again with 4x kt until exact."""
+    keys, following = candidate_keys(x, W_enc, b_enc, kt, with_next=kt < exact_kt)
+    top = torch.topk(keys, k, dim=1, sorted=True).values
+    if following is None:
+        return top
+    overflowed = torch.nonzero((following > top[:, -1:]).any(dim=1)).flatten()
+    if overflowed.numel():  # a tile may hold more of these rows' top k than it listed
+        stats["overflow_rows"] += overflowed.numel()
+        top[overflowed] = _select(x[overflowed], W_enc, b_enc, k, min(exact_kt, 4 * kt), exact_kt)
+    return top
+
+
+def topk_encode_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, kt: int | None = None) -> tuple[Tensor, Tensor]:
+    """relu of the k largest of pre = x @ W_enc + b_enc per row, the selection fused into the GEMM.
+
+    x [B, d], W_enc [d, n] (any strides), b_enc [n] -> (values [B, k] in x's dtype, descending;
+    indices [B, k] int64), ties to the lower index: topk_encode's contract (reference.py).
+    ``kt``: candidates per tile and row (default ``choose_kt``; any value in [1, n] is exact).
+    """
+    x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach().contiguous()
+    n = W_enc.shape[1]
+    block_n = tile_config(x.dtype)["BLOCK_N"]
+    exact_kt = min(k, block_n)
+    kt = choose_kt(n, k, block_n) if kt is None else kt
+    if kt < 1:
+        raise ValueError(f"kt must be at least 1, got {kt}")
+    kt = min(kt, exact_kt)
+    if kt * triton.cdiv(n, block_n) < k:  # too few candidates per row to hold k
+        kt = exact_kt
+    top = _select(x, W_enc, b_enc, k, kt, exact_kt)
+    stats["calls"] += 1
+    stats["rows"] += x.shape[0]
+    values, indices = decode_keys(top, x.dtype)
+    return torch.relu(values), indices

@@ -1,0 +1,227 @@
+"""TopK with the selection fused into the GEMM's epilogue (kernels/sparsekit_kernels/fused_topk.py): the
+same codes as the unfused path (GEMM, then radix select) bit for bit, and as reference.py's topk_encode
+exactly on data where float arithmetic is exact, with ties and one-ulp near-ties, every top-k entry in one
+tile (the overflow rerun), k above the tile width, ragged B and n, float32 and bfloat16, strided inputs.
+Under Triton's interpreter on CPU tensors (tests/conftest.py), or natively on CUDA tensors where a GPU
+exists (inputs drawn on the CPU and moved: ``on_device``); tile-dependent shapes follow the tile in use."""
+import math
+
+import pytest
+import torch
+
+from sparsekit import ops
+from sparsekit.kernels import fused_topk
+from sparsekit.kernels.gemm import gemm
+from sparsekit.kernels.select import topk_rows
+from sparsekit.ops import reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def on_device(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors where the Triton kernels run them: CUDA where it exists, else the CPU (interpreter)."""
+    return tuple(t.to(DEVICE) for t in tensors)
+
+
+def fresh_generator() -> torch.Generator:
+    gen = torch.Generator()
+    gen.seed()
+    return gen
+
+
+def tile_n(dtype) -> int:
+    return fused_topk.tile_config(dtype)["BLOCK_N"]
+
+
+def tile_m(dtype) -> int:
+    return fused_topk.tile_config(dtype)["BLOCK_M"]
+
+
+def unfused(x, W, b, k):
+    """The unfused path (GEMM writing pre, radix select) at the fused kernel's tile config: the same
+    sums in the same order, so the same bits (autotuning might pick another tile on a GPU)."""
+    return topk_rows(gemm(x, W, b, tile=fused_topk.tile_config(x.dtype)), k)
+
+
+def assert_same_codes(got, want, what=""):
+    assert torch.equal(got[1], want[1]), f"{what}: indices differ"
+    assert got[0].dtype == want[0].dtype and torch.equal(got[0], want[0]), f"{what}: values differ"
+
+
+def integer_case(gen, batch, d, n, dtype, duplicates=0):
+    """Small integers (every product and sum exact in float32 and in the bf16 rounding of pre), with
+    the first `duplicates` columns of W repeated from column `duplicates`: exact ties across columns."""
+    x = torch.randint(-3, 4, (batch, d), generator=gen).float()
+    W = torch.randint(-3, 4, (d, n), generator=gen).float()
+    if duplicates:
+        W[:, :duplicates] = W[:, duplicates:duplicates + 1]
+    b = torch.randint(-5, 6, (n,), generator=gen).float()
+    return on_device(x.to(dtype), W.to(dtype), b.to(dtype))
+
+
+def shapes(dtype):
+    """(batch, d, n, k): B and n off the tile grid, several tiles each way, k > BLOCK_N, k = 1, k = n."""
+    bm, bn = tile_m(dtype), tile_n(dtype)
+    return [(bm + 3, 21, 2 * bn + 6, 9), (5, 7, 3 * bn + 4, bn + 8), (3, 5, bn + 1, 1), (6, 9, 9, 9)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_fused_topk_equals_the_unfused_path_bit_for_bit_on_real_values(dtype):
+    gen = fresh_generator()
+    for batch, d, n, k in shapes(dtype):
+        x = torch.randn(batch, d, generator=gen)
+        W = torch.randn(d, n, generator=gen) / d**0.5
+        b = torch.randn(n, generator=gen) * 0.1
+        x, W, b = on_device(x.to(dtype), W.to(dtype), b.to(dtype))
+        got = fused_topk.topk_encode_fused(x, W, b, k)
+        assert_same_codes(got, unfused(x, W, b, k), f"B={batch} n={n} k={k}")
+        assert torch.all(got[0][:, :-1] >= got[0][:, 1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_fused_topk_equals_the_reference_on_exact_integers_with_ties(dtype):
+    gen = fresh_generator()
+    for batch, d, n, k in shapes(dtype):
+        duplicates = min(n // 2, tile_n(dtype) + 8)
+        x, W, b = integer_case(gen, batch, d, n, dtype, duplicates)
+        b[: duplicates + 1] = 100  # the repeated columns lead every row, more of them than k per tile
+        got = fused_topk.topk_encode_fused(x, W, b, k)
+        assert_same_codes(got, reference.topk_encode(x, W, b, k), f"B={batch} n={n} k={k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_fused_topk_orders_one_ulp_near_ties_and_exact_ties_as_the_reference(dtype):
+    # pre = x @ W + b with every term an integer: exact in float32 below 2^24, where its spacing (one
+    # ulp) is 1 from 2^23 on; in bf16, 1 from 128 to 256 (no rounding of pre: the interpreter's float32
+    # -> bf16 cast does not round to nearest as torch's does). Columns spread over every tile hold
+    # values one ulp apart and exactly equal.
+    gen = fresh_generator()
+    batch, d, n, k = tile_m(dtype) + 1, 6, 3 * tile_n(dtype) + 5, 12
+    top = 2.0**23 if dtype == torch.float32 else 128.0
+    x = torch.randint(-1, 2, (batch, d), generator=gen).float()
+    W = torch.randint(-1, 2, (d, n), generator=gen).float()
+    b = torch.full((n,), -top)
+    lead = torch.randperm(n, generator=gen)[:3 * k]
+    b[lead] = top + 10.0 + torch.randint(0, 6, (3 * k,), generator=gen).float()  # many exact ties, 1 apart
+    x, W, b = on_device(x.to(dtype), W.to(dtype), b.to(dtype))
+    want = reference.topk_encode(x, W, b, k)
+    assert int((want[0][:, :-1] == want[0][:, 1:]).sum()) > batch  # ties are being decided
+    assert_same_codes(fused_topk.topk_encode_fused(x, W, b, k), want)
+    assert_same_codes(fused_topk.topk_encode_fused(x, W, b, k, kt=1), want, "kt=1")
+    assert_same_codes(unfused(x, W, b, k), want, "unfused")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_rows_whose_top_k_all_sit_in_one_tile_overflow_and_are_selected_again_exactly(dtype):
+    gen = fresh_generator()
+    bn = tile_n(dtype)
+    batch, d, n, k = 7, 5, 4 * bn + 3, 6
+    x, W, b = integer_case(gen, batch, d, n, dtype)
+    b = b.clone()
+    b[2 * bn + 3: 2 * bn + 3 + 2 * k] += 200  # every row's top k: inside tile 2
+    before = fused_topk.stats["overflow_rows"]
+    got = fused_topk.topk_encode_fused(x, W, b, k, kt=2)
+    assert fused_topk.stats["overflow_rows"] - before == batch  # each row's tile held more than 2 of them
+    assert torch.all((got[1] >= 2 * bn) & (got[1] < 3 * bn))
+    assert_same_codes(got, reference.topk_encode(x, W, b, k))
+    assert_same_codes(got, unfused(x, W, b, k))
+
+
+def test_rows_with_their_top_k_spread_over_tiles_pass_the_overflow_check_without_a_rerun():
+    # Each row's top k sit one per tile: kt=1 lists them all and no tile's next key reaches the k-th.
+    gen = fresh_generator()
+    bn = tile_n(torch.float32)
+    batch, d, tiles = 4, 3, 6
+    x, W, b = integer_case(gen, batch, d, tiles * bn, torch.float32)
+    b = b.clone()
+    b[torch.arange(tiles) * bn + 1] += 200
+    before = fused_topk.stats["overflow_rows"]
+    got = fused_topk.topk_encode_fused(x, W, b, tiles, kt=1)
+    assert fused_topk.stats["overflow_rows"] == before
+    assert_same_codes(got, reference.topk_encode(x, W, b, tiles))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_fused_topk_reads_strided_inputs_in_place(dtype):
+    gen = fresh_generator()
+    batch, d, n, k = tile_m(dtype) + 2, 13, 2 * tile_n(dtype) + 9, 7
+    x_t = torch.randn(d, batch, generator=gen).to(dtype)          # x passed as a transpose
+    W_wide = (torch.randn(d, 2 * n, generator=gen) / d**0.5).to(dtype)  # W_enc: every other column
+    b = (torch.randn(n, generator=gen) * 0.1).to(dtype)
+    x_t, W_wide, b = on_device(x_t, W_wide, b)
+    x, W = x_t.t(), W_wide[:, ::2]
+    assert not x.is_contiguous() and not W.is_contiguous()
+    assert_same_codes(fused_topk.topk_encode_fused(x, W, b, k), unfused(x.contiguous(), W.contiguous(), b, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_fused_topk_values_decode_exactly_across_the_float_range(dtype):
+    # x = 0: pre = b exactly, so the values must come back bit for bit from the keys, at every magnitude.
+    b = torch.tensor([3.0e38, -3.0e38, 1e-30, -1e-30, 1.0, -1.0, 0.0, 7.5e-8, 65504.0, 2.0**-100, -2.0**100, 3.0])
+    x, W, b = on_device(torch.zeros(2, 3, dtype=dtype), torch.ones(3, b.numel(), dtype=dtype), b.to(dtype))
+    for k in (1, 5, b.numel()):
+        assert_same_codes(fused_topk.topk_encode_fused(x, W, b, k), reference.topk_encode(x, W, b, k), f"k={k}")
+
+
+def test_topk_encode_runs_fused_by_default_and_unfused_when_asked(monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+    monkeypatch.delenv("SPARSEKIT_GPU_TOPK", raising=False)
+    monkeypatch.setenv("SPARSEKIT_GPU_BF16_SCREEN", "off")
+    gen = fresh_generator()
+    x, W, b = integer_case(gen, 9, 8, 3 * tile_n(torch.float32), torch.float32, duplicates=20)
+    calls = fused_topk.stats["calls"]
+    fused = ops.topk_encode(x, W, b, 5)
+    assert fused_topk.stats["calls"] == calls + 1
+    monkeypatch.setenv("SPARSEKIT_GPU_TOPK", "unfused")
+    old = ops.topk_encode(x, W, b, 5)
+    assert fused_topk.stats["calls"] == calls + 1
+    assert_same_codes(fused, old)
+    monkeypatch.setenv("SPARSEKIT_GPU_TOPK", "sometimes")
+    with pytest.raises(RuntimeError, match="SPARSEKIT_GPU_TOPK='sometimes'"):
+        ops.topk_encode(x, W, b, 5)
+
+
+def test_gradients_through_the_fused_encoder_equal_the_reference_on_exact_integers(monkeypatch):
+    # The backward is the sparse encoders' (it reads only the codes): through the fused forward it must
+    # give the reference's gradients, which integer data and float32 sums make exact.
+    monkeypatch.setenv("SPARSEKIT_GPU_TOPK", "fused")
+    gen = fresh_generator()
+    x, W, b = integer_case(gen, 11, 7, 2 * tile_n(torch.float32) + 3, torch.float32)
+    grad_out = on_device(torch.randint(-3, 4, (11, 4), generator=gen).float())[0]
+    grads = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("SPARSEKIT_BACKEND", backend)
+        leaves = [t.clone().requires_grad_() for t in (x, W, b)]
+        values, indices = ops.topk_encode(*leaves, 4)
+        grads[backend] = (indices, *torch.autograd.grad(values, leaves, grad_out))
+    for got, want in zip(grads["triton"], grads["torch"]):
+        assert torch.equal(got, want)
+
+
+def test_kt_per_tile_keeps_overflowing_rows_rare_and_never_exceeds_what_is_exact():
+    assert fused_topk.choose_kt(131072, 64, 128) == 3   # lam = 1/16, 1024 tiles: KT = 2 reruns ~4% of rows
+    assert fused_topk.choose_kt(32768, 32, 128) == 3    # lam = 1/8, 256 tiles
+    assert fused_topk.choose_kt(256, 256, 128) == 128   # lam = 128: capped by the tile (and k)
+    gen = fresh_generator()
+    for _ in range(200):
+        n = int(torch.randint(1, 300000, (1,), generator=gen))
+        k = int(torch.randint(1, n + 1, (1,), generator=gen))
+        bn = 2 ** int(torch.randint(4, 9, (1,), generator=gen))
+        kt = fused_topk.choose_kt(n, k, bn)
+        assert 1 <= kt <= min(k, bn)
+        # Poisson tail: the chosen KT meets the 1% target and one less would not (unless capped).
+        lam, tiles = k * bn / n, -(-n // bn)
+        def poisson(j):
+            return math.exp(j * math.log(lam) - lam - math.lgamma(j + 1))
+
+        tail = 1.0 - sum(poisson(j) for j in range(kt + 1))
+        assert kt == min(k, bn) or tiles * tail <= 0.01 + 1e-9
+        if kt > 1:
+            assert tiles * (tail + poisson(kt)) > 0.01 - 1e-9
+
+
+def test_a_kt_below_one_is_refused_by_name():
+    x, W, b = on_device(torch.ones(2, 3), torch.ones(3, 5), torch.zeros(5))
+    with pytest.raises(ValueError, match="kt must be at least 1, got 0"):
+        fused_topk.topk_encode_fused(x, W, b, 2, kt=0)
