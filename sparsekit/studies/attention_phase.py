@@ -398,8 +398,8 @@ def verdict_lines(summary: dict) -> list:
     """The verdict in plain sentences, as printed and written to the docs."""
     v = summary["verdict"]
     c = v["closest"]
-    lines = [f"note's picture (S >= 1 and D <= 0.5): {'SHOWN' if v['shown'] else 'NOT SHOWN'} in "
-             f"{v['classes'][CLASSES[0]]} of {v['judged']} (cell, variant) pairs",
+    lines = [f"note's picture (S >= 1 and D <= 0.5): {'SHOWN' if v['shown'] else 'NOT SHOWN'}: "
+             f"{v['classes'][CLASSES[0]]} of {v['judged']} (cell, variant) pairs show it",
              f"closest: {c['cell']} ({c['variant']}): S = {c['S']:.2f}, D = {c['D']:.2f} "
              f"heads beyond n_heads (score {c['score']:+.2f}), class '{c['class']}'",
              "classes: " + ", ".join(f"{label} {n}" for label, n in v["classes"].items())]
