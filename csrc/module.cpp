@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -41,10 +42,14 @@ void require_shape(const A& a, const char* name, std::initializer_list<py::ssize
   }
 }
 
+// One branch-free pass (the message is built only on failure: building it per entry cost ~80 ns
+// an entry, more than the decode's own work at B=4096, k=32).
 void require_in_range(const Index& idx, int64_t upper, const char* name) {
   const int64_t* p = idx.data();
-  for (py::ssize_t e = 0; e < idx.size(); ++e)
-    require(p[e] >= 0 && p[e] < upper, std::string(name) + " holds an index outside [0, " + std::to_string(upper) + ")");
+  const py::ssize_t size = idx.size();
+  bool outside = false;
+  for (py::ssize_t e = 0; e < size; ++e) outside |= static_cast<uint64_t>(p[e]) >= static_cast<uint64_t>(upper);
+  if (outside) throw std::invalid_argument(std::string(name) + " holds an index outside [0, " + std::to_string(upper) + ")");
 }
 
 // COO entries (rows[e], cols[e]) of an [n_rows, n_cols] matrix: same lengths, indices in range.
@@ -142,19 +147,21 @@ void batchtopk_select_py(Array<T>& pre, const Array<T>& bias, int64_t m, Array<T
 
 template <typename T>
 void coo_times_dense_py(const Array<T>& values, const Index& rows, const Index& cols, const Array<T>& dense,
-                        Array<T>& out) {
+                        Array<T>& out, const std::optional<Array<T>>& bias) {
   require(values.ndim() == 1 && dense.ndim() == 2 && out.ndim() == 2, "values 1-D, dense and out 2-D");
   const int64_t n_cols = dense.shape(0), d = dense.shape(1), n_rows = out.shape(0);
   const int64_t e = require_coo(rows, cols, n_rows, n_cols);
   require_shape(values, "values", {e});
   require_shape(out, "out", {n_rows, d});
+  if (bias) require_shape(*bias, "bias", {d});
+  const T* b = bias ? bias->data() : nullptr;
   const T* v = values.data();
   const T* w = dense.data();
   T* o = out.mutable_data();
   const int64_t* r = rows.data();
   const int64_t* c = cols.data();
   py::gil_scoped_release release;
-  coo_times_dense(v, r, c, e, w, n_rows, d, o);
+  coo_times_dense(v, r, c, e, w, n_rows, d, b, o);
 }
 
 template <typename T>
@@ -446,7 +453,9 @@ void bind_all(py::module_& m) {
         "The m largest of relu(pre + bias) over the whole block, in flat order; pre is overwritten.");
   m.def("coo_times_dense", &coo_times_dense_py<T>, py::arg("values").noconvert(), py::arg("rows").noconvert(),
         py::arg("cols").noconvert(), py::arg("dense").noconvert(), py::arg("out").noconvert(),
-        "out = S @ dense, S the COO matrix [out rows, dense rows].");
+        py::arg("bias").noconvert() = py::none(),
+        "out = S @ dense (+ bias [dense cols] on every row), S the COO matrix [out rows, dense rows]; entries "
+        "in row order are read in place, others bucketed by row (stable).");
   m.def("coo_times_dense_t", &coo_times_dense_t_py<T>, py::arg("values").noconvert(), py::arg("rows").noconvert(),
         py::arg("cols").noconvert(), py::arg("dense").noconvert(), py::arg("out").noconvert(),
         "out = S @ dense.T, S the COO matrix [out rows, dense cols].");

@@ -2,7 +2,7 @@
 // COO entries (values [E], rows [E], cols [E]); duplicates add up. Each output element is summed
 // in a fixed order (entries bucketed by a stable sort), so results do not depend on threads.
 //
-//   coo_times_dense        S @ D,    D [n_cols, d]  -> [n_rows, d]   (decode forward)
+//   coo_times_dense        S @ D (+ bias), D [n_cols, d] -> [n_rows, d] (decode forward)
 //   coo_times_dense_t      S @ D^T,  D [d, n_cols]  -> [n_rows, d]   (encoder backward, grad x)
 //   coo_t_times_dense      S^T @ D,  D [n_rows, d]  -> [n_cols, d] or its transpose [d, n_cols],
 //                          plus the column sums of S               (grad W_dec; grad W_enc, b_enc)
@@ -29,23 +29,119 @@ inline void prefetch_row(const T* row, int64_t d) {
 // Latent (or input-dimension) blocks handled together so that strided writes fill cache lines.
 constexpr int64_t kColumnBlock = 16;
 
+// The decode's accumulators: kDecodeVectors vectors of the widest registers this module is built
+// for (AVX-512: 16 zmm, 256 floats; AVX2: 8 ymm, 64 floats; SSE2: 8 xmm, 32 floats), held in
+// registers while every entry of an output row adds into them, instead of a load and a store of
+// the output row per entry. No software prefetch: asking for the gathered rows 1, 2 or 8 entries
+// ahead measured no faster than leaving it to the hardware (B=4096, d=512, n=16384, k=32, AVX-512
+// EPYC under load), and this loop then matches torch's embedding_bag on the same gathers.
+#if defined(__AVX512F__)
+constexpr int kDecodeVectorBytes = 64;
+constexpr int kDecodeVectors = 16;
+#elif defined(__AVX__)
+constexpr int kDecodeVectorBytes = 32;
+constexpr int kDecodeVectors = 8;
+#else
+constexpr int kDecodeVectorBytes = 16;
+constexpr int kDecodeVectors = 8;
+#endif
+
 template <typename T>
-void coo_times_dense(const T* values, const int64_t* rows, const int64_t* cols, int64_t n_entries,
-                     const T* dense, int64_t n_rows, int64_t d, T* out) {
-  Buckets by_row = bucket_by_key(rows, n_entries, n_rows);
-#pragma omp parallel for schedule(guided)
-  for (int64_t r = 0; r < n_rows; ++r) {
-    T* y = out + r * d;
-    std::fill(y, y + d, T(0));
-    for (int64_t p = by_row.offsets[r]; p < by_row.offsets[r + 1]; ++p) {
-      const int64_t e = by_row.order[p];
-      if (p + 1 < n_entries) prefetch_row(dense + cols[by_row.order[p + 1]] * d, d);
+struct DecodeVector;
+template <>
+struct DecodeVector<float> {
+  typedef float type __attribute__((vector_size(kDecodeVectorBytes)));
+};
+template <>
+struct DecodeVector<double> {
+  typedef double type __attribute__((vector_size(kDecodeVectorBytes)));
+};
+
+template <typename V, typename T>
+inline V load_vector(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// Whether keys[0..n) never decrease (COO entries already in row order: TopK's, BatchTopK's and
+// the sparse ReLU's codes arrive so).
+inline bool keys_ascending(const int64_t* keys, int64_t n) {
+  for (int64_t e = 1; e < n; ++e)
+    if (keys[e] < keys[e - 1]) return false;
+  return true;
+}
+
+// Row r's entries are positions [offsets[r], offsets[r + 1]) of keys, which never decrease.
+inline std::vector<int64_t> ascending_offsets(const int64_t* keys, int64_t n_entries, int64_t n_keys) {
+  std::vector<int64_t> offsets(n_keys + 1, 0);
+  for (int64_t e = 0; e < n_entries; ++e) offsets[keys[e] + 1]++;
+  for (int64_t c = 0; c < n_keys; ++c) offsets[c + 1] += offsets[c];
+  return offsets;
+}
+
+// One output row y [d] = sum over positions p in [begin, end) of values[e] * dense[cols[e]]
+// (+ bias), e = order[p] (order null: e = p). Each element is summed from +0 in entry order, one
+// multiply-add per entry, then the bias added: the order of the zero-fill + add + separate bias
+// pass this replaces, so the bits are the same.
+template <typename T>
+inline void decode_row(const T* values, const int64_t* cols, const int64_t* order, int64_t begin, int64_t end,
+                       const T* dense, int64_t d, const T* bias, T* y) {
+  using V = typename DecodeVector<T>::type;
+  constexpr int64_t kLanes = kDecodeVectorBytes / sizeof(T), kWidth = kLanes * kDecodeVectors;
+  auto entry = [order](int64_t p) { return order ? order[p] : p; };
+  int64_t i0 = 0;
+  for (; i0 + kWidth <= d; i0 += kWidth) {
+    V acc[kDecodeVectors];
+#pragma GCC unroll 16
+    for (int j = 0; j < kDecodeVectors; ++j) acc[j] = V{};
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t e = entry(p);
       const T v = values[e];
-      const T* w = dense + cols[e] * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) y[i] += v * w[i];
+      const T* w = dense + cols[e] * d + i0;
+#pragma GCC unroll 16
+      for (int j = 0; j < kDecodeVectors; ++j) acc[j] += v * load_vector<V>(w + j * kLanes);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < kDecodeVectors; ++j) {
+      V out = acc[j];
+      if (bias) out = out + load_vector<V>(bias + i0 + j * kLanes);
+      __builtin_memcpy(y + i0 + j * kLanes, &out, sizeof(V));
     }
   }
+  if (i0 == d) return;
+  const int64_t width = d - i0;  // the last columns, fewer than kWidth
+  T acc[kWidth];
+  std::fill(acc, acc + width, T(0));
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t e = entry(p);
+    const T v = values[e];
+    const T* w = dense + cols[e] * d + i0;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) acc[i] += v * w[i];
+  }
+  for (int64_t i = 0; i < width; ++i) y[i0 + i] = bias ? acc[i] + bias[i0 + i] : acc[i];
+}
+
+// out = S @ dense (+ bias on every row; bias may be null). Entries already in row order (rows
+// never decrease) are read in place; others are bucketed by row first (a stable sort: the same
+// order within each row).
+template <typename T>
+void coo_times_dense(const T* values, const int64_t* rows, const int64_t* cols, int64_t n_entries,
+                     const T* dense, int64_t n_rows, int64_t d, const T* bias, T* out) {
+  std::vector<int64_t> offsets;
+  Buckets by_row;
+  const int64_t* order = nullptr;
+  if (keys_ascending(rows, n_entries)) {
+    offsets = ascending_offsets(rows, n_entries, n_rows);
+  } else {
+    by_row = bucket_by_key(rows, n_entries, n_rows);
+    offsets = std::move(by_row.offsets);
+    order = by_row.order.data();
+  }
+#pragma omp parallel for schedule(guided)
+  for (int64_t r = 0; r < n_rows; ++r)
+    decode_row(values, cols, order, offsets[r], offsets[r + 1], dense, d, bias, out + r * d);
 }
 
 template <typename T>

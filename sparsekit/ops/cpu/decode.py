@@ -41,11 +41,13 @@ def _(values, rows, cols, grad_y, W_dec):
 @torch.library.custom_op("sparsekit::sparse_decode_cpu", mutates_args=())
 def sparse_decode_cpu(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor, b_dec: Tensor,
                       batch_size: int) -> Tensor:
-    """y = S @ W_dec + b_dec for COO codes S [batch_size, n]: gathers the kept rows of W_dec."""
+    """y = S @ W_dec + b_dec for COO codes S [batch_size, n]: gathers the kept rows of W_dec, one
+    pass writing each output row once (the bias added as the row is written). Codes in row order
+    (TopK's, BatchTopK's, the sparse ReLU's) are read in place; others are first bucketed by row."""
     out = empty_output((batch_size, W_dec.shape[1]), W_dec.dtype)
     _C.coo_times_dense(numpy_view(values.contiguous()), numpy_view(rows.contiguous()), numpy_view(cols.contiguous()),
-                       numpy_view(W_dec.contiguous()), numpy_view(out))
-    return out.add_(b_dec)
+                       numpy_view(W_dec.contiguous()), numpy_view(out), numpy_view(b_dec.contiguous()))
+    return out
 
 
 def _decode_backward(ctx, grad_y):
