@@ -473,24 +473,31 @@ def run_check(quick: bool, workers: int = 2, targets: tuple = tuple(TARGETS)) ->
               "discovery")
         variants = [variant_from_json(v) for v in json.loads(found.read_text())]
         discovered = time.perf_counter() - start
-        tasks = [(v, t) for v in variants for t in targets]
-        shards = [tasks[i::workers] for i in range(workers)]
-        children = []
-        for i, shard in enumerate(s for s in shards if s):
-            todo, done = scratch / f"tasks-{i}.json", scratch / f"results-{i}.json"
-            todo.write_text(json.dumps([[asdict(v), t] for v, t in shard]))
-            children.append((_run_child(["--compile-from", str(todo), "--results-to", str(done)],
-                                        _child_env(False, str(scratch / "triton-cache"))), done))
-        results = []
-        for process, done in children:
-            _wait(process, "compilation")
-            results += [result_from_json(r) for r in json.loads(done.read_text())]
-    order = {(v.key(), t): i for i, (v, t) in enumerate(tasks)}
-    results.sort(key=lambda r: order[(r.variant.key(), r.target)])
+        results = compile_all(variants, targets, workers, scratch)
     problems, known = check(results)
     return dict(results=results, problems=problems, known=known,
                 seconds=dict(discovery=discovered, total=time.perf_counter() - start),
                 variants=len(variants), workers=workers, quick=quick)
+
+
+def compile_all(variants: list[Variant], targets: tuple, workers: int, scratch: Path) -> list[Result]:
+    """Every variant compiled for every target in ``workers`` subprocesses (a fresh Triton cache under
+    ``scratch``); the results in the order of (variant, target)."""
+    tasks = [(v, t) for v in variants for t in targets]
+    shards = [tasks[i::workers] for i in range(workers)]
+    children = []
+    for i, shard in enumerate(s for s in shards if s):
+        todo, done = scratch / f"tasks-{i}.json", scratch / f"results-{i}.json"
+        todo.write_text(json.dumps([[asdict(v), t] for v, t in shard]))
+        children.append((_run_child(["--compile-from", str(todo), "--results-to", str(done)],
+                                    _child_env(False, str(scratch / "triton-cache"))), done))
+    results = []
+    for process, done in children:
+        _wait(process, "compilation")
+        results += [result_from_json(r) for r in json.loads(done.read_text())]
+    order = {(v.key(), t): i for i, (v, t) in enumerate(tasks)}
+    results.sort(key=lambda r: order[(r.variant.key(), r.target)])
+    return results
 
 
 # --- step 3: the verdict and the table -----------------------------------------------------------

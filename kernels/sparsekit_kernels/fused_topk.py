@@ -54,17 +54,38 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import INTERPRETING, check_dtype, dot_precision, upcast_inputs
-from .gemm import block_k
+from ._config import INTERPRETING, check_dtype, dot_precision, layout_code, size_bucket, upcast_inputs
+from .gemm import GPU_BLOCK_K, block_k
 from .select import sortable_key
 
-# One config per dtype, not autotuned: the candidate buffer's width (tiles_n * KT) depends on
-# BLOCK_N, and a fixed tile keeps the values equal to a rerun's. Unmeasured on a GPU (see bench/gpu.py).
+# The default config per dtype (BLOCK_K: gemm.block_k's), used where TUNED has no entry. One config per
+# call, not autotuned per launch: the candidate buffer's width (tiles_n * KT) depends on BLOCK_N, and
+# the rerun of overflowed rows must compute the same values, so a call picks its tile once.
 _HOPPER = {torch.float32: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
            torch.bfloat16: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
            torch.float16: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)}
 _SMALL = dict(BLOCK_M=16, BLOCK_N=32, num_warps=1, num_stages=1)  # as gemm.py's under the interpreter
 
+# The configs bench/gpu_fused_tune.py times for 16-bit inputs: the grid BLOCK_M 64/128 x BLOCK_N
+# 64/128/256 x BLOCK_K 32/64 x num_warps 4/8 x num_stages 3/4/5 (72), less what the sm_90 compile rules
+# out (``python bench/gpu_fused_tune.py --prune``, Triton 3.9's ptxas, bf16 at KT = 3, the KT every
+# BLOCK_N gets at B=8192 d=2048 n=131072 k=64; 2026-12-04): 128x256 with 4 warps spills ~3.4 KB per
+# thread (255 registers: the float32 accumulator and the uint32 keys, 256 values each), and 128x256x64
+# at 5 stages needs 240 KB of shared memory (sm_90: 227 KB). The 65 kept use 48-235 registers, 24-200
+# KB of shared memory and wgmma.
+GRID = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, num_warps=w, num_stages=s)
+        for m in (64, 128) for n in (64, 128, 256) for bk in (32, 64) for w in (4, 8) for s in (3, 4, 5)]
+CANDIDATES = [t for t in GRID if not (t["BLOCK_M"] == 128 and t["BLOCK_N"] == 256
+                                      and (t["num_warps"] == 4 or (t["BLOCK_K"] == 64 and t["num_stages"] == 5)))]
+
+# Winners per size bucket, set from a GPU run of bench/gpu_fused_tune.py (which prints the lines to
+# paste): key (dtype, dot precision, layout, M bucket, N bucket, K bucket) as ``tune_key`` makes it,
+# value a config with BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages. A BLOCK_K other than
+# gemm.block_k(dtype) changes the order each entry sums in, so that bucket's values may differ from the
+# unfused GEMM's in the last bit (the selection is still the exact top k of the values computed).
+TUNED: dict[tuple, dict] = {}
+
+TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 AUTO_MAX_KT = 16
 OVERFLOWING_ROWS = 0.01  # the share of rows choose_kt lets overflow (and run again), on unstructured data
 
@@ -132,9 +153,61 @@ def _gemm_topk_kernel(a_ptr, b_ptr, bias_ptr, keys_ptr, next_ptr, M, N, K,
         tl.store(next_ptr + rows * tiles_n + pid_n, candidate, mask=row_ok)
 
 
-def tile_config(dtype: torch.dtype) -> dict:
-    """The fused kernel's launch config for inputs of this dtype: BLOCK_M, BLOCK_N, num_warps, num_stages."""
-    return dict(_SMALL if INTERPRETING else _HOPPER[dtype])
+def tune_key(dtype: torch.dtype, M: int, N: int, K: int, x_unit_stride: bool = True,
+             w_unit_stride: bool = True) -> tuple:
+    """TUNED's key for x [M, K] and W_enc [K, N] in dtype: (dtype name, dot precision, layout code
+    (bit 0: x contiguous along K, bit 1: W_enc along N), and M, N, K to their next power of two)."""
+    return (str(dtype).removeprefix("torch."), dot_precision(dtype), layout_code(x_unit_stride, w_unit_stride),
+            size_bucket(M), size_bucket(N), size_bucket(K))
+
+
+def tile_config(dtype: torch.dtype, M: int = 0, N: int = 0, K: int = 0, x_unit_stride: bool = True,
+                w_unit_stride: bool = True) -> dict:
+    """The fused kernel's launch config for x [M, K] @ W_enc [K, N] in dtype: BLOCK_M, BLOCK_N, BLOCK_K,
+    num_warps, num_stages. TUNED's entry for the size bucket, layout and precision, else the dtype's
+    default; one small config under the interpreter."""
+    if INTERPRETING:
+        return dict(_SMALL, BLOCK_K=block_k(dtype))
+    tuned = TUNED.get(tune_key(dtype, M, N, K, x_unit_stride, w_unit_stride))
+    return dict(tuned) if tuned is not None else dict(_HOPPER[dtype], BLOCK_K=GPU_BLOCK_K[dtype])
+
+
+def choosable_tiles(dtype: torch.dtype) -> list[dict]:
+    """Every config the launcher may run on a GPU for this dtype: the default, TUNED's entries for the
+    dtype and, for 16-bit dtypes, CANDIDATES (which ``tile=`` and bench/gpu_fused_tune.py run)."""
+    name = str(dtype).removeprefix("torch.")
+    tiles = [dict(_HOPPER[dtype], BLOCK_K=GPU_BLOCK_K[dtype])]
+    tiles += [dict(tile) for key, tile in TUNED.items() if key[0] == name]
+    if dtype != torch.float32:
+        tiles += [dict(tile) for tile in CANDIDATES]
+    unique = []
+    for tile in tiles:
+        if tile not in unique:
+            unique.append(tile)
+    return unique
+
+
+def tile_for(x: Tensor, W_enc: Tensor) -> dict:
+    """tile_config for these operands (their dtype, sizes and strides)."""
+    return tile_config(x.dtype, x.shape[0], W_enc.shape[1], x.shape[1], x.stride(1) == 1, W_enc.stride(1) == 1)
+
+
+def check_tile(tile: dict) -> dict:
+    """tile with every launch field present, blocks and warps powers of two, stages positive; else a
+    ValueError naming the field."""
+    tile = dict(tile)
+    missing = [name for name in TILE_FIELDS if name not in tile]
+    extra = [name for name in tile if name not in TILE_FIELDS]
+    if missing or extra:
+        raise ValueError(f"tile needs exactly {', '.join(TILE_FIELDS)}; missing {missing}, unknown {extra}")
+    for name in TILE_FIELDS:
+        value = tile[name]
+        if not isinstance(value, int) or value < 1 or (name != "num_stages" and value & (value - 1)):
+            raise ValueError(f"tile[{name!r}] must be a {'positive integer' if name == 'num_stages' else 'power of two'}"
+                             f", got {value!r}")
+    if tile["BLOCK_K"] < 16 or tile["BLOCK_M"] < 16 or tile["BLOCK_N"] < 16:
+        raise ValueError(f"tile's BLOCK_M, BLOCK_N and BLOCK_K must be at least 16 (tl.dot), got {tile}")
+    return tile
 
 
 def choose_kt(n: int, k: int, block_n: int, overflowing_rows: float = OVERFLOWING_ROWS) -> int:
@@ -170,29 +243,37 @@ def use_fused(x: Tensor, W_enc: Tensor, k: int) -> bool:
         return False
     if mode == "fused":
         return True
-    block_n = tile_config(x.dtype)["BLOCK_N"]
-    return choose_kt(W_enc.shape[1], k, block_n) <= AUTO_MAX_KT
+    return choose_kt(W_enc.shape[1], k, tile_for(x, W_enc)["BLOCK_N"]) <= AUTO_MAX_KT
 
 
-def candidate_keys(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, kt: int,
-                   with_next: bool) -> tuple[Tensor, Tensor | None]:
-    """x [B, d], W_enc [d, n] (any strides), b_enc [n] -> (keys [B, tiles_n * kt] int64, each tile's
-    kt largest per row in order; next [B, tiles_n] int64, each tile's (kt+1)-th, or None)."""
+def launch(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, kt: int, with_next: bool,
+           tile: dict) -> tuple[tuple, tuple, dict, Tensor, Tensor | None]:
+    """What one launch of _gemm_topk_kernel takes: (grid, args, kwargs, keys, next), the outputs
+    allocated (``candidate_keys`` runs it; bench/gpu_fused_tune.py compiles it ahead of time)."""
     check_dtype(x, W_enc)
     M, K = x.shape
     N = W_enc.shape[1]
-    meta = tile_config(x.dtype)
+    meta = dict(tile)
     tiles_n = triton.cdiv(N, meta["BLOCK_N"])
     keys = torch.empty((M, tiles_n * kt), dtype=torch.int64, device=x.device)
     following = torch.empty((M, tiles_n), dtype=torch.int64, device=x.device) if with_next else None
     if K == 0:  # tl.dot needs one K tile; an empty sum is zero
         x, W_enc, K = x.new_zeros(M, 1), W_enc.new_zeros(1, N), 1
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * tiles_n,)
-    _gemm_topk_kernel[grid](x, W_enc, b_enc if b_enc is not None else keys, keys,
-                            following if following is not None else keys, M, N, K,
-                            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-                            KT=kt, NEXT=with_next, HAS_BIAS=b_enc is not None, UPCAST=upcast_inputs(x.dtype),
-                            PRECISION=dot_precision(x.dtype), BLOCK_K=block_k(x.dtype), **meta)
+    args = (x, W_enc, b_enc if b_enc is not None else keys, keys, following if following is not None else keys,
+            M, N, K, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1))
+    kwargs = dict(KT=kt, NEXT=with_next, HAS_BIAS=b_enc is not None, UPCAST=upcast_inputs(x.dtype),
+                  PRECISION=dot_precision(x.dtype), **meta)
+    return grid, args, kwargs, keys, following
+
+
+def candidate_keys(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, kt: int,
+                   with_next: bool, tile: dict | None = None) -> tuple[Tensor, Tensor | None]:
+    """x [B, d], W_enc [d, n] (any strides), b_enc [n] -> (keys [B, tiles_n * kt] int64, each tile's
+    kt largest per row in order; next [B, tiles_n] int64, each tile's (kt+1)-th, or None).
+    ``tile``: the launch config (default ``tile_for(x, W_enc)``)."""
+    grid, args, kwargs, keys, following = launch(x, W_enc, b_enc, kt, with_next, tile or tile_for(x, W_enc))
+    _gemm_topk_kernel[grid](*args, **kwargs)
     return keys, following
 
 
@@ -205,30 +286,34 @@ def decode_keys(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return values.to(dtype), columns
 
 
-def _select(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, kt: int, exact_kt: int) -> Tensor:
+def _select(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, kt: int, exact_kt: int, tile: dict) -> Tensor:
     """The k largest candidate keys per row [B, k], descending; rows whose tiles overflowed are
-    selected again with 4x kt until exact."""
-    keys, following = candidate_keys(x, W_enc, b_enc, kt, with_next=kt < exact_kt)
+    selected again with 4x kt until exact, at the same tile (so with the same values)."""
+    keys, following = candidate_keys(x, W_enc, b_enc, kt, with_next=kt < exact_kt, tile=tile)
     top = torch.topk(keys, k, dim=1, sorted=True).values
     if following is None:
         return top
     overflowed = torch.nonzero((following > top[:, -1:]).any(dim=1)).flatten()
     if overflowed.numel():  # a tile may hold more of these rows' top k than it listed
         stats["overflow_rows"] += overflowed.numel()
-        top[overflowed] = _select(x[overflowed], W_enc, b_enc, k, min(exact_kt, 4 * kt), exact_kt)
+        top[overflowed] = _select(x[overflowed], W_enc, b_enc, k, min(exact_kt, 4 * kt), exact_kt, tile)
     return top
 
 
-def topk_encode_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, kt: int | None = None) -> tuple[Tensor, Tensor]:
+def topk_encode_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, kt: int | None = None,
+                      tile: dict | None = None) -> tuple[Tensor, Tensor]:
     """relu of the k largest of pre = x @ W_enc + b_enc per row, the selection fused into the GEMM.
 
     x [B, d], W_enc [d, n] (any strides), b_enc [n] -> (values [B, k] in x's dtype, descending;
     indices [B, k] int64), ties to the lower index: topk_encode's contract (reference.py).
-    ``kt``: candidates per tile and row (default ``choose_kt``; any value in [1, n] is exact).
+    ``kt``: candidates per tile and row (default ``choose_kt`` at the tile's BLOCK_N; any value in
+    [1, n] is exact). ``tile``: BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages (default
+    ``tile_for(x, W_enc)``: TUNED's entry for the size bucket, else the dtype's default).
     """
     x, W_enc, b_enc = x.detach(), W_enc.detach(), b_enc.detach().contiguous()
     n = W_enc.shape[1]
-    block_n = tile_config(x.dtype)["BLOCK_N"]
+    tile = tile_for(x, W_enc) if tile is None else check_tile(tile)
+    block_n = tile["BLOCK_N"]
     exact_kt = min(k, block_n)
     kt = choose_kt(n, k, block_n) if kt is None else kt
     if kt < 1:
@@ -236,7 +321,7 @@ def topk_encode_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, kt: int |
     kt = min(kt, exact_kt)
     if kt * triton.cdiv(n, block_n) < k:  # too few candidates per row to hold k
         kt = exact_kt
-    top = _select(x, W_enc, b_enc, k, kt, exact_kt)
+    top = _select(x, W_enc, b_enc, k, kt, exact_kt, tile)
     stats["calls"] += 1
     stats["rows"] += x.shape[0]
     values, indices = decode_keys(top, x.dtype)

@@ -35,14 +35,13 @@ _HOPPER = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=5),
 ]
 _SMALL = dict(BLOCK_M=16, BLOCK_N=32)
+GPU_BLOCK_K = {torch.float32: 32, torch.bfloat16: 64, torch.float16: 64}  # block_k on a GPU
 
 
 def block_k(dtype: torch.dtype) -> int:
     """The K step of every tile for this dtype (the order each output element sums in): fixed per dtype,
     so no config changes a result's bits; the fused TopK (fused_topk.py) takes the same."""
-    if INTERPRETING:
-        return 16
-    return 32 if dtype == torch.float32 else 64
+    return 16 if INTERPRETING else GPU_BLOCK_K[dtype]
 
 
 # Keyed on size buckets, layout and precision (dtypes join the key by themselves), not exact sizes.
@@ -108,8 +107,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epi
     (default a's dtype; float32 keeps a 16-bit GEMM's float32 accumulator as it is: the bf16 screen).
 
     ``threshold`` [N] (already exp(log_threshold)) for ``jumprelu``, which returns (out, pre);
-    ``aux`` [M, N] for ``mul``. ``tile``: BLOCK_M, BLOCK_N, num_warps, num_stages to run instead of
-    autotuning (comparisons at one tile config, e.g. against the fused TopK's).
+    ``aux`` [M, N] for ``mul``. ``tile``: BLOCK_M, BLOCK_N, num_warps, num_stages (and optionally
+    BLOCK_K, default ``block_k``) to run instead of autotuning (comparisons at one tile config, e.g.
+    against the fused TopK's).
     """
     check_dtype(a, b)
     M, K = a.shape
@@ -131,11 +131,16 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, epi
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    kernel = _gemm_kernel if tile is None else _gemm_kernel.fn  # .fn: the kernel without its autotuner
-    kernel[grid](a, b, bias if bias is not None else out, threshold if threshold is not None else out,
-                       aux if aux is not None else out, out, pre,
-                       M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                       size_bucket(M), size_bucket(N), size_bucket(K), layout_code(a.stride(1) == 1, b.stride(1) == 1),
-                       HAS_BIAS=bias is not None, EPILOGUE=code, UPCAST=upcast_inputs(a.dtype),
-                       PRECISION=dot_precision(a.dtype), BLOCK_K=block_k(a.dtype), **(tile or {}))
+    chosen = dict(tile or {})
+    chosen.setdefault("BLOCK_K", block_k(a.dtype))
+    args = (a, b, bias if bias is not None else out, threshold if threshold is not None else out,
+            aux if aux is not None else out, out, pre,
+            M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            size_bucket(M), size_bucket(N), size_bucket(K), layout_code(a.stride(1) == 1, b.stride(1) == 1))
+    flags = dict(HAS_BIAS=bias is not None, EPILOGUE=code, UPCAST=upcast_inputs(a.dtype),
+                 PRECISION=dot_precision(a.dtype), **chosen)
+    if tile is None:
+        _gemm_kernel[grid](*args, **flags)
+    else:  # one config: the kernel without its autotuner
+        _gemm_kernel.fn[grid](*args, **flags)
     return (out, pre) if code == 2 else out

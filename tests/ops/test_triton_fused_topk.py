@@ -41,7 +41,7 @@ def tile_m(dtype) -> int:
 def unfused(x, W, b, k):
     """The unfused path (GEMM writing pre, radix select) at the fused kernel's tile config: the same
     sums in the same order, so the same bits (autotuning might pick another tile on a GPU)."""
-    return topk_rows(gemm(x, W, b, tile=fused_topk.tile_config(x.dtype)), k)
+    return topk_rows(gemm(x, W, b, tile=fused_topk.tile_for(x, W)), k)
 
 
 def assert_same_codes(got, want, what=""):
@@ -225,3 +225,65 @@ def test_a_kt_below_one_is_refused_by_name():
     x, W, b = on_device(torch.ones(2, 3), torch.ones(3, 5), torch.zeros(5))
     with pytest.raises(ValueError, match="kt must be at least 1, got 0"):
         fused_topk.topk_encode_fused(x, W, b, 2, kt=0)
+
+
+def distinct_tiles(dtype) -> list[dict]:
+    """The GPU configs the launcher may choose for dtype, one per tile shape (BLOCK_M, BLOCK_N, BLOCK_K):
+    warps and stages change the schedule, not the sums, and the interpreter ignores them."""
+    seen = {}
+    for tile in fused_topk.choosable_tiles(dtype):
+        seen.setdefault((tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]), tile)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_every_config_the_launcher_can_choose_selects_exactly_the_reference_with_ties_and_reruns(dtype):
+    # At each tile: B and n off its grid, d over two K steps, exact ties across columns, and rows whose
+    # top k crowd one tile with kt=1 (reruns at 4 and then k candidates per tile, at the same tile).
+    # Integers below 256: every sum and its bf16 rounding are exact, so every config must give the
+    # reference's codes bit for bit. (Against the unfused path at these tiles: on a GPU, in
+    # bench/gpu_fused_tune.py; its radix select is too slow for this under the interpreter.)
+    gen = fresh_generator()
+    tiles = distinct_tiles(dtype)
+    assert len(tiles) >= (1 if dtype == torch.float32 else 12)
+    for tile in tiles:
+        bm, bn, bk = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+        batch, d, n, k = bm + 3, bk + 5, 5 * bn + 5, 5  # 6 tiles: kt=1 lists enough candidates to hold k
+        x = torch.randint(-1, 2, (batch, d), generator=gen).float()   # |x @ W| <= d < 80
+        W = torch.randint(-1, 2, (d, n), generator=gen).float()
+        W[:, 1:8] = W[:, :1]             # columns 0-7 equal ...
+        b = torch.randint(-5, 6, (n,), generator=gen).float()
+        b[:8] = 100                      # ... and high: exact ties for the first places
+        b[bn + 2: bn + 2 + 2 * k] += 60  # the rest of each row's top k: crowded into tile 1
+        x, W, b = on_device(x.to(dtype), W.to(dtype), b.to(dtype))
+        before = fused_topk.stats["overflow_rows"]
+        got = fused_topk.topk_encode_fused(x, W, b, k, kt=1, tile=tile)
+        assert fused_topk.stats["overflow_rows"] > before, tile
+        assert_same_codes(got, reference.topk_encode(x, W, b, k), f"tile {tile}")
+
+
+def test_a_tuned_entry_is_chosen_for_its_size_bucket_layout_and_precision_only(monkeypatch):
+    tile = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=4)
+    monkeypatch.setattr(fused_topk, "INTERPRETING", False)  # choose as on a GPU (nothing launches here)
+    key = fused_topk.tune_key(torch.bfloat16, 8192, 131072, 2048)
+    assert key == ("bfloat16", "ieee", 3, 8192, 131072, 2048)
+    monkeypatch.setattr(fused_topk, "TUNED", {key: tile})
+    assert fused_topk.tile_config(torch.bfloat16, 6000, 100000, 1500) == tile      # same powers of two
+    default = fused_topk.tile_config(torch.bfloat16, 8192, 131072, 4096)          # another K bucket
+    assert default != tile and default["BLOCK_K"] == 64
+    assert fused_topk.tile_config(torch.float16, 8192, 131072, 2048) != tile      # another dtype
+    assert fused_topk.tile_config(torch.bfloat16, 8192, 131072, 2048, w_unit_stride=False) != tile  # layout
+    assert tile in fused_topk.choosable_tiles(torch.bfloat16)
+    assert tile not in fused_topk.choosable_tiles(torch.float32)
+
+
+@pytest.mark.parametrize("tile, message", [
+    (dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3), r"missing \['BLOCK_K'\]"),
+    (dict(BLOCK_M=64, BLOCK_N=96, BLOCK_K=32, num_warps=4, num_stages=3), r"tile\['BLOCK_N'\] must be a power of two"),
+    (dict(BLOCK_M=8, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3), "at least 16"),
+    (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3, GROUP_M=4), r"unknown \['GROUP_M'\]"),
+])
+def test_a_malformed_tile_is_refused_naming_the_field(tile, message):
+    x, W, b = on_device(torch.ones(2, 3), torch.ones(3, 5), torch.zeros(5))
+    with pytest.raises(ValueError, match=message):
+        fused_topk.topk_encode_fused(x, W, b, 2, tile=tile)
