@@ -55,7 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._config import INTERPRETING, check_dtype, dot_precision, layout_code, size_bucket, upcast_inputs
-from .gemm import GPU_BLOCK_K, block_k
+from .gemm import GPU_BLOCK_K, block_k, tile_of_product
 from .select import sortable_key
 
 # The default config per dtype (BLOCK_K: gemm.block_k's), used where TUNED has no entry. One config per
@@ -110,34 +110,10 @@ def _gemm_topk_kernel(a_ptr, b_ptr, bias_ptr, keys_ptr, next_ptr, M, N, K,
                       KT: tl.constexpr, NEXT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
-    # The tile of pre: gemm._gemm_kernel's launch order, loads, K loop and bias add, unchanged.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
-
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + ks) < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + (k0 + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # The tile of pre: gemm._gemm_kernel's own tile (the same function), so the same bits.
+    acc, rows, cols, row_ok, col_ok, pid_n, tiles_n = tile_of_product(
+        a_ptr, b_ptr, bias_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        HAS_BIAS, UPCAST, PRECISION, BLOCK_K, BLOCK_M, BLOCK_N, GROUP_M)
 
     # pre as the unfused path stores it (x's dtype), as an order-preserving key; 0 off the matrix.
     value = acc.to(a_ptr.dtype.element_ty).to(tl.float32)

@@ -44,16 +44,13 @@ def block_k(dtype: torch.dtype) -> int:
     return 16 if INTERPRETING else GPU_BLOCK_K[dtype]
 
 
-# Keyed on size buckets, layout and precision (dtypes join the key by themselves), not exact sizes.
-@triton.autotune(configs=configs(_HOPPER, _SMALL),
-                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "PRECISION", "EPILOGUE", "HAS_BIAS"],
-                 prune_configs_by={"early_config_prune": prune_oversized(BLOCK_M="M", BLOCK_N="N")})
 @triton.jit
-def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_ptr,
-                 M, N, K, stride_am, stride_ak, stride_bk, stride_bn, M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
-                 HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
+def tile_of_product(a_ptr, b_ptr, bias_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of a [M, K] @ b [K, N] (+ bias [N]) in float32, the one
+    K loop every GEMM-shaped kernel here shares (``_gemm_kernel``, ``fused_topk``), so their tiles hold
+    the same bits. Returns (acc [BLOCK_M, BLOCK_N] fp32, rows, cols (int64), row_ok, col_ok, pid_n, tiles_n)."""
     # Grouped launch order: GROUP_M row tiles share each column tile of b while it is in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -80,9 +77,24 @@ def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_pt
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc, rows, cols, row_ok, col_ok, pid_n, tiles_n
+
+
+# Keyed on size buckets, layout and precision (dtypes join the key by themselves), not exact sizes.
+@triton.autotune(configs=configs(_HOPPER, _SMALL),
+                 key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "PRECISION", "EPILOGUE", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": prune_oversized(BLOCK_M="M", BLOCK_N="N")})
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, bias_ptr, threshold_ptr, aux_ptr, out_ptr, pre_ptr,
+                 M, N, K, stride_am, stride_ak, stride_bk, stride_bn, M_BUCKET, N_BUCKET, K_BUCKET, LAYOUT,
+                 HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
+    acc, rows, cols, row_ok, col_ok, pid_n, tiles_n = tile_of_product(
+        a_ptr, b_ptr, bias_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        HAS_BIAS, UPCAST, PRECISION, BLOCK_K, BLOCK_M, BLOCK_N, GROUP_M)
     out_offsets = rows[:, None] * N + cols[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
     if EPILOGUE == 1:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers.triton_device import fresh_generator, on_device
 
 from sparsekit import ops
 from sparsekit.kernels import fused_topk
@@ -15,19 +16,7 @@ from sparsekit.kernels.gemm import gemm
 from sparsekit.kernels.select import topk_rows
 from sparsekit.ops import reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def on_device(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors where the Triton kernels run them: CUDA where it exists, else the CPU (interpreter)."""
-    return tuple(t.to(DEVICE) for t in tensors)
-
-
-def fresh_generator() -> torch.Generator:
-    gen = torch.Generator()
-    gen.seed()
-    return gen
 
 
 def tile_n(dtype) -> int:

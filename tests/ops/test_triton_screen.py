@@ -6,6 +6,7 @@ the bound itself on adversarial data and against a GEMM that errs by all of it (
 The last test runs natively where CUDA exists (tensor cores truncate; the interpreter does not)."""
 import pytest
 import torch
+from helpers.triton_device import DEVICE, fresh_generator, on_device
 
 from sparsekit import ops
 from sparsekit.kernels import screen
@@ -17,18 +18,6 @@ def screen_on(monkeypatch):
     monkeypatch.setenv("SPARSEKIT_GPU_BF16_SCREEN", "on")
 
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter
-
-
-def on_device(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors where the Triton kernels run them: CUDA where it exists, else the CPU (interpreter)."""
-    return tuple(t.to(DEVICE) for t in tensors)
-
-
-def fresh_generator() -> torch.Generator:
-    gen = torch.Generator()
-    gen.seed()
-    return gen
 
 
 def float64_topk_sets(x, W, b, k):
