@@ -87,8 +87,21 @@ class DeadLatentPlan:
         return [(remedy, size) for size in sorted(self.sizes) for remedy in self.remedies]
 
 
+def cell_config(plan: DeadLatentPlan, remedy: str, folder: Path) -> TrainConfig:
+    """The trainer's settings for one cell (checkpoints every quarter of its run under folder)."""
+    quarter = max(plan.batch_size, plan.train_tokens // 4 // plan.batch_size * plan.batch_size)
+    return TrainConfig(batch_size=plan.batch_size, lr=plan.lr, total_tokens=plan.train_tokens, eval_tokens=0,
+                       dead_strategy=remedy, dead_window_tokens=min(plan.dead_window_tokens, plan.train_tokens),
+                       log_every=10**9, seed=plan.seed, checkpoint_dir=str(folder / "checkpoints"),
+                       checkpoint_every_tokens=quarter, output_dir=str(folder))
+
+
 def cell_id(plan: DeadLatentPlan, model_name: str, remedy: str, size: int) -> str:
     settings = {k: v for k, v in dataclasses.asdict(plan).items() if k not in ("sizes", "remedies")}
+    if remedy == "resample":
+        # The trainer's resampling points are part of what a resample cell trains (they changed once:
+        # the old default, 2.5-10% of the run, came before any latent could count as dead).
+        settings["resample_at_tokens"] = cell_config(plan, remedy, Path(".")).resample_schedule()
     text = json.dumps({"model": model_name, "remedy": remedy, "size": size, **settings}, sort_keys=True)
     return f"{remedy}-{size}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
@@ -99,11 +112,7 @@ def train_cell(plan: DeadLatentPlan, source, remedy: str, size: int, d: int, fol
     (sae, {dead_frac_train, alive, steps, seconds, seconds_per_step})."""
     torch.manual_seed(plan.seed)
     sae = TopKSAE(d, size, plan.k)
-    quarter = max(plan.batch_size, plan.train_tokens // 4 // plan.batch_size * plan.batch_size)
-    cfg = TrainConfig(batch_size=plan.batch_size, lr=plan.lr, total_tokens=plan.train_tokens, eval_tokens=0,
-                      dead_strategy=remedy, dead_window_tokens=min(plan.dead_window_tokens, plan.train_tokens),
-                      log_every=10**9, seed=plan.seed, checkpoint_dir=str(folder / "checkpoints"),
-                      checkpoint_every_tokens=quarter, output_dir=str(folder), progress=progress)
+    cfg = dataclasses.replace(cell_config(plan, remedy, folder), progress=progress)
     started = time.perf_counter()
     result = train(sae, source, cfg, resume=True)
     seconds = time.perf_counter() - started

@@ -56,8 +56,8 @@ class TrainConfig:
     aux_k: int | None = field(default=None, metadata={"help": "AuxK's k_aux; None: d_in // 2"})
     aux_coeff: float = field(default=1 / 32, metadata={"help": "AuxK's loss coefficient"})
     resample_at_tokens: tuple | None = field(default=None, metadata={
-        "help": "token counts at which dead latents are resampled; None: 2.5, 5, 7.5 and 10 percent of "
-                "total_tokens"})
+        "help": "token counts at which dead latents are resampled; None: every dead_window_tokens (1, 2, 3 "
+                "and 4 windows) up to half of total_tokens, since no latent can count as dead before one window"})
     seed: int = field(default=0, metadata={
         "help": "seed of resampling's draws (the command line also seeds the dictionary and the data order "
                 "with it)"})
@@ -115,9 +115,33 @@ class TrainConfig:
         self.strategies()
 
     def resample_schedule(self) -> list[int]:
+        """Token counts at which dead latents are resampled: resample_at_tokens, or by default 1, 2, 3 and 4
+        dead windows, those up to half of total_tokens (a latent counts as dead only after a whole window
+        without firing, so an earlier point could never resample anything; empty when one window is more
+        than half the run)."""
         if self.resample_at_tokens is not None:
             return sorted(int(t) for t in self.resample_at_tokens)
-        return [int(self.total_tokens * f) for f in (0.025, 0.05, 0.075, 0.1)]
+        window = self.dead_window_tokens
+        return [window * i for i in (1, 2, 3, 4) if window * i <= self.total_tokens // 2]
+
+    def resample_warning(self) -> str | None:
+        """Why resampling, if asked for, cannot resample everything it might (None when it can): points
+        before the first whole dead window, or no point at all inside the run."""
+        if "resample" not in self.strategies():
+            return None
+        schedule = self.resample_schedule()
+        inside = [t for t in schedule if t <= self.total_tokens]
+        if not inside:
+            return (f"dead_strategy includes resample, but no resampling point falls inside the run "
+                    f"(total_tokens={self.total_tokens:,}; dead_window_tokens={self.dead_window_tokens:,}, and "
+                    f"by default resampling starts after one window and stops at half the run): nothing will "
+                    f"be resampled; lower dead_window_tokens or set resample_at_tokens")
+        early = [t for t in inside if t < self.dead_window_tokens]
+        if early:
+            return (f"resample_at_tokens {early} come before one dead window (dead_window_tokens="
+                    f"{self.dead_window_tokens:,}): no latent can count as dead there, so those points "
+                    f"resample nothing")
+        return None
 
 
 def field_help(name: str) -> str:

@@ -123,6 +123,8 @@ def start(sae, source, config: TrainConfig | None = None, resume: bool = False) 
     else:
         history = _start_fresh(state, output_dir)
     total_steps = cfg.total_tokens // cfg.batch_size
+    if (warning := cfg.resample_warning()) is not None:
+        logger.warning("WARNING: %s", warning)
     progress = _progress_bar(dataclasses.replace(cfg, progress=cfg.progress and context.is_writer), total_steps,
                              state.step)
     tracking = start_tracking(cfg, sae, output_dir, resume=restored is not None)

@@ -106,3 +106,15 @@ def test_the_command_line_builds_the_plan_and_refuses_unknown_studies(capsys):
     assert "--remedies must be among" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown study"):
         lm_study.main(["depthwise"])
+
+
+def test_the_resample_arm_resamples_after_one_dead_window_and_its_points_enter_its_cell_id(tmp_path, monkeypatch):
+    plan = DeadLatentPlan()
+    schedule = scan.cell_config(plan, "resample", tmp_path).resample_schedule()
+    assert schedule and all(plan.dead_window_tokens <= t <= plan.train_tokens for t in schedule), schedule
+    assert scan.cell_config(plan, "resample", tmp_path).resample_warning() is None
+    # Other resampling points (a trainer default changing) give the resample cells new ids, and only them.
+    before = {remedy: scan.cell_id(plan, "m", remedy, 1024) for remedy in scan.REMEDIES}
+    monkeypatch.setattr(scan.TrainConfig, "resample_schedule", lambda self: [1, 2, 3])
+    after = {remedy: scan.cell_id(plan, "m", remedy, 1024) for remedy in scan.REMEDIES}
+    assert [r for r in scan.REMEDIES if before[r] != after[r]] == ["resample"]
