@@ -178,7 +178,9 @@ def test_silhouette_and_ari_match_direct_computations():
 def test_other_neurons_predict_facets_only_when_they_carry_them():
     gen = torch.Generator().manual_seed(fresh_seed())
     labels = torch.randint(3, (600,), generator=gen)
-    informative = torch.nn.functional.one_hot(labels, 3).float() + 0.3 * torch.randn(600, 3, generator=gen)
+    # Noise 0.2 on a one-hot code: the best classifier errs on ~0.04% of rows; over 300 seeds the ridge
+    # scored >= 0.99 (at 0.3 it fell to 0.9496 once in 300: this test failed on a fresh seed).
+    informative = torch.nn.functional.one_hot(labels, 3).float() + 0.2 * torch.randn(600, 3, generator=gen)
     noise = torch.randn(600, 20, generator=gen)
     assert facet_predictability(torch.cat([informative, noise], 1), labels) > 0.95
     assert facet_predictability(noise, labels) < 0.5
