@@ -28,6 +28,16 @@ if INTERPRETING:  # nested @triton.jit helpers re-patch triton.language on every
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The switch in environment variable `name`, lower-cased; unset means choices[0] ("auto"); anything
+    outside choices is a RuntimeError naming the variable and the choices."""
+    mode = os.environ.get(name, choices[0]).strip().lower()
+    if mode not in choices:
+        allowed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise RuntimeError(f"{name}={mode!r} is not {allowed}")
+    return mode
+
+
 def configs(hopper: list[dict], small: dict, warps: tuple[int, ...] = (4, 8), stages: int = 3) -> list:
     """triton.Config list: ``small`` alone under the interpreter, else every Hopper config
     (each dict may carry ``num_warps``/``num_stages``; the rest are kernel meta-parameters)."""

@@ -47,14 +47,13 @@ kept for comparison: ``bench/gpu.py`` times both). Float32 calls that the bf16 s
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._config import INTERPRETING, check_dtype, dot_precision, layout_code, size_bucket, upcast_inputs
+from ._config import INTERPRETING, check_dtype, dot_precision, env_choice, layout_code, size_bucket, upcast_inputs
 from .gemm import GPU_BLOCK_K, block_k, tile_of_product
 from .select import sortable_key
 
@@ -206,10 +205,7 @@ def choose_kt(n: int, k: int, block_n: int, overflowing_rows: float = OVERFLOWIN
 
 
 def topk_mode() -> str:
-    mode = os.environ.get("SPARSEKIT_GPU_TOPK", "auto").strip().lower()
-    if mode not in ("auto", "fused", "unfused"):
-        raise RuntimeError(f"SPARSEKIT_GPU_TOPK={mode!r} is not 'auto', 'fused' or 'unfused'")
-    return mode
+    return env_choice("SPARSEKIT_GPU_TOPK", ("auto", "fused", "unfused"))
 
 
 def use_fused(x: Tensor, W_enc: Tensor, k: int) -> bool:

@@ -94,11 +94,10 @@ The backward is unchanged: the codes (indices, values) are the float32 path's.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
+from ._config import env_choice
 from .gemm import gemm
 from .select import batch_topk, topk_rows
 from .sparse import sampled_dot
@@ -118,10 +117,7 @@ perturb = None
 
 
 def screen_mode() -> str:
-    mode = os.environ.get("SPARSEKIT_GPU_BF16_SCREEN", "auto").strip().lower()
-    if mode not in ("auto", "on", "off"):
-        raise RuntimeError(f"SPARSEKIT_GPU_BF16_SCREEN={mode!r} is not 'auto', 'on' or 'off'")
-    return mode
+    return env_choice("SPARSEKIT_GPU_BF16_SCREEN", ("auto", "on", "off"))
 
 
 def use_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
