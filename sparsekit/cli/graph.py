@@ -5,9 +5,12 @@ trained by `sparsekit train-clt` on SmolLM2-135M, pruned, as JSON and a static H
 
 Reads RUN/clt (``sparsekit.load``), runs the frozen replacement model on the prompt (BOS first),
 computes every direct effect into the active features and the most likely next tokens' logits
-(``sparsekit.analysis.circuits.attribute``), prunes by influence (``prune``: --node-threshold 0.8,
---edge-threshold 0.98, at most --max-nodes 100) and writes OUT/graph.json and OUT/graph.html (OUT
-defaults to RUN/graphs/<prompt, shortened>). A feature's details in the view hold its logit effects
+(``sparsekit.analysis.circuits.attribute``), prunes by influence (``prune``: features ranked apart
+from error and embedding nodes, each kind to --node-threshold 0.8 of its influence, features first
+within at most --max-nodes 100; --rank together: the published single ranking; edges to
+--edge-threshold 0.98) and writes OUT/graph.json and OUT/graph.html (OUT defaults to
+RUN/graphs/<prompt, shortened>). A pruned graph without feature nodes is written, then the command
+fails (status 1) saying why: it explains nothing about the CLT. A feature's details in the view hold its logit effects
 and its top activating contexts from one pass over the first --context-tokens tokens of the run's
 corpus (held-out contexts first), cached in RUN/top_contexts.json. --validate-edges N measures N
 edges by intervention (``circuits.validation``) into OUT/validation.json and OUT/validation.png.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import warnings
 from pathlib import Path
 
 from sparsekit._util.atomic import atomic_write_bytes
@@ -47,6 +51,9 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--max-nodes", type=int64, default=100, help="nodes kept after pruning, logits included")
     p.add_argument("--node-threshold", type=fraction, default=0.8, help="share of logit influence the kept nodes cover")
     p.add_argument("--edge-threshold", type=fraction, default=0.98, help="share of edge score the kept edges cover")
+    p.add_argument("--rank", choices=("by-kind", "together"), default="by-kind",
+                   help="by-kind: features ranked apart from error/embedding nodes, features first; together: one "
+                        "ranking of all nodes (the published rule)")
     p.add_argument("--max-logits", type=int64, default=10, help="most next-token logits attributed")
     p.add_argument("--logit-prob", type=fraction, default=0.95, help="attribute the likeliest tokens up to this probability")
     p.add_argument("--batch-size", type=int64, default=32, help="targets per backward pass")
@@ -88,17 +95,23 @@ def slug(prompt: str) -> str:
 def build_graph(model, clt, prompt, out: Path, node_threshold: float = 0.8, edge_threshold: float = 0.98,
                 max_nodes: int = 100, max_logits: int = 10, logit_prob: float = 0.95, batch_size: int = 32,
                 progress: bool = True, special_ids="tokenizer", contexts=None, validate_edges: int = 0,
-                seed: int = 0, validate_sources: str = "any") -> dict:
-    """Attribute, prune, write out/graph.json and out/graph.html, print what was kept -> the JSON.
+                seed: int = 0, validate_sources: str = "any", rank: str = "by_kind") -> dict:
+    """Attribute, prune (``rank``: "by_kind" or "together", ``circuits.prune``), write out/graph.json and
+    out/graph.html, print what was kept -> the JSON; SystemExit (after writing) when no feature node
+    was kept.
     contexts: a ``circuits.contexts.ContextTable`` whose windows the features' details show;
     validate_edges > 0: that many edges measured by intervention (sources: "any" kind or "feature"
     only), written to out/validation.json and out/validation.png, the figures printed."""
     from sparsekit.analysis.circuits import attribute, graph_to_json, prune
+    from sparsekit.analysis.circuits.pruning import NoFeaturesKept, no_features_reason
     from sparsekit.analysis.circuits.view import write_graph_html
 
     graph = attribute(model, clt, prompt, max_logits=max_logits, logit_prob=logit_prob, batch_size=batch_size,
                       special_ids=special_ids, progress=progress)
-    pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold, max_nodes=max_nodes)
+    with warnings.catch_warnings():  # said below, as the command's error
+        warnings.simplefilter("ignore", NoFeaturesKept)
+        pruned = prune(graph, node_threshold=node_threshold, edge_threshold=edge_threshold, max_nodes=max_nodes,
+                       rank=rank)
     data = graph_to_json(pruned)
     if contexts is not None:
         from sparsekit.analysis.circuits.contexts import context_windows
@@ -117,9 +130,16 @@ def build_graph(model, clt, prompt, out: Path, node_threshold: float = 0.8, edge
           f"{s['edges_before']} nonzero edges; pruned (nodes to {s['node_threshold']:.0%} of logit influence, "
           f"edges to {s['edge_threshold']:.0%} of edge score, at most {s['max_nodes']} nodes): {s['nodes_kept']} nodes "
           f"({kinds.count('feature')} features, {kinds.count('error')} errors, {kinds.count('embedding')} embeddings, "
-          f"{kinds.count('logit')} logits), {s['edges_kept']} edges, {s['influence_kept']:.1%} of the influence kept")
+          f"{kinds.count('logit')} logits), {s['edges_kept']} edges, {s['influence_kept']:.1%} of the influence kept "
+          f"(rank {s['rank']})")
+    share = s["influence_share"]
+    print(f"logit influence by kind: features {share['feature']:.1%}, error nodes {share['error']:.1%}, "
+          f"embeddings {share['embedding']:.1%}")
     print("logits: " + ", ".join(f"{n['token']!r} {n['probability']:.3f}" for n in data["nodes"] if n["kind"] == "logit"))
     print(f"wrote {out / 'graph.json'} and {out / 'graph.html'}")
+    if s["features_kept"] == 0:
+        raise SystemExit(f"sparsekit graph: error: the pruned graph has no feature node ({no_features_reason(s)}); "
+                         f"{out / 'graph.json'} shows only error, embedding and logit nodes")
     if validate_edges > 0:
         from sparsekit.analysis.circuits.validation import SOURCE_KINDS, validation_summary, write_validation
         from sparsekit.analysis.circuits.validation import validate_edges as validate
@@ -198,7 +218,8 @@ def main(argv=None) -> None:
               f"({'read from' if cached else 'computed, cached in'} {run / 'top_contexts.json'})")
     data = build_graph(model, clt, args.prompt, out, args.node_threshold, args.edge_threshold, args.max_nodes,
                        args.max_logits, args.logit_prob, args.batch_size, progress=progress, contexts=contexts,
-                       validate_edges=args.validate_edges, seed=args.seed, validate_sources=args.validate_sources)
+                       validate_edges=args.validate_edges, seed=args.seed, validate_sources=args.validate_sources,
+                       rank=args.rank.replace("-", "_"))
     if args.replacement_eval:
         from sparsekit.analysis.circuits import replacement_ce_kl, replacement_summary
         figures = replacement_ce_kl(model, clt, held_out_contexts(model, run), progress=progress)

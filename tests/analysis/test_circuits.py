@@ -20,7 +20,7 @@ from sparsekit.analysis.circuits import (
     replacement_forward,
     write_graph_json,
 )
-from sparsekit.analysis.circuits.pruning import normalized_adjacency
+from sparsekit.analysis.circuits.pruning import NoFeaturesKept, influence_share, normalized_adjacency
 from sparsekit.analysis.circuits.replacement import FROZEN_HOOK, Replacement
 from sparsekit.sae.clt import CrossLayerTranscoder
 
@@ -276,12 +276,12 @@ def test_influence_is_the_sum_over_paths_of_the_normalised_adjacency():
 def test_prune_keeps_every_logit_within_max_nodes_and_writes_json(model, tmp_path):
     clt = make_clt(n_layers=3, seed=13)
     graph = attribute(model, clt, prompt(seed=9, length=9), max_logits=3, special_ids=None, progress=False)
-    pruned = prune(graph, max_nodes=20)
+    pruned = prune(graph, max_nodes=20, rank="together")
     kinds = [node["kind"] for node in pruned.nodes]
     assert kinds.count("logit") == 3 and len(kinds) <= 20 < len(graph.nodes)
     assert pruned.settings["node_threshold"] == 0.8 and pruned.settings["edge_threshold"] == 0.98
     assert 0 < pruned.settings["edges_kept"] < pruned.settings["edges_before"]
-    # the kept nodes are the most influential ones
+    # ranked together, the kept nodes are the most influential ones of any kind
     scores = influence(graph.adjacency, graph.logit_weights)
     kept = [n["influence"] for n in pruned.nodes if n["kind"] != "logit"]
     dropped = sorted(scores[[i for i, n in enumerate(graph.nodes) if n["kind"] != "logit"]].tolist())
@@ -302,6 +302,61 @@ def test_prune_keeps_every_logit_within_max_nodes_and_writes_json(model, tmp_pat
     assert data == graph_to_json(pruned)
 
 
+def error_dominated_graph(model, seed):
+    """A graph whose error nodes carry almost all the influence, as with a CLT over few layers of a deep
+    model: every error node's outgoing edges scaled up 1000-fold."""
+    clt = make_clt(n_layers=3, seed=seed)
+    graph = attribute(model, clt, prompt(seed=seed + 1, length=9), max_logits=3, special_ids=None, progress=False)
+    graph.adjacency[:, graph.kind_indices("error")] *= 1000.0
+    return graph
+
+
+def test_prune_by_kind_keeps_the_most_influential_features_when_errors_dominate(model):
+    seed = int(torch.randint(0, 10_000, ()))
+    graph = error_dominated_graph(model, seed)
+    scores = influence(graph.adjacency, graph.logit_weights)
+    share = influence_share(graph, scores)
+    assert share["error"] > 0.9 and share["feature"] < 0.1
+    with pytest.warns(NoFeaturesKept, match="carry .* of the logit influence"):
+        together = prune(graph, max_nodes=12, rank="together")
+    assert together.settings["features_kept"] == 0
+    pruned = prune(graph, max_nodes=12)
+    kinds = [node["kind"] for node in pruned.nodes]
+    assert pruned.settings["rank"] == "by_kind" and kinds.count("logit") == 3 and len(kinds) <= 12
+    assert 0 < kinds.count("feature") == pruned.settings["features_kept"] and kinds.count("error") > 0
+    # features first, within three quarters of the 9 non-logit places (6) while errors want the rest;
+    # the kept ones are the most influential of their kind
+    assert kinds.count("feature") <= 6
+    for kind, cap in (("feature", 6), ("error", 9)):
+        top = scores[graph.kind_indices(kind)].sort(descending=True).values[cap - 1]
+        assert all(n["influence"] >= top - 1e-12 for n in pruned.nodes if n["kind"] == kind)
+
+
+def test_prune_by_kind_features_cover_the_node_threshold_of_their_influence(model):
+    graph = error_dominated_graph(model, int(torch.randint(0, 10_000, ())))
+    scores = influence(graph.adjacency, graph.logit_weights)
+    features = scores[graph.kind_indices("feature")].sort(descending=True).values
+    needed = int((features.cumsum(0) / features.sum() < 0.5).sum()) + 1
+    pruned = prune(graph, node_threshold=0.5, max_nodes=500)
+    kept = pruned.settings["features_kept"]
+    # all the needed ones fit the budget; only those left without a kept edge may go
+    assert 0 < kept <= needed
+    assert {n["latent"] for n in pruned.nodes if n["kind"] == "feature"} <= {
+        graph.nodes[i]["latent"] for i in graph.kind_indices("feature")[scores[graph.kind_indices("feature")]
+                                                                       .argsort(descending=True)[:needed]].tolist()}
+
+
+def test_pruned_graph_json_has_no_nan_in_its_settings(model):
+    clt = make_clt(n_layers=2, seed=int(torch.randint(0, 10_000, ())))
+    graph = attribute(model, clt, prompt(), max_logits=2, special_ids=None, progress=False)
+    graph.adjacency.zero_()  # no influence anywhere: the shares are NaN
+    with pytest.warns(NoFeaturesKept):
+        pruned = prune(graph, max_nodes=10)
+    data = graph_to_json(pruned)
+    assert data["settings"]["influence_share"] == {"feature": None, "error": None, "embedding": None}
+    json.loads(json.dumps(data, allow_nan=False))
+
+
 def test_bad_inputs_get_one_line_naming_the_argument(model):
     clt = make_clt()
     with pytest.raises(ValueError, match="clt must be a CrossLayerTranscoder"):
@@ -315,3 +370,5 @@ def test_bad_inputs_get_one_line_naming_the_argument(model):
     graph = attribute(model, clt, prompt(), max_logits=2, special_ids=None, progress=False)
     with pytest.raises(ValueError, match="max_nodes=2 leaves no room"):
         prune(graph, max_nodes=2)
+    with pytest.raises(ValueError, match="rank must be one of"):
+        prune(graph, rank="kind")

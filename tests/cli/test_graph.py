@@ -71,3 +71,35 @@ def test_build_graph_attaches_contexts_and_validates_edges(tmp_path, capsys):
     assert (tmp_path / "g" / "validation.png").read_bytes().startswith(b"\x89PNG")
     out = capsys.readouterr().out
     assert "edge validation:" in out and "among feature nodes" in out and "Pearson" in out
+
+
+def test_build_graph_without_features_writes_the_graph_then_fails_saying_why(tmp_path, capsys):
+    model = tiny_transformer(3, seed=5)
+    clt = CrossLayerTranscoder(16, 2 * 16, n_layers=2, k_per_layer=3, first_layer=1,
+                               seed=int(torch.randint(0, 10_000, ())))
+    with torch.no_grad():
+        clt.b_enc.fill_(-1e3)  # no feature fires on any position
+    with pytest.raises(SystemExit, match="the pruned graph has no feature node .no feature of the CLT is active"):
+        build_graph(model, clt, random_contexts(1, 8, seed=6)[0], tmp_path / "g", max_nodes=20, max_logits=2,
+                    progress=False, special_ids=None)
+    data = json.loads((tmp_path / "g" / "graph.json").read_text())
+    assert data["settings"]["features_before"] == 0 and data["settings"]["features_kept"] == 0
+    assert "logit influence by kind: features" in capsys.readouterr().out
+
+
+def test_graph_rank_flag_reaches_the_pruning(tmp_path, capsys):
+    model = tiny_transformer(3, seed=5)
+    clt = CrossLayerTranscoder(16, 2 * 16, n_layers=2, k_per_layer=3, first_layer=1, seed=2)
+    with torch.no_grad():
+        clt.b_enc.fill_(0.5)
+    for rank in ("by_kind", "together"):
+        try:
+            data = build_graph(model, clt, random_contexts(1, 8, seed=6)[0], tmp_path / rank, max_nodes=20,
+                               max_logits=2, progress=False, special_ids=None, rank=rank)
+        except SystemExit:  # ranked together, the errors may leave no feature: then it says so
+            data = json.loads((tmp_path / rank / "graph.json").read_text())
+        assert data["settings"]["rank"] == rank
+    assert "(rank by_kind)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["graph", "Hi", "--rank", "kind"])
+    assert "invalid choice" in capsys.readouterr().err
