@@ -24,7 +24,7 @@ SYSTEM_PACKAGES := chromium chromium-driver python3-doc
 # Only here: the library itself leaves the caller's environment alone. Set it yourself to override.
 export OMP_WAIT_POLICY ?= passive
 
-.PHONY: test adversarial test-latest fuzz demo demo-lm bench bench-lm bench-ops bench-gpu bench-gpu-predict gpu-check bench-distributed bench-peers bench-portable \
+.PHONY: test adversarial test-latest fuzz demo demo-lm bench bench-lm bench-clt bench-ops bench-gpu bench-gpu-predict gpu-check bench-distributed bench-peers bench-portable \
 	setup system-packages lock wheel clean
 
 setup: $(INSTALLED)
@@ -98,6 +98,11 @@ demo-lm: $(INSTALLED)
 # measured in the same run; the bf16 model's speed and drift (CPUs with native bf16). Table in bench/results/.
 bench-lm: $(INSTALLED)
 	$(PY) bench/lm_forward.py --output auto
+
+# A cross-layer transcoder's training step against per-layer transcoders at equal total latents
+# (L = 3 and 6, n = 2048 per layer, d = 576, B = 1024, k = 16); table in bench/results/.
+bench-clt: $(INSTALLED)
+	$(PY) bench/clt_step.py --output auto
 
 # One table measured in one run: GEMM floor, full TopK training steps, sparse decode vs dense.
 bench: $(INSTALLED)
