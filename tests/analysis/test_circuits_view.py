@@ -49,6 +49,18 @@ def test_graph_html_embeds_escaped_json():
         graph_html({"nodes": []})
 
 
+def test_graph_html_summary_gives_the_influence_shares_and_says_loudly_when_no_feature_is_kept():
+    data = pruned_graph_json()
+    share = data["settings"]["influence_share"]
+    page = graph_html(data)
+    assert "NO FEATURE NODES" not in page and f"carried by features {share['feature']:.0%}" in page
+    features = {n["id"] for n in data["nodes"] if n["kind"] == "feature"}
+    assert features
+    data["nodes"] = [n for n in data["nodes"] if n["id"] not in features]
+    data["edges"] = [e for e in data["edges"] if not {e["source"], e["target"]} & features]
+    assert "NO FEATURE NODES" in graph_html(data)
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
@@ -69,6 +81,12 @@ def test_graph_view_in_headless_chromium(browser, tmp_path):
     assert len(browser.find_elements(By.CSS_SELECTOR, "path.edge")) == len(data["edges"])
     axis = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "text.axis")]
     assert f"2: {EVIL}" in axis  # shown as text
+    # each feature labelled with its top token (shortened), tooltips with layer and position
+    tops = [t.get_attribute("textContent") for t in browser.find_elements(By.CSS_SELECTOR, "text.top-token")]
+    expected = [n["top_tokens"][0] for n in data["nodes"] if n["kind"] == "feature"]
+    assert tops and tops == [e if len(e) <= 8 else e[:7] + "\u2026" for e in expected]
+    tips = [t.get_attribute("textContent") for t in browser.find_elements(By.CSS_SELECTOR, "circle.node title")]
+    assert all(tip.startswith(f"layer {n['layer']}, position {n['position']} ") for tip, n in zip(tips, data["nodes"]))
     assert browser.execute_script("return window.__pwned === undefined")
     # click the strongest edge's target: its details and that edge among its inputs
     target = data["edges"][0]["target"]

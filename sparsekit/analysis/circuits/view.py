@@ -2,7 +2,10 @@
 
 Nodes sit in a grid, prompt positions left to right and layers bottom to top (embeddings at the
 bottom, logits at the top); nodes sharing a cell sit side by side. Edges are drawn with widths by
-|weight| (blue: positive, red: negative). Clicking a node shows its details (kind, layer, position,
+|weight| (blue: positive, red: negative); a feature is labelled with its latent above and its top token
+(what its decoder output raises most through the unembedding) below, its tooltip giving layer,
+position and both; the summary says what share of the logit influence each kind carries (and says
+loudly when the graph holds no feature). Clicking a node shows its details (kind, layer, position,
 token, latent, activation, influence), its strongest incoming and outgoing edges and, for a feature,
 its logit effects (the tokens it promotes and suppresses through the unembedding) and its top
 activating contexts (``contexts.context_windows``, when the graph's JSON holds them; the active token
@@ -29,7 +32,7 @@ body { font-family: system-ui, sans-serif; margin: 0; display: flex; height: 100
 .node.selected { stroke: #000; stroke-width: 3; }
 .feature { fill: #f0c36d; } .error { fill: #bbb; } .embedding { fill: #8fd19e; } .logit { fill: #9ab8f0; }
 .edge { fill: none; opacity: 0.55; } .label { font-size: 10px; pointer-events: none; }
-.axis { font-size: 11px; fill: #555; }
+.axis { font-size: 11px; fill: #555; } .top-token { fill: #7a5a00; }
 table { border-collapse: collapse; } td { padding: 1px 6px; border-bottom: 1px solid #eee; }
 .context { font-family: ui-monospace, monospace; font-size: 12px; white-space: pre-wrap; margin: 3px 0;
   padding: 2px 4px; background: #fafafa; border-left: 3px solid #f0c36d; }
@@ -147,11 +150,18 @@ function show(n) {
 nodes.forEach((n, i) => {
   const [x, y] = pos[n.id];
   const c = el('circle', {cx: x, cy: y, r: r, class: 'node ' + n.kind, id: 'node-' + i});
-  c.appendChild(el('title', {}, n.id + ' ' + n.token));
+  const top = n.top_tokens && n.top_tokens.length ? n.top_tokens[0] : null;
+  c.appendChild(el('title', {}, 'layer ' + n.layer + ', position ' + n.position + ' (' + JSON.stringify(n.token) + ')'
+    + (n.kind === 'feature' ? ', latent ' + n.latent + (top !== null ? ', raises ' + JSON.stringify(top) : '') : '')
+    + ' [' + n.id + ']'));
   c.addEventListener('click', () => show(n));
   svg.appendChild(c);
   const label = n.kind === 'feature' ? '#' + n.latent : (n.kind === 'logit' ? n.token : n.kind[0]);
   svg.appendChild(el('text', {x: x, y: y - r - 2, class: 'label', 'text-anchor': 'middle'}, label));
+  if (top !== null) {  // a feature's top token (what its decoder output raises most), under it
+    const short = top.length > 8 ? top.slice(0, 7) + '\u2026' : top;
+    svg.appendChild(el('text', {x: x, y: y + r + 9, class: 'label top-token', 'text-anchor': 'middle'}, short));
+  }
 });
 document.getElementById('canvas').appendChild(svg);
 const wanted = decodeURIComponent(location.hash.slice(1));
@@ -171,8 +181,16 @@ def graph_html(graph: Graph | dict, title: str = "attribution graph") -> str:
         raise ValueError("graph must be a Graph or graph_to_json's dict (nodes, edges, tokens)")
     payload = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     safe_title = json.dumps(str(title)).replace("<", "\\u003c")
-    summary = (f"{len(data['nodes'])} nodes, {len(data['edges'])} edges; click a node for its details. "
-               f"Edge width: |direct effect|; blue positive, red negative.")
+    share = data.get("settings", {}).get("influence_share") or {}
+    carried = ("" if not all(isinstance(share.get(kind), float) for kind in ("feature", "error", "embedding")) else
+               f" Logit influence carried by features {share['feature']:.0%}, error nodes {share['error']:.0%}, "
+               f"embeddings {share['embedding']:.0%}.")
+    kinds = [node.get("kind") for node in data["nodes"]]
+    summary = (f"{len(data['nodes'])} nodes ({kinds.count('feature')} features), {len(data['edges'])} edges; click a "
+               f"node for its details; under a feature, the token it raises most. Edge width: |direct effect|; blue "
+               f"positive, red negative.{carried}")
+    if "feature" not in kinds:
+        summary = "NO FEATURE NODES: this graph explains nothing about the transcoder. " + summary
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>attribution graph</title>"
             f"<style>{STYLE}</style></head><body><div id=\"canvas\"></div><div id=\"details\">"
             f"<p id=\"summary\">{summary}</p></div>"
