@@ -19,12 +19,26 @@ and their bf16 rounding errors (derived below). So, for x [B, d], W_enc [d, n], 
    B*k-th over the batch; every entry with upper >= t. The coarse set holds all of them: each
    lower bound is >= a - M_r, so t_r >= a_k - M_r (t >= t_c), and upper >= t then gives
    a >= t - margin >= a_k - 2 M_r (a >= t_c - M_r);
-4. the fine candidates' pre-activations recomputed in float32 from x and W_enc^T, one fixed
+4. the fine candidates' pre-activations recomputed in float32 from x and W_enc (read in place), one fixed
    summation order (``sparse.sampled_dot``: chunks of BLOCK_D summed in a fixed tree, then in
    sequence), plus b_enc: R [E];
 5. the selection among them, by R, ties to the lower index (TopK: the row's radix select on the
    candidates padded with -inf, in column order; BatchTopK: the flat radix select over the
    candidates in row-major order).
+
+**TopK's steps 1-3 in the GEMM's epilogue** (``topk_encode_screened_fused``, the default;
+SPARSEKIT_GPU_SCREEN_SELECT=passes keeps the steps above): a is never written. The fused TopK kernel
+(``fused_topk.py``, ``value_f32``) keeps per tile and row the KT largest a as packed keys truncated
+to BLOCK_N's bits (each kept key gives lo <= a <= hi), and the next one. Over the keys: their k-th
+largest gives lo_k <= a_k, the coarse test keeps the keys whose hi may reach lo_k - 2 M_r, the fine
+test uses per-entry bounds from the ranges (lower = lo - margin, upper = hi + margin, margin at
+max(|lo|, |hi|)), so t = the k-th largest such lower bound is <= the true t_r and the kept entries
+with upper >= t hold every candidate their tiles kept. A tile's unkept entries have a <= its next
+key's hi, so upper <= that + M_r; a row where some tile's next key may reach t - M_r runs again with
+4x KT (KT = BLOCK_N keeps every entry). KT (``screen_kt``) leaves room for 4k candidates per row at
+~1% of rows run again on Gaussian data. Finiteness is decided before the GEMM from the norms (|a|
+and every partial sum <= (1 + gamma) ||x'|| ||w'|| + |b| < 2^127), as there is no a to check;
+the test hook ``perturb`` takes the passes.
 
 A first version fused the per-entry bounds into the GEMM's epilogue (two float32 outputs, four
 norm vectors): compiled for sm_90 it needed twice the plain GEMM's registers and spilled up to
@@ -97,6 +111,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import fused_topk
 from ._config import env_choice
 from .gemm import gemm
 from .select import batch_topk, topk_rows
@@ -108,7 +123,7 @@ SAFETY = 1.0625
 REL = 2.0**-20
 MAX_D = 2**20
 
-stats = {"calls": 0, "rows": 0, "candidates": 0}  # running totals, for benchmarks and tests
+stats = {"calls": 0, "rows": 0, "candidates": 0, "overflow_rows": 0}  # running totals, for benchmarks and tests
 
 # Test hook: when set, called as perturb(a) on the screen GEMM's a = fl(x' . W' + b) [B, n]
 # (float32) and its result used in place of a, the bounds then computed in plain torch
@@ -118,6 +133,12 @@ perturb = None
 
 def screen_mode() -> str:
     return env_choice("SPARSEKIT_GPU_BF16_SCREEN", ("auto", "on", "off"))
+
+
+def select_mode() -> str:
+    """SPARSEKIT_GPU_SCREEN_SELECT: ``auto`` (default) TopK's candidates from the screen GEMM's epilogue
+    (``topk_encode_screened_fused``), ``passes`` from a [B, n] written and read six times (steps 2-3)."""
+    return env_choice("SPARSEKIT_GPU_SCREEN_SELECT", ("auto", "passes"))
 
 
 def use_screen(x: Tensor, W_enc: Tensor, k: int) -> bool:
@@ -205,10 +226,15 @@ def bounds(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor] | N
     return screen_bounds(a, row_coefficients(x)[:, :, None], column_norms(W_enc)[:, None, :])
 
 
-def recompute(x: Tensor, W_t: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """R [E] = x[rows[e]] . W_t[cols[e]] + b_enc[cols[e]] in float32, one fixed summation order.
-    x [B, d], W_t [n, d] (W_enc transposed, contiguous), rows/cols [E] int64."""
-    return sampled_dot(rows, cols, x, W_t) + b_enc[cols]
+def recompute(x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """R [E] = x[rows[e]] . W_enc[:, cols[e]] + b_enc[cols[e]] in float32, one fixed summation order.
+    x [B, d], W_enc [d, n] (any strides: read in place, no transposed copy), rows/cols [E] int64. The
+    entries are dotted in column order (stable), so that neighbouring programs read neighbouring
+    columns of W_enc's rows, and the results put back in the entries' order."""
+    order = torch.sort(cols, stable=True).indices
+    out = torch.empty(rows.shape[0], dtype=x.dtype, device=x.device)
+    out[order] = sampled_dot(rows[order], cols[order], x, W_enc.t())
+    return out + b_enc[cols]
 
 
 def _count(rows: int, candidates: int) -> None:
@@ -239,7 +265,16 @@ def _fine_bounds(a: Tensor, row_coefs: Tensor, col_norms: Tensor, rows: Tensor, 
 def topk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """The float32 top-k of relu(x @ W_enc + b_enc) per row, screened by a bf16 GEMM.
     x [B, d], W_enc [d, n], b_enc [n] float32 -> (values [B, k] descending, indices [B, k] int64),
-    ties to the lower index; None when the float32 path must run (bf16 overflow)."""
+    ties to the lower index; None when the float32 path must run (bf16 overflow). The candidates come
+    from the GEMM's epilogue (``topk_encode_screened_fused``) unless SPARSEKIT_GPU_SCREEN_SELECT=passes
+    or the test hook ``perturb`` is set (it needs a to exist)."""
+    if select_mode() == "auto" and perturb is None:
+        return topk_encode_screened_fused(x, W_enc, b_enc, k)
+    return topk_encode_screened_passes(x, W_enc, b_enc, k)
+
+
+def topk_encode_screened_passes(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """topk_encode_screened through a [B, n] written by the GEMM and read six times (steps 1-5 above)."""
     x, W_enc, b_enc = x.detach().contiguous(), W_enc.detach(), b_enc.detach().contiguous()
     batch = x.shape[0]
     a = screen_gemm(x, W_enc, b_enc)
@@ -258,7 +293,134 @@ def topk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
     threshold = padded_lower.topk(k, dim=1).values[:, -1]
     keep = upper >= threshold[rows]
     rows, cols = rows[keep], cols[keep]
-    exact = recompute(x, W_enc.t().contiguous(), b_enc, rows, cols)
+    exact = recompute(x, W_enc, b_enc, rows, cols)
+    padded, padded_cols = _padded_rows(exact, rows, cols, batch)
+    values, slots = topk_rows(padded, k)
+    _count(batch, rows.numel())
+    return values, padded_cols.gather(1, slots)
+
+
+# --- TopK's screen with the candidates found in the GEMM's epilogue -------------------------------
+
+# Candidates per row the epilogue should keep room for, as a multiple of k: the fine candidates on
+# Gaussian data are ~2k-4k (docs/backends.md; 285 rows' worth at d=2048, n=131072, k=64 pass the
+# overflow test below), and KT follows from it as fused_topk.choose_kt's Poisson rule.
+SCREEN_KEEP_OVER_K = 4
+
+
+def screen_kt(n: int, k: int, block_n: int) -> int:
+    """Keys kept per tile and row by the fused screen: the smallest KT for which ~1% of the rows of
+    Gaussian data have a tile holding more than KT entries that could be candidates (those run again)."""
+    return fused_topk.choose_kt(n, min(SCREEN_KEEP_OVER_K * k, n), block_n)
+
+
+def _key_values(u: Tensor) -> Tensor:
+    """32-bit order keys (int64 in [0, 2^32)) -> their float32 values (select.sortable_key inverted)."""
+    bits = torch.where(u >= 2**31, u - 2**31, 2**32 - 1 - u)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def _truncated_range(keys: Tensor, mask: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Packed truncated candidate keys (fused_topk's int64 form, the low bits of the order key zeroed)
+    -> (lo, hi) float64 with lo <= a <= hi for the entry's a, its column, and whether it is an entry
+    (False: an empty slot, order key 0)."""
+    u = (keys >> 32) + 2**31
+    columns = 2**32 - 1 - (keys & (2**32 - 1))
+    real = u > 0
+    return _key_values(u).double(), _key_values(u + mask).double(), columns, real
+
+
+def _order_keys(values: Tensor) -> Tensor:
+    """float32 values -> their 32-bit order keys as int64 (select.sortable_key: -0.0 as +0.0)."""
+    bits = (values + 0.0).view(torch.int32).to(torch.int64) & (2**32 - 1)
+    return torch.where(bits >= 2**31, 2**32 - 1 - bits, bits + 2**31)
+
+
+def _keys_reaching(at_least: Tensor, mask: int) -> Tensor:
+    """Per row, the smallest packed candidate key (fused_topk's int64 form) whose range's hi may reach
+    ``at_least`` [R] float64: a key >= it may have hi >= at_least; every key below has hi < at_least."""
+    floor = _order_keys(_float32_at_most(at_least))  # hi >= at_least implies hi >= this float32
+    return (floor - mask - 2**31) * 2**32
+
+
+def _fused_candidates(xb: Tensor, Wb: Tensor, b_enc: Tensor, k: int, kt: int, tile: dict,
+                      row_coefs: Tensor, col_norms: Tensor, margins: Tensor) -> tuple[Tensor, Tensor]:
+    """Candidates (rows, cols [E], any order) of the rows of xb, from the keys the GEMM's epilogue kept;
+    rows whose tiles may have dropped a candidate are run again with 4x kt (all BLOCK_N: exact).
+
+    Over the kept keys, two integer passes: their k-th largest gives lo_k <= the row's k-th largest a,
+    and the keys whose hi reaches lo_k - 2 M_r (the coarse test, step 2) go on; per-entry bounds are
+    computed for those only."""
+    block_n = tile["BLOCK_N"]
+    mask = block_n - 1
+    batch = xb.shape[0]
+    keys, following = fused_topk.candidate_keys(xb, Wb, b_enc, kt, kt < block_n, tile, value_f32=True)
+    kth = keys.topk(k, dim=1).values[:, -1]
+    lo_k = _key_values((kth >> 32) + 2**31).double()
+    rows, slots = torch.nonzero(keys >= _keys_reaching(lo_k - 2.0 * margins, mask)[:, None], as_tuple=True)
+    lo, hi, cols, _ = _truncated_range(keys[rows, slots], mask)
+    margin = (row_coefs[0][rows] * col_norms[0][cols] + row_coefs[1][rows] * col_norms[1][cols]
+              + REL * torch.maximum(lo.abs(), hi.abs()) + row_coefs[2][rows])
+    lower, upper = lo - margin, hi + margin
+    # t <= the row's k-th largest lower bound over all n (kept ranges' lower bounds are <= the true
+    # ones, over a subset); the coarse set holds at least k entries per row (the k largest keys).
+    threshold = _padded_rows(lower, rows, cols, batch)[0].topk(k, dim=1).values[:, -1]
+    keep = upper >= threshold[rows]
+    if following is not None:
+        # A tile's unkept entries have a <= its next key's hi, so upper <= that + M_r: below t, none of
+        # them is a candidate. Rows where a next key may reach t - M_r run again.
+        dropped = (following >= _keys_reaching(threshold - margins, mask)[:, None]).any(dim=1)
+    else:
+        dropped = torch.zeros(batch, dtype=torch.bool, device=xb.device)
+    keep &= ~dropped[rows]
+    out_rows, out_cols = rows[keep], cols[keep]
+    again = torch.nonzero(dropped).flatten()
+    if again.numel():
+        stats["overflow_rows"] += again.numel()
+        r, c = _fused_candidates(xb[again], Wb, b_enc, k, min(block_n, 4 * kt), tile,
+                                 row_coefs[:, again], col_norms, margins[again])
+        out_rows, out_cols = torch.cat([out_rows, again[r]]), torch.cat([out_cols, c])
+    return out_rows, out_cols
+
+
+def topk_encode_screened_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, kt: int | None = None,
+                               tile: dict | None = None) -> tuple[Tensor, Tensor] | None:
+    """topk_encode_screened with steps 1-3 in one kernel: the screen GEMM (bf16 inputs, float32
+    accumulator a, never written) keeps per tile and row its kt largest a as keys truncated to
+    BLOCK_N's bits with the column packed below (``fused_topk``, ``value_f32``), and the next one.
+    A kept key gives a range lo <= a <= hi, so per-entry bounds lower = lo - margin, upper = hi +
+    margin (margin at max(|lo|, |hi|)) still hold; t = the k-th largest kept lower bound is <= the
+    row's k-th largest lower bound over all n, so the kept entries with upper >= t hold every
+    candidate the tile kept. A tile's unkept entries have a <= hi of its next key, hence upper <=
+    that + M_r (row_margins); a row where that reaches t for some tile is run again with 4x kt (at
+    kt = BLOCK_N every entry is kept). The candidates are then recomputed in float32 and selected as
+    topk_encode_screened does: the same values and indices.
+
+    None (the float32 path runs) when a might not be finite: |a| is bounded from the norms
+    (row_margins' a_max) before the GEMM runs, as no [B, n] is there to check. ``kt``: keys per tile
+    (default ``screen_kt``); ``tile``: fused_topk's launch config (default its tile for bf16)."""
+    x, W_enc, b_enc = x.detach().contiguous(), W_enc.detach(), b_enc.detach().contiguous()
+    batch, n = x.shape[0], W_enc.shape[1]
+    row_coefs, col_norms = row_coefficients(x), column_norms(W_enc)
+    largest = col_norms.amax(dim=1)
+    bias = float(b_enc.abs().max()) if b_enc.numel() else 0.0
+    a_max = (1.0 + 2.0**-20) * (row_coefs[3] * largest[1] * 2.0 + bias)
+    if not bool((a_max < 2.0**127).all()):  # a, or a partial sum, might overflow (or bf16 did)
+        return None
+    margins = row_margins(row_coefs, col_norms, b_enc)
+    xb, Wb = x.bfloat16(), W_enc.bfloat16()
+    tile = fused_topk.tile_for(xb, Wb) if tile is None else fused_topk.check_tile(tile)
+    block_n = tile["BLOCK_N"]
+    kt = screen_kt(n, k, block_n) if kt is None else kt
+    if kt < 1:
+        raise ValueError(f"kt must be at least 1, got {kt}")
+    kt = min(kt, block_n)
+    if kt * (n // block_n) < k:  # too few keys kept per row to hold k: keep every entry
+        kt = block_n
+    rows, cols = _fused_candidates(xb, Wb, b_enc, k, kt, tile, row_coefs, col_norms, margins)
+    order = torch.sort(rows * n + cols).indices  # row-major, columns ascending: the ties' order
+    rows, cols = rows[order], cols[order]
+    exact = recompute(x, W_enc, b_enc, rows, cols)
     padded, padded_cols = _padded_rows(exact, rows, cols, batch)
     values, slots = topk_rows(padded, k)
     _count(batch, rows.numel())
@@ -287,7 +449,7 @@ def batchtopk_encode_screened(x: Tensor, W_enc: Tensor, b_enc: Tensor,
     threshold = lower.topk(m).values[-1]
     keep = upper >= threshold
     rows, cols = rows[keep], cols[keep]
-    exact = recompute(x, W_enc.t().contiguous(), b_enc, rows, cols)
+    exact = recompute(x, W_enc, b_enc, rows, cols)
     values, _, slots = batch_topk(exact[None, :], m)
     _count(x.shape[0], rows.numel())
     return values, rows[slots], cols[slots]
