@@ -64,6 +64,7 @@ HOT_KERNELS = frozenset({
     "gemm._gemm_kernel", "fused_topk._gemm_topk_kernel", "select._row_topk_kernel", "select._batch_histogram_kernel",
     "select._batch_count_kernel", "select._batch_compact_kernel", "sparse._segment_sum_kernel",
     "sparse._scatter_add_kernel", "sparse._sampled_dot_kernel", "encode._dense_grad_kernel",
+    "screen._split_norms_kernel",
 })
 
 # Spills in hot kernels known today (issue 20), not silenced: (kernel, dtype, dot precision, layout)

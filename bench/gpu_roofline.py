@@ -43,8 +43,9 @@ once; the rows where a tile may have dropped a candidate run again, the expected
 candidates per row as Poisson; the candidates recomputed in float32). ``screened passes``
 (SPARSEKIT_GPU_SCREEN_SELECT=passes): a bf16 GEMM writing float32 a, six passes over a. Both count
 the screen's own inputs: the norms of x and W_enc and their bf16 copies (uncounted before issue 20's
-second round); the recompute gathers W_enc's columns in place, in column order. Candidates per row as measured
-where ``SCREEN_CANDIDATES`` has the shape, else assumed 4k. "as built" is each dtype's default path:
+second round; fused: one pass each, ``screen.split_norms``); the recompute gathers W_enc's columns
+in place, in column order. Candidates per row as measured where ``SCREEN_CANDIDATES`` has the shape,
+else assumed 4k. "as built" is each dtype's default path:
 fused for bf16, screened for fp32 (where the screen's crossover takes it).
 """
 from __future__ import annotations
@@ -105,14 +106,18 @@ def screen_candidates(d: int, n: int, k: int) -> tuple[float, bool]:
     return min(4.0 * k, n), False
 
 
-def screen_inputs_kernel(B: int, d: int, n: int, card: str = "h100") -> Kernel:
-    """What both screen designs do before their GEMM, per call (screen.py): the bounds' norms of x and
-    of W_enc's columns (one read each, float32) and the bf16 copies of x and W_enc (read, written; the
-    GEMM's reads of them are its own row). Uncounted before issue 20's second round. (The recompute
-    reads W_enc in place, its entries in column order: no transposed copy.)"""
+def screen_inputs_kernel(B: int, d: int, n: int, card: str = "h100", fused: bool = True) -> Kernel:
+    """What a screen design does before its GEMM, per call (screen.py): the bounds' norms of x's rows and
+    W_enc's columns and the bf16 copies of x and W_enc (the GEMM's reads of them are its own row).
+    Fused: ``screen.split_norms``, one pass each (float32 read, bf16 written). Passes: torch's norms and
+    casts, counted as one read for the norms and one read + write for the copies (a floor: they run as
+    several float64 passes). Uncounted before issue 20's second round. (The recompute reads W_enc in
+    place, its entries in column order: no transposed copy.)"""
     spec = CARDS[card]
-    return Kernel("screen: norms and bf16 copies of x and W_enc", 0.0,
-                  B * d * (4 + 4 + 2) + d * n * (4 + 4 + 2), spec["fp32"], spec["hbm"])
+    per_element = 4 + 2 if fused else 4 + 4 + 2
+    name = "screen: bf16 copies + norms of x, W_enc (one pass each)" if fused else \
+        "screen: norms and bf16 copies of x and W_enc (torch; a floor)"
+    return Kernel(name, 0.0, (B * d + d * n) * per_element, spec["fp32"], spec["hbm"])
 
 
 def screen_recompute_kernel(B: int, d: int, n: int, k: int, card: str = "h100") -> Kernel:
@@ -149,7 +154,7 @@ def screen_fused_kernels(B: int, d: int, n: int, k: int, card: str = "h100") -> 
         Kernel(f"screen: overflowed rows run again ({100 * rerun:.2g}% expected)", rerun * 2.0 * B * d * n + rerun_ops,
                rerun * (2 * (B * d + d * n) + B * tiles * (rerun_kt + 1) * KEY_BYTES), spec["bf16"], spec["hbm"]),
         screen_recompute_kernel(B, d, n, k, card),
-        screen_inputs_kernel(B, d, n, card),
+        screen_inputs_kernel(B, d, n, card, fused=True),
     ]
 
 
@@ -183,7 +188,7 @@ def screen_kernels(B: int, d: int, n: int, k: int, card: str = "h100") -> list[K
         Kernel("screen: k-th largest a + coarse pass (6 passes over a)", 0.0, 6 * 4 * B * n, spec["fp32"],
                spec["hbm"]),
         screen_recompute_kernel(B, d, n, k, card),
-        screen_inputs_kernel(B, d, n, card),
+        screen_inputs_kernel(B, d, n, card, fused=False),
     ]
 
 

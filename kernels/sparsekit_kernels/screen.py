@@ -38,7 +38,10 @@ key's hi, so upper <= that + M_r; a row where some tile's next key may reach t -
 4x KT (KT = BLOCK_N keeps every entry). KT (``screen_kt``) leaves room for 4k candidates per row at
 ~1% of rows run again on Gaussian data. Finiteness is decided before the GEMM from the norms (|a|
 and every partial sum <= (1 + gamma) ||x'|| ||w'|| + |b| < 2^127), as there is no a to check;
-the test hook ``perturb`` takes the passes.
+the test hook ``perturb`` takes the passes. The GEMM's bf16 operands and the bound's norms come
+from one pass over each of x and W_enc (``split_norms``: bf16 rounding to nearest even in integers,
+the squares summed in float64). The recompute reads W_enc in place, its entries in column order
+(no transposed copy), in both designs.
 
 A first version fused the per-entry bounds into the GEMM's epilogue (two float32 outputs, four
 norm vectors): compiled for sm_90 it needed twice the plain GEMM's registers and spilled up to
@@ -109,10 +112,12 @@ The backward is unchanged: the codes (indices, values) are the float32 path's.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from . import fused_topk
-from ._config import env_choice
+from ._config import env_choice, fixed
 from .gemm import gemm
 from .select import batch_topk, topk_rows
 from .sparse import sampled_dot
@@ -163,13 +168,63 @@ def _gamma(count: int, unit: float) -> float:
     return count * unit / (1.0 - count * unit)
 
 
-def row_coefficients(x: Tensor) -> Tensor:
+@triton.jit
+def _split_norms_kernel(t_ptr, bf16_ptr, norms_ptr, D, N, stride_d, stride_n,
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One pass over the columns of t [D, N] (float32, any strides): t' = bf16(t) stored with t's strides
+    (bf16_ptr: int16 bits),
+    and per column ||t - t'|| and ||t'|| in float64 (squares summed in float64, in d order by BLOCK_D
+    chunks: exact to float64's rounding, as the bound's 1.0625 safety factor assumes)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    err_sq = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    val_sq = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        mask = (ds < D)[:, None] & col_ok[None, :]
+        offsets = ds[:, None].to(tl.int64) * stride_d + cols[None, :] * stride_n
+        value = tl.load(t_ptr + offsets, mask=mask, other=0.0)
+        # bf16 rounding to nearest, ties to even, in integers (Triton's interpreter truncates in its
+        # cast; the GPU rounds to nearest: this is both): wide is the bf16 value, exact in float32.
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        wide = bits.to(tl.float32, bitcast=True)
+        # stored as its 16 bits (bf16_ptr: the copy viewed as int16), so no cast can flush a subnormal
+        tl.store(bf16_ptr + offsets, (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+        kept = wide.to(tl.float64)
+        err = value.to(tl.float64) - kept  # exact in float64, subnormal inputs included (no float32 flush)
+        err_sq += tl.sum(err * err, axis=0)
+        val_sq += tl.sum(kept * kept, axis=0)
+    tl.store(norms_ptr + cols, tl.sqrt(err_sq), mask=col_ok)
+    tl.store(norms_ptr + N + cols, tl.sqrt(val_sq), mask=col_ok)
+
+
+def split_norms(t: Tensor) -> tuple[Tensor, Tensor]:
+    """t [D, N] float32 (any strides) -> (bf16(t) with t's strides, [2, N] float64: per column ||t - bf16(t)||
+    and ||bf16(t)||), in one pass over t (the fused screen's inputs: W_enc's columns, x's rows as x.t())."""
+    D, N = t.shape
+    rounded = torch.empty_like(t, dtype=torch.bfloat16)
+    norms = torch.empty((2, N), dtype=torch.float64, device=t.device)
+    if N == 0:
+        return rounded, norms
+    if D == 0:
+        return rounded, norms.zero_()
+    meta = fixed(dict(BLOCK_D=32, BLOCK_N=128, num_warps=4), dict(BLOCK_D=16, BLOCK_N=32, num_warps=1))
+    _split_norms_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](t, rounded.view(torch.int16), norms, D, N, t.stride(0),
+                                                             t.stride(1), **meta)
+    return rounded, norms
+
+
+def row_coefficients(x: Tensor, norms: Tensor | None = None) -> Tensor:
     """x [B, d] float32 -> [4, B] float64: per row coef_err, coef_w, the floor (module docstring)
-    and ||x'||."""
+    and ||x'||. ``norms``: x's rows' [||x - x'||, ||x'||] when already computed (``split_norms``)."""
     d = x.shape[1]
-    rounded = x.bfloat16().double()
-    x_norm = rounded.norm(dim=1)
-    err_norm = (x.double() - rounded).norm(dim=1)
+    if norms is None:
+        rounded = x.bfloat16().double()
+        x_norm = rounded.norm(dim=1)
+        err_norm = (x.double() - rounded).norm(dim=1)
+    else:
+        err_norm, x_norm = norms[0], norms[1]
     g_dot, g_gemm = _gamma(d, 2.0**-24), _gamma(4 * d, 2.0**-23)
     coef_err = SAFETY * (x_norm + err_norm) * (1.0 + g_dot)
     coef_w = SAFETY * (err_norm + g_gemm * x_norm + g_dot * (x_norm + err_norm))
@@ -401,14 +456,17 @@ def topk_encode_screened_fused(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, 
     (default ``screen_kt``); ``tile``: fused_topk's launch config (default its tile for bf16)."""
     x, W_enc, b_enc = x.detach().contiguous(), W_enc.detach(), b_enc.detach().contiguous()
     batch, n = x.shape[0], W_enc.shape[1]
-    row_coefs, col_norms = row_coefficients(x), column_norms(W_enc)
+    # One pass each over x and W_enc: the bf16 operands of the GEMM and the norms of the bound.
+    xb_t, x_norms = split_norms(x.t())
+    Wb, col_norms = split_norms(W_enc)
+    xb = xb_t.t()
+    row_coefs = row_coefficients(x, x_norms)
     largest = col_norms.amax(dim=1)
     bias = float(b_enc.abs().max()) if b_enc.numel() else 0.0
     a_max = (1.0 + 2.0**-20) * (row_coefs[3] * largest[1] * 2.0 + bias)
     if not bool((a_max < 2.0**127).all()):  # a, or a partial sum, might overflow (or bf16 did)
         return None
     margins = row_margins(row_coefs, col_norms, b_enc)
-    xb, Wb = x.bfloat16(), W_enc.bfloat16()
     tile = fused_topk.tile_for(xb, Wb) if tile is None else fused_topk.check_tile(tile)
     block_n = tile["BLOCK_N"]
     kt = screen_kt(n, k, block_n) if kt is None else kt

@@ -143,3 +143,20 @@ def test_keys_kept_per_tile_leave_room_for_the_candidates_and_never_exceed_the_t
     assert screen.screen_kt(1000, 500, 128) == 128
     for n, k in [(4096, 8), (32768, 32), (262144, 128)]:
         assert 1 <= screen.screen_kt(n, k, 128) <= 128
+
+
+def test_split_norms_rounds_to_bf16_as_torch_and_gives_the_bounds_norms_over_a_wide_range():
+    # one pass: bf16(t) bit for bit as torch rounds (ties to even at midpoints, tiny and huge values,
+    # a transposed view written with its strides) and per column the norms column_norms computes
+    gen = fresh_generator()
+    d, n = 37, 70
+    t = torch.randn(d, n, generator=gen) * torch.logspace(-25, 15, n)[None, :]
+    t[0, :8] = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 2.0**-130, -2.0**-140,
+                             3.0e38, 1.0 + 2.0**-8 + 2.0**-20, 0.0])
+    t, = on_device(t)
+    for view in (t, t.t()):
+        rounded, norms = screen.split_norms(view)
+        assert rounded.stride() == view.stride()
+        assert torch.equal(rounded.view(torch.int16), view.bfloat16().view(torch.int16))
+        want = screen.column_norms(view)
+        assert torch.allclose(norms, want, rtol=1e-13, atol=0.0)
