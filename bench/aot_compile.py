@@ -23,7 +23,8 @@ where the compiler needs ``JITFunction``s, so discovery and compilation cannot s
 
 The check fails on a compile error, shared memory over the limit, or spills in a kernel of
 ``HOT_KERNELS`` beyond what ``KNOWN_SPILLS`` records (each entry names its issue and figures).
-``--quick`` compiles one variant per kernel and dtype (the first launched, its first config):
+``--quick`` compiles one variant per kernel, dtype and body flag (``QUICK_FLAGS``; the first launched, its
+first config):
 ``tests/ops/test_aot_compile.py`` runs it in ``make test``; the full set is ``make gpu-check``,
 which prints the table and writes it to ``bench/results/<date>-aot-compile.md``.
 
@@ -63,6 +64,7 @@ HOT_KERNELS = frozenset({
     "gemm._gemm_kernel", "fused_topk._gemm_topk_kernel", "select._row_topk_kernel", "select._batch_histogram_kernel",
     "select._batch_count_kernel", "select._batch_compact_kernel", "sparse._segment_sum_kernel",
     "sparse._scatter_add_kernel", "sparse._sampled_dot_kernel", "encode._dense_grad_kernel",
+    "screen._split_norms_kernel",
 })
 
 # Spills in hot kernels known today (issue 20), not silenced: (kernel, dtype, dot precision, layout)
@@ -360,12 +362,20 @@ def discover(quick: bool) -> list[Variant]:
                     run_every_op(dtype, shape, seed)
         # float32 TopK/BatchTopK through the bf16 screen too (its GEMM epilogue, the candidates' kernels)
         torch.backends.cuda.matmul.allow_tf32 = False
+        # (TopK's candidates from the screen GEMM's epilogue, and through the passes over a written a
+        # that SPARSEKIT_GPU_SCREEN_SELECT=passes keeps)
         os.environ["SPARSEKIT_GPU_BF16_SCREEN"] = "on"
         try:
             for shape in shapes:
                 run_every_op(torch.float32, shape, len(settings))
+            gen = torch.Generator().manual_seed(len(settings))
+            x, W_enc, b_enc = (torch.randn(*size, generator=gen) for size in ((16, 32), (32, 4096), (4096,)))
+            sparsekit.topk_encode(x, W_enc, b_enc, 16)  # the fused screen's overflow-checked variant (NEXT=1)
+            os.environ["SPARSEKIT_GPU_SCREEN_SELECT"] = "passes"
+            run_every_op(torch.float32, shapes[0], len(settings))
         finally:
             del os.environ["SPARSEKIT_GPU_BF16_SCREEN"]
+            os.environ.pop("SPARSEKIT_GPU_SCREEN_SELECT", None)
         # The fused TopK's overflow-checked variant (NEXT=1, KT < k: n large next to k * BLOCK_N), and
         # the unfused TopK (GEMM, then the row radix select) that SPARSEKIT_GPU_TOPK=unfused keeps.
         for seed, (dtype, _) in enumerate(settings):
@@ -381,12 +391,23 @@ def discover(quick: bool) -> list[Variant]:
     return quick_selection(variants) if quick else variants
 
 
+# Constexpr flags that make a different kernel body, each value compiled in --quick too: the fused TopK's
+# packed keys (16-bit inputs) and its float32-accumulator mode (the fused bf16 screen).
+QUICK_FLAGS = ("PACK", "VALUE_F32")
+
+
+def quick_kind(v: Variant) -> tuple:
+    """(kernel, dtype, the QUICK_FLAGS values it has): --quick compiles one variant of each."""
+    flags = dict(v.constexprs)
+    return (v.kernel, v.dtype) + tuple(bool(flags[name]) for name in QUICK_FLAGS if name in flags)
+
+
 def quick_selection(variants: list[Variant]) -> list[Variant]:
-    """The first launched variant of each kernel and dtype, at its first config."""
+    """The first launched variant of each kernel, dtype and QUICK_FLAGS setting, at its first config."""
     chosen: dict[tuple, Variant] = {}
     for v in variants:
         if v.first_config:
-            chosen.setdefault((v.kernel, v.dtype), v)
+            chosen.setdefault(quick_kind(v), v)
     return list(chosen.values())
 
 

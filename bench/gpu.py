@@ -38,7 +38,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import backend_forced_to, env_set  # noqa: E402
-from gpu_roofline import STEP_FUSED, STEP_UNFUSED, TOPK_FUSED, TOPK_UNFUSED  # noqa: E402
+from gpu_roofline import (  # noqa: E402
+    STEP_FUSED,
+    STEP_ROUNDS,
+    STEP_SCREEN_PASSES,
+    STEP_UNFUSED,
+    TOPK_FUSED,
+    TOPK_ROUNDS,
+    TOPK_SCREEN_PASSES,
+    TOPK_UNFUSED,
+)
 
 GPU_SHAPES = [  # (B, d, n, k)
     (4096, 768, 32768, 32),
@@ -145,8 +154,15 @@ def _ratio(a, b):
 
 
 def _design(topk: str):
-    """SPARSEKIT_GPU_TOPK=topk with the bf16 screen off, for the duration: one TopK design alone."""
+    """One TopK design alone, for the duration: SPARSEKIT_GPU_TOPK=topk with the bf16 screen off; or
+    "screen passes" (the screen through a written a) or "rounds" (the fused epilogue without packed keys)."""
     stack = contextlib.ExitStack()
+    if topk == "screen passes":
+        stack.enter_context(env_set("SPARSEKIT_GPU_SCREEN_SELECT", "passes"))
+        return stack
+    if topk == "rounds":
+        stack.enter_context(env_set("SPARSEKIT_GPU_TOPK_EPILOGUE", "rounds"))
+        return stack
     stack.enter_context(env_set("SPARSEKIT_GPU_TOPK", topk))
     stack.enter_context(env_set("SPARSEKIT_GPU_BF16_SCREEN", "off"))
     return stack
@@ -210,6 +226,9 @@ def bench_shape(bench: Bench, shape, dtype_name: str, topk_only: bool = False) -
     torch_topk = encoder_row("topk_encode fwd", topk_fn, lambda: torch.addmm(b_enc, x, W_enc).topk(k, dim=-1))
     if dtype_name == "fp32":
         encoder_row(TOPK_FUSED, topk_fn, torch_topk, "fused")
+        encoder_row(TOPK_SCREEN_PASSES, topk_fn, torch_topk, "screen passes")
+    else:
+        encoder_row(TOPK_ROUNDS, topk_fn, torch_topk, "rounds")
     encoder_row(TOPK_UNFUSED, topk_fn, torch_topk, "unfused")
     if topk_only:
         return rows + step_rows(bench, x, W_enc, b_enc, W_dec, b_dec, k, gemm_s, label, dtype_name)
@@ -335,7 +354,8 @@ def step_rows(bench: Bench, x, W_enc, b_enc, W_dec, b_dec, k: int, gemm_s, label
     dense_s, dense_note = bench.try_time(step_dense)
     bag_s, bag_note = bench.try_time(step_bag)
     designs = [("TopK step (encode+decode+MSE+backward)", None)]
-    designs += [(STEP_FUSED, "fused")] if dtype_name == "fp32" else []
+    designs += ([(STEP_FUSED, "fused"), (STEP_SCREEN_PASSES, "screen passes")] if dtype_name == "fp32"
+                else [(STEP_ROUNDS, "rounds")])
     for name, design in designs + [(STEP_UNFUSED, "unfused")]:
         with backend_forced_to("triton"), (_design(design) if design else contextlib.nullcontext()):
             step_s, note = bench.try_time(step_sparsekit)

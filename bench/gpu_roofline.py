@@ -34,11 +34,19 @@ entry and round, KT + 1 rounds, read off the sm_90 PTX) is its own row, bounded 
 integer rate and counted after the GEMM (it may overlap other tiles' MMAs: then the step's bound is
 lower by up to that row); then the merge reads the keys once, and the rows that overflow (the
 expected share on unstructured data) run again with 4x KT. ``unfused`` (SPARSEKIT_GPU_TOPK=unfused):
-the GEMM writes pre, the radix selection reads it five times. ``screened``: the float32 encoder
-through the bf16 screen (``screen.py``: a bf16 GEMM writing float32 a, six passes over a, the
-candidates recomputed in float32; candidates per row as measured where ``SCREEN_CANDIDATES`` has the
-shape, else assumed 4k), the default for float32 CUDA tensors at these shapes. "as built" is each
-dtype's default path: fused for bf16, screened for fp32 (where the screen's crossover takes it).
+the GEMM writes pre, the radix selection reads it five times. 16-bit fused epilogues pack the column
+into the key's low bits (3 operations per round, 1 for the next key; float32 keeps the 6-operation
+rounds). ``screened``: the float32 encoder through the bf16 screen with its candidates found in the
+GEMM's epilogue (``screen.topk_encode_screened_fused``: KT truncated packed keys per tile and row, KT
+from ``screen.screen_kt``, a [B, n] never written; the merge reads the keys twice and the next keys
+once; the rows where a tile may have dropped a candidate run again, the expected share from the
+candidates per row as Poisson; the candidates recomputed in float32). ``screened passes``
+(SPARSEKIT_GPU_SCREEN_SELECT=passes): a bf16 GEMM writing float32 a, six passes over a. Both count
+the screen's own inputs: the norms of x and W_enc and their bf16 copies (uncounted before issue 20's
+second round; fused: one pass each, ``screen.split_norms``); the recompute gathers W_enc's columns
+in place, in column order. Candidates per row as measured where ``SCREEN_CANDIDATES`` has the shape,
+else assumed 4k. "as built" is each dtype's default path:
+fused for bf16, screened for fp32 (where the screen's crossover takes it).
 """
 from __future__ import annotations
 
@@ -60,6 +68,13 @@ KEY_BYTES = 8           # the fused kernel's int64 candidate keys
 FUSED_BLOCK_N = 128     # its GPU tile width (fused_topk._HOPPER)
 EPILOGUE_OPS_PER_ROUND = 6  # per tile entry: 2 compares, 2 selects, a max, a min (sm_90 PTX of a round)
 EPILOGUE_OPS_KEY = 6        # per tile entry: the rounding to x's dtype and the order-preserving key
+# Packed keys (fused_topk.py: the column in the key's low bits; 16-bit inputs and the screen): a round is
+# a max, a compare and a select per entry, the next key one max; the key costs 2 more (the low bits
+# cleared, the column added). Counted from the kernel's source, not yet from its PTX.
+PACKED_OPS_PER_ROUND = 3
+PACKED_OPS_NEXT = 1
+PACKED_OPS_KEY = EPILOGUE_OPS_KEY + 2
+SCREEN_KEEP_OVER_K = 4      # screen.SCREEN_KEEP_OVER_K: the fused screen's KT leaves room for 4k per row
 
 
 @dataclass
@@ -91,20 +106,89 @@ def screen_candidates(d: int, n: int, k: int) -> tuple[float, bool]:
     return min(4.0 * k, n), False
 
 
-def screen_kernels(B: int, d: int, n: int, k: int, card: str = "h100") -> list[Kernel]:
-    """The float32 TopK encoder through the bf16 screen as built (kernels/sparsekit_kernels/screen.py):
-    bf16 GEMM with float32 output a, the row's k-th largest a (radix select: 5 passes), one comparison
-    pass for the coarse candidates, and c candidates per row recomputed in float32."""
+def screen_inputs_kernel(B: int, d: int, n: int, card: str = "h100", fused: bool = True) -> Kernel:
+    """What a screen design does before its GEMM, per call (screen.py): the bounds' norms of x's rows and
+    W_enc's columns and the bf16 copies of x and W_enc (the GEMM's reads of them are its own row).
+    Fused: ``screen.split_norms``, one pass each (float32 read, bf16 written). Passes: torch's norms and
+    casts, counted as one read for the norms and one read + write for the copies (a floor: they run as
+    several float64 passes). Uncounted before issue 20's second round. (The recompute reads W_enc in
+    place, its entries in column order: no transposed copy.)"""
+    spec = CARDS[card]
+    per_element = 4 + 2 if fused else 4 + 4 + 2
+    name = "screen: bf16 copies + norms of x, W_enc (one pass each)" if fused else \
+        "screen: norms and bf16 copies of x and W_enc (torch; a floor)"
+    return Kernel(name, 0.0, (B * d + d * n) * per_element, spec["fp32"], spec["hbm"])
+
+
+def screen_recompute_kernel(B: int, d: int, n: int, k: int, card: str = "h100") -> Kernel:
     spec = CARDS[card]
     c, _ = screen_candidates(d, n, k)
     codes = B * k * (4 + INDEX_BYTES)
+    return Kernel(f"screen: {c:.0f} candidates/row recomputed in fp32", 2.0 * B * c * d,
+                  B * c * (4 + INDEX_BYTES) + min(B * c, n) * d * 4 + B * d * 4 + codes, spec["fp32"], spec["hbm"])
+
+
+def screen_fused_kernels(B: int, d: int, n: int, k: int, card: str = "h100") -> list[Kernel]:
+    """The float32 TopK encoder through the bf16 screen with its candidates found in the GEMM's epilogue
+    (screen.topk_encode_screened_fused, the default): the bf16 GEMM keeps each tile's KT largest a per
+    row as truncated packed keys and the next (a [B, n] never reaches HBM); the merge reads the keys
+    twice (their k-th per row; the coarse comparison), the next keys once, and works on the ~c coarse
+    entries per row; rows whose tiles may have dropped a candidate run again with 4x KT."""
+    spec = CARDS[card]
+    c, _ = screen_candidates(d, n, k)
+    kt = _screen_kt(n, k)
+    tiles = -(-n // FUSED_BLOCK_N)
+    rerun = _overflow_share(n, c, kt)
+    kept = B * tiles * kt
+    keys = B * tiles * (kt + 1) * KEY_BYTES
+    ops = B * n * (PACKED_OPS_PER_ROUND * kt + PACKED_OPS_NEXT + PACKED_OPS_KEY)
+    rerun_kt = min(FUSED_BLOCK_N, 4 * kt)
+    rerun_ops = rerun * B * n * (PACKED_OPS_PER_ROUND * rerun_kt + PACKED_OPS_NEXT + PACKED_OPS_KEY)
+    return [
+        Kernel(f"bf16 screen GEMM + top-{kt} truncated keys per tile (fused; writes keys)", 2.0 * B * d * n,
+               2 * (B * d + d * n) + keys, spec["bf16"], spec["hbm"]),
+        Kernel(f"screen epilogue: {kt} packed max rounds + next per tile (int32 ops)", ops, 0.0, spec["int32"],
+               spec["hbm"]),
+        Kernel(f"screen: merge of the keys (k-th key, coarse test, bounds of ~{c:.0f}/row, overflow test)", 0.0,
+               2 * kept * KEY_BYTES + 2 * kept + B * tiles * KEY_BYTES + B * c * 10 * 8, spec["fp32"], spec["hbm"]),
+        Kernel(f"screen: overflowed rows run again ({100 * rerun:.2g}% expected)", rerun * 2.0 * B * d * n + rerun_ops,
+               rerun * (2 * (B * d + d * n) + B * tiles * (rerun_kt + 1) * KEY_BYTES), spec["bf16"], spec["hbm"]),
+        screen_recompute_kernel(B, d, n, k, card),
+        screen_inputs_kernel(B, d, n, card, fused=True),
+    ]
+
+
+def _screen_kt(n: int, k: int) -> int:
+    from sparsekit.kernels.screen import screen_kt as choose
+
+    return choose(n, k, FUSED_BLOCK_N)
+
+
+def _overflow_share(n: int, per_row: float, kt: int) -> float:
+    """Expected share of rows where some tile holds more than kt of the row's per_row entries (Poisson)."""
+    if kt >= FUSED_BLOCK_N:
+        return 0.0
+    lam = per_row * FUSED_BLOCK_N / n
+    term = cdf = math.exp(-lam)
+    for j in range(1, kt + 1):
+        term *= lam / j
+        cdf += term
+    return min(1.0, -(-n // FUSED_BLOCK_N) * max(0.0, 1.0 - cdf))
+
+
+def screen_kernels(B: int, d: int, n: int, k: int, card: str = "h100") -> list[Kernel]:
+    """The float32 TopK encoder through the bf16 screen's passes (SPARSEKIT_GPU_SCREEN_SELECT=passes,
+    screen.topk_encode_screened_passes): bf16 GEMM with float32 output a, the row's k-th largest a
+    (radix select: 5 passes), one comparison pass for the coarse candidates, and c candidates per row
+    recomputed in float32."""
+    spec = CARDS[card]
     return [
         Kernel("bf16 screen GEMM (float32 a)", 2.0 * B * d * n, 2 * (B * d + d * n) + 4 * B * n, spec["bf16"],
                spec["hbm"]),
         Kernel("screen: k-th largest a + coarse pass (6 passes over a)", 0.0, 6 * 4 * B * n, spec["fp32"],
                spec["hbm"]),
-        Kernel(f"screen: {c:.0f} candidates/row recomputed in fp32", 2.0 * B * c * d,
-               B * c * (4 + INDEX_BYTES) + min(B * c, n) * d * 4 + B * d * 4 + codes, spec["fp32"], spec["hbm"]),
+        screen_recompute_kernel(B, d, n, k, card),
+        screen_inputs_kernel(B, d, n, card, fused=False),
     ]
 
 
@@ -124,8 +208,11 @@ def fused_kt(n: int, k: int) -> tuple[int, float]:
     return kt, min(1.0, -(-n // FUSED_BLOCK_N) * max(0.0, 1.0 - cdf))
 
 
-def fused_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100") -> list[Kernel]:
-    """The TopK encoder with the selection fused into the GEMM (kernels/sparsekit_kernels/fused_topk.py)."""
+def fused_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
+                  packed: bool | None = None) -> list[Kernel]:
+    """The TopK encoder with the selection fused into the GEMM (kernels/sparsekit_kernels/fused_topk.py);
+    ``packed``: packed keys (default: for 16-bit dtypes, as built; SPARSEKIT_GPU_TOPK_EPILOGUE=rounds: not)."""
+    packed = dtype != "fp32" if packed is None else packed
     spec = CARDS[card]
     s = 4 if dtype == "fp32" else 2
     gemm_peak = spec["fp32"] if dtype == "fp32" else spec["bf16"]
@@ -134,14 +221,19 @@ def fused_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100"
     next_keys = 0 if rerun == 0.0 and kt >= min(k, FUSED_BLOCK_N) else 1
     keys = B * tiles * (kt + next_keys) * KEY_BYTES
     codes = B * k * (s + INDEX_BYTES)
-    epilogue_ops = B * n * (EPILOGUE_OPS_PER_ROUND * (kt + next_keys) + EPILOGUE_OPS_KEY)
     rerun_kt = min(k, FUSED_BLOCK_N, 4 * kt)
-    rerun_ops = rerun * B * n * (EPILOGUE_OPS_PER_ROUND * rerun_kt + EPILOGUE_OPS_KEY)
+    if not packed:  # the round-by-round epilogue (float32: a key has no spare bits)
+        epilogue_ops = B * n * (EPILOGUE_OPS_PER_ROUND * (kt + next_keys) + EPILOGUE_OPS_KEY)
+        rerun_ops = rerun * B * n * (EPILOGUE_OPS_PER_ROUND * rerun_kt + EPILOGUE_OPS_KEY)
+        epilogue = f"fused epilogue: {kt + next_keys} max rounds per tile (int32 ops)"
+    else:  # packed keys
+        epilogue_ops = B * n * (PACKED_OPS_PER_ROUND * kt + PACKED_OPS_NEXT * next_keys + PACKED_OPS_KEY)
+        rerun_ops = rerun * B * n * (PACKED_OPS_PER_ROUND * rerun_kt + PACKED_OPS_KEY)
+        epilogue = f"fused epilogue: {kt} packed max rounds{' + next' if next_keys else ''} per tile (int32 ops)"
     return [
         Kernel(f"encoder GEMM + top-{kt} per tile (fused; writes keys)", 2.0 * B * d * n,
                B * d * s + d * n * s + keys, gemm_peak, spec["hbm"]),
-        Kernel(f"fused epilogue: {kt + next_keys} max rounds per tile (int32 ops)", epilogue_ops, 0.0, spec["int32"],
-               spec["hbm"]),
+        Kernel(epilogue, epilogue_ops, 0.0, spec["int32"], spec["hbm"]),
         Kernel("fused: merge of the keys (top-k per row, overflow check)", 0.0, keys + codes, spec["fp32"], spec["hbm"]),
         Kernel(f"fused: overflowed rows run again ({100 * rerun:.2g}% expected)", rerun * 2.0 * B * d * n + rerun_ops,
                rerun * (B * d * s + d * n * s + B * tiles * rerun_kt * KEY_BYTES), gemm_peak, spec["hbm"]),
@@ -171,15 +263,20 @@ def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
     batch_rows = B * d * s               # x or grad_y, each row used by its k entries
     kernels = []
     if encoder == "screened":
+        kernels += screen_fused_kernels(B, d, n, k, card)
+    elif encoder == "screened passes":
         kernels += screen_kernels(B, d, n, k, card)
     elif encoder == "fused":
         kernels += fused_kernels(B, d, n, k, dtype, card)
+    elif encoder == "fused rounds":
+        kernels += fused_kernels(B, d, n, k, dtype, card, packed=False)
     elif encoder == "unfused":
         kernels.append(Kernel("encoder GEMM (writes pre)", 2.0 * B * d * n, B * d * s + d * n * s + B * n * s,
                               gemm_peak, bw))
         kernels.append(Kernel("top-k selection (5 passes over pre)", 0.0, 5 * B * n * s + codes, fma_peak, bw))
     else:
-        raise ValueError(f"encoder must be 'fused', 'unfused' or 'screened', got {encoder!r}")
+        raise ValueError(f"encoder must be 'fused', 'fused rounds', 'unfused', 'screened' or 'screened passes', "
+                         f"got {encoder!r}")
     kernels += [
         Kernel("sparse decode", 2.0 * B * k * d, codes + weight_rows + batch_rows, fma_peak, bw),
         Kernel("MSE + its gradient", 4.0 * B * d, 3 * batch_rows, fma_peak, bw),
@@ -201,17 +298,21 @@ def bf16_gemm_bound(B: int, d: int, n: int, card: str = "h100") -> float:
     return Kernel("bf16 GEMM", 2.0 * B * d * n, 2 * (B * d + d * n + B * n), spec["bf16"], spec["hbm"]).seconds
 
 
-ENCODER_PARTS = 4  # the fused encoder's rows (fused_kernels); unfused: 2; screened: 3
+ENCODER_PARTS = {"fused": 4, "fused rounds": 4, "unfused": 2, "screened": 6, "screened passes": 4}  # each design's encoder rows
 STEP = "TopK step (encode+decode+MSE+backward)"
 # bench/gpu.py's rows for the non-default designs (SPARSEKIT_GPU_TOPK=unfused or fused, screen off).
 TOPK_UNFUSED = "topk_encode fwd, unfused (GEMM writes pre + radix select)"
 TOPK_FUSED = "topk_encode fwd, fused (screen off)"
 STEP_UNFUSED = "TopK step, unfused (GEMM writes pre + radix select)"
 STEP_FUSED = "TopK step, fused (screen off)"
+STEP_SCREEN_PASSES = "TopK step, bf16 screen through a written a (SPARSEKIT_GPU_SCREEN_SELECT=passes)"
+TOPK_SCREEN_PASSES = "topk_encode fwd, bf16 screen through a written a (passes)"
+TOPK_ROUNDS = "topk_encode fwd, fused, round-by-round epilogue (SPARSEKIT_GPU_TOPK_EPILOGUE=rounds)"
+STEP_ROUNDS = "TopK step, fused, round-by-round epilogue (SPARSEKIT_GPU_TOPK_EPILOGUE=rounds)"
 
 
 def _encoder_part(kernels: list[Kernel], encoder: str) -> list[Kernel]:
-    return kernels[:{"fused": ENCODER_PARTS, "unfused": 2, "screened": 3}[encoder]]
+    return kernels[:ENCODER_PARTS[encoder]]
 
 
 def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = None) -> list[dict]:
@@ -235,7 +336,8 @@ def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = 
 
             default = default_encoder(d, n, k, B, dtype)
             designs = {encoder: step_kernels(B, d, n, k, dtype, card, encoder)
-                       for encoder in ("fused", "unfused") + (("screened",) if dtype == "fp32" else ())}
+                       for encoder in ("fused", "unfused")
+                       + (("screened", "screened passes") if dtype == "fp32" else ("fused rounds",))}
             built = designs[default]
             for kern in built:
                 add(kern.name, [kern], limit=kern.limit)
@@ -252,8 +354,15 @@ def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = 
                 add(f"= {STEP_FUSED}", designs["fused"], STEP_FUSED)
             add(f"= {TOPK_UNFUSED}", _encoder_part(designs["unfused"], "unfused"), TOPK_UNFUSED)
             add(f"= {STEP_UNFUSED}", designs["unfused"], STEP_UNFUSED)
-            if dtype == "fp32" and default != "screened":
-                add("= TopK step, fp32 through the bf16 screen", designs["screened"])
+            if dtype == "fp32":
+                if default != "screened":
+                    add("= TopK step, fp32 through the bf16 screen", designs["screened"])
+                add(f"= {TOPK_SCREEN_PASSES}", _encoder_part(designs["screened passes"], "screened passes"),
+                    TOPK_SCREEN_PASSES)
+                add(f"= {STEP_SCREEN_PASSES}", designs["screened passes"], STEP_SCREEN_PASSES)
+            else:
+                add(f"= {TOPK_ROUNDS}", _encoder_part(designs["fused rounds"], "fused rounds"), TOPK_ROUNDS)
+                add(f"= {STEP_ROUNDS}", designs["fused rounds"], STEP_ROUNDS)
     return rows
 
 

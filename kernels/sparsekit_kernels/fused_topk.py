@@ -32,9 +32,19 @@ The candidate key is ``(u - 2^31) * 2^32 + (2^32 - 1 - column)`` as int64: its o
 then lower column), every real key differs, and an exhausted tile's filler (u = 0) lies below every
 real one.
 
-Cost per tile entry: the GEMM's 2d FLOPs on the tensor cores (16-bit inputs) plus ~6 integer
+**Packed keys** (16-bit inputs, the default; SPARSEKIT_GPU_TOPK_EPILOGUE=rounds turns them off). A
+bf16 (fp16) value widened to float32 has its low 16 (13) bits zero, so its order key's low bits are
+constant (0 for values >= +0, all 1s below: the key inverts a negative value's bits). Those bits then
+carry BLOCK_N - 1 - column (BLOCK_N <= 256: 8 bits): a row's packed keys all differ, their order is
+(value, then lower column), and a round is one max (the entry), one compare and one select (its
+removal), 3 operations per entry instead of 6; the next key is one max. Storing a key puts the
+constant bits back, so the candidate keys are the unpacked path's, bit for bit. Float32 values use
+all 32 bits: their epilogue keeps the rounds. The bf16 screen (screen.py) packs float32 a into a
+*truncated* key (``value_f32``: low bits zeroed, no restoring) and works with the range it leaves.
+
+Cost per tile entry: the GEMM's 2d FLOPs on the tensor cores (16-bit inputs) plus, unpacked, ~6 integer
 instructions per round on the CUDA cores (the sm_90 PTX of a round: 2 compares, 2 selects, a max and
-a min per entry), (KT + 1) rounds; the memory traffic is x, W_enc and
+a min per entry), (KT + 1) rounds; packed, 3 per round and 1 for the next key; the memory traffic is x, W_enc and
 B * tiles_n * (KT + 1) * 8 bytes of keys instead of pre (B * n * s bytes written, 5x read). The
 overflow check and any rerun sync with the host once per call.
 
@@ -104,28 +114,64 @@ def _take_largest(key, local, first_col):
 
 
 @triton.jit
+def _candidate(best, first_col, MASK: tl.constexpr, RESTORE: tl.constexpr):
+    """A packed key's int64 candidate key (packed: the 32-bit order key with its low bits replaced by
+    MASK - column; 0 = empty). RESTORE: the low bits were the dtype's zero bits (16-bit values), put
+    them back (1s for negative values, whose order key is the bits inverted); else they stay 0 (a
+    truncated key: the screen)."""
+    low = best & MASK
+    u = best - low
+    if RESTORE:
+        u = tl.where(((u >> 31) == 1) | (best == 0), u, u + MASK)
+    signed = (u ^ 0x80000000).to(tl.int32, bitcast=True).to(tl.int64)
+    column = first_col + (MASK - low).to(tl.int64)
+    return (signed << 32) + (tl.full((), 4294967295, tl.int64) - column)
+
+
+@triton.jit
 def _gemm_topk_kernel(a_ptr, b_ptr, bias_ptr, keys_ptr, next_ptr, M, N, K,
                       stride_am, stride_ak, stride_bk, stride_bn,
                       KT: tl.constexpr, NEXT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr = 8,
+                      PACK: tl.constexpr = False, RESTORE: tl.constexpr = False, VALUE_F32: tl.constexpr = False):
     # The tile of pre: gemm._gemm_kernel's own tile (the same function), so the same bits.
     acc, rows, cols, row_ok, col_ok, pid_n, tiles_n = tile_of_product(
         a_ptr, b_ptr, bias_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
         HAS_BIAS, UPCAST, PRECISION, BLOCK_K, BLOCK_M, BLOCK_N, GROUP_M)
 
-    # pre as the unfused path stores it (x's dtype), as an order-preserving key; 0 off the matrix.
-    value = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
-    key = tl.where(row_ok[:, None] & col_ok[None, :], sortable_key(value), 0)
+    # pre as the unfused path stores it (x's dtype; VALUE_F32: the float32 accumulator, the screen's a),
+    # as an order-preserving key; 0 off the matrix.
+    if VALUE_F32:
+        value = acc
+    else:
+        value = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
     local = tl.arange(0, BLOCK_N)
     first_col = pid_n.to(tl.int64) * BLOCK_N
     out = keys_ptr + rows * (tiles_n * KT) + pid_n * KT
-    for r in range(KT):
-        candidate, key = _take_largest(key, local, first_col)
-        tl.store(out + r, candidate, mask=row_ok)
-    if NEXT:
-        candidate, key = _take_largest(key, local, first_col)
-        tl.store(next_ptr + rows * tiles_n + pid_n, candidate, mask=row_ok)
+    inside = row_ok[:, None] & col_ok[None, :]
+    if PACK:
+        # The column in the key's low log2(BLOCK_N) bits: one max per round finds the entry (packed
+        # keys of a row differ), one compare and select remove it.
+        key = sortable_key(value)
+        key = key - (key & (BLOCK_N - 1)) + (BLOCK_N - 1 - local).to(tl.uint32)[None, :]
+        key = tl.where(inside, key, 0)
+        for r in range(KT):
+            best = tl.max(key, axis=1)
+            key = tl.where(key == best[:, None], 0, key)
+            tl.store(out + r, _candidate(best, first_col, BLOCK_N - 1, RESTORE), mask=row_ok)
+        if NEXT:
+            best = tl.max(key, axis=1)
+            tl.store(next_ptr + rows * tiles_n + pid_n, _candidate(best, first_col, BLOCK_N - 1, RESTORE),
+                     mask=row_ok)
+    else:
+        key = tl.where(inside, sortable_key(value), 0)
+        for r in range(KT):
+            candidate, key = _take_largest(key, local, first_col)
+            tl.store(out + r, candidate, mask=row_ok)
+        if NEXT:
+            candidate, key = _take_largest(key, local, first_col)
+            tl.store(next_ptr + rows * tiles_n + pid_n, candidate, mask=row_ok)
 
 
 def tune_key(dtype: torch.dtype, M: int, N: int, K: int, x_unit_stride: bool = True,
@@ -218,10 +264,22 @@ def use_fused(x: Tensor, W_enc: Tensor, k: int) -> bool:
     return choose_kt(W_enc.shape[1], k, tile_for(x, W_enc)["BLOCK_N"]) <= AUTO_MAX_KT
 
 
+def epilogue_mode() -> str:
+    return env_choice("SPARSEKIT_GPU_TOPK_EPILOGUE", ("auto", "rounds"))
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether the fused selection packs the column into the key's low bits (SPARSEKIT_GPU_TOPK_EPILOGUE,
+    module docstring): for 16-bit dtypes, whose values widened to float32 leave those bits zero."""
+    return dtype != torch.float32 and epilogue_mode() == "auto"
+
+
 def launch(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, kt: int, with_next: bool,
-           tile: dict) -> tuple[tuple, tuple, dict, Tensor, Tensor | None]:
+           tile: dict, pack: bool | None = None, value_f32: bool = False) -> tuple[tuple, tuple, dict, Tensor, Tensor | None]:
     """What one launch of _gemm_topk_kernel takes: (grid, args, kwargs, keys, next), the outputs
-    allocated (``candidate_keys`` runs it; bench/gpu_fused_tune.py compiles it ahead of time)."""
+    allocated (``candidate_keys`` runs it; bench/gpu_fused_tune.py compiles it ahead of time).
+    ``pack``: packed keys (default ``packs(x.dtype)``); ``value_f32``: select on the float32 accumulator
+    with truncated packed keys (the fused bf16 screen, screen.py), not on pre rounded to x's dtype."""
     check_dtype(x, W_enc)
     M, K = x.shape
     N = W_enc.shape[1]
@@ -234,17 +292,26 @@ def launch(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, kt: int, with_next: b
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * tiles_n,)
     args = (x, W_enc, b_enc if b_enc is not None else keys, keys, following if following is not None else keys,
             M, N, K, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1))
+    if pack is None:
+        pack = packs(x.dtype)
+    if value_f32:
+        pack = True
+    elif pack and x.dtype == torch.float32:
+        raise ValueError("pack: float32 values use all 32 key bits; packed keys are exact for 16-bit inputs only")
     kwargs = dict(KT=kt, NEXT=with_next, HAS_BIAS=b_enc is not None, UPCAST=upcast_inputs(x.dtype),
-                  PRECISION=dot_precision(x.dtype), **meta)
+                  PRECISION=dot_precision(x.dtype), PACK=pack, RESTORE=pack and not value_f32,
+                  VALUE_F32=value_f32, **meta)
     return grid, args, kwargs, keys, following
 
 
 def candidate_keys(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, kt: int,
-                   with_next: bool, tile: dict | None = None) -> tuple[Tensor, Tensor | None]:
+                   with_next: bool, tile: dict | None = None, pack: bool | None = None,
+                   value_f32: bool = False) -> tuple[Tensor, Tensor | None]:
     """x [B, d], W_enc [d, n] (any strides), b_enc [n] -> (keys [B, tiles_n * kt] int64, each tile's
     kt largest per row in order; next [B, tiles_n] int64, each tile's (kt+1)-th, or None).
-    ``tile``: the launch config (default ``tile_for(x, W_enc)``)."""
-    grid, args, kwargs, keys, following = launch(x, W_enc, b_enc, kt, with_next, tile or tile_for(x, W_enc))
+    ``tile``: the launch config (default ``tile_for(x, W_enc)``); ``pack``, ``value_f32``: as ``launch``."""
+    grid, args, kwargs, keys, following = launch(x, W_enc, b_enc, kt, with_next, tile or tile_for(x, W_enc),
+                                                 pack, value_f32)
     _gemm_topk_kernel[grid](*args, **kwargs)
     return keys, following
 

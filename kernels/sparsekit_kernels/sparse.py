@@ -111,7 +111,7 @@ def _scatter_add_kernel(seg_ptr, idx_ptr, w_ptr, dense_ptr, out_ptr, sums_ptr, E
 
 @triton.jit
 def _sampled_dot_kernel(rows_ptr, cols_ptr, a_ptr, dense_ptr, out_ptr, E, D, stride_a, stride_dense,
-                        BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                        stride_dense_d, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[e] = sum_j a[rows[e], j] * dense[cols[e], j]."""
     entries = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = entries < E
@@ -122,7 +122,8 @@ def _sampled_dot_kernel(rows_ptr, cols_ptr, a_ptr, dense_ptr, out_ptr, E, D, str
         js = d0 + tl.arange(0, BLOCK_D)
         mask = e_ok[:, None] & (js < D)[None, :]
         a = tl.load(a_ptr + row[:, None] * stride_a + js[None, :], mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(dense_ptr + col[:, None] * stride_dense + js[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(dense_ptr + col[:, None] * stride_dense + js[None, :] * stride_dense_d, mask=mask,
+                    other=0.0).to(tl.float32)
         acc += tl.sum(a * b, axis=1)
     tl.store(out_ptr + entries, acc.to(out_ptr.dtype.element_ty), mask=e_ok)
 
@@ -192,8 +193,10 @@ def coo_t_times_dense(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tens
 
 
 def sampled_dot(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """(a @ dense.T)[rows[e], cols[e]] for a [B, D], dense [n, D] -> [E] in a's dtype."""
-    a, dense = a.contiguous(), dense.contiguous()
+    """(a @ dense.T)[rows[e], cols[e]] for a [B, D], dense [n, D] (any strides: a transposed view of
+    W_enc [D, n] is read in place; entries in column order then read neighbouring addresses) -> [E] in
+    a's dtype. The sums' order is BLOCK_D's, whatever the strides."""
+    a = a.contiguous()
     n_entries = rows.shape[0]
     out = torch.empty(n_entries, dtype=a.dtype, device=a.device)
     if n_entries == 0:
@@ -201,5 +204,5 @@ def sampled_dot(rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, dense: 
     meta = fixed(dict(BLOCK_E=64, BLOCK_D=64, num_warps=4), dict(BLOCK_E=16, BLOCK_D=16, num_warps=1))
     grid = (triton.cdiv(n_entries, meta["BLOCK_E"]),)
     _sampled_dot_kernel[grid](rows.contiguous(), cols.contiguous(), a, dense, out, n_entries, a.shape[1],
-                              a.stride(0), dense.stride(0), **meta)
+                              a.stride(0), dense.stride(0), dense.stride(1), **meta)
     return out

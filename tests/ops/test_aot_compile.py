@@ -68,15 +68,22 @@ def test_quick_check_compiles_every_launched_kernel_for_both_targets_without_pro
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [aot.result_from_json(r) for r in report["results"]]
     assert {r.variant.kernel for r in rows} == launched_kernels()
-    for dtype in ("fp32", "bf16", "fp16"):  # each float kernel once per dtype (the histogram chooser is int64 only)
+    # each float kernel once per dtype (the histogram chooser is int64 only; the screen's input pass
+    # runs for float32 encoders only)
+    for dtype in ("fp32", "bf16", "fp16"):
         assert {r.variant.kernel for r in rows if r.variant.dtype == dtype} == launched_kernels() - {
-            "select._batch_choose_kernel"}, dtype
+            "select._batch_choose_kernel"} - ({"screen._split_norms_kernel"} if dtype != "fp32" else set()), dtype
     per_variant = {}
     for r in rows:
         per_variant.setdefault(r.variant.key(), []).append(r.target)
         assert r.error is None and r.registers > 0 and 0 <= r.shared_bytes <= r.shared_limit
     assert all(sorted(targets) == ["sm_80", "sm_90"] for targets in per_variant.values())
-    assert len(per_variant) == len({(r.variant.kernel, r.variant.dtype) for r in rows})  # quick: one each
+    assert len(per_variant) == len({aot.quick_kind(r.variant) for r in rows})  # quick: one each
+    # the fused TopK in each body: rounds (float32), packed keys (16-bit), the fused screen (bf16, float32 a)
+    fused = {aot.quick_kind(r.variant) for r in rows if r.variant.kernel == "fused_topk._gemm_topk_kernel"}
+    assert {("fused_topk._gemm_topk_kernel", "fp32", False, False), ("fused_topk._gemm_topk_kernel", "bf16", True, False),
+            ("fused_topk._gemm_topk_kernel", "fp16", True, False),
+            ("fused_topk._gemm_topk_kernel", "bf16", True, True)} <= fused
 
 
 def test_16_bit_gemm_runs_on_tensor_cores_on_both_targets(quick_report):
@@ -85,6 +92,18 @@ def test_16_bit_gemm_runs_on_tensor_cores_on_both_targets(quick_report):
     gemm = {(r.variant.dtype, r.target): r.tensor_cores for r in rows if r.variant.kernel == "gemm._gemm_kernel"}
     for dtype in ("bf16", "fp16"):
         assert gemm[dtype, "sm_90"] == "wgmma" and gemm[dtype, "sm_80"] == "mma"
+
+
+def test_the_fused_topks_16_bit_bodies_run_on_tensor_cores_on_both_targets(quick_report):
+    # packed keys (bf16, fp16) and the fused screen (bf16 inputs, float32 a): the epilogue must not
+    # push the K loop off the tensor cores
+    _, report = quick_report
+    rows = [aot.result_from_json(r) for r in report["results"]]
+    fused = [r for r in rows if r.variant.kernel == "fused_topk._gemm_topk_kernel" and r.variant.dtype != "fp32"]
+    assert {aot.quick_kind(r.variant)[1:] for r in fused} >= {("bf16", True, False), ("fp16", True, False),
+                                                             ("bf16", True, True)}
+    for r in fused:
+        assert r.tensor_cores == ("wgmma" if r.target == "sm_90" else "mma"), (aot.quick_kind(r.variant), r.target)
 
 
 def test_the_table_has_one_row_per_compile_and_every_column(quick_report):

@@ -45,8 +45,35 @@ def test_the_fused_encoder_is_priced_with_its_epilogue_rounds_and_expected_rerun
     gemm, epilogue, merge, again = gpu_roofline.fused_kernels(B, d, n, k, "bf16", "h100")
     tiles = -(-n // gpu_roofline.FUSED_BLOCK_N)
     assert merge.bytes == B * tiles * (kt + 1) * 8 + B * k * (2 + 8)
-    assert epilogue.flops == B * n * (6 * (kt + 1) + 6) and epilogue.peak == gpu_roofline.CARDS["h100"]["int32"]
-    assert again.flops == pytest.approx(rerun * 2.0 * B * d * n + rerun * B * n * (6 * min(k, 128, 4 * kt) + 6))
+    # bf16: packed keys, 3 operations per round, 1 for the next key, 8 for the key itself
+    assert epilogue.flops == B * n * (3 * kt + 1 + 8) and epilogue.peak == gpu_roofline.CARDS["h100"]["int32"]
+    assert again.flops == pytest.approx(rerun * 2.0 * B * d * n + rerun * B * n * (3 * min(k, 128, 4 * kt) + 8))
+    # float32 keeps the round-by-round epilogue: 6 per round, next included
+    fp32_epilogue = gpu_roofline.fused_kernels(B, d, n, k, "fp32", "h100")[1]
+    assert fp32_epilogue.flops == B * n * (6 * (kt + 1) + 6)
+
+
+@pytest.mark.parametrize("shape", [(4096, 768, 32768, 32), (8192, 2048, 131072, 64), (16384, 4096, 262144, 128)])
+def test_the_fused_screen_replaces_the_passes_over_a_with_keys_and_epilogue_rounds(shape):
+    B, d, n, k = shape
+    fused = gpu_roofline.step_kernels(B, d, n, k, "fp32", "h100", "screened")
+    passes = gpu_roofline.step_kernels(B, d, n, k, "fp32", "h100", "screened passes")
+    gemm, epilogue, merge, again = fused[:4]
+    kt = gpu_roofline._screen_kt(n, k)
+    tiles = -(-n // gpu_roofline.FUSED_BLOCK_N)
+    assert gemm.peak == gpu_roofline.CARDS["h100"]["bf16"] and gemm.flops == 2.0 * B * d * n
+    assert gemm.bytes == 2 * (B * d + d * n) + B * tiles * (kt + 1) * 8  # a [B, n] is never written
+    assert epilogue.flops == B * n * (3 * kt + 1 + 8)
+    assert not any("passes over a" in kern.name for kern in fused)
+    assert any("passes over a" in kern.name for kern in passes)
+    # both designs do the same work around the selection: the recompute, the backward; the inputs'
+    # norms and bf16 copies in one pass each where fused
+    assert [kern.name for kern in fused[6:]] == [kern.name for kern in passes[4:]]
+    assert fused[4].name == passes[2].name and fused[5].bytes == (B * d + d * n) * 6 < passes[3].bytes
+    assert sum(kern.seconds for kern in fused) < sum(kern.seconds for kern in passes)
+    c, _ = gpu_roofline.screen_candidates(d, n, k)
+    assert 0 <= gpu_roofline._overflow_share(n, c, kt) <= 0.02
+    assert len(gpu_roofline._encoder_part(fused, "screened")) == 6
 
 
 def test_the_default_design_follows_the_screen_rule_for_float32_and_is_fused_otherwise():

@@ -12,8 +12,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 FLOORS = ["cuBLAS encoder GEMM (floor)", "device copy (floor)"]
 TOPK_ROWS = ["topk_encode fwd", "topk_encode fwd, fused (screen off)",
+             "topk_encode fwd, bf16 screen through a written a (passes)",
              "topk_encode fwd, unfused (GEMM writes pre + radix select)"]
 STEP_ROWS = ["TopK step (encode+decode+MSE+backward)", "TopK step, fused (screen off)",
+             "TopK step, bf16 screen through a written a (SPARSEKIT_GPU_SCREEN_SELECT=passes)",
              "TopK step, unfused (GEMM writes pre + radix select)"]
 EXPECTED_OPS = FLOORS + TOPK_ROWS + [
     "batchtopk_encode fwd", "relu_encode fwd", "jumprelu_encode fwd", "sparse_decode fwd", "sparse_decode_coo fwd",
@@ -35,12 +37,14 @@ def test_gpu_bench_runs_every_row_on_tiny_shapes(tmp_path):
     rows = report["rows"]
     assert [r["name"] for r in rows] == EXPECTED_OPS
     assert all(r["seconds"] and r["seconds"] > 0 for r in rows), rows
-    # Notes only where the fused TopK ran (its rerun share); the unfused design never runs it.
-    fused = {"topk_encode fwd", "topk_encode fwd, fused (screen off)"}
+    # Notes only where the fused TopK ran (its rerun share); the unfused design never runs it. (The
+    # screen's passes row runs fused here: auto screens CUDA tensors only.)
+    fused = {"topk_encode fwd", "topk_encode fwd, fused (screen off)",
+             "topk_encode fwd, bf16 screen through a written a (passes)"}
     assert all(r["note"].startswith("fused: ") and r["note"].endswith("% rows rerun") if r["name"] in fused
                else r["note"] == "" for r in rows), rows
     assert report["meta"]["interpreter"] == (not torch.cuda.is_available())
-    step = rows[-3]
+    step = rows[-4]
     assert step["vs_floor"] > 0 and step["vs_torch"] > 0 and step["vs_embedding_bag"] > 0
     # The table comes last: its final line is the TopK step's row.
     assert result.stdout.rstrip().splitlines()[-1].startswith("TopK step")

@@ -276,3 +276,39 @@ def test_a_malformed_tile_is_refused_naming_the_field(tile, message):
     x, W, b = on_device(torch.ones(2, 3), torch.ones(3, 5), torch.zeros(5))
     with pytest.raises(ValueError, match=message):
         fused_topk.topk_encode_fused(x, W, b, 2, tile=tile)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_packed_keys_select_what_the_round_by_round_epilogue_selects_with_ties_and_reruns(dtype, monkeypatch):
+    # Packed keys (the column in the low bits a 16-bit value leaves zero) against the rounds that find
+    # the column by a second reduction: exact ties across tiles, reruns (kt=1), real values, every sign.
+    gen = fresh_generator()
+    bn = tile_n(dtype)
+    cases = []
+    for batch, d, n, k in [(5, 7, 3 * bn + 4, 6), (tile_m(dtype) + 2, 9, 2 * bn + 1, 3)]:
+        x, W, b = integer_case(gen, batch, d, n, dtype, duplicates=bn + 3)
+        b = b.clone()
+        b[: bn + 4] += 30  # the duplicated columns lead: more than kt of them per tile, tied
+        cases.append((x, W, b, k))
+        real = (torch.randn(batch, d, generator=gen), torch.randn(d, n, generator=gen) / d**0.5,
+                torch.randn(n, generator=gen) - 2.0)  # mostly negative pre: the order keys' other half
+        cases.append((*on_device(*(t.to(dtype) for t in real)), k))
+    for x, W, b, k in cases:
+        for kt in (1, None):
+            monkeypatch.setenv("SPARSEKIT_GPU_TOPK_EPILOGUE", "rounds")
+            rounds = fused_topk.topk_encode_fused(x, W, b, k, kt=kt)
+            monkeypatch.delenv("SPARSEKIT_GPU_TOPK_EPILOGUE")
+            assert fused_topk.packs(dtype)
+            packed = fused_topk.topk_encode_fused(x, W, b, k, kt=kt)
+            assert_same_codes(packed, rounds, f"n={W.shape[1]} k={k} kt={kt}")
+            assert_same_codes(packed, unfused(x, W, b, k), f"unfused, n={W.shape[1]} k={k} kt={kt}")
+
+
+def test_packed_keys_are_refused_for_float32_and_an_unknown_epilogue_by_name(monkeypatch):
+    x, W = on_device(torch.zeros(2, 3), torch.zeros(3, 40))
+    assert not fused_topk.packs(torch.float32)
+    with pytest.raises(ValueError, match="pack"):
+        fused_topk.launch(x, W, None, 1, False, fused_topk.tile_for(x, W), pack=True)
+    monkeypatch.setenv("SPARSEKIT_GPU_TOPK_EPILOGUE", "fastest")
+    with pytest.raises(RuntimeError, match="SPARSEKIT_GPU_TOPK_EPILOGUE"):
+        fused_topk.packs(torch.bfloat16)
