@@ -93,10 +93,11 @@ def auxk_loss(sae: SparseDictionary, x: Tensor, residual: Tensor, dead: Tensor, 
     elif shared is not None or auxk_keeps_dense(dead.numel(), k_aux):
         # Most dead latents are kept (k_aux = d_in / 2 often exceeds |D|): dense [B, |D|] GEMMs.
         pre = shared.pre if shared is not None else torch.addmm(sae.encoder_bias(dead), x, sae.W_enc[:, dead])
-        acts = torch.relu(pre)
-        if k < dead.numel():
-            kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, ops.topk_positions(pre, k), True)
-            acts = acts * kept
+        if k < dead.numel():  # the kept entries scattered into zeros: [B, k] work, not masks over [B, |D|]
+            positions = ops.topk_positions(pre, k)
+            acts = torch.zeros_like(pre).scatter_(1, positions, torch.relu(pre.gather(1, positions)))
+        else:
+            acts = torch.relu(pre)
         reconstruction = acts @ sae.W_dec[dead]
     else:
         codes = ops.topk_encode(x, sae.W_enc[:, dead], sae.encoder_bias(dead), k)

@@ -261,6 +261,7 @@ def _topk_latents_setup(ctx, inputs, output):
     x, W_enc, _, pre_bias, _, latents, k_latents = inputs
     values, indices, _, latent_values, latent_indices = output
     ctx.k_latents = k_latents
+    ctx.set_materialize_grads(False)  # the unused outputs' gradients stay None (no zeros of their size)
     ctx.save_for_backward(x, W_enc, pre_bias, latents, values, indices, latent_values, latent_indices)
 
 

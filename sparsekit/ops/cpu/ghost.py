@@ -84,6 +84,7 @@ def _ghost_from_pre_setup(ctx, inputs, output):
     _, W_dec_dead, residual, mse_main, eps = inputs
     _, raw_loss, exp_pre, ghost, scale = output
     ctx.eps = eps
+    ctx.set_materialize_grads(False)  # outputs 2-5 are private: no [B, |D|] of zeros for their gradients
     ctx.save_for_backward(W_dec_dead, residual, mse_main, raw_loss, exp_pre, ghost, scale)
 
 
