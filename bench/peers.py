@@ -26,7 +26,8 @@ with its own parameters and optimizer state:
   before each step; issue 25's targets: <= 1.15x the plain step at 10%, <= 1.3x at 50%). The remedies
   read the dead latents from the encoder's own pass, as the trainer does on one process
   (``dead_latents.shared_pass_k``); the ``*_separate`` rows, timed only when ``--only`` names them,
-  are the same steps with each remedy computing the dead pre-activations itself (before issue 25).
+  are the same steps with each remedy computing the dead pre-activations itself (as before issue 25;
+  the rest of the remedies' code is today's).
 - plain dense torch and a sparsify-style step (torch.topk encoder + ``F.embedding_bag`` decode,
   written here from the algorithm sparsify's documentation describes, no sparsify code):
   bench/step_table.py's steps (fused Adam, no decoder constraint).
@@ -587,7 +588,7 @@ def target_lines(medians: dict[str, float], peaks: dict[str, float], shapes: Sha
             lines.append(f"- {remedy} with {dead:.0%} dead <= {target}x plain TopK step: {r:.2f}x "
                          f"({medians[name]:.3f} s vs {step:.3f} s) -> {verdict(r <= target)}")
             if f"{name}_separate" in medians:
-                lines.append(f"  - without the shared pass (before issue 25's change), same run: "
+                lines.append(f"  - without the shared pass (each remedy's own GEMM over the dead columns), same run: "
                              f"{medians[f'{name}_separate'] / step:.2f}x")
     if "sparsekit_relu_l1" in medians:
         relu = medians["sparsekit_relu_l1"]

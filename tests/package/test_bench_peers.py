@@ -201,7 +201,8 @@ def test_peers_only_times_the_rows_named_beside_the_yardsticks():
         "encoder GEMM: torch.matmul(x, W_enc, out=)", "sparsekit TopK step", "sparsekit TopK + AuxK, 10% dead",
         "sparsekit TopK + ghost grads, 50% dead", "sparsekit TopK + ghost grads, 50% dead, without the shared pass"]
     assert "AuxK with 10% dead <= 1.15x plain TopK step" in result.stdout
-    assert re.search(r"without the shared pass \(before issue 25's change\), same run: \d+\.\d\dx", result.stdout)
+    assert re.search(r"without the shared pass \(each remedy's own GEMM over the dead columns\), same run: "
+                     r"\d+\.\d\dx", result.stdout)
     assert "streaming copy" not in result.stdout  # no passes table
 
 
