@@ -6,6 +6,8 @@ pass against memory bandwidth (CPU).
     .venv/bin/python bench/peers.py --quick           # small shapes, for iteration
     .venv/bin/python bench/peers.py --scaling         # also the n / B / k scaling table
     .venv/bin/python bench/peers.py --output auto     # also bench/results/<date>-<cpu>-peers.md
+    .venv/bin/python bench/peers.py --only sparsekit_topk_auxk,sparsekit_topk_auxk_separate
+                                                      # just these rows (+ torch GEMM, TopK step)
     make bench-peers                                  # --scaling --output auto
 
 Every step row is one full training step on the same x [B, d] (torch.randn, seed 0), each variant
@@ -21,7 +23,11 @@ with its own parameters and optimizer state:
   ((6-step run - 2-step run) / 4) as a cross-check. TopK (default backend and the reference path,
   SPARSEKIT_BACKEND=torch), BatchTopK, ReLU+L1 at L0 ~ k, and TopK with AuxK / ghost grads with a
   fixed 10% and a fixed 50% of latents dead (the dead-latent tracker is set to report them dead
-  before each step; issue 25's targets: <= 1.15x the plain step at 10%, <= 1.3x at 50%).
+  before each step; issue 25's targets: <= 1.15x the plain step at 10%, <= 1.3x at 50%). The remedies
+  read the dead latents from the encoder's own pass, as the trainer does on one process
+  (``dead_latents.shared_pass_k``); the ``*_separate`` rows, timed only when ``--only`` names them,
+  are the same steps with each remedy computing the dead pre-activations itself (as before issue 25;
+  the rest of the remedies' code is today's).
 - plain dense torch and a sparsify-style step (torch.topk encoder + ``F.embedding_bag`` decode,
   written here from the algorithm sparsify's documentation describes, no sparsify code):
   bench/step_table.py's steps (fused Adam, no decoder constraint).
@@ -103,6 +109,10 @@ ROW_LABELS = {
     "sparsekit_topk_ghost": "sparsekit TopK + ghost grads, {dead} dead",
     "sparsekit_topk_auxk_high": "sparsekit TopK + AuxK, {dead_high} dead",
     "sparsekit_topk_ghost_high": "sparsekit TopK + ghost grads, {dead_high} dead",
+    "sparsekit_topk_auxk_separate": "sparsekit TopK + AuxK, {dead} dead, without the shared pass (its own GEMM)",
+    "sparsekit_topk_ghost_separate": "sparsekit TopK + ghost grads, {dead} dead, without the shared pass",
+    "sparsekit_topk_auxk_high_separate": "sparsekit TopK + AuxK, {dead_high} dead, without the shared pass",
+    "sparsekit_topk_ghost_high_separate": "sparsekit TopK + ghost grads, {dead_high} dead, without the shared pass",
     "torch_dense": "plain torch TopK step (dense codes @ W_dec)",
     "sparsify_style": "sparsify-style TopK step (torch.topk + F.embedding_bag; written here, not sparsify code)",
     "sparsify_real": "EleutherAI sparsify {sparsify} SparseCoder, eager decode, its default optimizer (signum)",
@@ -110,7 +120,11 @@ ROW_LABELS = {
     "saelens_topk": "SAELens {version} TopKTrainingSAE + SAETrainer.step (defaults)",
     "saelens_topk_auxk": "SAELens {version} TopK, AuxK active ({dead} dead)",
 }
-STEP_VARIANTS = tuple(name for name in ROW_LABELS if not name.startswith("gemm") and name != "sparsekit_train")
+# Rows timed only when --only names them: the remedies as they ran before issue 25's shared pass.
+ONLY_VARIANTS = tuple(name for name in ROW_LABELS if name.endswith("_separate"))
+STEP_VARIANTS = tuple(name for name in ROW_LABELS if not name.startswith("gemm") and name != "sparsekit_train"
+                      and name not in ONLY_VARIANTS)
+ALWAYS_TIMED = ("gemm_torch", "sparsekit_topk")  # every ratio's yardsticks
 RSS_VARIANTS = ("baseline",) + STEP_VARIANTS  # baseline: imports and x, no step
 
 
@@ -135,6 +149,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="leave out the table of the TopK step's passes against memory bandwidth")
     parser.add_argument("--no-trainer-check", action="store_true",
                         help="leave out the sparsekit.train() cross-check row (it runs 8 steps per round)")
+    parser.add_argument("--only", metavar="ROWS",
+                        help="time only these comma-separated rows (besides gemm_torch and sparsekit_topk, always "
+                             "timed) and leave out the passes table, the trainer check and peak RSS; e.g. "
+                             "sparsekit_topk_auxk,sparsekit_topk_auxk_separate. Rows: "
+                             + ", ".join(name for name in ROW_LABELS if name != "sparsekit_train"))
     parser.add_argument("--output", metavar="FILE",
                         help="also write the tables as Markdown; 'auto' = bench/results/<date>-<cpu>-peers.md")
     parser.add_argument("--peak-rss-of", choices=RSS_VARIANTS + ("baseline_saelens",), metavar="VARIANT",
@@ -148,6 +167,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.only is not None:
+        args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in args.only if name not in ROW_LABELS or name == "sparsekit_train"]
+        if unknown:
+            parser.error(f"--only: unknown rows {', '.join(unknown)}")
+        args.no_passes = args.no_trainer_check = True
+        args.rss = "none"
     for name in ("dead_fraction", "dead_fraction_high"):
         if not 0 < getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(args, name)}")
@@ -175,7 +201,7 @@ from step_table import (  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit.training import guards as reliability  # noqa: E402
-from sparsekit.training.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss  # noqa: E402
+from sparsekit.training.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss, shared_pass_k  # noqa: E402
 from sparsekit.training.metrics import MetricWindow  # noqa: E402
 from sparsekit.training.optimizer import adam, lr_factor  # noqa: E402
 
@@ -206,7 +232,7 @@ class TrainerStep:
     ``dead_fraction`` latents is reported dead by the tracker before every step."""
 
     def __init__(self, architecture: str, shapes: Shapes, remedy: str = "none", dead_fraction: float = 0.0,
-                 backend: str | None = None, screen: str | None = None):
+                 backend: str | None = None, screen: str | None = None, shared_pass: bool = True):
         self.x = make_inputs(shapes)[0]  # the same x as every other row
         d, n, k = shapes.d, shapes.n, shapes.k
         self.sae = {"topk": lambda: sparsekit.TopKSAE(d, n, k), "batchtopk": lambda: sparsekit.BatchTopKSAE(d, n, k),
@@ -217,6 +243,7 @@ class TrainerStep:
                                          dead_strategy=remedy, progress=False, log_every=10**9)
         self.cfg.validate()
         self.backend, self.screen = backend, screen
+        self.shared_pass = shared_pass  # False: each remedy computes the dead pre-activations itself (before issue 25)
         self.optimizer = adam(self.sae, self.cfg)
         self.tracker = DeadLatentTracker(n, self.cfg.dead_window_tokens)
         self.dead = dead_latents(n, dead_fraction) if dead_fraction else torch.zeros(0, dtype=torch.int64)
@@ -243,15 +270,21 @@ class TrainerStep:
             group["lr"] = cfg.lr * lr_factor(cfg, self.tokens)
         if hasattr(sae, "sparsity_weight"):
             sae.sparsity_weight = 1.0  # no L1 warm-up
-        out = sae(x, None)
+        dead = tracker.dead_indices(x.device)
+        shared_k = shared_pass_k(sae, self.strategies, dead, self.k_aux) if self.shared_pass else None
+        shared = None
+        if shared_k is None:
+            out = sae(x, None)
+        else:  # the remedies read the dead latents from the encoder's own pass, as the trainer does
+            out, shared = sae.forward_with_latents(x, None, dead, shared_k)
         losses = dict(out.losses)
         residual = target - out.x_hat
-        dead = tracker.dead_indices(x.device)
         if dead.numel():
             if "auxk" in self.strategies:
-                losses["aux_loss"] = cfg.aux_coeff * auxk_loss(sae, x, residual, dead, self.k_aux)
+                losses["aux_loss"] = cfg.aux_coeff * auxk_loss(sae, x, residual, dead, self.k_aux, shared=shared)
             if "ghost" in self.strategies:
-                losses["aux_loss"] = losses.get("aux_loss", 0) + ghost_loss(sae, x, residual, dead, losses["mse"])
+                losses["aux_loss"] = losses.get("aux_loss", 0) + ghost_loss(sae, x, residual, dead, losses["mse"],
+                                                                            shared=shared)
         loss = sum(losses.values())
         reliability.check_loss(self.step, loss, losses, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -406,6 +439,14 @@ def build_step(variant: str, shapes: Shapes, dead_fraction: float, dead_fraction
         "sparsekit_topk_auxk_high": lambda: TrainerStep("topk", shapes, remedy="auxk", dead_fraction=dead_fraction_high),
         "sparsekit_topk_ghost_high": lambda: TrainerStep("topk", shapes, remedy="ghost",
                                                          dead_fraction=dead_fraction_high),
+        "sparsekit_topk_auxk_separate": lambda: TrainerStep("topk", shapes, remedy="auxk", dead_fraction=dead_fraction,
+                                                            shared_pass=False),
+        "sparsekit_topk_ghost_separate": lambda: TrainerStep("topk", shapes, remedy="ghost",
+                                                             dead_fraction=dead_fraction, shared_pass=False),
+        "sparsekit_topk_auxk_high_separate": lambda: TrainerStep("topk", shapes, remedy="auxk",
+                                                                 dead_fraction=dead_fraction_high, shared_pass=False),
+        "sparsekit_topk_ghost_high_separate": lambda: TrainerStep("topk", shapes, remedy="ghost",
+                                                                  dead_fraction=dead_fraction_high, shared_pass=False),
         "torch_dense": lambda: make_step("dense", shapes),
         "sparsify_style": lambda: make_step("sparsify", shapes),
         "sparsify_real": lambda: SparsifyStep(shapes),
@@ -495,7 +536,7 @@ def row_label(name: str, args, version: str | None, steps: dict) -> str:
 def table_lines(medians: dict[str, float], times: dict[str, list[float]], peaks: dict[str, float], args,
                 version: str | None, steps: dict, gflop: float) -> list[str]:
     torch_gemm = medians["gemm_torch"]
-    fastest_name = min(("gemm_torch", "gemm_numpy"), key=medians.__getitem__)
+    fastest_name = min((name for name in ("gemm_torch", "gemm_numpy") if name in medians), key=medians.__getitem__)
     fastest = medians[fastest_name]
     plain = medians["sparsekit_topk"]
     lines = ["| row | median s | min-max s | x torch GEMM | x fastest GEMM | x sparsekit TopK step | GFLOP/s "
@@ -522,7 +563,7 @@ def table_lines(medians: dict[str, float], times: dict[str, list[float]], peaks:
 
 def target_lines(medians: dict[str, float], peaks: dict[str, float], shapes: Shapes, args) -> list[str]:
     torch_gemm = medians["gemm_torch"]
-    fastest_name = min(("gemm_torch", "gemm_numpy"), key=medians.__getitem__)
+    fastest_name = min((name for name in ("gemm_torch", "gemm_numpy") if name in medians), key=medians.__getitem__)
     fastest = medians[fastest_name]
     step = medians["sparsekit_topk"]
     lines = ["", "## Targets (issues 10 and 25)", ""]
@@ -541,13 +582,19 @@ def target_lines(medians: dict[str, float], peaks: dict[str, float], shapes: Sha
     for suffix, dead, target in (("", args.dead_fraction, TARGET_REMEDY_OVER_PLAIN),
                                  ("_high", args.dead_fraction_high, TARGET_REMEDY_HIGH_DEAD_OVER_PLAIN)):
         for name, remedy in ((f"sparsekit_topk_auxk{suffix}", "AuxK"), (f"sparsekit_topk_ghost{suffix}", "ghost grads")):
+            if name not in medians:
+                continue
             r = medians[name] / step
             lines.append(f"- {remedy} with {dead:.0%} dead <= {target}x plain TopK step: {r:.2f}x "
                          f"({medians[name]:.3f} s vs {step:.3f} s) -> {verdict(r <= target)}")
-    relu = medians["sparsekit_relu_l1"]
-    r = relu / torch_gemm
-    lines.append(f"- ReLU+L1 step at L0 ~ {shapes.k} <= {TARGET_RELU_OVER_TORCH_GEMM}x torch encoder GEMM: {r:.2f}x "
-                 f"({relu:.3f} s vs {torch_gemm:.3f} s) -> {verdict(r <= TARGET_RELU_OVER_TORCH_GEMM)}")
+            if f"{name}_separate" in medians:
+                lines.append(f"  - without the shared pass (each remedy's own GEMM over the dead columns), same run: "
+                             f"{medians[f'{name}_separate'] / step:.2f}x")
+    if "sparsekit_relu_l1" in medians:
+        relu = medians["sparsekit_relu_l1"]
+        r = relu / torch_gemm
+        lines.append(f"- ReLU+L1 step at L0 ~ {shapes.k} <= {TARGET_RELU_OVER_TORCH_GEMM}x torch encoder GEMM: "
+                     f"{r:.2f}x ({relu:.3f} s vs {torch_gemm:.3f} s) -> {verdict(r <= TARGET_RELU_OVER_TORCH_GEMM)}")
     peak = peaks.get("sparsekit_topk")
     lines.append(f"- peak RSS of the TopK step <= {TARGET_PEAK_RSS_GIB} GiB: " +
                  ("not measured (--rss none)" if peak is None else
@@ -666,6 +713,10 @@ def main() -> None:
     args.sparsify_version = sparsify
     variants = [v for v in STEP_VARIANTS if (version is not None or v not in SAELENS_VARIANTS)
                 and (sparsify is not None or v not in SPARSIFY_VARIANTS)]
+    if args.only is not None:
+        variants = [v for v in ROW_LABELS if v in ALWAYS_TIMED + tuple(args.only) and not v.startswith("gemm")
+                    and v != "sparsekit_train" and (version is not None or v not in SAELENS_VARIANTS)
+                    and (sparsify is not None or v not in SPARSIFY_VARIANTS)]
     skip_lines = []
     if version is None:
         skip_lines.append(f"SKIPPED: the SAELens rows ({', '.join(SAELENS_VARIANTS)}): sae_lens is not importable "
@@ -684,6 +735,8 @@ def main() -> None:
 
     print("building the variants ...", file=sys.stderr)
     fns = make_gemms(shapes)
+    if args.only is not None:
+        fns = {name: fn for name, fn in fns.items() if name in ALWAYS_TIMED + tuple(args.only)}
     steps = {variant: build_step(variant, shapes, args.dead_fraction, args.dead_fraction_high) for variant in variants}
     fns.update(steps)
     if not args.no_trainer_check:

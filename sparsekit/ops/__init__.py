@@ -70,6 +70,8 @@ def cpu_ops() -> dict[str, Callable]:
             "jumprelu_encode": encode.jumprelu_encode_cpu,
             "sparse_decode": decode.sparse_decode_cpu,
             "ghost_grad_loss": ghost.ghost_grad_loss_cpu,
+            "topk_encode_with_latents": encode.topk_encode_latents_cpu,
+            "ghost_grad_loss_from_pre": ghost.ghost_from_pre_cpu,
         })
     return _CPU_OPS
 
@@ -158,6 +160,79 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, pre_bias: Tenso
     if backend == "triton":
         return TopKCodes(*triton_ops()["topk_encode"](x, W_enc, b_enc, k))
     return TopKCodes(*reference.topk_encode(x, W_enc, b_enc, k))
+
+
+class LatentPass(NamedTuple):
+    """What topk_encode_with_latents read of the latents L [m] in the encoder's pass: pre [B, m],
+    their pre-activations (k_latents == 0, else None), or codes, their top k_latents per row as
+    TopKCodes with indices in [0, n) (k_latents > 0, else None)."""
+    pre: Tensor | None
+    codes: TopKCodes | None
+
+
+def _check_latents(latents: Tensor, x: Tensor, n: int, k_latents) -> int:
+    checks.tensor("latents", latents, 1, floating=False)
+    checks.same_device("x", x, latents=latents)
+    if latents.numel() == 0:
+        raise ValueError("latents must name at least one latent")
+    checks.indices_in_range("latents", latents, n, "n_latents")
+    if not torch.compiler.is_compiling() and latents.unique().numel() != latents.numel():
+        raise ValueError("latents must not repeat a latent")
+    if not is_int(k_latents) or not 0 <= k_latents <= latents.numel():
+        raise ValueError(f"k_latents must be an int in [0, {latents.numel()}] (the number of latents), "
+                         f"got {k_latents!r}")
+    return int(k_latents)
+
+
+def topk_encode_with_latents(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, latents: Tensor, k_latents: int = 0,
+                             pre_bias: Tensor | None = None) -> tuple[TopKCodes, LatentPass]:
+    """topk_encode's codes and, from the same pre-activations, what the dead-latent remedies read
+    of the latents L = ``latents`` [m] (distinct int64, any order): k_latents == 0: pre[:, L]
+    [B, m] (ghost grads; AuxK when it keeps most of L); k_latents > 0: the k_latents largest of
+    pre[:, L] per row, ReLU'd, sorted descending, ties to the lower latent index (AuxK's codes).
+    Both differentiable in x, W_enc, b_enc and pre_bias (see reference.topk_encode_with_latents).
+
+    On the C++ path both come out of the encoder's GEMM tiles (no second GEMM over L), and the
+    backward is one sparse pass over the main and the latent codes together; where the bf16 screen
+    runs, L's columns are recomputed in float32 (sparsekit.ops.cpu.encode.topk_encode_latents_cpu).
+    """
+    x, W_enc, b_enc, k, pre_bias, backend = _check_sparse_encoder(x, W_enc, b_enc, k, pre_bias)
+    k_latents = _check_latents(latents, x, W_enc.shape[1], k_latents)
+    ordered, order = latents.sort()
+    in_order = bool((order == torch.arange(order.numel(), device=order.device)).all())
+    if backend == "cpp":
+        if pre_bias is None:
+            pre_bias = x.new_zeros(x.shape[1])
+        values, indices, pre, latent_values, latent_indices = cpu_ops()["topk_encode_with_latents"](
+            x, W_enc, b_enc, pre_bias, k, ordered.contiguous(), k_latents)
+    else:  # the backend's own encoder, then a GEMM over L's columns (reference.topk_encode_with_latents' values)
+        values, indices = topk_encode(x, W_enc, b_enc, k, pre_bias)
+        pre = (x if pre_bias is None else x - pre_bias) @ W_enc[:, ordered] + b_enc[ordered]
+        if k_latents:
+            positions = reference.topk_positions(pre, k_latents)
+            latent_values, latent_indices = torch.relu(pre.gather(1, positions)), ordered[positions]
+    codes = TopKCodes(values, indices)
+    if k_latents:
+        return codes, LatentPass(None, TopKCodes(latent_values, latent_indices))
+    if not in_order:  # pre's columns back in the caller's order of latents
+        pre = pre.index_select(1, torch.argsort(order))
+    return codes, LatentPass(pre, None)
+
+
+@torch.no_grad()
+def topk_positions(pre: Tensor, k: int) -> Tensor:
+    """The columns of the k largest entries of each row of pre [B, m], largest first, ties to the
+    lower column: [B, k] int64 (a selection: not differentiable)."""
+    checks.tensor("pre", pre, 2)
+    checks.non_empty_batch("pre", pre)
+    k = checks.k_in_range(k, pre.shape[1])
+    if backend_for(pre) == "cpp":
+        pre = pre.detach().contiguous()
+        values, indices = pre.new_empty(pre.shape[0], k), torch.empty(pre.shape[0], k, dtype=torch.int64)
+        _C.topk_select_block(pre.numpy(), pre.new_zeros(pre.shape[1]).numpy(), 0, k, True, True, values.numpy(),
+                             indices.numpy(), 0)
+        return indices
+    return reference.topk_positions(pre, k)
 
 
 def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
@@ -355,6 +430,33 @@ def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead
         return triton_ops()["ghost_grad_loss"](x, W_enc, b_enc, W_dec.detach().contiguous(),
                                                dead_idx.contiguous(), residual, mse_main, eps)[0]
     return reference.ghost_grad_loss(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps)
+
+
+def ghost_grad_loss_from_pre(pre_dead: Tensor, W_dec: Tensor, dead_idx: Tensor, residual: Tensor,
+                             mse_main: Tensor, eps: float = 1e-8) -> Tensor:
+    """ghost_grad_loss given the dead latents' pre-activations pre_dead = pre[:, D] [B, |D|]
+    (``topk_encode_with_latents`` computed them in the encoder's pass), D = dead_idx: no encoder
+    GEMM here; the gradient reaches pre_dead (see reference.ghost_grad_loss_from_pre)."""
+    checks.tensor("pre_dead", pre_dead, 2)
+    checks.tensor("W_dec", W_dec, 2)
+    checks.tensor("dead_idx", dead_idx, 1, floating=False)
+    checks.tensor("residual", residual, 2)
+    if not isinstance(mse_main, Tensor) or mse_main.dim() != 0:
+        raise ValueError(f"mse_main must be a 0-d tensor, got {mse_main!r:.80}")
+    checks.same_dtype_and_device("pre_dead", pre_dead, W_dec=W_dec, residual=residual, mse_main=mse_main)
+    checks.size("pre_dead", pre_dead, 1, dead_idx.shape[0], "the number of dead latents (dead_idx)")
+    checks.size("residual", residual, 0, pre_dead.shape[0], "the batch of pre_dead")
+    checks.size("residual", residual, 1, W_dec.shape[1], "d_out, the columns of W_dec")
+    checks.indices_in_range("dead_idx", dead_idx, W_dec.shape[0], "n_latents, the rows of W_dec")
+    checks.finite(pre_dead=pre_dead, W_dec=W_dec, residual=residual, mse_main=mse_main)
+    eps = checks.positive_number("eps", eps)
+    if dead_idx.numel() == 0:
+        return torch.zeros((), dtype=pre_dead.dtype, device=pre_dead.device)
+    residual, mse_main = residual.detach().contiguous(), mse_main.detach()
+    if backend_for(pre_dead) == "cpp":
+        W_dec_dead = W_dec.detach().index_select(0, dead_idx).contiguous()
+        return cpu_ops()["ghost_grad_loss_from_pre"](pre_dead.contiguous(), W_dec_dead, residual, mse_main, eps)[0]
+    return reference.ghost_grad_loss_from_pre(pre_dead, W_dec, dead_idx, residual, mse_main, eps)
 
 
 def _rows_on_cpp(*tensors: Tensor) -> bool:

@@ -32,6 +32,33 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor
     return values, indices
 
 
+def topk_positions(pre: Tensor, k: int) -> Tensor:
+    """The columns of the k largest entries of each row of pre [B, m], largest first (ties: lower
+    column first): [B, k] int64. A selection, not differentiable."""
+    return torch.sort(pre.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def topk_encode_with_latents(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, latents: Tensor,
+                             k_latents: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """topk_encode's codes and, from the same pre-activations, what the dead-latent remedies read of
+    the latents L = ``latents`` [m] (distinct, any order):
+
+    - k_latents == 0: pre[:, L] [B, m], those latents' pre-activations (differentiable);
+    - k_latents > 0: the k_latents largest of pre[:, L] per row, ReLU'd, sorted descending (ties:
+      the lower latent index first), as (values [B, k_latents], indices [B, k_latents] in [0, n)).
+
+    Returns (values, indices, pre[:, L] or None, latent values or None, latent indices or None).
+    """
+    pre = pre_activations(x, W_enc, b_enc)
+    indices = topk_positions(pre, k)
+    values = torch.relu(pre.gather(-1, indices))
+    if k_latents == 0:
+        return values, indices, pre[:, latents], None, None
+    ordered = latents.sort().values
+    latent_indices = ordered[topk_positions(pre[:, ordered], k_latents)]
+    return values, indices, None, torch.relu(pre.gather(-1, latent_indices)), latent_indices
+
+
 def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Keep the B*k largest entries of relu(pre) over the whole batch (Bussmann et al. 2024).
 
@@ -143,6 +170,17 @@ def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead
     if dead_idx.numel() == 0:
         return torch.zeros((), dtype=x.dtype, device=x.device)
     pre_dead = x @ W_enc[:, dead_idx] + b_enc[dead_idx]
+    ghost = torch.exp(pre_dead) @ W_dec[dead_idx].detach()
+    r = residual.detach()
+    scale = (r.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)).detach()
+    loss = squared_error(ghost * scale, r)
+    return loss * (mse_main.detach() / (loss.detach() + eps))
+
+
+def ghost_grad_loss_from_pre(pre_dead: Tensor, W_dec: Tensor, dead_idx: Tensor, residual: Tensor,
+                             mse_main: Tensor, eps: float = 1e-8) -> Tensor:
+    """ghost_grad_loss given the dead latents' pre-activations pre_dead = pre[:, D] [B, |D|] (the
+    encoder's own pass computed them); the gradient reaches pre_dead only."""
     ghost = torch.exp(pre_dead) @ W_dec[dead_idx].detach()
     r = residual.detach()
     scale = (r.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + eps)).detach()

@@ -193,8 +193,11 @@ class SparseDictionary(nn.Module):
         """
         if self.transcoder and y is None:
             raise ValueError("a transcoder needs its target y [B, d_out]")
+        return self.output_from_codes(self.loss_codes(x), x, y)
+
+    def output_from_codes(self, codes, x: Tensor, y: Tensor | None = None) -> SAEOutput:
+        """``forward``'s output and losses from codes already computed for x."""
         target = y if self.transcoder else x
-        codes = self.loss_codes(x)
         x_hat = self.output(codes, x)
         losses = {"mse": (x_hat - target).pow(2).sum(-1).mean(), **self.sparsity_losses(codes, x)}
         return SAEOutput(x_hat, codes, losses)

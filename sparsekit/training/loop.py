@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from . import guards
 from .batches import normalizing_scale
 from .config import TrainConfig, TrainResult
-from .dead_latents import resample
+from .dead_latents import auxk_loss, ghost_loss, resample, shared_pass_k
 from .metrics import (
     DENSE_THRESHOLD,
     DENSITY_PLOT,
@@ -234,15 +234,25 @@ def _losses(run: Run, x: Tensor, y: Tensor | None):
     "aux_loss" (AuxK and/or ghost grads) when some latent is dead."""
     state, cfg, sae, context = run.state, run.state.config, run.state.sae, run.context
     target = y if sae.transcoder else x
-    out = context.forward(sae, x, y)
+    dead = state.tracker.dead_indices(run.device)
+    # One process, TopK: the remedies read the dead latents from the encoder's own pass.
+    shared_k = shared_pass_k(sae, run.strategies, dead, run.k_aux) if context.shares_encoder_pass else None
+    shared = None
+    if shared_k is None:
+        out = context.forward(sae, x, y)
+    else:
+        out, shared = sae.forward_with_latents(x, y, dead, shared_k)
     losses = dict(out.losses)
     residual = target - out.x_hat
-    dead = state.tracker.dead_indices(run.device)
     if context.any_dead(dead):
         if "auxk" in run.strategies:
-            losses["aux_loss"] = cfg.aux_coeff * context.auxk_loss(sae, x, residual, dead, run.k_aux)
+            losses["aux_loss"] = cfg.aux_coeff * (auxk_loss(sae, x, residual, dead, run.k_aux, shared=shared)
+                                                  if shared is not None else
+                                                  context.auxk_loss(sae, x, residual, dead, run.k_aux))
         if "ghost" in run.strategies:
-            losses["aux_loss"] = losses.get("aux_loss", 0) + context.ghost_loss(sae, x, residual, dead, losses["mse"])
+            ghost = (ghost_loss(sae, x, residual, dead, losses["mse"], shared=shared) if shared is not None else
+                     context.ghost_loss(sae, x, residual, dead, losses["mse"]))
+            losses["aux_loss"] = losses.get("aux_loss", 0) + ghost
     return out, losses, residual
 
 

@@ -191,3 +191,21 @@ def test_peers_refuses_bad_arguments():
     result = _peers(*TINY[:-2], "--k", "600")
     assert result.returncode != 0 and "--k=600 exceeds --n-latents=512" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_peers_only_times_the_rows_named_beside_the_yardsticks():
+    result = _peers(*TINY, "--only", "sparsekit_topk_auxk,sparsekit_topk_ghost_high_separate,sparsekit_topk_ghost_high")
+    assert result.returncode == 0, result.stderr
+    rows = [cells[0] for cells in _table_rows(result.stdout, "| row |")]
+    assert [row.split(" (")[0] for row in rows] == [
+        "encoder GEMM: torch.matmul(x, W_enc, out=)", "sparsekit TopK step", "sparsekit TopK + AuxK, 10% dead",
+        "sparsekit TopK + ghost grads, 50% dead", "sparsekit TopK + ghost grads, 50% dead, without the shared pass"]
+    assert "AuxK with 10% dead <= 1.15x plain TopK step" in result.stdout
+    assert re.search(r"without the shared pass \(each remedy's own GEMM over the dead columns\), same run: "
+                     r"\d+\.\d\dx", result.stdout)
+    assert "streaming copy" not in result.stdout  # no passes table
+
+
+def test_peers_only_refuses_an_unknown_row():
+    result = _peers(*TINY, "--only", "sparsekit_topk_auxk,no_such_row")
+    assert result.returncode == 2 and "--only: unknown rows no_such_row" in result.stderr

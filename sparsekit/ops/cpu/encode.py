@@ -18,6 +18,7 @@ handed to ``sparsekit._C`` as zero-copy NumPy views.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -87,9 +88,16 @@ def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Te
     return _screened_or_float32(topk_encode_screened, _topk_encode_float32, x, W_enc, b_enc, k)
 
 
-def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, latents: Tensor | None = None,
+                         latent_bias: Tensor | None = None, k_latents: int = 0) -> tuple[Tensor, ...]:
     """Encoder GEMM in row tiles, each tile's top-k fused with bias + ReLU in C++ (contiguous
-    inputs)."""
+    inputs) -> (values, indices).
+
+    With latents [m] (sorted ascending, distinct) the same tiles also give those latents' columns
+    while they are cache-hot (no second GEMM over them), and the result gains
+    k_latents == 0: their pre-activations without bias [B, m];
+    k_latents > 0: the top k_latents of those columns + latent_bias [m] per row, ReLU'd, sorted, as
+    (values [B, k_latents], positions in latents [B, k_latents])."""
     batch, n = x.shape[0], W_enc.shape[1]
     values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64)
@@ -100,14 +108,46 @@ def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tup
         width = max(1, L2_TILE_BYTES // (rows * x.element_size()))
     else:  # torch's GEMM copies a column block of W_enc and is slow on narrow ones: whole rows
         rows, width = min(batch, _tile_rows(n, x.element_size())), n
+    extra: tuple[Tensor, ...] = ()
+    if latents is not None:
+        m = latents.shape[0]
+        # Latent positions [p0, p1) of each column block [c, c + width): latents are sorted.
+        bounds = torch.searchsorted(latents, torch.arange(0, n + width, width)).clamp_(max=m).tolist()
+        latents_np = numpy_view(latents)
+        if k_latents == 0:
+            latent_pre = x.new_empty(batch, m)
+            latent_pre_np = numpy_view(latent_pre)
+            extra = (latent_pre,)
+        else:
+            latent_values = x.new_empty(batch, k_latents)
+            latent_positions = torch.empty(batch, k_latents, dtype=torch.int64)
+            latent_bias_np = numpy_view(latent_bias)
+            extra = (latent_values, latent_positions)
 
     def select(start: int, stop: int, col0: int, pre: Tensor, threads: int) -> None:
         _C.topk_select_block(numpy_view(pre), bias[col0:col0 + pre.shape[1]], col0, k, col0 == 0,
                              col0 + pre.shape[1] == n, numpy_view(values[start:stop]),
                              numpy_view(indices[start:stop]), threads)
+        if latents is None:
+            return
+        p0, p1 = bounds[col0 // width], bounds[col0 // width + 1]
+        if p1 == p0:
+            return
+        # The row block's columns of L, gathered by NumPy (no GIL, one thread: torch's copy_ into a
+        # strided slice from a pool thread ran ~100x slower on a loaded 2-core machine, its OpenMP
+        # team fighting the pool): into the output, or for codes into a per-thread [rows, m] buffer
+        # selected from once the row block's last column block is in (a k_latents-wide heap carried
+        # across every column block cost more than the selection itself).
+        target = latent_pre_np if k_latents == 0 else numpy_view(scratch(stop - start, m, x.dtype, "latent columns"))
+        rows_of = slice(start, stop) if k_latents == 0 else slice(0, stop - start)
+        np.take(numpy_view(pre), latents_np[p0:p1] - col0, axis=1, out=target[rows_of, p0:p1])
+        if k_latents and p1 == m:
+            _C.topk_select_block(target, latent_bias_np, 0, k_latents, True, True,
+                                 numpy_view(latent_values[start:stop]), numpy_view(latent_positions[start:stop]),
+                                 threads)
 
     row_tiles(x, W_enc, rows, select, library=library, col_tile=width)
-    return values, indices
+    return (values, indices, *extra)
 
 
 register_topk(topk_encode_cpu, _sparse_encoder_backward)
@@ -169,6 +209,94 @@ def _topk_centered_backward(ctx, grad_values, grad_indices):
 
 
 topk_encode_centered_cpu.register_autograd(_topk_centered_backward, setup_context=_topk_centered_setup)
+
+
+# --- topk_encode with the dead latents' pre-activations (the remedies' shared pass) ----------------
+
+@torch.library.custom_op("sparsekit::topk_encode_latents_cpu", mutates_args=())
+def topk_encode_latents_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor, k: int, latents: Tensor,
+                            k_latents: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """topk_encode_centered_cpu's codes and, for the latents L [m] (int64, sorted ascending,
+    distinct), from the same encoder pass: k_latents == 0: pre[:, L] [B, m] (their pre-activations);
+    k_latents > 0: their top k_latents per row, ReLU'd (values [B, k_latents], indices in [0, n)).
+    Returns (values, indices, pre[:, L] or [B, 0], latent values or [B, 0], latent indices or [B, 0]).
+
+    On the float32 path L's columns are read from the encoder GEMM's tiles while they are
+    cache-hot. On the bf16-screened path (CPUs with native bf16) the tiles hold bf16 products only,
+    so L's pre-activations are recomputed in float32 by a GEMM over just those columns: the remedies
+    read float32 pre-activations on every path (never bf16-rounded ones)."""
+    x, W_enc, b_enc = x.contiguous(), W_enc.contiguous(), b_enc.contiguous()
+    batch = x.shape[0]
+    folded = _folded_bias(b_enc, pre_bias, W_enc)
+    latent_bias = folded.index_select(0, latents)
+    codes = None
+    if use_screen(x, W_enc, k):
+        codes = topk_encode_screened((x - pre_bias).contiguous(), W_enc, b_enc, k)
+    if codes is None:
+        values, indices, *extra = _topk_encode_float32(x, W_enc, folded, k, latents, latent_bias, k_latents)
+    else:  # float32 recompute of just L's columns
+        values, indices = codes
+        columns = torch.mm(x, W_enc.index_select(1, latents))
+        if k_latents == 0:
+            extra = [columns]
+        else:
+            extra = [x.new_empty(batch, k_latents), torch.empty(batch, k_latents, dtype=torch.int64)]
+            _C.topk_select_block(numpy_view(columns), numpy_view(latent_bias), 0, k_latents, True, True,
+                                 numpy_view(extra[0]), numpy_view(extra[1]), 0)
+    empty = x.new_empty(batch, 0)
+    if k_latents == 0:
+        return values, indices, extra[0].add_(latent_bias), empty, empty.to(torch.int64)
+    return values, indices, empty, extra[0], latents[extra[1]]
+
+
+@topk_encode_latents_cpu.register_fake
+def _(x, W_enc, b_enc, pre_bias, k, latents, k_latents):
+    batch, m = x.shape[0], latents.shape[0]
+    width = k_latents if k_latents else 0
+    return (x.new_empty(batch, k), x.new_empty(batch, k, dtype=torch.int64), x.new_empty(batch, 0 if k_latents else m),
+            x.new_empty(batch, width), x.new_empty(batch, width, dtype=torch.int64))
+
+
+def _topk_latents_setup(ctx, inputs, output):
+    x, W_enc, _, pre_bias, _, latents, k_latents = inputs
+    values, indices, _, latent_values, latent_indices = output
+    ctx.k_latents = k_latents
+    ctx.set_materialize_grads(False)  # the unused outputs' gradients stay None (no zeros of their size)
+    ctx.save_for_backward(x, W_enc, pre_bias, latents, values, indices, latent_values, latent_indices)
+
+
+def _topk_latents_backward(ctx, grad_values, grad_indices, grad_pre, grad_latent_values, grad_latent_indices):
+    """One sparse encoder backward over the main codes' entries and, when the latents came as
+    codes, theirs too; pre[:, L]'s dense gradient G [B, m] adds (x - pre_bias)^T G to W_enc's
+    columns L, G's column sums to b_enc[L], G W_enc[:, L]^T to x."""
+    x, W_enc, pre_bias, latents, values, indices, latent_values, latent_indices = ctx.saved_tensors
+    batch, k = values.shape
+    need = ctx.needs_input_grad
+    grad_values = torch.zeros_like(values) if grad_values is None else grad_values
+    grad_kept, rows, cols = (grad_values * (values > 0)).reshape(-1), kept_rows(batch, k), indices.reshape(-1)
+    if ctx.k_latents and grad_latent_values is not None:
+        grad_kept = torch.cat([grad_kept, (grad_latent_values * (latent_values > 0)).reshape(-1)])
+        rows = torch.cat([rows, kept_rows(batch, ctx.k_latents)])
+        cols = torch.cat([cols, latent_indices.reshape(-1)])
+    dense = grad_pre if (not ctx.k_latents and grad_pre is not None) else None
+    grad_x = grad_W_enc = grad_b_enc = grad_pre_bias = None
+    if need[0]:
+        grad_x = coo_times_dense_t_cpu(grad_kept, rows, cols, W_enc, batch)
+        if dense is not None:
+            grad_x = grad_x.addmm_(dense, W_enc.index_select(1, latents).t())
+    if any(need[1:4]):
+        centered = x - pre_bias
+        grad_W_enc, grad_b_enc = coo_t_times_dense_cpu(grad_kept, rows, cols, centered, W_enc.shape[1], True)
+        if dense is not None:
+            grad_W_enc.index_add_(1, latents, torch.mm(centered.t(), dense))
+            grad_b_enc.index_add_(0, latents, dense.sum(0))
+        if need[3]:
+            grad_pre_bias = -(W_enc @ grad_b_enc)
+    return (grad_x, grad_W_enc if need[1] else None, grad_b_enc if need[2] else None, grad_pre_bias,
+            None, None, None)
+
+
+topk_encode_latents_cpu.register_autograd(_topk_latents_backward, setup_context=_topk_latents_setup)
 
 
 # --- batchtopk_encode -------------------------------------------------------------------------

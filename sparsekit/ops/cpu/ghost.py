@@ -54,3 +54,51 @@ def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: 
 
 
 register_ghost(ghost_grad_loss_cpu, ghost_grad_loss_backward_cpu)
+
+
+# --- the ghost term from the dead latents' pre-activations (the encoder's pass computed them) -----
+
+@torch.library.custom_op("sparsekit::ghost_from_pre_cpu", mutates_args=())
+def ghost_from_pre_cpu(pre_dead: Tensor, W_dec_dead: Tensor, residual: Tensor, mse_main: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """ghost_grad_loss_cpu given pre_dead = pre[:, D] [B, |D|] and W_dec_dead = W_dec[D] [|D|, d]
+    (detached): no encoder GEMM. Returns (loss, L, exp(pre_dead), the rescaled ghost g, the scale)."""
+    exp_pre = torch.exp(pre_dead)
+    ghost = torch.mm(exp_pre, W_dec_dead)
+    scale, row_error = pre_dead.new_empty(pre_dead.shape[0]), pre_dead.new_empty(pre_dead.shape[0])
+    _C.ghost_rescale(numpy_view(ghost), numpy_view(residual.contiguous()), eps, numpy_view(scale),
+                     numpy_view(row_error))
+    raw_loss = row_error.mean()
+    return raw_loss * (mse_main / (raw_loss + eps)), raw_loss, exp_pre, ghost, scale
+
+
+@ghost_from_pre_cpu.register_fake
+def _(pre_dead, W_dec_dead, residual, mse_main, eps):
+    batch = pre_dead.shape[0]
+    scalar = pre_dead.new_empty(())
+    return scalar, scalar.clone(), pre_dead.new_empty(pre_dead.shape), residual.new_empty(residual.shape), \
+        pre_dead.new_empty(batch)
+
+
+def _ghost_from_pre_setup(ctx, inputs, output):
+    _, W_dec_dead, residual, mse_main, eps = inputs
+    _, raw_loss, exp_pre, ghost, scale = output
+    ctx.eps = eps
+    ctx.set_materialize_grads(False)  # outputs 2-5 are private: no [B, |D|] of zeros for their gradients
+    ctx.save_for_backward(W_dec_dead, residual, mse_main, raw_loss, exp_pre, ghost, scale)
+
+
+def _ghost_from_pre_backward(ctx, grad, grad_raw, grad_exp, grad_ghost_out, grad_scale):
+    """grad pre_dead = ((coefficient * scale * (g - r)) @ W_dec_dead^T) * exp(pre_dead), the scale
+    and the loss factor constants, as in the reference; the row epilogue in C++."""
+    W_dec_dead, residual, mse_main, raw_loss, exp_pre, ghost, scale = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None
+    coefficient = float(grad * mse_main / (raw_loss + ctx.eps)) * 2 / exp_pre.shape[0]
+    grad_ghost = torch.empty_like(ghost)
+    _C.ghost_rescale_backward(numpy_view(ghost), numpy_view(residual.contiguous()), numpy_view(scale), coefficient,
+                              numpy_view(grad_ghost))
+    return torch.mm(grad_ghost, W_dec_dead.t()).mul_(exp_pre), None, None, None, None
+
+
+ghost_from_pre_cpu.register_autograd(_ghost_from_pre_backward, setup_context=_ghost_from_pre_setup)

@@ -257,6 +257,8 @@ def data_parallel(batch_size: int, fingerprint: str = ""):
 class DataParallel(SingleProcess):
     """One rank of a data-parallel run (see the module docstring)."""
 
+    shares_encoder_pass = False  # its AuxK and ghost terms use the global batch's statistics
+
     def __init__(self, batch_size: int, fingerprint: str = "", group=None):
         self.group = group
         self.rank = dist.get_rank(group)

@@ -16,6 +16,9 @@ class SingleProcess:
     """The context of a run on one process: every method is the plain single-process step."""
 
     rank, world_size, is_writer = 0, 1, True
+    # Whether a TopK dictionary's encoder pass may hand the dead latents' pre-activations to AuxK and
+    # ghost grads (training.dead_latents.shared_pass_k): contexts whose remedy terms differ say no.
+    shares_encoder_pass = True
 
     def describe(self, sae) -> str | None:
         """What ran where, for rank 0's report at the start of a multi-rank run (None: one process)."""
