@@ -300,6 +300,19 @@ def stream_passes() -> tuple[list[Pass], int]:
     ], size
 
 
+# Rounds of the FMA-peak kernel per call: ~2.5 ms on one AVX2 core at 2.5 GHz (12 FMAs a round).
+PEAK_ROUNDS = 2**20
+
+
+def fma_peak_pass() -> tuple[Pass, int]:
+    """This CPU's float32 multiply-add rate on every thread (csrc/fma_peak.hpp: register-only
+    vector FMAs), the roof any float32 GEMM runs under; and the FLOPs of one call (F)."""
+    flops = int(_C.fma_peak_flops(PEAK_ROUNDS)[0])
+    return Pass("fma_peak", "reference: float32 FMA peak, register-only vector FMAs on every thread",
+                "_C.fma_peak_flops", (("F", "FLOP, not bytes (no memory traffic)"),),
+                lambda: _C.fma_peak_flops(PEAK_ROUNDS), "peak"), flops
+
+
 def gather_reference(t: dict, shapes: Shapes) -> Pass:
     """The decode's gathers done by torch (F.embedding_bag, weighted sum): this machine's rate for
     the same B*k row gathers from W_dec through another library's kernel, beside the decode's."""
@@ -318,8 +331,10 @@ def measure_passes(shapes: Shapes, rounds: int) -> PassResults:
     t = step_tensors(shapes)
     encoder, extra, screened = encoder_passes(t, shapes)
     streams, stream_size = stream_passes()
-    passes = streams + encoder + sparse_passes(t, shapes) + [gather_reference(t, shapes)] + optimizer_passes(t, shapes)
-    sizes = {"B": shapes.batch, "d": shapes.d, "n": shapes.n, "k": shapes.k, "S": stream_size,
+    peak, peak_flops = fma_peak_pass()
+    passes = (streams + [peak] + encoder + sparse_passes(t, shapes) + [gather_reference(t, shapes)]
+              + optimizer_passes(t, shapes))
+    sizes = {"B": shapes.batch, "d": shapes.d, "n": shapes.n, "k": shapes.k, "S": stream_size, "F": peak_flops,
              "R": shapes.n * shapes.d, "P": sum(p.numel() for p in t["sae"].parameters()), **extra}
     fns, repeats = {}, {}
     for p in passes:
@@ -346,7 +361,7 @@ def pass_table_lines(r: PassResults) -> list[str]:
     for p in r.passes:
         seconds, (low, high) = r.seconds[p.name], r.spread[p.name]
         timing = f"{seconds * 1e3:.2f} | {low * 1e3:.2f}-{high * 1e3:.2f}"
-        if p.kind == "compute":
+        if p.kind in ("compute", "peak"):
             gflop = p.bytes(r.sizes) / 1e9
             lines.append(f"| {p.label} | `{p.op}` | {p.formula()} | | {timing} | {gflop / seconds:.0f} GFLOP/s | | | |")
             continue
@@ -368,6 +383,11 @@ def summary_lines(r: PassResults, step_seconds: float | None = None) -> list[str
              f"Streaming rates of this run: copy {r.rate('stream_copy'):.1f} GB/s (read + write), read "
              f"{r.rate('stream_read'):.1f} GB/s; {r.rounds} interleaved rounds, medians; each timed call repeats a "
              f"pass to ~{CALL_SECONDS * 1e3:.0f} ms (ms above are per pass)."]
+    peak = r.sizes["F"] / r.seconds["fma_peak"] / 1e9
+    gemm_flop = 2 * s["B"] * s["d"] * s["n"]
+    lines.append(f"float32 FMA peak of this run: {peak:.0f} GFLOP/s on {_C.get_num_threads()} threads (register-only "
+                 f"vector FMAs, {_C.isa} build); a float32 encoder GEMM (2*B*d*n = {gemm_flop / 1e9:.1f} GFLOP) "
+                 f"needs at least {gemm_flop / peak / 1e6:.0f} ms at that rate.")
     if not r.screened:
         lines.append("No bf16 screen at these shapes on this CPU (screen.use_screen): the selection runs fused into "
                      "the float32 GEMM's tiles and is not timed apart.")

@@ -15,6 +15,7 @@
 #include "checks.hpp"
 #include "cpu_features.hpp"
 #include "decoder_rows.hpp"
+#include "fma_peak.hpp"
 #include "ghost.hpp"
 #include "sparse_products.hpp"
 #include "topk_select.hpp"
@@ -483,6 +484,17 @@ PYBIND11_MODULE(SPARSEKIT_MODULE, m) {
   bind_all<float>(m);
   bind_all<double>(m);
   bind_bf16_screen(m);
+  m.def("fma_peak_flops", [](int64_t rounds) {
+    require(rounds >= 1, "rounds must be >= 1");
+    float sink = 0.0f;
+    double flops;
+    {
+      py::gil_scoped_release release;
+      flops = fma_peak_flops(rounds, &sink);
+    }
+    return py::make_tuple(flops, sink);
+  }, py::arg("rounds"), "float32 FLOPs of `rounds` rounds of register-only vector FMAs on every thread, "
+     "and a value that depends on them: (flops, sink). Time it for this CPU's FMA rate.");
   m.def("get_num_threads", &max_threads, "OpenMP threads the kernels use.");
   m.def("set_num_threads", [](int n) {
     require(n >= 1, "n must be >= 1");

@@ -205,18 +205,48 @@ void coo_t_times_dense(const T* values, const int64_t* rows, const int64_t* cols
   }
 }
 
+// u . w over d values (and, when Axpy, acc += v * u in the same pass). The dot is kept in
+// kDotChains vector accumulators, each element i added to chain (i / lanes) % kDotChains, the chains
+// then summed pairwise and their lanes in order, then the tail: a fixed order, so the bits do not
+// depend on threads. One accumulator (what `omp simd reduction` gave) waits out the multiply-add's
+// latency on every vector; four chains keep the FMA units busy.
+constexpr int kDotChains = 4;
+
+template <typename T, bool Axpy>
+inline T dot_and_axpy_row(const T* u, const T* w, T v, T* acc, int64_t d) {
+  using V = typename DecodeVector<T>::type;
+  constexpr int64_t kLanes = kDecodeVectorBytes / sizeof(T), kStep = kLanes * kDotChains;
+  V chain[kDotChains];
+  for (int j = 0; j < kDotChains; ++j) chain[j] = V{};
+  int64_t i = 0;
+  for (; i + kStep <= d; i += kStep) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kDotChains; ++j) {
+      const V uj = load_vector<V>(u + i + j * kLanes);
+      chain[j] += uj * load_vector<V>(w + i + j * kLanes);
+      if constexpr (Axpy) {
+        const V out = load_vector<V>(acc + i + j * kLanes) + v * uj;
+        __builtin_memcpy(acc + i + j * kLanes, &out, sizeof(V));
+      }
+    }
+  }
+  static_assert(kDotChains == 4, "the chains are summed pairwise below");
+  const V total = (chain[0] + chain[1]) + (chain[2] + chain[3]);
+  T dot = 0;
+  for (int64_t l = 0; l < kLanes; ++l) dot += total[l];
+  for (; i < d; ++i) {
+    dot += u[i] * w[i];
+    if constexpr (Axpy) acc[i] += v * u[i];
+  }
+  return dot;
+}
+
 template <typename T>
 void sampled_dense_dot(const int64_t* rows, const int64_t* cols, int64_t n_entries, const T* a,
                        const T* dense, int64_t d, T* out) {
 #pragma omp parallel for schedule(guided)
-  for (int64_t e = 0; e < n_entries; ++e) {
-    const T* u = a + rows[e] * d;
-    const T* w = dense + cols[e] * d;
-    T dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < d; ++i) dot += u[i] * w[i];
-    out[e] = dot;
-  }
+  for (int64_t e = 0; e < n_entries; ++e)
+    out[e] = dot_and_axpy_row<T, false>(a + rows[e] * d, dense + cols[e] * d, T(0), nullptr, d);
 }
 
 // Decode backward in one pass over the latents: for each latent c, its decoder row D[c] stays in
@@ -236,15 +266,7 @@ void sampled_dot_and_coo_t_times_dense(const T* values, const int64_t* rows, con
     for (int64_t p = by_col.offsets[c]; p < by_col.offsets[c + 1]; ++p) {
       const int64_t e = by_col.order[p];
       if (p + 1 < n_entries) prefetch_row(a + rows[by_col.order[p + 1]] * d, d);
-      const T* u = a + rows[e] * d;
-      const T v = values[e];
-      T dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < d; ++i) {
-        dot += u[i] * w[i];
-        acc[i] += v * u[i];
-      }
-      dots[e] = dot;
+      dots[e] = dot_and_axpy_row<T, true>(a + rows[e] * d, w, values[e], acc, d);
     }
   }
 }

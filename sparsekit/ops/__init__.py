@@ -395,6 +395,26 @@ def sparse_decode_coo(values: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor,
     return reference.sparse_decode_coo(values, rows, cols, W_dec, b_dec, batch_size)
 
 
+def _check_ghost_args(lead_name: str, lead: Tensor, W_dec: Tensor, dead_idx: Tensor, residual: Tensor,
+                      mse_main: Tensor, eps: float) -> float:
+    """The checks both ghost-grads ops share; lead [B, .] (x or pre_dead) gives dtype, device and batch.
+    Returns eps as a float."""
+    checks.tensor("W_dec", W_dec, 2)
+    checks.tensor("dead_idx", dead_idx, 1, floating=False)
+    checks.tensor("residual", residual, 2)
+    if not isinstance(mse_main, Tensor) or mse_main.dim() != 0:
+        raise ValueError(f"mse_main must be a 0-d tensor, got {mse_main!r:.80}")
+    checks.same_dtype_and_device(lead_name, lead, W_dec=W_dec, residual=residual, mse_main=mse_main)
+    checks.same_device(lead_name, lead, dead_idx=dead_idx)
+    checks.size("residual", residual, 0, lead.shape[0], f"the batch of {lead_name}")
+    checks.size("residual", residual, 1, W_dec.shape[1], "d_out, the columns of W_dec")
+    checks.indices_in_range("dead_idx", dead_idx, W_dec.shape[0], "n_latents, the rows of W_dec")
+    if not torch.compiler.is_compiling() and dead_idx.unique().numel() != dead_idx.numel():
+        raise ValueError("dead_idx must not repeat a latent")
+    checks.finite(W_dec=W_dec, residual=residual, mse_main=mse_main)
+    return checks.positive_number("eps", eps)
+
+
 def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead_idx: Tensor,
                     residual: Tensor, mse_main: Tensor, eps: float = 1e-8) -> Tensor:
     """The ghost-grads loss over dead latents D = dead_idx (see reference.ghost_grad_loss).
@@ -404,21 +424,8 @@ def ghost_grad_loss(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, dead
     Cost grows with |D|, not n; zero when D is empty.
     """
     x, W_enc, b_enc = _check_encoder(x, W_enc, b_enc)
-    checks.tensor("W_dec", W_dec, 2)
-    checks.tensor("dead_idx", dead_idx, 1, floating=False)
-    checks.tensor("residual", residual, 2)
-    if not isinstance(mse_main, Tensor) or mse_main.dim() != 0:
-        raise ValueError(f"mse_main must be a 0-d tensor, got {mse_main!r:.80}")
-    checks.same_dtype_and_device("x", x, W_dec=W_dec, residual=residual, mse_main=mse_main)
-    checks.same_device("x", x, dead_idx=dead_idx)
     checks.size("W_dec", W_dec, 0, W_enc.shape[1], "n_latents, the columns of W_enc")
-    checks.size("residual", residual, 0, x.shape[0], "the batch of x")
-    checks.size("residual", residual, 1, W_dec.shape[1], "d_out, the columns of W_dec")
-    checks.indices_in_range("dead_idx", dead_idx, W_enc.shape[1], "n_latents")
-    if not torch.compiler.is_compiling() and dead_idx.unique().numel() != dead_idx.numel():
-        raise ValueError("dead_idx must not repeat a latent")
-    checks.finite(W_dec=W_dec, residual=residual, mse_main=mse_main)
-    eps = checks.positive_number("eps", eps)
+    eps = _check_ghost_args("x", x, W_dec, dead_idx, residual, mse_main, eps)
     residual, mse_main = residual.detach().contiguous(), mse_main.detach()
     if dead_idx.numel() == 0:
         return torch.zeros((), dtype=x.dtype, device=x.device)
@@ -438,18 +445,9 @@ def ghost_grad_loss_from_pre(pre_dead: Tensor, W_dec: Tensor, dead_idx: Tensor, 
     (``topk_encode_with_latents`` computed them in the encoder's pass), D = dead_idx: no encoder
     GEMM here; the gradient reaches pre_dead (see reference.ghost_grad_loss_from_pre)."""
     checks.tensor("pre_dead", pre_dead, 2)
-    checks.tensor("W_dec", W_dec, 2)
-    checks.tensor("dead_idx", dead_idx, 1, floating=False)
-    checks.tensor("residual", residual, 2)
-    if not isinstance(mse_main, Tensor) or mse_main.dim() != 0:
-        raise ValueError(f"mse_main must be a 0-d tensor, got {mse_main!r:.80}")
-    checks.same_dtype_and_device("pre_dead", pre_dead, W_dec=W_dec, residual=residual, mse_main=mse_main)
+    eps = _check_ghost_args("pre_dead", pre_dead, W_dec, dead_idx, residual, mse_main, eps)
     checks.size("pre_dead", pre_dead, 1, dead_idx.shape[0], "the number of dead latents (dead_idx)")
-    checks.size("residual", residual, 0, pre_dead.shape[0], "the batch of pre_dead")
-    checks.size("residual", residual, 1, W_dec.shape[1], "d_out, the columns of W_dec")
-    checks.indices_in_range("dead_idx", dead_idx, W_dec.shape[0], "n_latents, the rows of W_dec")
-    checks.finite(pre_dead=pre_dead, W_dec=W_dec, residual=residual, mse_main=mse_main)
-    eps = checks.positive_number("eps", eps)
+    checks.finite(pre_dead=pre_dead)
     if dead_idx.numel() == 0:
         return torch.zeros((), dtype=pre_dead.dtype, device=pre_dead.device)
     residual, mse_main = residual.detach().contiguous(), mse_main.detach()

@@ -28,7 +28,7 @@ TARGETS = ["TopK step <= 1.0x torch encoder GEMM", "TopK step <= 0.8x torch enco
 # formulas count the gathered rows.
 PASS_COLUMNS = ["pass", "op timed", "minimum bytes (formula)", "MB", "median ms", "min-max ms", "GB/s",
                 "x copy rate", "x read rate", "ms at copy rate, each array once"]
-STREAM_ROWS = ["streaming copy", "streaming read"]
+STREAM_ROWS = ["streaming copy", "streaming read", "reference: float32 FMA peak"]
 SCREEN_ROWS = ["screen: operands packed", "screen: bf16 encoder GEMM", "selection after the GEMM"]
 FLOAT32_ROWS = ["encoder forward: float32 GEMM"]
 SPARSE_ROWS = ["sparse decode", "decode backward, grad values alone", "decode backward, grad W_dec alone",
@@ -89,11 +89,15 @@ def _check_pass_table(text: str, encoder_rows: list[str]) -> list[list[str]]:
     for name in SPARSE_ROWS:
         assert re.search(r"B\*k\*d\*4 [^+]* rows gathered \((n|B)\*d\*4 once\)", by_start[name][2]), by_start[name][2]
     assert re.search(r"Streaming rates of this run: copy [\d.]+ GB/s \(read \+ write\), read [\d.]+ GB/s", section)
+    # The FMA roof: its row's rate, and the float32 GEMM's floor at that rate, in the summary.
+    peak = float(by_start["reference: float32 FMA peak"][6].split()[0])
+    floor = re.search(r"^float32 FMA peak of this run: (\d+) GFLOP/s .* needs at least (\d+) ms at that rate", section, re.M)
+    assert floor and abs(float(floor.group(1)) - peak) <= 1, (peak, floor)
     assert re.search(r"^- other processes used \d+% of the CPU while the passes were timed", section, re.M)
     summed = re.search(r"^Sum of the passes the step runs \((.+)\): [\d.]+ ms", section, re.M).group(1).split(", ")
     # The step's passes only: the fused decode backward, not its halves timed alone or the torch reference.
     assert "decode_backward" in summed and "encoder_grad_W_enc" in summed and "adam" in summed
-    assert not {"decode_grad_values", "decode_grad_W_dec", "gather_torch", "stream_copy"} & set(summed), summed
+    assert not {"decode_grad_values", "decode_grad_W_dec", "gather_torch", "stream_copy", "fma_peak"} & set(summed), summed
     return rows
 
 
