@@ -16,6 +16,15 @@ namespace sparsekit {
 // step was ~6% faster with guided shares under a load average of 3-5, A/B runs alternated; an idle
 // machine was not available to compare). Each output element is still computed by one thread in a fixed order, so the results
 // do not depend on the schedule.
+// The widest vector registers the module is built for, in bytes (AVX-512: zmm, AVX2: ymm, SSE2: xmm).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
 inline int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();

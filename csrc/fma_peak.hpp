@@ -11,21 +11,14 @@
 
 namespace sparsekit {
 
-#if defined(__AVX512F__)
-constexpr int kPeakVectorBytes = 64;
-#elif defined(__AVX__)
-constexpr int kPeakVectorBytes = 32;
-#else
-constexpr int kPeakVectorBytes = 16;
-#endif
 constexpr int kPeakChains = 12;  // >= FMA latency (4-5 cycles) x 2 issue ports
 
 // Runs `rounds` rounds of kPeakChains vector FMAs on each of the OpenMP threads; returns the
 // float32 FLOPs done (2 per lane per FMA) and writes a value depending on every chain to *sink
 // (so the compiler cannot drop the work).
 inline double fma_peak_flops(int64_t rounds, float* sink) {
-  typedef float V __attribute__((vector_size(kPeakVectorBytes)));
-  constexpr int kLanes = kPeakVectorBytes / sizeof(float);
+  typedef float V __attribute__((vector_size(kVectorBytes)));
+  constexpr int kLanes = kVectorBytes / sizeof(float);
   int threads = 1;
   float total = 0.0f;
 #pragma omp parallel reduction(+ : total)

@@ -35,14 +35,10 @@ constexpr int64_t kColumnBlock = 16;
 // the output row per entry. No software prefetch: asking for the gathered rows 1, 2 or 8 entries
 // ahead measured no faster than leaving it to the hardware (B=4096, d=512, n=16384, k=32, AVX-512
 // EPYC under load), and this loop then matches torch's embedding_bag on the same gathers.
+constexpr int kDecodeVectorBytes = kVectorBytes;
 #if defined(__AVX512F__)
-constexpr int kDecodeVectorBytes = 64;
 constexpr int kDecodeVectors = 16;
-#elif defined(__AVX__)
-constexpr int kDecodeVectorBytes = 32;
-constexpr int kDecodeVectors = 8;
 #else
-constexpr int kDecodeVectorBytes = 16;
 constexpr int kDecodeVectors = 8;
 #endif
 
