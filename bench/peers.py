@@ -154,6 +154,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "timed) and leave out the passes table, the trainer check and peak RSS; e.g. "
                              "sparsekit_topk_auxk,sparsekit_topk_auxk_separate. Rows: "
                              + ", ".join(name for name in ROW_LABELS if name != "sparsekit_train"))
+    parser.add_argument("--bf16-gemm", choices=("auto", "on", "off"), default="auto",
+                        help="time the bfloat16 encoder GEMM row: auto (default) only where the CPU has native "
+                             "bf16 (avx512_bf16 or amx_bf16); without it oneDNN emulates bf16 and one call took "
+                             "205 s on an AVX2-only EPYC, more than half of the whole bench")
     parser.add_argument("--output", metavar="FILE",
                         help="also write the tables as Markdown; 'auto' = bench/results/<date>-<cpu>-peers.md")
     parser.add_argument("--peak-rss-of", choices=RSS_VARIANTS + ("baseline_saelens",), metavar="VARIANT",
@@ -200,6 +204,7 @@ from step_table import (  # noqa: E402
 )
 
 import sparsekit  # noqa: E402
+from sparsekit.ops.cpu.screen import cpu_has_native_bf16  # noqa: E402
 from sparsekit.training import guards as reliability  # noqa: E402
 from sparsekit.training.dead_latents import DeadLatentTracker, auxk_loss, ghost_loss, shared_pass_k  # noqa: E402
 from sparsekit.training.metrics import MetricWindow  # noqa: E402
@@ -725,6 +730,12 @@ def main() -> None:
         skip_lines.append(f"SKIPPED: the EleutherAI sparsify rows ({', '.join(SPARSIFY_VARIANTS)}): eai-sparsify is "
                           f"not importable ({SPARSIFY_IMPORT_ERROR}); pip install 'eai-sparsify>=1.3,<1.4' "
                           f"(pinned in requirements/lock.txt)")
+    time_bf16 = args.bf16_gemm == "on" or (args.bf16_gemm == "auto" and cpu_has_native_bf16())
+    if not time_bf16 and args.only is None:
+        skip_lines.append("SKIPPED: the bfloat16 encoder GEMM row: " + (
+            "--bf16-gemm off" if args.bf16_gemm == "off" else "this CPU has no native bf16 (neither avx512_bf16 "
+            "nor amx_bf16), so oneDNN emulates it (205 s a call on an AVX2-only EPYC) and sparsekit's bf16 screen "
+            "stays off; --bf16-gemm on times it anyway"))
     for line in skip_lines:
         print(line, file=sys.stderr)
 
@@ -735,6 +746,8 @@ def main() -> None:
 
     print("building the variants ...", file=sys.stderr)
     fns = make_gemms(shapes)
+    if not time_bf16:
+        del fns["gemm_torch_bf16"]
     if args.only is not None:
         fns = {name: fn for name, fn in fns.items() if name in ALWAYS_TIMED + tuple(args.only)}
     steps = {variant: build_step(variant, shapes, args.dead_fraction, args.dead_fraction_high) for variant in variants}

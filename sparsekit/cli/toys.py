@@ -62,7 +62,7 @@ def attention_main(argv) -> None:
     parser.add_argument("--threshold", type=float, default=defaults.threshold,
                         help=f"column norm above which a feature counts as represented (default {defaults.threshold})")
     parser.add_argument("--phase", action="store_true",
-                        help="the phase scan (26 min measured on 2 idle AVX2 cores; resumes from --out/phase.jsonl)")
+                        help="the phase scan (8.5 min measured on 2 idle AVX2 cores; resumes from --out/phase.jsonl)")
     parser.add_argument("--quick", action="store_true", help="with --phase: a tiny design that runs in seconds")
     parser.add_argument("--workers", type=positive, default=2,
                         help="with --phase: processes running toy runs side by side (default 2)")

@@ -74,6 +74,9 @@ KNOBS = {
 }
 VARIANTS = {"constant": "constant", "cosine": "cosine", "equal_norm": "constant"}  # variant -> lr schedule
 LATE_FIELDS = {"ov_norm": "expected"}
+# in every run key: records of another version of the toy's draws (1: dense patterns from sorted
+# uniforms, before 2026-12-05) are not reused by a rerun into the same folder
+TOY_VERSION = 2
 CLASSES = ("note's picture", "superposed at both ends", "opposite trend", "no superposition", "weak trend")
 CSV_COLUMNS = ("cell", "variant", "ov_density", *KNOBS, "seeds", "represented_mean", "represented_min",
                "represented_max", "excess_mean", "norm_mean", "angle_min", "angle_median", "loss_ratio")
@@ -154,9 +157,11 @@ def run_config(design: PhaseDesign, cell: dict, ov_density: float, seed: int, va
 
 
 def run_key(cfg: AttentionToyConfig) -> str:
-    """The hash of every setting of a run: equal keys, equal results. A setting added to the toy after
-    records were written (LATE_FIELDS) is left out at its default, so those records keep their keys."""
+    """The hash of every setting of a run and of TOY_VERSION: equal keys, equal results. A setting added
+    to the toy after records were written (LATE_FIELDS) is left out at its default, so those records
+    keep their keys."""
     settings = {k: v for k, v in asdict(cfg).items() if LATE_FIELDS.get(k, object()) != v}
+    settings["toy_version"] = TOY_VERSION
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -439,9 +444,9 @@ def plot_phase(judged, rows, records, design, refined, verdict_, path) -> None:
                 b.plot([r["ov_density"] for r in pts], [r["represented_mean"] for r in pts], ls, marker="o",
                        ms=3, color=f"C{i % 10}", label=name if variant == "constant" else None)
     b.set(xscale="log", xlabel="OV density", ylabel="heads represented (mean over seeds)")
-    b.set_title(f"(b) solid constant lr, dashed cosine x{design.long_factor} steps, dotted equal OV norms",
-                fontsize=9)
-    b.legend(fontsize=6)
+    b.set_title(f"(b) refined cells: solid constant lr, dashed cosine x{design.long_factor} steps,\n"
+                "dotted equal OV norms", fontsize=9)
+    b.legend(fontsize=5, loc="best")
     for density, color in ((design.densities[0], "C0"), (design.densities[-1], "C3")):
         xs, ys = [], []
         for r in records.values():

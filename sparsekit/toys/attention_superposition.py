@@ -24,6 +24,11 @@ constant learning rate (``schedule="constant"``) or one decayed along a cosine t
 Feature i is *represented* when column M[:, i] has norm above ``threshold``; the geometry of the
 represented columns (norms, pairwise angles) is the thing to look at, as in Elhage et al. 2022.
 
+Training never builds the patterns: ``draw_batch`` draws each row's keys (``distinct_keys``),
+``head_reads`` gathers P_h @ resid from them, and ``mixing_loss`` computes the model as one GEMM through
+G = M^T M. ``sample_batch`` (dense patterns), ``true_output`` and ``mixed_output`` are the reference
+they are tested against (same values up to rounding; about 2.5x slower per step).
+
 Defaults (small enough for a few seconds per run on one CPU thread): n_true=5, n_heads=2,
 T=n_tokens=8, d_model=8, ov_density=0.1, pattern_keys=1, p_active=1.0, p_head=1.0,
 importance_decay=1.0, resid="gaussian", M init N(0, 1/n_true), Adam lr=1e-2 constant, batch=256,
@@ -35,6 +40,7 @@ import csv
 import math
 from dataclasses import asdict, dataclass, replace
 from itertools import combinations
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -106,45 +112,99 @@ def sparse_ov(cfg: AttentionToyConfig) -> Tensor:
     return ov * importance[:, None, None]
 
 
-def sample_batch(cfg: AttentionToyConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """patterns [batch, n_true, T, T] (rows: 0, or 1/pattern_keys on pattern_keys keys); resid [batch, T, d_model]."""
-    B, H, T, d = cfg.batch, cfg.n_true, cfg.n_tokens, cfg.d_model
-    # the pattern_keys smallest of T uniforms: a uniform random key set (the set argsort()[..., :k] picks, cheaper)
-    uniforms = torch.rand(B, H, T, T, generator=generator)
-    if cfg.pattern_keys == 1:
-        keys = uniforms.argmin(-1, keepdim=True)
+class Draw(NamedTuple):
+    """One batch's random draws: keys [B, T, H, K] (the keys each query row of each true head attends,
+    K = pattern_keys, distinct), on [B, T, H, 1] (bool: that row attends at all), resid [B, T, d_model]."""
+    keys: Tensor
+    on: Tensor
+    resid: Tensor
+
+
+def distinct_keys(shape: tuple, n_tokens: int, k: int, generator: torch.Generator) -> Tensor:
+    """k distinct keys of range(n_tokens) per entry of shape -> [*shape, k], every k-subset equally likely
+    (Floyd's algorithm: for top = n_tokens - k .. n_tokens - 1 draw r in [0, top], take top if r is taken).
+    k random draws of shape instead of sorting n_tokens uniforms per row."""
+    chosen = []
+    for top in range(n_tokens - k, n_tokens):
+        r = torch.randint(top + 1, shape, generator=generator)
+        if chosen:
+            taken = (r == chosen[0])
+            for c in chosen[1:]:
+                taken |= r == c
+            r = torch.where(taken, top, r)
+        chosen.append(r)
+    return torch.stack(chosen, -1)
+
+
+def draw_batch(cfg: AttentionToyConfig, generator: torch.Generator) -> Draw:
+    """The random draws of one batch of cfg.batch samples (see Draw), in a fixed order from generator."""
+    B, H, T, d, K = cfg.batch, cfg.n_true, cfg.n_tokens, cfg.d_model, cfg.pattern_keys
+    if K == 1:
+        keys = torch.randint(T, (B, T, H, 1), generator=generator)
     else:
-        keys = uniforms.topk(cfg.pattern_keys, dim=-1, largest=False).indices
-    patterns = torch.zeros(B, H, T, T).scatter_(-1, keys, 1.0 / cfg.pattern_keys)
-    active = torch.rand(B, H, T, 1, generator=generator) < cfg.p_active
+        keys = distinct_keys((B, T, H), T, K, generator)
+    on = torch.rand(B, T, H, 1, generator=generator) < cfg.p_active
     if cfg.resid == "gaussian":
         resid = torch.randn(B, T, d, generator=generator)
     else:
         tokens = torch.randint(d, (B, T, 1), generator=generator)
         resid = torch.zeros(B, T, d).scatter_(-1, tokens, math.sqrt(d))
-    if cfg.p_head < 1:  # drawn only when used, so the default stream is the one it always was
-        active = active & (torch.rand(B, H, 1, 1, generator=generator) < cfg.p_head)
-    return patterns * active, resid
+    if cfg.p_head < 1:  # drawn only when used
+        on = on & (torch.rand(B, 1, H, 1, generator=generator) < cfg.p_head)
+    return Draw(keys, on, resid)
+
+
+def dense_patterns(draw: Draw, n_tokens: int) -> Tensor:
+    """The attention patterns of a draw as dense matrices [B, H, T, T] (rows: 0, or 1/K on the K keys):
+    the reference form, which the fast path (head_reads) never builds."""
+    keys, on = draw.keys.transpose(1, 2), draw.on.transpose(1, 2)  # [B, H, T, K], [B, H, T, 1]
+    B, H, T, K = keys.shape
+    return torch.zeros(B, H, T, n_tokens).scatter_(-1, keys, 1.0 / K) * on
+
+
+def sample_batch(cfg: AttentionToyConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Reference form of a batch: patterns [batch, n_true, T, T], resid [batch, T, d_model]."""
+    draw = draw_batch(cfg, generator)
+    return dense_patterns(draw, cfg.n_tokens), draw.resid
+
+
+def head_reads(draw: Draw) -> Tensor:
+    """What each true head reads at each query, P_h @ resid, without building P: [B, T, H, d_model].
+    A row attending K keys is the mean of their resid rows (summed in key order), a row off is 0."""
+    keys, on, resid = draw
+    B, T, H, K = keys.shape
+    rows = keys + (torch.arange(B) * resid.shape[1]).view(B, 1, 1, 1)
+    rows = rows.permute(3, 0, 1, 2).flatten()  # key slot outermost: each slot's rows are contiguous
+    gathered = resid.reshape(-1, resid.shape[-1]).index_select(0, rows).view(K, B, T, H, -1)
+    read = gathered[0]
+    for slot in range(1, K):
+        read = read + gathered[slot]
+    return read * (on * (1.0 / K))
 
 
 def true_output(patterns: Tensor, resid: Tensor, ov: Tensor) -> Tensor:
-    """ReLU(sum_h P_h @ resid @ OV_h): patterns [B, H, T, T], resid [B, T, d], ov [H, d, d] -> [B, T, d]."""
-    return _true_from_read(patterns @ resid.unsqueeze(1), ov)
+    """Reference: ReLU(sum_h P_h @ resid @ OV_h): patterns [B, H, T, T], resid [B, T, d], ov [H, d, d] -> [B, T, d]."""
+    return torch.relu(torch.einsum("bhtd,hde->bte", patterns @ resid.unsqueeze(1), ov))
 
 
 def mixed_output(M: Tensor, patterns: Tensor, resid: Tensor, ov: Tensor) -> Tensor:
-    """ReLU(sum_j (sum_i M_ji P_i) @ resid @ (sum_i M_ji OV_i)): M [n_heads, n_true] -> [B, T, d]."""
-    return _mixed_from_read(M, patterns @ resid.unsqueeze(1), ov)
+    """Reference: ReLU(sum_j (sum_i M_ji P_i) @ resid @ (sum_i M_ji OV_i)): M [n_heads, n_true] -> [B, T, d]."""
+    heads = torch.einsum("ji,bitk->bjtk", M, patterns)
+    return torch.relu(torch.einsum("bjtd,jde->bte", heads @ resid.unsqueeze(1), torch.einsum("ji,ide->jde", M, ov)))
 
 
-def _true_from_read(read: Tensor, ov: Tensor) -> Tensor:
-    """read = P_h @ resid [B, H, T, d] (shared by target and model in a training step) -> [B, T, d]."""
-    return torch.relu(torch.einsum("bhtd,hde->bte", read, ov))
+def mixing_loss(M: Tensor, read: Tensor, ov: Tensor) -> tuple[Tensor, Tensor]:
+    """The training loss, mean((mixed - true)^2), from head_reads' read [B, T, H, d] -> (loss, loss of M = 0).
 
-
-def _mixed_from_read(M: Tensor, read: Tensor, ov: Tensor) -> Tensor:
-    heads_read = torch.einsum("ji,bitd->bjtd", M, read)
-    return torch.relu(torch.einsum("bjtd,jde->bte", heads_read, torch.einsum("ji,ide->jde", M, ov)))
+    Fast form of the reference (mixed_output vs true_output, same value up to rounding): with
+    G = M^T M [H, H], sum_j (sum_i M_ji read_i) @ (sum_k M_jk OV_k) = sum_i read_i @ (sum_k G_ik OV_k),
+    so the model is one GEMM [B*T, H*d] @ [H*d, d], the shape of the target's."""
+    B, T, H, d = read.shape
+    flat = read.reshape(B * T, H * d)
+    with torch.no_grad():
+        target = torch.relu(flat @ ov.reshape(H * d, -1))
+    mixed_ov = ((M.t() @ M) @ ov.reshape(H, -1)).reshape(H * d, -1)
+    return (torch.relu(flat @ mixed_ov) - target).pow(2).mean(), target.pow(2).mean()
 
 
 def column_geometry(M: Tensor, threshold: float) -> dict:
@@ -161,37 +221,55 @@ def column_geometry(M: Tensor, threshold: float) -> dict:
             "n_represented": len(represented), "angles_deg": angles}
 
 
+def learning_rate(cfg: AttentionToyConfig, step: int) -> float:
+    """The learning rate of step (0-based): cfg.lr, or with schedule="cosine" decayed along a cosine from
+    cfg.lr at step 0 to lr / 100 at step cfg.steps (CosineAnnealingLR's closed form)."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    floor = cfg.lr / 100
+    return floor + (cfg.lr - floor) * (1 + math.cos(math.pi * step / cfg.steps)) / 2
+
+
+class Adam:
+    """Adam (Kingma & Ba; torch.optim.Adam's defaults: betas 0.9, 0.999, eps 1e-8, no weight decay) on
+    one small tensor, in a handful of in-place ops: torch.optim.Adam costs ~150 us a step on a [2, 5] M,
+    as much as the rest of a small toy step. tests pin it to torch.optim.Adam."""
+
+    def __init__(self, param: Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.param, self.betas, self.eps, self.steps = param, betas, eps, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def step(self, grad: Tensor, lr: float) -> None:
+        b1, b2 = self.betas
+        self.steps += 1
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.steps)).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-lr / (1 - b1 ** self.steps))
+
+
 def train_mixing(cfg: AttentionToyConfig, progress: bool = True) -> dict:
     """Fit M; returns the config, M [n_heads, n_true] as lists, losses, and column_geometry(M)."""
     ov = sparse_ov(cfg)
     init = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
     M = (torch.randn(cfg.n_heads, cfg.n_true, generator=init) / math.sqrt(cfg.n_true)).requires_grad_()
-    optimizer = torch.optim.Adam([M], lr=cfg.lr)
-    scheduler = None
-    if cfg.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps, eta_min=cfg.lr / 100)
+    optimizer = Adam(M)
     data = torch.Generator().manual_seed(derive_seed(cfg.seed, 2))
     losses = []
     bar = tqdm(range(cfg.steps), desc=f"attention toy (ov_density={cfg.ov_density:g}, seed={cfg.seed})",
                disable=not progress, leave=False)
     for step in bar:
-        patterns, resid = sample_batch(cfg, data)
-        read = patterns @ resid.unsqueeze(1)
-        loss = (_mixed_from_read(M, read, ov) - _true_from_read(read, ov)).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        loss, _ = mixing_loss(M, head_reads(draw_batch(cfg, data)), ov)
+        grad, = torch.autograd.grad(loss, M)
+        optimizer.step(grad, learning_rate(cfg, step))
         losses.append(loss.item())
         if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
     held_out = torch.Generator().manual_seed(derive_seed(cfg.seed, 3))
     with torch.no_grad():
-        patterns, resid = sample_batch(replace(cfg, batch=max(cfg.batch, 4096)), held_out)
-        target = true_output(patterns, resid, ov)
-        final = (mixed_output(M, patterns, resid, ov) - target).pow(2).mean().item()
-        zero = target.pow(2).mean().item()  # the loss of M = 0
+        draw = draw_batch(replace(cfg, batch=max(cfg.batch, 4096)), held_out)
+        final, zero = (x.item() for x in mixing_loss(M, head_reads(draw), ov))  # zero: the loss of M = 0
     return {"config": asdict(cfg), "M": M.detach().tolist(), "loss_first": losses[0],
             "loss_last_step": losses[-1], "loss": final, "loss_M_zero": zero,
             **column_geometry(M, cfg.threshold)}

@@ -79,6 +79,15 @@ def test_a_killed_scan_resumes_and_runs_only_what_is_missing(quick_scan, tmp_pat
     assert calls == []  # a finished scan reruns nothing
 
 
+def test_records_of_another_toy_version_are_not_reused(quick_scan, monkeypatch):
+    out, _ = quick_scan
+    done = {json.loads(line)["key"] for line in (out / "phase.jsonl").read_text().splitlines()}
+    configs = [run_config(QUICK, cell, d, 0, "constant") for cell in coarse_cells(QUICK) for d in QUICK.densities]
+    assert any(run_key(cfg) in done for cfg in configs)
+    monkeypatch.setattr(attention_phase, "TOY_VERSION", attention_phase.TOY_VERSION + 1)
+    assert not any(run_key(cfg) in done for cfg in configs)  # a rerun into the folder would run them again
+
+
 def test_coarse_cells_are_base_then_one_factor_at_a_time_then_distinct_seeded_draws():
     design = PhaseDesign()
     cells = coarse_cells(design)

@@ -10,9 +10,16 @@ from helpers.seeds import fresh_seed
 
 from sparsekit.cli.toys import main as toys_main
 from sparsekit.toys.attention_superposition import (
+    Adam,
     AttentionToyConfig,
     column_geometry,
+    dense_patterns,
+    distinct_keys,
+    draw_batch,
+    head_reads,
+    learning_rate,
     mixed_output,
+    mixing_loss,
     sample_batch,
     sparse_ov,
     train_mixing,
@@ -115,15 +122,38 @@ def test_cli_rejects_a_bad_flag_with_one_line_and_exit_2():
         assert len(done.stderr.strip().splitlines()) == 1 and "error" in done.stderr
 
 
-def test_key_sampling_picks_the_same_keys_as_an_argsort_of_the_same_uniforms():
-    seed = fresh_seed()
-    for keys in (1, 3):
-        cfg = AttentionToyConfig(n_true=3, n_tokens=6, batch=16, pattern_keys=keys, seed=seed)
-        patterns, _ = sample_batch(cfg, torch.Generator().manual_seed(seed))
-        uniforms = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
-        expected = torch.zeros(16, 3, 6, 6).scatter_(-1, uniforms.argsort(-1)[..., :keys], 1.0 / keys)
-        active = (patterns.sum(-1, keepdim=True) > 0).float()
-        torch.testing.assert_close(patterns, expected * active)
+def test_distinct_keys_are_distinct_and_every_subset_equally_likely():
+    keys = distinct_keys((60000,), 5, 2, torch.Generator().manual_seed(fresh_seed()))
+    assert keys.shape == (60000, 2) and torch.all(keys[:, 0] != keys[:, 1]) and keys.min() >= 0 and keys.max() < 5
+    subsets = torch.bincount(keys.min(1).values * 5 + keys.max(1).values, minlength=25)
+    counts = subsets[subsets > 0]
+    assert len(counts) == 10  # C(5, 2)
+    assert counts.min() > 0.9 * 6000 and counts.max() < 1.1 * 6000  # expected 6000 each, sd ~73
+    assert torch.equal(distinct_keys((7,), 4, 4, torch.Generator()).sort(-1).values, torch.arange(4).repeat(7, 1))
+
+
+def test_head_reads_equal_the_dense_patterns_times_resid():
+    for keys, resid in ((1, "gaussian"), (3, "onehot")):
+        cfg = AttentionToyConfig(n_true=3, n_tokens=6, d_model=5, batch=16, pattern_keys=keys, p_active=0.6,
+                                 p_head=0.5, resid=resid, seed=fresh_seed())
+        draw = draw_batch(cfg, torch.Generator().manual_seed(fresh_seed()))
+        patterns = dense_patterns(draw, cfg.n_tokens)
+        expected = (patterns @ draw.resid.unsqueeze(1)).transpose(1, 2)  # [B, T, H, d]
+        torch.testing.assert_close(head_reads(draw), expected)
+
+
+def test_mixing_loss_and_its_gradient_match_the_reference_model():
+    cfg = AttentionToyConfig(n_true=4, n_heads=3, n_tokens=7, d_model=6, batch=9, pattern_keys=2, p_active=0.7,
+                             ov_density=0.4, seed=fresh_seed())
+    draw = draw_batch(cfg, torch.Generator().manual_seed(fresh_seed()))
+    patterns, resid, ov = dense_patterns(draw, 7).double(), draw.resid.double(), sparse_ov(cfg).double()
+    M = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    target = true_output(patterns, resid, ov)
+    expected = (mixed_output(M, patterns, resid, ov) - target).pow(2).mean()
+    loss, zero = mixing_loss(M, head_reads(draw._replace(resid=draw.resid.double())), ov)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(zero, target.pow(2).mean())
+    torch.testing.assert_close(torch.autograd.grad(loss, M)[0], torch.autograd.grad(expected, M)[0])
 
 
 def test_p_head_switches_whole_patterns_off_at_its_rate():
@@ -163,3 +193,25 @@ def test_equal_ov_norm_gives_every_head_the_expected_norm_on_the_same_support():
     equal = sparse_ov(AttentionToyConfig(seed=seed, ov_density=0.05, d_model=8, ov_norm="equal"))
     torch.testing.assert_close(equal.flatten(1).norm(dim=1), torch.full((5,), math.sqrt(8)))
     assert torch.equal(equal != 0, drawn != 0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_toys_adam_and_schedule_follow_torch_optim(schedule):
+    cfg = AttentionToyConfig(steps=40, lr=0.05, schedule=schedule)
+    ours = torch.randn(2, 5)
+    theirs = ours.clone().requires_grad_()
+    reference = torch.optim.Adam([theirs], lr=cfg.lr)
+    scheduler = None
+    if schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=cfg.steps, eta_min=cfg.lr / 100)
+    optimizer = Adam(ours)
+    grads = torch.Generator().manual_seed(fresh_seed())
+    for step in range(cfg.steps):
+        assert learning_rate(cfg, step) == pytest.approx(reference.param_groups[0]["lr"], rel=1e-9)
+        grad = torch.randn(2, 5, generator=grads) * (1 + step % 3)
+        optimizer.step(grad, learning_rate(cfg, step))
+        theirs.grad = grad.clone()
+        reference.step()
+        if scheduler is not None:
+            scheduler.step()
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
