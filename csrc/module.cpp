@@ -83,11 +83,12 @@ void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<
 
 template <typename T>
 void topk_select_block_py(const Array<T>& pre, const Array<T>& bias, int64_t col0, int64_t k, bool first, bool last,
-                          Array<T>& values, Index& indices, int threads) {
+                          Array<T>& values, Index& indices, int threads, int64_t threshold_min_share) {
   require(pre.ndim() == 2, "pre must be 2-D");
   const int64_t rows = pre.shape(0), width = pre.shape(1);
   require(k >= 1, "k must be >= 1");
   require(col0 >= 0, "col0 must be >= 0");
+  require(threshold_min_share >= 0, "threshold_min_share must be >= 0");
   require_shape(bias, "bias", {width});
   require_shape(values, "values", {rows, k});
   require_shape(indices, "indices", {rows, k});
@@ -96,7 +97,7 @@ void topk_select_block_py(const Array<T>& pre, const Array<T>& bias, int64_t col
   T* v = values.mutable_data();
   int64_t* i = indices.mutable_data();
   py::gil_scoped_release release;
-  topk_select_block(p, b, rows, width, col0, k, first, last, v, i, threads);
+  topk_select_block(p, b, rows, width, col0, k, first, last, v, i, threads, threshold_min_share);
 }
 
 // pre [rows, n] + bias [n] -> (values [E], cols [E], counts [rows]): the positive entries in
@@ -443,8 +444,11 @@ void bind_all(py::module_& m) {
   m.def("topk_select_block", &topk_select_block_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
         py::arg("col0"), py::arg("k"), py::arg("first"), py::arg("last"), py::arg("values").noconvert(),
         py::arg("indices").noconvert(), py::arg("threads") = 0,
+        py::arg("threshold_min_share") = kThresholdSelectMinShare,
         "topk_select over column blocks fed in order: values/indices carry the candidates between calls "
-        "and hold the sorted, ReLU'd top-k after the last block.");
+        "and hold the sorted, ReLU'd top-k after the last block. A whole row (first and last) with "
+        "k * threshold_min_share >= its width is selected by threshold (nth_element) instead of a heap, "
+        "with the same result; 0: always the heap.");
   m.def("relu_compact", &relu_compact_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
         py::arg("max_entries"), py::arg("threads") = 0,
         "The positive entries of pre + bias [rows, n] in row-major order: (values, cols, counts per row), "

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -133,18 +134,100 @@ void topk_select_block_row(const T* pre, const T* bias, int64_t width, int64_t c
   }
 }
 
+// The same result for a whole row in one block when k is a large share of it, where the heap
+// takes most entries in (a heap of 256 over 1,638 columns: ~730 insertions of log2(256) levels
+// each). Instead, by threshold: a lower bound t on the k-th best value from a fixed sample (every
+// kSampleStride-th entry; its rank chosen so that ~1.5 k + 16 entries are expected at or above t),
+// the entries >= t collected in column order (branch-free), the k-th best among them by
+// std::nth_element, then the entries above it and the first entries equal to it in column order
+// (ties: lower index), sorted. Exact whatever the sample: when fewer than k entries reach t, t is
+// dropped and every entry is a candidate. Selects what the heap does: the k best by (value
+// descending, index ascending) among entries > -inf (NaN and -inf never enter the heap either);
+// returns false, writing nothing, when fewer than k entries qualify (the heap then keeps its
+// sentinels, and the caller runs it).
+constexpr int64_t kSampleStride = 8;
+
+template <typename T>
+struct ThresholdScratch {
+  std::vector<T> sample, values;
+  std::vector<int64_t> columns;
+  std::vector<Candidate<T>> kept;
+};
+
+template <typename T>
+bool topk_select_row_by_threshold(const T* pre, const T* bias, int64_t width, int64_t col0, int64_t k,
+                                  ThresholdScratch<T>& s, T* values_out, int64_t* indices_out) {
+  const T floor = -std::numeric_limits<T>::infinity();
+  T bound = floor;  // candidates: entries > floor and >= bound
+  s.sample.clear();
+  for (int64_t j = 0; j < width; j += kSampleStride) {
+    const T v = pre[j] + bias[j];
+    if (v > floor) s.sample.push_back(v);
+  }
+  const int64_t rank = int64_t(double(k) * 1.5 * double(s.sample.size()) / double(width)) + 2;
+  if (rank <= int64_t(s.sample.size())) {
+    std::nth_element(s.sample.begin(), s.sample.begin() + (rank - 1), s.sample.end(), std::greater<T>());
+    bound = s.sample[rank - 1];
+  }
+  s.values.resize(width);
+  s.columns.resize(width);
+  int64_t count = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    count = 0;
+    for (int64_t j = 0; j < width; ++j) {
+      const T v = pre[j] + bias[j];
+      s.values[count] = v;
+      s.columns[count] = j;
+      count += (v > floor) & (v >= bound);
+    }
+    if (count >= k || bound == floor) break;
+    bound = floor;  // the sample's bound was too high: every entry is a candidate
+  }
+  if (count < k) return false;
+  s.sample.assign(s.values.begin(), s.values.begin() + count);
+  std::nth_element(s.sample.begin(), s.sample.begin() + (k - 1), s.sample.end(), std::greater<T>());
+  const T kth = s.sample[k - 1];
+  int64_t above = 0;
+  for (int64_t c = 0; c < count; ++c) above += s.values[c] > kth;
+  int64_t ties = k - above;  // entries equal to kth to keep, the lowest columns first
+  s.kept.clear();
+  for (int64_t c = 0; c < count; ++c) {
+    const T v = s.values[c];
+    if (v > kth || (v == kth && ties-- > 0)) s.kept.push_back({v, col0 + s.columns[c]});
+  }
+  std::sort(s.kept.begin(), s.kept.end(), [](const Candidate<T>& a, const Candidate<T>& b) { return worse(b, a); });
+  for (int64_t j = 0; j < k; ++j) {
+    values_out[j] = s.kept[j].value > T(0) ? s.kept[j].value : T(0);
+    indices_out[j] = s.kept[j].index;
+  }
+  return true;
+}
+
+// A whole row (first and last) with k at least 1/threshold_min_share of its width goes through
+// topk_select_row_by_threshold. The default is sparsekit.ops.cpu.encode.THRESHOLD_SELECT_MIN_SHARE's
+// (its comment has the measurements; `sparsekit tune` measures the machine at hand, and the
+// Python callers pass the value in effect).
+constexpr int64_t kThresholdSelectMinShare = 64;
+
 // pre [rows, width]: columns [col0, col0 + width) of the rows' pre-activations (no bias); bias
 // [width] (the same columns); values/indices [rows, k] carried across the calls of one row block.
 template <typename T>
 void topk_select_block(const T* pre, const T* bias, int64_t rows, int64_t width, int64_t col0, int64_t k,
-                       bool first, bool last, T* values, int64_t* indices, int threads) {
+                       bool first, bool last, T* values, int64_t* indices, int threads,
+                       int64_t threshold_min_share = kThresholdSelectMinShare) {
+  const bool by_threshold = first && last && k <= width && threshold_min_share > 0 && k * threshold_min_share >= width;
 #pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
   {
     std::vector<Candidate<T>> heap(k);
+    ThresholdScratch<T> scratch;
 #pragma omp for schedule(guided)
-    for (int64_t r = 0; r < rows; ++r)
+    for (int64_t r = 0; r < rows; ++r) {
+      if (by_threshold && topk_select_row_by_threshold(pre + r * width, bias, width, col0, k, scratch,
+                                                       values + r * k, indices + r * k))
+        continue;
       topk_select_block_row(pre + r * width, bias, width, col0, k, first, last, heap.data(), values + r * k,
                             indices + r * k);
+    }
   }
 }
 

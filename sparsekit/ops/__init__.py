@@ -72,6 +72,7 @@ def cpu_ops() -> dict[str, Callable]:
             "ghost_grad_loss": ghost.ghost_grad_loss_cpu,
             "topk_encode_with_latents": encode.topk_encode_latents_cpu,
             "ghost_grad_loss_from_pre": ghost.ghost_from_pre_cpu,
+            "topk_positions": encode.topk_positions_cpu,
         })
     return _CPU_OPS
 
@@ -227,11 +228,7 @@ def topk_positions(pre: Tensor, k: int) -> Tensor:
     checks.non_empty_batch("pre", pre)
     k = checks.k_in_range(k, pre.shape[1])
     if backend_for(pre) == "cpp":
-        pre = pre.detach().contiguous()
-        values, indices = pre.new_empty(pre.shape[0], k), torch.empty(pre.shape[0], k, dtype=torch.int64)
-        _C.topk_select_block(pre.numpy(), pre.new_zeros(pre.shape[1]).numpy(), 0, k, True, True, values.numpy(),
-                             indices.numpy(), 0)
-        return indices
+        return cpu_ops()["topk_positions"](pre.detach().contiguous(), k)
     return reference.topk_positions(pre, k)
 
 

@@ -173,3 +173,36 @@ def test_large_outputs_are_recycled_only_once_nothing_refers_to_them():
     assert cpu_gemm.empty_output(shape, torch.float32).data_ptr() != address  # alive as a .grad
     kept = cpu_gemm.empty_output(shape, torch.float32, recycle=False)
     del kept  # not pooled: nothing to assert but that it is a plain buffer
+
+
+def _select(pre: np.ndarray, k: int, share: int, col0: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sparsekit.ops.backend import _C
+    values, indices = np.empty((pre.shape[0], k), pre.dtype), np.empty((pre.shape[0], k), np.int64)
+    _C.topk_select_block(pre, np.zeros(pre.shape[1], pre.dtype), col0, k, True, True, values, indices, 0, share)
+    return values, indices
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width,k", [(1, 1), (7, 7), (40, 3), (300, 64), (1000, 250)])
+def test_whole_row_selection_by_threshold_equals_the_heap_on_ties_and_non_finite_values(dtype, width, k,
+                                                                                        two_torch_threads):
+    rng = np.random.default_rng(width * 31 + k)
+    pre = rng.integers(-4, 5, size=(64, width)).astype(dtype) * 0.5  # few distinct values: ties everywhere
+    pre[1] = rng.standard_normal(width)  # distinct values
+    pre[2] = 1.0  # one value
+    specials = rng.random((64, width)) < 0.1
+    pre[3:][specials[3:]] = rng.choice([np.nan, np.inf, -np.inf], size=int(specials[3:].sum()))
+    pre[4, : width - k + 1] = -np.inf  # fewer than k entries above -inf when k > 1: the heap's sentinels
+    pre[5] = np.nan
+    heap = _select(pre, k, share=0, col0=3)
+    threshold = _select(pre, k, share=10**9, col0=3)  # every whole row by threshold
+    assert np.array_equal(heap[1], threshold[1])
+    np.testing.assert_array_equal(heap[0], threshold[0])  # NaN-free: ReLU'd values, or 0 for sentinels
+
+
+def test_topk_positions_by_threshold_match_the_reference_with_ties(two_torch_threads, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
+    gen = torch.Generator().manual_seed(5)
+    pre = torch.randint(-20, 20, (300, 1638), generator=gen).float() / 4  # k / width >= 1/64: by threshold
+    for k in (26, 256, 1638):
+        assert torch.equal(ops.topk_positions(pre, k), reference.topk_positions(pre, k))

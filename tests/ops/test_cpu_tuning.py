@@ -6,7 +6,8 @@ import pytest
 
 from sparsekit.ops.cpu import gemm, tuner, tuning
 
-OTHER = {"parallel_min_flop": 0, "screen_min_flop": 3, "screen_min_n_over_k": 7, "screen_rows": 64}
+OTHER = {"parallel_min_flop": 0, "screen_min_flop": 3, "screen_min_n_over_k": 7, "screen_rows": 64,
+         "select_threshold_min_share": 0}
 DEFAULTS = lambda: {name: tuning.default(name) for name in tuning.KNOBS}  # noqa: E731
 
 
@@ -110,3 +111,13 @@ def test_the_crossover_keeps_the_default_where_it_lies_outside_what_was_measured
 def test_the_fastest_choice_keeps_the_default_unless_another_beats_it_by_the_margin():
     assert tuner.fastest({256: 0.99, 1024: 1.0}, keep=1024) == 1024
     assert tuner.fastest({256: 0.9, 1024: 1.0}, keep=1024) == 256
+
+
+def test_the_selection_share_is_the_k_crossover_as_a_share_of_the_width():
+    heap, fast, slow = 1.0, 0.5, 2.0
+    # threshold wins from k = 64 on (crossing between 32 and 64: k ~ 45): share ceil(2048 / 45) = 46
+    rungs = [(8, slow, heap), (16, slow, heap), (32, slow, heap), (64, fast, heap), (128, fast, heap)]
+    assert tuner.select_share_from(rungs, 2048, 64) == 46
+    assert tuner.select_share_from([(8, fast, heap), (32, fast, heap)], 2048, 64) == 256  # wins everywhere: from k = 8
+    # never wins up to k = 32: the default's k (2048 / 64 = 32) or twice the largest rung, whichever is larger
+    assert tuner.select_share_from([(8, slow, heap), (32, slow, heap)], 2048, 64) == 32

@@ -25,6 +25,7 @@ from torch import Tensor
 from sparsekit.ops.autograd import kept_rows, register_batchtopk, register_jumprelu, register_relu, register_topk
 from sparsekit.ops.backend import _C
 
+from . import tuning
 from .gemm import empty_output, gemm_library, numpy_view, row_tiles, scratch
 from .screen import batchtopk_encode_screened, relu_encode_screened, topk_encode_screened, use_screen
 from .sparse import coo_t_times_dense_cpu, coo_times_dense_t_cpu
@@ -44,6 +45,29 @@ TILE_BYTES = 64 * 2**20
 # against ~60 ms from L3 or DRAM.
 TOPK_TILE_ROWS = 1024
 L2_TILE_BYTES = 2**20
+
+
+# Whole-row top-k (topk_positions, the latents' top k_latents, AuxK's aux codes) by threshold
+# (a sampled bound, nth_element, then a sort of the k kept; csrc/topk_select.hpp) instead of a heap
+# when k * this >= the row's width: the heap takes most entries in when k is a large share of the
+# row. Measured on the 2-core AVX2 EPYC, 4096 Gaussian rows, threshold / heap time: width 1638:
+# 2.67 / 0.91 / 0.62 / 0.38 at k = 8 / 32 / 64 / 256; width 8192: 2.03 / 1.16 / 0.70 / 0.43 at
+# k = 32 / 64 / 128 / 256; width 16384: 0.98 at k = 128, 0.59 at 256. `sparsekit tune` measures it.
+THRESHOLD_SELECT_MIN_SHARE = 64
+
+
+def select_share() -> int:
+    """THRESHOLD_SELECT_MIN_SHARE as in effect (tuned, pinned by a resumed run, or the default)."""
+    return tuning.chosen("select_threshold_min_share")
+
+
+def topk_positions_cpu(pre: Tensor, k: int) -> Tensor:
+    """The columns of the k largest entries of each row of pre [B, m] (contiguous), largest first,
+    ties to the lower column -> [B, k] int64."""
+    values, indices = pre.new_empty(pre.shape[0], k), torch.empty(pre.shape[0], k, dtype=torch.int64)
+    _C.topk_select_block(numpy_view(pre), numpy_view(pre.new_zeros(pre.shape[1])), 0, k, True, True,
+                         numpy_view(values), numpy_view(indices), 0, select_share())
+    return indices
 
 
 def _tile_rows(n: int, itemsize: int) -> int:
@@ -102,6 +126,7 @@ def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, latent
     values = x.new_empty(batch, k)
     indices = torch.empty(batch, k, dtype=torch.int64)
     bias = numpy_view(b_enc)
+    share = select_share()
     library = gemm_library(2.0 * batch * x.shape[1] * n)
     if library == "numpy":
         rows = min(batch, TOPK_TILE_ROWS)
@@ -127,7 +152,7 @@ def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, latent
     def select(start: int, stop: int, col0: int, pre: Tensor, threads: int) -> None:
         _C.topk_select_block(numpy_view(pre), bias[col0:col0 + pre.shape[1]], col0, k, col0 == 0,
                              col0 + pre.shape[1] == n, numpy_view(values[start:stop]),
-                             numpy_view(indices[start:stop]), threads)
+                             numpy_view(indices[start:stop]), threads, share)
         if latents is None:
             return
         p0, p1 = bounds[col0 // width], bounds[col0 // width + 1]
@@ -144,7 +169,7 @@ def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, latent
         if k_latents and p1 == m:
             _C.topk_select_block(target, latent_bias_np, 0, k_latents, True, True,
                                  numpy_view(latent_values[start:stop]), numpy_view(latent_positions[start:stop]),
-                                 threads)
+                                 threads, share)
 
     row_tiles(x, W_enc, rows, select, library=library, col_tile=width)
     return (values, indices, *extra)
@@ -242,7 +267,7 @@ def topk_encode_latents_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: T
         else:
             extra = [x.new_empty(batch, k_latents), torch.empty(batch, k_latents, dtype=torch.int64)]
             _C.topk_select_block(numpy_view(columns), numpy_view(latent_bias), 0, k_latents, True, True,
-                                 numpy_view(extra[0]), numpy_view(extra[1]), 0)
+                                 numpy_view(extra[0]), numpy_view(extra[1]), 0, select_share())
     empty = x.new_empty(batch, 0)
     if k_latents == 0:
         return values, indices, extra[0].add_(latent_bias), empty, empty.to(torch.int64)

@@ -4,8 +4,10 @@ Each pair of paths runs ``topk_encode`` (its C++ custom op) on the same Gaussian
 W_enc [d, n] / sqrt(d) at a ladder of sizes, in interleaved rounds, the fastest round kept. A
 crossover is where the new path wins by MARGIN at that size and every larger one (``crossover``);
 the rows per bf16 GEMM block are the fastest of a few (``fastest``), the default kept unless beaten
-by MARGIN. The screen's knobs are measured only on CPUs with native bf16, the OpenBLAS crossover only
-where NumPy's OpenBLAS can be controlled; what is skipped is said. A full tune takes about 30 s on
+by MARGIN. The whole-row selection (heap or threshold, csrc/topk_select.hpp) is timed on Gaussian
+pre-activations over a ladder of k at one width; its crossover in k becomes a share of the width.
+The screen's knobs are measured only on CPUs with native bf16, the OpenBLAS crossover only where
+NumPy's OpenBLAS can be controlled; what is skipped is said. A full tune takes about 30 s on
 2 cores (at most TIME_BUDGET: a stage begun after it is skipped and keeps its default); ``quick``,
 a few seconds.
 """
@@ -120,6 +122,8 @@ SCREEN_RUNGS = {False: [(64, 256, 2048), (128, 256, 2048), (256, 256, 2048), (25
 N_OVER_K = [16, 32, 64, 128, 256]
 SCREEN_RATIO_SHAPE = {False: (1024, 256, 4096), True: (256, 256, 4096)}
 SCREEN_ROW_CHOICES = {False: ((2048, 256, 8192), [256, 512, 1024, 2048]), True: ((512, 256, 4096), [128, 256, 512])}
+# (rows, width) of Gaussian pre-activations and the k ladder of the whole-row selection stage.
+SELECT_RUNGS = {False: ((1024, 2048), [8, 16, 32, 64, 128, 256]), True: ((256, 1024), [8, 32, 128])}
 
 
 def tune(quick: bool = False, progress: bool = True, budget: float | None = None, say=print) -> dict:
@@ -134,7 +138,8 @@ def tune(quick: bool = False, progress: bool = True, budget: float | None = None
     start = time.perf_counter()
     values, measured, notes = {}, {}, {}
     stages = [("parallel_min_flop", len(GEMM_RUNGS[quick])), ("screen_min_flop", len(SCREEN_RUNGS[quick])),
-              ("screen_min_n_over_k", len(N_OVER_K)), ("screen_rows", len(SCREEN_ROW_CHOICES[quick][1]))]
+              ("screen_min_n_over_k", len(N_OVER_K)), ("screen_rows", len(SCREEN_ROW_CHOICES[quick][1])),
+              ("select_threshold_min_share", len(SELECT_RUNGS[quick][1]))]
     bar = tqdm(total=sum(count for _, count in stages), disable=not progress, unit="size", desc="sparsekit tune",
                dynamic_ncols=True)
 
@@ -159,7 +164,11 @@ def tune(quick: bool = False, progress: bool = True, budget: float | None = None
                     bar.update()
             values["parallel_min_flop"] = crossover(rungs, default("parallel_min_flop"))
             measured["parallel_min_flop"] = [{"flop": f, "openblas_s": a, "torch_s": b} for f, a, b in rungs]
-        # 2-4. The bf16 screen: only where bf16 is native (elsewhere it is emulated and never chosen).
+        # 2. Whole-row top-k: a heap against selection by threshold, over a ladder of k.
+        if not over_budget("select_threshold_min_share"):
+            values["select_threshold_min_share"], measured["select_threshold_min_share"] = _tune_select(
+                quick, rounds, bar)
+        # 3-5. The bf16 screen: only where bf16 is native (elsewhere it is emulated and never chosen).
         if not screen.cpu_has_native_bf16():
             for name in ("screen_min_flop", "screen_min_n_over_k", "screen_rows"):
                 notes[name] = "skipped: this CPU has no native bf16 (avx512_bf16 or amx_bf16): the screen stays off"
@@ -180,6 +189,34 @@ def tune(quick: bool = False, progress: bool = True, budget: float | None = None
     return {"format": tuning.FORMAT, "key": key, "values": values, "quick": quick,
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(seconds, 2), "load_average": round(load, 2), "measured": measured, "notes": notes}
+
+
+def select_share_from(rungs: list[tuple[int, float, float]], width: int, default_share: int) -> int:
+    """The share k * share >= width from which selection by threshold is used, from rungs (k,
+    threshold seconds, heap seconds) at one width, k ascending: the crossover in k (``crossover``,
+    the default's k where the measurements leave it open) turned into a share of the width."""
+    default_k = max(1, -(-width // default_share)) if default_share else 2 * int(rungs[-1][0])
+    return max(1, -(-width // crossover(rungs, default_k)))
+
+
+def _tune_select(quick: bool, rounds: int, bar) -> tuple[int, list]:
+    import numpy as np
+
+    from sparsekit.ops.backend import _C
+    (rows, width), ladder = SELECT_RUNGS[quick]
+    pre = np.random.default_rng(0).standard_normal((rows, width), dtype=np.float32)
+    bias = np.zeros(width, np.float32)
+    rungs = []
+    for k in ladder:
+        values, indices = np.empty((rows, k), np.float32), np.empty((rows, k), np.int64)
+
+        def select(share, k=k, values=values, indices=indices):
+            return lambda: _C.topk_select_block(pre, bias, 0, k, True, True, values, indices, 0, share)
+        times = _fastest_times({"threshold": select(2**24), "heap": select(0)}, rounds)
+        rungs.append((k, times["threshold"], times["heap"]))
+        bar.update()
+    share = select_share_from(rungs, width, default("select_threshold_min_share"))
+    return share, [{"k": k, "width": width, "threshold_s": a, "heap_s": b} for k, a, b in rungs]
 
 
 def _pair(call, rounds: int) -> tuple[float, float]:

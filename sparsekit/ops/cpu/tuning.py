@@ -68,6 +68,9 @@ KNOBS = {
     "screen_min_n_over_k": Knob("sparsekit.ops.cpu.screen", "SCREEN_MIN_N_OVER_K", 1, NEVER,
                                 "bf16 screen for TopK/BatchTopK only when n >= this * k"),
     "screen_rows": Knob("sparsekit.ops.cpu.screen", "SCREEN_ROWS", 1, 2**24, "rows per bf16 GEMM block"),
+    "select_threshold_min_share": Knob("sparsekit.ops.cpu.encode", "THRESHOLD_SELECT_MIN_SHARE", 0, 2**24,
+                                       "whole-row top-k by threshold, not a heap, when k * this >= the width "
+                                       "(0: always the heap)"),
 }
 
 _lock = threading.Lock()
