@@ -78,7 +78,7 @@ void topk_select_py(const Array<T>& pre, const Array<T>& bias, int64_t k, Array<
   T* v = values.mutable_data();
   int64_t* i = indices.mutable_data();
   py::gil_scoped_release release;
-  topk_select_block(p, b, rows, n, int64_t(0), k, true, true, v, i, threads);  // the whole row as one block
+  topk_select_block(p, b, rows, n, int64_t(0), k, true, true, v, i, threads, 0);  // the whole row, by a heap
 }
 
 template <typename T>
@@ -443,8 +443,7 @@ void bind_all(py::module_& m) {
         "Per row of pre + bias [rows, n]: the k largest (ties: lower index), ReLU'd, sorted descending.");
   m.def("topk_select_block", &topk_select_block_py<T>, py::arg("pre").noconvert(), py::arg("bias").noconvert(),
         py::arg("col0"), py::arg("k"), py::arg("first"), py::arg("last"), py::arg("values").noconvert(),
-        py::arg("indices").noconvert(), py::arg("threads") = 0,
-        py::arg("threshold_min_share") = kThresholdSelectMinShare,
+        py::arg("indices").noconvert(), py::arg("threads"), py::arg("threshold_min_share"),
         "topk_select over column blocks fed in order: values/indices carry the candidates between calls "
         "and hold the sorted, ReLU'd top-k after the last block. A whole row (first and last) with "
         "k * threshold_min_share >= its width is selected by threshold (nth_element) instead of a heap, "

@@ -35,7 +35,6 @@ constexpr int64_t kColumnBlock = 16;
 // the output row per entry. No software prefetch: asking for the gathered rows 1, 2 or 8 entries
 // ahead measured no faster than leaving it to the hardware (B=4096, d=512, n=16384, k=32, AVX-512
 // EPYC under load), and this loop then matches torch's embedding_bag on the same gathers.
-constexpr int kDecodeVectorBytes = kVectorBytes;
 #if defined(__AVX512F__)
 constexpr int kDecodeVectors = 16;
 #else
@@ -46,11 +45,11 @@ template <typename T>
 struct DecodeVector;
 template <>
 struct DecodeVector<float> {
-  typedef float type __attribute__((vector_size(kDecodeVectorBytes)));
+  typedef float type __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct DecodeVector<double> {
-  typedef double type __attribute__((vector_size(kDecodeVectorBytes)));
+  typedef double type __attribute__((vector_size(kVectorBytes)));
 };
 
 template <typename V, typename T>
@@ -84,7 +83,7 @@ template <typename T>
 inline void decode_row(const T* values, const int64_t* cols, const int64_t* order, int64_t begin, int64_t end,
                        const T* dense, int64_t d, const T* bias, T* y) {
   using V = typename DecodeVector<T>::type;
-  constexpr int64_t kLanes = kDecodeVectorBytes / sizeof(T), kWidth = kLanes * kDecodeVectors;
+  constexpr int64_t kLanes = kVectorBytes / sizeof(T), kWidth = kLanes * kDecodeVectors;
   auto entry = [order](int64_t p) { return order ? order[p] : p; };
   int64_t i0 = 0;
   for (; i0 + kWidth <= d; i0 += kWidth) {
@@ -211,7 +210,7 @@ constexpr int kDotChains = 4;
 template <typename T, bool Axpy>
 inline T dot_and_axpy_row(const T* u, const T* w, T v, T* acc, int64_t d) {
   using V = typename DecodeVector<T>::type;
-  constexpr int64_t kLanes = kDecodeVectorBytes / sizeof(T), kStep = kLanes * kDotChains;
+  constexpr int64_t kLanes = kVectorBytes / sizeof(T), kStep = kLanes * kDotChains;
   V chain[kDotChains];
   for (int j = 0; j < kDotChains; ++j) chain[j] = V{};
   int64_t i = 0;

@@ -203,18 +203,15 @@ bool topk_select_row_by_threshold(const T* pre, const T* bias, int64_t width, in
   return true;
 }
 
-// A whole row (first and last) with k at least 1/threshold_min_share of its width goes through
-// topk_select_row_by_threshold. The default is sparsekit.ops.cpu.encode.THRESHOLD_SELECT_MIN_SHARE's
-// (its comment has the measurements; `sparsekit tune` measures the machine at hand, and the
-// Python callers pass the value in effect).
-constexpr int64_t kThresholdSelectMinShare = 64;
-
 // pre [rows, width]: columns [col0, col0 + width) of the rows' pre-activations (no bias); bias
 // [width] (the same columns); values/indices [rows, k] carried across the calls of one row block.
+// A whole row (first and last) with k * threshold_min_share >= width goes through
+// topk_select_row_by_threshold (0: always the heap). The value comes from the Python callers:
+// sparsekit.ops.cpu.encode.THRESHOLD_SELECT_MIN_SHARE (measurements there), or what `sparsekit tune`
+// measured on the machine at hand.
 template <typename T>
 void topk_select_block(const T* pre, const T* bias, int64_t rows, int64_t width, int64_t col0, int64_t k,
-                       bool first, bool last, T* values, int64_t* indices, int threads,
-                       int64_t threshold_min_share = kThresholdSelectMinShare) {
+                       bool first, bool last, T* values, int64_t* indices, int threads, int64_t threshold_min_share) {
   const bool by_threshold = first && last && k <= width && threshold_min_share > 0 && k * threshold_min_share >= width;
 #pragma omp parallel num_threads(threads > 0 ? threads : max_threads())
   {
