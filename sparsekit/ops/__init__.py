@@ -73,6 +73,7 @@ def cpu_ops() -> dict[str, Callable]:
             "topk_encode_with_latents": encode.topk_encode_latents_cpu,
             "ghost_grad_loss_from_pre": ghost.ghost_from_pre_cpu,
             "topk_positions": encode.topk_positions_cpu,
+            "dense_decode": decode.dense_decode_cpu,
         })
     return _CPU_OPS
 
@@ -452,6 +453,27 @@ def ghost_grad_loss_from_pre(pre_dead: Tensor, W_dec: Tensor, dead_idx: Tensor, 
         W_dec_dead = W_dec.detach().index_select(0, dead_idx).contiguous()
         return cpu_ops()["ghost_grad_loss_from_pre"](pre_dead.contiguous(), W_dec_dead, residual, mse_main, eps)[0]
     return reference.ghost_grad_loss_from_pre(pre_dead, W_dec, dead_idx, residual, mse_main, eps)
+
+
+def dense_decode(codes: Tensor, W_dec: Tensor, latents: Tensor) -> Tensor:
+    """codes @ W_dec[latents]: the dense codes [B, m] of the latents L = ``latents`` [m] (distinct
+    int64) decoded -> [B, d_out], no bias; differentiable in codes and W_dec (see
+    reference.dense_decode). AuxK's reconstruction when it keeps most dead latents. On the C++ path
+    the three products (forward, grad codes, grad W_dec[L]) are ``sparsekit.ops.cpu.gemm.matmul``'s,
+    and W_dec's gradient is written into rows L only."""
+    checks.tensor("codes", codes, 2)
+    checks.tensor("W_dec", W_dec, 2)
+    checks.tensor("latents", latents, 1, floating=False)
+    checks.same_dtype_and_device("codes", codes, W_dec=W_dec)
+    checks.same_device("codes", codes, latents=latents)
+    checks.size("codes", codes, 1, latents.shape[0], "the number of latents")
+    checks.indices_in_range("latents", latents, W_dec.shape[0], "n_latents, the rows of W_dec")
+    if not torch.compiler.is_compiling() and latents.unique().numel() != latents.numel():
+        raise ValueError("latents must not repeat a latent")
+    checks.finite(codes=codes)
+    if backend_for(codes) == "cpp" and latents.numel() and codes.shape[0]:
+        return cpu_ops()["dense_decode"](codes.contiguous(), W_dec, latents.contiguous())
+    return reference.dense_decode(codes, W_dec, latents)
 
 
 def _rows_on_cpp(*tensors: Tensor) -> bool:

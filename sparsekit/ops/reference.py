@@ -188,6 +188,12 @@ def ghost_grad_loss_from_pre(pre_dead: Tensor, W_dec: Tensor, dead_idx: Tensor, 
     return loss * (mse_main.detach() / (loss.detach() + eps))
 
 
+def dense_decode(codes: Tensor, W_dec: Tensor, latents: Tensor) -> Tensor:
+    """The dense codes [B, m] of the latents L = ``latents`` [m] decoded: codes @ W_dec[L] -> [B, d_out]
+    (no bias). Gradients reach codes and W_dec's rows L."""
+    return codes @ W_dec[latents]
+
+
 def remove_parallel_rows(grad: Tensor, W: Tensor) -> Tensor:
     """Each row of grad [n, d] minus its component along the same row of W [n, d] (the
     unit-norm decoder's gradient projection): grad - (grad . w_hat) w_hat, w_hat = w / max(||w||, 1e-12)."""

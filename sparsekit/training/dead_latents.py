@@ -98,7 +98,7 @@ def auxk_loss(sae: SparseDictionary, x: Tensor, residual: Tensor, dead: Tensor, 
             acts = torch.zeros_like(pre).scatter_(1, positions, torch.relu(pre.gather(1, positions)))
         else:
             acts = torch.relu(pre)
-        reconstruction = acts @ sae.W_dec[dead]
+        reconstruction = ops.dense_decode(acts, sae.W_dec, dead)
     else:
         codes = ops.topk_encode(x, sae.W_enc[:, dead], sae.encoder_bias(dead), k)
         reconstruction = ops.sparse_decode(codes.values, codes.indices, sae.W_dec[dead], torch.zeros_like(sae.b_dec))

@@ -6,7 +6,7 @@ import pytest
 
 from sparsekit.ops.cpu import gemm, tuner, tuning
 
-OTHER = {"parallel_min_flop": 0, "screen_min_flop": 3, "screen_min_n_over_k": 7, "screen_rows": 64,
+OTHER = {"parallel_min_flop": 0, "pooled_mm_min_flop": 5, "screen_min_flop": 3, "screen_min_n_over_k": 7, "screen_rows": 64,
          "select_threshold_min_share": 0}
 DEFAULTS = lambda: {name: tuning.default(name) for name in tuning.KNOBS}  # noqa: E731
 

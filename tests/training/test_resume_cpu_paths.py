@@ -15,7 +15,7 @@ from sparsekit.training import loop
 D, N, K, BATCH, STEPS, KILL_AT = 64, 512, 8, 256, 12, 4
 # Every path switched from its default at these sizes: OpenBLAS row tiles instead of torch's GEMM,
 # and on CPUs with native bf16 the bf16 screen (which then runs instead of either GEMM).
-OTHER_PATHS = {"parallel_min_flop": 0, "screen_min_flop": 0, "screen_min_n_over_k": 1, "screen_rows": 64,
+OTHER_PATHS = {"parallel_min_flop": 0, "pooled_mm_min_flop": 0, "screen_min_flop": 0, "screen_min_n_over_k": 1, "screen_rows": 64,
                "select_threshold_min_share": 1}
 
 

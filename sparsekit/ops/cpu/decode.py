@@ -16,7 +16,7 @@ from torch import Tensor
 from sparsekit.ops.autograd import register_sparse_decode
 from sparsekit.ops.backend import _C
 
-from .gemm import empty_output, numpy_view
+from .gemm import empty_output, matmul, numpy_view
 from .sparse import coo_t_times_dense_cpu, sampled_dense_dot_cpu
 
 
@@ -65,3 +65,38 @@ def _decode_backward(ctx, grad_y):
 
 
 register_sparse_decode(sparse_decode_cpu, _decode_backward)
+
+
+# --- dense codes of a few latents (AuxK keeping most dead latents) --------------------------------
+
+@torch.library.custom_op("sparsekit::dense_decode_cpu", mutates_args=())
+def dense_decode_cpu(codes: Tensor, W_dec: Tensor, latents: Tensor) -> Tensor:
+    """codes [B, m] @ W_dec[latents] [m, d] -> [B, d], through ``gemm.matmul`` (OpenBLAS on the
+    pool for large products)."""
+    return matmul(codes, W_dec.index_select(0, latents))
+
+
+@dense_decode_cpu.register_fake
+def _(codes, W_dec, latents):
+    return codes.new_empty(codes.shape[0], W_dec.shape[1])
+
+
+def _dense_decode_setup(ctx, inputs, output):
+    codes, W_dec, latents = inputs
+    ctx.save_for_backward(codes, W_dec, latents)
+
+
+def _dense_decode_backward(ctx, grad_y):
+    """grad codes = grad_y @ W_dec[L]^T [B, m]; grad W_dec: codes^T @ grad_y [m, d] in rows L of a
+    zero [n, d] (a weight gradient, so from the recycled pool of ``empty_output``)."""
+    codes, W_dec, latents = ctx.saved_tensors
+    grad_codes = grad_W_dec = None
+    if ctx.needs_input_grad[0]:
+        grad_codes = matmul(grad_y, W_dec.index_select(0, latents).t())
+    if ctx.needs_input_grad[1]:
+        grad_W_dec = empty_output(tuple(W_dec.shape), W_dec.dtype).zero_()
+        grad_W_dec.index_copy_(0, latents, matmul(codes.t(), grad_y))
+    return grad_codes, grad_W_dec, None
+
+
+dense_decode_cpu.register_autograd(_dense_decode_backward, setup_context=_dense_decode_setup)

@@ -26,7 +26,7 @@ from sparsekit.ops.autograd import kept_rows, register_batchtopk, register_jumpr
 from sparsekit.ops.backend import _C
 
 from . import tuning
-from .gemm import empty_output, gemm_library, numpy_view, row_tiles, scratch
+from .gemm import empty_output, gemm_library, matmul, numpy_view, row_tiles, scratch
 from .screen import batchtopk_encode_screened, relu_encode_screened, topk_encode_screened, use_screen
 from .sparse import coo_t_times_dense_cpu, coo_times_dense_t_cpu
 
@@ -140,7 +140,7 @@ def _topk_encode_float32(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, latent
         bounds = torch.searchsorted(latents, torch.arange(0, n + width, width)).clamp_(max=m).tolist()
         latents_np = numpy_view(latents)
         if k_latents == 0:
-            latent_pre = x.new_empty(batch, m)
+            latent_pre = empty_output((batch, m), x.dtype)  # recycled: a fresh [B, m] faults on every page
             latent_pre_np = numpy_view(latent_pre)
             extra = (latent_pre,)
         else:
@@ -261,7 +261,7 @@ def topk_encode_latents_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: T
         values, indices, *extra = _topk_encode_float32(x, W_enc, folded, k, latents, latent_bias, k_latents)
     else:  # float32 recompute of just L's columns
         values, indices = codes
-        columns = torch.mm(x, W_enc.index_select(1, latents))
+        columns = matmul(x, W_enc.index_select(1, latents))
         if k_latents == 0:
             extra = [columns]
         else:
@@ -308,12 +308,12 @@ def _topk_latents_backward(ctx, grad_values, grad_indices, grad_pre, grad_latent
     if need[0]:
         grad_x = coo_times_dense_t_cpu(grad_kept, rows, cols, W_enc, batch)
         if dense is not None:
-            grad_x = grad_x.addmm_(dense, W_enc.index_select(1, latents).t())
+            grad_x = grad_x.add_(matmul(dense, W_enc.index_select(1, latents).t()))
     if any(need[1:4]):
         centered = x - pre_bias
         grad_W_enc, grad_b_enc = coo_t_times_dense_cpu(grad_kept, rows, cols, centered, W_enc.shape[1], True)
         if dense is not None:
-            grad_W_enc.index_add_(1, latents, torch.mm(centered.t(), dense))
+            grad_W_enc.index_add_(1, latents, matmul(centered.t(), dense))
             grad_b_enc.index_add_(0, latents, dense.sum(0))
         if need[3]:
             grad_pre_bias = -(W_enc @ grad_b_enc)

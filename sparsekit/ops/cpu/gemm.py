@@ -133,6 +133,35 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor, library: str = "torch") -> Te
     return out
 
 
+# The default of sparsekit.ops.cpu.tuning's "pooled_mm_min_flop", ~2.1 GFLOP: measured on the 2-core
+# AVX2 EPYC (B=4096, d=512, q latents; torch.mm against ``matmul``): 1.3-1.6x slower on the pool at
+# 0.27 GFLOP, even at 1.07 and 4.3, 1.0-1.4x faster from 6.9 GFLOP (the products with a transposed
+# operand gain most: torch.mm(g, W.t()) 55 ms against 39).
+POOLED_MM_MIN_FLOP = 2**31
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b -> [m, q] (a new contiguous tensor) for CPU float tensors a [m, p], b [p, q] of any
+    strides BLAS reads (either may be a transposed view), no autograd: the rows of the output split
+    over one pool thread per torch thread, each a single-threaded OpenBLAS GEMM (``row_tiles``), when
+    the product has at least ``tuning.chosen("pooled_mm_min_flop")`` FLOP and NumPy's OpenBLAS can
+    be controlled (SPARSEKIT_CPU_GEMM=auto; numpy: always that path; torch: never); else torch.mm.
+    The dense products of the dead-latent remedies (ghost grads, AuxK keeping most dead latents)
+    run here: [B, |D|] by [|D|, d] and their gradients."""
+    a, b = a.detach(), b.detach()
+    flop = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+    workers = min(torch.get_num_threads(), a.shape[0])
+    name = os.environ.get("SPARSEKIT_CPU_GEMM", "auto").strip().lower()
+    pooled = ((name == "numpy" or (name == "auto" and flop >= tuning.chosen("pooled_mm_min_flop")))
+              and gemm_library() == "numpy" and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype
+              and workers > 1 and b.shape[1] > 0)
+    if not pooled:
+        return torch.mm(a, b)
+    out = empty_output((a.shape[0], b.shape[1]), a.dtype)
+    row_tiles(a, b, -(-a.shape[0] // workers), library="numpy", out=out)
+    return out
+
+
 HUGE_PAGE_MIN_BYTES = 4 * 2**20  # NumPy asks for transparent huge pages from this size (Linux)
 
 

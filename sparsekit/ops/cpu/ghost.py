@@ -14,7 +14,7 @@ from torch import Tensor
 from sparsekit.ops.autograd import register_ghost
 from sparsekit.ops.backend import _C
 
-from .gemm import numpy_view
+from .gemm import empty_output, matmul, numpy_view
 
 
 @torch.library.custom_op("sparsekit::ghost_grad_loss_cpu", mutates_args=())
@@ -28,8 +28,8 @@ def ghost_grad_loss_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
     Returns (loss, the unscaled loss L, exp(pre_D) [B, |D|], the rescaled ghost g [B, d], the
     per-row scale [B]): the public op keeps the first, the backward reuses the rest.
     """
-    exp_pre = torch.addmm(b_enc.index_select(0, dead_idx), x, W_enc.index_select(1, dead_idx)).exp_()
-    ghost = torch.mm(exp_pre, W_dec.index_select(0, dead_idx))
+    exp_pre = matmul(x, W_enc.index_select(1, dead_idx)).add_(b_enc.index_select(0, dead_idx)).exp_()
+    ghost = matmul(exp_pre, W_dec.index_select(0, dead_idx))
     scale, row_error = x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
     _C.ghost_rescale(numpy_view(ghost), numpy_view(residual.contiguous()), eps, numpy_view(scale),
                      numpy_view(row_error))
@@ -48,9 +48,9 @@ def ghost_grad_loss_backward_cpu(grad: Tensor, x: Tensor, W_enc: Tensor, W_dec: 
     grad_ghost = torch.empty_like(ghost)
     _C.ghost_rescale_backward(numpy_view(ghost), numpy_view(residual.contiguous()), numpy_view(scale), coefficient,
                               numpy_view(grad_ghost))
-    grad_pre = torch.mm(grad_ghost, W_dec.index_select(0, dead_idx).t()).mul_(exp_pre)
-    grad_x = torch.mm(grad_pre, W_enc.index_select(1, dead_idx).t()) if need_grad_x else x.new_empty(0, x.shape[1])
-    return grad_x, torch.mm(x.t(), grad_pre), grad_pre.sum(0)
+    grad_pre = matmul(grad_ghost, W_dec.index_select(0, dead_idx).t()).mul_(exp_pre)
+    grad_x = matmul(grad_pre, W_enc.index_select(1, dead_idx).t()) if need_grad_x else x.new_empty(0, x.shape[1])
+    return grad_x, matmul(x.t(), grad_pre), grad_pre.sum(0)
 
 
 register_ghost(ghost_grad_loss_cpu, ghost_grad_loss_backward_cpu)
@@ -63,8 +63,8 @@ def ghost_from_pre_cpu(pre_dead: Tensor, W_dec_dead: Tensor, residual: Tensor, m
                        eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """ghost_grad_loss_cpu given pre_dead = pre[:, D] [B, |D|] and W_dec_dead = W_dec[D] [|D|, d]
     (detached): no encoder GEMM. Returns (loss, L, exp(pre_dead), the rescaled ghost g, the scale)."""
-    exp_pre = torch.exp(pre_dead)
-    ghost = torch.mm(exp_pre, W_dec_dead)
+    exp_pre = torch.exp(pre_dead, out=empty_output(tuple(pre_dead.shape), pre_dead.dtype))  # recycled pages
+    ghost = matmul(exp_pre, W_dec_dead)
     scale, row_error = pre_dead.new_empty(pre_dead.shape[0]), pre_dead.new_empty(pre_dead.shape[0])
     _C.ghost_rescale(numpy_view(ghost), numpy_view(residual.contiguous()), eps, numpy_view(scale),
                      numpy_view(row_error))
@@ -98,7 +98,7 @@ def _ghost_from_pre_backward(ctx, grad, grad_raw, grad_exp, grad_ghost_out, grad
     grad_ghost = torch.empty_like(ghost)
     _C.ghost_rescale_backward(numpy_view(ghost), numpy_view(residual.contiguous()), numpy_view(scale), coefficient,
                               numpy_view(grad_ghost))
-    return torch.mm(grad_ghost, W_dec_dead.t()).mul_(exp_pre), None, None, None, None
+    return matmul(grad_ghost, W_dec_dead.t()).mul_(exp_pre), None, None, None, None
 
 
 ghost_from_pre_cpu.register_autograd(_ghost_from_pre_backward, setup_context=_ghost_from_pre_setup)

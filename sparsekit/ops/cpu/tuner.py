@@ -122,6 +122,10 @@ SCREEN_RUNGS = {False: [(64, 256, 2048), (128, 256, 2048), (256, 256, 2048), (25
 N_OVER_K = [16, 32, 64, 128, 256]
 SCREEN_RATIO_SHAPE = {False: (1024, 256, 4096), True: (256, 256, 4096)}
 SCREEN_ROW_CHOICES = {False: ((2048, 256, 8192), [256, 512, 1024, 2048]), True: ((512, 256, 4096), [128, 256, 512])}
+# (B, d, q) rungs of the dense remedy products: the three layouts of one ([B, q] @ [q, d], [B, d] @ [q, d]^T,
+# [B, d]^T @ [B, q]) timed together on torch.mm and on gemm.matmul's pool.
+POOLED_MM_RUNGS = {False: [(1024, 256, 256), (2048, 256, 512), (4096, 256, 1024), (4096, 512, 1024), (4096, 512, 2048)],
+                   True: [(512, 128, 256), (1024, 256, 512), (2048, 256, 1024)]}
 # (rows, width) of Gaussian pre-activations and the k ladder of the whole-row selection stage.
 SELECT_RUNGS = {False: ((1024, 2048), [8, 16, 32, 64, 128, 256]), True: ((256, 1024), [8, 32, 128])}
 
@@ -139,7 +143,8 @@ def tune(quick: bool = False, progress: bool = True, budget: float | None = None
     values, measured, notes = {}, {}, {}
     stages = [("parallel_min_flop", len(GEMM_RUNGS[quick])), ("screen_min_flop", len(SCREEN_RUNGS[quick])),
               ("screen_min_n_over_k", len(N_OVER_K)), ("screen_rows", len(SCREEN_ROW_CHOICES[quick][1])),
-              ("select_threshold_min_share", len(SELECT_RUNGS[quick][1]))]
+              ("select_threshold_min_share", len(SELECT_RUNGS[quick][1])),
+              ("pooled_mm_min_flop", len(POOLED_MM_RUNGS[quick]))]
     bar = tqdm(total=sum(count for _, count in stages), disable=not progress, unit="size", desc="sparsekit tune",
                dynamic_ncols=True)
 
@@ -164,6 +169,11 @@ def tune(quick: bool = False, progress: bool = True, budget: float | None = None
                     bar.update()
             values["parallel_min_flop"] = crossover(rungs, default("parallel_min_flop"))
             measured["parallel_min_flop"] = [{"flop": f, "openblas_s": a, "torch_s": b} for f, a, b in rungs]
+        # 1b. The dense remedy products on OpenBLAS row tiles against torch.mm.
+        if not gemm.openblas_available():
+            notes["pooled_mm_min_flop"] = "skipped: NumPy's OpenBLAS cannot be controlled here (torch.mm always)"
+        elif not over_budget("pooled_mm_min_flop"):
+            values["pooled_mm_min_flop"], measured["pooled_mm_min_flop"] = _tune_pooled_mm(quick, rounds, bar)
         # 2. Whole-row top-k: a heap against selection by threshold, over a ladder of k.
         if not over_budget("select_threshold_min_share"):
             values["select_threshold_min_share"], measured["select_threshold_min_share"] = _tune_select(
@@ -217,6 +227,32 @@ def _tune_select(quick: bool, rounds: int, bar) -> tuple[int, list]:
         bar.update()
     share = select_share_from(rungs, width, default("select_threshold_min_share"))
     return share, [{"k": k, "width": width, "threshold_s": a, "heap_s": b} for k, a, b in rungs]
+
+
+def _remedy_products(batch: int, d: int, q: int, seed: int = 0):
+    """A call of gemm.matmul on the three layouts of a dense remedy product at [B, q] codes, [q, d] rows."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    codes, rows, grad = torch.randn(batch, q, generator=gen), torch.randn(q, d, generator=gen), torch.randn(
+        batch, d, generator=gen)
+
+    def call():
+        gemm.matmul(codes, rows)
+        gemm.matmul(grad, rows.t())
+        gemm.matmul(grad.t(), codes)
+    return call
+
+
+def _tune_pooled_mm(quick: bool, rounds: int, bar) -> tuple[int, list]:
+    rungs = []
+    for batch, d, q in POOLED_MM_RUNGS[quick]:
+        call = _remedy_products(batch, d, q)
+        times = _fastest_times({library: _under(call, _environment, SPARSEKIT_CPU_GEMM=library)
+                                for library in ("numpy", "torch")}, rounds)
+        rungs.append((2 * batch * d * q, times["numpy"], times["torch"]))
+        bar.update()
+    return (crossover(rungs, default("pooled_mm_min_flop")),
+            [{"flop": f, "pooled_s": a, "torch_s": b} for f, a, b in rungs])
 
 
 def _pair(call, rounds: int) -> tuple[float, float]:

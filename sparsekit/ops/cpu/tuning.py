@@ -6,6 +6,8 @@ beside the code that uses it (measured on the 2-core AVX-512 EPYC):
 
 - ``parallel_min_flop`` (``gemm.PARALLEL_MIN_FLOP``): the float32 encoder GEMM size (2*B*d*n) from
   which NumPy's OpenBLAS on row tiles beats torch's GEMM;
+- ``pooled_mm_min_flop`` (``gemm.POOLED_MM_MIN_FLOP``): the size from which the dead-latent
+  remedies' dense products (``gemm.matmul``) run on OpenBLAS row tiles instead of torch.mm;
 - ``screen_min_flop`` (``screen.SCREEN_MIN_FLOP``): the size from which the bf16-screened encoder
   beats the float32 one (CPUs with native bf16 only);
 - ``screen_min_n_over_k`` (``screen.SCREEN_MIN_N_OVER_K``): the screen for TopK/BatchTopK only when
@@ -63,6 +65,8 @@ class Knob(NamedTuple):
 KNOBS = {
     "parallel_min_flop": Knob("sparsekit.ops.cpu.gemm", "PARALLEL_MIN_FLOP", 0, NEVER,
                               "float32 encoder GEMM on OpenBLAS row tiles from this many FLOP (else torch)"),
+    "pooled_mm_min_flop": Knob("sparsekit.ops.cpu.gemm", "POOLED_MM_MIN_FLOP", 0, NEVER,
+                               "dense remedy GEMMs on OpenBLAS row tiles from this many FLOP (else torch.mm)"),
     "screen_min_flop": Knob("sparsekit.ops.cpu.screen", "SCREEN_MIN_FLOP", 0, NEVER,
                             "bf16-screened encoders from this many FLOP (CPUs with native bf16)"),
     "screen_min_n_over_k": Knob("sparsekit.ops.cpu.screen", "SCREEN_MIN_N_OVER_K", 1, NEVER,
