@@ -35,7 +35,8 @@ def layouts(gen, m=37, p=23, q=29, dtype=torch.float32):
     """(a, b) pairs of every layout the remedies use: plain, transposed b, transposed a."""
     a, b = torch.randn(m, p, generator=gen, dtype=dtype), torch.randn(p, q, generator=gen, dtype=dtype)
     return {"a @ b": (a, b), "a @ c.t()": (a, b.t().contiguous().t()),
-            "c.t() @ b": (a.t().contiguous().t(), b)}
+            "c.t() @ b": (a.t().contiguous().t(), b), "expanded a": (torch.ones(1, p, dtype=dtype).expand(m, p), b),
+            "strided b": (a, torch.randn(p, 2 * q, generator=gen, dtype=dtype)[:, ::2])}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -48,7 +49,7 @@ def test_pooled_matmul_equals_torch_mm_for_every_layout(two_threads, pool_calls,
         got = gemm.matmul(a, b)
         assert got.is_contiguous() and got.dtype == dtype, name
         torch.testing.assert_close(got, a @ b, msg=name)
-    assert len(pool_calls) == 3
+    assert len(pool_calls) == 5
 
 
 def test_matmul_takes_the_pool_from_the_tuned_crossover_and_torch_below_it(two_threads, pool_calls, monkeypatch):
@@ -103,6 +104,18 @@ def test_dense_decode_and_its_gradients_match_the_reference(two_threads, monkeyp
     untouched = torch.ones(n, dtype=torch.bool)
     untouched[latents] = False
     assert torch.all(got_leaves[1].grad[untouched] == 0)  # rows outside L get exactly zero
+
+
+def test_dense_decode_backward_takes_an_expanded_gradient(two_threads, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
+    monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "numpy")  # the pool, on operands BLAS cannot read as they are
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.tensor([5, 1, 2, 8])
+    codes = torch.rand(6, 4, generator=gen, requires_grad=True)
+    W_dec = torch.randn(10, 3, generator=gen, requires_grad=True)
+    ops.dense_decode(codes, W_dec, latents).sum().backward()  # grad_y: ones expanded, strides (0, 0)
+    torch.testing.assert_close(codes.grad, W_dec.detach()[latents].sum(1).expand(6, 4))
+    torch.testing.assert_close(W_dec.grad[latents], codes.detach().sum(0)[:, None].expand(4, 3))
 
 
 def test_dense_decode_gradcheck_in_float64(monkeypatch):

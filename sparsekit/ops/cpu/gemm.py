@@ -157,6 +157,9 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
               and workers > 1 and b.shape[1] > 0)
     if not pooled:
         return torch.mm(a, b)
+    # BLAS reads row- or column-major operands; anything else (an expanded gradient, a strided
+    # slice) is copied first rather than left to NumPy's slow non-BLAS loop.
+    a, b = (t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous() for t in (a, b))
     out = empty_output((a.shape[0], b.shape[1]), a.dtype)
     row_tiles(a, b, -(-a.shape[0] // workers), library="numpy", out=out)
     return out
