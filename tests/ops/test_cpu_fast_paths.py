@@ -175,16 +175,16 @@ def test_large_outputs_are_recycled_only_once_nothing_refers_to_them():
     del kept  # not pooled: nothing to assert but that it is a plain buffer
 
 
-def _select(pre: np.ndarray, k: int, share: int, col0: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _select(pre: np.ndarray, k: int, share: int, col0: int = 0, bias: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     from sparsekit.ops.backend import _C
     values, indices = np.empty((pre.shape[0], k), pre.dtype), np.empty((pre.shape[0], k), np.int64)
-    _C.topk_select_block(pre, np.zeros(pre.shape[1], pre.dtype), col0, k, True, True, values, indices, 0, share)
+    _C.topk_select_block(pre, np.full(pre.shape[1], bias, pre.dtype), col0, k, True, True, values, indices, 0, share)
     return values, indices
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("width,k", [(1, 1), (7, 7), (40, 3), (300, 64), (1000, 250)])
-def test_whole_row_selection_by_threshold_equals_the_heap_on_ties_and_non_finite_values(dtype, width, k,
+def test_whole_row_selection_by_threshold_equals_the_heap_on_ties_signed_zeros_and_non_finite_values(dtype, width, k,
                                                                                         two_torch_threads):
     rng = np.random.default_rng(width * 31 + k)
     pre = rng.integers(-4, 5, size=(64, width)).astype(dtype) * 0.5  # few distinct values: ties everywhere
@@ -194,10 +194,13 @@ def test_whole_row_selection_by_threshold_equals_the_heap_on_ties_and_non_finite
     pre[3:][specials[3:]] = rng.choice([np.nan, np.inf, -np.inf], size=int(specials[3:].sum()))
     pre[4, : width - k + 1] = -np.inf  # fewer than k entries above -inf when k > 1: the heap's sentinels
     pre[5] = np.nan
-    heap = _select(pre, k, share=0, col0=3)
-    threshold = _select(pre, k, share=10**9, col0=3)  # every whole row by threshold
-    assert np.array_equal(heap[1], threshold[1])
-    np.testing.assert_array_equal(heap[0], threshold[0])  # NaN-free: ReLU'd values, or 0 for sentinels
+    pre[6] = rng.choice(np.array([-0.0, 0.0, -2.0], dtype), size=width)  # -0 and +0 tie: lower column first
+    pre[7] = rng.choice(np.array([np.finfo(dtype).tiny / 4, -np.finfo(dtype).tiny / 4, 3e38], dtype), size=width)
+    for bias in (0.0, -0.0):  # a bias of -0 keeps -0 entries -0 (with +0 they become +0)
+        heap = _select(pre, k, share=0, col0=3, bias=bias)
+        threshold = _select(pre, k, share=10**9, col0=3, bias=bias)  # every whole row by threshold
+        assert np.array_equal(heap[1], threshold[1])
+        np.testing.assert_array_equal(heap[0], threshold[0])  # NaN-free: ReLU'd values, or 0 for sentinels
 
 
 def test_topk_positions_by_threshold_match_the_reference_with_ties(two_torch_threads, monkeypatch):

@@ -13,12 +13,29 @@ from sparsekit.ops.cpu import encode
 B, D_IN, N, K = 40, 16, 300, 4
 
 
+def grid(shape, gen, dtype, levels: int, step: float) -> torch.Tensor:
+    """Values in {-levels, ..., levels} * step (step a power of two)."""
+    return torch.randint(-levels, levels + 1, shape, generator=gen).to(dtype) * step
+
+
 def draw(dtype=torch.float32, n_dead=60, seed=None):
+    """float32: inputs on grids of powers of two: every pre-activation and partial sum (of
+    (x - pre_bias) @ W_enc + b_enc, or x @ W_enc with the folded bias) is a multiple of 2^-7 below
+    2^4, exact in float32 whatever the summation order, so each path's selection is the reference's
+    exactly, exact ties included (ties go to the lower index on every path). Gaussian inputs left
+    near-ties (1e-7 apart) to each GEMM's rounding: 3 draws in 2,000 then differed in order.
+    float64 (gradcheck): Gaussian, so that no selection sits on a tie."""
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
-    x = torch.randn(B, D_IN, generator=gen, dtype=dtype)
-    W_enc = torch.randn(D_IN, N, generator=gen, dtype=dtype) / D_IN ** 0.5
-    b_enc = torch.randn(N, generator=gen, dtype=dtype) * 0.1
-    pre_bias = torch.randn(D_IN, generator=gen, dtype=dtype) * 0.3
+    if dtype == torch.float64:
+        x = torch.randn(B, D_IN, generator=gen, dtype=dtype)
+        W_enc = torch.randn(D_IN, N, generator=gen, dtype=dtype) / D_IN ** 0.5
+        b_enc = torch.randn(N, generator=gen, dtype=dtype) * 0.1
+        pre_bias = torch.randn(D_IN, generator=gen, dtype=dtype) * 0.3
+    else:
+        x = grid((B, D_IN), gen, dtype, 8, 1 / 8)
+        W_enc = grid((D_IN, N), gen, dtype, 4, 1 / 16)
+        b_enc = grid((N,), gen, dtype, 8, 1 / 64)
+        pre_bias = grid((D_IN,), gen, dtype, 4, 1 / 8)
     latents = torch.randperm(N, generator=gen)[:n_dead]
     return x, W_enc, b_enc, pre_bias, latents, gen
 
