@@ -112,11 +112,15 @@ def cpu_model() -> str:
 
 
 def output_path(option: str, now: datetime.datetime, suffix: str = "") -> Path:
-    """``option`` itself, or for 'auto' bench/results/<date>-<cpu>{suffix}.md."""
+    """``option`` itself, or for 'auto' bench/results/<date>-<cpu>{suffix}.md, or -2, -3, ... after
+    it when that day's file exists (a second run the same day keeps the first)."""
     if option != "auto":
         return Path(option)
     slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "cpu"
-    return RESULTS_DIR / f"{now:%Y-%m-%d}-{slug}{suffix}.md"
+    path, count = RESULTS_DIR / f"{now:%Y-%m-%d}-{slug}{suffix}.md", 2
+    while path.exists():
+        path, count = RESULTS_DIR / f"{now:%Y-%m-%d}-{slug}{suffix}-{count}.md", count + 1
+    return path
 
 
 @contextlib.contextmanager

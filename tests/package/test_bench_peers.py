@@ -218,3 +218,22 @@ def test_peers_only_times_the_rows_named_beside_the_yardsticks():
 def test_peers_only_refuses_an_unknown_row():
     result = _peers(*TINY, "--only", "sparsekit_topk_auxk,no_such_row")
     assert result.returncode == 2 and "--only: unknown rows no_such_row" in result.stderr
+
+
+def test_auto_output_names_a_second_result_of_the_day_apart_from_the_first(tmp_path, monkeypatch):
+    import datetime
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import _timing
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    monkeypatch.setattr(_timing, "RESULTS_DIR", tmp_path)
+    now = datetime.datetime(2026, 12, 5, 7, 0)
+    first = _timing.output_path("auto", now, suffix="-peers")
+    assert first.name.startswith("2026-12-05-") and first.name.endswith("-peers.md")
+    first.write_text("first run")
+    second = _timing.output_path("auto", now, suffix="-peers")
+    assert second.name == first.name.replace("-peers.md", "-peers-2.md")
+    second.write_text("second run")
+    assert _timing.output_path("auto", now, suffix="-peers").name.endswith("-peers-3.md")
+    assert _timing.output_path("elsewhere.md", now) == Path("elsewhere.md")
