@@ -10,13 +10,16 @@ try:
 except ImportError:  # pragma: no cover - torch is a hard dependency
     pass
 
+import atexit
+import shutil
 import tempfile
 
 import pytest
 
 # The suite never reads a developer's `sparsekit tune` cache: the crossovers are the defaults unless a
-# test writes its own cache (sparsekit.ops.cpu.tuning).
+# test writes its own cache (sparsekit.ops.cpu.tuning). The folder goes when the session ends.
 os.environ["SPARSEKIT_TUNING_CACHE"] = tempfile.mkdtemp(prefix="sparsekit-tuning-")
+atexit.register(shutil.rmtree, os.environ["SPARSEKIT_TUNING_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
