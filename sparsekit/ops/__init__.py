@@ -178,8 +178,7 @@ def _check_latents(latents: Tensor, x: Tensor, n: int, k_latents) -> int:
     if latents.numel() == 0:
         raise ValueError("latents must name at least one latent")
     checks.indices_in_range("latents", latents, n, "n_latents")
-    if not torch.compiler.is_compiling() and latents.unique().numel() != latents.numel():
-        raise ValueError("latents must not repeat a latent")
+    checks.distinct("latents", latents)
     if not is_int(k_latents) or not 0 <= k_latents <= latents.numel():
         raise ValueError(f"k_latents must be an int in [0, {latents.numel()}] (the number of latents), "
                          f"got {k_latents!r}")
@@ -407,8 +406,7 @@ def _check_ghost_args(lead_name: str, lead: Tensor, W_dec: Tensor, dead_idx: Ten
     checks.size("residual", residual, 0, lead.shape[0], f"the batch of {lead_name}")
     checks.size("residual", residual, 1, W_dec.shape[1], "d_out, the columns of W_dec")
     checks.indices_in_range("dead_idx", dead_idx, W_dec.shape[0], "n_latents, the rows of W_dec")
-    if not torch.compiler.is_compiling() and dead_idx.unique().numel() != dead_idx.numel():
-        raise ValueError("dead_idx must not repeat a latent")
+    checks.distinct("dead_idx", dead_idx)
     checks.finite(W_dec=W_dec, residual=residual, mse_main=mse_main)
     return checks.positive_number("eps", eps)
 
@@ -468,8 +466,7 @@ def dense_decode(codes: Tensor, W_dec: Tensor, latents: Tensor) -> Tensor:
     checks.same_device("codes", codes, latents=latents)
     checks.size("codes", codes, 1, latents.shape[0], "the number of latents")
     checks.indices_in_range("latents", latents, W_dec.shape[0], "n_latents, the rows of W_dec")
-    if not torch.compiler.is_compiling() and latents.unique().numel() != latents.numel():
-        raise ValueError("latents must not repeat a latent")
+    checks.distinct("latents", latents)
     checks.finite(codes=codes)
     if backend_for(codes) == "cpp" and latents.numel() and codes.shape[0]:
         return cpu_ops()["dense_decode"](codes.contiguous(), W_dec, latents.contiguous())

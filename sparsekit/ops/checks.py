@@ -101,6 +101,12 @@ def indices_in_range(name: str, t: Tensor, upper: int, what: str) -> None:
         raise ValueError(f"{name} holds indices in [{low}, {high}], expected [0, {upper}) ({what})")
 
 
+def distinct(name: str, t: Tensor) -> None:
+    """Refuses an index tensor that names a latent twice (skipped while torch.compile traces)."""
+    if not torch.compiler.is_compiling() and t.unique().numel() != t.numel():
+        raise ValueError(f"{name} must not repeat a latent")
+
+
 def _annotation_kinds(annotation) -> set[str]:
     """A dataclass field's annotation ('float | None', or the type) -> {'float', 'None'}."""
     if not isinstance(annotation, str):

@@ -11,14 +11,6 @@ from sparsekit.ops.cpu import gemm, tuning
 
 
 @pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def pool_calls(monkeypatch):
     """The row_tiles calls gemm.matmul makes (each one a product on the pool)."""
     calls = []
@@ -40,7 +32,7 @@ def layouts(gen, m=37, p=23, q=29, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pooled_matmul_equals_torch_mm_for_every_layout(two_threads, pool_calls, monkeypatch, dtype):
+def test_pooled_matmul_equals_torch_mm_for_every_layout(two_torch_threads, pool_calls, monkeypatch, dtype):
     if not gemm.openblas_available():
         pytest.skip("NumPy's OpenBLAS cannot be controlled in this process")
     monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "numpy")
@@ -52,7 +44,7 @@ def test_pooled_matmul_equals_torch_mm_for_every_layout(two_threads, pool_calls,
     assert len(pool_calls) == 5
 
 
-def test_matmul_takes_the_pool_from_the_tuned_crossover_and_torch_below_it(two_threads, pool_calls, monkeypatch):
+def test_matmul_takes_the_pool_from_the_tuned_crossover_and_torch_below_it(two_torch_threads, pool_calls, monkeypatch):
     if not gemm.openblas_available():
         pytest.skip("NumPy's OpenBLAS cannot be controlled in this process")
     monkeypatch.delenv("SPARSEKIT_CPU_GEMM", raising=False)
@@ -83,7 +75,7 @@ def test_matmul_on_one_thread_stays_on_torch(pool_calls, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,gemm_library", [("torch", "auto"), ("cpp", "numpy"), ("cpp", "torch")])
-def test_dense_decode_and_its_gradients_match_the_reference(two_threads, monkeypatch, backend, gemm_library):
+def test_dense_decode_and_its_gradients_match_the_reference(two_torch_threads, monkeypatch, backend, gemm_library):
     monkeypatch.setenv("SPARSEKIT_BACKEND", backend)
     monkeypatch.setenv("SPARSEKIT_CPU_GEMM", gemm_library)
     gen = torch.Generator().manual_seed(1)
@@ -106,7 +98,7 @@ def test_dense_decode_and_its_gradients_match_the_reference(two_threads, monkeyp
     assert torch.all(got_leaves[1].grad[untouched] == 0)  # rows outside L get exactly zero
 
 
-def test_dense_decode_backward_takes_an_expanded_gradient(two_threads, monkeypatch):
+def test_dense_decode_backward_takes_an_expanded_gradient(two_torch_threads, monkeypatch):
     monkeypatch.setenv("SPARSEKIT_BACKEND", "cpp")
     monkeypatch.setenv("SPARSEKIT_CPU_GEMM", "numpy")  # the pool, on operands BLAS cannot read as they are
     gen = torch.Generator().manual_seed(3)

@@ -105,15 +105,16 @@ def openblas_available() -> bool:
     return openblas_controller() is not None
 
 
-def gemm_library(flop: float = float("inf")) -> str:
-    """The library that runs the encoder's row-tile GEMMs: "numpy" (OpenBLAS, one thread per
-    tile) under SPARSEKIT_CPU_GEMM=auto for a GEMM of at least the "parallel_min_flop" crossover
-    (``tuning.chosen``) ``flop`` when NumPy's OpenBLAS can be controlled, or "torch"."""
+def gemm_library(flop: float = float("inf"), crossover: str = "parallel_min_flop") -> str:
+    """The library that runs row-tile GEMMs: "numpy" (OpenBLAS, one thread per tile) under
+    SPARSEKIT_CPU_GEMM=auto for a GEMM of at least ``flop`` FLOP at the tuning knob ``crossover``
+    (``tuning.chosen``; the encoder's "parallel_min_flop" by default, the remedies' products
+    "pooled_mm_min_flop") when NumPy's OpenBLAS can be controlled, or "torch"."""
     name = os.environ.get("SPARSEKIT_CPU_GEMM", "auto").strip().lower()
     if name not in ("auto", "numpy", "torch"):
         raise RuntimeError(f"SPARSEKIT_CPU_GEMM={name!r} is not 'auto', 'numpy' or 'torch'")
     if name == "auto":  # tiny GEMMs stay on torch: a thread pool's hand-off would dominate them
-        return "numpy" if flop >= tuning.chosen("parallel_min_flop") and openblas_available() else "torch"
+        return "numpy" if flop >= tuning.chosen(crossover) and openblas_available() else "torch"
     if name == "numpy" and not openblas_available():
         raise RuntimeError("SPARSEKIT_CPU_GEMM=numpy but NumPy's OpenBLAS was not found in this process")
     return name
@@ -151,10 +152,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     a, b = a.detach(), b.detach()
     flop = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
     workers = min(torch.get_num_threads(), a.shape[0])
-    name = os.environ.get("SPARSEKIT_CPU_GEMM", "auto").strip().lower()
-    pooled = ((name == "numpy" or (name == "auto" and flop >= tuning.chosen("pooled_mm_min_flop")))
-              and gemm_library() == "numpy" and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype
-              and workers > 1 and b.shape[1] > 0)
+    pooled = (gemm_library(flop, "pooled_mm_min_flop") == "numpy" and a.dtype in (torch.float32, torch.float64)
+              and a.dtype == b.dtype and workers > 1 and b.shape[1] > 0)
     if not pooled:
         return torch.mm(a, b)
     # BLAS reads row- or column-major operands; anything else (an expanded gradient, a strided

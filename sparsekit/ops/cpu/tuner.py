@@ -159,21 +159,17 @@ def tune(quick: bool = False, progress: bool = True, budget: float | None = None
         if not gemm.openblas_available():
             notes["parallel_min_flop"] = "skipped: NumPy's OpenBLAS cannot be controlled here (torch's GEMM always)"
         elif not over_budget("parallel_min_flop"):
-            rungs = []
             with _environment(SPARSEKIT_BF16_SCREEN="off"):
-                for batch, d, n in GEMM_RUNGS[quick]:
-                    call = _encoder(batch, d, n, 32)
-                    times = _fastest_times({library: _under(call, _environment, SPARSEKIT_CPU_GEMM=library)
-                                           for library in ("numpy", "torch")}, rounds)
-                    rungs.append((2 * batch * d * n, times["numpy"], times["torch"]))
-                    bar.update()
-            values["parallel_min_flop"] = crossover(rungs, default("parallel_min_flop"))
-            measured["parallel_min_flop"] = [{"flop": f, "openblas_s": a, "torch_s": b} for f, a, b in rungs]
+                values["parallel_min_flop"], measured["parallel_min_flop"] = _openblas_crossover(
+                    "parallel_min_flop", [(2 * batch * d * n, _encoder(batch, d, n, 32))
+                                          for batch, d, n in GEMM_RUNGS[quick]], rounds, bar)
         # 1b. The dense remedy products on OpenBLAS row tiles against torch.mm.
         if not gemm.openblas_available():
             notes["pooled_mm_min_flop"] = "skipped: NumPy's OpenBLAS cannot be controlled here (torch.mm always)"
         elif not over_budget("pooled_mm_min_flop"):
-            values["pooled_mm_min_flop"], measured["pooled_mm_min_flop"] = _tune_pooled_mm(quick, rounds, bar)
+            values["pooled_mm_min_flop"], measured["pooled_mm_min_flop"] = _openblas_crossover(
+                "pooled_mm_min_flop", [(2 * batch * d * q, _remedy_products(batch, d, q))
+                                       for batch, d, q in POOLED_MM_RUNGS[quick]], rounds, bar)
         # 2. Whole-row top-k: a heap against selection by threshold, over a ladder of k.
         if not over_budget("select_threshold_min_share"):
             values["select_threshold_min_share"], measured["select_threshold_min_share"] = _tune_select(
@@ -243,16 +239,16 @@ def _remedy_products(batch: int, d: int, q: int, seed: int = 0):
     return call
 
 
-def _tune_pooled_mm(quick: bool, rounds: int, bar) -> tuple[int, list]:
+def _openblas_crossover(knob: str, calls: list[tuple[int, Callable]], rounds: int, bar) -> tuple[int, list]:
+    """Knob ``knob``'s crossover from (flop, call) rungs, sizes ascending, each call timed under
+    SPARSEKIT_CPU_GEMM=numpy (OpenBLAS row tiles) and =torch; and what was measured."""
     rungs = []
-    for batch, d, q in POOLED_MM_RUNGS[quick]:
-        call = _remedy_products(batch, d, q)
+    for flop, call in calls:
         times = _fastest_times({library: _under(call, _environment, SPARSEKIT_CPU_GEMM=library)
                                 for library in ("numpy", "torch")}, rounds)
-        rungs.append((2 * batch * d * q, times["numpy"], times["torch"]))
+        rungs.append((flop, times["numpy"], times["torch"]))
         bar.update()
-    return (crossover(rungs, default("pooled_mm_min_flop")),
-            [{"flop": f, "pooled_s": a, "torch_s": b} for f, a, b in rungs])
+    return crossover(rungs, default(knob)), [{"flop": f, "openblas_s": a, "torch_s": b} for f, a, b in rungs]
 
 
 def _pair(call, rounds: int) -> tuple[float, float]:
