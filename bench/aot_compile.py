@@ -57,12 +57,31 @@ KERNEL_PACKAGE = "sparsekit.kernels"
 # Per-block shared memory a kernel may use (opt-in maximum): 227 KB on sm_90, 163 KB on sm_80.
 TARGETS = {"sm_80": (80, 163 * 1024), "sm_90": (90, 227 * 1024)}
 
+# Per-SM limits for occupancy (CUDA C Programming Guide, "Compute Capabilities" table, 8.0 and 9.0):
+# registers, resident warps and blocks, shared memory per SM, and the shared memory the system
+# reserves per block; registers are allocated per warp in units of 256.
+SM_LIMITS = {"sm_80": dict(registers=65536, warps=64, blocks=32, shared=164 * 1024, reserved=1024),
+             "sm_90": dict(registers=65536, warps=64, blocks=32, shared=228 * 1024, reserved=1024)}
+REGISTER_UNIT = 256
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int, target: str) -> int:
+    """How many blocks of a compiled kernel an SM holds at once (registers per thread, warps per
+    block, shared memory per block). Two or more: one block's epilogue (CUDA cores) can run while
+    another's main loop keeps the tensor cores busy."""
+    limit = SM_LIMITS[target]
+    per_warp = -(-max(registers, 1) * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    return min(limit["registers"] // (per_warp * num_warps), limit["warps"] // num_warps, limit["blocks"],
+               limit["shared"] // (shared_bytes + limit["reserved"]))
+
+
 # Kernels that run every training step over [B, n], [E, d] or [B, d] data: a register spill there
 # costs every step. The rest run once per step on tiny data (_batch_choose_kernel: one program
 # over 256 counters) or only with ghost grads on (the two row kernels over [B, d]).
 HOT_KERNELS = frozenset({
     "gemm._gemm_kernel", "fused_topk._gemm_topk_kernel", "select._row_topk_kernel", "select._batch_histogram_kernel",
     "select._batch_count_kernel", "select._batch_compact_kernel", "sparse._segment_sum_kernel",
+    "sparse._chunk_sum_kernel", "sparse._chunk_combine_kernel",
     "sparse._scatter_add_kernel", "sparse._sampled_dot_kernel", "encode._dense_grad_kernel",
     "screen._split_norms_kernel",
 })
@@ -74,7 +93,8 @@ HOT_KERNELS = frozenset({
 # none), fails the check; an entry that stops spilling must go (``stale_known`` finds it).
 # - GEMM: IEEE float32 is a SIMT FMA loop whose 128x128+ tiles do not fit in 255 registers; ragged
 #   sizes lose the vectorised, pipelined loads and spill in every dtype, worst with BLOCK_N=256.
-# - segment sum: only its BLOCK_S=32, BLOCK_D=32 config (32 unrolled segments); sampled dot: sm_80.
+# - segment sum: only its BLOCK_S=16 config (16 unrolled segments x BLOCK_E=2 entries; BLOCK_S=32 spilled
+#   56-96 B and is gone, 2026-12-05); sampled dot: sm_80.
 KNOWN_SPILLS: dict[tuple[str, str, str, str], dict[str, int]] = {
     ("gemm._gemm_kernel", "fp32", "ieee", "aligned"): {"sm_80": 1564, "sm_90": 260},
     ("gemm._gemm_kernel", "fp32", "ieee", "ragged"): {"sm_80": 3768, "sm_90": 2128},
@@ -190,6 +210,12 @@ class Result:
     def shared_limit(self) -> int:
         return TARGETS[self.target][1]
 
+    @property
+    def blocks_per_sm(self) -> int | None:
+        if self.error or self.registers is None or self.shared_bytes is None:
+            return None
+        return blocks_per_sm(self.registers, self.variant.num_warps, self.shared_bytes, self.target)
+
     def as_json(self) -> dict:
         out = asdict(self)
         out["variant"] = asdict(self.variant)
@@ -221,6 +247,69 @@ def tensor_core_instructions(ptx: str) -> str:
     if _WGMMA.search(ptx):
         return "wgmma"
     return "mma" if _MMA.search(ptx) else "no"
+
+
+# SASS opcodes by the sm_90 pipe they issue to: the integer/logic ALU (64 lanes per clock per SM;
+# conversions F2F counted here too) and the FMA pipe (128; IMAD included: ptxas uses it for moves
+# and integer multiply-adds). Anything else (loads, stores, shuffles, barriers) counts in "total".
+_ALU_OPS = frozenset("ISETP LOP3 LOP SEL VIMNMX VIMNMX3 IMNMX SHF IADD3 VIADD LEA PRMT P2R R2P SGXT PLOP3 F2F "
+                     "FSEL FSETP FMNMX POPC FLO BMSK BREV".split())
+_FMA_OPS = frozenset("FADD FMUL FFMA IMAD HADD2 HFMA2 HMUL2".split())
+_SASS_OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)", re.MULTILINE)
+_LAST_WGMMA_WAIT = "WARPGROUP.DEPBAR.LE gsb0, 0x0"
+
+
+def epilogue_instructions(cubin: bytes) -> dict | None:
+    """Per-thread SASS instructions an sm_90 GEMM kernel runs after its K loop (after the wait for its
+    last warpgroup MMA), by pipe: {"alu", "fma", "total"}, from Triton's own nvdisasm; None where the
+    kernel has no warpgroup MMA or nvdisasm is missing. Straight-line code runs once per thread, so
+    divided by the tile entries a thread holds it is the epilogue's instructions per entry."""
+    import shutil
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not tool.exists() and shutil.which("nvdisasm") is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool) if tool.exists() else "nvdisasm", "-c", f.name], capture_output=True,
+                              text=True, timeout=120).stdout
+    at = sass.find(_LAST_WGMMA_WAIT)
+    if at < 0:
+        return None
+    ops = _SASS_OP.findall(sass[sass.index("\n", at) + 1:])
+    return dict(alu=sum(op in _ALU_OPS for op in ops), fma=sum(op in _FMA_OPS for op in ops), total=len(ops))
+
+
+def fused_epilogue_counts(results: list[dict], kt: int, with_next: bool) -> list[dict]:
+    """For each sm_90 bf16 variant of the fused GEMM + top-k kernel in a report's results (JSON rows),
+    that variant recompiled at KT = kt (and the next key): its epilogue's instructions
+    (``epilogue_instructions``) per tile entry, with VALUE_F32 (the screen's body) and the tile. Needs
+    compiled kernels, not the interpreter's: run it in a process without TRITON_INTERPRET
+    (``--epilogue-of REPORT``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = []
+    for row in results:
+        v = variant_from_json(row["variant"])
+        if v.kernel != "fused_topk._gemm_topk_kernel" or row["target"] != "sm_90" or v.dtype != "bf16":
+            continue
+        flags = dict(v.constexprs)
+        fn = _kernel_function(v.kernel)
+        names = fn.arg_names
+        source = ASTSource(fn=fn, signature=dict(v.signature), constexprs=dict(flags, KT=kt, NEXT=with_next),
+                           attrs={(names.index(name),): [["tt.divisibility", 16]] for name in v.divisible})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+        counts = epilogue_instructions(compiled.asm["cubin"])
+        entries = flags["BLOCK_M"] * flags["BLOCK_N"] / (32 * v.num_warps)
+        out.append(dict(value_f32=bool(flags["VALUE_F32"]), config=v.config, counts=counts,
+                        per_entry={name: count / entries for name, count in (counts or {}).items()}))
+    return out
 
 
 # --- step 1: discovery (a subprocess under the interpreter) -----------------------------------------
@@ -556,18 +645,20 @@ def stale_known(results: list[Result]) -> list[str]:
 
 
 def table(results: list[Result]) -> str:
-    """Markdown table: kernel, dtype, flags, config, target, registers, spills, shared memory, tensor cores."""
+    """Markdown table: kernel, dtype, flags, config, target, registers, spills, shared memory, tensor cores,
+    blocks per SM."""
     lines = ["| kernel | dtype | flags | config | target | registers | spills (B/thread, stores/loads) "
-             "| shared memory | tensor cores |", "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+             "| shared memory | tensor cores | blocks/SM |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for r in results:
         v = r.variant
         head = f"| {v.kernel} | {v.dtype} | {v.flags} | {v.config} | {r.target} |"
         if r.error:
-            lines.append(f"{head} compile error | | | {r.error[:120].replace('|', '/')} |")
+            lines.append(f"{head} compile error | | | {r.error[:120].replace('|', '/')} | |")
             continue
         spills = f"{r.spill_stores}/{r.spill_loads}" if r.spill_stores or r.spill_loads else "0"
         share = f"{r.shared_bytes / 1024:.1f} KB ({100 * r.shared_bytes / r.shared_limit:.0f}%)"
-        lines.append(f"{head} {r.registers} | {spills} | {share} | {r.tensor_cores} |")
+        lines.append(f"{head} {r.registers} | {spills} | {share} | {r.tensor_cores} | {r.blocks_per_sm} |")
     return "\n".join(lines)
 
 
@@ -619,9 +710,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 16), help="compile processes")
     parser.add_argument("--json", default=None, help="write the whole report as JSON here")
     parser.add_argument("--output", default=None,
-                        help="write the markdown table here; 'auto': bench/results/<date>-aot-compile.md")
+                        help="write the markdown table here; 'auto': bench/results/<date>-aot-compile[-quick].md "
+                             "and the JSON report beside it")
     parser.add_argument("--report-from", default=None,
                         help="judge and print a report saved with --json again (e.g. after editing KNOWN_SPILLS)")
+    parser.add_argument("--epilogue-of", default=None,
+                        help="print, as JSON, the fused TopK kernel's sm_90 epilogue instructions per tile entry "
+                             "for the variants in this --json report, recompiled at --kt (with the next key)")
+    parser.add_argument("--kt", type=int, default=3, help="KT for --epilogue-of (the bench shapes': 3)")
     parser.add_argument("--discover-to", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compile-from", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--results-to", default=None, help=argparse.SUPPRESS)
@@ -635,6 +731,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.epilogue_of:
+        results = json.loads(Path(args.epilogue_of).read_text())["results"]
+        print(json.dumps(fused_epilogue_counts(results, args.kt, True)))
+        return 0
     if args.discover_to:  # child: discovery
         Path(args.discover_to).write_text(json.dumps([asdict(v) for v in discover(args.quick)]))
         return 0
@@ -655,7 +755,11 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report_json(report), indent=1))
     if args.output:
-        path = RESULTS_DIR / f"{datetime.date.today()}-aot-compile.md" if args.output == "auto" else Path(args.output)
+        if args.output == "auto":  # the JSON beside it: bench/gpu_roofline.py reads the compiled resources there
+            path = RESULTS_DIR / f"{datetime.date.today()}-aot-compile{'-quick' if report['quick'] else ''}.md"
+            path.with_suffix(".json").write_text(json.dumps(report_json(report), indent=1))
+        else:
+            path = Path(args.output)
         path.write_text(markdown(report))
         print(f"table written to {path}")
     return 1 if report["problems"] or (not report["quick"] and stale_known(report["results"])) else 0

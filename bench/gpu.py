@@ -396,9 +396,13 @@ def predict(args) -> int:
             return 2
     spec = gpu_roofline.CARDS[args.card]
     print(f"Roofline bounds on {spec['name']}: HBM {spec['hbm'] / 1e12:.2f} TB/s, bf16 {spec['bf16'] / 1e12:.0f} "
-          f"TFLOP/s, fp32 FMA {spec['fp32'] / 1e12:.0f} TFLOP/s. 'x bf16 GEMM': the bound over the bf16 encoder "
-          "GEMM's (issue 20's target for the step: <= 1.5).")
+          f"TFLOP/s, fp32 FMA {spec['fp32'] / 1e12:.0f} TFLOP/s, int32 {spec['int32'] / 1e12:.1f} T ops/s. "
+          "A kernel's bound is its busiest unit's time (tensor or FMA units, integer pipes, HBM); a step's is "
+          "the sum over its kernels. 'x bf16 GEMM': over the bf16 encoder GEMM's bound (issue 20's target "
+          "for the step: <= 1.5). 'serial': as if no kernel's integer work overlapped its FLOPs.")
     print(gpu_roofline.table(gpu_roofline.prediction_rows(args.shape_list, args.dtype_list, args.card, measured)))
+    print()
+    print(gpu_roofline.occupancy_note())
     return 0
 
 

@@ -1,10 +1,14 @@
 """Roofline prediction for the Triton path (``python bench/gpu.py --predict``): no GPU needed.
 
 For each shape of ``bench/gpu.py`` and each dtype it counts, kernel by kernel as the kernels are built
-today (``kernels/sparsekit_kernels``), the FLOPs and the bytes that must cross HBM at least once, and
-the time bound ``max(FLOPs / peak, bytes / bandwidth)`` on a card's datasheet peaks. Summing the
-kernels of a forward and backward TopK step (optimizer excluded) gives the step's bound, compared
-with the bound of the bf16 encoder GEMM alone (issue 20's yardstick: step <= 1.5x that).
+today (``kernels/sparsekit_kernels``), the FLOPs, the integer instructions of fused epilogues and the
+bytes that must cross HBM at least once, and the time bound of each kernel: its busiest unit's time,
+``max(FLOPs / peak, integer ops / int32 rate, bytes / bandwidth)``, on a card's datasheet peaks.
+Summing the kernels of a forward and backward TopK step (optimizer excluded) gives the step's bound,
+compared with the bound of the bf16 encoder GEMM alone (issue 20's yardstick: step <= 1.5x that).
+Beside it, "serial": each kernel's integer work added to its FLOPs (no overlap at all); the compiled
+kernel's blocks per SM (``compiled_fused_kernel``, from the newest AOT compile report) say whether
+its epilogue can overlap another block's MMAs.
 
 What each kernel moves (B rows, d = d_in, n latents, k active, s bytes per element, 8 per int64 index):
 
@@ -16,9 +20,10 @@ What each kernel moves (B rows, d = d_in, n latents, k active, s bytes per eleme
 - decode backward: grad values (B·k dot products: grad_y and the gathered rows again) and grad W_dec
   (entries sorted by latent, then each latent's rows of grad_y summed; n·d·s written, zero rows
   included);
-- encoder backward: grad W_enc = x^T·S (as grad W_dec, over rows of x) and grad x = S·W_enc^T (the
-  columns of W_enc the codes name, gathered as rows of one transposed contiguous copy of W_enc: the
-  copy's two passes over n·d are counted; reading the columns in place read 8-16x more, issue 20 point 3);
+- encoder backward: grad W_enc = x^T·S (as grad W_dec, over rows of x); grad x = S·W_enc^T only where x
+  requires grad (not in an SAE's step or the bench's: ``step_kernels(grad_x=True)``), from the columns
+  of W_enc the codes name, gathered as rows of one transposed contiguous copy of W_enc (the copy's two
+  passes over n·d counted; reading the columns in place read 8-16x more, issue 20 point 3);
 - the MSE and its gradient: a few passes over [B, d].
 
 Gathered rows count once each (min(B·k, n) rows of W_dec or W_enc, B rows of x or grad_y): the
@@ -29,13 +34,12 @@ on the FMA units (IEEE float32, TF32 off: the default); bf16 on the tensor cores
 The encoder comes in the designs the Triton path has (``SPARSEKIT_GPU_TOPK``,
 ``SPARSEKIT_GPU_BF16_SCREEN``): ``fused`` (the default for 16-bit inputs, ``fused_topk.py``): the GEMM
 keeps each tile's KT (+1) largest keys per row (KT from ``fused_topk.choose_kt`` at the GPU tile,
-BLOCK_N = 128), so pre [B, n] never reaches HBM; its epilogue's integer work (~6 instructions per
-entry and round, KT + 1 rounds, read off the sm_90 PTX) is its own row, bounded by the CUDA cores'
-integer rate and counted after the GEMM (it may overlap other tiles' MMAs: then the step's bound is
-lower by up to that row); then the merge reads the keys once, and the rows that overflow (the
-expected share on unstructured data) run again with 4x KT. ``unfused`` (SPARSEKIT_GPU_TOPK=unfused):
+BLOCK_N = 128), so pre [B, n] never reaches HBM; its epilogue's integer work (instructions per entry
+read off the sm_90 SASS: ``PACKED_OPS_*``) runs on the CUDA cores beside the GEMM's MMAs, in the
+same kernel; then the merge reads the keys once, and the rows that overflow (the expected share on
+unstructured data) run again with 4x KT. ``unfused`` (SPARSEKIT_GPU_TOPK=unfused):
 the GEMM writes pre, the radix selection reads it five times. 16-bit fused epilogues pack the column
-into the key's low bits (3 operations per round, 1 for the next key; float32 keeps the 6-operation
+into the key's low bits (3 operations per round, 3 for the next key; float32 keeps the 6-operation
 rounds). ``screened``: the float32 encoder through the bf16 screen with its candidates found in the
 GEMM's epilogue (``screen.topk_encode_screened_fused``: KT truncated packed keys per tile and row, KT
 from ``screen.screen_kt``, a [B, n] never written; the merge reads the keys twice and the next keys
@@ -50,8 +54,10 @@ fused for bf16, screened for fp32 (where the screen's crossover takes it).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 # Datasheet peaks (dense, no sparsity): NVIDIA H100 SXM5 and H200 SXM; the H200 has the H100's
 # compute and HBM3e at 4.8 TB/s. Measured on one H200 here (2026-12-04): bf16 cuBLAS 671 TFLOP/s at
@@ -68,30 +74,58 @@ KEY_BYTES = 8           # the fused kernel's int64 candidate keys
 FUSED_BLOCK_N = 128     # its GPU tile width (fused_topk._HOPPER)
 EPILOGUE_OPS_PER_ROUND = 6  # per tile entry: 2 compares, 2 selects, a max, a min (sm_90 PTX of a round)
 EPILOGUE_OPS_KEY = 6        # per tile entry: the rounding to x's dtype and the order-preserving key
-# Packed keys (fused_topk.py: the column in the key's low bits; 16-bit inputs and the screen): a round is
-# a max, a compare and a select per entry, the next key one max; the key costs 2 more (the low bits
-# cleared, the column added). Counted from the kernel's source, not yet from its PTX.
+# Packed keys (fused_topk.py: the column in the key's low bits; 16-bit inputs and the screen), read off the
+# sm_90 SASS of the compiled kernel (bench/aot_compile.epilogue_instructions: integer/logic-pipe
+# instructions per tile entry after the K loop, at KT = 1, 2, 3 with and without the next key;
+# 2026-12-05, Triton 3.9): bf16 7.2 / 10.1 / 13.0, 16.0 with the next; the screen's float32 a 5.9 /
+# 8.7 / 11.6, 14.5. A round is a max, a compare and a select (~3: the max's share is ~1); the next key
+# costs a round too (the last round's removal is dead code without it); the key ~4 (the rounding to
+# bf16, a shift and two three-input logic ops, ``fused_topk._packed_key``) or ~3 for a float32 a.
+# tests/ops/test_aot_compile.py holds these within one instruction per entry of the compiled code.
 PACKED_OPS_PER_ROUND = 3
-PACKED_OPS_NEXT = 1
-PACKED_OPS_KEY = EPILOGUE_OPS_KEY + 2
+PACKED_OPS_NEXT = 3
+PACKED_OPS_KEY = 4
+SCREEN_OPS_KEY = 3
+
+
+def packed_epilogue_ops(kt: int, next_keys: int, screen: bool = False) -> int:
+    """Integer instructions per tile entry of a packed-key epilogue: kt rounds, next_keys (0/1) next keys."""
+    return PACKED_OPS_PER_ROUND * kt + PACKED_OPS_NEXT * next_keys + (SCREEN_OPS_KEY if screen else PACKED_OPS_KEY)
+
+
 SCREEN_KEEP_OVER_K = 4      # screen.SCREEN_KEEP_OVER_K: the fused screen's KT leaves room for 4k per row
 
 
 @dataclass
 class Kernel:
+    """One kernel: its FLOPs on the units ``peak`` names, its integer instructions on the CUDA cores
+    (a fused epilogue's selection rounds; ``int_peak`` ops/s) and the bytes it moves across HBM.
+
+    ``seconds``, the roofline bound: the busiest of the three, which run side by side (tensor cores,
+    integer pipes and memory are separate units; a fused epilogue's rounds of one tile run while
+    another tile's MMAs do where two blocks share an SM: ``compiled_occupancy``). ``serial_seconds``:
+    the same kernel if its integer work never overlapped its FLOPs (added to them)."""
     name: str
     flops: float
     bytes: float
     peak: float       # FLOP/s of the units this kernel's FLOPs run on
     bandwidth: float  # bytes/s
+    int_ops: float = 0.0
+    int_peak: float = 1.0
 
     @property
     def seconds(self) -> float:
-        return max(self.flops / self.peak, self.bytes / self.bandwidth)
+        return max(self.flops / self.peak, self.bytes / self.bandwidth, self.int_ops / self.int_peak)
+
+    @property
+    def serial_seconds(self) -> float:
+        return max(self.flops / self.peak + self.int_ops / self.int_peak, self.bytes / self.bandwidth)
 
     @property
     def limit(self) -> str:
-        return "compute" if self.flops / self.peak >= self.bytes / self.bandwidth else "memory"
+        times = {"compute": self.flops / self.peak, "memory": self.bytes / self.bandwidth,
+                 "int32": self.int_ops / self.int_peak}
+        return max(times, key=times.get)
 
 
 # Candidates per row the bf16 screen recomputes in float32 (Gaussian data; the GPU screen's plain-torch
@@ -141,18 +175,18 @@ def screen_fused_kernels(B: int, d: int, n: int, k: int, card: str = "h100") -> 
     rerun = _overflow_share(n, c, kt)
     kept = B * tiles * kt
     keys = B * tiles * (kt + 1) * KEY_BYTES
-    ops = B * n * (PACKED_OPS_PER_ROUND * kt + PACKED_OPS_NEXT + PACKED_OPS_KEY)
+    ops = B * n * packed_epilogue_ops(kt, 1, screen=True)
     rerun_kt = min(FUSED_BLOCK_N, 4 * kt)
-    rerun_ops = rerun * B * n * (PACKED_OPS_PER_ROUND * rerun_kt + PACKED_OPS_NEXT + PACKED_OPS_KEY)
+    rerun_ops = rerun * B * n * packed_epilogue_ops(rerun_kt, 1, screen=True)
     return [
-        Kernel(f"bf16 screen GEMM + top-{kt} truncated keys per tile (fused; writes keys)", 2.0 * B * d * n,
-               2 * (B * d + d * n) + keys, spec["bf16"], spec["hbm"]),
-        Kernel(f"screen epilogue: {kt} packed max rounds + next per tile (int32 ops)", ops, 0.0, spec["int32"],
-               spec["hbm"]),
+        Kernel(f"bf16 screen GEMM + top-{kt} truncated keys per tile (fused; writes keys; epilogue: {kt} packed "
+               "max rounds + next)", 2.0 * B * d * n, 2 * (B * d + d * n) + keys, spec["bf16"], spec["hbm"],
+               ops, spec["int32"]),
         Kernel(f"screen: merge of the keys (k-th key, coarse test, bounds of ~{c:.0f}/row, overflow test)", 0.0,
                2 * kept * KEY_BYTES + 2 * kept + B * tiles * KEY_BYTES + B * c * 10 * 8, spec["fp32"], spec["hbm"]),
-        Kernel(f"screen: overflowed rows run again ({100 * rerun:.2g}% expected)", rerun * 2.0 * B * d * n + rerun_ops,
-               rerun * (2 * (B * d + d * n) + B * tiles * (rerun_kt + 1) * KEY_BYTES), spec["bf16"], spec["hbm"]),
+        Kernel(f"screen: overflowed rows run again ({100 * rerun:.2g}% expected)", rerun * 2.0 * B * d * n,
+               rerun * (2 * (B * d + d * n) + B * tiles * (rerun_kt + 1) * KEY_BYTES), spec["bf16"], spec["hbm"],
+               rerun_ops, spec["int32"]),
         screen_recompute_kernel(B, d, n, k, card),
         screen_inputs_kernel(B, d, n, card, fused=True),
     ]
@@ -225,18 +259,18 @@ def fused_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100"
     if not packed:  # the round-by-round epilogue (float32: a key has no spare bits)
         epilogue_ops = B * n * (EPILOGUE_OPS_PER_ROUND * (kt + next_keys) + EPILOGUE_OPS_KEY)
         rerun_ops = rerun * B * n * (EPILOGUE_OPS_PER_ROUND * rerun_kt + EPILOGUE_OPS_KEY)
-        epilogue = f"fused epilogue: {kt + next_keys} max rounds per tile (int32 ops)"
+        epilogue = f"{kt + next_keys} max rounds"
     else:  # packed keys
-        epilogue_ops = B * n * (PACKED_OPS_PER_ROUND * kt + PACKED_OPS_NEXT * next_keys + PACKED_OPS_KEY)
-        rerun_ops = rerun * B * n * (PACKED_OPS_PER_ROUND * rerun_kt + PACKED_OPS_KEY)
-        epilogue = f"fused epilogue: {kt} packed max rounds{' + next' if next_keys else ''} per tile (int32 ops)"
+        epilogue_ops = B * n * packed_epilogue_ops(kt, next_keys)
+        rerun_ops = rerun * B * n * packed_epilogue_ops(rerun_kt, 0)
+        epilogue = f"{kt} packed max rounds{' + next' if next_keys else ''}"
     return [
-        Kernel(f"encoder GEMM + top-{kt} per tile (fused; writes keys)", 2.0 * B * d * n,
-               B * d * s + d * n * s + keys, gemm_peak, spec["hbm"]),
-        Kernel(epilogue, epilogue_ops, 0.0, spec["int32"], spec["hbm"]),
+        Kernel(f"encoder GEMM + top-{kt} per tile (fused; writes keys; epilogue: {epilogue})", 2.0 * B * d * n,
+               B * d * s + d * n * s + keys, gemm_peak, spec["hbm"], epilogue_ops, spec["int32"]),
         Kernel("fused: merge of the keys (top-k per row, overflow check)", 0.0, keys + codes, spec["fp32"], spec["hbm"]),
-        Kernel(f"fused: overflowed rows run again ({100 * rerun:.2g}% expected)", rerun * 2.0 * B * d * n + rerun_ops,
-               rerun * (B * d * s + d * n * s + B * tiles * rerun_kt * KEY_BYTES), gemm_peak, spec["hbm"]),
+        Kernel(f"fused: overflowed rows run again ({100 * rerun:.2g}% expected)", rerun * 2.0 * B * d * n,
+               rerun * (B * d * s + d * n * s + B * tiles * rerun_kt * KEY_BYTES), gemm_peak, spec["hbm"],
+               rerun_ops, spec["int32"]),
     ]
 
 
@@ -249,10 +283,13 @@ def default_encoder(d: int, n: int, k: int, B: int, dtype: str) -> str:
 
 
 def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
-                 encoder: str = "fused") -> list[Kernel]:
+                 encoder: str = "fused", grad_x: bool = False, pre_bias: bool = False) -> list[Kernel]:
     """Every kernel of one forward + backward TopK step, in order. dtype: "fp32" or "bf16"; encoder:
     "fused" (top-k in the GEMM epilogue), "unfused" (GEMM writes pre, radix select) or "screened"
-    (the float32 encoder through the bf16 screen)."""
+    (the float32 encoder through the bf16 screen). grad_x: x requires grad too (not in an SAE's step
+    nor bench/gpu.py's, where x is data: ``encode.sparse_encoder_backward_triton`` then neither
+    copies W_enc nor gathers its columns). pre_bias: an SAE's step, b_dec subtracted from x before
+    encoding (``ops.autograd.centered_input``: x - b_dec, then b_dec's gradient -W_enc @ grad b_enc)."""
     spec = CARDS[card]
     s = 4 if dtype == "fp32" else 2
     gemm_peak = spec["fp32"] if dtype == "fp32" else spec["bf16"]
@@ -262,6 +299,8 @@ def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
     weight_rows = min(B * k, n) * d * s  # the distinct rows of W_dec (or columns of W_enc) the codes touch
     batch_rows = B * d * s               # x or grad_y, each row used by its k entries
     kernels = []
+    if pre_bias:
+        kernels.append(Kernel("pre_bias: x - b_dec", B * d, 2 * batch_rows, fma_peak, bw))
     if encoder == "screened":
         kernels += screen_fused_kernels(B, d, n, k, card)
     elif encoder == "screened passes":
@@ -285,10 +324,15 @@ def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
                4 * B * k * 2 * INDEX_BYTES + batch_rows + n * d * s, fma_peak, bw),
         Kernel("encoder bwd: grad W_enc, b_enc (segment sum)", 2.0 * B * k * d, batch_rows + d * n * s + n * s,
                fma_peak, bw),
-        Kernel("encoder bwd: W_enc transposed copy", 0.0, 2 * n * d * s, fma_peak, bw),
-        Kernel("encoder bwd: grad x (gathered W_enc columns)", 2.0 * B * k * d, codes + weight_rows + batch_rows,
-               fma_peak, bw),
     ]
+    if pre_bias:
+        kernels.append(Kernel("pre_bias bwd: -W_enc @ grad b_enc (GEMV)", 2.0 * d * n, d * n * s + n * s, fma_peak, bw))
+    if grad_x:
+        kernels += [
+            Kernel("encoder bwd: W_enc transposed copy", 0.0, 2 * n * d * s, fma_peak, bw),
+            Kernel("encoder bwd: grad x (gathered W_enc columns)", 2.0 * B * k * d, codes + weight_rows + batch_rows,
+                   fma_peak, bw),
+        ]
     return kernels
 
 
@@ -298,8 +342,10 @@ def bf16_gemm_bound(B: int, d: int, n: int, card: str = "h100") -> float:
     return Kernel("bf16 GEMM", 2.0 * B * d * n, 2 * (B * d + d * n + B * n), spec["bf16"], spec["hbm"]).seconds
 
 
-ENCODER_PARTS = {"fused": 4, "fused rounds": 4, "unfused": 2, "screened": 6, "screened passes": 4}  # each design's encoder rows
+ENCODER_PARTS = {"fused": 3, "fused rounds": 3, "unfused": 2, "screened": 5, "screened passes": 4}  # each design's encoder rows
 STEP = "TopK step (encode+decode+MSE+backward)"
+STEP_GRAD_X = "TopK step with grad x too (x requires grad: W_enc transposed copy + gathered columns)"
+STEP_SAE = "TopK step of an SAE (b_dec subtracted before encoding: + x - b_dec, + a GEMV for its gradient)"
 # bench/gpu.py's rows for the non-default designs (SPARSEKIT_GPU_TOPK=unfused or fused, screen off).
 TOPK_UNFUSED = "topk_encode fwd, unfused (GEMM writes pre + radix select)"
 TOPK_FUSED = "topk_encode fwd, fused (screen off)"
@@ -315,11 +361,17 @@ def _encoder_part(kernels: list[Kernel], encoder: str) -> list[Kernel]:
     return kernels[:ENCODER_PARTS[encoder]]
 
 
+def _named(kernels: list[Kernel], *names: str) -> list[Kernel]:
+    return [kern for kern in kernels if kern.name in names]
+
+
 def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = None) -> list[dict]:
     """One dict per kernel of the default ("as built") step, per bench row a sum of them bounds, and
-    per step design (as built, fused, unfused, screened): shape, dtype, name, GFLOP, MB, bound_us,
-    limit, x_bf16_gemm (bound / the bf16 GEMM's bound), and measured_us with measured_over_bound where
-    ``measured`` ({(shape label, dtype, bench row name): seconds}) has it."""
+    per step design (as built, fused, unfused, screened): shape, dtype, name, GFLOP, int_gop (the
+    CUDA cores' integer work), MB, bound_us (roofline: each kernel's busiest unit), limit, x_bf16_gemm
+    (bound / the bf16 GEMM's bound), serial_us and serial_x (no kernel's integer work overlapping its
+    FLOPs), and measured_us with measured_over_bound where ``measured`` ({(shape label, dtype, bench
+    row name): seconds}) has it."""
     measured = measured or {}
     rows = []
     for B, d, n, k in shapes:
@@ -328,10 +380,13 @@ def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = 
         for dtype in dtypes:
             def add(name, kernels, bench_name=None, limit="sum"):
                 seconds = sum(c.seconds for c in kernels)
+                serial = sum(c.serial_seconds for c in kernels)
                 got = measured.get((label, dtype, bench_name or name))
                 rows.append(dict(shape=label, dtype=dtype, name=name, gflop=sum(c.flops for c in kernels) / 1e9,
+                                 int_gop=sum(c.int_ops for c in kernels) / 1e9,
                                  mb=sum(c.bytes for c in kernels) / 1e6, bound_us=seconds * 1e6, limit=limit,
-                                 x_bf16_gemm=seconds / yardstick, measured_us=got * 1e6 if got else None,
+                                 x_bf16_gemm=seconds / yardstick, serial_us=serial * 1e6, serial_x=serial / yardstick,
+                                 measured_us=got * 1e6 if got else None,
                                  measured_over_bound=got / seconds if got else None))
 
             default = default_encoder(d, n, k, B, dtype)
@@ -342,13 +397,16 @@ def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = 
             for kern in built:
                 add(kern.name, [kern], limit=kern.limit)
             add("= topk_encode fwd", _encoder_part(built, default), "topk_encode fwd")
-            add("= sparse_decode fwd", built[-7:-6], "sparse_decode fwd")
-            add("= sparse_decode fwd+bwd (deterministic)", [built[-7], built[-5], built[-4]],
+            add("= sparse_decode fwd", _named(built, "sparse decode"), "sparse_decode fwd")
+            add("= sparse_decode fwd+bwd (deterministic)",
+                _named(built, "sparse decode", "decode bwd: grad values", "decode bwd: grad W_dec (sort + segment sum)"),
                 "sparse_decode fwd+bwd (deterministic)")
             design = default
             if default == "screened":
                 design = f"bf16 screen, {'measured' if screen_candidates(d, n, k)[1] else 'assumed'} candidates"
             add(f"= {STEP}, as built ({design})", built, STEP)
+            add(f"= {STEP_GRAD_X}, as built", step_kernels(B, d, n, k, dtype, card, default, grad_x=True))
+            add(f"= {STEP_SAE}, as built", step_kernels(B, d, n, k, dtype, card, default, pre_bias=True))
             if default != "fused":
                 add(f"= {TOPK_FUSED}", _encoder_part(designs["fused"], "fused"), TOPK_FUSED)
                 add(f"= {STEP_FUSED}", designs["fused"], STEP_FUSED)
@@ -375,12 +433,72 @@ def table(rows: list[dict]) -> str:
     def fmt(v, digits=3):
         return "-" if v is None else f"{v:.{digits}g}"
 
-    header = ["kernel / bench row", "shape", "dtype", "GFLOP", "MB", "bound µs", "limit", "x bf16 GEMM",
-              "measured µs", "measured / bound"]
-    lines = [header] + [[r["name"], r["shape"], r["dtype"], fmt(r["gflop"]), fmt(r["mb"]), fmt(r["bound_us"]),
-                         r["limit"], fmt(r["x_bf16_gemm"]), fmt(r["measured_us"], 4), fmt(r["measured_over_bound"])]
+    header = ["kernel / bench row", "shape", "dtype", "GFLOP", "int Gop", "MB", "bound µs", "limit", "x bf16 GEMM",
+              "serial µs", "serial x", "measured µs", "measured / bound"]
+    lines = [header] + [[r["name"], r["shape"], r["dtype"], fmt(r["gflop"]), fmt(r["int_gop"]), fmt(r["mb"]),
+                         fmt(r["bound_us"]), r["limit"], fmt(r["x_bf16_gemm"]), fmt(r["serial_us"]),
+                         fmt(r["serial_x"]), fmt(r["measured_us"], 4), fmt(r["measured_over_bound"])]
                         for r in rows]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "-|-".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def compiled_fused_kernel(value_f32: bool = False, target: str = "sm_90", results_dir: Path = RESULTS_DIR) -> dict | None:
+    """The fused GEMM + top-k kernel (``fused_topk._gemm_topk_kernel``, bf16 operands) as compiled for
+    ``target`` in the newest AOT compile report under ``results_dir`` (``make gpu-check`` or
+    ``bench/aot_compile.py --quick --output auto`` write one): the bf16 TopK's variant (packed keys
+    restored), or the fp32 screen's (``value_f32``), at its default tile where the report has it.
+    Returns report, config, registers, shared_kb, num_warps and blocks_per_sm, or None."""
+    import torch
+    from aot_compile import blocks_per_sm
+
+    from sparsekit.kernels.fused_topk import _HOPPER, GPU_BLOCK_K
+
+    default = dict(_HOPPER[torch.bfloat16], BLOCK_K=GPU_BLOCK_K[torch.bfloat16])
+    for path in sorted(results_dir.glob("*-aot-compile*.json"), reverse=True):
+        try:
+            results = json.loads(path.read_text())["results"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found = []
+        for r in results:
+            v = r.get("variant", {})
+            flags = dict(v.get("constexprs", []))
+            if (v.get("kernel") != "fused_topk._gemm_topk_kernel" or r.get("target") != target or r.get("error")
+                    or r.get("registers") is None or not flags.get("PACK") or bool(flags.get("VALUE_F32")) != value_f32
+                    or not any(t == "*bf16" for _, t in v.get("signature", []))):
+                continue
+            is_default = all(flags.get(name) == default[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) and \
+                v.get("num_warps") == default["num_warps"] and v.get("num_stages") == default["num_stages"]
+            found.append((not is_default, r, v, flags))
+        if found:
+            _, r, v, flags = min(found, key=lambda item: item[0])
+            config = " ".join(f"{name}={flags[name]}" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + \
+                f" w{v['num_warps']} s{v['num_stages']}"
+            return dict(report=path.name, config=config, registers=r["registers"],
+                        shared_kb=r["shared_bytes"] / 1024, num_warps=v["num_warps"],
+                        blocks_per_sm=blocks_per_sm(r["registers"], v["num_warps"], r["shared_bytes"], target))
+    return None
+
+
+def occupancy_note(results_dir: Path = RESULTS_DIR) -> str:
+    """What the compiled fused kernels say about the bound column's overlap, one line each."""
+    lines = []
+    for value_f32, what in ((False, "bf16 TopK"), (True, "fp32 screen")):
+        got = compiled_fused_kernel(value_f32, "sm_90", results_dir)
+        if got is None:
+            lines.append(f"The fused GEMM + top-k kernel ({what}): no AOT compile report under {results_dir} has it "
+                         "(run `make gpu-check`): whether its epilogue can overlap other blocks' MMAs is unchecked.")
+            continue
+        verdict = ("its epilogue (integer rounds) can run while another block's MMAs do: the bound column"
+                   if got["blocks_per_sm"] >= 2 else
+                   "one block per SM: its epilogue cannot overlap another block's MMAs; read the serial column")
+        lines.append(f"The fused GEMM + top-k kernel ({what}) compiled for sm_90 ({got['report']}; {got['config']}): "
+                     f"{got['registers']} registers x {32 * got['num_warps']} threads, {got['shared_kb']:.0f} KB shared "
+                     f"-> {got['blocks_per_sm']} blocks per SM; {verdict}.")
+    return "\n".join(lines)

@@ -116,21 +116,24 @@ register_batchtopk(batchtopk_encode_triton, _sparse_backward)
 # --- dense encoders ---------------------------------------------------------------------------
 
 @triton.jit
-def _dense_grad_kernel(grad_out_ptr, saved_ptr, threshold_ptr, grad_pre_ptr, grad_bias_ptr, grad_threshold_ptr,
-                       B, N, bandwidth, JUMP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per strip of BLOCK_N columns, walking down the rows in a fixed order:
-    grad_pre = grad_out where the unit is on (ReLU: out > 0; JumpReLU: pre > threshold), its
-    column sums (grad b_enc) and, for JumpReLU, the rectangle-kernel threshold gradient
-    -sum(grad_out * [|pre - theta| < bandwidth / 2]) * theta^2 / bandwidth (theta = exp(log_threshold))."""
+def _dense_grad_kernel(grad_out_ptr, saved_ptr, threshold_ptr, grad_pre_ptr, part_bias_ptr, part_window_ptr,
+                       B, N, bandwidth, ROWS, JUMP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per strip of BLOCK_N columns and ROWS rows, walking down its rows in a fixed order:
+    grad_pre = grad_out where the unit is on (ReLU: out > 0; JumpReLU: pre > threshold), and the
+    strip's partial column sums [row group, N] of grad_pre (for grad b_enc) and, for JumpReLU, of
+    grad_out inside the rectangle kernel's window (|pre - theta| < bandwidth / 2)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    group = tl.program_id(1).to(tl.int64)
     col_ok = cols < N
     if JUMP:
         theta = tl.load(threshold_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     bias_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     window_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
+    first = group * ROWS
+    last = tl.minimum(first + ROWS, B)
+    for b0 in range(first, last, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        mask = (rows < B)[:, None] & col_ok[None, :]
+        mask = (rows < last)[:, None] & col_ok[None, :]
         offsets = rows[:, None] * N + cols[None, :]
         grad = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -143,10 +146,16 @@ def _dense_grad_kernel(grad_out_ptr, saved_ptr, threshold_ptr, grad_pre_ptr, gra
         grad_pre = tl.where(on, grad, 0.0)
         tl.store(grad_pre_ptr + offsets, grad_pre.to(grad_pre_ptr.dtype.element_ty), mask=mask)
         bias_sum += tl.sum(grad_pre, axis=0)
-    tl.store(grad_bias_ptr + cols, bias_sum.to(grad_bias_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(part_bias_ptr + group * N + cols, bias_sum, mask=col_ok)
     if JUMP:
-        grad_theta = -window_sum * theta * theta / bandwidth
-        tl.store(grad_threshold_ptr + cols, grad_theta.to(grad_threshold_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(part_window_ptr + group * N + cols, window_sum, mask=col_ok)
+
+
+# Rows per program of _dense_grad_kernel: a fixed number, so the column sums' order depends on the
+# shapes only. One program per column strip walking all B rows launched n / 128 programs (~2 per SM
+# at n = 32k on an H100: too few loads in flight for a pass that only moves memory); with row groups
+# of 1,024 there are B / 1,024 times more, and torch adds the groups' partial sums (run to run the same).
+DENSE_GRAD_ROWS = 1024
 
 
 @torch.library.custom_op("sparsekit::dense_encoder_backward_triton", mutates_args=())
@@ -159,12 +168,20 @@ def dense_encoder_backward_triton(grad_out: Tensor, x: Tensor, W_enc: Tensor, sa
     grad_out = grad_out.contiguous()
     batch, n = saved.shape
     grad_pre = torch.empty_like(saved)
-    grad_b = saved.new_empty(n)
-    grad_threshold = saved.new_empty(n if jump else 0)
-    meta = fixed(dict(BLOCK_B=32, BLOCK_N=128, num_warps=4), dict(BLOCK_B=8, BLOCK_N=16, num_warps=1))
-    _dense_grad_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
-        grad_out, saved, threshold if jump else saved, grad_pre, grad_b, grad_threshold if jump else grad_b,
-        batch, n, bandwidth, JUMP=jump, **meta)
+    # 8 warps: with 4, the row groups' bounds pushed JumpReLU's fp16 body to spill 4 B/thread on sm_90
+    meta = fixed(dict(BLOCK_B=32, BLOCK_N=128, num_warps=8), dict(BLOCK_B=8, BLOCK_N=16, num_warps=1))
+    rows = fixed(dict(rows=DENSE_GRAD_ROWS), dict(rows=16))["rows"]
+    groups = max(1, triton.cdiv(batch, rows))
+    part_bias = torch.empty((groups, n), dtype=torch.float32, device=saved.device)
+    part_window = torch.empty((groups, n) if jump else (1, 1), dtype=torch.float32, device=saved.device)
+    _dense_grad_kernel[(triton.cdiv(n, meta["BLOCK_N"]), groups)](
+        grad_out, saved, threshold if jump else saved, grad_pre, part_bias, part_window, batch, n, bandwidth, rows,
+        JUMP=jump, **meta)
+    grad_b = part_bias.sum(0).to(saved.dtype)  # torch's reduction over the groups: deterministic
+    if jump:
+        grad_threshold = (-part_window.sum(0) * threshold.float() * threshold.float() / bandwidth).to(saved.dtype)
+    else:
+        grad_threshold = saved.new_empty(0)
     grad_x = gemm(grad_pre, W_enc.t()) if need_x else _empty(x)
     grad_W = gemm(x.t(), grad_pre) if need_W else _empty(x)
     return grad_x, grad_W, grad_b, grad_threshold, grad_pre

@@ -44,7 +44,8 @@ all 32 bits: their epilogue keeps the rounds. The bf16 screen (screen.py) packs 
 
 Cost per tile entry: the GEMM's 2d FLOPs on the tensor cores (16-bit inputs) plus, unpacked, ~6 integer
 instructions per round on the CUDA cores (the sm_90 PTX of a round: 2 compares, 2 selects, a max and
-a min per entry), (KT + 1) rounds; packed, 3 per round and 1 for the next key; the memory traffic is x, W_enc and
+a min per entry), (KT + 1) rounds; packed (read off the sm_90 SASS, bench/aot_compile.py), ~3 per round,
+~3 for the next key and ~4 for the key (``_packed_key``): 16 per entry at KT = 3; the memory traffic is x, W_enc and
 B * tiles_n * (KT + 1) * 8 bytes of keys instead of pre (B * n * s bytes written, 5x read). The
 overflow check and any rerun sync with the host once per call.
 
@@ -129,6 +130,22 @@ def _candidate(best, first_col, MASK: tl.constexpr, RESTORE: tl.constexpr):
 
 
 @triton.jit
+def _packed_key(value, col_ok, local, BLOCK_N: tl.constexpr):
+    """Packed keys of a tile [BM, BN] of float32 values: ``select.sortable_key``'s order key with its
+    low log2(BLOCK_N) bits replaced by BLOCK_N - 1 - column; 0 in the columns outside the matrix
+    (rows outside it are never stored, so they need no mask). The same bits as ``sortable_key``
+    then ``key - (key & (BLOCK_N - 1)) + code`` then the mask, in three integer instructions per entry
+    on sm_90 (an arithmetic shift and two three-input logic ops, LOP3) instead of seven: the sign's
+    flip mask comes from the shift, not a compare and select, and the per-column mask and code fold
+    into one AND-OR."""
+    bits = (value + 0.0).to(tl.uint32, bitcast=True)  # -0.0 -> +0.0
+    flip = (bits.to(tl.int32, bitcast=True) >> 31).to(tl.uint32, bitcast=True) | 0x80000000
+    keep = tl.where(col_ok, 0xFFFFFFFF ^ (BLOCK_N - 1), 0).to(tl.uint32)
+    code = tl.where(col_ok, BLOCK_N - 1 - local, 0).to(tl.uint32)
+    return ((bits ^ flip) & keep[None, :]) | code[None, :]
+
+
+@triton.jit
 def _gemm_topk_kernel(a_ptr, b_ptr, bias_ptr, keys_ptr, next_ptr, M, N, K,
                       stride_am, stride_ak, stride_bk, stride_bn,
                       KT: tl.constexpr, NEXT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
@@ -153,9 +170,7 @@ def _gemm_topk_kernel(a_ptr, b_ptr, bias_ptr, keys_ptr, next_ptr, M, N, K,
     if PACK:
         # The column in the key's low log2(BLOCK_N) bits: one max per round finds the entry (packed
         # keys of a row differ), one compare and select remove it.
-        key = sortable_key(value)
-        key = key - (key & (BLOCK_N - 1)) + (BLOCK_N - 1 - local).to(tl.uint32)[None, :]
-        key = tl.where(inside, key, 0)
+        key = _packed_key(value, col_ok, local, BLOCK_N)
         for r in range(KT):
             best = tl.max(key, axis=1)
             key = tl.where(key == best[:, None], 0, key)

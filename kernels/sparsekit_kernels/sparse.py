@@ -6,8 +6,9 @@
 - ``coo_t_times_dense``  out[c] = sum over entries of column c of values[e] * dense[rows[e]], plus the
   column sums of values: grad W_dec (dense = grad_y) and grad W_enc / grad b_enc (dense = x, written
   transposed into [d, n]). Deterministic by default: entries are sorted by column (stable) and each
-  column is summed in a fixed sequential order (a segment reduction); ``deterministic=False`` uses
-  float32 atomics instead (faster, run-to-run bits may differ).
+  column is summed in a fixed sequential order (a segment reduction; a column with more than
+  ``chunk_entries`` entries, a hot latent, in chunks summed by separate programs and then added in
+  chunk order); ``deterministic=False`` uses float32 atomics instead (faster, run-to-run bits may differ).
 - ``sampled_dot``        out[e] = a[rows[e]] . dense[cols[e]]: grad of the decoded values (a = grad_y,
   dense = W_dec): a dense x dense product sampled at the active positions only.
 
@@ -21,25 +22,53 @@ import triton.language as tl
 
 from ._config import configs, fixed, layout_code, prune_oversized, size_bucket
 
+# BLOCK_E: entries whose rows are loaded together (their loads independent, in flight at once) before
+# they are added one by one. BLOCK_S = 32 (32 segments unrolled) spilled and is gone; BLOCK_S = 16
+# with BLOCK_E = 2 spills 28 B/thread on sm_90 (aot_compile.KNOWN_SPILLS).
 _SEGMENT_HOPPER = [
-    dict(BLOCK_S=1, BLOCK_D=256, num_warps=2),
-    dict(BLOCK_S=1, BLOCK_D=512, num_warps=4),
-    dict(BLOCK_S=4, BLOCK_D=128, num_warps=4),
-    dict(BLOCK_S=16, BLOCK_D=64, num_warps=4),
-    dict(BLOCK_S=32, BLOCK_D=32, num_warps=4),
+    dict(BLOCK_S=1, BLOCK_D=256, BLOCK_E=8, num_warps=2),
+    dict(BLOCK_S=1, BLOCK_D=512, BLOCK_E=8, num_warps=4),
+    dict(BLOCK_S=4, BLOCK_D=128, BLOCK_E=8, num_warps=4),
+    dict(BLOCK_S=16, BLOCK_D=64, BLOCK_E=2, num_warps=4),
 ]
 
 
-# Each segment is summed entry by entry in a loop, so no config changes the order of a sum.
-@triton.autotune(configs=configs(_SEGMENT_HOPPER, dict(BLOCK_S=4, BLOCK_D=16)),
+@triton.jit
+def _entries_sum(idx_ptr, w_ptr, dense_ptr, start, end, cols, col_ok, stride_dense_row, stride_dense_col,
+                 BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(sum of w[e] * dense[idx[e], cols] over e in [start, end) [BLOCK_D], sum of w[e]), float32, the
+    entries added one by one in their order. They are read BLOCK_E at a time: the BLOCK_E row loads of
+    a block depend on nothing but their indices, so they are in flight together, and c entries wait
+    on ceil(c / BLOCK_E) rounds of loads, not c. Slots past the end add 0 * 0 = +0.0 (their row is
+    not read), which leaves the sum as it is: it starts at +0.0 and so is never -0.0."""
+    vector = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    total = tl.zeros((), dtype=tl.float32)
+    for first in range(start, end, BLOCK_E):
+        for j in tl.static_range(BLOCK_E):
+            live = first + j < end
+            e = tl.minimum(first + j, end - 1)  # past the end: the last entry again, weighted 0
+            weight = tl.where(live, tl.load(w_ptr + e).to(tl.float32), 0.0)
+            row = tl.load(idx_ptr + e)
+            read = col_ok & ((cols * 0 + first + j) < end)
+            vector += weight * tl.load(dense_ptr + row * stride_dense_row + cols * stride_dense_col,
+                                       mask=read, other=0.0).to(tl.float32)
+            total += weight
+    return vector, total
+
+
+# Each segment is summed entry by entry, in order, whatever BLOCK_E: no config changes the order of a sum.
+@triton.autotune(configs=configs(_SEGMENT_HOPPER, dict(BLOCK_S=4, BLOCK_D=16, BLOCK_E=2)),
                  key=["S_BUCKET", "D_BUCKET", "LAYOUT", "OUT_SEG_FASTEST"],
                  prune_configs_by={"early_config_prune": prune_oversized(BLOCK_S="S", BLOCK_D="D")})
 @triton.jit
-def _segment_sum_kernel(ptr_ptr, idx_ptr, w_ptr, dense_ptr, bias_ptr, out_ptr, sums_ptr, S, D,
+def _segment_sum_kernel(ptr_ptr, idx_ptr, w_ptr, dense_ptr, bias_ptr, out_ptr, sums_ptr, S, D, CAP,
                         stride_dense_row, stride_dense_col, stride_out_seg, stride_out_col, S_BUCKET, D_BUCKET, LAYOUT,
                         OUT_SEG_FASTEST: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_SUMS: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[s, :] = sum_{e in [ptr[s], ptr[s+1])} w[e] * dense[idx[e], :] (+ bias); sums[s] = sum w[e]."""
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out[s, :] = sum_{e in [ptr[s], ptr[s+1])} w[e] * dense[idx[e], :] (+ bias); sums[s] = sum w[e],
+    each segment's entries added one by one in order (``_entries_sum``). A segment of more than CAP
+    entries is left to the chunked kernels (``_chunk_sum_kernel``, ``_chunk_combine_kernel``), which
+    overwrite what this one writes for it."""
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     lanes = tl.arange(0, BLOCK_S)
@@ -53,14 +82,9 @@ def _segment_sum_kernel(ptr_ptr, idx_ptr, w_ptr, dense_ptr, bias_ptr, out_ptr, s
         ok = segment < S
         start = tl.load(ptr_ptr + segment, mask=ok, other=0)
         end = tl.load(ptr_ptr + segment + 1, mask=ok, other=0)
-        vector = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        total = tl.zeros((), dtype=tl.float32)
-        for e in range(start, end):
-            weight = tl.load(w_ptr + e).to(tl.float32)
-            row = tl.load(idx_ptr + e)
-            vector += weight * tl.load(dense_ptr + row * stride_dense_row + cols * stride_dense_col,
-                                       mask=col_ok, other=0.0).to(tl.float32)
-            total += weight
+        end = tl.where(end - start > CAP, start, end)
+        vector, total = _entries_sum(idx_ptr, w_ptr, dense_ptr, start, end, cols, col_ok, stride_dense_row,
+                                     stride_dense_col, BLOCK_D, BLOCK_E)
         acc = tl.where((lanes == i)[:, None], vector[None, :], acc)
         sums = tl.where(lanes == i, total, sums)
     if HAS_BIAS:
@@ -71,6 +95,52 @@ def _segment_sum_kernel(ptr_ptr, idx_ptr, w_ptr, dense_ptr, bias_ptr, out_ptr, s
     if WRITE_SUMS:
         if pid_d == 0:
             tl.store(sums_ptr + segments, sums.to(sums_ptr.dtype.element_ty), mask=segments < S)
+
+
+@triton.jit
+def _chunk_sum_kernel(start_ptr, end_ptr, idx_ptr, w_ptr, dense_ptr, part_ptr, part_sums_ptr, D,
+                      stride_dense_row, stride_dense_col, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """partial[j, :] = the entries [start[j], end[j]) of one chunk of a long segment, summed in order;
+    part_sums[j] their weights' sum. An unused slot (start = end) writes nothing."""
+    slot = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    start = tl.load(start_ptr + slot)
+    end = tl.load(end_ptr + slot)
+    if end > start:
+        vector, total = _entries_sum(idx_ptr, w_ptr, dense_ptr, start, end, cols, col_ok, stride_dense_row,
+                                     stride_dense_col, BLOCK_D, BLOCK_E)
+        tl.store(part_ptr + slot * D + cols, vector, mask=col_ok)
+        if pid_d == 0:
+            tl.store(part_sums_ptr + slot, total)
+
+
+@triton.jit
+def _chunk_combine_kernel(out_ptr, bias_ptr, sums_ptr, seg_ptr, count_ptr, part_ptr, part_sums_ptr, D,
+                          stride_out_seg, stride_out_col, HAS_BIAS: tl.constexpr, WRITE_SUMS: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """For the slot holding a long segment's first chunk (count[j] > 0 chunks from j on): out[seg[j]] =
+    its chunks' partial sums added in chunk order (+ bias), sums likewise; other slots do nothing."""
+    slot = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    count = tl.load(count_ptr + slot)
+    if count > 0:
+        cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        vector = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        total = tl.zeros((), dtype=tl.float32)
+        for c in range(count):
+            vector += tl.load(part_ptr + (slot + c) * D + cols, mask=col_ok, other=0.0)
+            total += tl.load(part_sums_ptr + slot + c)
+        if HAS_BIAS:
+            vector += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        segment = tl.load(seg_ptr + slot)
+        tl.store(out_ptr + segment * stride_out_seg + cols * stride_out_col, vector.to(out_ptr.dtype.element_ty),
+                 mask=col_ok)
+        if WRITE_SUMS:
+            if pid_d == 0:
+                tl.store(sums_ptr + segment, total.to(sums_ptr.dtype.element_ty))
 
 
 _SCATTER_HOPPER = [
@@ -134,20 +204,85 @@ def segment_pointers(sorted_keys: torch.Tensor, n_segments: int) -> torch.Tensor
     return torch.searchsorted(sorted_keys, bounds)
 
 
-def _segment_sum(ptr, idx, w, dense, n_segments, transpose_out, bias=None, want_sums=False):
+# Long segments (a hot latent: one firing on a tenth of the batch has 0.1·B entries where the mean
+# is k·B/n) are split into chunks of CHUNK entries summed by separate programs, then the chunks added
+# in order: the segment sum's time is no longer the busiest latent's entries one program after the
+# other. The partial sums' buffer is sized without a host sync from an upper bound on the chunks
+# (E/CHUNK + E/(CHUNK+1) + 1), so CHUNK grows with E·D to keep it within PARTIALS_BYTES.
+CHUNK_MIN = 32
+PARTIALS_BYTES = 256 * 2**20
+
+
+def chunk_entries(n_entries: int, width: int) -> int:
+    """Entries per chunk of a long segment: CHUNK_MIN, doubled until the partial sums' worst case fits
+    PARTIALS_BYTES (float32 rows of ``width``)."""
+    chunk = CHUNK_MIN
+    while _chunk_slots(n_entries, chunk) * width * 4 > PARTIALS_BYTES:
+        chunk *= 2
+    return chunk
+
+
+def _chunk_slots(n_entries: int, chunk: int) -> int:
+    """An upper bound on the chunks of the segments longer than chunk: sum of ceil(c / chunk) <= E/chunk + H,
+    H (the long segments) <= E/(chunk+1)."""
+    return n_entries // chunk + n_entries // (chunk + 1) + 1
+
+
+def chunk_plan(ptr: torch.Tensor, chunk: int, slots: int) -> tuple[torch.Tensor, ...]:
+    """For the segments of ptr [S+1] longer than chunk, their chunks in slot order (segment, then chunk),
+    computed on the device without a host sync: (start [slots], end [slots]) entry ranges (empty for
+    unused slots), seg [slots] (the slot's segment) and count [slots] (the segment's number of chunks
+    at its first chunk's slot, else 0)."""
+    counts = ptr[1:] - ptr[:-1]
+    n_segments = counts.shape[0]
+    chunks = torch.where(counts > chunk, (counts + chunk - 1) // chunk, 0)
+    last = torch.cumsum(chunks, 0)  # one past each segment's last slot
+    slot = torch.arange(slots, device=ptr.device, dtype=last.dtype)
+    seg = torch.searchsorted(last, slot, right=True)
+    used = seg < n_segments
+    seg = seg.clamp(max=n_segments - 1)
+    index = slot - (last[seg] - chunks[seg])
+    start = ptr[seg] + index * chunk
+    end = torch.minimum(ptr[seg + 1], start + chunk)
+    start, end = torch.where(used, start, 0), torch.where(used, end, 0)
+    count = torch.where(used & (index == 0), chunks[seg], 0)
+    return start, end, seg, count
+
+
+def _segment_sum(ptr, idx, w, dense, n_segments, transpose_out, bias=None, want_sums=False, chunk=None):
+    """out [n_segments, D] (transpose_out: [D, n_segments]) = each segment's sum of w[e] * dense[idx[e]]
+    (+ bias), and the weights' sums when want_sums. chunk: entries per chunk of a longer segment
+    (None: ``chunk_entries``; 0: never split)."""
     width = dense.shape[1]
     out = torch.empty((width, n_segments) if transpose_out else (n_segments, width), dtype=dense.dtype,
                       device=dense.device)
     sums = torch.empty(n_segments if want_sums else 1, dtype=dense.dtype, device=dense.device)
     stride_seg, stride_col = (1, n_segments) if transpose_out else (width, 1)
+    n_entries = idx.shape[0]
+    chunk = chunk_entries(n_entries, width) if chunk is None else chunk
+    # chunk 0: never split (segments of equal length: rows of TopK codes); no segment longer than the
+    # chunk possible: nothing to split
+    cap = chunk if 0 < chunk < n_entries and n_segments else n_entries
 
     def grid(meta):
         return (triton.cdiv(n_segments, meta["BLOCK_S"]), triton.cdiv(width, meta["BLOCK_D"]))
 
     _segment_sum_kernel[grid](ptr, idx, w, dense, bias if bias is not None else out, out, sums, n_segments, width,
-                              dense.stride(0), dense.stride(1), stride_seg, stride_col,
+                              cap, dense.stride(0), dense.stride(1), stride_seg, stride_col,
                               size_bucket(n_segments), size_bucket(width), layout_code(dense.stride(1) == 1),
                               OUT_SEG_FASTEST=transpose_out, HAS_BIAS=bias is not None, WRITE_SUMS=want_sums)
+    if cap < n_entries:
+        slots = _chunk_slots(n_entries, chunk)
+        start, end, seg, count = chunk_plan(ptr, chunk, slots)
+        partials = torch.empty((slots, width), dtype=torch.float32, device=dense.device)
+        partial_sums = torch.empty(slots, dtype=torch.float32, device=dense.device)
+        meta = fixed(dict(BLOCK_D=256, BLOCK_E=8, num_warps=2), dict(BLOCK_D=16, BLOCK_E=2, num_warps=1))
+        grid2 = (slots, triton.cdiv(width, meta["BLOCK_D"]))
+        _chunk_sum_kernel[grid2](start, end, idx, w, dense, partials, partial_sums, width, dense.stride(0),
+                                 dense.stride(1), **meta)
+        _chunk_combine_kernel[grid2](out, bias if bias is not None else out, sums, seg, count, partials, partial_sums,
+                                     width, stride_seg, stride_col, HAS_BIAS=bias is not None, WRITE_SUMS=want_sums,
+                                     BLOCK_D=meta["BLOCK_D"], num_warps=meta["num_warps"])
     return out, (sums if want_sums else None)
 
 
@@ -161,7 +296,9 @@ def coo_times_dense(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
         rows, order = torch.sort(rows, stable=True)
         values, cols = values[order], cols[order]
     ptr = segment_pointers(rows, n_rows)
-    out, _ = _segment_sum(ptr, cols.contiguous(), values.contiguous(), dense, n_rows, False, bias)
+    # Rows are not split into chunks: a row holds k entries (TopK) or at most n (COO codes), never a
+    # hot latent's share of the batch, and splitting every row would double the decode's traffic.
+    out, _ = _segment_sum(ptr, cols.contiguous(), values.contiguous(), dense, n_rows, False, bias, chunk=0)
     return out
 
 

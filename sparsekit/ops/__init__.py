@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sparsekit._util.validate import is_int
-from sparsekit.ops import checks, reference
+from sparsekit.ops import autograd, checks, reference
 
 from .backend import _C, backend_for
 
@@ -149,14 +149,19 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, pre_bias: Tenso
     x [B, d_in], W_enc [d_in, n], b_enc [n] -> TopKCodes(values [B, k], indices [B, k] int64),
     values sorted descending. Backward reaches x, W_enc and b_enc through the B*k kept entries.
     pre_bias [d_in] (optional): encode x - pre_bias instead, i.e. with the bias
-    b_enc - pre_bias @ W_enc (that fold is the definition); gradients reach pre_bias too. An
-    SAE's b_dec goes here: the C++ backend then never forms a dense [d_in, n] gradient for it.
+    b_enc - pre_bias @ W_enc (that fold is the definition; the C++ and Triton backends compute
+    (x - pre_bias) @ W_enc + b_enc, equal up to rounding); gradients reach pre_bias too. An SAE's
+    b_dec goes here: the C++ and Triton backends then never form a dense [d_in, n] gradient for it
+    (Triton: ``autograd.centered_input``, pre_bias's gradient -W_enc @ grad b_enc).
     """
     x, W_enc, b_enc, k, pre_bias, backend = _check_sparse_encoder(x, W_enc, b_enc, k, pre_bias)
     if pre_bias is not None:
         if backend == "cpp":
             return TopKCodes(*cpu_ops()["topk_encode_centered"](x, W_enc, b_enc, pre_bias, k))
-        b_enc = b_enc - pre_bias @ W_enc
+        if backend == "triton":
+            x, b_enc = autograd.centered_input(x, W_enc, b_enc, pre_bias)
+        else:
+            b_enc = b_enc - pre_bias @ W_enc
     if backend == "cpp":
         return TopKCodes(*cpu_ops()["topk_encode"](x, W_enc, b_enc, k))
     if backend == "triton":
@@ -243,7 +248,10 @@ def batchtopk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
     if pre_bias is not None:
         if backend == "cpp":
             return BatchTopKCodes(*cpu_ops()["batchtopk_encode_centered"](x, W_enc, b_enc, pre_bias, k))
-        b_enc = b_enc - pre_bias @ W_enc
+        if backend == "triton":
+            x, b_enc = autograd.centered_input(x, W_enc, b_enc, pre_bias)
+        else:
+            b_enc = b_enc - pre_bias @ W_enc
     if backend == "cpp":
         return BatchTopKCodes(*cpu_ops()["batchtopk_encode"](x, W_enc, b_enc, k))
     if backend == "triton":

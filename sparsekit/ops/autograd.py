@@ -183,3 +183,29 @@ def register_ghost(op, backward_op, scale_dtype: torch.dtype | None = None) -> N
     op.register_fake(fake)
     backward_op.register_fake(_ghost_backward_fake)
     op.register_autograd(backward, setup_context=_ghost_setup)
+
+
+class _BiasCarryingPreBias(torch.autograd.Function):
+    """b_enc unchanged in value; its gradient g also gives pre_bias -W_enc @ g (see centered_input)."""
+
+    @staticmethod
+    def forward(ctx, b_enc: Tensor, pre_bias: Tensor, W_enc: Tensor) -> Tensor:
+        ctx.save_for_backward(W_enc)
+        return b_enc.view_as(b_enc)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (W_enc,) = ctx.saved_tensors
+        grad_pre_bias = -(W_enc @ grad) if ctx.needs_input_grad[1] else None
+        return grad, grad_pre_bias, None
+
+
+def centered_input(x: Tensor, W_enc: Tensor, b_enc: Tensor, pre_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(x - pre_bias, b_enc) for an encoder of x - pre_bias, with pre_bias's gradient carried by the
+    bias: pre = (x - p) @ W + b, so dL/dp = -sum over rows of dL/d(x - p) = -W @ (dL/db), one
+    matrix-vector product over W_enc. The other ways cost more on a GPU: folding p into the bias,
+    b - p @ W, gives W_enc a dense [d, n] outer-product gradient (-p ⊗ dL/db, written and added to
+    the sparse one: ~4 passes over [d, n]); differentiating through x - p needs grad x, a gathered
+    S @ W.T over a transposed copy of W_enc. Here W_enc's gradient is the encoder's own (x - p)^T S
+    and x's is the encoder's grad x (asked for only when x requires grad) [B, d] -> ([B, d], [n])."""
+    return x - pre_bias.detach(), _BiasCarryingPreBias.apply(b_enc, pre_bias, W_enc.detach())

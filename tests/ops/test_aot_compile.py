@@ -106,11 +106,55 @@ def test_the_fused_topks_16_bit_bodies_run_on_tensor_cores_on_both_targets(quick
         assert r.tensor_cores == ("wgmma" if r.target == "sm_90" else "mma"), (aot.quick_kind(r.variant), r.target)
 
 
+def test_the_roofline_prices_the_fused_epilogue_within_one_instruction_per_entry_of_its_sm90_sass(
+        quick_report, tmp_path):
+    # bench/gpu_roofline.py counts the fused kernel's integer work per tile entry; here that count
+    # meets the compiled code at the bench shapes' KT = 3 with the next key: the bf16 TopK's variant
+    # and the fp32 screen's, their integer/logic instructions after the K loop read off nvdisasm.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_roofline
+
+    _, report = quick_report
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--epilogue-of", str(path), "--kt", "3"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600, env=aot._child_env(False))
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {c["value_f32"] for c in counts} == {False, True}
+    for c in counts:
+        model = gpu_roofline.packed_epilogue_ops(3, 1, screen=c["value_f32"])
+        assert abs(c["per_entry"]["alu"] - model) <= 1.0, (c, model)
+        assert c["counts"]["total"] > c["counts"]["alu"] > 0
+
+
+def test_the_fused_topks_16_bit_bodies_fit_two_blocks_per_sm_on_sm90(quick_report):
+    # The roofline's bound column lets one block's epilogue run during another's MMAs: that needs two
+    # blocks of the fused kernel resident per SM (bench/gpu_roofline.compiled_fused_kernel).
+    _, report = quick_report
+    rows = [aot.result_from_json(r) for r in report["results"]]
+    fused = [r for r in rows if r.variant.kernel == "fused_topk._gemm_topk_kernel" and r.target == "sm_90"
+             and r.variant.dtype in ("bf16", "fp16")]
+    assert fused
+    for r in fused:
+        assert r.blocks_per_sm >= 2, (aot.quick_kind(r.variant), r.registers, r.shared_bytes)
+
+
+def test_blocks_per_sm_follows_registers_warps_and_shared_memory():
+    # the fused bf16 kernel's sm_90 figures (115 registers, 8 warps, 96 KB): two blocks per SM
+    assert aot.blocks_per_sm(115, 8, 96 * 1024, "sm_90") == 2
+    assert aot.blocks_per_sm(190, 8, 64 * 1024, "sm_80") == 1    # registers: 192 x 256 = 49,152 of 65,536
+    assert aot.blocks_per_sm(32, 4, 120 * 1024, "sm_90") == 1    # shared memory
+    assert aot.blocks_per_sm(32, 4, 0, "sm_90") == 16            # warps: 64 per SM
+    assert aot.blocks_per_sm(16, 1, 0, "sm_90") == 32            # the block limit
+    assert aot.blocks_per_sm(129, 8, 0, "sm_90") == 1            # 136 x 32 per warp, rounded to 256
+
+
 def test_the_table_has_one_row_per_compile_and_every_column(quick_report):
     result, report = quick_report
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| kernel |"))
-    for column in ("dtype", "config", "target", "registers", "spills", "shared memory", "tensor cores"):
+    for column in ("dtype", "config", "target", "registers", "spills", "shared memory", "tensor cores", "blocks/SM"):
         assert column in header
     rows = [line for line in lines if line.startswith("| ") and line.split("|")[1].strip().count(".") == 1]
     assert len(rows) == len(report["results"])

@@ -26,10 +26,14 @@ def _run(op, leaves, k, fold: bool):
     return codes, {name: t.grad for name, t in inputs.items()}
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "cpp"])
+@pytest.mark.parametrize("backend_name", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("op", ["topk_encode", "batchtopk_encode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pre_bias_matches_the_folded_bias_in_codes_and_every_gradient(op, backend_name, dtype, monkeypatch):
+    if backend_name == "triton" and dtype == torch.float64:
+        pytest.skip("float64 is not a Triton dtype")  # float32 runs the Triton path
+    if backend_name == "triton":
+        pytest.importorskip("triton")
     monkeypatch.setenv("SPARSEKIT_BACKEND", backend_name)
     leaves = _leaves(3, dtype)
     codes, grads = _run(op, leaves, 3, fold=False)
@@ -82,3 +86,45 @@ def test_topk_sae_training_step_gradients_match_the_reference_backend(monkeypatc
         grads[backend_name] = {name: p.grad.clone() for name, p in sae.named_parameters()}
     for name, want in grads["torch"].items():
         torch.testing.assert_close(grads["cpp"][name], want, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
+
+
+def _edges_into(grad_fn, leaf) -> int:
+    """How many edges of the autograd graph below grad_fn lead into leaf's gradient accumulator."""
+    count, seen, stack = 0, set(), [grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for child, _ in fn.next_functions:
+            if child is not None and getattr(child, "variable", None) is leaf:
+                count += 1
+            stack.append(child)
+    return count
+
+
+@pytest.mark.parametrize("op", ["topk_encode", "batchtopk_encode"])
+def test_triton_pre_bias_gradient_needs_neither_grad_x_nor_a_dense_weight_gradient(op, monkeypatch):
+    # An SAE's b_dec: x is data, so the sparse backward must not be asked for grad x (a transposed
+    # copy of W_enc and a gather), and W_enc's gradient must be the sparse pass's alone: one edge into
+    # its accumulator (the fold b - p @ W adds a second, a dense -p ⊗ dL/db; the torch backend, which
+    # folds, shows it).
+    pytest.importorskip("triton")
+    from sparsekit.kernels import encode
+
+    asked = []
+    real = encode.sparse_encoder_backward_triton
+
+    def spy(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic):
+        asked.append(need_x)
+        return real(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic)
+
+    monkeypatch.setattr(encode, "sparse_encoder_backward_triton", spy)
+    leaves = _leaves(4, torch.float32)
+    for backend_name, edges in (("triton", 1), ("torch", 2)):
+        monkeypatch.setenv("SPARSEKIT_BACKEND", backend_name)
+        inputs = {name: t.clone().requires_grad_(name != "x") for name, t in leaves.items()}
+        codes = getattr(ops, op)(inputs["x"], inputs["W_enc"], inputs["b_enc"], 3, pre_bias=inputs["pre_bias"])
+        assert _edges_into(codes.values.grad_fn, inputs["W_enc"]) == edges, backend_name
+        codes.values.sum().backward()
+    assert asked == [False]

@@ -234,3 +234,77 @@ def test_triton_takes_16_bit_inputs_and_accumulates_in_float32(dtype, monkeypatc
     eps = torch.finfo(dtype).eps
     for got, expected in zip((y.detach(), *grads), (ref_y.detach(), *ref_grads)):
         torch.testing.assert_close(got.float(), expected, rtol=eps, atol=eps * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("chunk", [None, 4, 7])
+def test_triton_segment_sums_split_a_hot_latent_into_chunks_added_in_order(chunk, monkeypatch):
+    # A latent firing on most rows (61 entries) beside latents with 0, 1 and 3 entries, and rows
+    # holding inf that only another latent names. A segment longer than a chunk is summed chunk by
+    # chunk by separate programs (load balance), each chunk's entries one by one in order, then the
+    # chunks' sums in order: bit for bit that float32 sum under the interpreter, weights likewise,
+    # and no slot past a segment's or chunk's end may read a row (0 * inf would leave a NaN).
+    from sparsekit.kernels import sparse
+
+    if chunk is not None:
+        monkeypatch.setattr(sparse, "CHUNK_MIN", chunk)
+    gen = torch.Generator().manual_seed(5)
+    batch, width = 64, 7
+    cols = torch.tensor([0] * 61 + [2, 3, 3, 3])
+    rows = torch.cat([torch.arange(61), torch.tensor([61, 62, 63, 62])])
+    values = torch.randn(cols.shape[0], generator=gen)
+    dense = torch.randn(batch, width, generator=gen)
+    dense[62:, 1] = float("inf")  # only latent 3 reads rows 62 and 63
+    size = sparse.chunk_entries(cols.shape[0], width)
+    assert size == (chunk or sparse.CHUNK_MIN)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out, sums = sparse.coo_t_times_dense(values.to(device), rows.to(device), cols.to(device), dense.to(device), 5,
+                                         False)
+    expected, expected_sums = torch.zeros(5, width), torch.zeros(5)
+    for latent in range(5):
+        entries = (cols == latent).nonzero().flatten().tolist()
+        pieces = [entries[i:i + size] for i in range(0, len(entries), size)] if len(entries) > size else [entries]
+        for piece in pieces:
+            part, part_sum = torch.zeros(width), torch.zeros(())
+            for e in piece:
+                part = part + values[e] * dense[rows[e]]
+                part_sum = part_sum + values[e]
+            expected[latent] = expected[latent] + part
+            expected_sums[latent] = expected_sums[latent] + part_sum
+    assert not torch.isnan(out[[0, 1, 2, 4]]).any()
+    if device == "cuda":  # compiled kernels may fuse the multiply-add
+        torch.testing.assert_close(out.cpu(), expected)
+    else:
+        assert torch.equal(out, expected) and torch.equal(sums, expected_sums)
+
+
+def test_the_chunk_plan_lists_each_long_segments_chunks_once_in_order():
+    from sparsekit.kernels import sparse
+
+    counts = torch.tensor([0, 9, 3, 4, 12, 5])
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    slots = sparse._chunk_slots(int(counts.sum()), 4)
+    start, end, seg, count = sparse.chunk_plan(ptr, 4, slots)
+    used = end > start
+    # segments 1 (9 entries), 4 (12) and 5 (5) are longer than 4: 3 + 3 + 2 chunks, in order
+    assert seg[used].tolist() == [1, 1, 1, 4, 4, 4, 5, 5]
+    assert (end - start)[used].tolist() == [4, 4, 1, 4, 4, 4, 4, 1]
+    assert start[used].tolist() == [0, 4, 8, 16, 20, 24, 28, 32]
+    assert count.tolist()[:8] == [3, 0, 0, 3, 0, 0, 2, 0] and not count[8:].any() and not used[8:].any()
+    # the bound on slots holds for any lengths: every long segment's chunks fit
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        counts = torch.randint(0, 40, (int(torch.randint(1, 30, (1,), generator=gen)),), generator=gen)
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        for chunk in (1, 2, 3, 8):
+            need = int(torch.where(counts > chunk, (counts + chunk - 1) // chunk, 0).sum())
+            assert need <= sparse._chunk_slots(int(counts.sum()), chunk)
+
+
+def test_chunks_grow_with_entries_times_width_to_bound_the_partial_sums():
+    from sparsekit.kernels import sparse
+
+    assert sparse.chunk_entries(4096 * 32, 768) == sparse.CHUNK_MIN
+    for entries, width in ((16384 * 128, 4096), (8192 * 64, 2048), (10**7, 8192)):
+        chunk = sparse.chunk_entries(entries, width)
+        assert sparse._chunk_slots(entries, chunk) * width * 4 <= sparse.PARTIALS_BYTES
+        assert chunk == sparse.CHUNK_MIN or sparse._chunk_slots(entries, chunk // 2) * width * 4 > sparse.PARTIALS_BYTES
