@@ -81,7 +81,7 @@ def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int, target: str
 HOT_KERNELS = frozenset({
     "gemm._gemm_kernel", "fused_topk._gemm_topk_kernel", "select._row_topk_kernel", "select._batch_histogram_kernel",
     "select._batch_count_kernel", "select._batch_compact_kernel", "sparse._segment_sum_kernel",
-    "sparse._chunk_sum_kernel", "sparse._chunk_combine_kernel",
+    "sparse._chunk_sum_kernel", "sparse._chunk_combine_kernel", "sparse._segment_dots_kernel",
     "sparse._scatter_add_kernel", "sparse._sampled_dot_kernel", "encode._dense_grad_kernel",
     "screen._split_norms_kernel",
 })

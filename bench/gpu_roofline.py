@@ -17,9 +17,9 @@ What each kernel moves (B rows, d = d_in, n latents, k active, s bytes per eleme
   compaction pass) reads it 5 times, then writes B·k values and indices; fused, writes
   B·tiles·(KT+1) int64 keys (tiles = n / 128), which the merge reads once;
 - sparse decode ``codes @ W_dec + b_dec``: reads the codes and the rows of W_dec they name, writes [B, d];
-- decode backward: grad values (B·k dot products: grad_y and the gathered rows again) and grad W_dec
-  (entries sorted by latent, then each latent's rows of grad_y summed; n·d·s written, zero rows
-  included);
+- decode backward: grad W_dec and grad values in one pass by latent (entries sorted by latent; each
+  latent's row of W_dec read once, its entries' rows of grad_y summed into grad W_dec and dotted with
+  it; n·d·s written, zero rows included; float32 dot partials per 256 columns);
 - encoder backward: grad W_enc = x^T·S (as grad W_dec, over rows of x); grad x = S·W_enc^T only where x
   requires grad (not in an SAE's step or the bench's: ``step_kernels(grad_x=True)``), from the columns
   of W_enc the codes name, gathered as rows of one transposed contiguous copy of W_enc (the copy's two
@@ -319,9 +319,9 @@ def step_kernels(B: int, d: int, n: int, k: int, dtype: str, card: str = "h100",
     kernels += [
         Kernel("sparse decode", 2.0 * B * k * d, codes + weight_rows + batch_rows, fma_peak, bw),
         Kernel("MSE + its gradient", 4.0 * B * d, 3 * batch_rows, fma_peak, bw),
-        Kernel("decode bwd: grad values", 2.0 * B * k * d, batch_rows + weight_rows + B * k * s, fma_peak, bw),
-        Kernel("decode bwd: grad W_dec (sort + segment sum)", 2.0 * B * k * d,
-               4 * B * k * 2 * INDEX_BYTES + batch_rows + n * d * s, fma_peak, bw),
+        Kernel("decode bwd: grad W_dec and grad values (sort + one pass by latent)", 4.0 * B * k * d,
+               4 * B * k * 2 * INDEX_BYTES + batch_rows + weight_rows + n * d * s + B * k * (s + 4 * -(-d // 256)),
+               fma_peak, bw),
         Kernel("encoder bwd: grad W_enc, b_enc (segment sum)", 2.0 * B * k * d, batch_rows + d * n * s + n * s,
                fma_peak, bw),
     ]
@@ -399,7 +399,7 @@ def prediction_rows(shapes, dtypes, card: str = "h100", measured: dict | None = 
             add("= topk_encode fwd", _encoder_part(built, default), "topk_encode fwd")
             add("= sparse_decode fwd", _named(built, "sparse decode"), "sparse_decode fwd")
             add("= sparse_decode fwd+bwd (deterministic)",
-                _named(built, "sparse decode", "decode bwd: grad values", "decode bwd: grad W_dec (sort + segment sum)"),
+                _named(built, "sparse decode", "decode bwd: grad W_dec and grad values (sort + one pass by latent)"),
                 "sparse_decode fwd+bwd (deterministic)")
             design = default
             if default == "screened":

@@ -2,9 +2,11 @@
 
 Forward: y[r] = sum over the entries of row r of values[e] * W_dec[cols[e]] + b_dec, gathering the
 kept rows of W_dec (``sparse.coo_times_dense``; COO rows in any order are sorted first, stably).
-Backward: grad values[e] = grad_y[rows[e]] . W_dec[cols[e]] (``sparse.sampled_dot``: dense x dense
-sampled at the active positions only); grad W_dec = S.T @ grad_y by latent segments (deterministic,
-the default) or float32 atomics (SPARSEKIT_DETERMINISTIC=0); grad b_dec = column sums of grad_y.
+Backward: grad values[e] = grad_y[rows[e]] . W_dec[cols[e]] and grad W_dec = S.T @ grad_y, by default
+in one deterministic pass by latent segments (``sparse.segment_sums_and_dots``: each latent's row of
+W_dec read once for all its entries' dot products); with float32 atomics for grad W_dec
+(SPARSEKIT_DETERMINISTIC=0), or only one of the two asked for, grad values by ``sparse.sampled_dot``
+(dense x dense sampled at the active positions only); grad b_dec = column sums of grad_y.
 Fake kernel and saved tensors: ``sparsekit.ops.autograd`` (shared with the C++ backend).
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import Tensor
 from sparsekit.ops.autograd import register_sparse_decode
 
 from .encode import deterministic
-from .sparse import coo_t_times_dense, coo_times_dense, sampled_dot
+from .sparse import coo_t_times_dense, coo_times_dense, sampled_dot, segment_sums_and_dots
 
 
 @torch.library.custom_op("sparsekit::sparse_decode_triton", mutates_args=())
@@ -30,6 +32,9 @@ def sparse_decode_backward_triton(values: Tensor, rows: Tensor, cols: Tensor, gr
                                   need_values: bool, need_W: bool, deterministic: bool) -> tuple[Tensor, Tensor]:
     """(grad values [E], grad W_dec [n, d_out]); an output not asked for is empty."""
     grad_y = grad_y.contiguous()
+    if need_values and need_W and deterministic:  # one pass by latent: each row of W_dec read once
+        grad_W, grad_values = segment_sums_and_dots(values, rows, cols, grad_y, W_dec)
+        return grad_values.to(values.dtype), grad_W
     grad_values = sampled_dot(rows, cols, grad_y, W_dec) if need_values else values.new_empty(0)
     grad_W = values.new_empty(0)
     if need_W:

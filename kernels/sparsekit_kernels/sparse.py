@@ -35,12 +35,16 @@ _SEGMENT_HOPPER = [
 
 @triton.jit
 def _entries_sum(idx_ptr, w_ptr, dense_ptr, start, end, cols, col_ok, stride_dense_row, stride_dense_col,
-                 BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+                 v_row, dots_ptr, trash, n_blocks, pid_d,
+                 BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOTS: tl.constexpr):
     """(sum of w[e] * dense[idx[e], cols] over e in [start, end) [BLOCK_D], sum of w[e]), float32, the
     entries added one by one in their order. They are read BLOCK_E at a time: the BLOCK_E row loads of
     a block depend on nothing but their indices, so they are in flight together, and c entries wait
     on ceil(c / BLOCK_E) rounds of loads, not c. Slots past the end add 0 * 0 = +0.0 (their row is
-    not read), which leaves the sum as it is: it starts at +0.0 and so is never -0.0."""
+    not read), which leaves the sum as it is: it starts at +0.0 and so is never -0.0.
+    DOTS: also dots[e * n_blocks + pid_d] = dense[idx[e], cols] . v_row (this block's share of the
+    entry's dot product with one vector, the decode backward's grad values); a slot past the end
+    writes its 0 to dots[trash]."""
     vector = tl.zeros((BLOCK_D,), dtype=tl.float32)
     total = tl.zeros((), dtype=tl.float32)
     for first in range(start, end, BLOCK_E):
@@ -50,9 +54,12 @@ def _entries_sum(idx_ptr, w_ptr, dense_ptr, start, end, cols, col_ok, stride_den
             weight = tl.where(live, tl.load(w_ptr + e).to(tl.float32), 0.0)
             row = tl.load(idx_ptr + e)
             read = col_ok & ((cols * 0 + first + j) < end)
-            vector += weight * tl.load(dense_ptr + row * stride_dense_row + cols * stride_dense_col,
-                                       mask=read, other=0.0).to(tl.float32)
+            loaded = tl.load(dense_ptr + row * stride_dense_row + cols * stride_dense_col, mask=read,
+                             other=0.0).to(tl.float32)
+            vector += weight * loaded
             total += weight
+            if DOTS:
+                tl.store(dots_ptr + tl.where(live, e, trash) * n_blocks + pid_d, tl.sum(loaded * v_row))
     return vector, total
 
 
@@ -84,7 +91,7 @@ def _segment_sum_kernel(ptr_ptr, idx_ptr, w_ptr, dense_ptr, bias_ptr, out_ptr, s
         end = tl.load(ptr_ptr + segment + 1, mask=ok, other=0)
         end = tl.where(end - start > CAP, start, end)
         vector, total = _entries_sum(idx_ptr, w_ptr, dense_ptr, start, end, cols, col_ok, stride_dense_row,
-                                     stride_dense_col, BLOCK_D, BLOCK_E)
+                                     stride_dense_col, 0.0, w_ptr, 0, 0, 0, BLOCK_D, BLOCK_E, False)
         acc = tl.where((lanes == i)[:, None], vector[None, :], acc)
         sums = tl.where(lanes == i, total, sums)
     if HAS_BIAS:
@@ -98,10 +105,34 @@ def _segment_sum_kernel(ptr_ptr, idx_ptr, w_ptr, dense_ptr, bias_ptr, out_ptr, s
 
 
 @triton.jit
+def _segment_dots_kernel(ptr_ptr, idx_ptr, w_ptr, dense_ptr, v_ptr, out_ptr, dots_ptr, S, D, CAP, trash,
+                         stride_dense_row, stride_v, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The decode backward in one pass by latent (one segment s per program and D block, a fixed
+    config: the dots' order must not depend on autotuning): out[s, :] = sum over the segment's
+    entries of w[e] * dense[idx[e], :] in order (grad W_dec: w = values, dense = grad_y), and each
+    entry's share of dense[idx[e], :] . v[s, :] (grad values: v = W_dec), reading v's row once per
+    segment instead of once per entry. Segments longer than CAP are left to the chunk kernels."""
+    segment = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    start = tl.load(ptr_ptr + segment)
+    end = tl.load(ptr_ptr + segment + 1)
+    end = tl.where(end - start > CAP, start, end)
+    v_row = tl.load(v_ptr + segment * stride_v + cols, mask=col_ok & (cols * 0 + end > start),  # unused: unread
+                    other=0.0).to(tl.float32)
+    vector, total = _entries_sum(idx_ptr, w_ptr, dense_ptr, start, end, cols, col_ok, stride_dense_row, 1,
+                                 v_row, dots_ptr, trash, tl.num_programs(1), pid_d, BLOCK_D, BLOCK_E, True)
+    tl.store(out_ptr + segment * D + cols, vector.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _chunk_sum_kernel(start_ptr, end_ptr, idx_ptr, w_ptr, dense_ptr, part_ptr, part_sums_ptr, D,
-                      stride_dense_row, stride_dense_col, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+                      stride_dense_row, stride_dense_col, seg_ptr, v_ptr, dots_ptr, stride_v, trash,
+                      BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOTS: tl.constexpr):
     """partial[j, :] = the entries [start[j], end[j]) of one chunk of a long segment, summed in order;
-    part_sums[j] their weights' sum. An unused slot (start = end) writes nothing."""
+    part_sums[j] their weights' sum (DOTS: and each entry's dot with row seg[j] of v, as
+    ``_entries_sum``). An unused slot (start = end) writes nothing."""
     slot = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -109,8 +140,12 @@ def _chunk_sum_kernel(start_ptr, end_ptr, idx_ptr, w_ptr, dense_ptr, part_ptr, p
     start = tl.load(start_ptr + slot)
     end = tl.load(end_ptr + slot)
     if end > start:
+        v_row = 0.0
+        if DOTS:
+            v_row = tl.load(v_ptr + tl.load(seg_ptr + slot) * stride_v + cols, mask=col_ok, other=0.0).to(tl.float32)
         vector, total = _entries_sum(idx_ptr, w_ptr, dense_ptr, start, end, cols, col_ok, stride_dense_row,
-                                     stride_dense_col, BLOCK_D, BLOCK_E)
+                                     stride_dense_col, v_row, dots_ptr, trash, tl.num_programs(1), pid_d,
+                                     BLOCK_D, BLOCK_E, DOTS)
         tl.store(part_ptr + slot * D + cols, vector, mask=col_ok)
         if pid_d == 0:
             tl.store(part_sums_ptr + slot, total)
@@ -279,11 +314,52 @@ def _segment_sum(ptr, idx, w, dense, n_segments, transpose_out, bias=None, want_
         meta = fixed(dict(BLOCK_D=256, BLOCK_E=8, num_warps=2), dict(BLOCK_D=16, BLOCK_E=2, num_warps=1))
         grid2 = (slots, triton.cdiv(width, meta["BLOCK_D"]))
         _chunk_sum_kernel[grid2](start, end, idx, w, dense, partials, partial_sums, width, dense.stride(0),
-                                 dense.stride(1), **meta)
+                                 dense.stride(1), seg, partials, partials, 0, 0, DOTS=False, **meta)
         _chunk_combine_kernel[grid2](out, bias if bias is not None else out, sums, seg, count, partials, partial_sums,
                                      width, stride_seg, stride_col, HAS_BIAS=bias is not None, WRITE_SUMS=want_sums,
                                      BLOCK_D=meta["BLOCK_D"], num_warps=meta["num_warps"])
     return out, (sums if want_sums else None)
+
+
+def segment_sums_and_dots(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dense: torch.Tensor,
+                          v: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For COO S [B, n] (values, rows, cols [E]), dense [B, D] and v [n, D]: (S.T @ dense [n, D] in
+    dense's dtype, each latent's entries added in order as ``coo_t_times_dense`` (deterministic), and
+    dots [E] float32 = dense[rows[e]] . v[cols[e]]). The decode backward's grad W_dec (dense = grad_y)
+    and grad values (v = W_dec) in one pass by latent: each row of W_dec read once, not once per entry
+    (``sampled_dot``). The dots sum per block of BLOCK_D columns, then the blocks in order: a fixed
+    config, not autotuned, so the same bits every run."""
+    dense = dense.contiguous()
+    v = v if v.stride(1) == 1 else v.contiguous()
+    n, width = v.shape
+    n_entries = values.shape[0]
+    out = torch.zeros((n, width), dtype=dense.dtype, device=dense.device)
+    if n_entries == 0:
+        return out, torch.zeros(0, dtype=torch.float32, device=dense.device)
+    cols_sorted, order = torch.sort(cols, stable=True)
+    ptr = segment_pointers(cols_sorted, n)
+    idx, w = rows[order].contiguous(), values[order].contiguous()
+    meta = fixed(dict(BLOCK_D=256, BLOCK_E=8, num_warps=2), dict(BLOCK_D=16, BLOCK_E=2, num_warps=1))
+    n_blocks = triton.cdiv(width, meta["BLOCK_D"])
+    dots = torch.empty((n_entries + 1, n_blocks), dtype=torch.float32, device=dense.device)  # + a trash row
+    chunk = chunk_entries(n_entries, width) if chunk is None else chunk
+    cap = chunk if 0 < chunk < n_entries else n_entries
+    _segment_dots_kernel[(n, n_blocks)](ptr, idx, w, dense, v, out, dots, n, width, cap, n_entries, dense.stride(0),
+                                        v.stride(0), **meta)
+    if cap < n_entries:
+        slots = _chunk_slots(n_entries, chunk)
+        start, end, seg, count = chunk_plan(ptr, chunk, slots)
+        partials = torch.empty((slots, width), dtype=torch.float32, device=dense.device)
+        partial_sums = torch.empty(slots, dtype=torch.float32, device=dense.device)
+        grid = (slots, n_blocks)
+        _chunk_sum_kernel[grid](start, end, idx, w, dense, partials, partial_sums, width, dense.stride(0), 1, seg, v,
+                                dots, v.stride(0), n_entries, DOTS=True, **meta)
+        _chunk_combine_kernel[grid](out, out, partial_sums, seg, count, partials, partial_sums, width, width, 1,
+                                    HAS_BIAS=False, WRITE_SUMS=False, BLOCK_D=meta["BLOCK_D"],
+                                    num_warps=meta["num_warps"])
+    result = torch.empty(n_entries, dtype=torch.float32, device=dense.device)
+    result[order] = dots[:n_entries].sum(1)
+    return out, result
 
 
 def coo_times_dense(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dense: torch.Tensor,

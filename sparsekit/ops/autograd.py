@@ -20,7 +20,8 @@ Op signatures (each backend's forward ops take these arguments, in this order):
 topk/batchtopk (x, W_enc, b_enc, k); relu (x, W_enc, b_enc); jumprelu (x, W_enc, b_enc,
 log_threshold, bandwidth) -> (out, pre); sparse_decode (values, rows, cols, W_dec, b_dec,
 batch_size, *backend flags); ghost (x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps)
--> (loss, raw loss, exp(pre_D) [B, |D|], ghost [B, d], scale [B]).
+-> (loss, raw loss, exp(pre_D) [B, |D|] (Triton: |D| padded to a multiple of 64), ghost [B, d],
+scale [B]).
 """
 from __future__ import annotations
 
@@ -156,15 +157,17 @@ def _ghost_setup(ctx, inputs, output):
     ctx.save_for_backward(x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost, scale)
 
 
-def register_ghost(op, backward_op, scale_dtype: torch.dtype | None = None) -> None:
-    """op as in the module docstring (``scale`` in ``scale_dtype``, or x's dtype when None);
+def register_ghost(op, backward_op, scale_dtype: torch.dtype | None = None, dead_multiple: int = 1) -> None:
+    """op as in the module docstring (``scale`` in ``scale_dtype``, or x's dtype when None; exp(pre_D)
+    [B, |D| rounded up to a multiple of ``dead_multiple``]: a backend may pad the dead columns);
     backward_op(grad, x, W_enc, W_dec, dead_idx, residual, mse_main, raw_loss, exp_pre, ghost,
     scale, eps, need_grad_x) -> (grad x [B, d], or [0, d] when not need_grad_x (a training step's
     x needs none: one [B, |D|] x [|D|, d] GEMM saved), grad W_enc[:, D] [d, |D|], grad b_enc[D] [|D|])."""
 
     def fake(x, W_enc, b_enc, W_dec, dead_idx, residual, mse_main, eps):
         batch = x.shape[0]
-        return (x.new_empty(()), x.new_empty(()), x.new_empty(batch, dead_idx.shape[0]), x.new_empty(residual.shape),
+        width = -(-dead_idx.shape[0] // dead_multiple) * dead_multiple
+        return (x.new_empty(()), x.new_empty(()), x.new_empty(batch, width), x.new_empty(residual.shape),
                 x.new_empty(batch, dtype=scale_dtype or x.dtype))
 
     def backward(ctx, grad, *unused_grads):

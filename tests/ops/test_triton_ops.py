@@ -308,3 +308,71 @@ def test_chunks_grow_with_entries_times_width_to_bound_the_partial_sums():
         chunk = sparse.chunk_entries(entries, width)
         assert sparse._chunk_slots(entries, chunk) * width * 4 <= sparse.PARTIALS_BYTES
         assert chunk == sparse.CHUNK_MIN or sparse._chunk_slots(entries, chunk // 2) * width * 4 > sparse.PARTIALS_BYTES
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_triton_decode_backward_pass_by_latent_gives_grad_w_dec_in_order_and_every_entrys_dot(chunk, monkeypatch):
+    # segment_sums_and_dots: grad W_dec summed as coo_t_times_dense sums it (bit for bit under the
+    # interpreter; chunked where a latent is long), and each entry's grad value grad_y[row] . W_dec[col]
+    # at its own position (slots past a segment's end write elsewhere): odd segment lengths, an empty
+    # latent, a hot latent (split into chunks when chunk = 3), a width off the block size.
+    from sparsekit.kernels import sparse
+
+    if chunk is not None:
+        monkeypatch.setattr(sparse, "CHUNK_MIN", chunk)
+    gen = torch.Generator().manual_seed(8)
+    batch, width, n = 20, 37, 6
+    cols = torch.tensor([5, 0, 0, 3, 0, 2, 0, 5, 0, 3, 0, 0, 2, 0, 0])
+    rows = torch.randint(0, batch, (cols.shape[0],), generator=gen)
+    values = torch.randn(cols.shape[0], generator=gen)
+    grad_y = torch.randn(batch, width, generator=gen)
+    W_dec = torch.randn(n, width, generator=gen)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    move = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    grad_W, dots = sparse.segment_sums_and_dots(*move(values, rows, cols, grad_y, W_dec))
+    expected_W, _ = sparse.coo_t_times_dense(*move(values, rows, cols, grad_y), n, False)
+    expected_dots = (grad_y[rows].double() * W_dec[cols].double()).sum(1)
+    torch.testing.assert_close(dots.cpu().double(), expected_dots, rtol=1e-5, atol=1e-5)
+    if device == "cuda":
+        torch.testing.assert_close(grad_W, expected_W)
+    else:
+        assert torch.equal(grad_W, expected_W) and not grad_W[[1, 4]].any()
+    assert sparse.chunk_entries(cols.shape[0], width) == (chunk or sparse.CHUNK_MIN)  # chunk 3: latent 0 split
+
+
+def test_triton_ghost_grads_pad_a_ragged_dead_count_and_give_the_references_loss_and_gradients(monkeypatch):
+    # |D| = 37 dead latents: every GEMM of the ghost term must run on operands padded to a multiple of
+    # 64 dead columns (aligned leading strides), and the loss and every gradient must stay the
+    # reference's (the padding adds exact zeros).
+    from sparsekit.kernels import ghost
+
+    shapes = []
+    real_gemm = ghost.gemm
+
+    def spy(a, b, *args, **kwargs):
+        shapes.append((tuple(a.shape), tuple(b.shape), a.stride(), b.stride()))
+        return real_gemm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(ghost, "gemm", spy)
+    gen = torch.Generator().manual_seed(12)
+    B, d, n = 16, 32, 96
+    x = torch.randn(B, d, generator=gen)
+    W_enc, b_enc = torch.randn(d, n, generator=gen) * 0.2, torch.randn(n, generator=gen) * 0.1
+    W_dec = torch.randn(n, d, generator=gen) * 0.2
+    dead = torch.randperm(n, generator=gen)[:37]
+    residual, mse = torch.randn(B, d, generator=gen), torch.tensor(0.7)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for name in ("triton", "torch"):
+        monkeypatch.setenv("SPARSEKIT_BACKEND", name)
+        leaves = [t.clone().to(device).requires_grad_() for t in (x, W_enc, b_enc)]
+        loss = sparsekit.ops.ghost_grad_loss(*leaves, W_dec.to(device), dead.to(device), residual.to(device),
+                                             mse.to(device))
+        loss.backward()
+        results[name] = [loss.detach()] + [t.grad for t in leaves]
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert len(shapes) == 5  # exp(pre), ghost; grad pre, grad x, grad W_enc
+    for a_shape, b_shape, a_stride, b_stride in shapes:
+        assert 64 in (a_shape[1], b_shape[1]), (a_shape, b_shape)  # the 37 dead columns as 64, as K or as N
+        assert all(s % 16 == 0 or s == 1 for s in a_stride + b_stride), (a_stride, b_stride)
