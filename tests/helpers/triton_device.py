@@ -16,3 +16,20 @@ def fresh_generator() -> torch.Generator:
     gen = torch.Generator()
     gen.seed()
     return gen
+
+
+def spy_on_grad_x_requests(monkeypatch) -> list[bool]:
+    """Record need_x of every call of the Triton sparse encoders' backward (``sparse_encoder_backward_triton``,
+    which copies W_enc transposed and gathers its columns only when grad x is asked for): returns the
+    list the calls append to."""
+    from sparsekit.kernels import encode
+
+    asked = []
+    real = encode.sparse_encoder_backward_triton
+
+    def spy(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic):
+        asked.append(need_x)
+        return real(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic)
+
+    monkeypatch.setattr(encode, "sparse_encoder_backward_triton", spy)
+    return asked

@@ -81,17 +81,11 @@ def test_bench_gpus_step_asks_the_encoder_backward_for_no_grad_x(monkeypatch):
     # What the model leaves out must be what the step skips: bench/gpu.py's step (x is data) runs the
     # sparse encoder's backward with need_x False, so neither the copy nor the gather happens.
     pytest.importorskip("triton")
+    from helpers.triton_device import spy_on_grad_x_requests
+
     import sparsekit
-    from sparsekit.kernels import encode
 
-    asked = []
-    real = encode.sparse_encoder_backward_triton
-
-    def spy(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic):
-        asked.append(need_x)
-        return real(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic)
-
-    monkeypatch.setattr(encode, "sparse_encoder_backward_triton", spy)
+    asked = spy_on_grad_x_requests(monkeypatch)
     monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 16, generator=gen)

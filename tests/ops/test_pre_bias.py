@@ -110,16 +110,9 @@ def test_triton_pre_bias_gradient_needs_neither_grad_x_nor_a_dense_weight_gradie
     # its accumulator (the fold b - p @ W adds a second, a dense -p ⊗ dL/db; the torch backend, which
     # folds, shows it).
     pytest.importorskip("triton")
-    from sparsekit.kernels import encode
+    from helpers.triton_device import spy_on_grad_x_requests
 
-    asked = []
-    real = encode.sparse_encoder_backward_triton
-
-    def spy(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic):
-        asked.append(need_x)
-        return real(grad_kept, rows, cols, x, W_enc, need_x, need_weights, deterministic)
-
-    monkeypatch.setattr(encode, "sparse_encoder_backward_triton", spy)
+    asked = spy_on_grad_x_requests(monkeypatch)
     leaves = _leaves(4, torch.float32)
     for backend_name, edges in (("triton", 1), ("torch", 2)):
         monkeypatch.setenv("SPARSEKIT_BACKEND", backend_name)
