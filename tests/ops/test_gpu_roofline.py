@@ -81,16 +81,16 @@ def test_bench_gpus_step_asks_the_encoder_backward_for_no_grad_x(monkeypatch):
     # What the model leaves out must be what the step skips: bench/gpu.py's step (x is data) runs the
     # sparse encoder's backward with need_x False, so neither the copy nor the gather happens.
     pytest.importorskip("triton")
-    from helpers.triton_device import spy_on_grad_x_requests
+    from helpers.triton_device import on_device, spy_on_grad_x_requests
 
     import sparsekit
 
     asked = spy_on_grad_x_requests(monkeypatch)
     monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 16, generator=gen)
-    W_enc, b_enc = torch.randn(16, 32, generator=gen), torch.randn(32, generator=gen)
-    W_dec, b_dec = torch.randn(32, 16, generator=gen), torch.randn(16, generator=gen)
+    x, W_enc, b_enc, W_dec, b_dec = on_device(  # CUDA where there is one, else the interpreter
+        torch.randn(8, 16, generator=gen), torch.randn(16, 32, generator=gen), torch.randn(32, generator=gen),
+        torch.randn(32, 16, generator=gen), torch.randn(16, generator=gen))
     for needs in (False, True):
         leaves = [t.clone().requires_grad_() for t in (W_enc, b_enc, W_dec, b_dec)]
         inputs = x.clone().requires_grad_(needs)

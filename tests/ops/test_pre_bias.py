@@ -32,10 +32,13 @@ def _run(op, leaves, k, fold: bool):
 def test_pre_bias_matches_the_folded_bias_in_codes_and_every_gradient(op, backend_name, dtype, monkeypatch):
     if backend_name == "triton" and dtype == torch.float64:
         pytest.skip("float64 is not a Triton dtype")  # float32 runs the Triton path
+    leaves = _leaves(3, dtype)
     if backend_name == "triton":
         pytest.importorskip("triton")
+        from helpers.triton_device import on_device
+
+        leaves = dict(zip(leaves, on_device(*leaves.values())))  # CUDA where there is one, else the interpreter
     monkeypatch.setenv("SPARSEKIT_BACKEND", backend_name)
-    leaves = _leaves(3, dtype)
     codes, grads = _run(op, leaves, 3, fold=False)
     monkeypatch.setenv("SPARSEKIT_BACKEND", "torch")
     expected_codes, expected_grads = _run(op, leaves, 3, fold=True)
@@ -110,10 +113,11 @@ def test_triton_pre_bias_gradient_needs_neither_grad_x_nor_a_dense_weight_gradie
     # its accumulator (the fold b - p @ W adds a second, a dense -p ⊗ dL/db; the torch backend, which
     # folds, shows it).
     pytest.importorskip("triton")
-    from helpers.triton_device import spy_on_grad_x_requests
+    from helpers.triton_device import on_device, spy_on_grad_x_requests
 
     asked = spy_on_grad_x_requests(monkeypatch)
     leaves = _leaves(4, torch.float32)
+    leaves = dict(zip(leaves, on_device(*leaves.values())))  # CUDA where there is one, else the interpreter
     for backend_name, edges in (("triton", 1), ("torch", 2)):
         monkeypatch.setenv("SPARSEKIT_BACKEND", backend_name)
         inputs = {name: t.clone().requires_grad_(name != "x") for name, t in leaves.items()}
