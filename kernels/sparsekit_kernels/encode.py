@@ -168,8 +168,9 @@ def dense_encoder_backward_triton(grad_out: Tensor, x: Tensor, W_enc: Tensor, sa
     grad_out = grad_out.contiguous()
     batch, n = saved.shape
     grad_pre = torch.empty_like(saved)
-    # 8 warps: with 4, the row groups' bounds pushed JumpReLU's fp16 body to spill 4 B/thread on sm_90
-    meta = fixed(dict(BLOCK_B=32, BLOCK_N=128, num_warps=8), dict(BLOCK_B=8, BLOCK_N=16, num_warps=1))
+    # 16 rows a step: with 32 the row groups' bounds made JumpReLU's bodies spill 4-8 B/thread (fp16 on
+    # sm_90 with 4 warps, ragged fp32 on sm_80 with 8); at 16 no variant spills (make gpu-check)
+    meta = fixed(dict(BLOCK_B=16, BLOCK_N=128, num_warps=4), dict(BLOCK_B=8, BLOCK_N=16, num_warps=1))
     rows = fixed(dict(rows=DENSE_GRAD_ROWS), dict(rows=16))["rows"]
     groups = max(1, triton.cdiv(batch, rows))
     part_bias = torch.empty((groups, n), dtype=torch.float32, device=saved.device)

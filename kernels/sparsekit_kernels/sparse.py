@@ -23,13 +23,12 @@ import triton.language as tl
 from ._config import configs, fixed, layout_code, prune_oversized, size_bucket
 
 # BLOCK_E: entries whose rows are loaded together (their loads independent, in flight at once) before
-# they are added one by one. BLOCK_S = 32 (32 segments unrolled) spilled and is gone; BLOCK_S = 16
-# with BLOCK_E = 2 spills 28 B/thread on sm_90 (aot_compile.KNOWN_SPILLS).
+# they are added one by one. BLOCK_S = 32 and 16 (segments unrolled) spilled (56-96 B/thread; 16 with
+# BLOCK_E = 2: 8-28 B) and are gone: nothing here spills (make gpu-check, 2026-12-05).
 _SEGMENT_HOPPER = [
     dict(BLOCK_S=1, BLOCK_D=256, BLOCK_E=8, num_warps=2),
     dict(BLOCK_S=1, BLOCK_D=512, BLOCK_E=8, num_warps=4),
     dict(BLOCK_S=4, BLOCK_D=128, BLOCK_E=8, num_warps=4),
-    dict(BLOCK_S=16, BLOCK_D=64, BLOCK_E=2, num_warps=4),
 ]
 
 
