@@ -34,10 +34,12 @@ def test_tiles_may_reach_the_next_power_of_two_of_the_size():
                                                   (128, 128), (128, 256)]
 
 
-@pytest.mark.parametrize("sizes", [{"S": 3, "D": 11}, {"S": 1, "D": 1}, {"S": 0, "D": 0}])
+@pytest.mark.parametrize("sizes", [{"S": 2, "D": 11}, {"S": 1, "D": 1}, {"S": 0, "D": 0}])
 def test_when_no_config_fits_the_smallest_tile_stays(sizes):
     configs = hopper(sparse._SEGMENT_HOPPER)
     kept = prune_oversized(BLOCK_S="S", BLOCK_D="D")(configs, sizes)
+    # no config has BLOCK_S <= 2 and BLOCK_D <= 128 (the list's smallest BLOCK_D) at these sizes
+    assert all(c.kwargs["BLOCK_S"] > 2 or c.kwargs["BLOCK_D"] > 128 for c in configs)
     assert len(kept) == 1
     assert kept[0].kwargs["BLOCK_S"] * kept[0].kwargs["BLOCK_D"] == min(
         c.kwargs["BLOCK_S"] * c.kwargs["BLOCK_D"] for c in configs)
