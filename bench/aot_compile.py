@@ -281,9 +281,7 @@ def fused_epilogue_counts(results: list[dict], kt: int, with_next: bool) -> list
     (``epilogue_instructions``) per tile entry, with VALUE_F32 (the screen's body) and the tile. Needs
     compiled kernels, not the interpreter's: run it in a process without TRITON_INTERPRET
     (``--epilogue-of REPORT``)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import dataclasses
 
     out = []
     for row in results:
@@ -291,13 +289,8 @@ def fused_epilogue_counts(results: list[dict], kt: int, with_next: bool) -> list
         if v.kernel != "fused_topk._gemm_topk_kernel" or row["target"] != "sm_90" or v.dtype != "bf16":
             continue
         flags = dict(v.constexprs)
-        fn = _kernel_function(v.kernel)
-        names = fn.arg_names
-        source = ASTSource(fn=fn, signature=dict(v.signature), constexprs=dict(flags, KT=kt, NEXT=with_next),
-                           attrs={(names.index(name),): [["tt.divisibility", 16]] for name in v.divisible})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
-        counts = epilogue_instructions(compiled.asm["cubin"])
+        at_kt = dataclasses.replace(v, constexprs=tuple(sorted(dict(flags, KT=kt, NEXT=with_next).items())))
+        counts = epilogue_instructions(_compile(at_kt, "sm_90").asm["cubin"])
         entries = flags["BLOCK_M"] * flags["BLOCK_N"] / (32 * v.num_warps)
         out.append(dict(value_f32=bool(flags["VALUE_F32"]), config=v.config, counts=counts,
                         per_entry={name: count / entries for name, count in (counts or {}).items()}))
@@ -510,10 +503,9 @@ def _kernel_function(kernel: str):
     return fn
 
 
-def compile_variant(variant: Variant, target: str) -> Result:
-    """Compile for one target with Triton's ptxas; read registers, spills, shared memory, MMA use."""
+def _compile(variant: Variant, target: str):
+    """triton.compile of one variant for one target (Triton's own ptxas): the CompiledKernel."""
     import triton
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -521,6 +513,14 @@ def compile_variant(variant: Variant, target: str) -> Result:
     names = fn.arg_names
     source = ASTSource(fn=fn, signature=dict(variant.signature), constexprs=dict(variant.constexprs),
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in variant.divisible})
+    return triton.compile(source, target=GPUTarget("cuda", TARGETS[target][0], 32),
+                          options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+
+
+def compile_variant(variant: Variant, target: str) -> Result:
+    """Compile for one target with Triton's ptxas; read registers, spills, shared memory, MMA use."""
+    from triton import knobs
+
     result = Result(variant, target)
     start = time.perf_counter()
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report, printed: the only place spills are told
@@ -528,8 +528,7 @@ def compile_variant(variant: Variant, target: str) -> Result:
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(source, target=GPUTarget("cuda", TARGETS[target][0], 32),
-                                      options=dict(num_warps=variant.num_warps, num_stages=variant.num_stages))
+            compiled = _compile(variant, target)
         for name, value in parse_ptxas_report(log.getvalue()).items():
             setattr(result, name, value)
         result.shared_bytes = compiled.metadata.shared

@@ -283,6 +283,42 @@ def chunk_plan(ptr: torch.Tensor, chunk: int, slots: int) -> tuple[torch.Tensor,
     return start, end, seg, count
 
 
+_CHUNK_META = dict(BLOCK_D=256, BLOCK_E=8, num_warps=2), dict(BLOCK_D=16, BLOCK_E=2, num_warps=1)
+
+
+def _by_column(values, rows, cols, n_cols):
+    """COO entries sorted by column (stable): (ptr [n_cols + 1], their rows, their values, the order)."""
+    cols, order = torch.sort(cols, stable=True)
+    return segment_pointers(cols, n_cols), rows[order].contiguous(), values[order].contiguous(), order
+
+
+def _long_segment_cap(chunk: int, n_entries: int, n_segments: int) -> int:
+    """The longest segment the one-program kernels sum (longer ones: ``_sum_long_segments``); chunk 0
+    (never split) or no segment able to be longer than a chunk: all of them."""
+    return chunk if 0 < chunk < n_entries and n_segments else n_entries
+
+
+def _sum_long_segments(ptr, idx, w, dense, out, sums, bias, stride_seg, stride_col, chunk, meta,
+                       v=None, dots=None) -> None:
+    """The segments of ptr longer than chunk, chunk by chunk (``chunk_plan``, ``_chunk_sum_kernel``) then
+    the chunks in order into out (+ bias) and sums (``_chunk_combine_kernel``); with v and dots, each
+    entry's dot share as ``_entries_sum``."""
+    n_entries, width = idx.shape[0], dense.shape[1]
+    slots = _chunk_slots(n_entries, chunk)
+    start, end, seg, count = chunk_plan(ptr, chunk, slots)
+    partials = torch.empty((slots, width), dtype=torch.float32, device=dense.device)
+    partial_sums = torch.empty(slots, dtype=torch.float32, device=dense.device)
+    grid = (slots, triton.cdiv(width, meta["BLOCK_D"]))
+    dots_on = v is not None
+    _chunk_sum_kernel[grid](start, end, idx, w, dense, partials, partial_sums, width, dense.stride(0), dense.stride(1),
+                            seg, v if dots_on else partials, dots if dots_on else partials,
+                            v.stride(0) if dots_on else 0, n_entries, DOTS=dots_on, **meta)
+    _chunk_combine_kernel[grid](out, bias if bias is not None else out, sums if sums is not None else partial_sums,
+                                seg, count, partials, partial_sums, width, stride_seg, stride_col,
+                                HAS_BIAS=bias is not None, WRITE_SUMS=sums is not None, BLOCK_D=meta["BLOCK_D"],
+                                num_warps=meta["num_warps"])
+
+
 def _segment_sum(ptr, idx, w, dense, n_segments, transpose_out, bias=None, want_sums=False, chunk=None):
     """out [n_segments, D] (transpose_out: [D, n_segments]) = each segment's sum of w[e] * dense[idx[e]]
     (+ bias), and the weights' sums when want_sums. chunk: entries per chunk of a longer segment
@@ -294,9 +330,7 @@ def _segment_sum(ptr, idx, w, dense, n_segments, transpose_out, bias=None, want_
     stride_seg, stride_col = (1, n_segments) if transpose_out else (width, 1)
     n_entries = idx.shape[0]
     chunk = chunk_entries(n_entries, width) if chunk is None else chunk
-    # chunk 0: never split (segments of equal length: rows of TopK codes); no segment longer than the
-    # chunk possible: nothing to split
-    cap = chunk if 0 < chunk < n_entries and n_segments else n_entries
+    cap = _long_segment_cap(chunk, n_entries, n_segments)
 
     def grid(meta):
         return (triton.cdiv(n_segments, meta["BLOCK_S"]), triton.cdiv(width, meta["BLOCK_D"]))
@@ -306,17 +340,8 @@ def _segment_sum(ptr, idx, w, dense, n_segments, transpose_out, bias=None, want_
                               size_bucket(n_segments), size_bucket(width), layout_code(dense.stride(1) == 1),
                               OUT_SEG_FASTEST=transpose_out, HAS_BIAS=bias is not None, WRITE_SUMS=want_sums)
     if cap < n_entries:
-        slots = _chunk_slots(n_entries, chunk)
-        start, end, seg, count = chunk_plan(ptr, chunk, slots)
-        partials = torch.empty((slots, width), dtype=torch.float32, device=dense.device)
-        partial_sums = torch.empty(slots, dtype=torch.float32, device=dense.device)
-        meta = fixed(dict(BLOCK_D=256, BLOCK_E=8, num_warps=2), dict(BLOCK_D=16, BLOCK_E=2, num_warps=1))
-        grid2 = (slots, triton.cdiv(width, meta["BLOCK_D"]))
-        _chunk_sum_kernel[grid2](start, end, idx, w, dense, partials, partial_sums, width, dense.stride(0),
-                                 dense.stride(1), seg, partials, partials, 0, 0, DOTS=False, **meta)
-        _chunk_combine_kernel[grid2](out, bias if bias is not None else out, sums, seg, count, partials, partial_sums,
-                                     width, stride_seg, stride_col, HAS_BIAS=bias is not None, WRITE_SUMS=want_sums,
-                                     BLOCK_D=meta["BLOCK_D"], num_warps=meta["num_warps"])
+        _sum_long_segments(ptr, idx, w, dense, out, sums if want_sums else None, bias, stride_seg, stride_col, chunk,
+                           fixed(*_CHUNK_META))
     return out, (sums if want_sums else None)
 
 
@@ -335,27 +360,16 @@ def segment_sums_and_dots(values: torch.Tensor, rows: torch.Tensor, cols: torch.
     out = torch.zeros((n, width), dtype=dense.dtype, device=dense.device)
     if n_entries == 0:
         return out, torch.zeros(0, dtype=torch.float32, device=dense.device)
-    cols_sorted, order = torch.sort(cols, stable=True)
-    ptr = segment_pointers(cols_sorted, n)
-    idx, w = rows[order].contiguous(), values[order].contiguous()
-    meta = fixed(dict(BLOCK_D=256, BLOCK_E=8, num_warps=2), dict(BLOCK_D=16, BLOCK_E=2, num_warps=1))
+    ptr, idx, w, order = _by_column(values, rows, cols, n)
+    meta = fixed(*_CHUNK_META)  # the chunk kernels' BLOCK_D too: the dots' blocks must be the same
     n_blocks = triton.cdiv(width, meta["BLOCK_D"])
     dots = torch.empty((n_entries + 1, n_blocks), dtype=torch.float32, device=dense.device)  # + a trash row
     chunk = chunk_entries(n_entries, width) if chunk is None else chunk
-    cap = chunk if 0 < chunk < n_entries else n_entries
+    cap = _long_segment_cap(chunk, n_entries, n)
     _segment_dots_kernel[(n, n_blocks)](ptr, idx, w, dense, v, out, dots, n, width, cap, n_entries, dense.stride(0),
                                         v.stride(0), **meta)
     if cap < n_entries:
-        slots = _chunk_slots(n_entries, chunk)
-        start, end, seg, count = chunk_plan(ptr, chunk, slots)
-        partials = torch.empty((slots, width), dtype=torch.float32, device=dense.device)
-        partial_sums = torch.empty(slots, dtype=torch.float32, device=dense.device)
-        grid = (slots, n_blocks)
-        _chunk_sum_kernel[grid](start, end, idx, w, dense, partials, partial_sums, width, dense.stride(0), 1, seg, v,
-                                dots, v.stride(0), n_entries, DOTS=True, **meta)
-        _chunk_combine_kernel[grid](out, out, partial_sums, seg, count, partials, partial_sums, width, width, 1,
-                                    HAS_BIAS=False, WRITE_SUMS=False, BLOCK_D=meta["BLOCK_D"],
-                                    num_warps=meta["num_warps"])
+        _sum_long_segments(ptr, idx, w, dense, out, None, None, width, 1, chunk, meta, v=v, dots=dots)
     result = torch.empty(n_entries, dtype=torch.float32, device=dense.device)
     result[order] = dots[:n_entries].sum(1)
     return out, result
@@ -382,10 +396,8 @@ def coo_t_times_dense(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tens
     """S.T @ dense for COO S [B, n_cols], dense [B, D] -> ([n_cols, D], or [D, n_cols] when
     transpose_out) and the column sums of S [n_cols]."""
     if deterministic:
-        cols, order = torch.sort(cols, stable=True)
-        ptr = segment_pointers(cols, n_cols)
-        return _segment_sum(ptr, rows[order].contiguous(), values[order].contiguous(), dense, n_cols,
-                            transpose_out, want_sums=True)
+        ptr, idx, w, _ = _by_column(values, rows, cols, n_cols)
+        return _segment_sum(ptr, idx, w, dense, n_cols, transpose_out, want_sums=True)
     width = dense.shape[1]
     out = torch.zeros((width, n_cols) if transpose_out else (n_cols, width), dtype=torch.float32,
                       device=dense.device)
